@@ -1,0 +1,57 @@
+"""The Panacea step (Wang et al., NeurIPS 2025), as ../shared/panacea-method.md states it.
+
+minimise over w:  g(w) - lambda * (h(w + eps) - h(w)),  eps = rho * grad h / ||grad h||.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from panacea_platform.algorithms.interface import Tensors, TrainableWeights, global_norm
+
+# Added to ||H|| so a zero harmful gradient gives eps = 0 rather than NaN.
+NORM_EPSILON = 1e-7
+
+
+@dataclass
+class PanaceaStepResult:
+    task_loss: float
+    harmful_loss: float
+    harmful_loss_perturbed: float
+    eps: Tensors
+    eps_norm: float
+    update_norm: float
+
+
+def panacea_step(
+    weights: TrainableWeights,
+    finetune_batch: Any,
+    harmful_batch: Any,
+    rho: float,
+    lam: float,
+    harmful_loss_clamp: float = 5.0,
+) -> PanaceaStepResult:
+    task_loss, task_grad = weights.loss_and_gradient(finetune_batch)
+    harmful_loss, harmful_grad = weights.loss_and_gradient(harmful_batch)
+
+    scale = rho / (global_norm(harmful_grad).item() + NORM_EPSILON)
+    eps = [scale * h for h in harmful_grad]
+
+    # A harmful loss above the clamp contributes no gradient: once the perturbed
+    # model is bad enough at harmful answers, stop pushing.
+    with weights.perturbed(eps):
+        harmful_loss_perturbed, perturbed_grad = weights.loss_and_gradient(
+            harmful_batch, clamp_max=harmful_loss_clamp
+        )
+
+    direction = [g - lam * (hp - h) for g, hp, h in zip(task_grad, perturbed_grad, harmful_grad)]
+    update_norm = weights.apply_update(direction)
+    return PanaceaStepResult(
+        task_loss=task_loss,
+        harmful_loss=harmful_loss,
+        harmful_loss_perturbed=harmful_loss_perturbed,
+        eps=eps,
+        eps_norm=global_norm(eps).item(),
+        update_norm=update_norm,
+    )
