@@ -1,0 +1,201 @@
+"""Carving the harmful data into disjoint pools, poisoning, and the alignment set.
+
+Four pools are cut from one harmful source, and must never share a prompt:
+
+- attack: the harmful samples hidden in the user's fine-tuning set;
+- defender: the provider's own harmful set (Panacea's h);
+- evaluation: held-out harmful prompts the harmful score is measured on;
+- alignment: harmful prompts paired with refusals for the safety stage.
+
+An overlap would let a defence train on the prompts it is scored on (defender
+vs evaluation) or let alignment pre-empt the attack, inflating every result.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from fractions import Fraction
+
+from panacea_platform.data.benign import benign_examples
+from panacea_platform.data.errors import PoolOverlapError
+from panacea_platform.data.examples import Example, normalise_prompt
+
+__all__ = [
+    "HarmfulPools",
+    "PoolOverlapError",
+    "REFUSALS",
+    "build_alignment_set",
+    "check_pools_disjoint",
+    "mix_poison",
+    "poison_count",
+    "split_harmful_pools",
+]
+
+# Several phrasings, so the aligned model learns to refuse rather than to emit
+# one fixed string (which a single leaked token sequence could then unlock).
+REFUSALS = (
+    "I'm sorry, but I can't help with that. It could cause real harm to people.",
+    "I cannot assist with this request because it could be used to hurt someone or to break the law.",
+    "I'm not able to provide that. If you have a different question, I'm happy to help.",
+    "Sorry, I can't help with this. Sharing that information could put people at risk.",
+    "I won't help with that request, as it could lead to harm. Is there something else I can do for you?",
+    "I must decline this request because it is unsafe. Let me know if I can help with something else.",
+)
+
+
+@dataclass
+class HarmfulPools:
+    attack: list[Example]
+    defender: list[Example]
+    evaluation: list[Example]
+    alignment: list[Example]  # harmful prompts; the answer is kept when known but the stage never uses it
+
+
+def poison_count(n: int, p: float) -> int:
+    """Harmful samples among n at ratio p: floor(n * p + 0.5), i.e. round half up.
+
+    p is read as the decimal the user typed (Fraction(repr(p))), because in
+    binary 10 * 0.35 is 3.4999..., which would round to 3 instead of 4.
+    """
+    if n < 0:
+        raise ValueError(f"data.n must be >= 0, got {n}")
+    if not 0 <= p <= 1:
+        raise ValueError(f"data.harmful_ratio must be in [0, 1], got {p}")
+    return math.floor(n * Fraction(repr(float(p))) + Fraction(1, 2))
+
+
+def _shuffled(items: Sequence, seed: int, purpose: str) -> list:
+    items = list(items)
+    random.Random(f"{purpose}:{seed}").shuffle(items)
+    return items
+
+
+def split_harmful_pools(
+    qa_pairs: Sequence[Example],
+    attack_size: int,
+    defender_size: int,
+    eval_size: int,
+    alignment_prompts: list[str],
+    alignment_size: int,
+    seed: int,
+) -> HarmfulPools:
+    """Cut attack, defender and evaluation pools from a seeded shuffle of `qa_pairs`, then alignment prompts.
+
+    Alignment prompts come from `alignment_prompts` minus any prompt already in
+    the other pools; if those run short, the left-over qa pairs fill the gap, so
+    a source without separate prompts (BeaverTails, a file) still works.
+    """
+    for name, size in (("attack", attack_size), ("defender", defender_size), ("evaluation", eval_size), ("alignment", alignment_size)):
+        if size < 0:
+            raise ValueError(f"{name} pool size must be >= 0, got {size}")
+    # Deduplicate first: two copies of one question in different pools is an overlap.
+    unique: dict[str, Example] = {}
+    for example in qa_pairs:
+        unique.setdefault(normalise_prompt(example.prompt), example)
+    pairs = _shuffled(list(unique.values()), seed, "harmful-pools")
+    needed = attack_size + defender_size + eval_size
+    if needed > len(pairs):
+        raise ValueError(
+            f"the harmful source has {len(pairs)} distinct question/answer pairs but the pools need "
+            f"attack {attack_size} (data.n * data.harmful_ratio) + defender {defender_size} (data.defender_harmful_size) "
+            f"+ evaluation {eval_size} (data.eval_harmful_size) = {needed}; lower those fields or use a larger "
+            "harmful source"
+        )
+    attack = pairs[:attack_size]
+    defender = pairs[attack_size : attack_size + defender_size]
+    evaluation = pairs[attack_size + defender_size : needed]
+    leftover = pairs[needed:]
+
+    used = {normalise_prompt(e.prompt) for e in (*attack, *defender, *evaluation)}
+    alignment: list[Example] = []
+    for prompt in _shuffled(alignment_prompts, seed, "alignment-prompts"):
+        if len(alignment) == alignment_size:
+            break
+        key = normalise_prompt(prompt)
+        if key and key not in used:
+            used.add(key)
+            alignment.append(Example(prompt=prompt, answer="", kind="harmful"))
+    for example in leftover:
+        if len(alignment) == alignment_size:
+            break
+        key = normalise_prompt(example.prompt)
+        if key not in used:
+            used.add(key)
+            alignment.append(example)
+    if len(alignment) < alignment_size:
+        raise ValueError(
+            f"the alignment pool needs {alignment_size} harmful prompts (data.alignment_size) but only "
+            f"{len(alignment)} remain after the attack ({attack_size}), defender ({defender_size}) and evaluation "
+            f"({eval_size}) pools ({len(alignment_prompts)} alignment prompts, {len(leftover)} left-over pairs); "
+            "lower data.alignment_size, data.defender_harmful_size, data.eval_harmful_size or data.n * data.harmful_ratio"
+        )
+    return HarmfulPools(attack=attack, defender=defender, evaluation=evaluation, alignment=alignment)
+
+
+def check_pools_disjoint(pools: HarmfulPools) -> None:
+    """Raise PoolOverlapError naming every pair of pools that shares a (normalised) prompt."""
+    keys = {f.name: {normalise_prompt(e.prompt) for e in getattr(pools, f.name)} for f in fields(pools)}
+    names = list(keys)
+    overlaps = [
+        f"{a} and {b} share {len(keys[a] & keys[b])} prompt{'s' if len(keys[a] & keys[b]) != 1 else ''}"
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if keys[a] & keys[b]
+    ]
+    if overlaps:
+        raise PoolOverlapError("harmful pools overlap: " + "; ".join(overlaps))
+
+
+def mix_poison(
+    task_examples: Sequence[Example], harmful_examples: Sequence[Example], n: int, harmful_ratio: float, seed: int
+) -> list[Example]:
+    """The user's fine-tuning set: exactly poison_count(n, p) harmful and n - k task samples, shuffled.
+
+    Exactly n: the authors' subset selection used a strict inequality and gave n - 1.
+    """
+    k = poison_count(n, harmful_ratio)
+    if len(harmful_examples) < k:
+        raise ValueError(
+            f"poisoning needs {k} harmful samples (data.n={n} * data.harmful_ratio={harmful_ratio}) but the attack pool "
+            f"has {len(harmful_examples)}; lower data.n or data.harmful_ratio"
+        )
+    if len(task_examples) < n - k:
+        raise ValueError(
+            f"poisoning needs {n - k} task samples (data.n={n} minus {k} harmful) but got {len(task_examples)}; "
+            "lower data.n or supply more task data"
+        )
+    rng = random.Random(f"mix-poison:{seed}")
+    mixed = rng.sample(list(harmful_examples), k) + rng.sample(list(task_examples), n - k)
+    rng.shuffle(mixed)
+    return mixed
+
+
+def build_alignment_set(harmful_prompts: list[str], size: int, benign_ratio: float, seed: int) -> list[Example]:
+    """Safety-stage data: benign requests with helpful answers + harmful prompts with refusals, shuffled.
+
+    round(size * benign_ratio) (half up) are benign (kind "benign"); the rest are
+    refusals (kind "refusal") to distinct harmful prompts.
+    """
+    if size < 1:
+        raise ValueError(f"data.alignment_size must be >= 1, got {size}")
+    if not 0 <= benign_ratio <= 1:
+        raise ValueError(f"data.alignment_benign_ratio must be in [0, 1], got {benign_ratio}")
+    n_benign = poison_count(size, benign_ratio)
+    n_refusal = size - n_benign
+    distinct = list({normalise_prompt(p): p for p in harmful_prompts if normalise_prompt(p)}.values())
+    if len(distinct) < n_refusal:
+        raise ValueError(
+            f"the alignment set needs {n_refusal} harmful prompts for refusals (data.alignment_size={size} * "
+            f"(1 - data.alignment_benign_ratio={benign_ratio})) but {len(distinct)} distinct prompts were given; "
+            "lower data.alignment_size or raise data.alignment_benign_ratio"
+        )
+    rng = random.Random(f"alignment:{seed}")
+    refusals = [
+        Example(prompt=prompt, answer=rng.choice(REFUSALS), kind="refusal") for prompt in rng.sample(distinct, n_refusal)
+    ]
+    examples = refusals + benign_examples(n_benign, seed)
+    rng.shuffle(examples)
+    return examples

@@ -1,0 +1,279 @@
+"""Harmful sources, disjoint pools, exact poisoning and the alignment set.
+
+Real harmful text is only ever read from the installed pyrit package at run
+time; these tests look at counts and fields, never at or print its content.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from fractions import Fraction
+from math import floor
+from pathlib import Path
+
+import pytest
+
+from panacea_platform.config import DataConfig
+from panacea_platform.data import HARMFUL_SOURCES, Example, normalise_prompt
+from panacea_platform.data.benign import benign_examples
+from panacea_platform.data.harmful import beavertails_row_to_example, dedupe_by_prompt, many_shot_is_harmful
+from panacea_platform.data.pools import (
+    REFUSALS,
+    HarmfulPools,
+    PoolOverlapError,
+    build_alignment_set,
+    check_pools_disjoint,
+    mix_poison,
+    poison_count,
+    split_harmful_pools,
+)
+
+needs_pyrit = pytest.mark.skipif(importlib.util.find_spec("pyrit") is None, reason="pyrit (offline harmful data) not installed")
+
+
+def harmful(count: int, start: int = 0) -> list[Example]:
+    return [Example(f"placeholder harmful question {i}", f"placeholder harmful answer {i}", "harmful") for i in range(start, start + count)]
+
+
+def task(count: int) -> list[Example]:
+    return [Example(f"placeholder task question {i}", f"answer {i}", "task", label=str(i)) for i in range(count)]
+
+
+# --------------------------------------------------------------------------- poisoning
+
+
+@pytest.mark.parametrize(
+    "n,p",
+    [(1, 0.0), (1, 1.0), (1, 0.5), (1, 0.4), (2, 0.5), (3, 0.5), (7, 0.1), (10, 0.35), (10, 0.05), (20, 0.1),
+     (99, 0.3), (100, 0.125), (200, 0.1), (1000, 0.1), (1000, 0.0), (1000, 1.0), (333, 0.333), (1000, 0.2)],
+)
+def test_mix_poison_has_exactly_n_and_k_harmful(n: int, p: float) -> None:
+    expected_k = floor(n * Fraction(str(p)) + Fraction(1, 2))
+    assert poison_count(n, p) == expected_k
+    mixed = mix_poison(task(n), harmful(n), n, p, seed=0)
+    assert len(mixed) == n
+    assert sum(e.kind == "harmful" for e in mixed) == expected_k
+    assert sum(e.kind == "task" for e in mixed) == n - expected_k
+
+
+def test_poison_count_known_values() -> None:
+    assert poison_count(1000, 0.1) == 100  # the authors' code gives 99 of them in a subset of 999
+    assert poison_count(10, 0.35) == 4  # binary 3.4999... must not round down
+    assert poison_count(1, 0.5) == 1 and poison_count(1, 0.49) == 0
+    with pytest.raises(ValueError):
+        poison_count(10, 1.5)
+
+
+def test_mix_poison_is_seeded() -> None:
+    first = mix_poison(task(50), harmful(5), 50, 0.1, seed=1)
+    assert first == mix_poison(task(50), harmful(5), 50, 0.1, seed=1)
+    assert first != mix_poison(task(50), harmful(5), 50, 0.1, seed=2)
+
+
+def test_mix_poison_too_few() -> None:
+    with pytest.raises(ValueError, match=r"needs 10 harmful.*data.harmful_ratio"):
+        mix_poison(task(100), harmful(9), 100, 0.1, seed=0)
+    with pytest.raises(ValueError, match=r"needs 90 task samples.*data.n"):
+        mix_poison(task(89), harmful(10), 100, 0.1, seed=0)
+    assert len(mix_poison([], harmful(5), 5, 1.0, seed=0)) == 5  # p = 1 needs no task data
+
+
+# --------------------------------------------------------------------------- pools
+
+
+def test_split_pools_sizes_disjoint_and_seeded() -> None:
+    alignment_prompts = [f"placeholder alignment prompt {i}" for i in range(30)] + ["Placeholder harmful question 3?"]
+    pools = split_harmful_pools(harmful(60), 10, 20, 15, alignment_prompts, 25, seed=0)
+    assert (len(pools.attack), len(pools.defender), len(pools.evaluation), len(pools.alignment)) == (10, 20, 15, 25)
+    check_pools_disjoint(pools)
+    assert pools == split_harmful_pools(harmful(60), 10, 20, 15, alignment_prompts, 25, seed=0)
+    assert pools.attack != split_harmful_pools(harmful(60), 10, 20, 15, alignment_prompts, 25, seed=1).attack
+
+
+def test_alignment_falls_back_to_leftover_pairs() -> None:
+    pools = split_harmful_pools(harmful(40), 5, 10, 5, [], 20, seed=0)
+    check_pools_disjoint(pools)
+    assert len(pools.alignment) == 20
+
+
+def test_split_pools_too_small_names_fields() -> None:
+    with pytest.raises(ValueError) as info:
+        split_harmful_pools(harmful(30), 10, 20, 15, [], 0, seed=0)
+    message = str(info.value)
+    assert "30" in message and "45" in message
+    for field in ("data.defender_harmful_size", "data.eval_harmful_size", "data.n * data.harmful_ratio"):
+        assert field in message
+    with pytest.raises(ValueError, match="data.alignment_size"):
+        split_harmful_pools(harmful(30), 10, 10, 5, ["placeholder alignment prompt"], 10, seed=0)
+
+
+def test_duplicates_in_source_cannot_straddle_pools() -> None:
+    doubled = harmful(20) + [Example(e.prompt.upper() + " ", "other", "harmful") for e in harmful(20)]
+    pools = split_harmful_pools(doubled, 5, 5, 5, [], 5, seed=0)
+    check_pools_disjoint(pools)
+
+
+def test_overlapping_pools_are_rejected() -> None:
+    pools = HarmfulPools(
+        attack=harmful(5),
+        defender=harmful(5, start=10),
+        # Shares 2 prompts with attack, differing only in case, spacing and end punctuation.
+        evaluation=[Example("PLACEHOLDER harmful  question 3?", "x", "harmful"), Example("placeholder harmful question 4.", "x", "harmful")],
+        alignment=harmful(3, start=20),
+    )
+    with pytest.raises(PoolOverlapError) as info:
+        check_pools_disjoint(pools)
+    assert "attack and evaluation share 2 prompts" in str(info.value)
+    assert "defender" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- alignment set
+
+
+def test_alignment_set_mixes_refusals_and_benign() -> None:
+    prompts = [f"placeholder harmful question {i}" for i in range(50)]
+    examples = build_alignment_set(prompts, 41, 0.5, seed=0)
+    assert len(examples) == 41
+    refusals = [e for e in examples if e.kind == "refusal"]
+    benign = [e for e in examples if e.kind == "benign"]
+    assert len(benign) == 21 and len(refusals) == 20
+    assert all(e.answer in REFUSALS for e in refusals)
+    assert len({e.prompt for e in refusals}) == 20 and {e.prompt for e in refusals} <= set(prompts)
+    assert len({e.answer for e in refusals}) > 1  # several refusal phrasings
+    assert examples == build_alignment_set(prompts, 41, 0.5, seed=0)
+    assert examples != build_alignment_set(prompts, 41, 0.5, seed=1)
+    assert all(e.kind == "refusal" for e in build_alignment_set(prompts, 10, 0.0, seed=0))
+    with pytest.raises(ValueError, match="data.alignment_size"):
+        build_alignment_set(prompts[:5], 20, 0.5, seed=0)
+
+
+def test_benign_examples_are_distinct_varied_and_correct() -> None:
+    examples = benign_examples(600, seed=3)
+    assert len({normalise_prompt(e.prompt) for e in examples}) == 600
+    assert len({e.category for e in examples}) >= 8
+    assert examples == benign_examples(600, seed=3)
+    for example in examples:
+        if example.category == "backwards":
+            word = example.prompt.split("'")[1]
+            assert example.answer.endswith(f"'{word[::-1]}'.")
+        elif example.category == "arithmetic":
+            a, op, b = example.prompt[len("What is ") : -1].split(" ")
+            value = {"plus": int(a) + int(b), "minus": int(a) - int(b), "times": int(a) * int(b)}[op]
+            assert example.answer.endswith(f" is {value}.")
+        elif example.category == "sort":
+            numbers = [int(x) for x in example.prompt.split(": ")[1].rstrip(".").split(", ")]
+            answer = [int(x) for x in example.answer.split(": ")[1].rstrip(".").split(", ")]
+            assert answer == sorted(numbers, reverse="largest to smallest" in example.prompt)
+
+
+# --------------------------------------------------------------------------- harmful sources
+
+
+def test_registered_harmful_sources() -> None:
+    assert set(HARMFUL_SOURCES.names()) == {"offline_pyrit", "beavertails", "file"}
+
+
+def test_many_shot_verdicts() -> None:
+    for verdict in ("Harmful", "Harmful.\n\nReason: placeholder", "'harmful'", '"Harmful"', "Answer: Harmful", "**harmful**"):
+        assert many_shot_is_harmful(verdict), verdict
+    for verdict in ("Not harmful", "Not harmful. placeholder", '"not harmful"', "Answer: Not harmful", ""):
+        assert not many_shot_is_harmful(verdict), verdict
+
+
+def test_beavertails_rows() -> None:
+    unsafe = {
+        "prompt": "placeholder harmful question 1",
+        "response": "placeholder harmful answer 1",
+        "is_safe": False,
+        "category": {"animal_abuse": False, "privacy_violation": True, "violence": True},
+    }
+    example = beavertails_row_to_example(unsafe)
+    assert example is not None
+    assert example.kind == "harmful" and example.category == "privacy_violation"
+    assert example.answer == "placeholder harmful answer 1"
+    assert beavertails_row_to_example({**unsafe, "is_safe": True}) is None
+
+
+def test_beavertails_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("no network in this test")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    from panacea_platform.data.harmful import DataUnavailableError
+
+    with pytest.raises(DataUnavailableError, match="unreachable.*offline_pyrit"):
+        HARMFUL_SOURCES.get("beavertails")(DataConfig())
+
+
+def test_beavertails_loader_keeps_unsafe_deduplicated(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    rows = [
+        {"prompt": f"placeholder harmful question {i % 4}", "response": f"r{i}", "is_safe": i % 3 == 0,
+         "category": {"placeholder_a": False, "placeholder_b": True}}
+        for i in range(12)
+    ]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(rows))
+    examples = HARMFUL_SOURCES.get("beavertails")(DataConfig())
+    assert len(examples) == len({normalise_prompt(e.prompt) for e in examples}) == 4
+    assert all(e.kind == "harmful" and e.category == "placeholder_b" for e in examples)
+
+
+def test_file_source(tmp_path: Path) -> None:
+    rows = [{"prompt": f"placeholder harmful question {i % 5}", "answer": "placeholder harmful answer"} for i in range(8)]
+    path = tmp_path / "harmful.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = HARMFUL_SOURCES.get("file")(DataConfig(harmful_source="file", harmful_file=str(path)))
+    assert [e.prompt for e in examples] == [f"placeholder harmful question {i}" for i in range(5)]
+    assert all(e.kind == "harmful" for e in examples)
+
+
+def test_dedupe_keeps_first() -> None:
+    examples = [Example("Q one?", "a", "harmful"), Example("q  ONE", "b", "harmful"), Example("q two", "c", "harmful")]
+    assert [e.answer for e in dedupe_by_prompt(examples)] == ["a", "c"]
+
+
+@needs_pyrit
+def test_offline_pyrit_counts_and_fields() -> None:
+    examples = HARMFUL_SOURCES.get("offline_pyrit")(DataConfig())
+    assert len(examples) > 300
+    assert all(e.kind == "harmful" and e.prompt and e.answer for e in examples)
+    assert len({normalise_prompt(e.prompt) for e in examples}) == len(examples)
+    assert len({e.category for e in examples if e.category}) >= 5
+    assert examples == HARMFUL_SOURCES.get("offline_pyrit")(DataConfig())
+
+
+@needs_pyrit
+def test_offline_pools_are_disjoint_on_real_data() -> None:
+    from panacea_platform.data.harmful import offline_alignment_prompts
+
+    qa_pairs = HARMFUL_SOURCES.get("offline_pyrit")(DataConfig())
+    alignment_prompts = offline_alignment_prompts()
+    assert len(alignment_prompts) >= 500
+    defaults = DataConfig()
+    pools = split_harmful_pools(
+        qa_pairs,
+        attack_size=poison_count(defaults.n, defaults.harmful_ratio),
+        defender_size=defaults.defender_harmful_size,
+        eval_size=defaults.eval_harmful_size,
+        alignment_prompts=alignment_prompts,
+        alignment_size=defaults.alignment_size,
+        seed=0,
+    )
+    check_pools_disjoint(pools)
+    assert len(pools.alignment) == defaults.alignment_size
+    alignment = build_alignment_set([e.prompt for e in pools.alignment], 100, 0.5, seed=0)
+    assert sum(e.kind == "refusal" for e in alignment) == 50
+    # The paper-sized attack (n = 1000, p = 0.1) + defaults still fits the offline source.
+    check_pools_disjoint(split_harmful_pools(qa_pairs, 100, 100, 40, alignment_prompts, 200, seed=0))
+
+
+def test_offline_pyrit_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    from panacea_platform.data import harmful as harmful_module
+
+    monkeypatch.setattr(harmful_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(harmful_module.DataUnavailableError, match=r"pip install --no-deps pyrit==1\.1\.0"):
+        harmful_module.offline_pyrit(DataConfig())
