@@ -50,7 +50,7 @@ class TorchWeights:
         try:
             with torch.no_grad():
                 for p, d in zip(self.params, delta, strict=True):
-                    p.add_(d.to(p.dtype))
+                    p.add_(d.to(device=p.device, dtype=p.dtype))
             yield
         finally:
             with torch.no_grad():
@@ -59,7 +59,7 @@ class TorchWeights:
 
     def apply_update(self, direction: Sequence[torch.Tensor]) -> float:
         for p, d in zip(self.params, direction, strict=True):
-            p.grad = d.to(p.dtype)
+            p.grad = d.to(device=p.device, dtype=p.dtype)
         if self.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm).item()
         else:
@@ -74,7 +74,7 @@ class TorchWeights:
     def add_to_weights(self, delta: Sequence[torch.Tensor]) -> None:
         with torch.no_grad():
             for p, d in zip(self.params, delta, strict=True):
-                p.add_(d.to(p.dtype))
+                p.add_(d.to(device=p.device, dtype=p.dtype))
 
     def weight_shapes(self) -> list[torch.Size]:
         return [p.shape for p in self.params]

@@ -1,0 +1,133 @@
+"""`panacea bench step`: the SFT step against the Panacea step, in one process.
+
+Same model, same batches, same backend; median wall time after warm-up, and the
+peak memory each step adds over the loaded model. The floor of the time ratio is
+3.0 (three forward/backward passes against one).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from panacea_platform.config import RunConfig
+
+
+@dataclass
+class StepTiming:
+    name: str
+    median_s: float
+    peak_extra_mb: float
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator stats on GPU, sampled RSS on CPU."""
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open(f"/proc/{os.getpid()}/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __enter__(self) -> "PeakMemory":
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated() / 2**20
+            return self
+        self._base = self._rss_mb()
+        self._stop = threading.Event()
+        self._highest = self._base
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self._highest = max(self._highest, self._rss_mb())
+                time.sleep(self.interval_s)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20 - self._base
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(0.0, max(self._highest, self._rss_mb()) - self._base)
+
+
+def time_step(name: str, step: Callable[[], None], warmup: int, repeats: int) -> StepTiming:
+    for _ in range(warmup):
+        step()
+    times = []
+    with PeakMemory() as memory:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    return StepTiming(name, statistics.median(times), memory.peak_mb)
+
+
+def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print) -> dict[str, float]:
+    from panacea_platform.algorithms.panacea import panacea_step
+    from panacea_platform.algorithms.sft import sft_step
+    from panacea_platform.data.collate import collate, tokenize_example
+    from panacea_platform.models import attach_lora, load_base_model, load_tokenizer
+    from panacea_platform.training.loop import lm_loss, make_optimizer, prepare_data, seed_everything, training_device
+    from panacea_platform.training.torch_backend import TorchWeights
+
+    seed_everything(config.seed)
+    data = prepare_data(config, "finetune")
+    tokenizer = load_tokenizer(config.model)
+    optim = config.optim
+
+    def first_batch(examples, size):
+        features = [
+            tokenize_example(tokenizer, config.data.prompt_template, e, config.data.max_length) for e in examples[:size]
+        ]
+        return collate(features, tokenizer.pad_token_id)
+
+    finetune_batch = first_batch(data.train, optim.batch_size)
+    harmful_batch = first_batch(data.defender_harmful, optim.harmful_batch_size)
+    model = attach_lora(load_base_model(config.model), config.lora, config.model.adapter).to(training_device())
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable_mb = sum(p.numel() * p.element_size() for p in params) / 2**20
+    optimizer, scheduler = make_optimizer(params, optim, total=warmup + repeats)
+    weights = TorchWeights(model, lm_loss, optimizer, scheduler, optim.max_grad_norm)
+    p = config.panacea
+    out(f"benchmarking on {config.model.name}: batch {optim.batch_size}, harmful batch {optim.harmful_batch_size}, "
+        f"{warmup} warm-up + {repeats} timed steps each, {trainable_mb:.2f} MB of trainable weights")
+    sft = time_step("sft", lambda: sft_step(weights, finetune_batch), warmup, repeats)
+    panacea = time_step(
+        "panacea",
+        lambda: panacea_step(weights, finetune_batch, harmful_batch, p.rho, p.lam, p.harmful_loss_clamp),
+        warmup,
+        repeats,
+    )
+    result = {
+        "sft_step_s": sft.median_s,
+        "panacea_step_s": panacea.median_s,
+        "time_ratio": panacea.median_s / sft.median_s,
+        "sft_peak_extra_mb": sft.peak_extra_mb,
+        "panacea_peak_extra_mb": panacea.peak_extra_mb,
+        "extra_memory_in_trainable_copies": max(0.0, panacea.peak_extra_mb - sft.peak_extra_mb) / trainable_mb,
+        "trainable_mb": trainable_mb,
+    }
+    out(f"{'step':<10}{'median s':>12}{'peak extra MB':>16}")
+    for timing in (sft, panacea):
+        out(f"{timing.name:<10}{timing.median_s:>12.3f}{timing.peak_extra_mb:>16.1f}")
+    out(f"time ratio panacea/sft: {result['time_ratio']:.2f} (floor 3.0, target <= 3.1)")
+    out(f"memory beyond SFT: {result['extra_memory_in_trainable_copies']:.1f} copies of the trainable weights")
+    return result

@@ -1,0 +1,183 @@
+"""`panacea`: the command line. Heavy libraries are imported inside commands so --help is instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_JOB = "jobs/offline_default.yaml"
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can fix from the message alone: printed in one line, exit 2."""
+    from panacea_platform.config import ConfigError
+    from panacea_platform.data.files import DataFileError
+    from panacea_platform.data.pools import PoolOverlapError
+
+    errors: list[type[BaseException]] = [ConfigError, DataFileError, PoolOverlapError, FileNotFoundError]
+    try:
+        from panacea_platform.data.tasks import DataUnavailableError
+
+        errors.append(DataUnavailableError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_JOB) -> None:
+    parser.add_argument(
+        "--config", "-c", default=default, help=f"YAML job file (default: {default})"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. panacea.rho=0.5 optim.max_steps=10"
+    )
+
+
+def _load(args: argparse.Namespace):
+    from panacea_platform.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from panacea_platform.training.loop import run_stage
+
+    config = _load(args)
+    result = run_stage(config, "align")
+    print(f"aligned adapter: {result.adapter_dir}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from panacea_platform.training.loop import run_stage
+
+    config = _load(args)
+    result = run_stage(config, "finetune")
+    print(f"released adapter (w_T + eps_T): {result.adapter_dir}")
+    if result.perturbation_path is not None:
+        print(f"unperturbed adapter (w_T): {result.unperturbed_adapter_dir}\nperturbation eps_T: {result.perturbation_path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from panacea_platform.pipeline import run_demo
+    from panacea_platform.algorithms import DEFENCES
+    from panacea_platform.config import ConfigError
+
+    config = _load(args)
+    defences = [d.strip() for d in args.defences.split(",") if d.strip()]
+    unknown = [d for d in defences if d not in DEFENCES]
+    if unknown or not defences:
+        raise ConfigError(f"--defences {args.defences!r}: expected a comma list of {', '.join(DEFENCES.names())}")
+    run_demo(config, defences)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from panacea_platform.config import load_config
+
+    if args.action == "show":
+        config = load_config(args.config, args.overrides)
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    if args.action == "fields":
+        from panacea_platform.config import RunConfig
+
+        _print_fields(RunConfig, "")
+        return 0
+    files = args.files or sorted(str(p) for p in Path("jobs").glob("*.yaml"))
+    for path in files:
+        load_config(path)
+        print(f"ok: {path}")
+    return 0
+
+
+def _print_fields(model, prefix: str) -> None:
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{field.alias or name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            _print_fields(annotation, key + ".")
+        else:
+            print(f"{key:<36} {field.description or ''}")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from panacea_platform.algorithms import DEFENCES
+    from panacea_platform.data import HARMFUL_SOURCES, TASKS
+    from panacea_platform.models import OFFLINE_MODELS
+
+    for title, registry in (
+        ("defences", DEFENCES),
+        ("tasks", TASKS),
+        ("harmful sources", HARMFUL_SOURCES),
+        ("offline models", OFFLINE_MODELS),
+    ):
+        print(f"{title}: {', '.join(registry.names())}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from panacea_platform.bench import bench_step
+
+    config = _load(args)
+    bench_step(config, warmup=args.warmup, repeats=args.repeats)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="panacea", description="Harmful fine-tuning defences (Panacea and baselines): train, compare, track."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    align = sub.add_parser("align", help="safety-align the base model on refusals; writes the aligned adapter")
+    _add_config_args(align)
+    align.set_defaults(func=cmd_align)
+
+    finetune = sub.add_parser(
+        "finetune", help="fine-tune on a poisoned task set with a defence (sft, random_perturbation, panacea)"
+    )
+    _add_config_args(finetune)
+    finetune.set_defaults(func=cmd_finetune)
+
+    demo = sub.add_parser("demo", help="the main job: align, then attack and defend the aligned model, and compare")
+    _add_config_args(demo)
+    demo.add_argument("--defences", default="sft,panacea", help="comma list of defences to compare (default: sft,panacea)")
+    demo.set_defaults(func=cmd_demo)
+
+    config = sub.add_parser("config", help="show the resolved configuration, list its fields, or validate job files")
+    config.add_argument("action", choices=["show", "validate", "fields"])
+    config.add_argument("--config", "-c", default=DEFAULT_JOB, help="YAML job file for 'show'")
+    config.add_argument("--files", nargs="*", help="job files for 'validate' (default: jobs/*.yaml)")
+    config.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for 'show'")
+    config.set_defaults(func=cmd_config)
+
+    listing = sub.add_parser("list", help="registered defences, tasks, harmful sources and offline models")
+    listing.set_defaults(func=cmd_list)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="what", required=True, metavar="WHAT")
+    step = bench_sub.add_parser("step", help="time and memory of the SFT step against the Panacea step")
+    _add_config_args(step)
+    step.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    step.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported (default 5)")
+    step.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The typed run configuration: one YAML file under jobs/, plus dotted overrides.
+
+Every field is validated before any work starts; a bad value raises ConfigError
+with one message naming the field, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names field and fix."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="A registered offline model (see `panacea models`), a local directory, or a Hugging Face hub id.",
+    )
+    adapter: str | None = Field(
+        None, description="Existing LoRA adapter directory to keep training (e.g. the aligned adapter)."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repo. Off unless asked.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype while training.")
+
+
+class LoraConfig(_Section):
+    rank: int = Field(8, ge=1, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj"], min_length=1, description="Modules that get LoRA."
+    )
+
+
+class DataConfig(_Section):
+    task: str = Field("offline_arithmetic", description="Fine-tuning task: a registered task name (see `panacea tasks`).")
+    task_file: str | None = Field(None, description="Local JSONL/CSV/Parquet for task 'local' (fields: prompt, answer).")
+    n: int = Field(200, ge=1, description="Number of fine-tuning samples the user uploads.")
+    harmful_ratio: float = Field(0.1, ge=0, le=1, description="Fraction p of the n samples that are harmful.")
+    harmful_source: str = Field(
+        "offline_pyrit", description="Harmful question/answer source: 'offline_pyrit', 'beavertails' or 'file'."
+    )
+    harmful_file: str | None = Field(None, description="Local JSONL/CSV/Parquet for harmful_source 'file' (fields: prompt, answer).")
+    defender_harmful_size: int = Field(100, ge=1, description="Size of the defender's own harmful set (Panacea's h).")
+    eval_harmful_size: int = Field(40, ge=1, description="Held-out harmful prompts (with answers) used for evaluation.")
+    task_eval_size: int = Field(50, ge=1, description="Held-out task samples used to measure accuracy.")
+    alignment_size: int = Field(200, ge=1, description="Harmful prompts paired with refusals for the alignment stage.")
+    alignment_benign_ratio: float = Field(
+        0.5, ge=0, lt=1, description="Fraction of the alignment set that is benign requests with helpful answers."
+    )
+    max_length: int = Field(128, ge=8, description="Token limit of prompt + answer; longer samples are truncated.")
+    pool_seed: int = Field(
+        0, ge=0, description="Seed of the split into attack / defender / evaluation / alignment pools; kept apart "
+        "from `seed` so every seed of an experiment is evaluated on the same held-out prompts.",
+    )
+    prompt_template: str = Field(
+        "alpaca", description="'alpaca', 'plain', or a custom template containing '{instruction}'."
+    )
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_known(cls, value: str) -> str:
+        from panacea_platform.data.templates import TEMPLATES
+
+        if value not in TEMPLATES and "{instruction}" not in value:
+            raise ValueError(f"must be one of {sorted(TEMPLATES)} or a string containing '{{instruction}}'")
+        return value
+
+
+class OptimConfig(_Section):
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
+    epochs: float | None = Field(None, gt=0, description="Epochs over the training set (used when max_steps is unset).")
+    max_steps: int | None = Field(30, ge=1, description="Optimiser steps; overrides epochs when set.")
+    batch_size: int = Field(8, ge=1, description="Fine-tuning batch size.")
+    harmful_batch_size: int = Field(8, ge=1, description="Batch size of the defender's harmful batches (Panacea).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from 0 to lr (honoured by every schedule).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the update's global norm; null disables.")
+    log_every: int = Field(1, ge=1, description="Log metrics every this many steps.")
+
+    @model_validator(mode="after")
+    def _length_given(self) -> "OptimConfig":
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set optim.max_steps or optim.epochs (both are null)")
+        return self
+
+
+class RandomPerturbationConfig(_Section):
+    sigma: float = Field(0.01, ge=0, description="Std of the Gaussian noise added to the trainable weights after training.")
+
+
+class PanaceaConfig(_Section):
+    rho: float = Field(1.0, ge=0, description="Perturbation radius (global L2 norm of eps).")
+    lam: float = Field(1e-3, ge=0, alias="lambda", description="Weight of the harmful-loss increase term.")
+    harmful_loss_clamp: float = Field(5.0, gt=0, description="h(w + eps) is clamped from above at this value.")
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default: SQLite store inside output_dir's parent (runs/mlflow.db)."
+    )
+    experiment: str = Field("panacea", description="MLflow experiment name.")
+
+
+class RunConfig(_Section):
+    run_name: str = Field("run", description="Name of the run (MLflow run name, output sub-folder).")
+    seed: int = Field(0, ge=0, description="Seed for data sampling, initialisation and noise.")
+    output_dir: str = Field("runs", description="Where run folders (adapters, eps, config) are written.")
+    defence: str = Field("panacea", description="Registered defence: 'sft', 'random_perturbation' or 'panacea'.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    align_optim: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(lr=5e-4, max_steps=60),
+        description="Optimisation of the alignment stage (safety fine-tuning on refusals).",
+    )
+    random_perturbation: RandomPerturbationConfig = Field(default_factory=RandomPerturbationConfig)
+    panacea: PanaceaConfig = Field(default_factory=PanaceaConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("defence")
+    @classmethod
+    def _defence_registered(cls, value: str) -> str:
+        from panacea_platform.algorithms import DEFENCES
+
+        if value not in DEFENCES:
+            raise ValueError(f"unknown defence; registered: {', '.join(DEFENCES.names())}")
+        return value
+
+    @model_validator(mode="after")
+    def _names_and_files(self) -> "RunConfig":
+        # Registries are consulted here so an unknown name fails before any work.
+        from panacea_platform.data import HARMFUL_SOURCES, TASKS
+
+        if self.data.task not in TASKS:
+            raise _field_error("data.task", self.data.task, f"one of: {', '.join(TASKS.names())}")
+        if self.data.harmful_source not in HARMFUL_SOURCES:
+            raise _field_error(
+                "data.harmful_source", self.data.harmful_source, f"one of: {', '.join(HARMFUL_SOURCES.names())}"
+            )
+        for field, needed_by, value in (
+            ("data.task_file", self.data.task == "local", self.data.task_file),
+            ("data.harmful_file", self.data.harmful_source == "file", self.data.harmful_file),
+        ):
+            if needed_by and value is None:
+                raise _field_error(field, value, "a path to a JSONL, CSV or Parquet file")
+            if value is not None and not Path(value).is_file():
+                raise _field_error(field, value, "an existing file (not found)")
+        if self.model.adapter is not None and not (Path(self.model.adapter) / "adapter_config.json").is_file():
+            raise _field_error("model.adapter", self.model.adapter, "a LoRA adapter directory with adapter_config.json")
+        from panacea_platform.models import check_model_name
+
+        problem = check_model_name(self.model.name)
+        if problem:
+            raise _field_error("model.name", self.model.name, problem)
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, sub)
+            else:
+                out[prefix] = json.dumps(value) if isinstance(value, list) else value
+
+        walk("", self.to_dict())
+        return out
+
+
+class _FieldError(ValueError):
+    pass
+
+
+def _field_error(field: str, value: Any, allowed: str) -> ValueError:
+    return _FieldError(f"{field} = {value!r}: expected {allowed}")
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        message = item["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{location}: unknown key (check the spelling; `panacea config fields` lists them)")
+        elif isinstance(item.get("ctx", {}).get("error"), _FieldError):
+            lines.append(message)
+        else:
+            given = item.get("input")
+            shown = "" if isinstance(given, dict) else f" = {given!r}"
+            lines.append(f"{location}{shown}: {message}" if location else message)
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.key=value, e.g. panacea.rho=0.5")
+    key, raw = text.split("=", 1)
+    # YAML parsing gives numbers, booleans, null and lists their types.
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part!r} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML job file (or the defaults) and apply dotted overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found: pass an existing YAML file (see jobs/)")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r}: top level must be a mapping of sections")
+        tree = loaded or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        apply_override(tree, key, value)
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

