@@ -92,10 +92,13 @@ def test_run_folder_and_mlflow_record_the_run(panacea_run):
     assert run.data.metrics["perturbation_norm"] == pytest.approx(0.5, rel=1e-5)
 
 
-def test_a_failed_run_is_marked_failed_in_mlflow(tiny_run_config):
-    # Asking for more held-out harmful prompts than the file has fails after the run opened.
-    config = tiny_run_config(data={"eval_harmful_size": 10_000}, run_name="too-big")
-    with pytest.raises(ValueError):
+def test_a_failed_run_is_marked_failed_in_mlflow(tiny_run_config, tmp_path):
+    # A model folder whose weights are missing fails once the run is open.
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    config = tiny_run_config(model={"name": str(broken)}, run_name="broken")
+    with pytest.raises(Exception):
         run_stage(config, "finetune", out=lambda line: None)
     from mlflow.tracking import MlflowClient
 
@@ -105,7 +108,15 @@ def test_a_failed_run_is_marked_failed_in_mlflow(tiny_run_config):
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
-    assert "eval_harmful_size" in runs[0].data.tags["error"]
+    assert runs[0].data.tags["error"]
+
+
+def test_bad_data_fails_before_any_run_or_folder_exists(tiny_run_config):
+    config = tiny_run_config(data={"eval_harmful_size": 10_000}, run_name="too-big")
+    with pytest.raises(ValueError, match="eval_harmful_size"):
+        run_stage(config, "finetune", out=lambda line: None)
+    assert not config.run_dir().exists()
+    assert not (config.run_dir().parent / "mlflow.db").exists()
 
 
 def test_random_perturbation_is_seeded_and_sized_by_sigma(tiny_run_config):

@@ -7,9 +7,7 @@ peak memory each step adds over the loaded model. The floor of the time ratio is
 
 from __future__ import annotations
 
-import os
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -26,57 +24,44 @@ class StepTiming:
     peak_extra_mb: float
 
 
-class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocator stats on GPU, sampled RSS on CPU."""
+def peak_tensor_memory_mb(step: Callable[[], None]) -> float:
+    """Peak of tensor memory allocated during one call of `step`, above the level at its start.
 
-    def __init__(self, interval_s: float = 0.002) -> None:
-        self.interval_s = interval_s
-        self.peak_mb = 0.0
+    CUDA: the allocator's own peak. CPU: torch's profiler records every tensor
+    allocation and free; their running sum gives the exact peak (process RSS
+    would mostly measure the C allocator's fragmentation).
+    """
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
 
-    @staticmethod
-    def _rss_mb() -> float:
-        with open(f"/proc/{os.getpid()}/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def __enter__(self) -> "PeakMemory":
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated() / 2**20
-            return self
-        self._base = self._rss_mb()
-        self._stop = threading.Event()
-        self._highest = self._base
-
-        def sample() -> None:
-            while not self._stop.is_set():
-                self._highest = max(self._highest, self._rss_mb())
-                time.sleep(self.interval_s)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20 - self._base
-            return
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(0.0, max(self._highest, self._rss_mb()) - self._base)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    level = peak = 0
+    for event in events:
+        level += event.nbytes()
+        peak = max(peak, level)
+    return peak / 2**20
 
 
 def time_step(name: str, step: Callable[[], None], warmup: int, repeats: int) -> StepTiming:
     for _ in range(warmup):
         step()
     times = []
-    with PeakMemory() as memory:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-    return StepTiming(name, statistics.median(times), memory.peak_mb)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    # Memory is measured on one more, untimed step: the profiler slows what it watches.
+    return StepTiming(name, statistics.median(times), peak_tensor_memory_mb(step))
 
 
 def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print) -> dict[str, float]:
@@ -96,7 +81,9 @@ def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print) 
         features = [
             tokenize_example(tokenizer, config.data.prompt_template, e, config.data.max_length) for e in examples[:size]
         ]
-        return collate(features, tokenizer.pad_token_id)
+        # Both batches padded to max_length: every pass then costs the same, so the
+        # ratio shows the step's overhead beyond its three passes.
+        return collate(features, tokenizer.pad_token_id, pad_to=config.data.max_length)
 
     finetune_batch = first_batch(data.train, optim.batch_size)
     harmful_batch = first_batch(data.defender_harmful, optim.harmful_batch_size)
@@ -108,6 +95,7 @@ def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print) 
     weights = TorchWeights(model, lm_loss, optimizer, scheduler, optim.max_grad_norm)
     p = config.panacea
     out(f"benchmarking on {config.model.name}: batch {optim.batch_size}, harmful batch {optim.harmful_batch_size}, "
+        f"both padded to {config.data.max_length} tokens, "
         f"{warmup} warm-up + {repeats} timed steps each, {trainable_mb:.2f} MB of trainable weights")
     sft = time_step("sft", lambda: sft_step(weights, finetune_batch), warmup, repeats)
     panacea = time_step(

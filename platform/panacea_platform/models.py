@@ -79,13 +79,18 @@ def resolve_model_path(name: str) -> str:
     return str(target)
 
 
-def _convert_gguf(spec: OfflineGguf, target: Path) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+def gguf_location(spec: OfflineGguf) -> tuple[str, str]:
+    """(folder, file name) of an offline model's GGUF inside its installed package."""
     found = importlib.util.find_spec(spec.package)
     if found is None or found.origin is None:
         raise RuntimeError(f"offline model package {spec.package!r} is not installed: {spec.install_hint}")
-    folder = os.path.dirname(found.origin)
+    return os.path.dirname(found.origin), spec.filename
+
+
+def _convert_gguf(spec: OfflineGguf, target: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, _ = gguf_location(spec)
     print(f"converting the offline model from {spec.filename} (once; cached in {target})", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.filename)
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.filename)

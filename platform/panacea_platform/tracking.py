@@ -9,6 +9,7 @@ KILLED on interrupt), so no run is left RUNNING.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -16,6 +17,10 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+# MLflow announces creating its SQLite tables at INFO on every new store: noise in a CLI.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 PACKAGES = ("torch", "transformers", "peft", "ray", "deepspeed", "mlflow", "datasets")
 

@@ -78,13 +78,18 @@ def tokenize_example(tokenizer: Any, template: str, example: Example, max_length
     }
 
 
-def collate(features: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of tokenised examples into input_ids, attention_mask and labels tensors."""
+def collate(
+    features: Sequence[dict[str, Any]], pad_token_id: int, pad_to: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad a list of tokenised examples into input_ids, attention_mask and labels tensors.
+
+    `pad_to` sets a minimum width (benchmarks pad every batch to one shape).
+    """
     if not features:
         raise ValueError("cannot collate an empty list of examples")
     if pad_token_id is None:
         raise ValueError("pad_token_id is None: set the tokenizer's pad token (e.g. to its EOS token)")
-    width = max(len(f["input_ids"]) for f in features)
+    width = max(max(len(f["input_ids"]) for f in features), pad_to or 0)
     input_ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(features), width), dtype=torch.long)
     # Padding is masked in labels too, so a pad id equal to EOS is never trained on.

@@ -228,6 +228,9 @@ def run_stage(
     """Train one stage end to end: data, model, steps, held-out losses, artifacts, MLflow."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    # Data first: a bad file or too small a source is the user's to fix, and
+    # fails before a run folder or an MLflow run exists.
+    data = prepare_data(config, stage)
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
@@ -243,7 +246,7 @@ def run_stage(
             tags={"stage": stage, "defence": config.defence if stage == "finetune" else "sft"},
         )
     try:
-        result = _run_stage(config, stage, run_dir, tracker, out)
+        result = _run_stage(config, stage, data, run_dir, tracker, out)
     except BaseException as exc:
         if tracker is not None:
             tracker.__exit__(type(exc), exc, exc.__traceback__)
@@ -253,10 +256,10 @@ def run_stage(
     return result
 
 
-def _run_stage(config: RunConfig, stage: str, run_dir: Path, tracker: Tracker | None, out) -> StageResult:
+def _run_stage(
+    config: RunConfig, stage: str, data: StageData, run_dir: Path, tracker: Tracker | None, out
+) -> StageResult:
     optim = config.optim if stage == "finetune" else config.align_optim
-    seed_everything(config.seed)
-    data = prepare_data(config, stage)
     if tracker is not None:
         tracker.log_params(
             {**config.flat(), "stage": stage, **{f"data.fingerprint.{k}": v for k, v in data.fingerprints.items()}}

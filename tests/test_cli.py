@@ -1,0 +1,119 @@
+"""The `panacea` command end to end on the tiny model: main job, finetune, bad input, benchmark."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from panacea_platform.cli import build_parser, main
+from panacea_platform.tracking import default_tracking_uri
+
+
+@pytest.fixture
+def tiny_job(tiny_run_config, tmp_path):
+    """The tiny configuration written as a job file, as a user would pass it."""
+    config = tiny_run_config(run_name="demo")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    return config, path
+
+
+@pytest.mark.parametrize("command", [["align"], ["finetune"], ["demo"], ["config"], ["list"], ["bench"], ["bench", "step"]])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([*command, "--help"])
+    assert info.value.code == 0
+    assert "usage: panacea" in capsys.readouterr().out
+
+
+def test_demo_aligns_attacks_defends_and_tracks_lineage(tiny_job, capsys):
+    config, path = tiny_job
+    assert main(["demo", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "[align] done" in out and "[finetune sft] done" in out and "[finetune panacea] done" in out
+    table = (config.run_dir().parent / "demo-summary.txt").read_text()
+    for method in ("aligned (before attack)", "sft", "panacea"):
+        assert method in table
+
+    client = MlflowClient(default_tracking_uri(config.output_dir))
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("stage") == "demo"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["stage"] + ":" + r.data.tags["defence"] for r in children) == [
+        "align:sft", "finetune:panacea", "finetune:sft",
+    ]
+    assert all(r.info.status == "FINISHED" for r in children)
+    # Lineage: both fine-tunes continued the adapter the alignment run produced.
+    adapters = {r.data.params["model.adapter"] for r in children if r.data.tags["stage"] == "finetune"}
+    assert len(adapters) == 1 and adapters.pop().endswith("/adapter")
+
+    # A second run reuses the aligned adapter and says so.
+    assert main(["demo", "--config", str(path), "--defences", "sft"]) == 0
+    assert "reusing the aligned adapter" in capsys.readouterr().out
+
+
+def test_finetune_from_the_command_line_writes_eps_and_both_adapters(tiny_job, capsys):
+    config, path = tiny_job
+    assert main(["finetune", "--config", str(path), "run_name=cli-panacea", "optim.max_steps=2"]) == 0
+    run_dir = config.run_dir().parent / "cli-panacea"
+    for name in ("adapter/adapter_config.json", "adapter_unperturbed/adapter_config.json",
+                 "perturbation.safetensors", "config.yaml", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["perturbation_norm"] == pytest.approx(config.panacea.rho, rel=1e-5)
+
+
+def test_malformed_data_file_exits_2_naming_file_and_line(tiny_job, tmp_path, capsys):
+    _, path = tiny_job
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p1", "answer": "a1"}\n{"prompt": "p2", "answer": "a2"}\n{not json\n')
+    assert main(["finetune", "--config", str(path), f"data.harmful_file={bad}"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "bad.jsonl" in errors[0] and "line 3" in errors[0]
+
+
+def test_empty_data_file_exits_2(tiny_job, tmp_path, capsys):
+    _, path = tiny_job
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["finetune", "--config", str(path), f"data.harmful_file={empty}"]) == 2
+    assert "no records" in capsys.readouterr().err
+
+
+def test_unknown_defence_in_demo_list_exits_2(tiny_job, capsys):
+    _, path = tiny_job
+    assert main(["demo", "--config", str(path), "--defences", "sft,booster"]) == 2
+    assert "--defences" in capsys.readouterr().err
+
+
+def test_config_validate_and_show(capsys):
+    assert main(["config", "validate"]) == 0
+    assert "ok: jobs/offline_default.yaml" in capsys.readouterr().out
+    assert main(["config", "show", "panacea.rho=0.25"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["panacea"]["rho"] == 0.25
+
+
+def test_console_script_exit_code_on_bad_input():
+    result = subprocess.run(
+        [sys.executable, "-m", "panacea_platform.cli", "finetune", "data.harmful_ratio=2"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "data.harmful_ratio = 2" in result.stderr
+
+
+def test_bench_step_reports_both_steps_and_ratios(tiny_run_config):
+    from panacea_platform.bench import bench_step
+
+    lines = []
+    result = bench_step(tiny_run_config(), warmup=1, repeats=2, out=lines.append)
+    assert result["sft_step_s"] > 0 and result["panacea_step_s"] > 0
+    assert result["time_ratio"] == pytest.approx(result["panacea_step_s"] / result["sft_step_s"])
+    assert result["panacea_peak_extra_mb"] > 0 and result["trainable_mb"] > 0
+    assert any("time ratio panacea/sft" in line for line in lines)
