@@ -130,6 +130,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from panacea_platform.config import ConfigError
+    from panacea_platform.memory_plan import count_model, format_plan, plan
+
+    config = _load(args)
+    try:
+        gpus = [int(g) for g in args.gpus.split(",")]
+        stages = [int(s) for s in args.stages.split(",")]
+    except ValueError:
+        raise ConfigError(f"--gpus {args.gpus!r} / --stages {args.stages!r}: expected comma lists of integers") from None
+    if any(g < 1 for g in gpus) or any(s not in (2, 3) for s in stages):
+        raise ConfigError("--gpus must be >= 1 and --stages each 2 or 3")
+    counts = count_model(config.model.name, config.lora.target_modules, config.lora.rank)
+    batch, seq = config.optim.batch_size, config.data.max_length
+    rows = [plan(counts, g, s, batch, seq) for s in stages for g in gpus]
+    print(format_plan(counts, rows, batch, seq, args.gpu_memory))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="panacea", description="Harmful fine-tuning defences (Panacea and baselines): train, compare, track."
@@ -160,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = sub.add_parser("list", help="registered defences, tasks, harmful sources and offline models")
     listing.set_defaults(func=cmd_list)
+
+    plan_parser = sub.add_parser("plan", help="plans: per-GPU memory of a job under ZeRO-2/3")
+    plan_sub = plan_parser.add_subparsers(dest="what", required=True, metavar="WHAT")
+    memory = plan_sub.add_parser(
+        "memory", help="weights, gradients, optimizer states, activations per GPU (DeepSpeed's estimators)"
+    )
+    _add_config_args(memory)
+    memory.add_argument("--gpus", default="1,4,8", help="comma list of GPU counts (default 1,4,8)")
+    memory.add_argument("--stages", default="2,3", help="comma list of ZeRO stages (default 2,3)")
+    memory.add_argument("--gpu-memory", type=float, default=80.0, help="GPU memory in GB (default 80)")
+    memory.set_defaults(func=cmd_plan)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="what", required=True, metavar="WHAT")

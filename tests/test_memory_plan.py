@@ -1,0 +1,38 @@
+"""The 7B+ memory plan: counts on the meta device (no weights loaded) and DeepSpeed's estimators."""
+
+import pytest
+
+from panacea_platform.cli import main
+from panacea_platform.memory_plan import GB, count_model, plan
+
+
+def test_llama2_7b_counts_match_the_published_size():
+    counts = count_model("meta-llama/Llama-2-7b-hf", ["q_proj", "k_proj", "v_proj"], rank=32)
+    assert counts.total_params - counts.trainable_params == 6_738_415_616  # Llama-2-7B
+    # LoRA r 32 on q, k, v of 32 layers: 32 * 3 * 32 * (4096 + 4096)
+    assert counts.trainable_params == 32 * 3 * 32 * 8192
+
+
+def test_zero3_partitions_weights_and_zero2_does_not(tiny_llama):
+    counts = count_model(str(tiny_llama), ["q_proj", "v_proj"], rank=4)
+    one, eight = plan(counts, 1, 2, 8, 64), plan(counts, 8, 2, 8, 64)
+    assert one.params_gb == pytest.approx(eight.params_gb)  # replicated
+    assert eight.optimizer_gb == pytest.approx(one.optimizer_gb / 8)  # partitioned
+    z3_one, z3_eight = plan(counts, 1, 3, 8, 64), plan(counts, 8, 3, 8, 64)
+    largest = 4 * counts.largest_layer_params / GB
+    assert z3_eight.params_gb - largest == pytest.approx((z3_one.params_gb - largest) / 8, rel=1e-3)
+    # Adam states: 12 bytes per trainable weight on one GPU
+    assert one.optimizer_gb == pytest.approx(12 * counts.trainable_params / GB)
+    assert one.panacea_extra_gb == pytest.approx(14 * counts.trainable_params / GB)
+
+
+def test_plan_command_prints_every_stage_and_gpu_count(capsys):
+    assert main(["plan", "memory", "--config", "jobs/paper/qwen2-7b-gsm8k.yaml"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1] in "23" and len(line.split()) == 10]
+    assert sorted((int(r[0]), int(r[1])) for r in rows) == [(2, 1), (2, 4), (2, 8), (3, 1), (3, 4), (3, 8)]
+
+
+def test_plan_command_rejects_bad_stage(capsys):
+    assert main(["plan", "memory", "--stages", "1"]) == 2
+    assert "--stages" in capsys.readouterr().err
