@@ -86,6 +86,13 @@ def test_empty_data_file_exits_2(tiny_job, tmp_path, capsys):
     assert "no records" in capsys.readouterr().err
 
 
+def test_too_small_harmful_source_exits_2_naming_the_field(tiny_job, capsys):
+    _, path = tiny_job
+    assert main(["finetune", "--config", str(path), "data.defender_harmful_size=5000"]) == 2
+    err = capsys.readouterr().err
+    assert "data.defender_harmful_size" in err and "5000" in err
+
+
 def test_unknown_defence_in_demo_list_exits_2(tiny_job, capsys):
     _, path = tiny_job
     assert main(["demo", "--config", str(path), "--defences", "sft,booster"]) == 2

@@ -9,20 +9,13 @@ from pathlib import Path
 
 DEFAULT_JOB = "jobs/offline_default.yaml"
 
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can fix from the message alone: printed in one line, exit 2."""
     from panacea_platform.config import ConfigError
-    from panacea_platform.data.files import DataFileError
-    from panacea_platform.data.pools import PoolOverlapError
+    from panacea_platform.data.errors import DataFileError, DataUnavailableError, NotEnoughDataError, PoolOverlapError
 
-    errors: list[type[BaseException]] = [ConfigError, DataFileError, PoolOverlapError, FileNotFoundError]
-    try:
-        from panacea_platform.data.tasks import DataUnavailableError
-
-        errors.append(DataUnavailableError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (ConfigError, DataFileError, DataUnavailableError, NotEnoughDataError, PoolOverlapError, FileNotFoundError)
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_JOB) -> None:

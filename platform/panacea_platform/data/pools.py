@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from fractions import Fraction
 
 from panacea_platform.data.benign import benign_examples
-from panacea_platform.data.errors import PoolOverlapError
+from panacea_platform.data.errors import NotEnoughDataError, PoolOverlapError
 from panacea_platform.data.examples import Example, normalise_prompt
 
 __all__ = [
@@ -98,7 +98,7 @@ def split_harmful_pools(
     pairs = _shuffled(list(unique.values()), seed, "harmful-pools")
     needed = attack_size + defender_size + eval_size
     if needed > len(pairs):
-        raise ValueError(
+        raise NotEnoughDataError(
             f"the harmful source has {len(pairs)} distinct question/answer pairs but the pools need "
             f"attack {attack_size} (data.n * data.harmful_ratio) + defender {defender_size} (data.defender_harmful_size) "
             f"+ evaluation {eval_size} (data.eval_harmful_size) = {needed}; lower those fields or use a larger "
@@ -126,7 +126,7 @@ def split_harmful_pools(
             used.add(key)
             alignment.append(example)
     if len(alignment) < alignment_size:
-        raise ValueError(
+        raise NotEnoughDataError(
             f"the alignment pool needs {alignment_size} harmful prompts (data.alignment_size) but only "
             f"{len(alignment)} remain after the attack ({attack_size}), defender ({defender_size}) and evaluation "
             f"({eval_size}) pools ({len(alignment_prompts)} alignment prompts, {len(leftover)} left-over pairs); "
@@ -158,12 +158,12 @@ def mix_poison(
     """
     k = poison_count(n, harmful_ratio)
     if len(harmful_examples) < k:
-        raise ValueError(
+        raise NotEnoughDataError(
             f"poisoning needs {k} harmful samples (data.n={n} * data.harmful_ratio={harmful_ratio}) but the attack pool "
             f"has {len(harmful_examples)}; lower data.n or data.harmful_ratio"
         )
     if len(task_examples) < n - k:
-        raise ValueError(
+        raise NotEnoughDataError(
             f"poisoning needs {n - k} task samples (data.n={n} minus {k} harmful) but got {len(task_examples)}; "
             "lower data.n or supply more task data"
         )
@@ -187,7 +187,7 @@ def build_alignment_set(harmful_prompts: list[str], size: int, benign_ratio: flo
     n_refusal = size - n_benign
     distinct = list({normalise_prompt(p): p for p in harmful_prompts if normalise_prompt(p)}.values())
     if len(distinct) < n_refusal:
-        raise ValueError(
+        raise NotEnoughDataError(
             f"the alignment set needs {n_refusal} harmful prompts for refusals (data.alignment_size={size} * "
             f"(1 - data.alignment_benign_ratio={benign_ratio})) but {len(distinct)} distinct prompts were given; "
             "lower data.alignment_size or raise data.alignment_benign_ratio"
