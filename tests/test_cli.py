@@ -37,6 +37,8 @@ def test_demo_aligns_attacks_defends_and_tracks_lineage(tiny_job, capsys):
     table = (config.run_dir().parent / "demo-summary.txt").read_text()
     for method in ("aligned (before attack)", "sft", "panacea"):
         assert method in table
+    plot = config.run_dir().parent / "demo-comparison.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     client = MlflowClient(default_tracking_uri(config.output_dir))
     experiment = client.get_experiment_by_name(config.tracking.experiment)
@@ -48,6 +50,10 @@ def test_demo_aligns_attacks_defends_and_tracks_lineage(tiny_job, capsys):
         "align:sft", "finetune:panacea", "finetune:sft",
     ]
     assert all(r.info.status == "FINISHED" for r in children)
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert "demo-comparison.png" in artifacts
+    child_artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
+    assert {"adapter", "training_curves.png", "config.yaml", "history.jsonl"} <= child_artifacts
     # Lineage: both fine-tunes continued the adapter the alignment run produced.
     adapters = {r.data.params["model.adapter"] for r in children if r.data.tags["stage"] == "finetune"}
     assert len(adapters) == 1 and adapters.pop().endswith("/adapter")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from panacea_platform.config import RunConfig, config_from_dict
+from panacea_platform.plots import plot_method_comparison
 from panacea_platform.tracking import Tracker, default_tracking_uri
 
 # Config sections that decide what the alignment stage produces; the aligned
@@ -85,7 +86,12 @@ def run_demo(
         table = format_table(rows)
         out(table)
         (Path(config.output_dir) / f"{config.run_name}-summary.txt").write_text(table + "\n")
+        plot = plot_method_comparison(
+            [(row.method, row.summary) for row in rows], Path(config.output_dir) / f"{config.run_name}-comparison.png"
+        )
+        parent.log_artifact(plot)
         parent.log_dict({row.method: row.summary for row in rows}, "summary.json")
+        out(f"plot: {plot}")
     out(f"MLflow: mlflow ui --backend-store-uri {tracking_uri}")
     return rows
 

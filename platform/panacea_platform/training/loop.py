@@ -40,6 +40,7 @@ from panacea_platform.models import (
     load_tokenizer,
     save_perturbation,
 )
+from panacea_platform.plots import plot_training_curves
 from panacea_platform.training.torch_backend import TorchWeights
 from panacea_platform.tracking import Tracker, default_tracking_uri, package_versions
 
@@ -335,11 +336,13 @@ def _run_stage(
     adapter_dir = run_dir / "adapter"
     model.save_pretrained(adapter_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    curves = plot_training_curves(history, f"{label}: {config.run_name}", run_dir / "training_curves.png")
     out(f"[{label}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
 
     if tracker is not None:
         tracker.log_metrics(summary, steps)
-        for path in (adapter_dir, unperturbed_dir, perturbation_path, run_dir / "history.jsonl", run_dir / "summary.json"):
+        for path in (adapter_dir, unperturbed_dir, perturbation_path, run_dir / "history.jsonl", run_dir / "summary.json",
+                     curves):
             if path is not None:
                 tracker.log_artifact(path)
     return StageResult(

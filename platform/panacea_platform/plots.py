@@ -1,0 +1,65 @@
+"""Plots saved as PNG (and logged to MLflow by the caller). Matplotlib without a display."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+CURVES = (
+    ("task_loss", "task loss g(w)"),
+    ("harmful_loss", "harmful loss h(w)"),
+    ("harmful_loss_perturbed", "harmful loss h(w + eps)"),
+)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curves(history: Sequence[dict[str, float]], title: str, path: str | Path) -> Path:
+    """Per-step losses of one run: the task loss, and for Panacea h at w and at w + eps."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = list(range(1, len(history) + 1))
+    for key, label in CURVES:
+        if key in history[0]:
+            ax.plot(steps, [h[key] for h in history], label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_method_comparison(rows: Sequence[tuple[str, dict[str, float]]], path: str | Path) -> Path:
+    """Held-out harmful loss at w_T and as released, and held-out task loss, for each method."""
+    plt = _pyplot()
+    methods = [name for name, _ in rows]
+    series = (
+        ("heldout_harmful_loss", "harmful loss at w_T"),
+        ("released_heldout_harmful_loss", "harmful loss as released"),
+        ("released_heldout_task_loss", "task loss as released"),
+    )
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(methods)), 4))
+    width = 0.8 / len(series)
+    for i, (key, label) in enumerate(series):
+        values = [summary.get(key, float("nan")) for _, summary in rows]
+        ax.bar([m + i * width for m in range(len(methods))], values, width, label=label)
+    ax.set_xticks([m + width for m in range(len(methods))], methods, rotation=15)
+    ax.set_ylabel("mean loss on held-out answers")
+    ax.set_title("higher harmful loss = worse at producing harmful answers")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
