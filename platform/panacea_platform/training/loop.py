@@ -12,6 +12,7 @@ import json
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -246,15 +247,9 @@ def run_stage(
             parent_run_id=parent_run_id,
             tags={"stage": stage, "defence": config.defence if stage == "finetune" else "sft"},
         )
-    try:
-        result = _run_stage(config, stage, data, run_dir, tracker, out)
-    except BaseException as exc:
-        if tracker is not None:
-            tracker.__exit__(type(exc), exc, exc.__traceback__)
-        raise
-    if tracker is not None:
-        tracker.end("FINISHED")
-    return result
+    # The tracker ends its run FINISHED, FAILED (with the error) or KILLED (interrupt).
+    with tracker if tracker is not None else nullcontext():
+        return _run_stage(config, stage, data, run_dir, tracker, out)
 
 
 def _run_stage(
