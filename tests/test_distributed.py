@@ -1,0 +1,388 @@
+"""Distributed fine-tuning: 2 Ray Train workers under DeepSpeed ZeRO-2 and ZeRO-3 (CPU, gloo)
+give what the single-process loop gives, step for step, on the tiny random Llama.
+
+Tolerance: fp32 throughout; the runs differ only in float rounding (sharded
+forward passes, all-reduced sums, AdamW on flat partitions). Measured on this
+machine's kind (3 Panacea steps, lr 1e-2): per-step losses and norms agree to
+1.2e-7 relative, eps to 6e-8 and the final LoRA weights to 1.6e-6 absolute
+(Adam's g / sqrt(v) amplifies the rounding of near-zero gradient elements).
+The test allows REL = 1e-5 on metrics and ATOL = 2e-5 on tensors. A backend
+that averaged the shards' mean losses without token weighting misses by 1.8e-4
+(metrics) and 3e-4 (weights), so the tolerance still tells the two apart.
+
+Cost: one Ray session (module-scoped) and one Ray Train fit per ZeRO stage
+(about 15-25 s each on 2 cores). DeepSpeed's CPU shared-memory comm op is not
+compiled (see distributed.skip_shm_comm_build), so no C++ build is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from panacea_platform.config import config_from_dict
+from panacea_platform.training.deepspeed_backend import (
+    DeepSpeedConfigError,
+    deepspeed_config,
+    shard_bounds,
+)
+
+# DeepSpeed calls torch.distributed functions torch has deprecated; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.distributed.*is deprecated:FutureWarning")
+
+REL = 1e-5
+ATOL = 2e-5
+WORKERS = 2
+# Partition even the tiny model's small tensors under ZeRO-3 (the default keeps
+# tensors under 100k elements whole on every rank, which would test nothing).
+ZERO3_OPTIONS = {"stage3_param_persistence_threshold": 0}
+
+
+def _config(tiny_llama, harmful_file, output_dir, run_name, **optim):
+    return config_from_dict(
+        {
+            "run_name": run_name,
+            "output_dir": str(output_dir),
+            "defence": "panacea",
+            "model": {"name": str(tiny_llama)},
+            "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+            "data": {
+                "task": "offline_arithmetic",
+                "n": 20,
+                "harmful_ratio": 0.1,
+                "harmful_source": "file",
+                "harmful_file": str(harmful_file),
+                "defender_harmful_size": 16,
+                "eval_harmful_size": 8,
+                "task_eval_size": 8,
+                "alignment_size": 16,
+                "max_length": 48,
+            },
+            "optim": {"lr": 1e-2, "max_steps": 3, "batch_size": 4, "harmful_batch_size": 4, **optim},
+            # The random tiny model's harmful loss is about ln(vocab) = 6: with the
+            # default clamp at 5 the third pass would give no gradient and go untested.
+            "panacea": {"rho": 0.5, "lambda": 0.1, "harmful_loss_clamp": 100.0},
+        }
+    )
+
+
+# -- no Ray needed -------------------------------------------------------------
+
+
+def test_deepspeed_config_checks_the_batch_split():
+    optim = _FakeOptim(batch_size=8, max_grad_norm=1.0)
+    config = deepspeed_config(optim, world_size=2, zero_stage=3)
+    assert config["train_micro_batch_size_per_gpu"] == 4 and config["train_batch_size"] == 8
+    assert config["gradient_accumulation_steps"] == 1 and config["gradient_clipping"] == 1.0
+    assert config["zero_optimization"]["stage"] == 3 and config["zero_allow_untested_optimizer"] is True
+    assert config["bf16"]["enabled"] is False
+    with pytest.raises(DeepSpeedConfigError, match=r"train_micro_batch_size_per_gpu \(3\) x num_workers \(2\).*= 6.*optim.batch_size.*= 8"):
+        deepspeed_config(optim, world_size=2, zero_stage=2, micro_batch_size=3)
+    with pytest.raises(DeepSpeedConfigError, match=r"optim.batch_size = 8 is not divisible by num_workers = 3"):
+        deepspeed_config(optim, world_size=3, zero_stage=2)
+    with pytest.raises(DeepSpeedConfigError, match="gradient_accumulation_steps = 2"):
+        deepspeed_config(optim, world_size=2, zero_stage=2, micro_batch_size=2, gradient_accumulation_steps=2)
+    with pytest.raises(DeepSpeedConfigError, match="zero_stage = 4"):
+        deepspeed_config(optim, world_size=2, zero_stage=4)
+    assert deepspeed_config(_FakeOptim(4, None), 1, 2, dtype="bfloat16")["bf16"]["enabled"] is True
+    with pytest.raises(DeepSpeedConfigError, match="bfloat16' with zero_stage = 0"):
+        deepspeed_config(_FakeOptim(4, None), 1, 0, dtype="bfloat16")
+
+
+def test_bad_split_fails_before_any_worker_starts(tiny_llama, placeholder_harmful_file, tmp_path):
+    from panacea_platform.training.distributed import run_distributed
+
+    config = _config(tiny_llama, placeholder_harmful_file, tmp_path, "bad", batch_size=5)
+    with pytest.raises(DeepSpeedConfigError, match="optim.batch_size = 5 is not divisible by num_workers = 2"):
+        run_distributed(config, "finetune", num_workers=2, zero_stage=2, storage_path=tmp_path / "ray")
+    with pytest.raises(DeepSpeedConfigError, match=r"train_micro_batch_size_per_gpu \(1\) x num_workers \(2\)"):
+        run_distributed(config.model_copy(update={"optim": config.optim.model_copy(update={"batch_size": 4})}),
+                        num_workers=2, zero_stage=2, micro_batch_size=1, storage_path=tmp_path / "ray")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_shards_cover_the_batch_once():
+    for rows in range(0, 9):
+        for world in (1, 2, 3):
+            bounds = [shard_bounds(rows, r, world) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == rows
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            sizes = [stop - start for start, stop in bounds]
+            assert max(sizes) - min(sizes) <= 1
+
+
+class _FakeOptim:
+    def __init__(self, batch_size, max_grad_norm):
+        self.batch_size = batch_size
+        self.max_grad_norm = max_grad_norm
+
+
+# -- the backend's protocol on one rank, in this process ------------------------
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A one-process gloo group, so DeepSpeed engines can be built in the test process."""
+    import socket
+
+    import torch.distributed as tdist
+
+    pytest.importorskip("deepspeed")
+    from panacea_platform.training.distributed import skip_shm_comm_build
+
+    skip_shm_comm_build()
+    created = False
+    if not tdist.is_initialized():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        created = True
+    yield
+    if created:
+        import deepspeed.comm.comm as ds_comm
+
+        tdist.destroy_process_group()
+        ds_comm.cdb = None
+
+
+def _token_batch(seed, rows=3, width=12, vocab=300):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(4, vocab, (rows, width), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :5] = -100  # a prompt
+    labels[0, 9:] = -100  # and rows of different answer lengths
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+def _backends(tiny_llama, zero_stage):
+    import copy
+
+    import deepspeed
+
+    from panacea_platform.config import LoraConfig, ModelConfig, OptimConfig
+    from panacea_platform.models import attach_lora, load_base_model
+    from panacea_platform.training.deepspeed_backend import DeepSpeedWeights
+    from panacea_platform.training.loop import lm_loss, make_optimizer
+    from panacea_platform.training.torch_backend import TorchWeights
+
+    optim = OptimConfig(lr=1e-2, max_steps=3, batch_size=3, max_grad_norm=1.0)
+    torch.manual_seed(0)
+    model = attach_lora(load_base_model(ModelConfig(name=str(tiny_llama))), LoraConfig(rank=4, alpha=8))
+    reference = copy.deepcopy(model)
+    ref_params = [p for p in reference.parameters() if p.requires_grad]
+    torch_weights = TorchWeights(reference, lm_loss, *make_optimizer(ref_params, optim, 3), optim.max_grad_norm)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(params, optim, 3)
+    options = {"stage3_param_persistence_threshold": 0} if zero_stage == 3 else None
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, dist_init_required=False,
+        config=deepspeed_config(optim, 1, zero_stage, zero_options=options),
+    )
+    return DeepSpeedWeights(engine, lm_loss), torch_weights
+
+
+def _close(actual, expected, atol=1e-6):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_backend_protocol_matches_torch_weights_on_one_rank(one_rank_group, tiny_llama, zero_stage, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")  # DeepSpeed reads it; launchers (Ray Train included) set it
+    ds, ref = _backends(tiny_llama, zero_stage)
+    try:
+        batch, other = _token_batch(1), _token_batch(2)
+        assert ds.weight_shapes() == ref.weight_shapes()
+        if zero_stage == 3:
+            assert all(p.numel() == 0 or p.numel() < p.ds_numel for p in ds.params), "ZeRO-3 left the weights whole"
+        with ds.full_weights() as w:
+            _close(w, [p.detach() for p in ref.params], atol=0)
+
+        loss, grads = ds.loss_and_gradient(batch)
+        ref_loss, ref_grads = ref.loss_and_gradient(batch)
+        assert loss == pytest.approx(ref_loss, rel=1e-6) and any(g.abs().sum() > 0 for g in grads)
+        _close(grads, ref_grads)
+        # Clamped from above: no gradient, unclamped loss; below the clamp: the plain gradient.
+        clamped_loss, clamped = ds.loss_and_gradient(batch, clamp_max=ref_loss - 1.0)
+        assert clamped_loss == pytest.approx(ref_loss, rel=1e-6) and all(torch.count_nonzero(g) == 0 for g in clamped)
+        _close(ds.loss_and_gradient(batch, clamp_max=ref_loss + 1.0)[1], ref_grads)
+
+        # Perturbed: the loss moves inside, the weights come back bit for bit.
+        with ds.full_weights() as w:
+            before = [t.clone() for t in w]
+        delta = [0.05 * g / (g.norm() + 1e-7) for g in grads]
+        with ds.perturbed(delta), ref.perturbed(delta):
+            inside, _ = ds.loss_and_gradient(other)
+            assert inside == pytest.approx(ref.loss_and_gradient(other)[0], rel=1e-6)
+        with ds.full_weights() as w:
+            assert all(torch.equal(a, b) for a, b in zip(w, before))
+
+        # An update: the same norm, the same weights.
+        direction = [g - 0.1 * h for g, h in zip(grads, ds.loss_and_gradient(other)[1])]
+        ref.loss_and_gradient(other)
+        assert ds.apply_update(direction) == pytest.approx(ref.apply_update(direction), rel=1e-6)
+        with ds.full_weights() as w:
+            _close(w, [p.detach() for p in ref.params])
+        with pytest.raises(RuntimeError, match="loss_and_gradient pass before"):
+            ds.apply_update(direction)
+
+        # add_to_weights moves the optimiser's master copy too: a step with zero
+        # direction (AdamW's moments pull a little) must not undo it.
+        ds.add_to_weights(delta)
+        ref.add_to_weights(delta)
+        zeros = [torch.zeros(s) for s in ds.weight_shapes()]
+        ds.loss_and_gradient(batch)
+        assert ds.apply_update(zeros) == 0.0
+        ref.apply_update(zeros)
+        with ds.full_weights() as w:
+            _close(w, [p.detach() for p in ref.params])
+    finally:
+        ds.engine.destroy()
+
+
+# -- single process against Ray Train + DeepSpeed -------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("deepspeed")
+    # ray.train.report blocks ~2 s per call at the default controller poll interval.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(
+        num_cpus=WORKERS,
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama, placeholder_harmful_file, tmp_path_factory):
+    return tmp_path_factory.mktemp("distributed-runs")
+
+
+# The harmful batch is split unevenly on purpose: 3 rows give shards of 2 and 1
+# (ZeRO-2), 1 row leaves rank 1 with nothing (ZeRO-3), and shards of unequal
+# answer-token counts are the norm. The fine-tuning batch splits 2 + 2.
+HARMFUL_BATCH = {2: 3, 3: 1}
+
+
+def _reference(tiny_llama, placeholder_harmful_file, runs, zero_stage):
+    from panacea_platform.training.loop import run_stage
+
+    config = _config(
+        tiny_llama, placeholder_harmful_file, runs, f"single{zero_stage}", harmful_batch_size=HARMFUL_BATCH[zero_stage]
+    )
+    result = run_stage(config, "finetune", out=lambda line: None, track=False)
+    history = [json.loads(line) for line in (result.run_dir / "history.jsonl").read_text().splitlines()]
+    return config, result, history
+
+
+def _distributed(tiny_llama, placeholder_harmful_file, runs, zero_stage):
+    from panacea_platform.training.distributed import run_distributed
+
+    config = _config(
+        tiny_llama, placeholder_harmful_file, runs, f"zero{zero_stage}", harmful_batch_size=HARMFUL_BATCH[zero_stage]
+    )
+    return config, run_distributed(
+        config,
+        "finetune",
+        num_workers=WORKERS,
+        zero_stage=zero_stage,
+        storage_path=runs / "ray",
+        zero_options=ZERO3_OPTIONS if zero_stage == 3 else None,
+        out=lambda line: None,
+    )
+
+
+@pytest.fixture(scope="module")
+def zero2(ray_session, tiny_llama, placeholder_harmful_file, runs):
+    return _reference(tiny_llama, placeholder_harmful_file, runs, 2), _distributed(
+        tiny_llama, placeholder_harmful_file, runs, 2
+    )
+
+
+@pytest.fixture(scope="module")
+def zero3(ray_session, tiny_llama, placeholder_harmful_file, runs):
+    return _reference(tiny_llama, placeholder_harmful_file, runs, 3), _distributed(
+        tiny_llama, placeholder_harmful_file, runs, 3
+    )
+
+
+@pytest.fixture(params=[2, 3], ids=["zero2", "zero3"])
+def pair(request):
+    """(single-process reference, 2-worker run) for one ZeRO stage, same config and seed."""
+    return request.getfixturevalue(f"zero{request.param}")
+
+
+def _adapter(path):
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def _assert_tensors_close(actual, expected, what):
+    assert actual.keys() == expected.keys(), what
+    for name in expected:
+        assert actual[name].shape == expected[name].shape and actual[name].numel() > 0, f"{what}: {name}"
+        torch.testing.assert_close(actual[name], expected[name], rtol=REL, atol=ATOL, msg=lambda m: f"{what} {name}: {m}")
+
+
+def test_per_step_metrics_match_the_single_process_loop(pair):
+    (_, _, expected), (_, result) = pair
+    assert [h["step"] for h in result.history] == [1, 2, 3]
+    for got, want in zip(result.history, expected):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=REL, abs=1e-7), f"step {want['step']} {key}"
+
+
+def test_final_lora_weights_and_eps_match_the_single_process_loop(pair):
+    (_, single, _), (_, result) = pair
+    _assert_tensors_close(_adapter(result.unperturbed_adapter_dir), _adapter(single.unperturbed_adapter_dir), "w_T")
+    _assert_tensors_close(_adapter(result.adapter_dir), _adapter(single.adapter_dir), "w_T + eps_T")
+    eps = load_file(str(result.perturbation_path))
+    _assert_tensors_close(eps, load_file(str(single.perturbation_path)), "eps_T")
+    for key, value in single.summary.items():
+        assert result.summary[key] == pytest.approx(value, rel=REL), key
+
+
+def test_zero3_adapter_and_eps_are_full_and_reload_to_the_same_outputs(zero3):
+    (config, single, _), (_, result) = zero3
+    from panacea_platform.models import load_for_eval
+
+    eps = load_file(str(result.perturbation_path))
+    norm = torch.linalg.vector_norm(torch.stack([t.norm() for t in eps.values()])).item()
+    assert norm == pytest.approx(config.panacea.rho, rel=1e-5)
+    for tensors in (_adapter(result.adapter_dir), _adapter(result.unperturbed_adapter_dir), eps):
+        assert tensors and all(t.dim() == 2 and t.numel() > 0 for t in tensors.values())
+
+    input_ids = torch.tensor([[1, 5, 9, 14, 30, 7, 2]])
+    with torch.no_grad():
+        logits = {}
+        for name, (adapter, perturbation) in {
+            "released": (result.adapter_dir, None),
+            "rebuilt": (result.unperturbed_adapter_dir, result.perturbation_path),
+            "single": (single.adapter_dir, None),
+        }.items():
+            model = load_for_eval(config.model, str(adapter), perturbation=str(perturbation) if perturbation else None)
+            logits[name] = model(input_ids=input_ids).logits
+    torch.testing.assert_close(logits["released"], logits["rebuilt"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits["released"], logits["single"], rtol=REL, atol=ATOL)
+
+
+def test_ray_records_the_run(zero3):
+    _, (_, result) = zero3
+    assert result.metrics is not None and result.metrics["done"] is True and result.metrics["step"] == 3
+    assert result.checkpoint_path is not None and os.path.isdir(result.checkpoint_path)
+    assert os.path.isfile(os.path.join(result.checkpoint_path, "perturbation.safetensors"))
+    recorded = json.loads((result.run_dir / "distributed.json").read_text())
+    assert recorded["num_workers"] == WORKERS and recorded["zero_stage"] == 3
