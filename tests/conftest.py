@@ -112,7 +112,9 @@ def tiny_run_config(tiny_llama, placeholder_harmful_file, tmp_path):
             },
             "optim": {"lr": 1e-2, "max_steps": 3, "batch_size": 4, "harmful_batch_size": 4},
             "align_optim": {"lr": 1e-2, "max_steps": 2, "batch_size": 4},
-            "panacea": {"rho": 0.5, "lambda": 0.1},
+            # The random tiny model's harmful loss is about ln(vocab) = 6: at the default
+            # clamp of 5 Panacea's third pass would give no gradient and go untested.
+            "panacea": {"rho": 0.5, "lambda": 0.1, "harmful_loss_clamp": 100.0},
         }
         for key, value in sections.items():
             if isinstance(value, dict):
@@ -122,3 +124,15 @@ def tiny_run_config(tiny_llama, placeholder_harmful_file, tmp_path):
         return config_from_dict(tree)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One embedded Ray for the whole session (2 CPUs, like the machine), temp files in the test folder."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("deepspeed")
+    # ray.train.report blocks ~2 s per call at the default controller poll interval.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -130,3 +130,20 @@ def test_bench_step_reports_both_steps_and_ratios(tiny_run_config):
     assert result["time_ratio"] == pytest.approx(result["panacea_step_s"] / result["sft_step_s"])
     assert result["panacea_peak_extra_mb"] > 0 and result["trainable_mb"] > 0
     assert any("time ratio panacea/sft" in line for line in lines)
+
+
+def test_finetune_on_two_ray_train_workers_under_zero2_tracks_from_rank_0(tiny_job, ray_session, capsys):
+    config, path = tiny_job
+    code = main(["finetune", "--config", str(path), "run_name=cli-zero2", "optim.max_steps=2",
+                 "scaling.num_workers=2", "scaling.zero_stage=2"])
+    assert code == 0
+    run_dir = config.run_dir().parent / "cli-zero2"
+    assert json.loads((run_dir / "distributed.json").read_text())["num_workers"] == 2
+    client = MlflowClient(default_tracking_uri(config.output_dir))
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    [run] = client.search_runs([experiment.experiment_id], "attributes.run_name = 'cli-zero2'")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["zero_stage"] == "2" and run.data.params["scaling.num_workers"] == "2"
+    assert run.data.metrics["perturbation_norm"] == pytest.approx(config.panacea.rho, rel=1e-5)
+    history = client.get_metric_history(run.info.run_id, "task_loss")
+    assert [m.step for m in history] == [1, 2]  # once per step: rank 0 alone logs

@@ -70,6 +70,8 @@ def test_defaults_are_the_documented_ones():
         ("panacea.rhoo=1", "panacea.rhoo", "unknown key"),
         ("optim.lr=fast", "optim.lr", "valid number"),
         ("optim.schedule=step", "optim.schedule", "'constant', 'linear' or 'cosine'"),
+        ("scaling.num_workers=2", "scaling.zero_stage", "more than one worker"),
+        ("scaling.zero_stage=4", "scaling.zero_stage", "less than or equal to 3"),
     ],
 )
 def test_bad_values_name_the_field_and_what_is_allowed(override, field, fragment):
@@ -123,3 +125,8 @@ def test_flat_params_cover_every_field():
     assert flat["panacea.rho"] == 1.0
     assert flat["panacea.lambda"] == 1e-3
     assert "data.harmful_ratio" in flat and "lora.target_modules" in flat
+
+
+def test_batch_sizes_must_split_evenly_over_workers():
+    with pytest.raises(ConfigError, match=r"optim.batch_size = 9: expected a multiple of scaling.num_workers = 2"):
+        load_config(None, ["scaling.num_workers=2", "scaling.zero_stage=2", "optim.batch_size=9"])

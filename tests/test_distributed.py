@@ -250,23 +250,6 @@ def test_backend_protocol_matches_torch_weights_on_one_rank(one_rank_group, tiny
 
 
 @pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("deepspeed")
-    # ray.train.report blocks ~2 s per call at the default controller poll interval.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(
-        num_cpus=WORKERS,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
-        include_dashboard=False,
-        log_to_driver=False,
-    )
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def runs(tiny_llama, placeholder_harmful_file, tmp_path_factory):
     return tmp_path_factory.mktemp("distributed-runs")
 

@@ -36,7 +36,8 @@ def panacea_run(tiny_llama, placeholder_harmful_file, tmp_path_factory):
             "data.alignment_size=16", "data.max_length=48",
             "lora.rank=4", "lora.alpha=8", "lora.target_modules=[q_proj, v_proj]",
             "optim.lr=1e-2", "optim.max_steps=3", "optim.batch_size=4", "optim.harmful_batch_size=4",
-            "panacea.rho=0.5", "panacea.lambda=0.1", f"output_dir={out}", "run_name=tiny-panacea",
+            "panacea.rho=0.5", "panacea.lambda=0.1", "panacea.harmful_loss_clamp=100",
+            f"output_dir={out}", "run_name=tiny-panacea",
         ],
     )
     result = run_stage(config, "finetune", out=lambda line: None)

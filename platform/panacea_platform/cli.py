@@ -15,6 +15,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from panacea_platform.config import ConfigError
     from panacea_platform.data.errors import DataFileError, DataUnavailableError, NotEnoughDataError, PoolOverlapError
 
+    # ConfigError covers DeepSpeedConfigError too.
     return (ConfigError, DataFileError, DataUnavailableError, NotEnoughDataError, PoolOverlapError, FileNotFoundError)
 
 
@@ -34,19 +35,19 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    from panacea_platform.training.loop import run_stage
+    from panacea_platform.training.dispatch import train
 
     config = _load(args)
-    result = run_stage(config, "align")
+    result = train(config, "align")
     print(f"aligned adapter: {result.adapter_dir}")
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from panacea_platform.training.loop import run_stage
+    from panacea_platform.training.dispatch import train
 
     config = _load(args)
-    result = run_stage(config, "finetune")
+    result = train(config, "finetune")
     print(f"released adapter (w_T + eps_T): {result.adapter_dir}")
     if result.perturbation_path is not None:
         print(f"unperturbed adapter (w_T): {result.unperturbed_adapter_dir}\nperturbation eps_T: {result.perturbation_path}")

@@ -108,6 +108,30 @@ class PanaceaConfig(_Section):
     harmful_loss_clamp: float = Field(5.0, gt=0, description="h(w + eps) is clamped from above at this value.")
 
 
+class ScalingConfig(_Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel); more than 1 needs zero_stage.")
+    zero_stage: int | None = Field(
+        None, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3 on Ray Train; null = plain PyTorch in this process."
+    )
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each worker.")
+    zero_options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra zero_optimization keys for DeepSpeed (e.g. offload settings)."
+    )
+
+    @property
+    def distributed(self) -> bool:
+        return self.zero_stage is not None
+
+    @model_validator(mode="after")
+    def _stage_for_many_workers(self) -> "ScalingConfig":
+        if self.num_workers > 1 and self.zero_stage is None:
+            raise ValueError(
+                f"scaling.num_workers = {self.num_workers} needs scaling.zero_stage (0-3): "
+                "more than one worker trains under DeepSpeed on Ray Train"
+            )
+        return self
+
+
 class TrackingConfig(_Section):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; default: SQLite store inside output_dir's parent (runs/mlflow.db)."
@@ -130,6 +154,7 @@ class RunConfig(_Section):
     )
     random_perturbation: RandomPerturbationConfig = Field(default_factory=RandomPerturbationConfig)
     panacea: PanaceaConfig = Field(default_factory=PanaceaConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("defence")
@@ -162,6 +187,14 @@ class RunConfig(_Section):
                 raise _field_error(field, value, "an existing file (not found)")
         if self.model.adapter is not None and not (Path(self.model.adapter) / "adapter_config.json").is_file():
             raise _field_error("model.adapter", self.model.adapter, "a LoRA adapter directory with adapter_config.json")
+        workers = self.scaling.num_workers
+        for field, value in (
+            ("optim.batch_size", self.optim.batch_size),
+            ("optim.harmful_batch_size", self.optim.harmful_batch_size),
+            ("align_optim.batch_size", self.align_optim.batch_size),
+        ):
+            if value % workers:
+                raise _field_error(field, value, f"a multiple of scaling.num_workers = {workers} (the global batch is split evenly)")
         from panacea_platform.models import check_model_name
 
         problem = check_model_name(self.model.name)

@@ -51,7 +51,7 @@ class DemoRow:
 def run_demo(
     config: RunConfig, defences: list[str], out: Callable[[str], None] = print
 ) -> list[DemoRow]:
-    from panacea_platform.training.loop import run_stage
+    from panacea_platform.training.dispatch import train
 
     tracking_uri = config.tracking.tracking_uri or default_tracking_uri(config.output_dir)
     rows: list[DemoRow] = []
@@ -74,14 +74,14 @@ def run_demo(
                 out(f"[align] reusing the aligned adapter from an earlier run: {align_dir / 'adapter'}")
                 parent.set_tags({"reused_alignment": str(align_dir)})
             else:
-                run_stage(align_config, "align", parent_run_id=parent.run_id, out=out)
+                train(align_config, "align", parent_run_id=parent.run_id, out=out)
             aligned = align_dir / "adapter"
             rows.append(DemoRow("aligned (before attack)", align_dir, _summary(align_dir)))
         for defence in defences:
             finetune_config = with_changes(
                 config, {"defence": defence, "run_name": f"{config.run_name}-{defence}", "model.adapter": str(aligned)}
             )
-            result = run_stage(finetune_config, "finetune", parent_run_id=parent.run_id, out=out)
+            result = train(finetune_config, "finetune", parent_run_id=parent.run_id, out=out)
             rows.append(DemoRow(defence, result.run_dir, result.summary))
         table = format_table(rows)
         out(table)

@@ -83,6 +83,18 @@ class Tracker:
         self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
         self._ended = False
 
+    @classmethod
+    def attach(cls, tracking_uri: str, run_id: str) -> "Tracker":
+        """Log to a run another process opened (the driver of a distributed run ends it)."""
+        from mlflow.tracking import MlflowClient
+
+        tracker = cls.__new__(cls)
+        tracker.client = MlflowClient(tracking_uri=tracking_uri)
+        tracker.tracking_uri = tracking_uri
+        tracker.run_id = tracker.client.get_run(run_id).info.run_id
+        tracker._ended = False
+        return tracker
+
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from panacea_platform.algorithms.interface import Tensors, global_norm
+from panacea_platform.config import ConfigError
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 TokenCount = Callable[[Any], int]
@@ -39,7 +40,7 @@ ZERO_STAGES = (0, 1, 2, 3)
 DTYPES = ("float32", "bfloat16")
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(ConfigError):
     """A DeepSpeed setting that cannot be used; the message names the field and the fix."""
 
 

@@ -24,13 +24,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from panacea_platform.config import RunConfig, config_from_dict, save_config
+from panacea_platform.config import RunConfig, config_from_dict
+from panacea_platform.tracking import default_tracking_uri
 from panacea_platform.training.deepspeed_backend import DeepSpeedConfigError, DeepSpeedWeights, deepspeed_config
 
 DISTRIBUTED_FILE = "distributed.json"
@@ -49,6 +51,7 @@ class DistributedResult:
     zero_stage: int
     checkpoint_path: str | None = None
     metrics: dict[str, Any] | None = field(default=None)
+    mlflow_run_id: str | None = None
 
 
 def _as_config(config: RunConfig | dict) -> RunConfig:
@@ -86,11 +89,53 @@ def skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def _save_adapter(model, weights: DeepSpeedWeights, path: Path, rank: int) -> None:
-    """Save the LoRA adapter on rank 0; under ZeRO-3 the full weights are gathered first (on every rank)."""
-    with weights.full_weights():
-        if rank == 0:
-            model.save_pretrained(path)
+class DeepSpeedBackend:
+    """The distributed counterpart of loop.LocalBackend: model and weights on a DeepSpeed engine."""
+
+    def __init__(self, ds_config: dict[str, Any], zero_stage: int, rank: int) -> None:
+        self.ds_config = ds_config
+        self.zero_stage = zero_stage
+        self.rank = rank
+        self.engine = None
+        self._hf_ds_config = None
+
+    def load_model(self, config: RunConfig) -> torch.nn.Module:
+        from panacea_platform.models import attach_lora, load_base_model
+
+        if self.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # Must exist before from_pretrained: each worker then loads only its
+            # partition, never the whole model (transformers keeps a weak reference).
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        return attach_lora(load_base_model(config.model), config.lora, config.model.adapter)
+
+    def wrap(self, model, optimizer, scheduler, optim) -> DeepSpeedWeights:
+        import deepspeed
+
+        from panacea_platform.training.loop import lm_loss
+
+        # Clipping is the engine's (gradient_clipping in ds_config, from optim.max_grad_norm).
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
+        )
+        return DeepSpeedWeights(self.engine, lm_loss)
+
+    def full_weights(self, weights: DeepSpeedWeights):
+        # Under ZeRO-3 every rank joins the gather; rank 0 then saves whole tensors, never an empty adapter.
+        return weights.full_weights()
+
+    def describe(self) -> str:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        return f"over {world} workers (ZeRO-{self.zero_stage})"
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+        if self._hf_ds_config is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
 
 
 def train_on_rank(
@@ -102,140 +147,43 @@ def train_on_rank(
     *,
     micro_batch_size: int | None = None,
     zero_options: dict[str, Any] | None = None,
+    mlflow_run_id: str | None = None,
     on_step: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
     out: Callable[[str], None] = print,
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """One rank's share of a distributed stage; needs torch.distributed set up when world_size > 1.
 
-    Mirrors loop._run_stage step for step (same seeds, same data, same defence)
-    so the result equals the single-process run's up to float rounding.
-    Returns (summary, history); files are written by rank 0 under config.run_dir().
+    The stage body is loop.execute_stage, as in one process, with DeepSpeedBackend:
+    same seeds, same data, same defence, so the result equals the single-process
+    run's up to float rounding. Rank 0 writes the files under config.run_dir()
+    and logs to the MLflow run `mlflow_run_id` (opened and ended by the driver).
+    Returns (summary, history).
     """
     import deepspeed
 
-    from panacea_platform.algorithms import build_defence
-    from panacea_platform.algorithms.interface import global_norm
-    from panacea_platform.data.collate import BatchStream, tokenize_example
-    from panacea_platform.models import PERTURBATION_FILE, attach_lora, load_base_model, load_tokenizer, save_perturbation
-    from panacea_platform.training.loop import (
-        DEFENCE_FOR_ALIGNMENT,
-        Progress,
-        lm_loss,
-        make_optimizer,
-        mean_loss,
-        prepare_data,
-        seed_everything,
-        total_steps,
-        train_steps,
-    )
+    from panacea_platform.training.loop import execute_stage, prepare_data
+    from panacea_platform.tracking import Tracker
 
     config = _as_config(config)
-    optim = config.optim if stage == "finetune" else config.align_optim
     ds_config = check_distributed(config, stage, world_size, zero_stage, micro_batch_size, zero_options)
-    run_dir = config.run_dir()
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-        (run_dir / DISTRIBUTED_FILE).write_text(
+        config.run_dir().mkdir(parents=True, exist_ok=True)
+        (config.run_dir() / DISTRIBUTED_FILE).write_text(
             json.dumps({"num_workers": world_size, "zero_stage": zero_stage, "deepspeed_config": ds_config}, indent=2)
         )
-
     skip_shm_comm_build()
     # Joins the process group the launcher made (Ray Train: gloo); creates none of its own.
     deepspeed.init_distributed(dist_backend=CPU_BACKEND)
-
-    # Data: identical on every rank (same seeds), as in loop._run_stage.
-    seed_everything(config.seed)
     data = prepare_data(config, stage)
-    tokenizer = load_tokenizer(config.model)
-    template, max_len = config.data.prompt_template, config.data.max_length
-
-    def tokenize(examples):
-        return [tokenize_example(tokenizer, template, e, max_len) for e in examples]
-
-    pad = tokenizer.pad_token_id
-    stream = BatchStream(tokenize(data.train), optim.batch_size, config.seed, pad)
-    steps = total_steps(optim, stream.steps_per_epoch)
-    defence = build_defence(config) if stage == "finetune" else DEFENCE_FOR_ALIGNMENT
-    harmful_stream = None
-    if defence.uses_harmful_batches:
-        harmful_stream = iter(BatchStream(tokenize(data.defender_harmful), optim.harmful_batch_size, config.seed + 1, pad))
-
-    # Model: under ZeRO-3, HfDeepSpeedConfig must exist before from_pretrained, so
-    # that every worker loads its partition only (not the whole model).
-    hf_ds_config = None
-    if zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (held: transformers keeps a weak reference)
-    engine = None
+    tracker = None
+    if rank == 0 and mlflow_run_id is not None:
+        tracker = Tracker.attach(config.tracking.tracking_uri or default_tracking_uri(config.output_dir), mlflow_run_id)
+    backend = DeepSpeedBackend(ds_config, zero_stage, rank)
     try:
-        seed_everything(config.seed)
-        model = attach_lora(load_base_model(config.model), config.lora, config.model.adapter)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer, scheduler = make_optimizer(params, optim, steps)
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
-        )
-        weights = DeepSpeedWeights(engine, lm_loss)
-
-        label = f"{stage} {defence.name}" if stage == "finetune" else stage
-        if rank == 0:
-            out(f"[{label}] {len(data.train)} training samples, {steps} steps of global batch {optim.batch_size} "
-                f"on {world_size} workers (ZeRO-{zero_stage}), "
-                f"{sum(torch.Size(getattr(p, 'ds_shape', p.shape)).numel() for p in params):,} trainable weights")
-        progress = Progress(label, steps, every=optim.log_every, out=out if rank == 0 else (lambda line: None))
-        history_file = (run_dir / "history.jsonl").open("w") if rank == 0 else None
-
-        def step_done(step: int, metrics: dict[str, float]) -> None:
-            metrics = {**metrics, "lr": scheduler.get_last_lr()[0]}
-            if history_file is not None:
-                history_file.write(json.dumps({"step": step, **metrics}) + "\n")
-                history_file.flush()
-            progress.update(step, metrics)
-            on_step(step, metrics)
-
-        try:
-            history = train_steps(weights, defence, iter(stream), harmful_stream, steps, step_done)
-        finally:
-            if history_file is not None:
-                history_file.close()
-
-        # Held-out losses: forward passes on every rank (under ZeRO-3 each is collective).
-        module = engine.module
-        eval_harmful, eval_task = tokenize(data.eval_harmful), tokenize(data.eval_task)
-        batch = optim.batch_size
-        summary: dict[str, float] = {
-            "final_task_loss": history[-1]["task_loss"],
-            "heldout_harmful_loss": mean_loss(module, eval_harmful, batch, pad),
-            "heldout_task_loss": mean_loss(module, eval_task, batch, pad),
-        }
-        perturbation = defence.final_perturbation(weights)
-        if perturbation is not None:
-            _save_adapter(module, weights, run_dir / "adapter_unperturbed", rank)
-            if rank == 0:
-                # eps is full on every rank (it is built from full gradients).
-                save_perturbation(module, perturbation, run_dir / PERTURBATION_FILE)
-            weights.add_to_weights(perturbation)
-            summary["perturbation_norm"] = global_norm(perturbation).item()
-            summary["released_heldout_harmful_loss"] = mean_loss(module, eval_harmful, batch, pad)
-            summary["released_heldout_task_loss"] = mean_loss(module, eval_task, batch, pad)
-        else:
-            summary["released_heldout_harmful_loss"] = summary["heldout_harmful_loss"]
-            summary["released_heldout_task_loss"] = summary["heldout_task_loss"]
-        _save_adapter(module, weights, run_dir / "adapter", rank)
-        if rank == 0:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            out(f"[{label}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
-        return summary, history
+        result = execute_stage(config, stage, data, backend, tracker, out, on_step)
     finally:
-        if engine is not None:
-            engine.destroy()
-        if hf_ds_config is not None:
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-            unset_hf_deepspeed_config()
+        backend.close()
+    return result.summary, result.history
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -263,6 +211,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         world_size,
         micro_batch_size=loop_config.get("micro_batch_size"),
         zero_options=loop_config.get("zero_options"),
+        mlflow_run_id=loop_config.get("mlflow_run_id"),
         on_step=on_step,
         out=print,
     )
@@ -287,6 +236,8 @@ def run_distributed(
     zero_options: dict[str, Any] | None = None,
     cpus_per_worker: float = 1,
     report_every: int | None = None,
+    parent_run_id: str | None = None,
+    track: bool = True,
     out: Callable[[str], None] = print,
 ) -> DistributedResult:
     """Train one stage on `num_workers` Ray Train workers under DeepSpeed ZeRO-`zero_stage`.
@@ -295,17 +246,43 @@ def run_distributed(
     split evenly over the workers. Ray must be initialised (or is started with
     defaults). Artifacts land in config.run_dir() as with run_stage; Ray's own
     run records and the final checkpoint go to `storage_path` (default:
-    <output_dir>/ray). MLflow tracking is not wired in yet.
+    <output_dir>/ray). The driver opens the MLflow run and ends it with its true
+    status; rank 0 alone logs into it.
     """
+    from panacea_platform.training.loop import open_tracker, prepare_data
+
+    config = _as_config(config)
+    # Fails here, before any worker starts, on a bad batch split or ZeRO stage, or bad data.
+    check_distributed(config, stage, num_workers, zero_stage, micro_batch_size, zero_options)
+    prepare_data(config, stage)
+    ensure_ray()
+    storage = Path(storage_path) if storage_path is not None else Path(config.output_dir) / "ray"
+    storage.mkdir(parents=True, exist_ok=True)
+    tracker = open_tracker(config, stage, parent_run_id) if track else None
+    with tracker if tracker is not None else nullcontext():
+        if tracker is not None:
+            tracker.set_tags({"num_workers": str(num_workers), "zero_stage": str(zero_stage)})
+        return _fit(config, stage, num_workers, zero_stage, storage, micro_batch_size, zero_options,
+                    cpus_per_worker, report_every, tracker.run_id if tracker is not None else None, out)
+
+
+def ensure_ray() -> None:
+    """Start an embedded Ray unless one is running or RAY_ADDRESS points at a cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Ray Train's controller polls every 2 s by default and each report waits for it.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def _fit(config, stage, num_workers, zero_stage, storage, micro_batch_size, zero_options, cpus_per_worker,
+         report_every, mlflow_run_id, out) -> DistributedResult:
     from ray.train import RunConfig as RayRunConfig
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    config = _as_config(config)
-    # Fails here, before any worker starts, on a bad batch split or ZeRO stage.
-    check_distributed(config, stage, num_workers, zero_stage, micro_batch_size, zero_options)
-    storage = Path(storage_path) if storage_path is not None else Path(config.output_dir) / "ray"
-    storage.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     trainer = TorchTrainer(
         train_worker,
@@ -316,6 +293,7 @@ def run_distributed(
             "micro_batch_size": micro_batch_size,
             "zero_options": zero_options,
             "report_every": report_every,
+            "mlflow_run_id": mlflow_run_id,
         },
         torch_config=TorchConfig(backend=CPU_BACKEND),
         scaling_config=ScalingConfig(
@@ -348,6 +326,7 @@ def run_distributed(
         zero_stage=zero_stage,
         checkpoint_path=result.checkpoint.path if result.checkpoint is not None else None,
         metrics=result.metrics,
+        mlflow_run_id=mlflow_run_id,
     )
 
 
@@ -356,6 +335,7 @@ __all__ = [
     "DeepSpeedConfigError",
     "DistributedResult",
     "check_distributed",
+    "ensure_ray",
     "run_distributed",
     "skip_shm_comm_build",
     "train_on_rank",

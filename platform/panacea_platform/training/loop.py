@@ -1,8 +1,9 @@
-"""The single-process training loop for both stages (align and finetune).
+"""The training loop for both stages (align and finetune).
 
-`train_steps` is the loop itself: it only sees a TrainableWeights backend, a
-defence and batch streams, so a Ray Train worker can call it with a DeepSpeed
-backend. `run_stage` wraps it with data, model, artifacts and MLflow.
+`train_steps` is the loop itself: it only sees TrainableWeights, a defence and
+batch streams. `execute_stage` wraps it with model, held-out losses, artifacts
+and MLflow for any backend (LocalBackend here; a DeepSpeed backend in
+training/distributed.py). `run_stage` runs a stage in this process.
 """
 
 from __future__ import annotations
@@ -208,6 +209,7 @@ class StageResult:
     unperturbed_adapter_dir: Path | None
     perturbation_path: Path | None
     summary: dict[str, float]
+    history: list[dict[str, float]]
     mlflow_run_id: str | None
 
 
@@ -220,6 +222,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class LocalBackend:
+    """How a stage builds its model and TrainableWeights in one process (plain PyTorch).
+
+    training/distributed.py has the DeepSpeed counterpart with the same four
+    methods and `rank`; `execute_stage` only talks to this surface.
+    """
+
+    rank = 0
+
+    def load_model(self, config: RunConfig) -> torch.nn.Module:
+        model = attach_lora(load_base_model(config.model), config.lora, config.model.adapter)
+        return model.to(training_device())
+
+    def wrap(self, model, optimizer, scheduler, optim: OptimConfig) -> TrainableWeights:
+        return TorchWeights(model, lm_loss, optimizer, scheduler, optim.max_grad_norm)
+
+    def full_weights(self, weights: TrainableWeights):
+        """A block in which the model's trainable weights are whole (for saving)."""
+        return nullcontext()
+
+    def describe(self) -> str:
+        return f"on {training_device()}"
+
+
 def run_stage(
     config: RunConfig,
     stage: str,
@@ -227,35 +253,51 @@ def run_stage(
     out: Callable[[str], None] = print,
     track: bool = True,
 ) -> StageResult:
-    """Train one stage end to end: data, model, steps, held-out losses, artifacts, MLflow."""
+    """Train one stage in this process: data, model, steps, held-out losses, artifacts, MLflow."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     # Data first: a bad file or too small a source is the user's to fix, and
     # fails before a run folder or an MLflow run exists.
     data = prepare_data(config, stage)
-    run_dir = config.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
-    tracker = None
-    if track:
-        tracking_uri = config.tracking.tracking_uri or default_tracking_uri(config.output_dir)
-        tracker = Tracker(
-            tracking_uri,
-            config.tracking.experiment,
-            config.run_name,
-            artifact_root=Path(config.output_dir) / "mlartifacts",
-            parent_run_id=parent_run_id,
-            tags={"stage": stage, "defence": config.defence if stage == "finetune" else "sft"},
-        )
+    tracker = open_tracker(config, stage, parent_run_id) if track else None
     # The tracker ends its run FINISHED, FAILED (with the error) or KILLED (interrupt).
     with tracker if tracker is not None else nullcontext():
-        return _run_stage(config, stage, data, run_dir, tracker, out)
+        return execute_stage(config, stage, data, LocalBackend(), tracker, out)
 
 
-def _run_stage(
-    config: RunConfig, stage: str, data: StageData, run_dir: Path, tracker: Tracker | None, out
+def open_tracker(config: RunConfig, stage: str, parent_run_id: str | None) -> Tracker:
+    return Tracker(
+        config.tracking.tracking_uri or default_tracking_uri(config.output_dir),
+        config.tracking.experiment,
+        config.run_name,
+        artifact_root=Path(config.output_dir) / "mlartifacts",
+        parent_run_id=parent_run_id,
+        tags={"stage": stage, "defence": config.defence if stage == "finetune" else "sft"},
+    )
+
+
+def execute_stage(
+    config: RunConfig,
+    stage: str,
+    data: StageData,
+    backend: Any,
+    tracker: Tracker | None,
+    out: Callable[[str], None] = print,
+    on_step: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
 ) -> StageResult:
+    """The body of a stage on any backend; only rank 0 writes files and talks to MLflow.
+
+    Every rank builds the same data, streams and seeds, so every rank holds the
+    same global batch; a distributed backend's weights take their share of it.
+    """
     optim = config.optim if stage == "finetune" else config.align_optim
+    rank0 = backend.rank == 0
+    run_dir = config.run_dir()
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    else:
+        out, tracker = (lambda line: None), None
     if tracker is not None:
         tracker.log_params(
             {**config.flat(), "stage": stage, **{f"data.fingerprint.{k}": v for k, v in data.fingerprints.items()}}
@@ -269,56 +311,65 @@ def _run_stage(
     def tokenize(examples: list[Example]) -> list[dict]:
         return [tokenize_example(tokenizer, template, e, max_len) for e in examples]
 
-    train_features = tokenize(data.train)
     pad = tokenizer.pad_token_id
-    stream = BatchStream(train_features, optim.batch_size, config.seed, pad)
+    stream = BatchStream(tokenize(data.train), optim.batch_size, config.seed, pad)
     steps = total_steps(optim, stream.steps_per_epoch)
-
     defence = build_defence(config) if stage == "finetune" else DEFENCE_FOR_ALIGNMENT
     harmful_stream = None
     if defence.uses_harmful_batches:
         harmful_stream = iter(BatchStream(tokenize(data.defender_harmful), optim.harmful_batch_size, config.seed + 1, pad))
 
     seed_everything(config.seed)
-    model = attach_lora(load_base_model(config.model), config.lora, config.model.adapter).to(training_device())
+    model = backend.load_model(config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, optim, steps)
-    weights = TorchWeights(model, lm_loss, optimizer, scheduler, optim.max_grad_norm)
+    weights = backend.wrap(model, optimizer, scheduler, optim)
 
     label = f"{stage} {defence.name}" if stage == "finetune" else stage
-    out(f"[{label}] {len(data.train)} training samples, {steps} steps of batch {optim.batch_size}, "
-        f"{sum(p.numel() for p in params):,} trainable weights")
+    trainable = sum(shape.numel() for shape in weights.weight_shapes())
+    out(f"[{label}] {len(data.train)} training samples, {steps} steps of batch {optim.batch_size} "
+        f"{backend.describe()}, {trainable:,} trainable weights")
     progress = Progress(label, steps, every=optim.log_every, out=out)
-    history_file = (run_dir / "history.jsonl").open("w")
+    history_file = (run_dir / "history.jsonl").open("w") if rank0 else None
 
-    def on_step(step: int, metrics: dict[str, float]) -> None:
+    def step_done(step: int, metrics: dict[str, float]) -> None:
         metrics = {**metrics, "lr": scheduler.get_last_lr()[0]}
-        history_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        if history_file is not None:
+            history_file.write(json.dumps({"step": step, **metrics}) + "\n")
+            history_file.flush()
         if tracker is not None and (step % optim.log_every == 0 or step == steps):
             tracker.log_metrics(metrics, step)
         progress.update(step, metrics)
+        on_step(step, metrics)
 
     try:
-        history = train_steps(weights, defence, iter(stream), harmful_stream, steps, on_step)
+        history = train_steps(weights, defence, iter(stream), harmful_stream, steps, step_done)
     finally:
-        history_file.close()
+        if history_file is not None:
+            history_file.close()
 
-    eval_harmful = tokenize(data.eval_harmful)
-    eval_task = tokenize(data.eval_task)
+    # Held-out losses run on every rank: under ZeRO-3 each forward pass is collective.
+    eval_harmful, eval_task = tokenize(data.eval_harmful), tokenize(data.eval_task)
     batch = optim.batch_size
     summary: dict[str, float] = {
         "final_task_loss": history[-1]["task_loss"],
         "heldout_harmful_loss": mean_loss(model, eval_harmful, batch, pad),
         "heldout_task_loss": mean_loss(model, eval_task, batch, pad),
     }
+
+    def save_adapter(path: Path) -> None:
+        with backend.full_weights(weights):
+            if rank0:
+                model.save_pretrained(path)
+
     perturbation = defence.final_perturbation(weights)
     unperturbed_dir = perturbation_path = None
     if perturbation is not None:
-        unperturbed_dir = run_dir / "adapter_unperturbed"
-        model.save_pretrained(unperturbed_dir)
-        perturbation_path = run_dir / PERTURBATION_FILE
-        save_perturbation(model, perturbation, perturbation_path)
+        unperturbed_dir, perturbation_path = run_dir / "adapter_unperturbed", run_dir / PERTURBATION_FILE
+        save_adapter(unperturbed_dir)
+        if rank0:
+            save_perturbation(model, perturbation, perturbation_path)
         # The released model is w_T + eps_T.
         weights.add_to_weights(perturbation)
         summary["perturbation_norm"] = global_norm(perturbation).item()
@@ -329,19 +380,20 @@ def _run_stage(
         summary["released_heldout_harmful_loss"] = summary["heldout_harmful_loss"]
         summary["released_heldout_task_loss"] = summary["heldout_task_loss"]
     adapter_dir = run_dir / "adapter"
-    model.save_pretrained(adapter_dir)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    curves = plot_training_curves(history, f"{label}: {config.run_name}", run_dir / "training_curves.png")
-    out(f"[{label}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
-
+    save_adapter(adapter_dir)
+    if rank0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        curves = plot_training_curves(history, f"{label}: {config.run_name}", run_dir / "training_curves.png")
+        out(f"[{label}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
     if tracker is not None:
         tracker.log_metrics(summary, steps)
-        for path in (adapter_dir, unperturbed_dir, perturbation_path, run_dir / "history.jsonl", run_dir / "summary.json",
-                     curves):
+        for path in (adapter_dir, unperturbed_dir, perturbation_path, run_dir / "history.jsonl",
+                     run_dir / "summary.json", curves):
             if path is not None:
                 tracker.log_artifact(path)
     return StageResult(
-        run_dir, adapter_dir, unperturbed_dir, perturbation_path, summary, tracker.run_id if tracker else None
+        run_dir, adapter_dir, unperturbed_dir, perturbation_path, summary, history,
+        tracker.run_id if tracker is not None else None,
     )
 
 

@@ -1,0 +1,28 @@
+"""One entry point for a stage: in this process, or on Ray Train workers under DeepSpeed."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from panacea_platform.config import RunConfig
+
+
+def train(config: RunConfig, stage: str, parent_run_id: str | None = None, out: Callable[[str], None] = print):
+    """Run `stage` as `config.scaling` asks; returns a result with run_dir, adapter_dir, summary."""
+    scaling = config.scaling
+    if not scaling.distributed:
+        from panacea_platform.training.loop import run_stage
+
+        return run_stage(config, stage, parent_run_id=parent_run_id, out=out)
+    from panacea_platform.training.distributed import run_distributed
+
+    return run_distributed(
+        config,
+        stage,
+        num_workers=scaling.num_workers,
+        zero_stage=scaling.zero_stage,
+        zero_options=scaling.zero_options,
+        cpus_per_worker=scaling.cpus_per_worker,
+        parent_run_id=parent_run_id,
+        out=out,
+    )
