@@ -188,11 +188,9 @@ class RunConfig(_Section):
         if self.model.adapter is not None and not (Path(self.model.adapter) / "adapter_config.json").is_file():
             raise _field_error("model.adapter", self.model.adapter, "a LoRA adapter directory with adapter_config.json")
         workers = self.scaling.num_workers
-        for field, value in (
-            ("optim.batch_size", self.optim.batch_size),
-            ("optim.harmful_batch_size", self.optim.harmful_batch_size),
-            ("align_optim.batch_size", self.align_optim.batch_size),
-        ):
+        # DeepSpeed's train_batch_size must split evenly; the harmful batch need not
+        # (the DeepSpeed backend weights uneven shards by their answer tokens).
+        for field, value in (("optim.batch_size", self.optim.batch_size), ("align_optim.batch_size", self.align_optim.batch_size)):
             if value % workers:
                 raise _field_error(field, value, f"a multiple of scaling.num_workers = {workers} (the global batch is split evenly)")
         from panacea_platform.models import check_model_name
