@@ -117,6 +117,18 @@ class ScalingConfig(_Section):
     zero_options: dict[str, Any] = Field(
         default_factory=dict, description="Extra zero_optimization keys for DeepSpeed (e.g. offload settings)."
     )
+    checkpoint_every: int = Field(
+        0, ge=0, description="Distributed runs: every this many steps each worker saves a checkpoint (DeepSpeed "
+        "shards, step, eps, RNG) and reports it to Ray Train; 0 = never.",
+    )
+    keep_checkpoints: int | None = Field(
+        2, ge=1, description="Distributed runs: checkpoints Ray Train keeps in storage (the final run-folder "
+        "checkpoint counts among them); null = all.",
+    )
+    max_failures: int | None = Field(
+        None, ge=-1, description="Distributed runs: times Ray Train restarts the worker group from the latest "
+        "checkpoint after a worker fails; null = 1 when checkpoint_every > 0, else 0; -1 = no limit.",
+    )
 
     @property
     def distributed(self) -> bool:

@@ -131,11 +131,23 @@ class BatchStream:
         return torch.randperm(len(self.features), generator=generator).tolist()
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        epoch = 0
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The stream from its `start`-th batch on (0-based): what `iter(self)` yields after skipping `start`.
+
+        Fast-forwarding is arithmetic (epoch = start // steps_per_epoch), so a run
+        resumed at step k draws the batches k+1, k+2, ... of an uninterrupted run
+        without collating (or shuffling) the batches it skips.
+        """
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        epoch, offset = divmod(start, self.steps_per_epoch)
         while True:
             self.epoch = epoch
             order = self.epoch_order(epoch)
-            for start in range(0, len(order), self.batch_size):
-                batch = [self.features[i] for i in order[start : start + self.batch_size]]
+            for begin in range(offset * self.batch_size, len(order), self.batch_size):
+                batch = [self.features[i] for i in order[begin : begin + self.batch_size]]
                 yield collate(batch, self.pad_token_id)
+            offset = 0
             epoch += 1

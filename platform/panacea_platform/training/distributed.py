@@ -16,6 +16,19 @@ DeepSpeed engine and `DeepSpeedWeights` in place of `TorchWeights`:
   with a different world size), and reports the folder to Ray Train as the
   final checkpoint.
 
+Checkpoints and failures (RayCheckpoints): every `checkpoint_every` steps
+every rank saves its DeepSpeed checkpoint (module, optimiser and lr-scheduler
+state; under ZeRO each rank writes its own shard files) and its RNG state into
+a local temporary folder, rank 0 adds the training state (step, history rows,
+the defence's last eps, world size, ZeRO stage), and every rank reports its
+folder with `ray.train.report`: Ray Train merges them into one checkpoint folder
+in storage and keeps the last `keep_checkpoints`. When a worker dies, Ray Train
+(FailureConfig(max_failures)) restarts the worker group; each rank then finds
+the latest checkpoint with `ray.train.get_checkpoint()`, loads its shard,
+fast-forwards the batch streams and carries on, and rank 0 rewrites
+history.jsonl from the checkpoint's rows before appending. A checkpoint written
+by another world size or ZeRO stage is refused (check_resume).
+
 Ray and DeepSpeed are imported inside functions only.
 """
 
@@ -23,6 +36,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shutil
+import signal
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -38,6 +55,13 @@ from panacea_platform.training.deepspeed_backend import DeepSpeedConfigError, De
 DISTRIBUTED_FILE = "distributed.json"
 CPU_BACKEND = "gloo"
 
+# What a training checkpoint folder holds (one folder, merged by Ray Train from every rank's files).
+STATE_FILE = "panacea_state.json"  # rank 0: step, world size, ZeRO stage, history rows, ...
+EPS_FILE = "panacea_eps.safetensors"  # rank 0: the defence's last eps, when it has one
+DEEPSPEED_DIR = "deepspeed"  # engine.save_checkpoint: <tag>/mp_rank_00_model_states.pt, zero_pp_rank_<r>_*...
+RNG_FILE = "rng_rank{rank}.pt"  # every rank: torch and Python RNG states
+CHECKPOINT_FORMAT = 1
+
 
 @dataclass
 class DistributedResult:
@@ -52,6 +76,8 @@ class DistributedResult:
     checkpoint_path: str | None = None
     metrics: dict[str, Any] | None = field(default=None)
     mlflow_run_id: str | None = None
+    resumed_from_step: int | None = None
+    kept_checkpoints: list[str] = field(default_factory=list)
 
 
 def _as_config(config: RunConfig | dict) -> RunConfig:
@@ -138,6 +164,156 @@ class DeepSpeedBackend:
             unset_hf_deepspeed_config()
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that this run cannot resume from; the message names what differs."""
+
+
+def check_resume(state: dict[str, Any], world_size: int, zero_stage: int, stage: str | None = None,
+                 where: str = "the checkpoint") -> None:
+    """Refuse to resume from a checkpoint written by another world size, ZeRO stage or stage.
+
+    DeepSpeed's optimiser state is sharded per rank: a checkpoint written by N
+    ranks cannot be loaded by M != N ranks (nor under another ZeRO stage).
+    """
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointMismatchError(
+            f"{where} has checkpoint format {state.get('format')!r}; this version reads format {CHECKPOINT_FORMAT}"
+        )
+    saved_world, saved_zero = int(state["world_size"]), int(state["zero_stage"])
+    if saved_world != world_size or saved_zero != zero_stage:
+        raise CheckpointMismatchError(
+            f"cannot resume from {where}: it was written by {saved_world} workers under ZeRO-{saved_zero}, "
+            f"but this run has {world_size} workers under ZeRO-{zero_stage}. DeepSpeed's optimizer state is "
+            f"sharded per rank, so a run resumes only with the world size and ZeRO stage that wrote it: use "
+            f"num_workers={saved_world} and zero_stage={saved_zero}, or start a new run without the checkpoint"
+        )
+    if stage is not None and state.get("stage") != stage:
+        raise CheckpointMismatchError(
+            f"cannot resume from {where}: it is a checkpoint of stage {state.get('stage')!r}, not {stage!r}"
+        )
+
+
+def read_checkpoint_state(directory: str | Path) -> dict[str, Any]:
+    """The training state (STATE_FILE) of a checkpoint folder; a clear error when it is not one."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointMismatchError(
+            f"{directory} has no {STATE_FILE}: it is not a training checkpoint (the final checkpoint of a "
+            "finished run holds the run folder, which cannot be resumed)"
+        )
+    return json.loads(path.read_text())
+
+
+class RayCheckpoints:
+    """Periodic checkpoints of a distributed stage through Ray Train, and resuming from the latest.
+
+    The `checkpoints` hook of loop.execute_stage. Build it on every rank before
+    the model (a mismatched checkpoint is refused before any loading); `checkpoint`
+    is the Ray Checkpoint to resume from (ray.train.get_checkpoint()) or None.
+    `every` = 0 or None saves nothing (a given checkpoint is still resumed).
+    """
+
+    def __init__(self, every: int | None, rank: int, world_size: int, zero_stage: int, stage: str,
+                 checkpoint: Any | None = None, report: Callable[..., None] | None = None) -> None:
+        self.every = int(every or 0)
+        self.rank, self.world_size, self.zero_stage, self.stage = rank, world_size, zero_stage, stage
+        self._report = report
+        self._dir_context = None
+        self.directory: Path | None = None
+        self.state: dict[str, Any] | None = None
+        self.resume_step: int | None = None
+        if checkpoint is not None:
+            # A local path as it is; on remote storage a download to a temporary folder.
+            self._dir_context = checkpoint.as_directory()
+            self.directory = Path(self._dir_context.__enter__())
+            try:
+                self.state = read_checkpoint_state(self.directory)
+                check_resume(self.state, world_size, zero_stage, stage, where=f"the checkpoint {self.directory}")
+            except Exception:
+                self.close()
+                raise
+            self.resume_step = int(self.state["step"])
+
+    def restore(self, weights: Any, defence: Any) -> tuple[int, list[dict[str, Any]]] | None:
+        """Load this rank's shard (module, optimiser, lr scheduler), the defence's eps and the RNG state."""
+        if self.state is None:
+            return None
+        engine = weights.engine
+        load_path, _ = engine.load_checkpoint(
+            str(self.directory / DEEPSPEED_DIR), tag=self.state["tag"], load_module_strict=False,
+            load_optimizer_states=True, load_lr_scheduler_states=True,
+        )
+        if load_path is None:
+            raise RuntimeError(
+                f"DeepSpeed found no checkpoint {self.state['tag']!r} in {self.directory / DEEPSPEED_DIR}"
+            )
+        scheduler = engine.lr_scheduler
+        if scheduler is not None:
+            # The step after the checkpoint runs at the restored schedule's lr, whatever
+            # the optimiser state carried.
+            for group, lr in zip(engine.optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
+        if self.state.get("has_eps"):
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(self.directory / EPS_FILE))
+            defence.last_eps = [tensors[str(i)] for i in range(len(tensors))]
+        rng = torch.load(self.directory / RNG_FILE.format(rank=self.rank), weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        return self.resume_step, list(self.state["history"])
+
+    def after_step(self, step: int, rows: list[dict[str, Any]], metrics: dict[str, float], weights: Any,
+                   defence: Any) -> None:
+        """Every `every` steps: save this rank's part of a checkpoint and report it to Ray Train."""
+        if not self.every or step % self.every:
+            return
+        from ray.train import Checkpoint
+
+        report = self._report
+        if report is None:
+            import ray.train
+
+            report = ray.train.report
+        folder = Path(tempfile.mkdtemp(prefix=f"panacea-ckpt-step{step}-rank{self.rank}-"))
+        try:
+            tag = f"step{step}"
+            # DeepSpeed makes the folder on rank 0 only; every rank writes into its own.
+            (folder / DEEPSPEED_DIR).mkdir()
+            # Frozen base weights are not saved: they are reloaded from the model.
+            weights.engine.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=tag, exclude_frozen_parameters=True)
+            torch.save({"torch": torch.get_rng_state(), "python": random.getstate()},
+                       folder / RNG_FILE.format(rank=self.rank))
+            if self.rank == 0:
+                eps = getattr(defence, "last_eps", None)
+                if eps is not None:
+                    from safetensors.torch import save_file
+
+                    save_file({str(i): t.detach().cpu().contiguous().clone() for i, t in enumerate(eps)},
+                              str(folder / EPS_FILE))
+                state = {
+                    "format": CHECKPOINT_FORMAT,
+                    "step": step,
+                    "stage": self.stage,
+                    "world_size": self.world_size,
+                    "zero_stage": self.zero_stage,
+                    "tag": tag,
+                    "has_eps": eps is not None,
+                    "history": rows,
+                }
+                (folder / STATE_FILE).write_text(json.dumps(state))
+            # A barrier: every rank reports; Ray Train merges the folders into one checkpoint.
+            report({"step": step, **metrics, "checkpoint_step": step},
+                   checkpoint=Checkpoint.from_directory(str(folder)))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def close(self) -> None:
+        if self._dir_context is not None:
+            self._dir_context.__exit__(None, None, None)
+            self._dir_context = None
+
+
 def train_on_rank(
     config: RunConfig | dict,
     stage: str,
@@ -150,6 +326,7 @@ def train_on_rank(
     mlflow_run_id: str | None = None,
     on_step: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
     out: Callable[[str], None] = print,
+    checkpoints: RayCheckpoints | None = None,
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """One rank's share of a distributed stage; needs torch.distributed set up when world_size > 1.
 
@@ -157,6 +334,7 @@ def train_on_rank(
     same seeds, same data, same defence, so the result equals the single-process
     run's up to float rounding. Rank 0 writes the files under config.run_dir()
     and logs to the MLflow run `mlflow_run_id` (opened and ended by the driver).
+    `checkpoints` saves periodic checkpoints and resumes from one (RayCheckpoints).
     Returns (summary, history).
     """
     import deepspeed
@@ -166,10 +344,15 @@ def train_on_rank(
 
     config = _as_config(config)
     ds_config = check_distributed(config, stage, world_size, zero_stage, micro_batch_size, zero_options)
+    resumed_from = checkpoints.resume_step if checkpoints is not None else None
     if rank == 0:
         config.run_dir().mkdir(parents=True, exist_ok=True)
         (config.run_dir() / DISTRIBUTED_FILE).write_text(
-            json.dumps({"num_workers": world_size, "zero_stage": zero_stage, "deepspeed_config": ds_config}, indent=2)
+            json.dumps({
+                "num_workers": world_size, "zero_stage": zero_stage, "deepspeed_config": ds_config,
+                "checkpoint_every": checkpoints.every if checkpoints is not None else 0,
+                "resumed_from_step": resumed_from,
+            }, indent=2)
         )
     skip_shm_comm_build()
     # Joins the process group the launcher made (Ray Train: gloo); creates none of its own.
@@ -178,11 +361,15 @@ def train_on_rank(
     tracker = None
     if rank == 0 and mlflow_run_id is not None:
         tracker = Tracker.attach(config.tracking.tracking_uri or default_tracking_uri(config.output_dir), mlflow_run_id)
+        if resumed_from is not None:
+            tracker.set_tags({"resumed_from_step": str(resumed_from)})
     backend = DeepSpeedBackend(ds_config, zero_stage, rank)
     try:
-        result = execute_stage(config, stage, data, backend, tracker, out, on_step)
+        result = execute_stage(config, stage, data, backend, tracker, out, on_step, checkpoints)
     finally:
         backend.close()
+        if checkpoints is not None:
+            checkpoints.close()
     return result.summary, result.history
 
 
@@ -196,12 +383,27 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     config = config_from_dict(loop_config["config"])
-    optim = config.optim if loop_config["stage"] == "finetune" else config.align_optim
+    stage = loop_config["stage"]
+    optim = config.optim if stage == "finetune" else config.align_optim
     report_every = loop_config.get("report_every") or optim.log_every
+    checkpoint_every = int(loop_config.get("checkpoint_every") or 0)
+    # The latest checkpoint of this run (after a restart), else the one run_distributed was asked to resume from.
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint.from_directory(loop_config["resume_from"])
+    checkpoints = RayCheckpoints(checkpoint_every, rank, world_size, loop_config["zero_stage"], stage, checkpoint)
+    crash = loop_config.get("crash")
+
     def on_step(step: int, metrics: dict[str, float]) -> None:
-        if step % report_every == 0:
+        if step % report_every == 0 and not (checkpoint_every and step % checkpoint_every == 0):
             # A barrier: every rank reports the same number of times; rank 0's metrics are kept.
+            # (A checkpoint step reports once, with the checkpoint: RayCheckpoints.after_step.)
             ray.train.report({"step": step, **metrics})
+        if crash and rank == crash["rank"] and step == crash["after_step"] and not os.path.exists(crash["marker"]):
+            # Test-only fault injection: this worker process dies once, as a crashed node would.
+            _wait_for_reports_collected()
+            Path(crash["marker"]).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
 
     summary, history = train_on_rank(
         config,
@@ -214,6 +416,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         mlflow_run_id=loop_config.get("mlflow_run_id"),
         on_step=on_step,
         out=print,
+        checkpoints=checkpoints,
     )
     final = {"step": len(history), "done": True, **summary}
     if rank == 0:
@@ -223,6 +426,25 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(config.run_dir())))
     else:
         ray.train.report(final)
+
+
+def _wait_for_reports_collected(settle_s: float = 1.0) -> None:
+    """Test-only: return once Ray's controller has collected this worker's reports.
+
+    `ray.train.report` returns once its result is queued, before the controller
+    polls it; a worker that dies before the poll after a checkpoint's report loses
+    that checkpoint (the restart then resumes from the one before: still correct,
+    but not what a test of resuming from a given step wants). Waits on Ray Train
+    V2's internal result queue, then `settle_s` more for the other ranks' reports
+    of the same round; falls back to a sleep if those internals move.
+    """
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        get_train_context().execution_context.result_queue.join()
+    except Exception:  # noqa: BLE001 - internals of another package; the sleep below still helps
+        time.sleep(3 * settle_s)
+    time.sleep(settle_s)
 
 
 def run_distributed(
@@ -239,6 +461,11 @@ def run_distributed(
     parent_run_id: str | None = None,
     track: bool = True,
     out: Callable[[str], None] = print,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int | None = None,
+    max_failures: int | None = None,
+    resume_from: str | Path | None = None,
+    _crash: dict[str, Any] | None = None,
 ) -> DistributedResult:
     """Train one stage on `num_workers` Ray Train workers under DeepSpeed ZeRO-`zero_stage`.
 
@@ -248,12 +475,42 @@ def run_distributed(
     run records and the final checkpoint go to `storage_path` (default:
     <output_dir>/ray). The driver opens the MLflow run and ends it with its true
     status; rank 0 alone logs into it.
+
+    Checkpoints and failures (each defaults to config.scaling's field of the same name): every `checkpoint_every` steps (0/None: never) the
+    workers save a checkpoint; Ray keeps the last `keep_checkpoints` (None: all;
+    the final run-folder checkpoint counts among them). A failed worker restarts
+    the worker group from the latest checkpoint, at most `max_failures` times
+    (default 1 when checkpointing, else 0; -1: without limit). `resume_from` is a
+    checkpoint folder of an earlier run (e.g. one whose driver died) to start
+    from; it must come from the same world size and ZeRO stage, and be readable
+    at that path by every worker (shared storage on a cluster).
+    `_crash` is for tests only: {"rank", "after_step", "marker"} makes that rank's
+    process kill itself after that step, once (while the marker file is absent).
     """
     from panacea_platform.training.loop import open_tracker, prepare_data
 
     config = _as_config(config)
+    scaling = config.scaling
+    if checkpoint_every is None:
+        checkpoint_every = scaling.checkpoint_every
+    if keep_checkpoints is None:
+        keep_checkpoints = scaling.keep_checkpoints
+    if max_failures is None:
+        max_failures = scaling.max_failures
+    checkpoint_every = int(checkpoint_every or 0)
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every = {checkpoint_every}: expected 0 (off) or a positive number of steps")
+    if keep_checkpoints is not None and keep_checkpoints < 1:
+        raise ValueError(f"keep_checkpoints = {keep_checkpoints}: expected at least 1, or None to keep all")
+    if max_failures is None:
+        max_failures = 1 if checkpoint_every else 0
+    if max_failures < -1:
+        raise ValueError(f"max_failures = {max_failures}: expected -1 (no limit), 0 or more")
     # Fails here, before any worker starts, on a bad batch split or ZeRO stage, or bad data.
     check_distributed(config, stage, num_workers, zero_stage, micro_batch_size, zero_options)
+    if resume_from is not None:
+        check_resume(read_checkpoint_state(resume_from), num_workers, zero_stage, stage,
+                     where=f"the checkpoint {resume_from}")
     prepare_data(config, stage)
     ensure_ray()
     storage = Path(storage_path) if storage_path is not None else Path(config.output_dir) / "ray"
@@ -263,7 +520,9 @@ def run_distributed(
         if tracker is not None:
             tracker.set_tags({"num_workers": str(num_workers), "zero_stage": str(zero_stage)})
         return _fit(config, stage, num_workers, zero_stage, storage, micro_batch_size, zero_options,
-                    cpus_per_worker, report_every, tracker.run_id if tracker is not None else None, out)
+                    cpus_per_worker, report_every, tracker.run_id if tracker is not None else None, out,
+                    checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                    max_failures=max_failures, resume_from=resume_from, crash=_crash)
 
 
 def ensure_ray() -> None:
@@ -278,7 +537,9 @@ def ensure_ray() -> None:
 
 
 def _fit(config, stage, num_workers, zero_stage, storage, micro_batch_size, zero_options, cpus_per_worker,
-         report_every, mlflow_run_id, out) -> DistributedResult:
+         report_every, mlflow_run_id, out, *, checkpoint_every=0, keep_checkpoints=None, max_failures=0,
+         resume_from=None, crash=None) -> DistributedResult:
+    from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -294,6 +555,10 @@ def _fit(config, stage, num_workers, zero_stage, storage, micro_batch_size, zero
             "zero_options": zero_options,
             "report_every": report_every,
             "mlflow_run_id": mlflow_run_id,
+            "checkpoint_every": checkpoint_every,
+            # Ray Train V2 has no resume_from_checkpoint: the workers open it themselves.
+            "resume_from": str(Path(resume_from).resolve()) if resume_from is not None else None,
+            "crash": crash,
         },
         torch_config=TorchConfig(backend=CPU_BACKEND),
         scaling_config=ScalingConfig(
@@ -302,6 +567,8 @@ def _fit(config, stage, num_workers, zero_stage, storage, micro_batch_size, zero
         run_config=RayRunConfig(
             name=f"{config.run_name}-{stage}-zero{zero_stage}-{int(time.time() * 1000)}",
             storage_path=str(storage.resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
     result = trainer.fit()
@@ -314,6 +581,7 @@ def _fit(config, stage, num_workers, zero_stage, storage, micro_batch_size, zero
     from panacea_platform.models import PERTURBATION_FILE
 
     eps = run_dir / PERTURBATION_FILE
+    recorded = json.loads((run_dir / DISTRIBUTED_FILE).read_text())
     out(f"[distributed] {stage} on {num_workers} workers (ZeRO-{zero_stage}) took {time.monotonic() - start:.0f}s")
     return DistributedResult(
         run_dir=run_dir,
@@ -327,11 +595,18 @@ def _fit(config, stage, num_workers, zero_stage, storage, micro_batch_size, zero
         checkpoint_path=result.checkpoint.path if result.checkpoint is not None else None,
         metrics=result.metrics,
         mlflow_run_id=mlflow_run_id,
+        resumed_from_step=recorded.get("resumed_from_step"),
+        # The checkpoints Ray Train holds (at most keep_checkpoints), oldest first; the last is the run folder.
+        kept_checkpoints=[checkpoint.path for checkpoint, _ in (result.best_checkpoints or [])],
     )
 
 
 __all__ = [
+    "CheckpointMismatchError",
     "DISTRIBUTED_FILE",
+    "RayCheckpoints",
+    "check_resume",
+    "read_checkpoint_state",
     "DeepSpeedConfigError",
     "DistributedResult",
     "check_distributed",

@@ -115,12 +115,20 @@ def train_steps(
     harmful_batches: Iterator[Any] | None,
     steps: int,
     on_step: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
+    start_step: int = 0,
 ) -> list[dict[str, float]]:
-    """Run `steps` defence steps; returns the metrics of each."""
+    """Run defence steps start_step + 1 .. steps; returns the metrics of each.
+
+    `start_step` > 0 continues a run from a checkpoint taken after that step:
+    the weights, optimiser and defence are restored, and the streams must be
+    fast-forwarded past the batches those steps drew (BatchStream.iter_from).
+    """
     if steps < 1:
         raise ValueError("training needs at least one step")
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step = {start_step}: expected 0 <= start_step <= steps = {steps}")
     history = []
-    for step in range(1, steps + 1):
+    for step in range(start_step + 1, steps + 1):
         harmful = next(harmful_batches) if defence.uses_harmful_batches and harmful_batches is not None else None
         metrics = defence.step(weights, next(batches), harmful)
         history.append(metrics)
@@ -265,6 +273,12 @@ def run_stage(
         return execute_stage(config, stage, data, LocalBackend(), tracker, out)
 
 
+def last_logged_step(tracker: Tracker, key: str = "task_loss") -> int:
+    """The last step at which `key` was logged into the tracker's run (0 if none)."""
+    history = tracker.client.get_metric_history(tracker.run_id, key)
+    return max((metric.step for metric in history), default=0)
+
+
 def open_tracker(config: RunConfig, stage: str, parent_run_id: str | None) -> Tracker:
     return Tracker(
         config.tracking.tracking_uri or default_tracking_uri(config.output_dir),
@@ -284,11 +298,20 @@ def execute_stage(
     tracker: Tracker | None,
     out: Callable[[str], None] = print,
     on_step: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
+    checkpoints: Any | None = None,
 ) -> StageResult:
     """The body of a stage on any backend; only rank 0 writes files and talks to MLflow.
 
     Every rank builds the same data, streams and seeds, so every rank holds the
     same global batch; a distributed backend's weights take their share of it.
+
+    `checkpoints` (None in one process; distributed.RayCheckpoints on Ray Train)
+    saves and restores the training state. It offers `resume_step` (the step of
+    the checkpoint this attempt starts from, or None), `restore(weights, defence)`
+    (loads that checkpoint into the weights, optimiser, scheduler, defence and
+    RNG; returns (step, history.jsonl rows up to that step) or None) and
+    `after_step(step, rows, metrics, weights, defence)` (called after every step
+    with the history rows so far; saves a checkpoint when one is due).
     """
     optim = config.optim if stage == "finetune" else config.align_optim
     rank0 = backend.rank == 0
@@ -298,7 +321,9 @@ def execute_stage(
         save_config(config, run_dir / "config.yaml")
     else:
         out, tracker = (lambda line: None), None
-    if tracker is not None:
+    resuming = checkpoints is not None and checkpoints.resume_step is not None
+    if tracker is not None and not resuming:
+        # A resumed attempt logs into the run the first attempt opened: its params are there.
         tracker.log_params(
             {**config.flat(), "stage": stage, **{f"data.fingerprint.{k}": v for k, v in data.fingerprints.items()}}
         )
@@ -317,7 +342,7 @@ def execute_stage(
     defence = build_defence(config) if stage == "finetune" else DEFENCE_FOR_ALIGNMENT
     harmful_stream = None
     if defence.uses_harmful_batches:
-        harmful_stream = iter(BatchStream(tokenize(data.defender_harmful), optim.harmful_batch_size, config.seed + 1, pad))
+        harmful_stream = BatchStream(tokenize(data.defender_harmful), optim.harmful_batch_size, config.seed + 1, pad)
 
     seed_everything(config.seed)
     model = backend.load_model(config)
@@ -325,6 +350,13 @@ def execute_stage(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, optim, steps)
     weights = backend.wrap(model, optimizer, scheduler, optim)
+    start, rows = 0, []  # rows: history.jsonl lines (step, metrics, lr) of the steps done
+    if checkpoints is not None:
+        restored = checkpoints.restore(weights, defence)
+        if restored is not None:
+            start, rows = restored[0], [dict(row) for row in restored[1]]
+            if start > steps:
+                raise ValueError(f"the checkpoint is at step {start} but this stage has only {steps} steps")
 
     label = f"{stage} {defence.name}" if stage == "finetune" else stage
     trainable = sum(shape.numel() for shape in weights.weight_shapes())
@@ -332,22 +364,40 @@ def execute_stage(
         f"{backend.describe()}, {trainable:,} trainable weights")
     progress = Progress(label, steps, every=optim.log_every, out=out)
     history_file = (run_dir / "history.jsonl").open("w") if rank0 else None
+    if start:
+        out(f"[{label}] resumed from the checkpoint at step {start}/{steps}")
+        if history_file is not None:
+            # The steps before the checkpoint, from the checkpoint: rows the failed
+            # attempt wrote after it are dropped, so every step appears once.
+            history_file.writelines(json.dumps(row) + "\n" for row in rows)
+            history_file.flush()
+    # After a restart (from a checkpoint or from scratch), steps a failed attempt
+    # already logged are not logged twice: the restarted run recomputes them the same.
+    logged_through = last_logged_step(tracker) if tracker is not None and checkpoints is not None else 0
 
     def step_done(step: int, metrics: dict[str, float]) -> None:
         metrics = {**metrics, "lr": scheduler.get_last_lr()[0]}
         if history_file is not None:
             history_file.write(json.dumps({"step": step, **metrics}) + "\n")
             history_file.flush()
-        if tracker is not None and (step % optim.log_every == 0 or step == steps):
+        if tracker is not None and step > logged_through and (step % optim.log_every == 0 or step == steps):
             tracker.log_metrics(metrics, step)
         progress.update(step, metrics)
         on_step(step, metrics)
+        if checkpoints is not None:
+            rows.append({"step": step, **metrics})
+            checkpoints.after_step(step, rows, metrics, weights, defence)
 
+    # A resumed run draws what an uninterrupted one draws after `start` steps (one harmful batch a step).
+    batches = stream.iter_from(start)
+    harmful_batches = harmful_stream.iter_from(start) if harmful_stream is not None else None
     try:
-        history = train_steps(weights, defence, iter(stream), harmful_stream, steps, step_done)
+        history = train_steps(weights, defence, batches, harmful_batches, steps, step_done, start_step=start)
     finally:
         if history_file is not None:
             history_file.close()
+    if start:
+        history = [{k: v for k, v in row.items() if k not in ("step", "lr")} for row in rows[:start]] + history
 
     # Held-out losses run on every rank: under ZeRO-3 each forward pass is collective.
     eval_harmful, eval_task = tokenize(data.eval_harmful), tokenize(data.eval_task)

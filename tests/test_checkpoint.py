@@ -1,0 +1,224 @@
+"""Checkpoints and failures of the distributed path: a worker killed mid-run is
+restarted by Ray Train from the last checkpoint and the run ends where an
+uninterrupted one ends.
+
+Setting: 2 Ray Train workers under DeepSpeed ZeRO-2 (CPU, gloo), the tiny random
+Llama, Panacea for 6 steps with a linear schedule after one warm-up step (so a
+wrong lr after resuming would show), checkpoints every 2 steps, at most 2 kept.
+Rank 1 SIGKILLs its own process after step 5 on the first attempt; Ray restarts
+the worker group from the checkpoint at step 4, which also crosses both batch
+streams' epoch boundaries (5 fine-tuning batches and 4 harmful batches an epoch).
+
+Tolerance: EXACT. fp32, the same ranks and the same reduction order: the resumed
+run's per-step losses and norms, eps and final LoRA weights equal the
+uninterrupted run's bit for bit (measured: maximum difference 0.0).
+
+Cost: two Ray Train fits plus one restart of the worker group, about 70 s on
+2 cores; the other tests need no fit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from panacea_platform.config import config_from_dict
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.distributed.*is deprecated:FutureWarning")
+
+WORKERS = 2
+ZERO = 2
+STEPS = 6
+EVERY = 2
+KEEP = 2
+KILL_AFTER = 5
+
+
+def _config(tiny_llama, harmful_file, output_dir, run_name):
+    return config_from_dict(
+        {
+            "run_name": run_name,
+            "output_dir": str(output_dir),
+            "defence": "panacea",
+            "model": {"name": str(tiny_llama)},
+            "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+            "data": {
+                "task": "offline_arithmetic",
+                "n": 20,
+                "harmful_ratio": 0.1,
+                "harmful_source": "file",
+                "harmful_file": str(harmful_file),
+                "defender_harmful_size": 16,
+                "eval_harmful_size": 8,
+                "task_eval_size": 8,
+                "alignment_size": 16,
+                "max_length": 48,
+            },
+            "optim": {
+                "lr": 1e-2, "max_steps": STEPS, "batch_size": 4, "harmful_batch_size": 4,
+                "schedule": "linear", "warmup_steps": 1,
+            },
+            "panacea": {"rho": 0.5, "lambda": 0.1, "harmful_loss_clamp": 100.0},
+        }
+    )
+
+
+# -- no Ray needed -------------------------------------------------------------
+
+
+def test_batch_stream_fast_forward_equals_skipping():
+    from panacea_platform.data.collate import BatchStream
+
+    features = [{"input_ids": list(range(1, 2 + i % 5)), "labels": list(range(1, 2 + i % 5))} for i in range(10)]
+    stream = BatchStream(features, 3, seed=7, pad_token_id=0)  # 4 batches an epoch, the last one short
+    reference = list(itertools.islice(iter(stream), 14))
+    for start in range(12):
+        for got, want in zip(itertools.islice(stream.iter_from(start), 14 - start), reference[start:]):
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), start
+    with pytest.raises(ValueError, match="start must be >= 0"):
+        next(BatchStream(features, 3, 7, 0).iter_from(-1))
+
+
+def test_train_steps_continues_after_start_step():
+    from panacea_platform.algorithms.defences import Defence
+    from panacea_platform.training.loop import train_steps
+
+    class Counting(Defence):
+        def step(self, weights, finetune_batch, harmful_batch):
+            return {"task_loss": float(finetune_batch)}
+
+    seen = []
+    history = train_steps(None, Counting(), iter([10, 11, 12]), None, 5, lambda s, m: seen.append(s), start_step=2)
+    assert seen == [3, 4, 5] and [h["task_loss"] for h in history] == [10.0, 11.0, 12.0]
+    assert train_steps(None, Counting(), iter([]), None, 5, start_step=5) == []  # checkpoint at the last step
+    with pytest.raises(ValueError, match="start_step = 6"):
+        train_steps(None, Counting(), iter([]), None, 5, start_step=6)
+
+
+def _fake_checkpoint(directory: Path, world_size: int, zero_stage: int, stage: str = "finetune") -> Path:
+    from panacea_platform.training.distributed import CHECKPOINT_FORMAT, STATE_FILE
+
+    directory.mkdir(parents=True)
+    (directory / STATE_FILE).write_text(json.dumps({
+        "format": CHECKPOINT_FORMAT, "step": 4, "stage": stage, "world_size": world_size,
+        "zero_stage": zero_stage, "tag": "step4", "has_eps": False, "history": [],
+    }))
+    return directory
+
+
+def test_resuming_with_another_world_size_or_stage_is_refused(tiny_llama, placeholder_harmful_file, tmp_path):
+    from panacea_platform.training.distributed import (
+        CheckpointMismatchError,
+        check_resume,
+        read_checkpoint_state,
+        run_distributed,
+    )
+
+    four = read_checkpoint_state(_fake_checkpoint(tmp_path / "four", world_size=4, zero_stage=2))
+    check_resume(four, 4, 2, "finetune")  # the same world: accepted
+    refused = r"written by 4 workers under ZeRO-2, but this run has {} workers under ZeRO-{}"
+    with pytest.raises(CheckpointMismatchError, match=refused.format(2, 2) + r".*num_workers=4 and zero_stage=2"):
+        check_resume(four, 2, 2, "finetune")
+    with pytest.raises(CheckpointMismatchError, match=refused.format(4, 3)):
+        check_resume(four, 4, 3)
+    with pytest.raises(CheckpointMismatchError, match="stage 'finetune', not 'align'"):
+        check_resume(four, 4, 2, "align")
+    with pytest.raises(CheckpointMismatchError, match="not a training checkpoint"):
+        read_checkpoint_state(tmp_path)
+
+    # run_distributed refuses it in the driver, before any worker (or Ray) starts.
+    config = _config(tiny_llama, placeholder_harmful_file, tmp_path / "runs", "refused")
+    with pytest.raises(CheckpointMismatchError, match="written by 4 workers under ZeRO-2, but this run has 2 workers"):
+        run_distributed(config, num_workers=2, zero_stage=2, resume_from=tmp_path / "four", track=False,
+                        storage_path=tmp_path / "ray")
+    assert not (tmp_path / "runs").exists()
+
+
+# -- Ray Train: an uninterrupted run and a run whose worker dies -----------------
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, tiny_llama, placeholder_harmful_file, tmp_path_factory):
+    from panacea_platform.training.distributed import run_distributed
+
+    root = tmp_path_factory.mktemp("checkpoint-runs")
+    quiet = lambda line: None  # noqa: E731
+    plain = run_distributed(
+        _config(tiny_llama, placeholder_harmful_file, root, "plain"), "finetune", num_workers=WORKERS,
+        zero_stage=ZERO, storage_path=root / "ray-plain", out=quiet,
+    )
+    marker = root / "killed-once"
+    config = _config(tiny_llama, placeholder_harmful_file, root, "killed")
+    killed = run_distributed(
+        config, "finetune", num_workers=WORKERS, zero_stage=ZERO, storage_path=root / "ray-killed",
+        checkpoint_every=EVERY, keep_checkpoints=KEEP, out=quiet,
+        _crash={"rank": 1, "after_step": KILL_AFTER, "marker": str(marker)},
+    )
+    assert marker.exists(), "the worker was never killed: the test tested nothing"
+    return config, plain, killed
+
+
+def _history(result):
+    return [json.loads(line) for line in (result.run_dir / "history.jsonl").read_text().splitlines()]
+
+
+def _max_difference(actual: dict, expected: dict) -> float:
+    assert actual.keys() == expected.keys()
+    return max(float((actual[k] - expected[k]).abs().max()) for k in expected)
+
+
+def test_killed_run_resumes_and_ends_as_the_uninterrupted_run(runs):
+    _, plain, killed = runs
+    assert plain.resumed_from_step is None
+    assert killed.resumed_from_step == 4  # the restart started from the checkpoint, not from scratch
+
+    # history.jsonl: every step once, and the same numbers as without the failure.
+    history, expected = _history(killed), _history(plain)
+    assert [row["step"] for row in history] == list(range(1, STEPS + 1))
+    assert history == expected  # exact: losses, norms, lr
+    # The lr after each step follows the schedule across the restart (warm-up, then linear to 0).
+    assert [row["lr"] for row in history] == pytest.approx([1e-2 * f for f in (1.0, 0.8, 0.6, 0.4, 0.2, 0.0)])
+
+    for name in ("adapter_unperturbed", "adapter"):
+        got = load_file(str(killed.run_dir / name / "adapter_model.safetensors"))
+        want = load_file(str(plain.run_dir / name / "adapter_model.safetensors"))
+        assert _max_difference(got, want) == 0.0, name
+    assert _max_difference(load_file(str(killed.perturbation_path)), load_file(str(plain.perturbation_path))) == 0.0
+    assert killed.summary == plain.summary
+
+
+def test_mlflow_run_continues_after_the_restart(runs):
+    from mlflow.tracking import MlflowClient
+
+    config, _, killed = runs
+    client = MlflowClient(tracking_uri=f"sqlite:///{(Path(config.output_dir) / 'mlflow.db').resolve()}")
+    run = client.get_run(killed.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from_step"] == "4"
+    steps = [m.step for m in client.get_metric_history(killed.mlflow_run_id, "task_loss")]
+    assert sorted(steps) == list(range(1, STEPS + 1)), "a step is missing or logged twice"
+
+
+def test_at_most_keep_checkpoints_are_kept_and_each_holds_every_rank(runs):
+    from panacea_platform.training.distributed import EPS_FILE, STATE_FILE
+
+    _, _, killed = runs
+    # Reported: steps 2 and 4 (first attempt), 6 (after the restart) and the final run folder.
+    assert len(killed.kept_checkpoints) == KEEP and killed.kept_checkpoints[-1] == killed.checkpoint_path
+    experiment = Path(killed.checkpoint_path).parent
+    on_disk = sorted(p for p in experiment.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
+    assert sorted(Path(p) for p in killed.kept_checkpoints) == on_disk, "older checkpoints were not deleted"
+    last = Path(killed.kept_checkpoints[0])  # the last periodic one, beside the final run folder
+    state = json.loads((last / STATE_FILE).read_text())
+    assert state["step"] == STEPS and state["world_size"] == WORKERS and state["zero_stage"] == ZERO
+    assert [row["step"] for row in state["history"]] == list(range(1, STEPS + 1))
+    assert (last / EPS_FILE).is_file()
+    # Ray merged the ranks' folders: both ranks' optimizer shards and RNG states are there.
+    names = {p.name for p in last.rglob("*") if p.is_file()}
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= names
+    assert any("zero_pp_rank_0" in n for n in names) and any("zero_pp_rank_1" in n for n in names)
