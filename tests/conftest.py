@@ -86,42 +86,52 @@ def placeholder_harmful_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "harmful.jsonl", rows)
 
 
-@pytest.fixture
-def tiny_run_config(tiny_llama, placeholder_harmful_file, tmp_path):
-    """A fast, fully offline run configuration on the tiny model and placeholder data."""
+def tiny_config(model_dir, harmful_file, output_dir, run_name="tiny", **sections):
+    """A fast, fully offline RunConfig on the tiny model and placeholder data.
+
+    `sections` update the tree: a dict merges into that section, anything else replaces the key.
+    """
     from panacea_platform.config import config_from_dict
 
+    tree = {
+        "run_name": run_name,
+        "output_dir": str(output_dir),
+        "defence": "panacea",
+        "model": {"name": str(model_dir)},
+        "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "data": {
+            "task": "offline_arithmetic",
+            "n": 20,
+            "harmful_ratio": 0.1,
+            "harmful_source": "file",
+            "harmful_file": str(harmful_file),
+            "defender_harmful_size": 16,
+            "eval_harmful_size": 8,
+            "task_eval_size": 8,
+            "alignment_size": 16,
+            "max_length": 48,
+        },
+        "optim": {"lr": 1e-2, "max_steps": 3, "batch_size": 4, "harmful_batch_size": 4},
+        "align_optim": {"lr": 1e-2, "max_steps": 2, "batch_size": 4},
+        # The random tiny model's harmful loss is about ln(vocab) = 6: at the default
+        # clamp of 5 Panacea's third pass would give no gradient and go untested.
+        "panacea": {"rho": 0.5, "lambda": 0.1, "harmful_loss_clamp": 100.0},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            tree.setdefault(key, {}).update(value)
+        else:
+            tree[key] = value
+    return config_from_dict(tree)
+
+
+@pytest.fixture
+def tiny_run_config(tiny_llama, placeholder_harmful_file, tmp_path):
+    """tiny_config bound to this test's model, data and folder."""
+
     def make(**sections):
-        tree = {
-            "run_name": "tiny",
-            "output_dir": str(tmp_path / "runs"),
-            "defence": "panacea",
-            "model": {"name": str(tiny_llama)},
-            "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-            "data": {
-                "task": "offline_arithmetic",
-                "n": 20,
-                "harmful_ratio": 0.1,
-                "harmful_source": "file",
-                "harmful_file": str(placeholder_harmful_file),
-                "defender_harmful_size": 16,
-                "eval_harmful_size": 8,
-                "task_eval_size": 8,
-                "alignment_size": 16,
-                "max_length": 48,
-            },
-            "optim": {"lr": 1e-2, "max_steps": 3, "batch_size": 4, "harmful_batch_size": 4},
-            "align_optim": {"lr": 1e-2, "max_steps": 2, "batch_size": 4},
-            # The random tiny model's harmful loss is about ln(vocab) = 6: at the default
-            # clamp of 5 Panacea's third pass would give no gradient and go untested.
-            "panacea": {"rho": 0.5, "lambda": 0.1, "harmful_loss_clamp": 100.0},
-        }
-        for key, value in sections.items():
-            if isinstance(value, dict):
-                tree.setdefault(key, {}).update(value)
-            else:
-                tree[key] = value
-        return config_from_dict(tree)
+        sections.setdefault("run_name", "tiny")
+        return tiny_config(tiny_llama, placeholder_harmful_file, tmp_path / "runs", **sections)
 
     return make
 

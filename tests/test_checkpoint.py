@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from panacea_platform.config import config_from_dict
+from conftest import tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.distributed.*is deprecated:FutureWarning")
 
@@ -40,31 +40,9 @@ KILL_AFTER = 5
 
 
 def _config(tiny_llama, harmful_file, output_dir, run_name):
-    return config_from_dict(
-        {
-            "run_name": run_name,
-            "output_dir": str(output_dir),
-            "defence": "panacea",
-            "model": {"name": str(tiny_llama)},
-            "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-            "data": {
-                "task": "offline_arithmetic",
-                "n": 20,
-                "harmful_ratio": 0.1,
-                "harmful_source": "file",
-                "harmful_file": str(harmful_file),
-                "defender_harmful_size": 16,
-                "eval_harmful_size": 8,
-                "task_eval_size": 8,
-                "alignment_size": 16,
-                "max_length": 48,
-            },
-            "optim": {
-                "lr": 1e-2, "max_steps": STEPS, "batch_size": 4, "harmful_batch_size": 4,
-                "schedule": "linear", "warmup_steps": 1,
-            },
-            "panacea": {"rho": 0.5, "lambda": 0.1, "harmful_loss_clamp": 100.0},
-        }
+    return tiny_config(
+        tiny_llama, harmful_file, output_dir, run_name,
+        optim={"max_steps": STEPS, "schedule": "linear", "warmup_steps": 1},
     )
 
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from panacea_platform.config import config_from_dict
+from conftest import tiny_config
 from panacea_platform.training.deepspeed_backend import (
     DeepSpeedConfigError,
     deepspeed_config,
@@ -43,31 +43,7 @@ ZERO3_OPTIONS = {"stage3_param_persistence_threshold": 0}
 
 
 def _config(tiny_llama, harmful_file, output_dir, run_name, **optim):
-    return config_from_dict(
-        {
-            "run_name": run_name,
-            "output_dir": str(output_dir),
-            "defence": "panacea",
-            "model": {"name": str(tiny_llama)},
-            "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-            "data": {
-                "task": "offline_arithmetic",
-                "n": 20,
-                "harmful_ratio": 0.1,
-                "harmful_source": "file",
-                "harmful_file": str(harmful_file),
-                "defender_harmful_size": 16,
-                "eval_harmful_size": 8,
-                "task_eval_size": 8,
-                "alignment_size": 16,
-                "max_length": 48,
-            },
-            "optim": {"lr": 1e-2, "max_steps": 3, "batch_size": 4, "harmful_batch_size": 4, **optim},
-            # The random tiny model's harmful loss is about ln(vocab) = 6: with the
-            # default clamp at 5 the third pass would give no gradient and go untested.
-            "panacea": {"rho": 0.5, "lambda": 0.1, "harmful_loss_clamp": 100.0},
-        }
-    )
+    return tiny_config(tiny_llama, harmful_file, output_dir, run_name, optim=optim)
 
 
 # -- no Ray needed -------------------------------------------------------------

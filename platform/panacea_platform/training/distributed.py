@@ -50,6 +50,7 @@ import torch
 
 from panacea_platform.config import RunConfig, config_from_dict
 from panacea_platform.tracking import default_tracking_uri
+from panacea_platform.training.loop import StageResult
 from panacea_platform.training.deepspeed_backend import DeepSpeedConfigError, DeepSpeedWeights, deepspeed_config
 
 DISTRIBUTED_FILE = "distributed.json"
@@ -64,18 +65,13 @@ CHECKPOINT_FORMAT = 1
 
 
 @dataclass
-class DistributedResult:
-    run_dir: Path
-    adapter_dir: Path
-    unperturbed_adapter_dir: Path | None
-    perturbation_path: Path | None
-    summary: dict[str, float]
-    history: list[dict[str, float]]
-    num_workers: int
-    zero_stage: int
+class DistributedResult(StageResult):
+    """What run_stage returns, plus what the distributed run adds."""
+
+    num_workers: int = 1
+    zero_stage: int = 0
     checkpoint_path: str | None = None
-    metrics: dict[str, Any] | None = field(default=None)
-    mlflow_run_id: str | None = None
+    metrics: dict[str, Any] | None = None
     resumed_from_step: int | None = None
     kept_checkpoints: list[str] = field(default_factory=list)
 
