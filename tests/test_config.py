@@ -70,7 +70,9 @@ def test_defaults_are_the_documented_ones():
         ("panacea.rhoo=1", "panacea.rhoo", "unknown key"),
         ("optim.lr=fast", "optim.lr", "valid number"),
         ("optim.schedule=step", "optim.schedule", "'constant', 'linear' or 'cosine'"),
-        ("scaling.num_workers=2", "scaling.zero_stage", "more than one worker"),
+        ("scaling.num_workers=2", "scaling.zero_stage", "needs scaling.zero_stage"),
+        ("scaling.use_gpu=true", "scaling.use_gpu", "needs scaling.zero_stage"),
+        ("scaling.deepspeed_json=/no/ds.json", "scaling.deepspeed_json", "needs scaling.zero_stage"),
         ("scaling.zero_stage=4", "scaling.zero_stage", "less than or equal to 3"),
     ],
 )

@@ -49,6 +49,45 @@ def _config(tiny_llama, harmful_file, output_dir, run_name, **optim):
 # -- no Ray needed -------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "user, fragment",
+    [
+        ({"optimizer": {"type": "Adam"}}, "sets 'optimizer'"),
+        ({"scheduler": {"type": "WarmupLR"}}, "sets 'scheduler'"),
+        ({"fp16": {"enabled": True}}, "enables fp16"),
+        ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage 3 but scaling.zero_stage is 2"),
+        ({"train_batch_size": 16}, "train_batch_size 16 but optim.batch_size"),
+        ({"train_micro_batch_size_per_gpu": 3}, "train_micro_batch_size_per_gpu (3) x num_workers (2)"),
+        ({"gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": 2}, "gradient_accumulation_steps = 2"),
+        ({"gradient_clipping": 5.0}, "gradient_clipping 5.0 but optim.max_grad_norm"),
+        ({"bf16": {"enabled": True}}, "bf16.enabled True but model.dtype is float32"),
+    ],
+)
+def test_a_users_deepspeed_json_that_contradicts_the_run_is_refused(tmp_path, user, fragment):
+    from panacea_platform.training.deepspeed_backend import user_deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    with pytest.raises(DeepSpeedConfigError) as info:
+        user_deepspeed_config(str(path), _FakeOptim(8, 1.0), world_size=2, zero_stage=2)
+    assert fragment in str(info.value) and "ds.json" in str(info.value)
+
+
+def test_a_users_deepspeed_json_keeps_its_own_options_and_gets_the_runs_batch(tmp_path):
+    from panacea_platform.training.deepspeed_backend import user_deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}, "communication_data_type": "fp32"}))
+    merged = user_deepspeed_config(str(path), _FakeOptim(8, 1.0), world_size=2, zero_stage=2)
+    assert merged["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert merged["communication_data_type"] == "fp32"
+    assert (merged["train_batch_size"], merged["train_micro_batch_size_per_gpu"]) == (8, 4)
+    assert merged["zero_allow_untested_optimizer"] is True and merged["gradient_clipping"] == 1.0
+    path.write_text("{not json")
+    with pytest.raises(DeepSpeedConfigError, match="not valid JSON"):
+        user_deepspeed_config(str(path), _FakeOptim(8, 1.0), world_size=2, zero_stage=2)
+
+
 def test_deepspeed_config_checks_the_batch_split():
     optim = _FakeOptim(batch_size=8, max_grad_norm=1.0)
     config = deepspeed_config(optim, world_size=2, zero_stage=3)

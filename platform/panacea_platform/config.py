@@ -114,6 +114,13 @@ class ScalingConfig(_Section):
         None, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3 on Ray Train; null = plain PyTorch in this process."
     )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves for each worker.")
+    use_gpu: bool = Field(
+        False, description="One GPU per worker, NCCL and DeepSpeed's CUDA accelerator (CPU workers use gloo)."
+    )
+    deepspeed_json: str | None = Field(
+        None, description="A DeepSpeed JSON to use instead of the generated one; checked against optim, model.dtype "
+        "and scaling (batch split, ZeRO stage, precision, clipping); it may not set optimizer or scheduler.",
+    )
     zero_options: dict[str, Any] = Field(
         default_factory=dict, description="Extra zero_optimization keys for DeepSpeed (e.g. offload settings)."
     )
@@ -136,11 +143,16 @@ class ScalingConfig(_Section):
 
     @model_validator(mode="after")
     def _stage_for_many_workers(self) -> "ScalingConfig":
-        if self.num_workers > 1 and self.zero_stage is None:
-            raise ValueError(
-                f"scaling.num_workers = {self.num_workers} needs scaling.zero_stage (0-3): "
-                "more than one worker trains under DeepSpeed on Ray Train"
-            )
+        if self.zero_stage is None:
+            for field, value in (("num_workers", self.num_workers > 1), ("use_gpu", self.use_gpu),
+                                 ("deepspeed_json", self.deepspeed_json is not None)):
+                if value:
+                    raise ValueError(
+                        f"scaling.{field} = {getattr(self, field)!r} needs scaling.zero_stage (0-3): "
+                        "it applies to training under DeepSpeed on Ray Train workers"
+                    )
+        if self.deepspeed_json is not None and not Path(self.deepspeed_json).is_file():
+            raise ValueError(f"scaling.deepspeed_json = {self.deepspeed_json!r}: expected an existing JSON file (not found)")
         return self
 
 

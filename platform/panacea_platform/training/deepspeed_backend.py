@@ -120,6 +120,71 @@ def deepspeed_config(
     }
 
 
+# Sections a user's DeepSpeed JSON may not set: the platform passes its own torch
+# AdamW and lr schedule, and fp16 (loss scaling) is not what this path implements.
+FORBIDDEN_USER_KEYS = {
+    "optimizer": "the platform passes its own AdamW (optim.lr, optim.weight_decay); remove the section",
+    "scheduler": "the platform passes its own schedule (optim.schedule, optim.warmup_steps); remove the section",
+}
+
+
+def user_deepspeed_config(
+    path: str, optim: Any, world_size: int, zero_stage: int, *, dtype: str = "float32"
+) -> dict[str, Any]:
+    """A user's DeepSpeed JSON, checked against the run: batch split, stage, precision, clipping.
+
+    Missing batch keys are filled from the run; conflicting ones are errors, never silently replaced.
+    """
+    import json
+
+    try:
+        user = json.loads(open(path).read())
+    except OSError as exc:
+        raise DeepSpeedConfigError(f"scaling.deepspeed_json = {path!r}: cannot read it ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise DeepSpeedConfigError(f"scaling.deepspeed_json = {path!r}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(user, dict):
+        raise DeepSpeedConfigError(f"scaling.deepspeed_json = {path!r}: expected a JSON object")
+    for key, why in FORBIDDEN_USER_KEYS.items():
+        if key in user:
+            raise DeepSpeedConfigError(f"scaling.deepspeed_json {path!r} sets '{key}': {why}")
+    if user.get("fp16", {}).get("enabled"):
+        raise DeepSpeedConfigError(f"scaling.deepspeed_json {path!r} enables fp16: use model.dtype bfloat16 instead")
+    user_stage = user.get("zero_optimization", {}).get("stage", zero_stage)
+    if user_stage != zero_stage:
+        raise DeepSpeedConfigError(
+            f"scaling.deepspeed_json {path!r} has zero_optimization.stage {user_stage} but scaling.zero_stage is "
+            f"{zero_stage}: make them agree"
+        )
+    try:
+        base = deepspeed_config(
+            optim, world_size, zero_stage, dtype=dtype,
+            micro_batch_size=user.get("train_micro_batch_size_per_gpu"),
+            gradient_accumulation_steps=user.get("gradient_accumulation_steps", 1),
+            zero_options={k: v for k, v in user.get("zero_optimization", {}).items() if k != "stage"},
+        )
+    except DeepSpeedConfigError as exc:
+        raise DeepSpeedConfigError(f"scaling.deepspeed_json {path!r}: {exc}") from None
+    if user.get("train_batch_size", base["train_batch_size"]) != base["train_batch_size"]:
+        raise DeepSpeedConfigError(
+            f"scaling.deepspeed_json {path!r} has train_batch_size {user['train_batch_size']} but optim.batch_size "
+            f"(the global batch) is {base['train_batch_size']}: make them agree"
+        )
+    bf16 = user.get("bf16", {}).get("enabled", base["bf16"]["enabled"])
+    if bf16 != base["bf16"]["enabled"]:
+        raise DeepSpeedConfigError(
+            f"scaling.deepspeed_json {path!r} has bf16.enabled {bf16} but model.dtype is {dtype}: make them agree"
+        )
+    clip = user.get("gradient_clipping", base["gradient_clipping"])
+    if clip != base["gradient_clipping"]:
+        raise DeepSpeedConfigError(
+            f"scaling.deepspeed_json {path!r} has gradient_clipping {clip} but optim.max_grad_norm gives "
+            f"{base['gradient_clipping']}: make them agree"
+        )
+    # The user's other keys (communication, logging, offload...) stand as written.
+    return {**user, **base, "zero_optimization": base["zero_optimization"]}
+
+
 def answer_token_count(batch: Any) -> int:
     """Tokens `lm_loss` averages over: labels other than -100, after the one-token shift."""
     if not isinstance(batch, dict) or "labels" not in batch:
@@ -201,7 +266,8 @@ class DeepSpeedWeights:
     # -- helpers -------------------------------------------------------------
 
     def _all_reduce_sum(self, values: list[float]) -> list[float]:
-        tensor = torch.tensor(values, dtype=torch.float64)
+        # NCCL reduces only tensors on the GPU; gloo only on the CPU: follow the weights.
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.params[0].device)
         if self.world_size > 1:
             self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM)
         return tensor.tolist()
@@ -257,7 +323,9 @@ class DeepSpeedWeights:
         grads = []
         for p in self.params:
             grad = safe_get_full_grad(p)
-            grads.append(torch.zeros(self._full_shape(p)) if grad is None else grad.detach().clone())
+            grads.append(
+                torch.zeros(self._full_shape(p), device=p.device) if grad is None else grad.detach().clone()
+            )
         self._grads_ready = True
         return global_loss, grads
 

@@ -51,10 +51,20 @@ import torch
 from panacea_platform.config import RunConfig, config_from_dict
 from panacea_platform.tracking import default_tracking_uri
 from panacea_platform.training.loop import StageResult
-from panacea_platform.training.deepspeed_backend import DeepSpeedConfigError, DeepSpeedWeights, deepspeed_config
+from panacea_platform.training.deepspeed_backend import (
+    DeepSpeedConfigError,
+    DeepSpeedWeights,
+    deepspeed_config,
+    user_deepspeed_config,
+)
 
 DISTRIBUTED_FILE = "distributed.json"
 CPU_BACKEND = "gloo"
+GPU_BACKEND = "nccl"
+
+
+def comm_backend(config: RunConfig) -> str:
+    return GPU_BACKEND if config.scaling.use_gpu else CPU_BACKEND
 
 # What a training checkpoint folder holds (one folder, merged by Ray Train from every rank's files).
 STATE_FILE = "panacea_state.json"  # rank 0: step, world size, ZeRO stage, history rows, ...
@@ -90,6 +100,8 @@ def check_distributed(
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     optim = config.optim if stage == "finetune" else config.align_optim
+    if config.scaling.deepspeed_json is not None:
+        return user_deepspeed_config(config.scaling.deepspeed_json, optim, num_workers, zero_stage, dtype=config.model.dtype)
     return deepspeed_config(
         optim, num_workers, zero_stage, dtype=config.model.dtype, micro_batch_size=micro_batch_size,
         zero_options=zero_options,
@@ -352,7 +364,7 @@ def train_on_rank(
         )
     skip_shm_comm_build()
     # Joins the process group the launcher made (Ray Train: gloo); creates none of its own.
-    deepspeed.init_distributed(dist_backend=CPU_BACKEND)
+    deepspeed.init_distributed(dist_backend=comm_backend(config))
     data = prepare_data(config, stage)
     tracker = None
     if rank == 0 and mlflow_run_id is not None:
@@ -373,12 +385,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker function (train_loop_per_worker) that run_distributed launches."""
     import ray.train
 
-    # CPU workers over gloo by design (even on a node with GPUs): pick DeepSpeed's
-    # CPU accelerator before DeepSpeed is first imported in this process.
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    config = config_from_dict(loop_config["config"])
+    if not config.scaling.use_gpu:
+        # CPU workers over gloo (even on a node with GPUs): pick DeepSpeed's CPU
+        # accelerator before DeepSpeed is first imported in this process.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    config = config_from_dict(loop_config["config"])
     stage = loop_config["stage"]
     optim = config.optim if stage == "finetune" else config.align_optim
     report_every = loop_config.get("report_every") or optim.log_every
@@ -556,9 +569,11 @@ def _fit(config, stage, num_workers, zero_stage, storage, micro_batch_size, zero
             "resume_from": str(Path(resume_from).resolve()) if resume_from is not None else None,
             "crash": crash,
         },
-        torch_config=TorchConfig(backend=CPU_BACKEND),
+        torch_config=TorchConfig(backend=comm_backend(config)),
         scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}
+            num_workers=num_workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if config.scaling.use_gpu else {})},
         ),
         run_config=RayRunConfig(
             name=f"{config.run_name}-{stage}-zero{zero_stage}-{int(time.time() * 1000)}",
