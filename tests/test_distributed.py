@@ -384,3 +384,13 @@ def test_ray_records_the_run(zero3):
     assert os.path.isfile(os.path.join(result.checkpoint_path, "perturbation.safetensors"))
     recorded = json.loads((result.run_dir / "distributed.json").read_text())
     assert recorded["num_workers"] == WORKERS and recorded["zero_stage"] == 3
+
+
+def test_under_zero3_no_worker_holds_the_whole_model(zero2, zero3):
+    # HfDeepSpeedConfig before from_pretrained: each of the 2 workers loads its partition only.
+    fraction = {
+        stage: json.loads((result.run_dir / "distributed.json").read_text())["rank0_local_weight_fraction"]
+        for stage, (_, (_, result)) in ((2, zero2), (3, zero3))
+    }
+    assert fraction[2] == 1.0
+    assert fraction[3] < 0.6  # about 1 / 2 workers, plus rounding of the partitions

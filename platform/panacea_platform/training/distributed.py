@@ -132,6 +132,7 @@ class DeepSpeedBackend:
         self.rank = rank
         self.engine = None
         self._hf_ds_config = None
+        self.local_weight_fraction = 1.0
 
     def load_model(self, config: RunConfig) -> torch.nn.Module:
         from panacea_platform.models import attach_lora, load_base_model
@@ -142,7 +143,12 @@ class DeepSpeedBackend:
             # Must exist before from_pretrained: each worker then loads only its
             # partition, never the whole model (transformers keeps a weak reference).
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-        return attach_lora(load_base_model(config.model), config.lora, config.model.adapter)
+        model = attach_lora(load_base_model(config.model), config.lora, config.model.adapter)
+        # The share of all weights (frozen ones included) this worker holds: about
+        # 1 / num_workers under ZeRO-3, 1 otherwise. Recorded in distributed.json.
+        full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        self.local_weight_fraction = sum(p.numel() for p in model.parameters()) / full
+        return model
 
     def wrap(self, model, optimizer, scheduler, optim) -> DeepSpeedWeights:
         import deepspeed
@@ -374,6 +380,11 @@ def train_on_rank(
     backend = DeepSpeedBackend(ds_config, zero_stage, rank)
     try:
         result = execute_stage(config, stage, data, backend, tracker, out, on_step, checkpoints)
+        if rank == 0:
+            record = config.run_dir() / DISTRIBUTED_FILE
+            recorded = json.loads(record.read_text())
+            recorded["rank0_local_weight_fraction"] = backend.local_weight_fraction
+            record.write_text(json.dumps(recorded, indent=2))
     finally:
         backend.close()
         if checkpoints is not None:
