@@ -26,6 +26,7 @@ from panacea_platform.data.pools import (
     check_pools_disjoint,
     mix_poison,
     poison_count,
+    pools_for,
     split_harmful_pools,
 )
 
@@ -250,24 +251,15 @@ def test_offline_pyrit_counts_and_fields() -> None:
 def test_offline_pools_are_disjoint_on_real_data() -> None:
     from panacea_platform.data.harmful import offline_alignment_prompts
 
-    qa_pairs = HARMFUL_SOURCES.get("offline_pyrit")(DataConfig())
     alignment_prompts = offline_alignment_prompts()
     assert len(alignment_prompts) >= 500
     defaults = DataConfig()
-    pools = split_harmful_pools(
-        qa_pairs,
-        attack_size=poison_count(defaults.n, defaults.harmful_ratio),
-        defender_size=defaults.defender_harmful_size,
-        eval_size=defaults.eval_harmful_size,
-        alignment_prompts=alignment_prompts,
-        alignment_size=defaults.alignment_size,
-        seed=0,
-    )
-    check_pools_disjoint(pools)
+    pools = pools_for(defaults)  # splits and checks the pools disjoint
     assert len(pools.alignment) == defaults.alignment_size
     alignment = build_alignment_set([e.prompt for e in pools.alignment], 100, 0.5, seed=0)
     assert sum(e.kind == "refusal" for e in alignment) == 50
     # The paper-sized attack (n = 1000, p = 0.1) + defaults still fits the offline source.
+    qa_pairs = HARMFUL_SOURCES.get("offline_pyrit")(defaults)
     check_pools_disjoint(split_harmful_pools(qa_pairs, 100, 100, 40, alignment_prompts, 200, seed=0))
 
 

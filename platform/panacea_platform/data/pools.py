@@ -31,6 +31,7 @@ __all__ = [
     "check_pools_disjoint",
     "mix_poison",
     "poison_count",
+    "pools_for",
     "split_harmful_pools",
 ]
 
@@ -199,3 +200,22 @@ def build_alignment_set(harmful_prompts: list[str], size: int, benign_ratio: flo
     examples = refusals + benign_examples(n_benign, seed)
     rng.shuffle(examples)
     return examples
+
+
+def pools_for(data_config) -> HarmfulPools:
+    """The four pools a run's data settings give, checked disjoint (what every stage uses)."""
+    from panacea_platform.data import HARMFUL_SOURCES
+    from panacea_platform.data.harmful import offline_alignment_prompts
+
+    pools = split_harmful_pools(
+        HARMFUL_SOURCES.get(data_config.harmful_source)(data_config),
+        attack_size=poison_count(data_config.n, data_config.harmful_ratio),
+        defender_size=data_config.defender_harmful_size,
+        eval_size=data_config.eval_harmful_size,
+        # AdvBench prompts ship with pyrit; other sources fill alignment from left-over pairs.
+        alignment_prompts=offline_alignment_prompts() if data_config.harmful_source == "offline_pyrit" else [],
+        alignment_size=data_config.alignment_size,
+        seed=data_config.pool_seed,
+    )
+    check_pools_disjoint(pools)
+    return pools

@@ -24,17 +24,9 @@ from panacea_platform.algorithms import build_defence
 from panacea_platform.algorithms.defences import Defence
 from panacea_platform.algorithms.interface import TrainableWeights, global_norm
 from panacea_platform.config import OptimConfig, RunConfig, save_config
-from panacea_platform.data import HARMFUL_SOURCES, TASKS, Example
+from panacea_platform.data import TASKS, Example
 from panacea_platform.data.collate import BatchStream, collate, tokenize_example
-from panacea_platform.data.harmful import offline_alignment_prompts
-from panacea_platform.data.pools import (
-    HarmfulPools,
-    build_alignment_set,
-    check_pools_disjoint,
-    mix_poison,
-    poison_count,
-    split_harmful_pools,
-)
+from panacea_platform.data.pools import HarmfulPools, build_alignment_set, mix_poison, pools_for
 from panacea_platform.models import (
     PERTURBATION_FILE,
     attach_lora,
@@ -175,18 +167,7 @@ def fingerprint(examples: list[Example]) -> str:
 def prepare_data(config: RunConfig, stage: str) -> StageData:
     """The four disjoint harmful pools, the stage's training set and held-out sets."""
     data = config.data
-    qa_pairs = HARMFUL_SOURCES.get(data.harmful_source)(data)
-    alignment_prompts = offline_alignment_prompts() if data.harmful_source == "offline_pyrit" else []
-    pools = split_harmful_pools(
-        qa_pairs,
-        attack_size=poison_count(data.n, data.harmful_ratio),
-        defender_size=data.defender_harmful_size,
-        eval_size=data.eval_harmful_size,
-        alignment_prompts=alignment_prompts,
-        alignment_size=data.alignment_size,
-        seed=data.pool_seed,
-    )
-    check_pools_disjoint(pools)
+    pools = pools_for(data)
     task = TASKS.get(data.task)
     # Held-out task samples depend on pool_seed only: every seed is scored on the same set.
     eval_task = task(data, "test", data.task_eval_size, data.pool_seed)
