@@ -63,3 +63,30 @@ def plot_method_comparison(rows: Sequence[tuple[str, dict[str, float]]], path: s
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_layerwise_perturbation(rows, title: str, path: str | Path) -> Path:
+    """eps per transformer block, one line per module type: against the LoRA weights and against W_base."""
+    plt = _pyplot()
+    kinds = sorted({row.kind for row in rows})
+    in_blocks = [row for row in rows if row.layer is not None]
+    has_base = any(row.relative_to_base is not None for row in in_blocks)
+    panels = [("relative_to_lora", "||eps|| / ||w_lora||")]
+    if has_base:
+        panels.append(("relative_to_base", "||dW|| / ||W_base||  (merged weight)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for kind in kinds:
+            points = sorted((row.layer, getattr(row, key)) for row in in_blocks if row.kind == kind)
+            points = [(layer, value) for layer, value in points if value is not None]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=kind)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
