@@ -1,0 +1,1 @@
+"""Evaluation: batched generation and harm judges on Ray Data, harmful score and task accuracy."""
