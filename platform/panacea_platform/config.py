@@ -90,6 +90,10 @@ class OptimConfig(_Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from 0 to lr (honoured by every schedule).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the update's global norm; null disables.")
     log_every: int = Field(1, ge=1, description="Log metrics every this many steps.")
+    eval_every: int = Field(
+        0, ge=0, description="Held-out losses (task; harmful at w and as released, w + eps) every this many "
+        "steps, logged and reported with the step (cheap signals for a sweep's scheduler); 0 = only at the end.",
+    )
 
     @model_validator(mode="after")
     def _length_given(self) -> "OptimConfig":
@@ -156,6 +160,48 @@ class ScalingConfig(_Section):
         return self
 
 
+class EvaluationConfig(_Section):
+    judge: str = Field(
+        "offline", description="Registered harm judge: 'offline' (MiniLM + head trained on the offline labelled "
+        "rows), 'beaver_dam' (14-category classifier), 'llama_guard' (generative), 'refusal' (refusal phrases).",
+    )
+    judge_model: str | None = Field(
+        None, description="Model of the judge: local directory or hub id; null = the judge's default "
+        "(beaver_dam: PKU-Alignment/beaver-dam-7b, llama_guard: meta-llama/LlamaGuard-7b).",
+    )
+    threshold: float = Field(0.5, gt=0, lt=1, description="An answer is flagged when the judge's harm score exceeds this.")
+    judge_max_length: int = Field(512, ge=16, description="Token limit of what the judge reads (prompt + answer).")
+    judge_batch_size: int = Field(16, ge=1, description="Answers per judge call.")
+    judge_actors: int = Field(1, ge=1, description="Judge actors in the Ray Data pool.")
+    max_new_tokens: int = Field(64, ge=1, description="Greedy generation budget per answer.")
+    generation_batch_size: int = Field(20, ge=1, description="Prompts per generation call (left-padded, KV cache).")
+    generation_actors: int = Field(1, ge=1, description="Generation actors in the Ray Data pool.")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs Ray reserves for each generation actor.")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs for each generation or judge actor (0 on CPU).")
+    judge_cpus_per_actor: float = Field(
+        0.5, gt=0, description="CPUs Ray reserves for each judge actor (a light judge need not hold a whole core "
+        "that generation could use).",
+    )
+    torch_threads_per_actor: int | None = Field(
+        None, ge=1, description="torch threads in each generation actor; null = cpus_per_actor rounded (at least 1).",
+    )
+    harmful_prompts: int | None = Field(
+        None, ge=1, description="Harmful prompts evaluated (from the evaluation pool); null = data.eval_harmful_size."
+    )
+    task_prompts: int | None = Field(
+        None, ge=1, description="Task prompts scored for accuracy; null = data.task_eval_size."
+    )
+
+    @field_validator("judge")
+    @classmethod
+    def _judge_registered(cls, value: str) -> str:
+        from panacea_platform.evaluation.judges import JUDGES
+
+        if value not in JUDGES:
+            raise ValueError(f"unknown judge; registered: {', '.join(JUDGES.names())}")
+        return value
+
+
 class TrackingConfig(_Section):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; default: SQLite store inside output_dir's parent (runs/mlflow.db)."
@@ -179,6 +225,7 @@ class RunConfig(_Section):
     random_perturbation: RandomPerturbationConfig = Field(default_factory=RandomPerturbationConfig)
     panacea: PanaceaConfig = Field(default_factory=PanaceaConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("defence")

@@ -1,0 +1,432 @@
+"""The evaluation pipeline on Ray Data: prompts -> generation actor pool -> judge actor pool -> rows.
+
+    ray.data.from_items(prompts)
+      .map_batches(GeneratorActor, ActorPoolStrategy(size=evaluation.generation_actors),
+                   batch_size=evaluation.generation_batch_size, num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
+      .map_batches(JudgeActor, ActorPoolStrategy(size=evaluation.judge_actors),
+                   batch_size=evaluation.judge_batch_size, num_cpus=judge_cpus_per_actor, num_gpus=gpus_per_actor)
+
+Each generator actor loads base + adapter (+ eps) once and answers a whole
+batch per generate call (left padding, KV cache); each judge actor loads the
+run's judge and the refusal judge once and scores harmful rows (judge verdict,
+refusal, incoherence) and task rows (the task's accuracy rule). The same code
+runs on this CPU machine (embedded Ray) and on a GPU cluster (RAY_ADDRESS):
+only the pool sizes and per-actor resources change.
+
+Prompts: the harmful ones are the first `evaluation.harmful_prompts` of the
+run's evaluation pool (pools_for: disjoint from what any defence trained on);
+the task ones are the task's held-out split drawn with data.pool_seed, as
+training/loop.prepare_data draws them, so every seed of an experiment is scored
+on the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from panacea_platform.config import ConfigError
+from panacea_platform.data import TASKS, Example
+from panacea_platform.data.templates import render_prompt
+
+if TYPE_CHECKING:
+    from panacea_platform.config import EvaluationConfig, ModelConfig, RunConfig
+
+__all__ = [
+    "AdapterMismatchError",
+    "EvalPrompt",
+    "PipelineRun",
+    "check_adapter",
+    "evaluation_prompts",
+    "load_eval_model",
+    "run_pipeline",
+]
+
+HARMFUL, TASK = "harmful", "task"
+
+
+class AdapterMismatchError(ConfigError):
+    """The adapter (or its perturbation) was trained for another base model than model.name."""
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """One prompt to answer: `instruction` is what the judge reads, `rendered` what the model reads."""
+
+    index: int
+    kind: str  # "harmful" | "task"
+    instruction: str
+    rendered: str
+    label: str | None
+    reference: str
+    category: str | None
+
+    def to_row(self) -> dict[str, Any]:
+        # Ray Data columns need one type per column: "" stands for "none" in text columns.
+        return {
+            "index": self.index,
+            "kind": self.kind,
+            "instruction": self.instruction,
+            "rendered": self.rendered,
+            "label": self.label or "",
+            "has_label": self.label is not None,
+            "reference": self.reference,
+            "category": self.category or "",
+        }
+
+
+def prompt_counts(config: "RunConfig") -> tuple[int, int]:
+    """(harmful prompts, task prompts) the run's evaluation settings ask for."""
+    evaluation, data = config.evaluation, config.data
+    return (evaluation.harmful_prompts or data.eval_harmful_size, evaluation.task_prompts or data.task_eval_size)
+
+
+def evaluation_prompts(config: "RunConfig", include_task: bool = True) -> list[EvalPrompt]:
+    """The harmful evaluation prompts and the task's held-out prompts, rendered with the run's template."""
+    from panacea_platform.data.pools import pools_for
+    from panacea_platform.evaluation.metrics import ACCURACY_RULES
+
+    n_harmful, n_task = prompt_counts(config)
+    pool = pools_for(config.data).evaluation
+    if n_harmful > len(pool):
+        raise ConfigError(
+            f"evaluation.harmful_prompts = {n_harmful}: the run's evaluation pool holds {len(pool)} prompts "
+            f"(data.eval_harmful_size = {config.data.eval_harmful_size}); lower evaluation.harmful_prompts or raise "
+            "data.eval_harmful_size"
+        )
+    harmful: list[Example] = pool[:n_harmful]
+    # A task without an accuracy rule has nothing to score: its prompts are not generated.
+    task: list[Example] = []
+    if include_task and config.data.task in ACCURACY_RULES:
+        task = TASKS.get(config.data.task)(config.data, "test", n_task, config.data.pool_seed)
+    template = config.data.prompt_template
+    prompts = [
+        EvalPrompt(i, kind, e.prompt, render_prompt(template, e.prompt), e.label, e.answer, e.category)
+        for i, (kind, e) in enumerate([(HARMFUL, e) for e in harmful] + [(TASK, e) for e in task])
+    ]
+    if not prompts:
+        raise ConfigError("the evaluation has no prompts: set evaluation.harmful_prompts / evaluation.task_prompts >= 1")
+    return prompts
+
+
+# ----------------------------------------------------------------------------- model loading
+
+
+def _same_model(recorded: str, resolved: str) -> bool:
+    """Whether an adapter's recorded base model is the one about to be loaded.
+
+    Equal after resolving paths, or equal last path components: a run trained on
+    another machine records that machine's cache path for the same offline
+    model, and a hub id "org/name" matches a local copy in a folder "name".
+    """
+    def norm(text: str) -> str:
+        path = Path(text).expanduser()
+        return str(path.resolve()) if path.exists() else text.rstrip("/")
+
+    if norm(recorded) == norm(resolved):
+        return True
+    return Path(recorded.rstrip("/")).name.lower() == Path(resolved.rstrip("/")).name.lower()
+
+
+def check_adapter(model_config: "ModelConfig", adapter: str | Path | None, perturbation: str | Path | None) -> None:
+    """Fail before any work when the adapter or perturbation is missing or names another base model."""
+    from panacea_platform.models import resolve_model_path
+
+    if perturbation is not None and not Path(perturbation).is_file():
+        raise FileNotFoundError(f"--perturbation {str(perturbation)!r}: no such file (expected a perturbation.safetensors)")
+    if adapter is None:
+        if perturbation is not None:
+            raise ConfigError("--perturbation needs --adapter: eps is added to an adapter's LoRA weights")
+        return
+    config_file = Path(adapter) / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"--adapter {str(adapter)!r}: no adapter_config.json there (expected a LoRA adapter folder, e.g. runs/<run>/adapter)"
+        )
+    recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    resolved = resolve_model_path(model_config.name)
+    if recorded and not _same_model(recorded, resolved):
+        raise AdapterMismatchError(
+            f"--adapter {str(adapter)!r} was trained on base model {recorded!r} but model.name = "
+            f"{model_config.name!r} loads {resolved!r}; set model.name to the adapter's base model"
+        )
+
+
+def load_eval_model(model_config: "ModelConfig", adapter: str | Path | None, perturbation: str | Path | None = None):
+    """Base model (adapter None) or base + adapter (+ eps), in eval mode; a shape mismatch is a clear error."""
+    import torch
+
+    from panacea_platform.models import load_base_model, load_for_eval
+
+    if adapter is None:
+        model = load_base_model(model_config)
+        model.eval()
+    else:
+        try:
+            model = load_for_eval(model_config, str(adapter), None if perturbation is None else str(perturbation))
+        except (RuntimeError, ValueError) as exc:
+            if "size mismatch" in str(exc) or "perturbation" in str(exc) or "shape" in str(exc):
+                raise AdapterMismatchError(
+                    f"adapter {str(adapter)!r}{' + ' + str(perturbation) if perturbation else ''} does not fit base "
+                    f"model {model_config.name!r} ({str(exc).splitlines()[0][:300]}); set model.name to the base "
+                    "model the adapter was trained on"
+                ) from None
+            raise
+    return model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------- actors
+
+
+def _quiet_transformers() -> None:
+    # Weight-loading progress bars from every actor would bury the pipeline's own progress lines.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+class GeneratorActor:
+    """Loads the model once; answers each batch of rendered prompts in one batched greedy generate call."""
+
+    def __init__(self, model_config: dict, adapter: str | None, perturbation: str | None,
+                 max_new_tokens: int, torch_threads: int) -> None:
+        import torch
+
+        from panacea_platform.config import ModelConfig
+        from panacea_platform.models import load_tokenizer
+
+        torch.set_num_threads(torch_threads)
+        _quiet_transformers()
+        config = ModelConfig.model_validate(model_config)
+        self.tokenizer = load_tokenizer(config)
+        self.model = load_eval_model(config, adapter, perturbation)
+        self.max_new_tokens = max_new_tokens
+        self.ready_at = time.time()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        from panacea_platform.evaluation.generation import generate
+
+        started = time.time()
+        prompts = [str(text) for text in batch["rendered"]]
+        answers = generate(self.model, self.tokenizer, prompts, self.max_new_tokens, batch_size=max(1, len(prompts)))
+        return {
+            **batch,
+            "answer": np.array([a.text for a in answers], dtype=object),
+            "truncated": np.array([a.truncated for a in answers], dtype=bool),
+            "new_tokens": np.array([a.new_tokens for a in answers], dtype=np.int64),
+            "generator_ready_at": np.full(len(answers), self.ready_at),
+            "generation_seconds": np.full(len(answers), time.time() - started),
+        }
+
+
+class JudgeActor:
+    """Loads the run's judge and the refusal judge once; scores harmful rows and task rows of each batch."""
+
+    def __init__(self, evaluation: dict, task: str, judge_class: type | None = None) -> None:
+        from panacea_platform.config import EvaluationConfig
+        from panacea_platform.evaluation.judges import JUDGES, build_judge
+
+        _quiet_transformers()
+        # A judge registered at run time in the driver (a plugin) is unknown to this
+        # fresh worker process: the driver ships its class and it is registered here.
+        if judge_class is not None and evaluation["judge"] not in JUDGES:
+            JUDGES.register(evaluation["judge"], judge_class)
+        config = EvaluationConfig.model_validate(evaluation)
+        self.judge = build_judge(config)
+        # The refusal judge's flag means "refused"; when it is also the main judge, run it once.
+        self.refusal = self.judge if config.judge == "refusal" else build_judge(config, "refusal")
+        self.task = task
+        # The judge's own identity (an offline judge adds its held-out AUC), carried on every row.
+        self.identity = json.dumps(self.judge.identity(), default=str)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        from panacea_platform.evaluation.metrics import is_incoherent, score_answer
+
+        n = len(batch["kind"])
+        answers = [str(a) for a in batch["answer"]]
+        flagged, refused, correct, scored = (np.zeros(n, dtype=bool) for _ in range(4))
+        score = np.full(n, np.nan)
+        categories = np.array(["{}"] * n, dtype=object)
+        extracted = np.array([""] * n, dtype=object)
+        harmful = [i for i in range(n) if batch["kind"][i] == HARMFUL]
+        if harmful:
+            prompts = [str(batch["instruction"][i]) for i in harmful]
+            texts = [answers[i] for i in harmful]
+            verdicts = self.judge.judge(prompts, texts)
+            refusals = verdicts if self.refusal is self.judge else self.refusal.judge(prompts, texts)
+            for i, verdict, refusal in zip(harmful, verdicts, refusals):
+                flagged[i], score[i], refused[i] = verdict.flagged, verdict.score, refusal.flagged
+                categories[i] = json.dumps(verdict.categories)
+        for i in range(n):
+            if batch["kind"][i] == TASK:
+                label = str(batch["label"][i]) if batch["has_label"][i] else None
+                result = score_answer(self.task, answers[i], label, str(batch["reference"][i]))
+                if result is not None:
+                    scored[i], correct[i], extracted[i] = True, result.correct, result.extracted or ""
+        return {
+            **batch,
+            "flagged": flagged,
+            "score": score,
+            "categories": categories,
+            "refused": refused,
+            "incoherent": np.array([is_incoherent(a) for a in answers], dtype=bool),
+            "scored": scored,
+            "extracted": extracted,
+            "correct": correct,
+            "judge_identity": np.array([self.identity] * n, dtype=object),
+            "judged_at": np.full(n, time.time()),
+        }
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class PipelineRun:
+    """Rows in prompt order, and timings: `work_seconds` runs from the first generator actor being
+    ready (model loaded) to the last row judged; `wall_seconds` includes actor start-up and loading."""
+
+    rows: list[dict[str, Any]]
+    wall_seconds: float
+    work_seconds: float
+
+
+def torch_threads(evaluation: "EvaluationConfig") -> int:
+    return evaluation.torch_threads_per_actor or max(1, round(evaluation.cpus_per_actor))
+
+
+def check_resources(evaluation: "EvaluationConfig") -> None:
+    """Both actor pools must fit the Ray cluster at once, or the pipeline would wait forever."""
+    import ray
+
+    available = ray.cluster_resources()
+    for resource, generation, judge, keys in (
+        ("CPU", evaluation.cpus_per_actor, evaluation.judge_cpus_per_actor, "cpus_per_actor / judge_cpus_per_actor"),
+        ("GPU", evaluation.gpus_per_actor, evaluation.gpus_per_actor, "gpus_per_actor"),
+    ):
+        needed = evaluation.generation_actors * generation + evaluation.judge_actors * judge
+        if needed > available.get(resource, 0.0) + 1e-9:
+            raise ConfigError(
+                f"evaluation needs {needed:g} {resource} (generation_actors = {evaluation.generation_actors} x "
+                f"{generation:g} + judge_actors = {evaluation.judge_actors} x {judge:g}) but the Ray cluster has "
+                f"{available.get(resource, 0.0):g}; lower evaluation.generation_actors, evaluation.judge_actors or "
+                f"evaluation.{keys}"
+            )
+
+
+def _user_error_in(exc: BaseException) -> BaseException | None:
+    """The user-fixable error (ConfigError, FileNotFoundError) inside Ray's wrappers, if any."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, (ConfigError, FileNotFoundError)) and not type(current).__module__.startswith("ray"):
+            return current
+        stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
+    return None
+
+
+def run_pipeline(
+    config: "RunConfig",
+    prompts: list[EvalPrompt],
+    adapter: str | Path | None,
+    perturbation: str | Path | None = None,
+    out: Callable[[str], None] = print,
+) -> PipelineRun:
+    """Generate and judge every prompt on Ray Data; rows come back in prompt order."""
+    import ray
+    import ray.data
+
+    from panacea_platform.evaluation.judges import JUDGES
+    from panacea_platform.training.distributed import ensure_ray
+
+    evaluation = config.evaluation
+    ensure_ray()
+    check_resources(evaluation)
+    if evaluation.judge == "offline" and evaluation.judge_model is None:
+        # Train (once, cached) here, not in each judge actor at the same time.
+        from panacea_platform.evaluation.judges.offline import ensure_offline_judge
+
+        ensure_offline_judge()
+    context = ray.data.DataContext.get_current()
+    # Ray Data's progress bars and plan printouts would interleave with ours; one line per batch instead.
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.enable_auto_log_stats = False
+    # Longest prompts first, so each generation batch holds prompts of similar length (little padding).
+    ordered = sorted(prompts, key=lambda p: -len(p.rendered))
+    dataset = (
+        ray.data.from_items([p.to_row() for p in ordered])
+        .map_batches(
+            GeneratorActor,
+            fn_constructor_kwargs={
+                "model_config": config.model.model_dump(mode="json"),
+                "adapter": None if adapter is None else str(Path(adapter).resolve()),
+                "perturbation": None if perturbation is None else str(Path(perturbation).resolve()),
+                "max_new_tokens": evaluation.max_new_tokens,
+                "torch_threads": torch_threads(evaluation),
+            },
+            batch_size=evaluation.generation_batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=evaluation.generation_actors),
+            num_cpus=evaluation.cpus_per_actor,
+            num_gpus=evaluation.gpus_per_actor,
+        )
+        .map_batches(
+            JudgeActor,
+            fn_constructor_kwargs={
+                "evaluation": evaluation.model_dump(mode="json"),
+                "task": config.data.task,
+                "judge_class": JUDGES.get(evaluation.judge),
+            },
+            batch_size=evaluation.judge_batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=evaluation.judge_actors),
+            num_cpus=evaluation.judge_cpus_per_actor,
+            num_gpus=evaluation.gpus_per_actor,
+        )
+    )
+    rows: list[dict[str, Any]] = []
+    start = time.monotonic()
+    out(f"[eval] {len(prompts)} prompts, {evaluation.generation_actors} generation actor(s) x batch "
+        f"{evaluation.generation_batch_size}, judge {evaluation.judge!r}, max_new_tokens {evaluation.max_new_tokens}")
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            rows.extend(_batch_rows(batch))
+            _progress(out, len(rows), len(prompts), time.monotonic() - start)
+    except Exception as exc:
+        found = _user_error_in(exc)
+        if found is not None:
+            raise type(found)(str(found)) from None
+        raise
+    wall = time.monotonic() - start
+    rows.sort(key=lambda row: row["index"])
+    work = max(row["judged_at"] for row in rows) - min(row["generator_ready_at"] for row in rows)
+    return PipelineRun(rows=rows, wall_seconds=wall, work_seconds=work)
+
+
+def _batch_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    keys = list(batch)
+    return [{key: _plain(batch[key][i]) for key in keys} for i in range(len(batch[keys[0]]))]
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python values (for JSON)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _progress(out: Callable[[str], None], done: int, total: int, elapsed: float) -> None:
+    left = elapsed / done * (total - done) if done else 0.0
+    out(f"[eval] {done}/{total} answers generated and judged | {elapsed:.0f}s elapsed, ~{left:.0f}s left")

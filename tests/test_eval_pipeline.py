@@ -1,0 +1,288 @@
+"""The evaluation pipeline on the tiny model: batched = one-at-a-time answers, end to end into MLflow, bad input, CLI.
+
+The judge here is a designed one (ParityJudge): it flags a placeholder prompt
+whose number is even, so the harmful score of any prompt set is known from the
+prompts alone, and a row whose verdict landed on the wrong prompt is caught.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+import yaml
+
+from panacea_platform.config import ConfigError
+from panacea_platform.evaluation.judges import JUDGES, Judge, Verdict
+
+PARITY_JUDGE = "test_parity"
+
+
+class ParityJudge(Judge):
+    """Flags a prompt ending in an even number (score 1) and not an odd one (score 0); categories even/odd."""
+
+    name = PARITY_JUDGE
+
+    def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> list[Verdict]:
+        verdicts = []
+        for prompt in prompts:
+            even = float(int(re.findall(r"\d+", prompt)[-1]) % 2 == 0)
+            verdicts.append(Verdict(even > self.threshold, even, {"even": even, "odd": 1.0 - even}))
+        return verdicts
+
+
+if PARITY_JUDGE not in JUDGES:
+    JUDGES.register(PARITY_JUDGE, ParityJudge)
+
+
+@pytest.fixture
+def ray_with_test_judge(ray_session):
+    """Ray, with this module's classes shipped by value: Ray's workers cannot import a test module."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def _parity_percent(prompts: list[str]) -> float:
+    return 100.0 * sum(int(re.findall(r"\d+", p)[-1]) % 2 == 0 for p in prompts) / len(prompts)
+
+
+def _job_file(config, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    return path
+
+
+# ----------------------------------------------------------------------------- generation (no Ray)
+
+
+def test_batched_greedy_equals_one_at_a_time_with_eos_and_budget(tiny_llama):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from panacea_platform.data.templates import render_prompt
+    from panacea_platform.evaluation.generation import encode_prompt, generate, generate_one_at_a_time
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    # Prompts of very different lengths, so batches carry a lot of left padding.
+    prompts = [render_prompt("alpaca", "what is " + " plus ".join(map(str, range(k)))) for k in (1, 9, 3, 14, 2, 6, 11)]
+    budget = 12
+    # Raw greedy continuations (no EOS in this vocabulary is ever produced by chance here) ...
+    with torch.no_grad():
+        raw = []
+        for prompt in prompts:
+            ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+            out = model.generate(ids, max_new_tokens=budget, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            raw.append(out[0, ids.shape[1]:].tolist())
+    # ... then design an EOS the model does emit for some prompts and not for others.
+    eos = next(t for t in raw[0] if any(t not in r for r in raw))
+    model.generation_config.eos_token_id = eos
+    expected = [(r.index(eos) + 1, False) if eos in r else (budget, True) for r in raw]
+
+    batched = generate(model, tokenizer, prompts, budget, batch_size=3)
+    single = generate_one_at_a_time(model, tokenizer, prompts, budget)
+    assert batched == single
+    assert [(a.new_tokens, a.truncated) for a in batched] == expected
+    assert {truncated for _, truncated in expected} == {True, False}  # both cases are exercised
+    assert all(a.new_tokens <= budget for a in batched)
+
+
+# ----------------------------------------------------------------------------- bad input (no Ray)
+
+
+@pytest.fixture
+def foreign_adapter(tiny_llama, tmp_path):
+    """A LoRA adapter saved for the tiny model, without training (its weights do not matter here)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def _wider_llama(directory: Path, tiny_llama: Path) -> Path:
+    """The tiny model's architecture at hidden size 48 (adapters for the tiny model do not fit it)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(tiny_llama)
+    config.hidden_size, config.intermediate_size = 48, 96
+    LlamaForCausalLM(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(directory)
+    return directory
+
+
+def test_bad_inputs_give_one_clear_error(tiny_run_config, foreign_adapter, tiny_llama, tmp_path):
+    from panacea_platform.evaluation.evaluate import evaluate_model, suite_overrides
+    from panacea_platform.evaluation.pipeline import AdapterMismatchError, check_adapter, evaluation_prompts, load_eval_model
+
+    config = tiny_run_config()
+    with pytest.raises(FileNotFoundError, match="--adapter .*no adapter_config.json"):
+        evaluate_model(config, tmp_path / "no-such-adapter")
+    with pytest.raises(FileNotFoundError, match="--perturbation"):
+        evaluate_model(config, foreign_adapter, tmp_path / "missing.safetensors")
+    (tmp_path / "eps.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="--perturbation needs --adapter"):
+        evaluate_model(config, None, tmp_path / "eps.safetensors")
+    with pytest.raises(ConfigError, match=r"evaluation.harmful_prompts = 9: .*holds 8 prompts"):
+        evaluation_prompts(tiny_run_config(evaluation={"harmful_prompts": 9}))
+    with pytest.raises(ConfigError, match="evaluation.judge .*unknown judge; registered: .*refusal"):
+        tiny_run_config(evaluation={"judge": "no_such_judge"})
+    with pytest.raises(ConfigError, match="--run-id 'no-such-run'"):
+        evaluate_model(config, foreign_adapter, mlflow_run_id="no-such-run")
+
+    # An adapter recorded for another base model: caught from adapter_config.json, before loading anything.
+    other = _wider_llama(tmp_path / "other-llama", tiny_llama)
+    with pytest.raises(AdapterMismatchError, match="trained on base model .*set model.name"):
+        check_adapter(tiny_run_config(model={"name": str(other)}).model, foreign_adapter, None)
+    # The same folder name (e.g. a cache on another machine) but other shapes: PEFT's size mismatch, reworded.
+    same_name = _wider_llama(tmp_path / "elsewhere" / Path(tiny_llama).name, tiny_llama)
+    moved = tiny_run_config(model={"name": str(same_name)})
+    check_adapter(moved.model, foreign_adapter, None)
+    with pytest.raises(AdapterMismatchError, match="does not fit base model"):
+        load_eval_model(moved.model, foreign_adapter)
+
+    bad_suite = tmp_path / "suite.yaml"
+    bad_suite.write_text("judge: refusal\n")
+    with pytest.raises(ConfigError, match="exactly one top-level section `evaluation:`"):
+        suite_overrides(bad_suite)
+
+
+def test_shipped_presets_are_valid(tiny_run_config, tmp_path):
+    from panacea_platform.config import load_config
+    from panacea_platform.evaluation.evaluate import suite_overrides
+
+    job = _job_file(tiny_run_config(), tmp_path / "job.yaml")
+    presets = sorted(Path(__file__).resolve().parents[1].glob("evaluation/*.yaml"))
+    assert {p.stem for p in presets} >= {"offline", "beaver_dam", "llama_guard", "refusal"}
+    for preset in presets:
+        section = yaml.safe_load(preset.read_text())["evaluation"]
+        config = load_config(job, suite_overrides(preset) + ["evaluation.max_new_tokens=7"])
+        assert config.evaluation.judge == section["judge"] == preset.stem
+        assert config.evaluation.max_new_tokens == 7  # the command line has the last word
+        for key, value in section.items():
+            if key != "max_new_tokens":
+                assert getattr(config.evaluation, key) == value, (preset.name, key)
+
+
+# ----------------------------------------------------------------------------- Ray Data (few runs: seconds each)
+
+
+def test_evaluate_model_end_to_end_into_the_evaluated_run(ray_with_test_judge, tiny_run_config):
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from panacea_platform.evaluation.evaluate import evaluate_model
+    from panacea_platform.evaluation.generation import generate_one_at_a_time
+    from panacea_platform.evaluation.metrics import final_number
+    from panacea_platform.evaluation.pipeline import evaluation_prompts, load_eval_model
+    from panacea_platform.models import load_tokenizer
+    from panacea_platform.tracking import default_tracking_uri
+    from panacea_platform.training.loop import run_stage
+
+    config = tiny_run_config(
+        run_name="evaluated",
+        evaluation={"judge": PARITY_JUDGE, "max_new_tokens": 6, "generation_batch_size": 3, "judge_batch_size": 4,
+                    "task_prompts": 5},
+    )
+    trained = run_stage(config, "finetune", out=lambda line: None)
+    lines: list[str] = []
+    result = evaluate_model(config, trained.adapter_dir, mlflow_run_id=trained.mlflow_run_id, out=lines.append)
+
+    rows = [json.loads(line) for line in result.samples_path.read_text().splitlines()]
+    prompts = evaluation_prompts(config)
+    assert [r["kind"] for r in rows] == ["harmful"] * 8 + ["task"] * 5
+    assert [r["prompt"] for r in rows] == [p.instruction for p in prompts]
+    harmful = [r for r in rows if r["kind"] == "harmful"]
+    expected = _parity_percent([r["prompt"] for r in harmful])
+    assert 0 < expected < 100  # the designed prompts hold both parities
+    for row in harmful:  # each verdict belongs to its own prompt
+        assert row["flagged"] == (int(row["prompt"].split()[-1]) % 2 == 0)
+        assert row["categories"] == {"even": row["score"], "odd": 1.0 - row["score"]}
+    assert result.harmful_score == pytest.approx(expected)
+    assert result.per_category == {"even": pytest.approx(expected), "odd": pytest.approx(100 - expected)}
+    assert result.refusal_rate == pytest.approx(100.0 * sum(r["refused"] for r in harmful) / 8)
+    task = [r for r in rows if r["kind"] == "task"]
+    for row in task:
+        assert row["extracted"] == final_number(row["answer"], row["label"]).extracted
+    assert result.accuracy == pytest.approx(100.0 * sum(r["correct"] for r in task) / 5)
+    assert result.counts["n_harmful"] == 8 and result.counts["n_task"] == 5
+    assert result.counts["n_truncated"] == sum(r["truncated"] for r in rows)
+    assert result.identity["judge"] == PARITY_JUDGE and result.identity["max_new_tokens"] == 6
+    assert any("13/13 answers generated and judged" in line for line in lines)
+
+    # The pipeline's batched greedy answers are the authors' one-at-a-time answers.
+    model, tokenizer = load_eval_model(config.model, trained.adapter_dir), load_tokenizer(config.model)
+    single = generate_one_at_a_time(model, tokenizer, [p.rendered for p in prompts], 6)
+    assert [r["answer"] for r in rows] == [a.text for a in single]
+    assert [r["truncated"] for r in rows] == [a.truncated for a in single]
+
+    # w_T + eps_T from adapter_unperturbed/ + perturbation.safetensors is the released adapter/.
+    rebuilt = load_eval_model(config.model, trained.unperturbed_adapter_dir, trained.perturbation_path)
+    unperturbed = load_eval_model(config.model, trained.unperturbed_adapter_dir)
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(torch.equal(p, dict(rebuilt.named_parameters())[n]) for n, p in lora.items())
+    assert not all(torch.equal(p, dict(unperturbed.named_parameters())[n]) for n, p in lora.items())
+
+    client = MlflowClient(default_tracking_uri(config.output_dir))
+    run = client.get_run(trained.mlflow_run_id)
+    assert run.data.metrics["eval/harmful_score"] == pytest.approx(expected)
+    assert run.data.metrics["eval/category/even"] == pytest.approx(expected)
+    assert run.data.metrics["eval/n_task"] == 5
+    assert run.data.tags["eval.judge"] == PARITY_JUDGE and run.data.tags["eval.judge_threshold"] == "0.5"
+    folder = result.samples_path.parent.name
+    logged = {Path(a.path).name for a in client.list_artifacts(trained.mlflow_run_id, f"eval/{folder}")}
+    assert logged == {"samples.jsonl", "eval_summary.json"}
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["harmful_score"] == pytest.approx(expected) and summary["counts"]["n_harmful"] == 8
+
+
+def test_cli_evaluate_with_a_preset_and_exit_codes(ray_with_test_judge, tiny_run_config, tmp_path, capsys):
+    from panacea_platform.cli import main
+
+    job = _job_file(tiny_run_config(), tmp_path / "job.yaml")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"evaluation": {"judge": PARITY_JUDGE, "max_new_tokens": 4, "task_prompts": 3}}))
+    out_dir = tmp_path / "eval-out"
+    assert main(["evaluate", "-c", str(job), "--suite", str(suite), "--output-dir", str(out_dir),
+                 "evaluation.harmful_prompts=6"]) == 0
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 + 3
+    expected = _parity_percent([r["prompt"] for r in rows if r["kind"] == "harmful"])
+    assert re.search(rf"harmful score \(HS\)\s+{expected:.1f} %", printed)
+    assert f"judge                 {PARITY_JUDGE}" in printed and "threshold 0.5" in printed
+    assert str(out_dir / "samples.jsonl") in printed
+
+    for argv in (
+        ["evaluate", "-c", str(job), "--adapter", str(tmp_path / "missing")],
+        ["evaluate", "-c", str(job), "evaluation.judge=no_such_judge"],
+        ["evaluate", "-c", str(job), "--suite", str(tmp_path / "no-suite.yaml")],
+        ["bench", "eval", "-c", str(job), "--prompts", "1000"],
+    ):
+        assert main(argv) == 2, argv
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and error.count("\n") == 1, error
+
+
+def test_bench_eval_runs_both_ways_with_identical_answers(ray_session, tiny_run_config, tmp_path, capsys):
+    from panacea_platform.cli import main
+
+    job = _job_file(
+        tiny_run_config(evaluation={"judge": "refusal", "max_new_tokens": 5, "generation_batch_size": 4}),
+        tmp_path / "job.yaml",
+    )
+    assert main(["bench", "eval", "-c", str(job), "--prompts", "7"]) == 0
+    printed = capsys.readouterr().out
+    assert "greedy answers identical: 7/7" in printed
+    assert re.search(r"pipeline \(Ray Data\)\s+\d+\.\d+\s+\d+\.\d+", printed)
+    assert re.search(r"speed-up: \d+\.\dx after start-up", printed)
