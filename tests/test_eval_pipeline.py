@@ -88,9 +88,22 @@ def test_batched_greedy_equals_one_at_a_time_with_eos_and_budget(tiny_llama):
     batched = generate(model, tokenizer, prompts, budget, batch_size=3)
     single = generate_one_at_a_time(model, tokenizer, prompts, budget)
     assert batched == single
+    # A padded-token budget splits batches differently and changes nothing in the answers.
+    assert generate(model, tokenizer, prompts, budget, batch_size=7, max_batch_tokens=60) == single
     assert [(a.new_tokens, a.truncated) for a in batched] == expected
     assert {truncated for _, truncated in expected} == {True, False}  # both cases are exercised
     assert all(a.new_tokens <= budget for a in batched)
+
+
+def test_length_batches_cap_rows_and_padded_tokens():
+    from panacea_platform.evaluation.generation import length_batches
+
+    lengths = [700, 260, 80, 80, 75, 60]  # sorted longest first, as generate sorts them
+    # 700 alone (over the budget); 260 + 80 would pad to 520 > 400; then rows of 80 up to 3 per batch.
+    assert length_batches(lengths, 3, 400) == [[0], [1], [2, 3, 4], [5]]
+    assert length_batches(lengths, 3, None) == [[0, 1, 2], [3, 4, 5]]
+    assert length_batches(lengths, 10, 10_000) == [[0, 1, 2, 3, 4, 5]]
+    assert length_batches([], 4, 100) == []
 
 
 # ----------------------------------------------------------------------------- bad input (no Ray)

@@ -175,6 +175,10 @@ class EvaluationConfig(_Section):
     judge_actors: int = Field(1, ge=1, description="Judge actors in the Ray Data pool.")
     max_new_tokens: int = Field(64, ge=1, description="Greedy generation budget per answer.")
     generation_batch_size: int = Field(20, ge=1, description="Prompts per generation call (left-padded, KV cache).")
+    generation_max_batch_tokens: int | None = Field(
+        2048, ge=1, description="Padded prompt tokens (rows x longest prompt) per generate call: long prompts go "
+        "in smaller batches instead of padding every row to their length; null = no limit.",
+    )
     generation_actors: int = Field(1, ge=1, description="Generation actors in the Ray Data pool.")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs Ray reserves for each generation actor.")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs for each generation or judge actor (0 on CPU).")

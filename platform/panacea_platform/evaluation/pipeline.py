@@ -194,7 +194,7 @@ class GeneratorActor:
     """Loads the model once; answers each batch of rendered prompts in one batched greedy generate call."""
 
     def __init__(self, model_config: dict, adapter: str | None, perturbation: str | None,
-                 max_new_tokens: int, torch_threads: int) -> None:
+                 max_new_tokens: int, torch_threads: int, max_batch_tokens: int | None = None) -> None:
         import torch
 
         from panacea_platform.config import ModelConfig
@@ -206,6 +206,7 @@ class GeneratorActor:
         self.tokenizer = load_tokenizer(config)
         self.model = load_eval_model(config, adapter, perturbation)
         self.max_new_tokens = max_new_tokens
+        self.max_batch_tokens = max_batch_tokens
         self.ready_at = time.time()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -215,7 +216,8 @@ class GeneratorActor:
 
         started = time.time()
         prompts = [str(text) for text in batch["rendered"]]
-        answers = generate(self.model, self.tokenizer, prompts, self.max_new_tokens, batch_size=max(1, len(prompts)))
+        answers = generate(self.model, self.tokenizer, prompts, self.max_new_tokens, batch_size=max(1, len(prompts)),
+                           max_batch_tokens=self.max_batch_tokens)
         return {
             **batch,
             "answer": np.array([a.text for a in answers], dtype=object),
@@ -377,6 +379,7 @@ def run_pipeline(
                 "perturbation": None if perturbation is None else str(Path(perturbation).resolve()),
                 "max_new_tokens": evaluation.max_new_tokens,
                 "torch_threads": torch_threads(evaluation),
+                "max_batch_tokens": evaluation.generation_max_batch_tokens,
             },
             batch_size=evaluation.generation_batch_size,
             batch_format="numpy",
