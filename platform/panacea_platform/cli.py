@@ -28,6 +28,13 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str | None = DEFA
     )
 
 
+def _add_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", default=None, help="LoRA adapter folder to evaluate (default: the base model)")
+    parser.add_argument(
+        "--suite", default=None, help="evaluation preset YAML (e.g. evaluation/offline.yaml), applied before overrides"
+    )
+
+
 def _load(args: argparse.Namespace):
     from panacea_platform.config import load_config
 
@@ -64,7 +71,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     unknown = [d for d in defences if d not in DEFENCES]
     if unknown or not defences:
         raise ConfigError(f"--defences {args.defences!r}: expected a comma list of {', '.join(DEFENCES.names())}")
-    run_demo(config, defences)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: expected a comma list of integers, e.g. 0,1,2") from None
+    if seeds is not None and (not seeds or min(seeds) < 0):
+        raise ConfigError(f"--seeds {args.seeds!r}: expected non-negative integers")
+    run_demo(config, defences, seeds=seeds, control=not args.no_control, evaluate=not args.no_eval)
     return 0
 
 
@@ -124,6 +137,68 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from panacea_platform.config import load_config
+    from panacea_platform.evaluation.evaluate import evaluate_model, format_result, suite_overrides
+
+    config = load_config(args.config, suite_overrides(args.suite) + list(args.overrides))
+    result = evaluate_model(
+        config, args.adapter, args.perturbation, mlflow_run_id=args.run_id, output_dir=args.output_dir
+    )
+    print(format_result(result))
+    return 0
+
+
+def cmd_bench_eval(args: argparse.Namespace) -> int:
+    from panacea_platform.config import load_config
+    from panacea_platform.evaluation.bench import bench_eval
+    from panacea_platform.evaluation.evaluate import suite_overrides
+
+    config = load_config(args.config, suite_overrides(args.suite) + list(args.overrides))
+    result = bench_eval(config, args.prompts, args.adapter, loop_threads=args.loop_threads)
+    # Different greedy answers mean the pipeline is wrong, however fast it is.
+    return 1 if result.mismatches else 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from panacea_platform.search.sweep import run_sweep
+
+    outcome = run_sweep(
+        args.space, args.config, args.overrides, name=args.name, resume=args.resume, retry_errored=args.retry_errored
+    )
+    return 0 if outcome.status == "FINISHED" else 1
+
+
+def _tracking_uri(args: argparse.Namespace) -> tuple[str, str]:
+    from panacea_platform.config import load_config
+    from panacea_platform.tracking import default_tracking_uri
+
+    config = load_config(args.config, args.overrides)
+    return args.tracking_uri or config.tracking.tracking_uri or default_tracking_uri(config.output_dir), config.tracking.experiment
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from panacea_platform.search.report import sweep_report
+
+    uri, experiment = _tracking_uri(args)
+    sweep_report(uri, args.sweep, experiment=experiment, output_dir=args.output_dir)
+    return 0
+
+
+def cmd_bench_sweep(args: argparse.Namespace) -> int:
+    from panacea_platform.search.bench import bench_sweep
+
+    uri, experiment = _tracking_uri(args)
+    bench_sweep(uri, args.sweep, experiment=experiment)
+    return 0
+
+
+def _add_sweep_lookup_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sweep", required=True, help="sweep name (panacea sweep --name) or its MLflow parent run id")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the -c job's)")
+    _add_config_args(parser)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from panacea_platform.config import ConfigError
     from panacea_platform.memory_plan import count_model, format_plan, plan
@@ -161,7 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job: align, then attack and defend the aligned model, and compare")
     _add_config_args(demo)
-    demo.add_argument("--defences", default="sft,panacea", help="comma list of defences to compare (default: sft,panacea)")
+    demo.add_argument(
+        "--defences", default="sft,random_perturbation,panacea",
+        help="comma list of defences to compare at the job's harmful ratio (default: sft,random_perturbation,panacea)",
+    )
+    demo.add_argument("--seeds", default=None, help="comma list of seeds, e.g. 0,1,2 (default: the job's seed)")
+    demo.add_argument("--no-control", action="store_true", help="skip the SFT run at p = 0 (the control row)")
+    demo.add_argument("--no-eval", action="store_true", help="skip generation and judging (held-out losses only)")
     demo.set_defaults(func=cmd_demo)
 
     config = sub.add_parser("config", help="show the resolved configuration, list its fields, or validate job files")
@@ -192,6 +273,46 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     step.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported (default 5)")
     step.set_defaults(func=cmd_bench)
+    bench_eval = bench_sub.add_parser(
+        "eval", help="evaluation throughput: the Ray Data pipeline against one prompt at a time (same answers)"
+    )
+    _add_config_args(bench_eval)
+    _add_eval_args(bench_eval)
+    bench_eval.add_argument("--prompts", type=int, default=None, help="evaluate the first N prompts (default: all)")
+    bench_eval.add_argument(
+        "--loop-threads", type=int, default=None, help="torch threads of the one-at-a-time loop (default: torch's)"
+    )
+    bench_eval.set_defaults(func=cmd_bench_eval)
+    bench_sweep_parser = bench_sub.add_parser(
+        "sweep", help="a sweep's overhead: its wall time against the sum of its trials' training time"
+    )
+    _add_sweep_lookup_args(bench_sweep_parser)
+    bench_sweep_parser.set_defaults(func=cmd_bench_sweep)
+
+    sweep = sub.add_parser(
+        "sweep", help="Ray Tune search over rho, lambda or any field; one MLflow parent run, a child per trial"
+    )
+    sweep.add_argument("--space", "-s", required=True, help="search-space YAML (see search_spaces/)")
+    _add_config_args(sweep, default=None)
+    sweep.add_argument("--name", default=None, help="sweep name (default: the space file's name); rerun to resume")
+    sweep.add_argument("--resume", action="store_true", help="insist on resuming an existing sweep of this name")
+    sweep.add_argument("--retry-errored", action="store_true", help="on resume, run failed trials again from scratch")
+    sweep.set_defaults(func=cmd_sweep)
+
+    report = sub.add_parser("report", help="a sweep's trials table and Pareto plot (PNG + MLflow artifact)")
+    _add_sweep_lookup_args(report)
+    report.add_argument("--output-dir", default=None, help="where pareto.png and trials.txt go (default: a temp folder)")
+    report.set_defaults(func=cmd_report)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="harmful score (HS, HS+), refusal rate and task accuracy of a model, on Ray Data"
+    )
+    _add_config_args(evaluate)
+    _add_eval_args(evaluate)
+    evaluate.add_argument("--perturbation", default=None, help="perturbation.safetensors to add to the adapter (w + eps)")
+    evaluate.add_argument("--run-id", default=None, help="MLflow run evaluated: metrics, tags and files are logged there")
+    evaluate.add_argument("--output-dir", default=None, help="where samples.jsonl and eval_summary.json go")
+    evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
 

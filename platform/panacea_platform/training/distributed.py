@@ -485,6 +485,8 @@ def run_distributed(
     keep_checkpoints: int | None = None,
     max_failures: int | None = None,
     resume_from: str | Path | None = None,
+    callbacks: list[Any] | None = None,
+    mlflow_run_id: str | None = None,
     _crash: dict[str, Any] | None = None,
 ) -> DistributedResult:
     """Train one stage on `num_workers` Ray Train workers under DeepSpeed ZeRO-`zero_stage`.
@@ -504,6 +506,9 @@ def run_distributed(
     checkpoint folder of an earlier run (e.g. one whose driver died) to start
     from; it must come from the same world size and ZeRO stage, and be readable
     at that path by every worker (shared storage on a cluster).
+    `callbacks` are Ray Train callbacks (e.g. the Train-to-Tune report callback of
+    a sweep's trial). `mlflow_run_id` makes rank 0 log into that existing run
+    (a sweep's child run) instead of a run opened here; its owner ends it.
     `_crash` is for tests only: {"rank", "after_step", "marker"} makes that rank's
     process kill itself after that step, once (while the marker file is absent).
     """
@@ -535,14 +540,21 @@ def run_distributed(
     ensure_ray()
     storage = Path(storage_path) if storage_path is not None else Path(config.output_dir) / "ray"
     storage.mkdir(parents=True, exist_ok=True)
-    tracker = open_tracker(config, stage, parent_run_id) if track else None
-    with tracker if tracker is not None else nullcontext():
+    if mlflow_run_id is not None:
+        from panacea_platform.tracking import Tracker
+
+        tracker = Tracker.attach(config.tracking.tracking_uri or default_tracking_uri(config.output_dir), mlflow_run_id)
+        owned = False
+    else:
+        tracker = open_tracker(config, stage, parent_run_id) if track else None
+        owned = tracker is not None
+    with tracker if owned else nullcontext():
         if tracker is not None:
             tracker.set_tags({"num_workers": str(num_workers), "zero_stage": str(zero_stage)})
         return _fit(config, stage, num_workers, zero_stage, storage, micro_batch_size, zero_options,
                     cpus_per_worker, report_every, tracker.run_id if tracker is not None else None, out,
                     checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-                    max_failures=max_failures, resume_from=resume_from, crash=_crash)
+                    max_failures=max_failures, resume_from=resume_from, crash=_crash, callbacks=callbacks)
 
 
 def ensure_ray() -> None:
@@ -558,7 +570,7 @@ def ensure_ray() -> None:
 
 def _fit(config, stage, num_workers, zero_stage, storage, micro_batch_size, zero_options, cpus_per_worker,
          report_every, mlflow_run_id, out, *, checkpoint_every=0, keep_checkpoints=None, max_failures=0,
-         resume_from=None, crash=None) -> DistributedResult:
+         resume_from=None, crash=None, callbacks=None) -> DistributedResult:
     from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train import ScalingConfig
@@ -591,6 +603,7 @@ def _fit(config, stage, num_workers, zero_stage, storage, micro_batch_size, zero
             storage_path=str(storage.resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=list(callbacks or []),
         ),
     )
     result = trainer.fit()

@@ -32,8 +32,10 @@ from panacea_platform.models import (
     attach_lora,
     load_base_model,
     load_tokenizer,
+    resolve_model_path,
     save_perturbation,
 )
+from panacea_platform.analysis import analyse_run, write_layer_analysis
 from panacea_platform.plots import plot_training_curves
 from panacea_platform.training.torch_backend import TorchWeights
 from panacea_platform.tracking import Tracker, default_tracking_uri, package_versions
@@ -142,6 +144,38 @@ def mean_loss(model: torch.nn.Module, features: list[dict], batch_size: int, pad
             tokens += count
     model.train(was_training)
     return total / max(tokens, 1)
+
+
+def heldout_signals(
+    model: torch.nn.Module,
+    weights: TrainableWeights,
+    defence: Defence,
+    eval_task: list[dict],
+    eval_harmful: list[dict],
+    batch_size: int,
+    pad_token_id: int,
+) -> dict[str, float]:
+    """Mid-training held-out losses: task and harmful at w, and both as released (w + eps).
+
+    eps is what the defence would add were training to stop now: Panacea's last
+    eps, the random baseline's noise (drawn from a generator of its own, so no
+    RNG state of the run is consumed), none for SFT. Forward passes only; the
+    weights are w again, bit for bit, afterwards. Run on every rank (under
+    ZeRO-3 a forward pass and the perturbation are collective).
+    """
+    signals = {
+        "heldout_task_loss": mean_loss(model, eval_task, batch_size, pad_token_id),
+        "heldout_harmful_loss": mean_loss(model, eval_harmful, batch_size, pad_token_id),
+    }
+    eps = defence.final_perturbation(weights)
+    if eps is None:
+        signals["released_heldout_harmful_loss"] = signals["heldout_harmful_loss"]
+        signals["released_heldout_task_loss"] = signals["heldout_task_loss"]
+        return signals
+    with weights.perturbed(eps):
+        signals["released_heldout_harmful_loss"] = mean_loss(model, eval_harmful, batch_size, pad_token_id)
+        signals["released_heldout_task_loss"] = mean_loss(model, eval_task, batch_size, pad_token_id)
+    return signals
 
 
 @dataclass
@@ -355,9 +389,15 @@ def execute_stage(
     # After a restart (from a checkpoint or from scratch), steps a failed attempt
     # already logged are not logged twice: the restarted run recomputes them the same.
     logged_through = last_logged_step(tracker) if tracker is not None and checkpoints is not None else 0
+    # Held-out sets are tokenized once; periodic evaluation (optim.eval_every) reuses them.
+    eval_harmful, eval_task = tokenize(data.eval_harmful), tokenize(data.eval_task)
 
     def step_done(step: int, metrics: dict[str, float]) -> None:
         metrics = {**metrics, "lr": scheduler.get_last_lr()[0]}
+        if optim.eval_every and step % optim.eval_every == 0:
+            metrics.update(
+                heldout_signals(model, weights, defence, eval_task, eval_harmful, optim.batch_size, pad)
+            )
         if history_file is not None:
             history_file.write(json.dumps({"step": step, **metrics}) + "\n")
             history_file.flush()
@@ -381,7 +421,6 @@ def execute_stage(
         history = [{k: v for k, v in row.items() if k not in ("step", "lr")} for row in rows[:start]] + history
 
     # Held-out losses run on every rank: under ZeRO-3 each forward pass is collective.
-    eval_harmful, eval_task = tokenize(data.eval_harmful), tokenize(data.eval_task)
     batch = optim.batch_size
     summary: dict[str, float] = {
         "final_task_loss": history[-1]["task_loss"],
@@ -416,10 +455,14 @@ def execute_stage(
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         curves = plot_training_curves(history, f"{label}: {config.run_name}", run_dir / "training_curves.png")
         out(f"[{label}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+        # Where eps goes, layer by layer (the paper's safety-affinity observation), for any model.
+        layer_files = [] if perturbation_path is None else write_layer_analysis(
+            analyse_run(run_dir, resolve_model_path(config.model.name)), run_dir, f"eps per layer: {config.run_name}"
+        )
     if tracker is not None:
         tracker.log_metrics(summary, steps)
         for path in (adapter_dir, unperturbed_dir, perturbation_path, run_dir / "history.jsonl",
-                     run_dir / "summary.json", curves):
+                     run_dir / "summary.json", curves, *layer_files):
             if path is not None:
                 tracker.log_artifact(path)
     return StageResult(

@@ -1,0 +1,242 @@
+"""`panacea report`: a sweep's trials as a table and its Pareto plot, read through MlflowClient only.
+
+Everything comes from the tracking server (the parent run's tags name the
+searched parameters and the objectives; each child run holds its params,
+metrics and status), so a report works on a team's server as well as on the
+local SQLite store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from panacea_platform.config import ConfigError
+from panacea_platform.search.pareto import pareto_front
+
+TRIAL_TAG = "tune_trial_id"  # the same tag sweep.py sets on every child run
+SWEEP_TAG = "sweep"
+SIGNAL_COLUMNS = (
+    ("task loss", "heldout_task_loss"),
+    ("harm loss w", "heldout_harmful_loss"),
+    ("harm loss rel.", "released_heldout_harmful_loss"),
+    ("task loss rel.", "released_heldout_task_loss"),
+)
+EVAL_COLUMNS = (("harmful score", "eval/harmful_score"), ("accuracy", "eval/accuracy"))
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class SweepNotFoundError(ConfigError):
+    """No sweep parent run matches the name or id given."""
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    run_id: str
+    status: str
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    start_ms: int | None = None
+    end_ms: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.status == "KILLED" and "stopped_by" in self.tags:
+            return f"stopped ({self.tags['stopped_by']})"
+        return self.status.lower()
+
+
+@dataclass
+class SweepReport:
+    parent_run_id: str
+    parameters: list[str]
+    objectives: list[tuple[str, str]]
+    trials: list[TrialRow] = field(default_factory=list)
+    front: list[bool] = field(default_factory=list)
+    table: str = ""
+    plot: Path | None = None
+
+
+def resolve_parent(client, sweep: str, experiment: str | None = None) -> str:
+    """The parent run id of a sweep given by name (latest such sweep) or by run id."""
+    if _RUN_ID.match(sweep):
+        try:
+            return client.get_run(sweep).info.run_id
+        except Exception:  # noqa: BLE001 - MLflow raises its own RestException / MlflowException
+            pass
+    experiments = client.search_experiments()
+    if experiment is not None:
+        experiments = [e for e in experiments if e.name == experiment] or experiments
+    runs = client.search_runs(
+        [e.experiment_id for e in experiments],
+        filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.stage = 'sweep'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    ) if experiments else []
+    if not runs:
+        raise SweepNotFoundError(
+            f"--sweep {sweep!r}: no sweep with that name or parent run id in {client.tracking_uri} "
+            "(pass the name given to `panacea sweep --name`, or the parent run id, and the same -c job / tracking URI)"
+        )
+    return runs[0].info.run_id
+
+
+def collect_trials(client, parent_run_id: str) -> list[TrialRow]:
+    """Every child run of the sweep that is a Tune trial, oldest first."""
+    parent = client.get_run(parent_run_id)
+    parameters = json.loads(parent.data.tags.get("sweep.parameters", "[]"))
+    rows, token = [], None
+    while True:
+        page = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+            max_results=500,
+            page_token=token,
+        )
+        for run in page:
+            trial_id = run.data.tags.get(TRIAL_TAG)
+            if trial_id is None:
+                continue  # e.g. the alignment run the sweep trained first
+            rows.append(TrialRow(
+                trial_id=trial_id,
+                run_id=run.info.run_id,
+                status=run.info.status,
+                params={p: _param(run.data.params, p) for p in parameters},
+                metrics=dict(run.data.metrics),
+                tags=dict(run.data.tags),
+                start_ms=run.info.start_time,
+                end_ms=run.info.end_time,
+            ))
+        token = page.token
+        if not token:
+            break
+    rows.sort(key=lambda row: row.trial_id)
+    return rows
+
+
+def _param(params: dict[str, str], path: str) -> Any:
+    value = params.get(path)
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except (ValueError, TypeError):
+        return value
+
+
+def objectives_of(parent) -> list[tuple[str, str]]:
+    raw = parent.data.tags.get("sweep.objectives")
+    if not raw:
+        return [("eval/harmful_score", "min"), ("eval/accuracy", "max")]
+    return [(metric, mode) for metric, mode in json.loads(raw)]
+
+
+def front_flags(trials: list[TrialRow], objectives: list[tuple[str, str]]) -> list[bool]:
+    """Pareto flags over the finished trials (stopped and failed ones are never on the front)."""
+    finished = [row.status == "FINISHED" for row in trials]
+    flags = pareto_front([row.metrics if ok else {} for row, ok in zip(trials, finished)], objectives)
+    return [flag and ok for flag, ok in zip(flags, finished)]
+
+
+def _cell(value: Any, width: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return f"{'-':>{width}}"
+    if isinstance(value, float):
+        return f"{value:>{width}.4g}"
+    return f"{str(value):>{width}}"
+
+
+def format_table(trials: list[TrialRow], parameters: list[str], objectives: list[tuple[str, str]],
+                 front: list[bool]) -> str:
+    """One line per trial: searched values, harmful score, accuracy, cheap signals, score, status, front."""
+    metric_columns = list(EVAL_COLUMNS) + list(SIGNAL_COLUMNS) + [("score", "score")]
+    for metric, _ in objectives:
+        if metric not in [key for _, key in metric_columns]:
+            metric_columns.append((metric[-14:], metric))
+    header = f"{'trial':<14}" + "".join(f"{p.split('.')[-1]:>10}" for p in parameters)
+    header += "".join(f"{name:>15}" for name, _ in metric_columns) + f"{'status':>18}{'front':>7}"
+    lines = [header, "-" * len(header)]
+    for row, on_front in zip(trials, front):
+        line = f"{row.trial_id:<14}" + "".join(_cell(row.params.get(p), 10) for p in parameters)
+        line += "".join(_cell(row.metrics.get(key), 15) for _, key in metric_columns)
+        line += f"{row.label:>18}{'*' if on_front else '':>7}"
+        lines.append(line)
+    directions = ", ".join(f"{metric} {'down' if mode == 'min' else 'up'}" for metric, mode in objectives)
+    lines.append(f"front (*): not dominated among finished trials on {directions}; "
+                 "'harm loss rel.' = held-out harmful loss of the released model w + eps (higher = safer)")
+    return "\n".join(lines)
+
+
+def plot_pareto(trials: list[TrialRow], parameters: list[str], objectives: list[tuple[str, str]],
+                front: list[bool], path: str | Path, title: str) -> Path:
+    """Scatter of the finished trials on the two objectives, the front joined and labelled."""
+    from panacea_platform.plots import _pyplot
+
+    plt = _pyplot()
+    (x_metric, x_mode), (y_metric, y_mode) = objectives[0], objectives[1]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    points = [(row, row.metrics.get(x_metric), row.metrics.get(y_metric), flag)
+              for row, flag in zip(trials, front)]
+    points = [p for p in points if p[1] is not None and p[2] is not None]
+    others = [p for p in points if not p[3]]
+    on_front = sorted((p for p in points if p[3]), key=lambda p: p[1])
+    if others:
+        ax.scatter([p[1] for p in others], [p[2] for p in others], c="grey", alpha=0.6, label="trial")
+    if on_front:
+        ax.plot([p[1] for p in on_front], [p[2] for p in on_front], "o-", c="tab:red", label="Pareto front")
+    for row, x, y, _ in points:
+        text = ", ".join(f"{p.split('.')[-1]}={_short(row.params.get(p))}" for p in parameters)
+        ax.annotate(text, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel(f"{x_metric} ({'lower' if x_mode == 'min' else 'higher'} is better)")
+    ax.set_ylabel(f"{y_metric} ({'lower' if y_mode == 'min' else 'higher'} is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if points:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def sweep_report(tracking_uri: str, sweep: str, *, experiment: str | None = None, out: Callable[[str], None] = print,
+                 output_dir: str | Path | None = None) -> SweepReport:
+    """Print the trials table, write the Pareto plot (PNG) and log both on the parent run."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    parent_run_id = resolve_parent(client, sweep, experiment)
+    parent = client.get_run(parent_run_id)
+    parameters = json.loads(parent.data.tags.get("sweep.parameters", "[]"))
+    objectives = objectives_of(parent)
+    trials = collect_trials(client, parent_run_id)
+    front = front_flags(trials, objectives)
+    table = format_table(trials, parameters, objectives, front)
+    out(table)
+    name = parent.data.tags.get(SWEEP_TAG, parent_run_id)
+    folder = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="panacea-report-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    plot = plot_pareto(trials, parameters, objectives, front, folder / "pareto.png", f"sweep {name}: Pareto front")
+    (folder / "trials.txt").write_text(table + "\n")
+    (folder / "trials.json").write_text(json.dumps(
+        [{"trial_id": t.trial_id, "run_id": t.run_id, "status": t.status, "params": t.params, "metrics": t.metrics,
+          "on_front": f} for t, f in zip(trials, front)], indent=2))
+    for path in (plot, folder / "trials.txt", folder / "trials.json"):
+        client.log_artifact(parent_run_id, str(path))
+    for row, flag in zip(trials, front):
+        client.set_tag(row.run_id, "pareto_front", str(flag).lower())
+    client.set_tag(parent_run_id, "pareto_front_trials", ",".join(t.trial_id for t, f in zip(trials, front) if f))
+    out(f"Pareto plot: {plot} (also an artifact of MLflow run {parent_run_id})")
+    return SweepReport(parent_run_id, parameters, objectives, trials, front, table, plot)

@@ -1,0 +1,61 @@
+"""pareto_front on designed points with known answers (harm down, accuracy up unless stated)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from panacea_platform.search.pareto import dominates, pareto_front
+
+HARM_ACC = [("harm", "min"), ("acc", "max")]
+
+
+def rows(*points):
+    return [{"harm": h, "acc": a} for h, a in points]
+
+
+def test_one_point_is_the_front():
+    assert pareto_front(rows((30, 0.5)), HARM_ACC) == [True]
+
+
+def test_a_dominated_chain_leaves_only_its_best_point():
+    # Each point is worse than the one before on both objectives.
+    assert pareto_front(rows((10, 0.9), (20, 0.8), (30, 0.7), (40, 0.6)), HARM_ACC) == [True, False, False, False]
+
+
+def test_a_trade_off_keeps_every_point_and_drops_the_dominated_one():
+    # (10, 0.5), (20, 0.7), (30, 0.9) trade harm for accuracy; (25, 0.6) is beaten by (20, 0.7).
+    assert pareto_front(rows((10, 0.5), (20, 0.7), (30, 0.9), (25, 0.6)), HARM_ACC) == [True, True, True, False]
+
+
+def test_duplicates_on_the_front_are_all_kept_and_duplicates_off_it_all_dropped():
+    flags = pareto_front(rows((10, 0.8), (10, 0.8), (20, 0.5), (20, 0.5)), HARM_ACC)
+    assert flags == [True, True, False, False]
+
+
+def test_a_tie_on_one_objective_is_decided_by_the_other():
+    # Same harm: the higher accuracy dominates; same accuracy: the lower harm dominates.
+    assert pareto_front(rows((10, 0.6), (10, 0.8)), HARM_ACC) == [False, True]
+    assert pareto_front(rows((15, 0.7), (12, 0.7)), HARM_ACC) == [False, True]
+
+
+def test_directions_are_honoured():
+    points = rows((10, 0.5), (20, 0.9))
+    # Both minimised: (10, 0.5) dominates; both maximised: (20, 0.9) dominates.
+    assert pareto_front(points, [("harm", "min"), ("acc", "min")]) == [True, False]
+    assert pareto_front(points, [("harm", "max"), ("acc", "max")]) == [False, True]
+
+
+def test_rows_missing_an_objective_are_off_the_front_and_dominate_nothing():
+    points = [{"harm": 5.0}, {"harm": 10, "acc": 0.5}, {"harm": math.nan, "acc": 1.0}, {"harm": None, "acc": 2}]
+    assert pareto_front(points, HARM_ACC) == [False, True, False, False]
+
+
+def test_dominates_needs_strictly_better_somewhere():
+    assert dominates((1, 1), (1, 2)) and not dominates((1, 2), (1, 2)) and not dominates((0, 3), (1, 2))
+
+
+def test_a_bad_mode_is_an_error():
+    with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
+        pareto_front(rows((1, 1)), [("harm", "down")])

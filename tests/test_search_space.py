@@ -1,0 +1,133 @@
+"""The search-space schema: shipped files validate; bad keys, ranges and values are one clear error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from panacea_platform.config import ConfigError, load_config
+from panacea_platform.search.space import (
+    SearchSpaceError,
+    canonical_path,
+    check_against_job,
+    check_space,
+    config_with,
+    load_space,
+    space_from_dict,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "search_spaces").glob("*.yaml"))
+
+
+def check(tree: dict) -> None:
+    check_space(space_from_dict(tree))
+
+
+def test_the_two_required_spaces_are_shipped():
+    assert {p.name for p in SHIPPED} >= {"offline_default.yaml", "paper_neighbourhood.yaml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_space_validates_against_its_base_job(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # base_job paths are relative to the repository
+    space = load_space(path)
+    assert space.base_job is not None and (REPO / space.base_job).is_file()
+    check_against_job(space, load_config(space.base_job))
+
+
+def test_the_paper_space_fits_every_paper_job(monkeypatch):
+    monkeypatch.chdir(REPO)
+    space = load_space(REPO / "search_spaces" / "paper_neighbourhood.yaml")
+    # The authors' values sit in the middle of the grids.
+    assert 1.0 in space.parameters["panacea.rho"].values and 1e-3 in space.parameters["panacea.lambda"].values
+    for job in sorted((REPO / "jobs" / "paper").glob("*.yaml")):
+        check_against_job(space, load_config(job))
+
+
+@pytest.mark.parametrize(
+    "tree, message",
+    [
+        ({"parameters": {"panacea.lambda": {"uniform": [-1, 1]}}},
+         "parameters.panacea.lambda: lower bound -1 is below the field's minimum 0"),
+        ({"parameters": {"data.harmful_ratio": {"uniform": [0.1, 1.5]}}},
+         "parameters.data.harmful_ratio: upper bound 1.5 is above the field's maximum 1"),
+        ({"parameters": {"optim.lr": {"uniform": [0, 1e-3]}}},
+         "parameters.optim.lr: lower bound 0 must be above the field's exclusive minimum 0"),
+        ({"parameters": {"panacea.rho": {"loguniform": [0, 1]}}}, "loguniform [0.0, 1.0]: lo must be > 0"),
+        ({"parameters": {"panacea.rho": {"uniform": [2, 1]}}}, "uniform [2.0, 1.0]: lo must be below hi"),
+        ({"parameters": {"panacea.rho": {"grid": []}}}, "grid is empty"),
+        ({"parameters": {"panacea.rho": {"grid": [1], "choice": [2]}}}, "give exactly one of grid, choice"),
+        ({"parameters": {"panacea.rhoo": {"grid": [1]}}}, "parameters.panacea.rhoo: 'panacea.rhoo' is not a config field"),
+        ({"parameters": {"panacea": {"grid": [1]}}}, "parameters.panacea: is a whole section"),
+        ({"parameters": {"output_dir": {"grid": ["x"]}}}, "parameters.output_dir: set by the sweep"),
+        ({"parameters": {"optim.max_steps": {"uniform": [1, 9]}}}, "uniform draws real numbers but the field takes"),
+        ({"parameters": {"optim.max_steps": {"grid": [0, 3]}}}, "value 0 is out of range (the field needs >= 1)"),
+        ({"parameters": {"optim.schedule": {"choice": ["constant", "warp"]}}}, "value 'warp' is not allowed"),
+        ({"parameters": {}}, "parameters"),
+        ({"parameters": {"panacea.rho": {"grid": [1]}}, "schedular": {"type": "asha"}}, "schedular: unknown key"),
+        ({"parameters": {"panacea.rho": {"grid": [1]}}, "scheduler": {"type": "hyperband"}}, "scheduler.type"),
+        ({"parameters": {"panacea.rho": {"grid": [1]}}, "searcher": "annealing"}, "searcher 'annealing': expected one of"),
+        ({"parameters": {"panacea.rho": {"choice": [1]}}, "searcher": "grid"}, "searcher 'grid' needs every parameter as grid"),
+        ({"parameters": {"panacea.rho": {"grid": [1]}}, "fixed": {"panacea.rho": 2}}, "both searched (parameters) and fixed"),
+        ({"parameters": {"panacea.rho": {"grid": [1]}}, "fixed": {"evaluation.threshold": 2}}, "fixed.evaluation.threshold: value 2"),
+        ({"parameters": {"panacea.rho": {"grid": [1]}}, "mode": "down"}, "mode"),
+    ],
+)
+def test_a_bad_space_is_one_clear_config_error(tree, message):
+    with pytest.raises(SearchSpaceError) as info:
+        check(tree)
+    assert message in str(info.value)
+    assert isinstance(info.value, ConfigError) and "\n" not in str(info.value)
+
+
+def test_a_searcher_that_is_not_installed_names_its_pip_package():
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        with pytest.raises(SearchSpaceError, match="needs the package 'optuna'.*pip install optuna"):
+            check({"parameters": {"panacea.rho": {"choice": [0.1, 1.0]}}, "searcher": "optuna"})
+    else:
+        check({"parameters": {"panacea.rho": {"choice": [0.1, 1.0]}}, "searcher": "optuna"})
+
+
+def test_lambda_is_reachable_by_alias_and_by_name():
+    assert canonical_path("panacea.lambda") == canonical_path("panacea.lam") == "panacea.lambda"
+    base = load_config(None)
+    assert config_with(base, {"panacea.lambda": 0.25}).panacea.lam == 0.25
+    assert config_with(base, {"panacea.lam": 0.5}).panacea.lam == 0.5
+
+
+def test_values_are_checked_against_the_base_job_too(tmp_path):
+    base = load_config(None)
+    # batch 5 is a valid field value but not a multiple of the trial's 2 workers.
+    space = space_from_dict({"parameters": {"optim.batch_size": {"grid": [4, 5]}},
+                             "resources": {"num_workers": 2, "zero_stage": 0}})
+    with pytest.raises(SearchSpaceError, match=r"parameters.optim.batch_size = 5 with the base job: .*multiple of"):
+        check_against_job(space, base)
+
+
+def test_asha_on_a_held_out_signal_needs_eval_every():
+    base = load_config(None)
+    tree = {"parameters": {"panacea.rho": {"grid": [1]}}, "scheduler": {"type": "asha"}}
+    with pytest.raises(SearchSpaceError, match="set eval_every: N"):
+        check_against_job(space_from_dict(tree), base)
+    check_against_job(space_from_dict({**tree, "eval_every": 2}), base)
+
+
+def test_missing_and_malformed_files_are_clear(tmp_path):
+    with pytest.raises(SearchSpaceError, match="not found"):
+        load_space(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(["a", "b"]))
+    with pytest.raises(SearchSpaceError, match="top level must be a mapping"):
+        load_space(bad)
+
+
+def test_the_fingerprint_changes_with_the_space():
+    a = space_from_dict({"parameters": {"panacea.rho": {"grid": [1]}}})
+    b = space_from_dict({"parameters": {"panacea.rho": {"grid": [2]}}})
+    assert a.fingerprint() == space_from_dict({"parameters": {"panacea.rho": {"grid": [1]}}}).fingerprint()
+    assert a.fingerprint() != b.fingerprint()

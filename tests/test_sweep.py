@@ -1,0 +1,329 @@
+"""Ray Tune sweeps on the tiny random Llama: the MLflow tree, ASHA, a failing trial, resume after a kill.
+
+Every trial is one Ray Train fit (1 worker, ZeRO-0, 0.9 CPU; about 15-20 s of
+start-up on 2 cores), so the sweeps are small: 4 trials two at a time, 2 trials
+one at a time under ASHA, 1 failing trial (it fails before Ray Train starts),
+and 3 trials in a CLI subprocess that is killed and rerun. All sweeps share one
+output folder, so the alignment stage runs once and is reused after that.
+
+Designed expectations:
+- Panacea's eps has global norm rho (eps = rho * H / ||H||): the released
+  perturbation of each trial has norm rho.
+- With lambda = 0 the update direction is the task gradient alone, whatever
+  rho is: the two lambda = 0 trials end with the same weights (same held-out
+  losses at w), while lambda = 0.5 changes them.
+- ASHA (grace 1 step, reduction 2), one trial at a time: lr 1e-3 first, then
+  lr 1.0, whose held-out task loss after its first step is far worse, so ASHA
+  stops it at step 1 and its run ends KILLED.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_config
+from panacea_platform.config import save_config
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sweep_root(tmp_path_factory, tiny_llama, placeholder_harmful_file):
+    """A job file on the tiny model, all sweeps' output under one folder (alignment is shared)."""
+    root = tmp_path_factory.mktemp("sweeps")
+    config = tiny_config(
+        tiny_llama, placeholder_harmful_file, root / "runs", run_name="tiny-sweep",
+        optim={"max_steps": 3, "log_every": 1}, tracking={"experiment": "sweep-test"},
+    )
+    save_config(config, root / "job.yaml")
+    return root
+
+
+def write_space(root: Path, name: str, tree: dict) -> Path:
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def client_for(root: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{(root / 'runs' / 'mlflow.db').resolve()}")
+
+
+def children(client, parent_run_id: str):
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return [run for run in runs if "tune_trial_id" in run.data.tags]
+
+
+def steps_of(client, run_id: str, key: str) -> list[int]:
+    return sorted(metric.step for metric in client.get_metric_history(run_id, key))
+
+
+def test_a_four_trial_sweep_builds_one_parent_with_four_complete_children(ray_session, sweep_root):
+    from panacea_platform.search.sweep import run_sweep
+
+    space = write_space(sweep_root, "main", {
+        "parameters": {"panacea.rho": {"grid": [0.1, 1.0]}, "panacea.lambda": {"grid": [0.0, 0.5]}},
+        "eval_every": 1,
+        "evaluate": False,
+        "max_concurrent_trials": 2,
+    })
+    lines: list[str] = []
+    started = time.monotonic()
+    outcome = run_sweep(space, sweep_root / "job.yaml", name="main", out=lines.append, progress_every_s=5)
+    wall = time.monotonic() - started
+    print(f"4-trial sweep wall time: {wall:.1f}s")
+
+    client = client_for(sweep_root)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED" and outcome.status == "FINISHED"
+    assert parent.data.tags["sweep"] == "main" and parent.data.tags["stage"] == "sweep"
+    runs = children(client, outcome.parent_run_id)
+    assert len(runs) == 4
+    assert len({run.data.tags["tune_trial_id"] for run in runs}) == 4
+    grid = {(0.1, 0.0), (0.1, 0.5), (1.0, 0.0), (1.0, 0.5)}
+    assert {(float(r.data.params["panacea.rho"]), float(r.data.params["panacea.lambda"])) for r in runs} == grid
+
+    for run in runs:
+        params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+        assert run.info.status == "FINISHED" and tags["sweep_final"] == "true"
+        assert tags["mlflow.parentRunId"] == outcome.parent_run_id
+        assert params["seed"] == "0" and params["evaluation.judge"] == "offline"
+        assert params["evaluation.threshold"] == "0.5" and params["code.git_commit"]
+        assert params["data.fingerprint.train"].endswith(":20") and params["data.fingerprint.defender"].endswith(":16")
+        assert "version.ray" in params and params["optim.eval_every"] == "1"
+        # Per-step metrics (steps 1..3) and the cheap signals at every evaluation step.
+        assert steps_of(client, run.info.run_id, "task_loss") == [1, 2, 3]
+        assert steps_of(client, run.info.run_id, "released_heldout_harmful_loss")[:3] == [1, 2, 3]
+        # Panacea's eps has norm rho.
+        assert metrics["perturbation_norm"] == pytest.approx(float(params["panacea.rho"]), rel=1e-4)
+        # The scalar score: heldout task loss - 0.1 * released harmful loss (the default weights).
+        expected = metrics["heldout_task_loss"] - 0.1 * metrics["released_heldout_harmful_loss"]
+        assert metrics["score"] == pytest.approx(expected, rel=1e-6)
+        artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+        assert {"adapter", "adapter_unperturbed", "perturbation.safetensors", "history.jsonl",
+                "summary.json", "training_curves.png", "config.yaml"} <= artifacts
+
+    by_params = {(float(r.data.params["panacea.rho"]), float(r.data.params["panacea.lambda"])): r for r in runs}
+    lam0 = [by_params[(0.1, 0.0)].data.metrics, by_params[(1.0, 0.0)].data.metrics]
+    assert lam0[0]["heldout_harmful_loss"] == pytest.approx(lam0[1]["heldout_harmful_loss"], rel=1e-5)
+    assert lam0[0]["heldout_task_loss"] == pytest.approx(lam0[1]["heldout_task_loss"], rel=1e-5)
+    lam_half = by_params[(1.0, 0.5)].data.metrics
+    assert not math.isclose(lam_half["heldout_harmful_loss"], lam0[1]["heldout_harmful_loss"], rel_tol=1e-5)
+
+    # The report: table lines for every trial, the plot on disk and on the parent run.
+    assert len(outcome.trials) == 4 and any(outcome.front)
+    assert outcome.plot is not None and outcome.plot.is_file()
+    assert "pareto.png" in {item.path for item in client.list_artifacts(outcome.parent_run_id)}
+    text = "\n".join(lines)
+    assert "[align] no aligned adapter" in text or "[align] reusing" in text
+    assert "4/4 done (4 finished, 0 stopped early, 0 failed)" in text
+
+
+def test_report_and_bench_read_the_sweep_back_from_mlflow(sweep_root, capsys):
+    """Uses the 'main' sweep of the test above (same module folder); MLflow is the only source."""
+    from panacea_platform.cli import main
+    from panacea_platform.search.bench import bench_sweep
+
+    client = client_for(sweep_root)
+    uri = f"sqlite:///{(sweep_root / 'runs' / 'mlflow.db').resolve()}"
+    assert main(["report", "--sweep", "main", "-c", str(sweep_root / "job.yaml"),
+                 "--output-dir", str(sweep_root / "report")]) == 0
+    printed = capsys.readouterr().out
+    trial_lines = [line for line in printed.splitlines() if line.split(" ")[0].count("_") == 1 and "finished" in line]
+    assert len(trial_lines) == 4 and (sweep_root / "report" / "pareto.png").is_file()
+    timing = bench_sweep(uri, "main", out=lambda line: None)
+    parent_id = _parents(client, "main")[0]
+    parent = client.get_run(parent_id)
+    assert timing.trials == 4
+    assert timing.wall_s == pytest.approx((parent.info.end_time - parent.info.start_time) / 1000)
+    assert 0 < timing.training_s < timing.trial_s
+    assert timing.overhead == pytest.approx(timing.wall_s / timing.training_s)
+    assert main(["report", "--sweep", "no-such-sweep", "-c", str(sweep_root / "job.yaml")]) == 2
+    assert "no sweep with that name" in capsys.readouterr().err
+
+
+def test_a_changed_space_under_the_same_name_is_refused(sweep_root):
+    from panacea_platform.search.sweep import SweepMismatchError, run_sweep
+
+    space = write_space(sweep_root, "main-changed", {
+        "parameters": {"panacea.rho": {"grid": [0.1, 2.0]}, "panacea.lambda": {"grid": [0.0, 0.5]}},
+        "eval_every": 1, "evaluate": False, "max_concurrent_trials": 2,
+    })
+    with pytest.raises(SweepMismatchError, match="another search space or base job"):
+        run_sweep(space, sweep_root / "job.yaml", name="main")
+
+
+def test_asha_stops_the_clearly_worse_trial_and_the_finished_one_is_evaluated(ray_session, sweep_root):
+    """Designed: ranked by the released model's held-out harmful loss (higher = safer), one trial at a
+    time. rho = 1 runs first; rho = 0 releases w itself (eps = 0), whose harmful loss is lower at
+    every step, so ASHA stops it at its first rung (step 1). The finished trial gets the full
+    evaluation (refusal judge, a few prompts) into its child run."""
+    from panacea_platform.search.sweep import run_sweep
+
+    space = write_space(sweep_root, "asha", {
+        "parameters": {"panacea.rho": {"grid": [1.0, 0.0]}},
+        "fixed": {"optim.max_steps": 8, "evaluation.judge": "refusal", "evaluation.max_new_tokens": 4,
+                  "evaluation.harmful_prompts": 4, "evaluation.task_prompts": 4,
+                  "evaluation.cpus_per_actor": 0.45, "evaluation.judge_cpus_per_actor": 0.45},
+        "metric": "released_heldout_harmful_loss",
+        "mode": "max",
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "eval_every": 1,
+        "evaluate": True,
+        "max_concurrent_trials": 1,
+    })
+    lines: list[str] = []
+    outcome = run_sweep(space, sweep_root / "job.yaml", name="asha", out=lines.append)
+    client = client_for(sweep_root)
+    runs = {float(r.data.params["panacea.rho"]): r for r in children(client, outcome.parent_run_id)}
+    good, bad = runs[1.0], runs[0.0]
+    assert good.info.status == "FINISHED"
+    assert steps_of(client, good.info.run_id, "task_loss") == list(range(1, 9))
+    assert bad.info.status == "KILLED" and bad.data.tags["stopped_by"] == "asha"
+    assert bad.data.tags["stopped_at_step"] == "1" and "sweep_final" not in bad.data.tags
+    first = {run: [m.value for m in client.get_metric_history(r.info.run_id, "released_heldout_harmful_loss")
+                   if m.step == 1][0] for run, r in runs.items()}
+    assert first[0.0] < first[1.0]
+    # The full evaluation of the finished trial, logged into its child run.
+    metrics = good.data.metrics
+    assert 0 <= metrics["eval/harmful_score"] <= 100 and 0 <= metrics["eval/accuracy"] <= 100
+    assert good.data.tags["eval.judge"] == "refusal"
+    assert any(item.path.startswith("eval") for item in client.list_artifacts(good.info.run_id))
+    assert metrics["score"] == pytest.approx(metrics["heldout_task_loss"] - 0.1 * metrics["released_heldout_harmful_loss"])
+    # The Pareto objectives are the evaluation's; the stopped trial is never on the front.
+    assert outcome.front == [t.trial_id == good.data.tags["tune_trial_id"] for t in outcome.trials]
+    assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
+    assert any("stopped early by asha" in line for line in lines)
+    assert any("(1 finished, 1 stopped early, 0 failed)" in line for line in lines)
+
+
+def test_a_failing_trial_ends_failed_with_its_error_and_so_does_the_parent(ray_session, sweep_root):
+    from panacea_platform.search.sweep import run_sweep
+
+    # Valid config, but more defender samples than the placeholder file holds: fails inside the trial.
+    space = write_space(sweep_root, "failing", {
+        "parameters": {"data.defender_harmful_size": {"grid": [500]}},
+        "evaluate": False,
+    })
+    outcome = run_sweep(space, sweep_root / "job.yaml", name="failing", out=lambda line: None)
+    client = client_for(sweep_root)
+    (run,) = children(client, outcome.parent_run_id)
+    assert run.info.status == "FAILED"
+    assert "NotEnoughDataError" in run.data.tags["error"] or "not enough" in run.data.tags["error"].lower()
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FAILED" and "1 of 1 trials failed" in parent.data.tags["error"]
+
+
+def _sweep_command(sweep_root: Path, space: Path) -> list[str]:
+    return [sys.executable, "-m", "panacea_platform.cli", "sweep", "-s", str(space), "-c",
+            str(sweep_root / "job.yaml"), "--name", "resume"]
+
+
+def test_a_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(sweep_root, tmp_path, request):
+    """The CLI in a subprocess (its own Ray), SIGKILLed once a child run is FINISHED, then run again."""
+    space = write_space(sweep_root, "resume", {
+        "parameters": {"panacea.rho": {"grid": [0.1, 0.2, 0.3]}},
+        "evaluate": False,
+        "max_concurrent_trials": 1,
+    })
+    # Ray's socket paths must stay under 107 bytes: a short folder of its own, removed at the end.
+    ray_tmp = tempfile.mkdtemp(prefix="prs", dir="/tmp")
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp_path / "first.log").open("w")
+    # Its own session: the kill takes the driver and the Ray processes it started, as a killed job would.
+    first = subprocess.Popen(_sweep_command(sweep_root, space), cwd=REPO, env=env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    client = client_for(sweep_root)
+    finished = None
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and first.poll() is None:
+            time.sleep(1)
+            parents = _parents(client, "resume")
+            if parents:
+                done = [r for r in children(client, parents[0]) if r.info.status == "FINISHED"]
+                if done:
+                    finished = done[0]
+                    break
+    finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it ended by itself (the assertion below shows its log)
+        first.wait()
+        log.close()
+    assert finished is not None, (tmp_path / "first.log").read_text()[-3000:]
+    finished_steps = len(client.get_metric_history(finished.info.run_id, "task_loss"))
+
+    second = subprocess.run(_sweep_command(sweep_root, space), cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming" in second.stdout and "restoring the Tune experiment" in second.stdout
+
+    (parent_id,) = _parents(client, "resume")
+    runs = children(client, parent_id)
+    trial_ids = [run.data.tags["tune_trial_id"] for run in runs]
+    assert len(trial_ids) == 3 and len(set(trial_ids)) == 3, trial_ids
+    assert all(run.info.status == "FINISHED" for run in runs)
+    again = client.get_run(finished.info.run_id)
+    assert again.info.end_time == finished.info.end_time
+    assert "restarted" not in again.data.tags
+    assert len(client.get_metric_history(finished.info.run_id, "task_loss")) == finished_steps
+    assert client.get_run(parent_id).info.status == "FINISHED"
+
+
+def _parents(client, name: str) -> list[str]:
+    experiment = client.get_experiment_by_name("sweep-test")
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.sweep = '{name}' and tags.stage = 'sweep'")
+    return [run.info.run_id for run in runs]
+
+
+def test_periodic_held_out_signals_leave_training_bit_identical(tiny_run_config):
+    """optim.eval_every adds the cheap signals at its steps and changes nothing else (no Ray needed)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from panacea_platform.training.loop import run_stage
+
+    quiet = lambda line: None  # noqa: E731
+    plain = run_stage(tiny_run_config(run_name="plain", optim={"max_steps": 4, "eval_every": 0}), "finetune",
+                      track=False, out=quiet)
+    signals = run_stage(tiny_run_config(run_name="signals", optim={"max_steps": 4, "eval_every": 2}), "finetune",
+                        track=False, out=quiet)
+    assert [h["task_loss"] for h in plain.history] == [h["task_loss"] for h in signals.history]
+    for name in ("adapter/adapter_model.safetensors", "perturbation.safetensors"):
+        before, after = load_file(plain.run_dir / name), load_file(signals.run_dir / name)
+        assert all((before[key] == after[key]).all() for key in before)
+    rows = [json.loads(line) for line in (signals.run_dir / "history.jsonl").read_text().splitlines()]
+    with_signals = [row["step"] for row in rows if "released_heldout_harmful_loss" in row]
+    assert with_signals == [2, 4]
+    last = rows[-1]
+    # At the last step the signals are the end-of-training summary, computed the same way.
+    for key in ("heldout_task_loss", "heldout_harmful_loss", "released_heldout_harmful_loss", "released_heldout_task_loss"):
+        assert last[key] == pytest.approx(signals.summary[key], rel=1e-6)
+    # eps points along the harmful-loss gradient (rho 0.5): the released model's held-out harmful loss is higher.
+    assert last["released_heldout_harmful_loss"] > last["heldout_harmful_loss"]
