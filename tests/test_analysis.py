@@ -66,6 +66,9 @@ def test_analyse_a_real_tiny_panacea_run(tiny_run_config, tiny_llama, tmp_path):
     from panacea_platform.training.loop import run_stage
 
     result = run_stage(tiny_run_config(), "finetune", track=False, out=lambda line: None)
+    # Every run with eps writes its layer-wise analysis beside the adapter.
+    for name in ("layerwise_eps.csv", "layerwise_eps.txt", "layerwise_eps.png"):
+        assert (result.run_dir / name).is_file(), name
     rows = analyse_run(result.run_dir, tiny_llama)
     # q_proj and v_proj in each of the tiny model's 2 layers.
     assert sorted((r.layer, r.kind) for r in rows) == [(0, "q_proj"), (0, "v_proj"), (1, "q_proj"), (1, "v_proj")]

@@ -29,16 +29,27 @@ def test_every_subcommand_has_help(command, capsys):
     assert "usage: panacea" in capsys.readouterr().out
 
 
-def test_demo_aligns_attacks_defends_and_tracks_lineage(tiny_job, capsys):
+def test_demo_aligns_attacks_defends_evaluates_and_tracks_lineage(tiny_job, capsys, ray_session):
     config, path = tiny_job
-    assert main(["demo", "--config", str(path)]) == 0
+    # The refusal judge keeps this test fast; the harm judges are tested in test_judges.py.
+    fast_eval = ["evaluation.judge=refusal", "evaluation.max_new_tokens=4"]
+    assert main(["demo", "--config", str(path), *fast_eval]) == 0
     out = capsys.readouterr().out
     assert "[align] done" in out and "[finetune sft] done" in out and "[finetune panacea] done" in out
+    assert "[finetune random_perturbation] done" in out
+    assert "[demo] 5/5 done" in out and "~0m00s left" in out
     table = (config.run_dir().parent / "demo-summary.txt").read_text()
-    for method in ("aligned (before attack)", "sft", "panacea"):
-        assert method in table
-    plot = config.run_dir().parent / "demo-comparison.png"
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = {line.split("  ")[0]: line for line in table.splitlines()}
+    for method in ("Aligned (before attack)", "SFT, p=0 (control)", "SFT, p=0.1", "Random perturbation, p=0.1",
+                   "Panacea, p=0.1"):
+        assert method in lines, table
+    # Every row was evaluated: HS, refusal rate and FA are numbers, not "-".
+    assert "-" not in lines["Panacea, p=0.1"].split()[2:6], table
+    for name in ("demo-comparison.png", "demo-hs-vs-fa.png"):
+        assert (config.run_dir().parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((config.run_dir().parent / "demo-rows.json").read_text())
+    assert [r["key"] for r in rows] == ["aligned", "sft_p0", "sft", "random_perturbation", "panacea"]
+    assert all(0 <= r["evaluation"]["eval/harmful_score"] <= 100 for r in rows)
 
     client = MlflowClient(default_tracking_uri(config.output_dir))
     experiment = client.get_experiment_by_name(config.tracking.experiment)
@@ -47,20 +58,44 @@ def test_demo_aligns_attacks_defends_and_tracks_lineage(tiny_job, capsys):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["stage"] + ":" + r.data.tags["defence"] for r in children) == [
-        "align:sft", "finetune:panacea", "finetune:sft",
+        "align:sft", "finetune:panacea", "finetune:random_perturbation", "finetune:sft", "finetune:sft",
     ]
     assert all(r.info.status == "FINISHED" for r in children)
+    # Each run carries its own evaluation (metrics and the per-sample file).
+    assert all("eval/harmful_score" in r.data.metrics for r in children)
+    control = [r for r in children if r.data.params.get("data.harmful_ratio") == "0.0"]
+    assert len(control) == 1 and control[0].data.tags["defence"] == "sft"
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
-    assert "demo-comparison.png" in artifacts
+    assert {"demo-comparison.png", "demo-hs-vs-fa.png", "demo-summary.txt"} <= artifacts
     child_artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
-    assert {"adapter", "training_curves.png", "config.yaml", "history.jsonl"} <= child_artifacts
-    # Lineage: both fine-tunes continued the adapter the alignment run produced.
+    assert {"adapter", "training_curves.png", "config.yaml", "history.jsonl", "eval"} <= child_artifacts
+    # Lineage: every fine-tune continued the adapter the alignment run produced.
     adapters = {r.data.params["model.adapter"] for r in children if r.data.tags["stage"] == "finetune"}
     assert len(adapters) == 1 and adapters.pop().endswith("/adapter")
 
-    # A second run reuses the aligned adapter and says so.
-    assert main(["demo", "--config", str(path), "--defences", "sft"]) == 0
-    assert "reusing the aligned adapter" in capsys.readouterr().out
+    # A second run reuses the aligned adapter and its evaluation, and says so.
+    assert main(["demo", "--config", str(path), "--defences", "sft", "--no-control", *fast_eval]) == 0
+    out = capsys.readouterr().out
+    assert "reusing the aligned adapter" in out and "reusing the evaluation of" in out
+
+
+def test_demo_over_seeds_reports_mean_and_spread(tiny_job, capsys):
+    config, path = tiny_job
+    assert main(["demo", "--config", str(path), "--defences", "sft", "--no-control", "--no-eval",
+                 "--seeds", "0,1", "run_name=seeds"]) == 0
+    table = (config.run_dir().parent / "seeds-summary.txt").read_text()
+    assert "±" in table and "seeds 0,1 (mean ± sample std)" in table
+    rows = json.loads((config.run_dir().parent / "seeds-rows.json").read_text())
+    assert sorted((r["key"], r["seed"]) for r in rows) == [("aligned", 0), ("aligned", 1), ("sft", 0), ("sft", 1)]
+    # Seeds differ, so the two SFT runs differ and the spread is not zero.
+    losses = [r["summary"]["released_heldout_task_loss"] for r in rows if r["key"] == "sft"]
+    assert losses[0] != losses[1]
+
+
+def test_demo_rejects_bad_seeds(tiny_job, capsys):
+    _, path = tiny_job
+    assert main(["demo", "--config", str(path), "--seeds", "0,x"]) == 2
+    assert "--seeds" in capsys.readouterr().err
 
 
 def test_finetune_from_the_command_line_writes_eps_and_both_adapters(tiny_job, capsys):

@@ -90,3 +90,20 @@ def plot_layerwise_perturbation(rows, title: str, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_hs_vs_fa(points, path: str | Path, title: str = "harmful score against fine-tune accuracy") -> Path:
+    """One point per method: (name, (HS mean, std, n), (FA mean, std, n)); error bars are the spread over seeds."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, (hs, hs_std, _), (fa, fa_std, _) in points:
+        ax.errorbar(fa, hs, xerr=fa_std, yerr=hs_std, fmt="o", capsize=3, label=name)
+    ax.set_xlabel("fine-tune accuracy FA (%)  — higher is better")
+    ax.set_ylabel("harmful score HS (%)  — lower is better")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
