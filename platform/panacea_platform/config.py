@@ -340,23 +340,34 @@ def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def read_yaml_mapping(path: str | Path, what: str, hint: str, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """The top-level mapping of a YAML file (empty file: {}); `what` names the file in errors, `hint` says where to look."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {str(path)!r} not found: pass an existing YAML file ({hint})")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {str(path)!r} is not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise error(f"{what} {str(path)!r}: top level must be a mapping")
+    return loaded or {}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a YAML job file (or the defaults) and apply dotted overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found: pass an existing YAML file (see jobs/)")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r}: top level must be a mapping of sections")
-        tree = loaded or {}
+    tree = read_yaml_mapping(path, "config file", "see jobs/") if path is not None else {}
     for text in overrides:
         key, value = parse_override(text)
         apply_override(tree, key, value)
+    return config_from_dict(tree)
+
+
+def with_changes(config: RunConfig, changes: dict[str, Any]) -> RunConfig:
+    """A validated copy of `config` with dotted keys (spelt as `panacea config show` prints them) replaced."""
+    tree = config.to_dict()
+    for dotted, value in changes.items():
+        apply_override(tree, dotted.split("."), value)
     return config_from_dict(tree)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from panacea_platform.config import RunConfig, config_from_dict
+from panacea_platform.config import RunConfig, with_changes
 from panacea_platform.tracking import Tracker, default_tracking_uri
 
 # Config sections that decide what the alignment stage produces; the aligned
@@ -30,18 +30,6 @@ ALIGNMENT_DATA_KEYS = (
 )
 CONTROL = "sft_p0"
 ALIGNED = "aligned"
-
-
-def with_changes(config: RunConfig, changes: dict[str, Any]) -> RunConfig:
-    """A validated copy of `config` with dotted keys replaced."""
-    tree = config.to_dict()
-    for dotted, value in changes.items():
-        node = tree
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    return config_from_dict(tree)
 
 
 def alignment_key(config: RunConfig) -> str:

@@ -215,20 +215,12 @@ def suite_overrides(path: str | Path | None) -> list[str]:
     overrides, so a preset replaces the job's evaluation settings and the
     command line still has the last word.
     """
-    import yaml
-
-    from panacea_platform.config import ConfigError
+    from panacea_platform.config import ConfigError, read_yaml_mapping
 
     if path is None:
         return []
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--suite {str(path)!r}: no such file (presets live in evaluation/*.yaml)")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--suite {str(path)!r} is not valid YAML: {exc}") from None
-    if not isinstance(tree, dict) or set(tree) != {"evaluation"} or not isinstance(tree["evaluation"], dict):
+    tree = read_yaml_mapping(path, "--suite", "presets live in evaluation/*.yaml")
+    if set(tree) != {"evaluation"} or not isinstance(tree["evaluation"], dict):
         raise ConfigError(f"--suite {str(path)!r}: expected exactly one top-level section `evaluation:` holding its keys")
     # JSON is valid YAML, so every value (null, numbers, strings) survives parse_override unchanged.
     return [f"evaluation.{key}={json.dumps(value)}" for key, value in tree["evaluation"].items()]

@@ -16,10 +16,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from panacea_platform.config import ConfigError, RunConfig, config_from_dict
+from panacea_platform.config import ConfigError, RunConfig, read_yaml_mapping, with_changes
 
 # Fields the sweep itself sets for each trial; searching them would fight the sweep.
 RESERVED_PREFIXES = ("run_name", "output_dir", "tracking", "scaling")
@@ -380,27 +379,12 @@ def resource_changes(space: SearchSpace) -> dict[str, Any]:
 
 def config_with(base: RunConfig, changes: dict[str, Any]) -> RunConfig:
     """A validated copy of `base` with dotted keys (aliases allowed) replaced."""
-    tree = base.to_dict()
-    for dotted, value in changes.items():
-        node = tree
-        *parents, last = canonical_path(dotted).split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return config_from_dict(tree)
+    return with_changes(base, {canonical_path(dotted): value for dotted, value in changes.items()})
 
 
 def load_space(path: str | Path) -> SearchSpace:
     """Read and check a search-space YAML (no job file needed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SearchSpaceError(f"search space {str(path)!r} not found: pass an existing YAML file (see search_spaces/)")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SearchSpaceError(f"search space {str(path)!r} is not valid YAML: {exc}") from None
-    if not isinstance(tree, dict):
-        raise SearchSpaceError(f"search space {str(path)!r}: top level must be a mapping")
+    tree = read_yaml_mapping(path, "search space", "see search_spaces/", SearchSpaceError)
     space = space_from_dict(tree, where=str(path))
     check_space(space)
     return space
