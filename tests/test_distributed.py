@@ -394,3 +394,21 @@ def test_under_zero3_no_worker_holds_the_whole_model(zero2, zero3):
     }
     assert fraction[2] == 1.0
     assert fraction[3] < 0.6  # about 1 / 2 workers, plus rounding of the partitions
+
+
+def test_workers_get_absolute_paths_and_the_drivers_tracking_store(tiny_run_config, tmp_path, monkeypatch):
+    # Ray Train workers run in another working directory: relative paths must not reach them.
+    from panacea_platform.training.distributed import for_workers
+    from panacea_platform.tracking import default_tracking_uri
+
+    config = tiny_run_config()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    relative = config.model_copy(update={"output_dir": "runs/rel"})
+    relative.model.adapter = "adapter"
+    ready = for_workers(relative)
+    assert ready.output_dir == str(tmp_path / "runs" / "rel")
+    assert ready.model.adapter == str(tmp_path / "adapter")
+    assert ready.tracking.tracking_uri == default_tracking_uri("runs/rel") == f"sqlite:///{tmp_path}/runs/rel/mlflow.db"
+    assert ready.data.harmful_file == config.data.harmful_file  # already absolute: unchanged

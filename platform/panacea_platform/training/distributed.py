@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 import torch
 
-from panacea_platform.config import RunConfig, config_from_dict
+from panacea_platform.config import RunConfig, config_from_dict, with_changes
 from panacea_platform.tracking import default_tracking_uri
 from panacea_platform.training.loop import StageResult
 from panacea_platform.training.deepspeed_backend import (
@@ -84,6 +84,24 @@ class DistributedResult(StageResult):
     metrics: dict[str, Any] | None = None
     resumed_from_step: int | None = None
     kept_checkpoints: list[str] = field(default_factory=list)
+
+
+def for_workers(config: RunConfig) -> RunConfig:
+    """The config with every local path absolute and the tracking store named.
+
+    Ray Train workers run in another working directory: a relative output
+    folder, adapter or data file (and the SQLite store beside the runs) would
+    point somewhere else there.
+    """
+    changes: dict[str, Any] = {"output_dir": str(Path(config.output_dir).resolve())}
+    if config.tracking.tracking_uri is None:
+        changes["tracking.tracking_uri"] = default_tracking_uri(config.output_dir)
+    for key, value in (("model.name", config.model.name), ("model.adapter", config.model.adapter),
+                       ("data.task_file", config.data.task_file), ("data.harmful_file", config.data.harmful_file),
+                       ("scaling.deepspeed_json", config.scaling.deepspeed_json)):
+        if value is not None and Path(value).expanduser().exists():
+            changes[key] = str(Path(value).expanduser().resolve())
+    return with_changes(config, changes)
 
 
 def _as_config(config: RunConfig | dict) -> RunConfig:
@@ -514,7 +532,7 @@ def run_distributed(
     """
     from panacea_platform.training.loop import open_tracker, prepare_data
 
-    config = _as_config(config)
+    config = for_workers(_as_config(config))
     scaling = config.scaling
     if checkpoint_every is None:
         checkpoint_every = scaling.checkpoint_every
@@ -565,6 +583,9 @@ def ensure_ray() -> None:
         return
     # Ray Train's controller polls every 2 s by default and each report waits for it.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    # Ray Train V2 routes workers' print() through a logger that also reaches the
+    # driver, so every progress line showed twice; plain stdout shows it once.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
