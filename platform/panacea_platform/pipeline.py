@@ -180,15 +180,15 @@ def _clock(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
-# (column title, where, key, scale, format): where = "eval" or "train".
+# (column title, where, key, format): where = "eval" (evaluation metrics) or "train" (summary.json).
 COLUMNS = (
-    ("HS %", "eval", "eval/harmful_score", 1.0, ".1f"),
-    ("HS+ %", "eval", "eval/harmful_score_plus", 1.0, ".1f"),
-    ("refusal %", "eval", "eval/refusal_rate", 1.0, ".1f"),
-    ("FA %", "eval", "eval/accuracy", 1.0, ".1f"),
-    ("harm loss", "train", "released_heldout_harmful_loss", 1.0, ".3f"),
-    ("task loss", "train", "released_heldout_task_loss", 1.0, ".3f"),
-    ("||eps||", "train", "perturbation_norm", 1.0, ".3f"),
+    ("HS %", "eval", "eval/harmful_score", ".1f"),
+    ("HS+ %", "eval", "eval/harmful_score_plus", ".1f"),
+    ("refusal %", "eval", "eval/refusal_rate", ".1f"),
+    ("FA %", "eval", "eval/accuracy", ".1f"),
+    ("harm loss", "train", "released_heldout_harmful_loss", ".3f"),
+    ("task loss", "train", "released_heldout_task_loss", ".3f"),
+    ("||eps||", "train", "perturbation_norm", ".3f"),
 )
 
 
@@ -206,7 +206,7 @@ def aggregate_rows(rows: list[Row]) -> list[tuple[str, str, dict[str, tuple[floa
     table = []
     for key, members in methods.items():
         cells = {}
-        for title, where, metric, _, _ in COLUMNS:
+        for title, where, metric, _ in COLUMNS:
             values = [v for v in (_value(r, where, metric) for r in members) if v is not None]
             if values:
                 spread = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -224,7 +224,7 @@ def format_table(rows: list[Row]) -> str:
     lines = [header, "-" * len(header)]
     for _, method, cells in aggregate_rows(rows):
         text = []
-        for title, _, _, _, fmt in COLUMNS:
+        for title, _, _, fmt in COLUMNS:
             if title not in cells:
                 text.append(f"{'-':>{width}}")
                 continue
