@@ -44,13 +44,11 @@ def _tiny_tokenizer():
     )
 
 
-def build_tiny_llama(directory: Path, seed: int = 0) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(tokenizer, **overrides):
+    """The tiny Llama's architecture for `tokenizer`; `overrides` change or add config fields."""
+    from transformers import LlamaConfig
 
-    tokenizer = _tiny_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -62,7 +60,16 @@ def build_tiny_llama(directory: Path, seed: int = 0) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(directory)
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def build_tiny_llama(directory: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(seed)
+    LlamaForCausalLM(tiny_llama_config(tokenizer)).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

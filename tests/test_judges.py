@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _tiny_tokenizer, build_tiny_llama
+from conftest import _tiny_tokenizer, build_tiny_llama, tiny_llama_config
 
 ODD_ANSWERS = [
     "",
@@ -90,25 +90,19 @@ CATEGORY_NAMES = [f"placeholder_category_{i}" for i in range(14)]
 def tiny_classifier(tmp_path_factory) -> Path:
     """A tiny random LlamaForSequenceClassification of beaver-dam's shape (14 sigmoid outputs)."""
     import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
     directory = tmp_path_factory.mktemp("tiny-beaver-dam")
     tokenizer = _tiny_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    config = tiny_llama_config(
+        tokenizer,
         max_position_embeddings=512,
         num_labels=14,
         problem_type="multi_label_classification",
         id2label=dict(enumerate(CATEGORY_NAMES)),
         label2id={name: i for i, name in enumerate(CATEGORY_NAMES)},
         initializer_range=0.5,  # spread the random scores so thresholds fall between them
-        pad_token_id=tokenizer.pad_token_id,
     )
     LlamaForSequenceClassification(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -243,24 +237,13 @@ def designed_guard(directory: Path, verdict: str) -> Path:
     the "unsafe" model and 0.2 for the "safe" one.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tokenizer = _tiny_tokenizer()
     tokenizer.add_tokens(["unsafe", "safe"])
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        rms_norm_eps=1e-6,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    config = tiny_llama_config(
+        tokenizer, num_hidden_layers=1, max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-6
     )
     model = LlamaForCausalLM(config)
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in ("unsafe", "safe", "\u010a", "S", "3")}
