@@ -66,7 +66,13 @@ def test_batched_greedy_equals_one_at_a_time_with_eos_and_budget(tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from panacea_platform.data.templates import render_prompt
-    from panacea_platform.evaluation.generation import encode_prompt, generate, generate_one_at_a_time
+    from panacea_platform.evaluation.generation import (
+        MIN_SHARED_PREFIX,
+        encode_prompt,
+        generate,
+        generate_one_at_a_time,
+        shared_prefix_length,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
@@ -93,6 +99,26 @@ def test_batched_greedy_equals_one_at_a_time_with_eos_and_budget(tiny_llama):
     assert [(a.new_tokens, a.truncated) for a in batched] == expected
     assert {truncated for _, truncated in expected} == {True, False}  # both cases are exercised
     assert all(a.new_tokens <= budget for a in batched)
+    # The template's preamble is long enough that batches run it once and share its KV cache.
+    assert shared_prefix_length([encode_prompt(tokenizer, p) for p in prompts]) >= MIN_SHARED_PREFIX
+
+
+def test_a_generation_config_beyond_argmax_goes_through_hf_generate(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from panacea_platform.data.templates import render_prompt
+    from panacea_platform.evaluation.generation import generate, generate_one_at_a_time, plain_greedy
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    prompts = [render_prompt("alpaca", f"repeat after me: {'a b ' * k}") for k in (1, 4, 2)]
+    plain = generate(model, tokenizer, prompts, 10, batch_size=3)
+    assert plain_greedy(model)
+    model.generation_config.repetition_penalty = 5.0
+    assert not plain_greedy(model)
+    penalised = generate(model, tokenizer, prompts, 10, batch_size=3)
+    assert penalised == generate_one_at_a_time(model, tokenizer, prompts, 10)
+    assert penalised != plain  # the penalty is applied, so the fallback path really ran
 
 
 def test_length_batches_cap_rows_and_padded_tokens():
@@ -299,3 +325,31 @@ def test_bench_eval_runs_both_ways_with_identical_answers(ray_session, tiny_run_
     assert "greedy answers identical: 7/7" in printed
     assert re.search(r"pipeline \(Ray Data\)\s+\d+\.\d+\s+\d+\.\d+", printed)
     assert re.search(r"speed-up: \d+\.\dx after start-up", printed)
+
+
+def test_balanced_order_deals_long_and_short_prompts_evenly_into_full_batches():
+    from panacea_platform.evaluation.generation import balanced_order
+
+    costs = [100, 90, 80, 70, 10, 9, 8, 7]
+    order = balanced_order(costs, 4)
+    assert sorted(order) == list(range(8))
+    first, second = order[:4], order[4:]
+    # Sorted chunks would cost 340 and 34; snake dealing gives 100+70+10+7 and 90+80+9+8.
+    assert sorted(first) == [0, 3, 4, 7] and sorted(second) == [1, 2, 5, 6]
+    assert abs(sum(costs[i] for i in first) - sum(costs[i] for i in second)) <= 100
+    # Every chunk but the last is full, so Ray Data's batches of 4 are exactly these chunks.
+    uneven = balanced_order([5, 4, 3, 2, 1], 2)
+    assert sorted(uneven) == [0, 1, 2, 3, 4] and [sorted(uneven[i:i + 2]) for i in (0, 2)] == [[0, 4], [1, 3]]
+    assert uneven[4:] == [2]
+    assert balanced_order([], 3) == []
+    with pytest.raises(ValueError, match="batch_size"):
+        balanced_order([1.0], 0)
+
+
+def test_shared_prefix_leaves_every_row_a_token_of_its_own():
+    from panacea_platform.evaluation.generation import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 4, 6]]) == 3
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter row keeps its last token
+    assert shared_prefix_length([[7, 8], [9, 8]]) == 0
+    assert shared_prefix_length([[1, 2, 3]]) == 0  # one row: nothing to share
