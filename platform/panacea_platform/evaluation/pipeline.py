@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from panacea_platform.config import ConfigError
 from panacea_platform.data import TASKS, Example
 from panacea_platform.data.templates import render_prompt
+from panacea_platform.evaluation.generation import balanced_order
 
 if TYPE_CHECKING:
     from panacea_platform.config import EvaluationConfig, ModelConfig, RunConfig
@@ -367,8 +368,10 @@ def run_pipeline(
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     context.enable_auto_log_stats = False
-    # Longest prompts first, so each generation batch holds prompts of similar length (little padding).
-    ordered = sorted(prompts, key=lambda p: -len(p.rendered))
+    # Batches of equal work, so no actor waits on another holding every long prompt; each actor's
+    # generate() then sorts its batch by length and cuts it into little-padded calls.
+    order = balanced_order([len(p.rendered) for p in prompts], evaluation.generation_batch_size)
+    ordered = [prompts[i] for i in order]
     dataset = (
         ray.data.from_items([p.to_row() for p in ordered])
         .map_batches(
