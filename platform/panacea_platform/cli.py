@@ -319,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # peft calls a transformers method deprecated in v5 on every model it wraps.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # Progress must show as it happens in `panacea demo | tee log` and nohup logs too; Ray forwards
+    # the workers' lines with plain print(), which a redirected stdout would hold back in 8 KiB blocks.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
