@@ -38,6 +38,7 @@ def test_demo_aligns_attacks_defends_evaluates_and_tracks_lineage(tiny_job, caps
     assert "[align] done" in out and "[finetune sft] done" in out and "[finetune panacea] done" in out
     assert "[finetune random_perturbation] done" in out
     assert "[demo] 5/5 done" in out and "~0m00s left" in out
+    assert "search: none yet on this aligned model" in out  # and the command that runs one
     table = (config.run_dir().parent / "demo-summary.txt").read_text()
     lines = {line.split("  ")[0]: line for line in table.splitlines()}
     for method in ("Aligned (before attack)", "SFT, p=0 (control)", "SFT, p=0.1", "Random perturbation, p=0.1",

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from panacea_platform.config import RunConfig, with_changes
 from panacea_platform.tracking import Tracker, default_tracking_uri
 
@@ -240,6 +242,38 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class SweepTrial:
+    sweep: str
+    label: str  # the searched values, e.g. "rho=0.1 lambda=1"
+    harmful_score: float
+    accuracy: float
+
+
+def sweeps_on(output_dir: Path, aligned_adapters: set[Path]) -> tuple[list[SweepTrial], list[Path]]:
+    """Evaluated trials and Pareto plots of the sweeps under `output_dir` that fine-tuned one of these
+    aligned adapters (a sweep on another task or alignment is not comparable and is left out)."""
+    trials, plots = [], []
+    for trials_file in sorted((output_dir / "sweeps").glob("*/trials.json")):
+        sweep_dir = trials_file.parent
+        adapters = set()
+        for config_file in (sweep_dir / "trials").glob("*/config.yaml"):
+            adapter = ((yaml.safe_load(config_file.read_text()) or {}).get("model") or {}).get("adapter")
+            if adapter:
+                adapters.add(Path(adapter).resolve())
+        if not adapters or not adapters <= aligned_adapters:
+            continue
+        if (sweep_dir / "pareto.png").is_file():
+            plots.append(sweep_dir / "pareto.png")
+        for trial in json.loads(trials_file.read_text()):
+            metrics = trial.get("metrics", {})
+            if "eval/harmful_score" in metrics and "eval/accuracy" in metrics:
+                label = " ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                                 for k, v in trial.get("params", {}).items())
+                trials.append(SweepTrial(sweep_dir.name, label, metrics["eval/harmful_score"], metrics["eval/accuracy"]))
+    return trials, plots
+
+
 def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: str, started: float,
             out: Callable[[str], None]) -> None:
     from panacea_platform.plots import plot_hs_vs_fa, plot_method_comparison
@@ -256,8 +290,11 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
     )]
     points = [(method, cells["HS %"], cells["FA %"]) for _, method, cells in aggregate_rows(rows)
               if "HS %" in cells and "FA %" in cells]
+    aligned = {(r.run_dir / "adapter").resolve() for r in rows if r.key == ALIGNED}
+    search_trials, pareto_plots = sweeps_on(folder, aligned)
     if points:
-        plots.append(plot_hs_vs_fa(points, folder / f"{config.run_name}-hs-vs-fa.png"))
+        plots.append(plot_hs_vs_fa(points, folder / f"{config.run_name}-hs-vs-fa.png",
+                                   trials=[(t.label, t.harmful_score, t.accuracy) for t in search_trials]))
     for path in (*plots, summary_path, folder / f"{config.run_name}-rows.json"):
         parent.log_artifact(path)
     layer_plots = sorted(str(r.run_dir / "layerwise_eps.png") for r in rows if (r.run_dir / "layerwise_eps.png").is_file())
@@ -271,6 +308,11 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
     out("plots: " + ", ".join(str(p) for p in plots))
     if layer_plots:
         out("eps per layer: " + ", ".join(layer_plots))
+    if pareto_plots:
+        out(f"search: {len(search_trials)} evaluated trials on this aligned model, drawn in the HS-vs-FA plot; "
+            "Pareto plots: " + ", ".join(str(p) for p in pareto_plots))
+    else:
+        out("search: none yet on this aligned model; run  panacea sweep -s search_spaces/offline_default.yaml")
     out(f"MLflow: mlflow ui --backend-store-uri {tracking_uri}")
 
 

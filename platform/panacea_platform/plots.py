@@ -92,12 +92,21 @@ def plot_layerwise_perturbation(rows, title: str, path: str | Path) -> Path:
     return Path(path)
 
 
-def plot_hs_vs_fa(points, path: str | Path, title: str = "harmful score against fine-tune accuracy") -> Path:
-    """One point per method: (name, (HS mean, std, n), (FA mean, std, n)); error bars are the spread over seeds."""
+def plot_hs_vs_fa(points, path: str | Path, title: str = "harmful score against fine-tune accuracy",
+                  trials=()) -> Path:
+    """One point per method: (name, (HS mean, std, n), (FA mean, std, n)); error bars are the spread over seeds.
+
+    `trials`: (label, HS, FA) of search trials on the same aligned model, drawn small and grey
+    behind the methods, so the chosen setting is seen among the ones the search tried.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for index, (label, hs, fa) in enumerate(trials):
+        ax.scatter([fa], [hs], marker="x", color="0.55", s=22, zorder=1,
+                   label="search trials" if index == 0 else None)
+        ax.annotate(label, (fa, hs), fontsize=6, color="0.4", xytext=(3, 3), textcoords="offset points")
     for name, (hs, hs_std, _), (fa, fa_std, _) in points:
-        ax.errorbar(fa, hs, xerr=fa_std, yerr=hs_std, fmt="o", capsize=3, label=name)
+        ax.errorbar(fa, hs, xerr=fa_std, yerr=hs_std, fmt="o", capsize=3, label=name, zorder=2)
     ax.set_xlabel("fine-tune accuracy FA (%)  — higher is better")
     ax.set_ylabel("harmful score HS (%)  — lower is better")
     ax.set_title(title)
