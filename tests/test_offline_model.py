@@ -63,3 +63,14 @@ def test_a_panacea_step_on_the_real_model_changes_only_lora_and_eps_has_norm_rho
     assert 0 < result.task_loss < 20 and 0 < result.harmful_loss < 20
     assert all(torch.equal(p, frozen_before[n]) for n, p in lora.named_parameters() if not p.requires_grad)
     assert any(not torch.equal(a, b) for a, b in zip(lora_before, weights.params))
+
+
+def test_prepare_model_says_when_it_reuses_the_converted_model(converted):
+    from panacea_platform.models import prepare_model
+
+    _, path, _, _ = converted
+    lines = []
+    assert prepare_model("smollm2-135m-instruct", lines.append) == path
+    assert lines == [f"[model] reusing the offline model converted earlier: {path}"]
+    lines.clear()
+    assert prepare_model("some-org/some-model", lines.append) == "some-org/some-model" and lines == []

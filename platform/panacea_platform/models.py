@@ -79,6 +79,19 @@ def resolve_model_path(name: str) -> str:
     return str(target)
 
 
+def prepare_model(name: str, out=print) -> str:
+    """Convert an offline model now (once) and say whether it was reused; other names pass through.
+
+    Called by the driver before any worker starts, so workers never race to convert it.
+    """
+    if name not in OFFLINE_MODELS:
+        return resolve_model_path(name)
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        out(f"[model] reusing the offline model converted earlier: {target}")
+    return resolve_model_path(name)
+
+
 def gguf_location(spec: OfflineGguf) -> tuple[str, str]:
     """(folder, file name) of an offline model's GGUF inside its installed package."""
     found = importlib.util.find_spec(spec.package)

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import yaml
 
 from panacea_platform.config import RunConfig, with_changes
+from panacea_platform.models import prepare_model
 from panacea_platform.tracking import Tracker, default_tracking_uri
 
 # Config sections that decide what the alignment stage produces; the aligned
@@ -153,6 +154,7 @@ def run_demo(
         tags={"stage": "demo", "defences": ",".join(defences), "seeds": ",".join(map(str, seeds))},
     ) as parent:
         parent.log_params(config.flat())
+        prepare_model(config.model.name, out)
         for seed in seeds:
             seeded = with_changes(config, {"seed": seed})
             aligned, align_run = ensure_aligned(seeded, parent, out)
