@@ -131,6 +131,15 @@ def shared_prefix_length(rows: Sequence[list[int]]) -> int:
     return length
 
 
+def _last_logits_only(model: Any) -> dict[str, int]:
+    """`logits_to_keep=1` where the model takes it: a prefill then skips the vocabulary projection
+    of every prompt position but the last (generate() does the same)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+
 def _greedy_decode(model: Any, rows: list[list[int]], max_new_tokens: int, eos_ids: list[int], pad_id: int):
     """Greedy continuations of `rows` (token ids; each ends at its first EOS or after the budget).
 
@@ -148,18 +157,20 @@ def _greedy_decode(model: Any, rows: list[list[int]], max_new_tokens: int, eos_i
     shared = shared_prefix_length(rows)
     if shared < MIN_SHARED_PREFIX:
         shared = 0
-    cache = DynamicCache()
+    # The config gives each layer its cache type (sliding-window layers included), as generate() does.
+    cache = DynamicCache(config=model.config)
+    last_only = _last_logits_only(model)
     n = len(rows)
     with torch.inference_mode():
         if shared:
             model(input_ids=torch.tensor([rows[0][:shared]], device=device), past_key_values=cache, use_cache=True,
-                  logits_to_keep=1)
+                  **last_only)
             cache.batch_repeat_interleave(n)
         own_ids, own_mask = _left_padded([row[shared:] for row in rows], pad_id)
         mask = torch.cat([torch.ones((n, shared), dtype=torch.long), own_mask], dim=1).to(device)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, shared:]
         logits = model(input_ids=own_ids.to(device), attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+                       past_key_values=cache, use_cache=True, **last_only).logits[:, -1, :]
         generated: list[list[int]] = [[] for _ in rows]
         alive = list(range(n))
         eos = set(eos_ids)
