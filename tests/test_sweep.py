@@ -115,8 +115,8 @@ def test_a_four_trial_sweep_builds_one_parent_with_four_complete_children(ray_se
         assert steps_of(client, run.info.run_id, "released_heldout_harmful_loss")[:3] == [1, 2, 3]
         # Panacea's eps has norm rho.
         assert metrics["perturbation_norm"] == pytest.approx(float(params["panacea.rho"]), rel=1e-4)
-        # The scalar score: heldout task loss - 0.1 * released harmful loss (the default weights).
-        expected = metrics["heldout_task_loss"] - 0.1 * metrics["released_heldout_harmful_loss"]
+        # The scalar score: released task loss - 0.1 * released harmful loss (the default weights).
+        expected = metrics["released_heldout_task_loss"] - 0.1 * metrics["released_heldout_harmful_loss"]
         assert metrics["score"] == pytest.approx(expected, rel=1e-6)
         artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
         assert {"adapter", "adapter_unperturbed", "perturbation.safetensors", "history.jsonl",
@@ -208,7 +208,9 @@ def test_asha_stops_the_clearly_worse_trial_and_the_finished_one_is_evaluated(ra
     assert 0 <= metrics["eval/harmful_score"] <= 100 and 0 <= metrics["eval/accuracy"] <= 100
     assert good.data.tags["eval.judge"] == "refusal"
     assert any(item.path.startswith("eval") for item in client.list_artifacts(good.info.run_id))
-    assert metrics["score"] == pytest.approx(metrics["heldout_task_loss"] - 0.1 * metrics["released_heldout_harmful_loss"])
+    assert metrics["score"] == pytest.approx(
+        metrics["released_heldout_task_loss"] - 0.1 * metrics["released_heldout_harmful_loss"]
+    )
     # The Pareto objectives are the evaluation's; the stopped trial is never on the front.
     assert outcome.front == [t.trial_id == good.data.tags["tune_trial_id"] for t in outcome.trials]
     assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"

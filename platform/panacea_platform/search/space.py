@@ -123,8 +123,10 @@ class Resources(_Strict):
 
 
 def default_score() -> dict[str, float]:
-    # Lower is better: task loss down, harmful loss of the released model up.
-    return {"heldout_task_loss": 1.0, "released_heldout_harmful_loss": -0.1}
+    # Lower is better: the released model's (w + eps) task loss down and harmful loss up. Both at w + eps:
+    # a perturbation that wrecks the model raises its harmful loss too, and only its task loss shows it
+    # (random noise of sigma 0.3 scored best under the task loss at w).
+    return {"released_heldout_task_loss": 1.0, "released_heldout_harmful_loss": -0.1}
 
 
 def default_objectives() -> list[Objective]:
