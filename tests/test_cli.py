@@ -92,6 +92,19 @@ def test_demo_over_seeds_reports_mean_and_spread(tiny_job, capsys):
     losses = [r["summary"]["released_heldout_task_loss"] for r in rows if r["key"] == "sft"]
     assert losses[0] != losses[1]
 
+    # --report-only rebuilds the same table from the saved rows, training nothing, in its own MLflow run.
+    capsys.readouterr()
+    assert main(["demo", "--config", str(path), "--report-only", "run_name=seeds"]) == 0
+    out = capsys.readouterr().out
+    assert table.splitlines()[2] in out and "[finetune" not in out
+    assert (config.run_dir().parent / "seeds-summary.txt").read_text() == table
+    client = MlflowClient(default_tracking_uri(config.output_dir))
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    reports = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'demo-report'")
+    assert len(reports) == 1 and reports[0].info.status == "FINISHED"
+    assert main(["demo", "--config", str(path), "--report-only", "run_name=never-ran"]) == 2
+    assert "never-ran-rows.json" in capsys.readouterr().err
+
 
 def test_demo_rejects_bad_seeds(tiny_job, capsys):
     _, path = tiny_job

@@ -62,11 +62,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from panacea_platform.pipeline import run_demo
+    from panacea_platform.pipeline import report_demo, run_demo
     from panacea_platform.algorithms import DEFENCES
     from panacea_platform.config import ConfigError
 
     config = _load(args)
+    if args.report_only:
+        report_demo(config)
+        return 0
     defences = [d.strip() for d in args.defences.split(",") if d.strip()]
     unknown = [d for d in defences if d not in DEFENCES]
     if unknown or not defences:
@@ -243,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", default=None, help="comma list of seeds, e.g. 0,1,2 (default: the job's seed)")
     demo.add_argument("--no-control", action="store_true", help="skip the SFT run at p = 0 (the control row)")
     demo.add_argument("--no-eval", action="store_true", help="skip generation and judging (held-out losses only)")
+    demo.add_argument("--report-only", action="store_true",
+                      help="train nothing: rebuild the table and plots from the last run's saved rows (e.g. after a sweep)")
     demo.set_defaults(func=cmd_demo)
 
     config = sub.add_parser("config", help="show the resolved configuration, list its fields, or validate job files")

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import yaml
 
-from panacea_platform.config import RunConfig, with_changes
+from panacea_platform.config import ConfigError, RunConfig, with_changes
 from panacea_platform.models import prepare_model
 from panacea_platform.tracking import Tracker, default_tracking_uri
 
@@ -176,6 +176,23 @@ def run_demo(
                 rows.append(row)
                 progress(f"{arm.method}, seed {seed}")
         _report(config, rows, parent, tracking_uri, started, out)
+    return rows
+
+
+def report_demo(config: RunConfig, out: Callable[[str], None] = print) -> list[Row]:
+    """The table and plots again from the rows an earlier `demo` saved, training nothing: for after a
+    sweep ran on the same aligned model (its trials join the HS-vs-FA plot). Logged as a new MLflow
+    run (stage demo-report) that names the rows file it read."""
+    rows_path = Path(config.output_dir) / f"{config.run_name}-rows.json"
+    if not rows_path.is_file():
+        raise ConfigError(f"--report-only: no saved rows at {rows_path}; run `panacea demo` with this job first")
+    rows = [Row(r["key"], r["method"], r["seed"], Path(r["run_dir"]), r["summary"], r.get("evaluation") or {},
+                r.get("mlflow_run_id")) for r in json.loads(rows_path.read_text())]
+    tracking_uri = config.tracking.tracking_uri or default_tracking_uri(config.output_dir)
+    with Tracker(tracking_uri, config.tracking.experiment, f"{config.run_name}-report",
+                 artifact_root=Path(config.output_dir) / "mlartifacts",
+                 tags={"stage": "demo-report", "rows": str(rows_path.resolve())}) as parent:
+        _report(config, rows, parent, tracking_uri, time.monotonic(), out)
     return rows
 
 
