@@ -284,8 +284,7 @@ def balanced_order(costs: Sequence[float], batch_size: int) -> list[int]:
     """Indices of `costs` in an order whose consecutive chunks of `batch_size` carry similar total cost.
 
     Actors take batches as they come: batches cut from a length-sorted list would give one
-    actor every long prompt and the other every short one, and the pool would wait on the
-    first (measured: the harmful prompts' batch ran several times longer than the task's).
+    actor every long prompt and the other every short one, and the pool would wait on the first.
     Items are dealt from the most to the least costly into the chunks in snake order
     (0, 1, .., k-1, k-1, .., 0, ..), skipping full chunks, so every chunk but the last holds
     exactly `batch_size` items and the chunks' costs differ by at most about one item.
