@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 DEFAULT_JOB = "jobs/offline_default.yaml"
@@ -322,8 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # peft calls a transformers method deprecated in v5 on every model it wraps.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from panacea_platform.models import silence_peft_deprecation
+
+    silence_peft_deprecation()
     # Progress must show as it happens in `panacea demo | tee log` and nohup logs too; Ray forwards
     # the workers' lines with plain print(), which a redirected stdout would hold back in 8 KiB blocks.
     for stream in (sys.stdout, sys.stderr):

@@ -67,11 +67,23 @@ def check_model_name(name: str) -> str | None:
     )
 
 
+def converted_dir(name: str) -> Path:
+    """Where an offline model's conversion is cached."""
+    return cache_dir() / "models" / name
+
+
+def silence_peft_deprecation() -> None:
+    """peft calls a transformers method deprecated in v5 on every model it wraps; its warning is noise."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def resolve_model_path(name: str) -> str:
     """Where from_pretrained should load `name` from (converting an offline model once)."""
     if name not in OFFLINE_MODELS:
         return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
-    target = cache_dir() / "models" / name
+    target = converted_dir(name)
     if (target / "config.json").is_file():
         log.info("reusing converted offline model at %s", target)
         return str(target)
@@ -86,7 +98,7 @@ def prepare_model(name: str, out=print) -> str:
     """
     if name not in OFFLINE_MODELS:
         return resolve_model_path(name)
-    target = cache_dir() / "models" / name
+    target = converted_dir(name)
     if (target / "config.json").is_file():
         out(f"[model] reusing the offline model converted earlier: {target}")
     return resolve_model_path(name)

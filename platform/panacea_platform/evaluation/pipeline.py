@@ -184,13 +184,13 @@ def load_eval_model(model_config: "ModelConfig", adapter: str | Path | None, per
 
 
 def _quiet_transformers() -> None:
-    # Weight-loading progress bars from every actor would bury the pipeline's own progress lines,
-    # and so would peft's call of a method transformers v5 deprecates (the CLI filters it in the driver).
-    import warnings
-
+    # Weight-loading progress bars and peft's deprecation warning from every actor would bury the
+    # pipeline's own progress lines (the CLI silences the warning in the driver the same way).
     from transformers.utils import logging as hf_logging
 
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from panacea_platform.models import silence_peft_deprecation
+
+    silence_peft_deprecation()
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
