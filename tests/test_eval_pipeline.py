@@ -71,6 +71,7 @@ def test_batched_greedy_equals_one_at_a_time_with_eos_and_budget(tiny_llama):
         encode_prompt,
         generate,
         generate_one_at_a_time,
+        prefill_groups,
         shared_prefix_length,
     )
 
@@ -96,6 +97,11 @@ def test_batched_greedy_equals_one_at_a_time_with_eos_and_budget(tiny_llama):
     assert batched == single
     # A padded-token budget splits batches differently and changes nothing in the answers.
     assert generate(model, tokenizer, prompts, budget, batch_size=7, max_batch_tokens=60) == single
+    # One batch of all 7: several prefill groups laid side by side for decoding, same answers.
+    assert generate(model, tokenizer, prompts, budget, batch_size=7) == single
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    shared = shared_prefix_length(encoded)
+    assert len(prefill_groups(sorted((len(ids) - shared for ids in encoded), reverse=True))) > 1
     assert [(a.new_tokens, a.truncated) for a in batched] == expected
     assert {truncated for _, truncated in expected} == {True, False}  # both cases are exercised
     assert all(a.new_tokens <= budget for a in batched)
@@ -121,6 +127,25 @@ def test_a_generation_config_beyond_argmax_goes_through_hf_generate(tiny_llama):
     assert penalised != plain  # the penalty is applied, so the fallback path really ran
 
 
+def test_a_sliding_window_cache_goes_through_hf_generate(tiny_llama):
+    """Our decoder lays plain cache layers side by side; a model whose cache slides (Mistral) keeps HF's own."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from panacea_platform.data.templates import render_prompt
+    from panacea_platform.evaluation.generation import generate, generate_one_at_a_time, plain_cache_layers
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = MistralForCausalLM(config).eval()
+    assert not plain_cache_layers(model)
+    prompts = [render_prompt("alpaca", f"count {' '.join(map(str, range(k)))}") for k in (1, 7, 3)]
+    assert generate(model, tokenizer, prompts, 6, batch_size=3) == generate_one_at_a_time(model, tokenizer, prompts, 6)
+
+
 def test_length_batches_cap_rows_and_padded_tokens():
     from panacea_platform.evaluation.generation import length_batches
 
@@ -130,6 +155,95 @@ def test_length_batches_cap_rows_and_padded_tokens():
     assert length_batches(lengths, 3, None) == [[0, 1, 2], [3, 4, 5]]
     assert length_batches(lengths, 10, 10_000) == [[0, 1, 2, 3, 4, 5]]
     assert length_batches([], 4, 100) == []
+
+
+def test_prefill_groups_bound_the_padding_share():
+    from panacea_platform.evaluation.generation import prefill_groups
+
+    lengths = [100, 90, 40, 38, 36, 10]  # sorted longest first
+    # 100+90: 10 of 200 padded; +40 would pad 70 of 300 (> 15%); 40+38+36: 6 of 120; +10 would pad 36 of 160.
+    assert prefill_groups(lengths, 0.15) == [[0, 1], [2, 3, 4], [5]]
+    assert prefill_groups(lengths, 0.0) == [[0], [1], [2], [3], [4], [5]]
+    assert prefill_groups(lengths, 1.0) == [[0, 1, 2, 3, 4, 5]]
+    assert prefill_groups([7, 7, 7], 0.0) == [[0, 1, 2]]
+    assert prefill_groups([], 0.15) == []
+
+
+def test_side_by_side_aligns_row_ends_and_decodes_in_place():
+    from types import SimpleNamespace
+
+    import torch
+
+    from panacea_platform.evaluation.kv_cache import column_groups, side_by_side
+
+    def column(rows):  # [rows, 1 head, positions, 1 dim]
+        return torch.tensor(rows, dtype=torch.float32)[:, None, :, None]
+
+    # Group A: one row, 4 columns. Group B: two rows, 3 columns, its first row left-padded within the group.
+    a = SimpleNamespace(keys=[column([[10, 11, 12, 13]])], values=[-column([[10, 11, 12, 13]])],
+                        mask=torch.tensor([[1, 1, 1, 1]]), logits=torch.tensor([[0.0, 1.0]]))
+    b = SimpleNamespace(keys=[column([[20, 0, 22], [30, 31, 32]])], values=[-column([[20, 0, 22], [30, 31, 32]])],
+                        mask=torch.tensor([[1, 0, 1], [1, 1, 1]]), logits=torch.tensor([[2.0, 3.0], [4.0, 5.0]]))
+    [layer], mask, logits, first_columns = side_by_side([a, b], room=2)
+
+    assert mask.tolist() == [[1, 1, 1, 1], [0, 1, 0, 1], [0, 1, 1, 1]]
+    assert layer.keys[:, 0, :, 0].tolist() == [[10, 11, 12, 13], [0, 20, 0, 22], [0, 30, 31, 32]]
+    assert torch.equal(layer.values, -layer.keys)
+    assert logits.tolist() == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    assert first_columns == [0, 1, 1]
+    assert column_groups(first_columns) == ((0, 1, 0), (1, 3, 1))
+    assert layer.get_seq_length() == 4
+
+    storage = layer.keys.data_ptr()
+    keys, _ = layer.update(column([[1], [2], [3]]), column([[1], [2], [3]]))
+    assert keys[:, 0, :, 0].tolist() == [[10, 11, 12, 13, 1], [0, 20, 0, 22, 2], [0, 30, 31, 32, 3]]
+    assert keys.data_ptr() == storage  # written in place, not concatenated
+    layer.batch_select_indices(torch.tensor([0, 2]))
+    keys, _ = layer.update(column([[4], [5]]), column([[4], [5]]))
+    assert keys[:, 0, :, 0].tolist() == [[10, 11, 12, 13, 1, 4], [0, 30, 31, 32, 3, 5]]
+    with pytest.raises(RuntimeError, match="cache full"):  # room for 2 answer tokens only
+        layer.update(column([[6], [7]]), column([[6], [7]]))
+
+
+def test_column_groups_are_runs_of_equal_first_columns():
+    from panacea_platform.evaluation.kv_cache import column_groups
+
+    assert column_groups([0, 5, 5, 5, 9]) == ((0, 1, 0), (1, 4, 5), (4, 5, 9))
+    assert column_groups([3, 3]) == ((0, 2, 3),)
+    assert column_groups([]) == ()
+
+
+def test_grouped_attention_equals_sdpa_over_the_padding(tiny_llama):
+    """Each run of rows attends only from its first column on; the result is SDPA over all masked columns."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from panacea_platform.evaluation.kv_cache import grouped_attention, grouped_sdpa_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
+    module = model.model.layers[0].self_attn
+    heads, kv_heads, dim = model.config.num_attention_heads, model.config.num_key_value_heads, module.head_dim
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(3, heads, 1, dim, generator=generator)
+    key = torch.randn(3, kv_heads, 6, dim, generator=generator)
+    value = torch.randn(3, kv_heads, 6, dim, generator=generator)
+    mask = torch.tensor([[True] * 6, [False, False, True, False, True, True], [False, False] + [True] * 4])[:, None, None, :]
+    reference, _ = sdpa_attention_forward(module, query, key, value, mask)
+    grouped, _ = grouped_sdpa_attention(module, query, key, value, mask, decode_groups=((0, 1, 0), (1, 3, 2)))
+    torch.testing.assert_close(grouped, reference, rtol=1e-6, atol=1e-6)
+    # Columns left of a row's first column are never read: garbage there changes nothing.
+    key[1:, :, :2] = float("nan")
+    value[1:, :, :2] = float("nan")
+    again, _ = grouped_sdpa_attention(module, query, key, value, mask, decode_groups=((0, 1, 0), (1, 3, 2)))
+    assert torch.equal(again, grouped)
+
+    with grouped_attention(model) as switched:
+        assert switched and model.config._attn_implementation != "sdpa"
+    assert model.config._attn_implementation == "sdpa"
+    model.config._attn_implementation = "eager"
+    with grouped_attention(model) as switched:
+        assert not switched and model.config._attn_implementation == "eager"
 
 
 # ----------------------------------------------------------------------------- bad input (no Ray)

@@ -176,8 +176,8 @@ class EvaluationConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, description="Greedy generation budget per answer.")
     generation_batch_size: int = Field(20, ge=1, description="Prompts per generation call (left-padded, KV cache).")
     generation_max_batch_tokens: int | None = Field(
-        2048, ge=1, description="Padded prompt tokens (rows x longest prompt) per generate call: long prompts go "
-        "in smaller batches instead of padding every row to their length; null = no limit.",
+        32768, ge=1, description="Rows x longest prompt per decoding batch: bounds the KV cache it holds (lower "
+        "it for large models on small GPUs); null = no limit.",
     )
     generation_actors: int = Field(1, ge=1, description="Generation actors in the Ray Data pool.")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs Ray reserves for each generation actor.")
