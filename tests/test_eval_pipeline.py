@@ -127,6 +127,23 @@ def test_a_generation_config_beyond_argmax_goes_through_hf_generate(tiny_llama):
     assert penalised != plain  # the penalty is applied, so the fallback path really ran
 
 
+def test_a_lora_model_decodes_with_grouped_attention_and_equals_one_at_a_time(tiny_llama):
+    """PEFT's wrapper must pass the decoder's decode_groups through to attention (it raises otherwise)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from panacea_platform.data.templates import render_prompt
+    from panacea_platform.evaluation.generation import generate, generate_one_at_a_time
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    prompts = [render_prompt("alpaca", "what is " + " plus ".join(map(str, range(k)))) for k in (1, 9, 3, 14, 2)]
+    assert generate(model, tokenizer, prompts, 8, batch_size=5) == generate_one_at_a_time(model, tokenizer, prompts, 8)
+
+
 def test_a_sliding_window_cache_goes_through_hf_generate(tiny_llama):
     """Our decoder lays plain cache layers side by side; a model whose cache slides (Mistral) keeps HF's own."""
     import torch
@@ -237,6 +254,9 @@ def test_grouped_attention_equals_sdpa_over_the_padding(tiny_llama):
     value[1:, :, :2] = float("nan")
     again, _ = grouped_sdpa_attention(module, query, key, value, mask, decode_groups=((0, 1, 0), (1, 3, 2)))
     assert torch.equal(again, grouped)
+
+    with pytest.raises(RuntimeError, match="without decode_groups"):
+        grouped_sdpa_attention(module, query, key, value, mask)
 
     with grouped_attention(model) as switched:
         assert switched and model.config._attn_implementation != "sdpa"

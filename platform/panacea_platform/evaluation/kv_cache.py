@@ -105,13 +105,17 @@ GROUPED_SDPA = "panacea_grouped_sdpa"
 def grouped_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None,
                            decode_groups: tuple[tuple[int, int, int], ...] | None = None, **kwargs: Any):
-    """SDPA that, for a one-token decoding step given `decode_groups`, attends each run of rows only
-    from its first column on: a 700-token prompt's row no longer makes 39 short rows read 700
-    columns of masked padding at every step. Anything else goes to SDPA unchanged."""
+    """SDPA that attends each run of rows (`decode_groups`, passed by the decoder through the
+    model's forward) only from its first column on: a 700-token prompt's row no longer makes 39
+    short rows read 700 columns of masked padding at every step."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if decode_groups is None or query.shape[2] != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if decode_groups is None:
+        # Columns left of a group may be unwritten memory: attending over them must not happen silently.
+        raise RuntimeError(
+            "grouped attention called without decode_groups: a wrapper around the model dropped the keyword "
+            "argument; decode without grouped_attention()"
+        )
     outputs = []
     for start, end, column in decode_groups:
         mask = None if attention_mask is None else attention_mask[start:end, ..., column:]
