@@ -468,9 +468,13 @@ def test_balanced_order_deals_long_and_short_prompts_evenly_into_full_batches():
     order = balanced_order(costs, 4)
     assert sorted(order) == list(range(8))
     first, second = order[:4], order[4:]
-    # Sorted chunks would cost 340 and 34; snake dealing gives 100+70+10+7 and 90+80+9+8.
+    # Sorted chunks would cost 340 and 34; dealing to the cheaper chunk gives 100+70+10+7 and 90+80+9+8.
     assert sorted(first) == [0, 3, 4, 7] and sorted(second) == [1, 2, 5, 6]
-    assert abs(sum(costs[i] for i in first) - sum(costs[i] for i in second)) <= 100
+    # An outlier's chunk fills up with the cheapest items: 100+20+10+1 and 50+40+30+5
+    # (dealing in snake order would give 151 and 105).
+    outlier = [100, 50, 40, 30, 20, 10, 5, 1]
+    order = balanced_order(outlier, 4)
+    assert [sorted(order[:4]), sorted(order[4:])] == [[0, 4, 5, 7], [1, 2, 3, 6]]
     # Every chunk but the last is full, so Ray Data's batches of 4 are exactly these chunks.
     uneven = balanced_order([5, 4, 3, 2, 1], 2)
     assert sorted(uneven) == [0, 1, 2, 3, 4] and [sorted(uneven[i:i + 2]) for i in (0, 2)] == [[0, 4], [1, 3]]

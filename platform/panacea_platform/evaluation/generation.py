@@ -361,9 +361,11 @@ def balanced_order(costs: Sequence[float], batch_size: int) -> list[int]:
 
     Actors take batches as they come: batches cut from a length-sorted list would give one
     actor every long prompt and the other every short one, and the pool would wait on the first.
-    Items are dealt from the most to the least costly into the chunks in snake order
-    (0, 1, .., k-1, k-1, .., 0, ..), skipping full chunks, so every chunk but the last holds
-    exactly `batch_size` items and the chunks' costs differ by at most about one item.
+    Items are dealt from the most to the least costly, each to the chunk with the least total
+    cost that still has room, so every chunk but the last holds exactly `batch_size` items and
+    the chunk that took a long outlier fills up with the cheapest items (`bench eval`'s two
+    batches, costed by characters: 2,981 and 2,489 prompt tokens when dealt in snake order,
+    2,799 and 2,671 this way).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -373,13 +375,11 @@ def balanced_order(costs: Sequence[float], batch_size: int) -> list[int]:
     n_chunks = -(-n // batch_size)
     capacity = [batch_size] * (n_chunks - 1) + [n - batch_size * (n_chunks - 1)]
     chunks: list[list[int]] = [[] for _ in range(n_chunks)]
-    snake = list(range(n_chunks)) + list(reversed(range(n_chunks)))
-    turn = 0
+    totals = [0.0] * n_chunks
     for index in sorted(range(n), key=lambda i: -costs[i]):
-        while len(chunks[snake[turn % len(snake)]]) >= capacity[snake[turn % len(snake)]]:
-            turn += 1
-        chunks[snake[turn % len(snake)]].append(index)
-        turn += 1
+        chunk = min((c for c in range(n_chunks) if len(chunks[c]) < capacity[c]), key=lambda c: totals[c])
+        chunks[chunk].append(index)
+        totals[chunk] += costs[index]
     return [index for chunk in chunks for index in chunk]
 
 
