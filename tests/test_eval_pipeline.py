@@ -255,6 +255,12 @@ def test_grouped_attention_equals_sdpa_over_the_padding(tiny_llama):
     again, _ = grouped_sdpa_attention(module, query, key, value, mask, decode_groups=((0, 1, 0), (1, 3, 2)))
     assert torch.equal(again, grouped)
 
+    # A mask broadcast over the batch (no padding anywhere) is sliced by columns only.
+    full = torch.ones(1, 1, 1, 6, dtype=torch.bool)
+    reference, _ = sdpa_attention_forward(module, query, key[:, :, 2:], value[:, :, 2:], full[..., 2:])
+    grouped, _ = grouped_sdpa_attention(module, query, key, value, full, decode_groups=((0, 3, 2),))
+    torch.testing.assert_close(grouped, reference, rtol=0, atol=0)
+
     with pytest.raises(RuntimeError, match="without decode_groups"):
         grouped_sdpa_attention(module, query, key, value, mask)
 

@@ -118,7 +118,10 @@ def grouped_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: to
         )
     outputs = []
     for start, end, column in decode_groups:
-        mask = None if attention_mask is None else attention_mask[start:end, ..., column:]
+        mask = attention_mask
+        if mask is not None:
+            # A mask without padding may come broadcast over the batch (first dimension 1).
+            mask = (mask if mask.shape[0] == 1 else mask[start:end])[..., column:]
         output, _ = sdpa_attention_forward(module, query[start:end], key[start:end, :, column:],
                                            value[start:end, :, column:], mask, **kwargs)
         outputs.append(output)
