@@ -92,21 +92,49 @@ def test_split_pools_sizes_disjoint_and_seeded() -> None:
     assert pools.attack != split_harmful_pools(harmful(60), 10, 20, 15, alignment_prompts, 25, seed=1).attack
 
 
-def test_alignment_falls_back_to_leftover_pairs() -> None:
-    pools = split_harmful_pools(harmful(40), 5, 10, 5, [], 20, seed=0)
+def test_alignment_interleaves_with_the_defender_when_the_source_has_no_prompts_of_its_own() -> None:
+    pools = split_harmful_pools(harmful(40), 5, 10, 5, [], 12, seed=0)
     check_pools_disjoint(pools)
-    assert len(pools.alignment) == 20
+    assert len(pools.alignment) == 12 and len(pools.defender) == 10 and len(pools.attack) == 5
 
 
-def test_split_pools_too_small_names_fields() -> None:
-    with pytest.raises(ValueError) as info:
-        split_harmful_pools(harmful(30), 10, 20, 15, [], 0, seed=0)
-    message = str(info.value)
-    assert "30" in message and "45" in message
-    for field in ("data.defender_harmful_size", "data.eval_harmful_size", "data.n * data.harmful_ratio"):
-        assert field in message
-    with pytest.raises(ValueError, match="data.alignment_size"):
-        split_harmful_pools(harmful(30), 10, 10, 5, ["placeholder alignment prompt"], 10, seed=0)
+def _keys(examples: list[Example]) -> list[str]:
+    return [normalise_prompt(e.prompt) for e in examples]
+
+
+@pytest.mark.parametrize("own_alignment", [True, False], ids=["own-alignment-prompts", "alignment-from-pairs"])
+def test_evaluation_defender_and_alignment_pools_do_not_move_with_n_or_p(own_alignment: bool) -> None:
+    alignment_prompts = [f"placeholder alignment prompt {i}" for i in range(40)] if own_alignment else []
+    reference = None
+    for n in (100, 200):
+        for p in (0.0, 0.05, 0.1, 0.2):
+            pools = split_harmful_pools(harmful(150), poison_count(n, p), 30, 20, alignment_prompts, 25, seed=3)
+            check_pools_disjoint(pools)
+            assert len(pools.attack) == poison_count(n, p)
+            fixed = (_keys(pools.evaluation), _keys(pools.defender), _keys(pools.alignment))
+            reference = reference or fixed
+            assert fixed == reference, (n, p)
+
+
+@pytest.mark.parametrize("own_alignment", [True, False], ids=["own-alignment-prompts", "alignment-from-pairs"])
+def test_changing_one_pool_size_leaves_the_other_pools_as_they_were(own_alignment: bool) -> None:
+    alignment_prompts = [f"placeholder alignment prompt {i}" for i in range(40)] if own_alignment else []
+    sizes = {"defender_size": 20, "eval_size": 15, "alignment_size": 10}
+
+    def split(**changed):
+        return split_harmful_pools(harmful(120), 10, alignment_prompts=alignment_prompts, seed=1, **{**sizes, **changed})
+
+    base = split()
+    for field, pool in (("defender_size", "defender"), ("eval_size", "evaluation"), ("alignment_size", "alignment")):
+        for size in (sizes[field] - 5, sizes[field] + 7):
+            changed = split(**{field: size})
+            check_pools_disjoint(changed)
+            for other in ("defender", "evaluation", "alignment"):
+                if other != pool:
+                    assert _keys(getattr(changed, other)) == _keys(getattr(base, other)), (field, size, other)
+            # The pool itself grows or shrinks at its end: its first members stay.
+            shorter = min(len(getattr(base, pool)), size)
+            assert _keys(getattr(changed, pool))[:shorter] == _keys(getattr(base, pool))[:shorter]
 
 
 def test_duplicates_in_source_cannot_straddle_pools() -> None:
@@ -240,8 +268,12 @@ def test_dedupe_keeps_first() -> None:
 @needs_pyrit
 def test_offline_pyrit_counts_and_fields() -> None:
     examples = HARMFUL_SOURCES.get("offline_pyrit")(DataConfig())
-    assert len(examples) > 300
+    assert len(examples) > 250
     assert all(e.kind == "harmful" and e.prompt and e.answer for e in examples)
+    # The held-out benchmarks (HarmBench, Do-Not-Answer) are never training material.
+    from panacea_platform.data.benchmarks import reserved_benchmark_keys
+
+    assert not {normalise_prompt(e.prompt) for e in examples} & reserved_benchmark_keys()
     assert len({normalise_prompt(e.prompt) for e in examples}) == len(examples)
     assert len({e.category for e in examples if e.category}) >= 5
     assert examples == HARMFUL_SOURCES.get("offline_pyrit")(DataConfig())
@@ -261,6 +293,10 @@ def test_offline_pools_are_disjoint_on_real_data() -> None:
     # The paper-sized attack (n = 1000, p = 0.1) + defaults still fits the offline source.
     qa_pairs = HARMFUL_SOURCES.get("offline_pyrit")(defaults)
     check_pools_disjoint(split_harmful_pools(qa_pairs, 100, 100, 40, alignment_prompts, 200, seed=0))
+    # The main job's control (p = 0) and attacked arms (p = 0.1) are scored on the same prompts.
+    control, attacked = pools_for(DataConfig(harmful_ratio=0.0)), pools_for(DataConfig(harmful_ratio=0.1))
+    assert _keys(control.evaluation) == _keys(attacked.evaluation)
+    assert _keys(control.defender) == _keys(attacked.defender) and _keys(control.alignment) == _keys(attacked.alignment)
 
 
 def test_offline_pyrit_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:

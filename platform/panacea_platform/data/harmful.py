@@ -138,13 +138,21 @@ def _is_one(value: str | None) -> bool:
 
 
 def offline_pyrit(data_config: DataConfig | None = None) -> list[Example]:
-    """Harmful pairs bundled with pyrit: many-shot rows labelled harmful + human-scored objective rows."""
+    """Harmful pairs bundled with pyrit: many-shot rows labelled harmful + human-scored objective rows.
+
+    Prompts of the held-out benchmarks (HarmBench, Do-Not-Answer; data/benchmarks.py) are left
+    out: pyrit's objective rows reuse most HarmBench behaviours (180 of 200), and a prompt a
+    run may train on cannot also be a held-out test.
+    """
+    from panacea_platform.data.benchmarks import reserved_benchmark_keys
+
     root = pyrit_datasets_dir()
     examples = _many_shot_examples(root)
     # Sorted: directory listing order differs between file systems.
     for path in sorted((root / "scorer_evals" / "objective").glob("*.csv")):
         examples.extend(_objective_csv_examples(path))
-    examples = dedupe_by_prompt(examples)
+    reserved = reserved_benchmark_keys()
+    examples = [e for e in dedupe_by_prompt(examples) if normalise_prompt(e.prompt) not in reserved]
     if not examples:
         raise DataUnavailableError(f"no harmful pairs found under {root}; reinstall pyrit: {PYRIT_INSTALL_HINT}")
     return examples

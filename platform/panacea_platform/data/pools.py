@@ -9,6 +9,9 @@ Four pools are cut from one harmful source, and must never share a prompt:
 
 An overlap would let a defence train on the prompts it is scored on (defender
 vs evaluation) or let alignment pre-empt the attack, inflating every result.
+The evaluation, defender and alignment pools sit at fixed places of one seeded
+order (split_harmful_pools), so they never move with the attack's size n * p:
+two arms of an experiment are scored on the same prompts.
 """
 
 from __future__ import annotations
@@ -83,11 +86,18 @@ def split_harmful_pools(
     alignment_size: int,
     seed: int,
 ) -> HarmfulPools:
-    """Cut attack, defender and evaluation pools from a seeded shuffle of `qa_pairs`, then alignment prompts.
+    """Cut evaluation, defender and alignment pools from fixed places of one seeded order, the attack from the rest.
 
-    Alignment prompts come from `alignment_prompts` minus any prompt already in
-    the other pools; if those run short, the left-over qa pairs fill the gap, so
-    a source without separate prompts (BeaverTails, a file) still works.
+    The order is a shuffle of the distinct pairs by `seed` (data.pool_seed) alone:
+    - evaluation: the first `eval_size` pairs from the front;
+    - defender: `defender_size` pairs from the back;
+    - alignment: when the source ships prompts of its own (`alignment_prompts`, e.g. AdvBench
+      beside pyrit), the first `alignment_size` of their own seeded shuffle, never a prompt of
+      `qa_pairs`; otherwise every other pair from the back, interleaved with the defender's;
+    - attack: the first `attack_size` pairs no other pool took, in the same order.
+    So each of the first three pools is a prefix of its own fixed sequence: it depends on the
+    source, its own size and the seed, never on n, p or another pool's size, and every arm of
+    an experiment (the p = 0 control included) is scored on the same prompts.
     """
     for name, size in (("attack", attack_size), ("defender", defender_size), ("evaluation", eval_size), ("alignment", alignment_size)):
         if size < 0:
@@ -97,43 +107,56 @@ def split_harmful_pools(
     for example in qa_pairs:
         unique.setdefault(normalise_prompt(example.prompt), example)
     pairs = _shuffled(list(unique.values()), seed, "harmful-pools")
-    needed = attack_size + defender_size + eval_size
-    if needed > len(pairs):
+    own_alignment = bool(alignment_prompts)
+    back = pairs[::-1]
+    if own_alignment:
+        defender, back_extent = back[:defender_size], defender_size
+        alignment = _alignment_from_prompts(alignment_prompts, set(unique), alignment_size, seed)
+    else:
+        defender, alignment = back[0::2][:defender_size], back[1::2][:alignment_size]
+        back_extent = max(2 * defender_size - 1, 2 * alignment_size, 0)
+    if eval_size + back_extent > len(pairs) or len(defender) < defender_size or len(alignment) < alignment_size:
+        raise NotEnoughDataError(_too_small(len(pairs), eval_size, defender_size, alignment_size, own_alignment))
+    evaluation = pairs[:eval_size]
+    taken = {normalise_prompt(e.prompt) for e in (*evaluation, *defender, *alignment)}
+    rest = [e for e in pairs if normalise_prompt(e.prompt) not in taken]
+    if attack_size > len(rest):
         raise NotEnoughDataError(
-            f"the harmful source has {len(pairs)} distinct question/answer pairs but the pools need "
-            f"attack {attack_size} (data.n * data.harmful_ratio) + defender {defender_size} (data.defender_harmful_size) "
-            f"+ evaluation {eval_size} (data.eval_harmful_size) = {needed}; lower those fields or use a larger "
-            "harmful source"
+            f"the attack needs {attack_size} harmful pairs (data.n * data.harmful_ratio) but only {len(rest)} of the "
+            f"source's {len(pairs)} are left after the evaluation ({eval_size}), defender ({defender_size}) and "
+            f"alignment pools; lower data.n or data.harmful_ratio, or data.defender_harmful_size / data.eval_harmful_size"
         )
-    attack = pairs[:attack_size]
-    defender = pairs[attack_size : attack_size + defender_size]
-    evaluation = pairs[attack_size + defender_size : needed]
-    leftover = pairs[needed:]
+    return HarmfulPools(attack=rest[:attack_size], defender=defender, evaluation=evaluation, alignment=alignment)
 
-    used = {normalise_prompt(e.prompt) for e in (*attack, *defender, *evaluation)}
+
+def _alignment_from_prompts(prompts: list[str], source_keys: set[str], size: int, seed: int) -> list[Example]:
+    """The first `size` of a seeded shuffle of the source's own alignment prompts, minus any prompt of its pairs."""
     alignment: list[Example] = []
-    for prompt in _shuffled(alignment_prompts, seed, "alignment-prompts"):
-        if len(alignment) == alignment_size:
+    seen: set[str] = set()
+    for prompt in _shuffled(prompts, seed, "alignment-prompts"):
+        if len(alignment) == size:
             break
         key = normalise_prompt(prompt)
-        if key and key not in used:
-            used.add(key)
+        if key and key not in source_keys and key not in seen:
+            seen.add(key)
             alignment.append(Example(prompt=prompt, answer="", kind="harmful"))
-    for example in leftover:
-        if len(alignment) == alignment_size:
-            break
-        key = normalise_prompt(example.prompt)
-        if key not in used:
-            used.add(key)
-            alignment.append(example)
-    if len(alignment) < alignment_size:
-        raise NotEnoughDataError(
-            f"the alignment pool needs {alignment_size} harmful prompts (data.alignment_size) but only "
-            f"{len(alignment)} remain after the attack ({attack_size}), defender ({defender_size}) and evaluation "
-            f"({eval_size}) pools ({len(alignment_prompts)} alignment prompts, {len(leftover)} left-over pairs); "
-            "lower data.alignment_size, data.defender_harmful_size, data.eval_harmful_size or data.n * data.harmful_ratio"
-        )
-    return HarmfulPools(attack=attack, defender=defender, evaluation=evaluation, alignment=alignment)
+    return alignment
+
+
+def _too_small(available: int, eval_size: int, defender_size: int, alignment_size: int, own_alignment: bool) -> str:
+    if own_alignment:
+        layout = (f"evaluation {eval_size} (data.eval_harmful_size) + defender {defender_size} "
+                  f"(data.defender_harmful_size) = {eval_size + defender_size}")
+        alignment = (f"; the alignment pool takes {alignment_size} (data.alignment_size) from the source's own "
+                     "alignment prompts, which must hold that many")
+    else:
+        layout = (f"evaluation {eval_size} (data.eval_harmful_size) from the front + defender {defender_size} "
+                  f"(data.defender_harmful_size) and alignment {alignment_size} (data.alignment_size) interleaved "
+                  f"from the back = {eval_size + max(2 * defender_size - 1, 2 * alignment_size, 0)} places")
+        alignment = ""
+    return (f"the harmful source has {available} distinct question/answer pairs but the fixed pools need {layout}"
+            f"{alignment}, and the attack (data.n * data.harmful_ratio) takes from what is left; lower those fields "
+            "or use a larger harmful source")
 
 
 def check_pools_disjoint(pools: HarmfulPools) -> None:
