@@ -230,10 +230,14 @@ def test_beavertails_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
     def unreachable(*args, **kwargs):
         raise ConnectionError("no network in this test")
 
+    # A cached copy: the hub probe is skipped, as on a cluster with HF_HUB_OFFLINE=1.
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     from panacea_platform.data.harmful import DataUnavailableError
 
-    with pytest.raises(DataUnavailableError, match="unreachable.*offline_pyrit"):
+    with pytest.raises(DataUnavailableError, match="could not load.*offline_pyrit"):
         HARMFUL_SOURCES.get("beavertails")(DataConfig())
 
 
@@ -245,6 +249,8 @@ def test_beavertails_loader_keeps_unsafe_deduplicated(monkeypatch: pytest.Monkey
          "category": {"placeholder_a": False, "placeholder_b": True}}
         for i in range(12)
     ]
+    # A cached copy: the hub probe is skipped, as on a cluster with HF_HUB_OFFLINE=1.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(rows))
     examples = HARMFUL_SOURCES.get("beavertails")(DataConfig())
     assert len(examples) == len({normalise_prompt(e.prompt) for e in examples}) == 4

@@ -137,6 +137,10 @@ def test_hub_unreachable_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     def unreachable(*args, **kwargs):
         raise ConnectionError("no network in this test")
 
+    # A cached copy: the hub probe is skipped, as on a cluster with HF_HUB_OFFLINE=1.
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(DataUnavailableError) as info:
         TASKS.get("gsm8k")(DataConfig(), "train", 5, 0)
@@ -156,6 +160,10 @@ def test_hub_loader_samples_from_a_local_file(monkeypatch: pytest.MonkeyPatch, t
     def local_copy(repo, config=None, split=None, **kwargs):
         calls.append((repo, split))
         return real_load("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache"))
+
+    # A cached copy: the hub probe is skipped, as on a cluster with HF_HUB_OFFLINE=1.
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
     monkeypatch.setattr(datasets, "load_dataset", local_copy)
     task = TASKS.get("ag_news")
@@ -180,6 +188,10 @@ def test_sst2_test_split_is_validation_and_alpaca_split_by_hash(monkeypatch: pyt
                 [{"instruction": f"placeholder instruction {i}", "input": "", "output": f"o{i}"} for i in range(200)]
             )
         return datasets.Dataset.from_list([{"idx": i, "sentence": f"placeholder review {i}", "label": i % 2} for i in range(20)])
+
+    # A cached copy: the hub probe is skipped, as on a cluster with HF_HUB_OFFLINE=1.
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
     TASKS.get("sst2")(DataConfig(), "test", 5, 0)
@@ -243,3 +255,20 @@ def test_example_kind_is_checked_and_prompts_normalise() -> None:
 
 def test_generators_scale() -> None:
     assert len(TASKS.get("offline_sentiment")(None, "test", 2000, 0)) == 2000
+
+
+def test_an_unreachable_hub_is_an_error_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from panacea_platform.data.hub import load_hub_dataset
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    # A port nothing listens on: the probe's connection is refused at once (no network needed).
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    started = time.monotonic()
+    with pytest.raises(DataUnavailableError, match=r"suite 'x' .*unreachable.*HF_HUB_OFFLINE=1.*use y"):
+        load_hub_dataset("org/name", "test", what="suite 'x'", instead="use y")
+    with pytest.raises(DataUnavailableError, match="unreachable"):
+        TASKS.get("gsm8k")(DataConfig(), "train", 5, 0)
+    assert time.monotonic() - started < 10

@@ -202,17 +202,12 @@ def beavertails_row_to_example(row: dict[str, Any]) -> Example | None:
 
 def beavertails(data_config: DataConfig | None = None) -> list[Example]:
     """Unsafe pairs of BeaverTails 30k_train (hub), the paper's harmful source."""
-    try:
-        import datasets
+    from panacea_platform.data.hub import load_hub_dataset
 
-        rows = datasets.load_dataset(BEAVERTAILS_REPO, split=BEAVERTAILS_SPLIT).to_list()
-    except Exception as exc:  # ImportError, OSError, HTTP errors...: all mean "not available here"
-        raise DataUnavailableError(
-            f"harmful source 'beavertails' could not load {BEAVERTAILS_REPO!r} split {BEAVERTAILS_SPLIT!r}: "
-            f"the Hugging Face hub is unreachable from this machine or the dataset is not cached "
-            f"({type(exc).__name__}: {str(exc)[:200]}). Use harmful_source 'offline_pyrit', "
-            "or 'file' with data.harmful_file (fields prompt, answer)."
-        ) from None
+    rows = load_hub_dataset(
+        BEAVERTAILS_REPO, BEAVERTAILS_SPLIT, what="harmful source 'beavertails'",
+        instead="Use harmful_source 'offline_pyrit', or 'file' with data.harmful_file (fields prompt, answer).",
+    ).to_list()
     examples = dedupe_by_prompt(e for e in map(beavertails_row_to_example, rows) if e is not None)
     if not examples:
         raise DataUnavailableError(f"{BEAVERTAILS_REPO} split {BEAVERTAILS_SPLIT!r} holds no unsafe rows")

@@ -458,6 +458,16 @@ def _load_hub_split(spec: _HubTask, hub_split: str) -> Dataset:
             f"task {spec.name!r} needs the 'datasets' package (pip install datasets); "
             f"offline, use task {spec.offline_alternative!r} or task 'local' with data.task_file"
         ) from None
+    from panacea_platform.data.hub import HUB_PROBE_SECONDS, hub_offline, hub_reachable
+
+    if not hub_offline() and not hub_reachable():
+        # Fail in seconds: the hub client would retry for ~25 s per repo.
+        raise DataUnavailableError(
+            f"task {spec.name!r}: the Hugging Face hub is unreachable from this machine (no connection within "
+            f"{HUB_PROBE_SECONDS:g} s; with a local copy in the cache, set HF_HUB_OFFLINE=1). Use task "
+            f"{spec.offline_alternative!r} instead, or task 'local' with data.task_file "
+            "(a JSONL, CSV or Parquet file with fields prompt, answer, optional label)."
+        )
     causes = []
     for repo in spec.repos:
         try:
