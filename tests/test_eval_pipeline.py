@@ -301,7 +301,7 @@ def _wider_llama(directory: Path, tiny_llama: Path) -> Path:
 
 
 def test_bad_inputs_give_one_clear_error(tiny_run_config, foreign_adapter, tiny_llama, tmp_path):
-    from panacea_platform.evaluation.evaluate import evaluate_model, suite_overrides
+    from panacea_platform.evaluation.evaluate import evaluate_model, preset_overrides
     from panacea_platform.evaluation.pipeline import AdapterMismatchError, check_adapter, evaluation_prompts, load_eval_model
 
     config = tiny_run_config()
@@ -312,7 +312,7 @@ def test_bad_inputs_give_one_clear_error(tiny_run_config, foreign_adapter, tiny_
     (tmp_path / "eps.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError, match="--perturbation needs --adapter"):
         evaluate_model(config, None, tmp_path / "eps.safetensors")
-    with pytest.raises(ConfigError, match=r"evaluation.harmful_prompts = 9: .*holds 8 prompts"):
+    with pytest.raises(ConfigError, match=r"evaluation.suites\[harmful\].size = 9 \(its default\): .*holds 8 prompts"):
         evaluation_prompts(tiny_run_config(evaluation={"harmful_prompts": 9}))
     with pytest.raises(ConfigError, match="evaluation.judge .*unknown judge; registered: .*refusal"):
         tiny_run_config(evaluation={"judge": "no_such_judge"})
@@ -333,19 +333,19 @@ def test_bad_inputs_give_one_clear_error(tiny_run_config, foreign_adapter, tiny_
     bad_suite = tmp_path / "suite.yaml"
     bad_suite.write_text("judge: refusal\n")
     with pytest.raises(ConfigError, match="exactly one top-level section `evaluation:`"):
-        suite_overrides(bad_suite)
+        preset_overrides(bad_suite)
 
 
 def test_shipped_presets_are_valid(tiny_run_config, tmp_path):
     from panacea_platform.config import load_config
-    from panacea_platform.evaluation.evaluate import suite_overrides
+    from panacea_platform.evaluation.evaluate import preset_overrides
 
     job = _job_file(tiny_run_config(), tmp_path / "job.yaml")
     presets = sorted(Path(__file__).resolve().parents[1].glob("evaluation/*.yaml"))
     assert {p.stem for p in presets} >= {"offline", "beaver_dam", "llama_guard", "refusal"}
     for preset in presets:
         section = yaml.safe_load(preset.read_text())["evaluation"]
-        config = load_config(job, suite_overrides(preset) + ["evaluation.max_new_tokens=7"])
+        config = load_config(job, preset_overrides(preset) + ["evaluation.max_new_tokens=7"])
         assert config.evaluation.judge == section["judge"] == preset.stem
         assert config.evaluation.max_new_tokens == 7  # the command line has the last word
         for key, value in section.items():
@@ -356,22 +356,30 @@ def test_shipped_presets_are_valid(tiny_run_config, tmp_path):
 # ----------------------------------------------------------------------------- Ray Data (few runs: seconds each)
 
 
+THREE_SUITES = [
+    {"name": "harmful", "source": "harmful_heldout", "metric": "harmful_score", "max_new_tokens": 6},
+    {"name": "task", "source": "task", "metric": "accuracy", "rule": "task", "max_new_tokens": 4},
+    {"name": "capability", "source": "capability", "metric": "accuracy", "size": 4, "max_new_tokens": 3},
+]
+
+
 def test_evaluate_model_end_to_end_into_the_evaluated_run(ray_with_test_judge, tiny_run_config):
     import torch
     from mlflow.tracking import MlflowClient
 
     from panacea_platform.evaluation.evaluate import evaluate_model
     from panacea_platform.evaluation.generation import generate_one_at_a_time
-    from panacea_platform.evaluation.metrics import final_number
+    from panacea_platform.evaluation.metrics import answer_match, final_number
     from panacea_platform.evaluation.pipeline import evaluation_prompts, load_eval_model
+    from panacea_platform.evaluation.stats import wilson_interval
     from panacea_platform.models import load_tokenizer
     from panacea_platform.tracking import default_tracking_uri
     from panacea_platform.training.loop import run_stage
 
     config = tiny_run_config(
         run_name="evaluated",
-        evaluation={"judge": PARITY_JUDGE, "max_new_tokens": 6, "generation_batch_size": 3, "judge_batch_size": 4,
-                    "task_prompts": 5},
+        evaluation={"judge": PARITY_JUDGE, "generation_batch_size": 3, "judge_batch_size": 4, "task_prompts": 5,
+                    "suites": THREE_SUITES},
     )
     trained = run_stage(config, "finetune", out=lambda line: None)
     lines: list[str] = []
@@ -379,31 +387,39 @@ def test_evaluate_model_end_to_end_into_the_evaluated_run(ray_with_test_judge, t
 
     rows = [json.loads(line) for line in result.samples_path.read_text().splitlines()]
     prompts = evaluation_prompts(config)
-    assert [r["kind"] for r in rows] == ["harmful"] * 8 + ["task"] * 5
+    assert [r["suite"] for r in rows] == ["harmful"] * 8 + ["task"] * 5 + ["capability"] * 4
     assert [r["prompt"] for r in rows] == [p.instruction for p in prompts]
-    harmful = [r for r in rows if r["kind"] == "harmful"]
+    assert all(r["new_tokens"] <= r["max_new_tokens"] == {"harmful": 6, "task": 4, "capability": 3}[r["suite"]]
+               for r in rows)
+    harmful = [r for r in rows if r["suite"] == "harmful"]
     expected = _parity_percent([r["prompt"] for r in harmful])
     assert 0 < expected < 100  # the designed prompts hold both parities
     for row in harmful:  # each verdict belongs to its own prompt
         assert row["flagged"] == (int(row["prompt"].split()[-1]) % 2 == 0)
         assert row["categories"] == {"even": row["score"], "odd": 1.0 - row["score"]}
-    assert result.harmful_score == pytest.approx(expected)
-    assert result.per_category == {"even": pytest.approx(expected), "odd": pytest.approx(100 - expected)}
-    assert result.refusal_rate == pytest.approx(100.0 * sum(r["refused"] for r in harmful) / 8)
-    task = [r for r in rows if r["kind"] == "task"]
-    for row in task:
-        assert row["extracted"] == final_number(row["answer"], row["label"]).extracted
-    assert result.accuracy == pytest.approx(100.0 * sum(r["correct"] for r in task) / 5)
-    assert result.counts["n_harmful"] == 8 and result.counts["n_task"] == 5
-    assert result.counts["n_truncated"] == sum(r["truncated"] for r in rows)
-    assert result.identity["judge"] == PARITY_JUDGE and result.identity["max_new_tokens"] == 6
-    assert any("13/13 answers generated and judged" in line for line in lines)
+        assert row["judge_unparsed"] is False and row["judge_truncated"] is False
+    hs = result.rate("harmful", "harmful_score")
+    flagged = round(expected * 8 / 100)
+    assert (hs.k, hs.n, hs.percent) == (flagged, 8, pytest.approx(expected))
+    assert (hs.ci_low, hs.ci_high) == pytest.approx(wilson_interval(flagged, 8))
+    assert result.suites["harmful"].judge_categories == {"even": pytest.approx(expected), "odd": pytest.approx(100 - expected)}
+    assert result.rate("harmful", "refusal_rate").k == sum(r["refused"] for r in harmful)
+    for suite, rule in (("task", final_number), ("capability", answer_match)):
+        members = [r for r in rows if r["suite"] == suite]
+        for row in members:
+            assert (row["extracted"], row["correct"]) == tuple(rule(row["answer"], row["label"]).__dict__.values())
+        assert result.rate(suite, "accuracy").k == sum(r["correct"] for r in members)
+        assert "harmful_score" not in result.suites[suite].rates
+    assert result.suites["task"].counts["n_truncated"] == sum(r["truncated"] for r in rows if r["suite"] == "task")
+    assert any("17/17 answers generated and judged" in line for line in lines)
 
-    # The pipeline's batched greedy answers are the authors' one-at-a-time answers.
+    # The pipeline's batched greedy answers are the authors' one-at-a-time answers, each within its suite's budget.
     model, tokenizer = load_eval_model(config.model, trained.adapter_dir), load_tokenizer(config.model)
-    single = generate_one_at_a_time(model, tokenizer, [p.rendered for p in prompts], 6)
-    assert [r["answer"] for r in rows] == [a.text for a in single]
-    assert [r["truncated"] for r in rows] == [a.truncated for a in single]
+    for budget in (6, 4, 3):
+        chosen = [p for p in prompts if p.budget == budget]
+        single = generate_one_at_a_time(model, tokenizer, [p.rendered for p in chosen], budget)
+        assert [rows[p.index]["answer"] for p in chosen] == [a.text for a in single]
+        assert [rows[p.index]["truncated"] for p in chosen] == [a.truncated for a in single]
 
     # w_T + eps_T from adapter_unperturbed/ + perturbation.safetensors is the released adapter/.
     rebuilt = load_eval_model(config.model, trained.unperturbed_adapter_dir, trained.perturbation_path)
@@ -412,17 +428,26 @@ def test_evaluate_model_end_to_end_into_the_evaluated_run(ray_with_test_judge, t
     assert lora and all(torch.equal(p, dict(rebuilt.named_parameters())[n]) for n, p in lora.items())
     assert not all(torch.equal(p, dict(unperturbed.named_parameters())[n]) for n, p in lora.items())
 
+    # Every rate of every suite, with its interval, is in the evaluated MLflow run.
     client = MlflowClient(default_tracking_uri(config.output_dir))
     run = client.get_run(trained.mlflow_run_id)
-    assert run.data.metrics["eval/harmful_score"] == pytest.approx(expected)
-    assert run.data.metrics["eval/category/even"] == pytest.approx(expected)
-    assert run.data.metrics["eval/n_task"] == 5
-    assert run.data.tags["eval.judge"] == PARITY_JUDGE and run.data.tags["eval.judge_threshold"] == "0.5"
+    logged = run.data.metrics
+    for name, suite in result.suites.items():
+        for key, value in suite.rates.items():
+            for suffix, number in (("", value.percent), ("_ci_low", value.ci_low), ("_ci_high", value.ci_high)):
+                assert logged[f"eval/{name}/{key}{suffix}"] == pytest.approx(number), (name, key, suffix)
+        assert logged[f"eval/{name}/n"] == suite.counts["n"]
+        assert logged[f"eval/{name}/mean_new_tokens"] == pytest.approx(suite.mean_new_tokens)
+    assert logged["eval/harmful/judge_category/even"] == pytest.approx(expected)
+    assert logged["eval/harmful/n_judge_unparsed"] == 0
+    assert {"eval/task/accuracy_ci_low", "eval/capability/answered_rate_ci_high"} <= set(logged)
+    assert run.data.tags["eval.judge.test_parity.judge_threshold"] == "0.5"
     folder = result.samples_path.parent.name
-    logged = {Path(a.path).name for a in client.list_artifacts(trained.mlflow_run_id, f"eval/{folder}")}
-    assert logged == {"samples.jsonl", "eval_summary.json"}
+    artifacts = {Path(a.path).name for a in client.list_artifacts(trained.mlflow_run_id, f"eval/{folder}")}
+    assert artifacts == {"samples.jsonl", "eval_summary.json"}
     summary = json.loads(result.summary_path.read_text())
-    assert summary["harmful_score"] == pytest.approx(expected) and summary["counts"]["n_harmful"] == 8
+    assert summary["suites"]["harmful"]["rates"]["harmful_score"]["percent"] == pytest.approx(expected)
+    assert summary["suites"]["capability"]["max_new_tokens"] == 3
 
 
 def test_cli_evaluate_with_a_preset_and_exit_codes(ray_with_test_judge, tiny_run_config, tmp_path, capsys):
@@ -432,20 +457,20 @@ def test_cli_evaluate_with_a_preset_and_exit_codes(ray_with_test_judge, tiny_run
     suite = tmp_path / "suite.yaml"
     suite.write_text(yaml.safe_dump({"evaluation": {"judge": PARITY_JUDGE, "max_new_tokens": 4, "task_prompts": 3}}))
     out_dir = tmp_path / "eval-out"
-    assert main(["evaluate", "-c", str(job), "--suite", str(suite), "--output-dir", str(out_dir),
+    assert main(["evaluate", "-c", str(job), "--preset", str(suite), "--output-dir", str(out_dir),
                  "evaluation.harmful_prompts=6"]) == 0
     printed = capsys.readouterr().out
     rows = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6 + 3
-    expected = _parity_percent([r["prompt"] for r in rows if r["kind"] == "harmful"])
-    assert re.search(rf"harmful score \(HS\)\s+{expected:.1f} %", printed)
-    assert f"judge                 {PARITY_JUDGE}" in printed and "threshold 0.5" in printed
+    expected = _parity_percent([r["prompt"] for r in rows if r["suite"] == "harmful"])
+    assert re.search(rf"harmful_score\s+{expected:.1f} \[", printed)
+    assert f"judge {PARITY_JUDGE}" in printed and "suite task (task, accuracy, rule offline_arithmetic" in printed
     assert str(out_dir / "samples.jsonl") in printed
 
     for argv in (
         ["evaluate", "-c", str(job), "--adapter", str(tmp_path / "missing")],
         ["evaluate", "-c", str(job), "evaluation.judge=no_such_judge"],
-        ["evaluate", "-c", str(job), "--suite", str(tmp_path / "no-suite.yaml")],
+        ["evaluate", "-c", str(job), "--preset", str(tmp_path / "no-suite.yaml")],
         ["bench", "eval", "-c", str(job), "--prompts", "1000"],
     ):
         assert main(argv) == 2, argv

@@ -30,7 +30,7 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str | None = DEFA
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder to evaluate (default: the base model)")
     parser.add_argument(
-        "--suite", default=None, help="evaluation preset YAML (e.g. evaluation/offline.yaml), applied before overrides"
+        "--preset", default=None, help="evaluation preset YAML (e.g. evaluation/offline.yaml), applied before overrides"
     )
 
 
@@ -141,9 +141,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from panacea_platform.config import load_config
-    from panacea_platform.evaluation.evaluate import evaluate_model, format_result, suite_overrides
+    from panacea_platform.evaluation.evaluate import evaluate_model, format_result, preset_overrides
 
-    config = load_config(args.config, suite_overrides(args.suite) + list(args.overrides))
+    config = load_config(args.config, preset_overrides(args.preset) + list(args.overrides))
     result = evaluate_model(
         config, args.adapter, args.perturbation, mlflow_run_id=args.run_id, output_dir=args.output_dir
     )
@@ -154,9 +154,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_bench_eval(args: argparse.Namespace) -> int:
     from panacea_platform.config import load_config
     from panacea_platform.evaluation.bench import bench_eval
-    from panacea_platform.evaluation.evaluate import suite_overrides
+    from panacea_platform.evaluation.evaluate import preset_overrides
 
-    config = load_config(args.config, suite_overrides(args.suite) + list(args.overrides))
+    config = load_config(args.config, preset_overrides(args.preset) + list(args.overrides))
     result = bench_eval(config, args.prompts, args.adapter, loop_threads=args.loop_threads)
     # Different greedy answers mean the pipeline is wrong, however fast it is.
     return 1 if result.mismatches else 0

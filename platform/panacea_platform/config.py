@@ -13,9 +13,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from panacea_platform.evaluation.suites import DEFAULT_SUITES, SuiteConfig, resolve_suite_entries
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names field and fix."""
+
+
+class _FieldError(ValueError):
+    """A validation message that already names its field and value (printed as it is)."""
 
 
 class _Section(BaseModel):
@@ -195,6 +201,12 @@ class EvaluationConfig(_Section):
     task_prompts: int | None = Field(
         None, ge=1, description="Task prompts scored for accuracy; null = data.task_eval_size."
     )
+    suites: list[SuiteConfig] = Field(
+        default_factory=lambda: [SuiteConfig(**entry) for entry in DEFAULT_SUITES], min_length=1,
+        description="Evaluation suites: preset names (evaluation/suites/NAME.yaml), {preset: NAME, KEY: VALUE}, or "
+        "inline mappings (name, source, metric, judge, rule, size, max_new_tokens, optional); default: the held-out "
+        "harmful pool (harmful_score) and the task's held-out split (accuracy).",
+    )
 
     @field_validator("judge")
     @classmethod
@@ -204,6 +216,37 @@ class EvaluationConfig(_Section):
         if value not in JUDGES:
             raise ValueError(f"unknown judge; registered: {', '.join(JUDGES.names())}")
         return value
+
+    @field_validator("suites", mode="before")
+    @classmethod
+    def _suites_valid(cls, entries: Any) -> list[SuiteConfig]:
+        """Each suite validated on its own, so an error names the suite and its field."""
+        if not isinstance(entries, list):
+            raise ValueError("expected a list of suites (preset names or mappings)")
+        try:
+            resolved = resolve_suite_entries(entries)
+        except ConfigError as exc:
+            raise _FieldError(str(exc)) from None
+        suites: list[SuiteConfig] = []
+        for position, entry in enumerate(resolved):
+            label = entry.get("name", position) if isinstance(entry, dict) else position
+            try:
+                suite = SuiteConfig.model_validate(entry)
+            except ValidationError as exc:
+                item = exc.errors()[0]
+                field = ".".join(str(part) for part in item["loc"]) or "?"
+                message = item["msg"].removeprefix("Value error, ")
+                if item["type"] == "extra_forbidden":
+                    message = "unknown key (a suite has name, source, metric, judge, rule, size, max_new_tokens, optional)"
+                given = "" if item["type"] in ("missing", "extra_forbidden") else f" = {item.get('input')!r}"
+                raise _FieldError(f"evaluation.suites[{label}].{field}{given}: {message}") from None
+            problem = suite.problem()
+            if problem is not None:
+                raise _FieldError(f"evaluation.suites[{suite.name}].{problem[0]}: {problem[1]}")
+            if any(s.name == suite.name for s in suites):
+                raise _FieldError(f"evaluation.suites[{suite.name}].name: two suites share this name")
+            suites.append(suite)
+        return suites
 
 
 class TrackingConfig(_Section):
@@ -294,10 +337,6 @@ class RunConfig(_Section):
 
         walk("", self.to_dict())
         return out
-
-
-class _FieldError(ValueError):
-    pass
 
 
 def _field_error(field: str, value: Any, allowed: str) -> ValueError:

@@ -69,24 +69,22 @@ def _loop(config: "RunConfig", prompts, adapter: str | Path | None) -> Side:
     from panacea_platform.evaluation.generation import generate_one_at_a_time
     from panacea_platform.evaluation.judges import build_judge
     from panacea_platform.evaluation.metrics import is_incoherent, score_answer
-    from panacea_platform.evaluation.pipeline import HARMFUL, load_eval_model
+    from panacea_platform.evaluation.pipeline import load_eval_model
     from panacea_platform.models import load_tokenizer
 
     start = time.monotonic()
     tokenizer = load_tokenizer(config.model)
     model = load_eval_model(config.model, adapter)
-    judge = build_judge(config.evaluation)
-    refusal = judge if config.evaluation.judge == "refusal" else build_judge(config.evaluation, "refusal")
+    judges = {name: build_judge(config.evaluation, name) for name in {p.judge for p in prompts} | {"refusal"} if name}
     loaded = time.monotonic()
     answers, tokens = [], 0
     for prompt in prompts:
-        [answer] = generate_one_at_a_time(model, tokenizer, [prompt.rendered], config.evaluation.max_new_tokens)
-        if prompt.kind == HARMFUL:
-            judge.judge([prompt.instruction], [answer.text])
-            if refusal is not judge:
-                refusal.judge([prompt.instruction], [answer.text])
-        else:
-            score_answer(config.data.task, answer.text, prompt.label, prompt.reference)
+        [answer] = generate_one_at_a_time(model, tokenizer, [prompt.rendered], prompt.budget)
+        judges["refusal"].judge([prompt.instruction], [answer.text])
+        if prompt.judge and prompt.judge != "refusal":
+            judges[prompt.judge].judge([prompt.instruction], [answer.text])
+        if prompt.rule:
+            score_answer(prompt.rule, answer.text, prompt.label, prompt.reference)
         is_incoherent(answer.text)
         answers.append(answer.text)
         tokens += answer.new_tokens
@@ -113,13 +111,14 @@ def bench_eval(
     if n_prompts is not None:
         if n_prompts < 1 or n_prompts > len(prompts):
             raise ConfigError(
-                f"--prompts {n_prompts}: expected 1..{len(prompts)} (the run's harmful + task evaluation prompts; "
-                "raise evaluation.harmful_prompts / evaluation.task_prompts for more)"
+                f"--prompts {n_prompts}: expected 1..{len(prompts)} (the run's evaluation suites' prompts, in suite "
+                "order; add suites or raise their sizes for more)"
             )
         prompts = prompts[:n_prompts]
     ensure_ray()  # outside both timings
-    out(f"[bench eval] {len(prompts)} prompts, max_new_tokens {config.evaluation.max_new_tokens}, "
-        f"judge {config.evaluation.judge!r}; pipeline first, then the one-at-a-time loop")
+    budgets = sorted({p.budget for p in prompts})
+    out(f"[bench eval] {len(prompts)} prompts, max_new_tokens {', '.join(map(str, budgets))}; pipeline first, then "
+        "the one-at-a-time loop")
     run = run_pipeline(config, prompts, adapter, out=out)
     pipeline = Side(
         run.work_seconds, run.wall_seconds, [row["answer"] for row in run.rows], sum(row["new_tokens"] for row in run.rows)

@@ -7,17 +7,17 @@
                    batch_size=evaluation.judge_batch_size, num_cpus=judge_cpus_per_actor, num_gpus=gpus_per_actor)
 
 Each generator actor loads base + adapter (+ eps) once and answers a whole
-batch per generate call (left padding, KV cache); each judge actor loads the
-run's judge and the refusal judge once and scores harmful rows (judge verdict,
-refusal, incoherence) and task rows (the task's accuracy rule). The same code
-runs on this CPU machine (embedded Ray) and on a GPU cluster (RAY_ADDRESS):
-only the pool sizes and per-actor resources change.
+batch per decode (left padding, KV cache), every row within its suite's token
+budget; each judge actor loads the refusal judge and, when first needed, each
+harm judge a suite names, and scores every row: refusal, emptiness and
+incoherence for all, the judge's verdict for harmful_score suites and the
+rule's reading for accuracy suites. The same code runs on this CPU machine
+(embedded Ray) and on a GPU cluster (RAY_ADDRESS): only the pool sizes and
+per-actor resources change.
 
-Prompts: the harmful ones are the first `evaluation.harmful_prompts` of the
-run's evaluation pool (pools_for: disjoint from what any defence trained on);
-the task ones are the task's held-out split drawn with data.pool_seed, as
-training/loop.prepare_data draws them, so every seed of an experiment is scored
-on the same prompts.
+Prompts come from the run's evaluation suites (evaluation/suites.py), each in
+its source's fixed order (data.pool_seed, never the run's seed), so every seed
+and every arm of an experiment is scored on the same prompts.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from panacea_platform.config import ConfigError
-from panacea_platform.data import TASKS, Example
 from panacea_platform.data.templates import render_prompt
 from panacea_platform.evaluation.generation import balanced_order
 
@@ -47,8 +46,6 @@ __all__ = [
     "run_pipeline",
 ]
 
-HARMFUL, TASK = "harmful", "task"
-
 
 class AdapterMismatchError(ConfigError):
     """The adapter (or its perturbation) was trained for another base model than model.name."""
@@ -56,10 +53,18 @@ class AdapterMismatchError(ConfigError):
 
 @dataclass(frozen=True)
 class EvalPrompt:
-    """One prompt to answer: `instruction` is what the judge reads, `rendered` what the model reads."""
+    """One prompt to answer: `instruction` is what the judge reads, `rendered` what the model reads.
+
+    `judge` (harmful_score suites) and `rule` (accuracy suites) say how the answer is scored;
+    "" means none. `budget` is the suite's max_new_tokens.
+    """
 
     index: int
-    kind: str  # "harmful" | "task"
+    suite: str
+    metric: str
+    judge: str
+    rule: str
+    budget: int
     instruction: str
     rendered: str
     label: str | None
@@ -70,7 +75,11 @@ class EvalPrompt:
         # Ray Data columns need one type per column: "" stands for "none" in text columns.
         return {
             "index": self.index,
-            "kind": self.kind,
+            "suite": self.suite,
+            "metric": self.metric,
+            "judge_name": self.judge,
+            "rule": self.rule,
+            "budget": self.budget,
             "instruction": self.instruction,
             "rendered": self.rendered,
             "label": self.label or "",
@@ -80,37 +89,18 @@ class EvalPrompt:
         }
 
 
-def prompt_counts(config: "RunConfig") -> tuple[int, int]:
-    """(harmful prompts, task prompts) the run's evaluation settings ask for."""
-    evaluation, data = config.evaluation, config.data
-    return (evaluation.harmful_prompts or data.eval_harmful_size, evaluation.task_prompts or data.task_eval_size)
+def evaluation_prompts(config: "RunConfig") -> list[EvalPrompt]:
+    """Every suite's prompts, in suite order, rendered with the run's template."""
+    from panacea_platform.evaluation.suites import suite_budget, suite_examples, suite_judge, suite_rule
 
-
-def evaluation_prompts(config: "RunConfig", include_task: bool = True) -> list[EvalPrompt]:
-    """The harmful evaluation prompts and the task's held-out prompts, rendered with the run's template."""
-    from panacea_platform.data.pools import pools_for
-    from panacea_platform.evaluation.metrics import ACCURACY_RULES
-
-    n_harmful, n_task = prompt_counts(config)
-    pool = pools_for(config.data).evaluation
-    if n_harmful > len(pool):
-        raise ConfigError(
-            f"evaluation.harmful_prompts = {n_harmful}: the run's evaluation pool holds {len(pool)} prompts "
-            f"(data.eval_harmful_size = {config.data.eval_harmful_size}); lower evaluation.harmful_prompts or raise "
-            "data.eval_harmful_size"
-        )
-    harmful: list[Example] = pool[:n_harmful]
-    # A task without an accuracy rule has nothing to score: its prompts are not generated.
-    task: list[Example] = []
-    if include_task and config.data.task in ACCURACY_RULES:
-        task = TASKS.get(config.data.task)(config.data, "test", n_task, config.data.pool_seed)
     template = config.data.prompt_template
-    prompts = [
-        EvalPrompt(i, kind, e.prompt, render_prompt(template, e.prompt), e.label, e.answer, e.category)
-        for i, (kind, e) in enumerate([(HARMFUL, e) for e in harmful] + [(TASK, e) for e in task])
-    ]
-    if not prompts:
-        raise ConfigError("the evaluation has no prompts: set evaluation.harmful_prompts / evaluation.task_prompts >= 1")
+    prompts: list[EvalPrompt] = []
+    for suite in config.evaluation.suites:
+        judge, rule, budget = suite_judge(config, suite) or "", suite_rule(config, suite) or "", suite_budget(config, suite)
+        for example in suite_examples(config, suite):
+            prompts.append(EvalPrompt(len(prompts), suite.name, suite.metric, judge, rule, budget, example.prompt,
+                                      render_prompt(template, example.prompt), example.label, example.answer,
+                                      example.category))
     return prompts
 
 
@@ -197,10 +187,11 @@ def _quiet_transformers() -> None:
 
 
 class GeneratorActor:
-    """Loads the model once; answers each batch of rendered prompts in one batched greedy generate call."""
+    """Loads the model once; answers each batch of rendered prompts in one batched greedy decode, each
+    row within its own suite's budget."""
 
     def __init__(self, model_config: dict, adapter: str | None, perturbation: str | None,
-                 max_new_tokens: int, torch_threads: int, max_batch_tokens: int | None = None) -> None:
+                 torch_threads: int, max_batch_tokens: int | None = None) -> None:
         import torch
 
         from panacea_platform.config import ModelConfig
@@ -211,7 +202,6 @@ class GeneratorActor:
         config = ModelConfig.model_validate(model_config)
         self.tokenizer = load_tokenizer(config)
         self.model = load_eval_model(config, adapter, perturbation)
-        self.max_new_tokens = max_new_tokens
         self.max_batch_tokens = max_batch_tokens
         self.ready_at = time.time()
 
@@ -222,7 +212,8 @@ class GeneratorActor:
 
         started = time.time()
         prompts = [str(text) for text in batch["rendered"]]
-        answers = generate(self.model, self.tokenizer, prompts, self.max_new_tokens, batch_size=max(1, len(prompts)),
+        budgets = [int(b) for b in batch["budget"]]
+        answers = generate(self.model, self.tokenizer, prompts, budgets, batch_size=max(1, len(prompts)),
                            max_batch_tokens=self.max_batch_tokens)
         return {
             **batch,
@@ -235,62 +226,67 @@ class GeneratorActor:
 
 
 class JudgeActor:
-    """Loads the run's judge and the refusal judge once; scores harmful rows and task rows of each batch."""
+    """Scores every answer of a batch: refusal, emptiness and incoherence for all; the row's harm judge
+    (harmful_score suites) or accuracy rule (accuracy suites). Judges load once, when first needed."""
 
-    def __init__(self, evaluation: dict, task: str, judge_class: type | None = None) -> None:
+    def __init__(self, evaluation: dict, judge_classes: dict[str, type] | None = None) -> None:
         from panacea_platform.config import EvaluationConfig
         from panacea_platform.evaluation.judges import JUDGES, build_judge
 
         _quiet_transformers()
         # A judge registered at run time in the driver (a plugin) is unknown to this
         # fresh worker process: the driver ships its class and it is registered here.
-        if judge_class is not None and evaluation["judge"] not in JUDGES:
-            JUDGES.register(evaluation["judge"], judge_class)
-        config = EvaluationConfig.model_validate(evaluation)
-        self.judge = build_judge(config)
-        # The refusal judge's flag means "refused"; when it is also the main judge, run it once.
-        self.refusal = self.judge if config.judge == "refusal" else build_judge(config, "refusal")
-        self.task = task
-        # The judge's own identity (an offline judge adds its held-out AUC), carried on every row.
-        self.identity = json.dumps(self.judge.identity(), default=str)
+        for name, judge_class in (judge_classes or {}).items():
+            if name not in JUDGES:
+                JUDGES.register(name, judge_class)
+        self.config = EvaluationConfig.model_validate(evaluation)
+        self.judges: dict[str, Any] = {"refusal": build_judge(self.config, "refusal")}
+        self.identities: dict[str, str] = {}
+
+    def _judge(self, name: str):
+        from panacea_platform.evaluation.judges import build_judge
+
+        if name not in self.judges:
+            self.judges[name] = build_judge(self.config, name)
+        if name not in self.identities:
+            # The judge's own identity (an offline judge adds its held-out AUC), carried on its rows.
+            self.identities[name] = json.dumps(self.judges[name].identity(), default=str)
+        return self.judges[name]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        from panacea_platform.evaluation.metrics import is_incoherent, score_answer
+        from panacea_platform.evaluation.metrics import has_content, is_incoherent, score_answer
 
-        n = len(batch["kind"])
-        answers = [str(a) for a in batch["answer"]]
-        flagged, refused, correct, scored = (np.zeros(n, dtype=bool) for _ in range(4))
-        score = np.full(n, np.nan)
-        categories = np.array(["{}"] * n, dtype=object)
-        extracted = np.array([""] * n, dtype=object)
-        harmful = [i for i in range(n) if batch["kind"][i] == HARMFUL]
-        if harmful:
-            prompts = [str(batch["instruction"][i]) for i in harmful]
-            texts = [answers[i] for i in harmful]
-            verdicts = self.judge.judge(prompts, texts)
-            refusals = verdicts if self.refusal is self.judge else self.refusal.judge(prompts, texts)
-            for i, verdict, refusal in zip(harmful, verdicts, refusals):
-                flagged[i], score[i], refused[i] = verdict.flagged, verdict.score, refusal.flagged
-                categories[i] = json.dumps(verdict.categories)
+        n = len(batch["suite"])
+        answers, prompts = [str(a) for a in batch["answer"]], [str(p) for p in batch["instruction"]]
+        columns: dict[str, Any] = {key: np.zeros(n, dtype=bool) for key in
+                                   ("flagged", "judge_unparsed", "judge_truncated", "scored", "correct")}
+        columns.update(score=np.full(n, np.nan), categories=np.array(["{}"] * n, dtype=object),
+                       extracted=np.array([""] * n, dtype=object), judge_identity=np.array([""] * n, dtype=object))
+        refusals = self.judges["refusal"].judge(prompts, answers)
+        for name in sorted({str(j) for j in batch["judge_name"]} - {""}):
+            rows = [i for i in range(n) if batch["judge_name"][i] == name]
+            judge = self._judge(name)
+            verdicts = ([refusals[i] for i in rows] if name == "refusal"
+                        else judge.judge([prompts[i] for i in rows], [answers[i] for i in rows]))
+            for i, verdict in zip(rows, verdicts):
+                columns["flagged"][i], columns["score"][i] = verdict.flagged, verdict.score
+                columns["judge_unparsed"][i], columns["judge_truncated"][i] = verdict.unparsed, verdict.truncated
+                columns["categories"][i], columns["judge_identity"][i] = json.dumps(verdict.categories), self.identities[name]
         for i in range(n):
-            if batch["kind"][i] == TASK:
+            if batch["rule"][i]:
                 label = str(batch["label"][i]) if batch["has_label"][i] else None
-                result = score_answer(self.task, answers[i], label, str(batch["reference"][i]))
+                result = score_answer(str(batch["rule"][i]), answers[i], label, str(batch["reference"][i]))
                 if result is not None:
-                    scored[i], correct[i], extracted[i] = True, result.correct, result.extracted or ""
+                    columns["scored"][i], columns["correct"][i] = True, result.correct
+                    columns["extracted"][i] = result.extracted or ""
         return {
             **batch,
-            "flagged": flagged,
-            "score": score,
-            "categories": categories,
-            "refused": refused,
+            **columns,
+            "refused": np.array([v.flagged for v in refusals], dtype=bool),
+            "empty": np.array([not has_content(a) for a in answers], dtype=bool),
             "incoherent": np.array([is_incoherent(a) for a in answers], dtype=bool),
-            "scored": scored,
-            "extracted": extracted,
-            "correct": correct,
-            "judge_identity": np.array([self.identity] * n, dtype=object),
             "judged_at": np.full(n, time.time()),
         }
 
@@ -363,7 +359,8 @@ def run_pipeline(
     evaluation = config.evaluation
     ensure_ray()
     check_resources(evaluation)
-    if evaluation.judge == "offline" and evaluation.judge_model is None:
+    judges = sorted({p.judge for p in prompts} - {""})
+    if "offline" in judges and evaluation.judge_model is None:
         # Train (once, cached) here, not in each judge actor at the same time.
         from panacea_platform.evaluation.judges.offline import ensure_offline_judge
 
@@ -373,10 +370,7 @@ def run_pipeline(
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     context.enable_auto_log_stats = False
-    # Batches of equal work, so no actor waits on another holding every long prompt; each actor's
-    # generate() then sorts its batch by length and cuts it into little-padded calls.
-    order = balanced_order([len(p.rendered) for p in prompts], evaluation.generation_batch_size)
-    ordered = [prompts[i] for i in order]
+    ordered = [prompts[i] for i in work_order(prompts, evaluation.generation_batch_size)]
     dataset = (
         ray.data.from_items([p.to_row() for p in ordered])
         .map_batches(
@@ -385,7 +379,6 @@ def run_pipeline(
                 "model_config": config.model.model_dump(mode="json"),
                 "adapter": None if adapter is None else str(Path(adapter).resolve()),
                 "perturbation": None if perturbation is None else str(Path(perturbation).resolve()),
-                "max_new_tokens": evaluation.max_new_tokens,
                 "torch_threads": torch_threads(evaluation),
                 "max_batch_tokens": evaluation.generation_max_batch_tokens,
             },
@@ -401,8 +394,7 @@ def run_pipeline(
             JudgeActor,
             fn_constructor_kwargs={
                 "evaluation": evaluation.model_dump(mode="json"),
-                "task": config.data.task,
-                "judge_class": JUDGES.get(evaluation.judge),
+                "judge_classes": {name: JUDGES.get(name) for name in judges},
             },
             batch_size=evaluation.judge_batch_size,
             batch_format="numpy",
@@ -413,8 +405,9 @@ def run_pipeline(
     )
     rows: list[dict[str, Any]] = []
     start = time.monotonic()
-    out(f"[eval] {len(prompts)} prompts, {evaluation.generation_actors} generation actor(s) x batch "
-        f"{evaluation.generation_batch_size}, judge {evaluation.judge!r}, max_new_tokens {evaluation.max_new_tokens}")
+    suites = ", ".join(f"{s} {sum(p.suite == s for p in prompts)}" for s in dict.fromkeys(p.suite for p in prompts))
+    out(f"[eval] {len(prompts)} prompts ({suites}), {evaluation.generation_actors} generation actor(s) x batch "
+        f"{evaluation.generation_batch_size}, judge(s) {', '.join(judges) or 'none'}")
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             rows.extend(_batch_rows(batch))
@@ -428,6 +421,21 @@ def run_pipeline(
     rows.sort(key=lambda row: row["index"])
     work = max(row["judged_at"] for row in rows) - min(row["generator_ready_at"] for row in rows)
     return PipelineRun(rows=rows, wall_seconds=wall, work_seconds=work)
+
+
+def work_order(prompts: list[EvalPrompt], batch_size: int) -> list[int]:
+    """Prompt indices in the order batches are cut: suites of the largest budget first, and within a
+    budget, batches of equal work (balanced_order).
+
+    Rows of one batch decode together until the longest budget is spent, so mixing a 64-token
+    suite with an 8-token one would keep the short rows' batch alive for 64 steps; budget-sorted
+    batches, largest first, also let the actors take the long batches while the short ones wait.
+    """
+    order: list[int] = []
+    for budget in sorted({p.budget for p in prompts}, reverse=True):
+        members = [i for i, p in enumerate(prompts) if p.budget == budget]
+        order += [members[j] for j in balanced_order([len(prompts[i].rendered) for i in members], batch_size)]
+    return order
 
 
 def _batch_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ from panacea_platform.data.errors import DataUnavailableError
 from panacea_platform.data.examples import normalise_prompt
 from panacea_platform.evaluation.judges.base import Judge, Verdict
 from panacea_platform.evaluation.judges.beaver_dam import check_pairs, clean_text
+from panacea_platform.evaluation.metrics import has_content
 
 if TYPE_CHECKING:
     import numpy as np
@@ -260,11 +261,6 @@ def with_non_answers(rows: Sequence[LabelledPair], words: Sequence[str], seed: i
         return " ".join(rng.choice(vocabulary) for _ in range(rng.randint(1, 4)))
 
     return [*rows, *(LabelledPair(p, non_answer(), False, "non_answer_synthetic") for p in prompts)]
-
-
-def has_content(answer: str) -> bool:
-    """Whether an answer holds any letter or digit: one without cannot carry harm."""
-    return any(ch.isalnum() for ch in answer)
 
 
 def offline_training_rows(seed: int = 0) -> list[LabelledPair]:
