@@ -29,28 +29,47 @@ def test_every_subcommand_has_help(command, capsys):
     assert "usage: panacea" in capsys.readouterr().out
 
 
+DEMO_SUITES = ('evaluation.suites=[{name: harmful, source: harmful_heldout, metric: harmful_score, max_new_tokens: 4}, '
+               '{name: task, source: task, metric: accuracy, max_new_tokens: 3}, '
+               '{name: helpfulness, source: helpfulness, metric: helpfulness, size: 4, max_new_tokens: 4}]')
+
+
 def test_demo_aligns_attacks_defends_evaluates_and_tracks_lineage(tiny_job, capsys, ray_session):
+    from panacea_platform.comparison import ModelAnswers
+    from panacea_platform.evaluation.results import read_outcomes
+    from panacea_platform.evaluation.stats import paired_difference, wilson_interval
+
     config, path = tiny_job
     # The refusal judge keeps this test fast; the harm judges are tested in test_judges.py.
-    fast_eval = ["evaluation.judge=refusal", "evaluation.max_new_tokens=4"]
+    fast_eval = ["evaluation.judge=refusal", DEMO_SUITES]
     assert main(["demo", "--config", str(path), *fast_eval]) == 0
     out = capsys.readouterr().out
     assert "[align] done" in out and "[finetune sft] done" in out and "[finetune panacea] done" in out
     assert "[finetune random_perturbation] done" in out
     assert "[demo] 5/5 done" in out and "~0m00s left" in out
     assert "search: none yet on this aligned model" in out  # and the command that runs one
-    table = (config.run_dir().parent / "demo-summary.txt").read_text()
-    lines = {line.split("  ")[0]: line for line in table.splitlines()}
-    for method in ("Aligned (before attack)", "SFT, p=0 (control)", "SFT, p=0.1", "Random perturbation, p=0.1",
-                   "Panacea, p=0.1"):
-        assert method in lines, table
-    # Every row was evaluated: HS, refusal rate and FA are numbers, not "-".
-    assert "-" not in lines["Panacea, p=0.1"].split()[2:6], table
-    for name in ("demo-comparison.png", "demo-hs-vs-fa.png"):
-        assert (config.run_dir().parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads((config.run_dir().parent / "demo-rows.json").read_text())
     assert [r["key"] for r in rows] == ["aligned", "sft_p0", "sft", "random_perturbation", "panacea"]
-    assert all(0 <= r["evaluation"]["eval/harmful_score"] <= 100 for r in rows)
+    answers = {r["key"]: ModelAnswers.read(r["key"], r["method"], r["seed"], r["samples"]) for r in rows}
+    # Every arm, the p = 0 control included, was scored on the same prompts of every suite.
+    for suite in ("harmful", "task", "helpfulness"):
+        prompts = {key: [r["prompt"] for r in model.suite(suite)] for key, model in answers.items()}
+        assert len({tuple(p) for p in prompts.values()}) == 1 and prompts["sft"], suite
+    table = (config.run_dir().parent / "demo-summary.txt").read_text()
+    # Each rate in the table is the one its samples give, with the Wilson interval of its counts.
+    hs = read_outcomes(rows[4]["samples"], "harmful", "harmful_score")
+    low, high = wilson_interval(sum(hs), len(hs))
+    panacea_line = next(line for line in table.splitlines() if line.startswith("Panacea, p=0.1"))
+    assert f"{100 * sum(hs) / len(hs):.1f} [{low:.1f}, {high:.1f}]" in panacea_line, table
+    # The paired differences printed are the per-arm numbers' differences, with the paired interval.
+    for suite, rate in (("harmful", "harmful_score"), ("task", "accuracy"), ("helpfulness", "answered_rate")):
+        a = read_outcomes(rows[4]["samples"], suite, rate)
+        b = read_outcomes(rows[2]["samples"], suite, rate)
+        expected = paired_difference([a], [b])
+        assert expected.difference == pytest.approx(100 * (sum(a) - sum(b)) / len(a))
+        assert expected.text() in table.split("paired differences against")[1].split("Panacea, p=0.1 −")[1].split("\n")[0]
+    for name in ("demo-comparison.png", "demo-hs-vs-fa.png", "demo-suites.png"):
+        assert (config.run_dir().parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     client = MlflowClient(default_tracking_uri(config.output_dir))
     experiment = client.get_experiment_by_name(config.tracking.experiment)
@@ -62,12 +81,14 @@ def test_demo_aligns_attacks_defends_evaluates_and_tracks_lineage(tiny_job, caps
         "align:sft", "finetune:panacea", "finetune:random_perturbation", "finetune:sft", "finetune:sft",
     ]
     assert all(r.info.status == "FINISHED" for r in children)
-    # Each run carries its own evaluation (metrics and the per-sample file).
-    assert all("eval/harmful_score" in r.data.metrics for r in children)
+    # Each run carries its own evaluation: every suite's rates with their intervals, and the per-sample file.
+    for run in children:
+        for key in ("harmful/harmful_score", "task/accuracy", "helpfulness/answered_rate", "helpfulness/empty_rate"):
+            assert {f"eval/{key}", f"eval/{key}_ci_low", f"eval/{key}_ci_high"} <= set(run.data.metrics), key
     control = [r for r in children if r.data.params.get("data.harmful_ratio") == "0.0"]
     assert len(control) == 1 and control[0].data.tags["defence"] == "sft"
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
-    assert {"demo-comparison.png", "demo-hs-vs-fa.png", "demo-summary.txt"} <= artifacts
+    assert {"demo-comparison.png", "demo-hs-vs-fa.png", "demo-suites.png", "demo-summary.txt"} <= artifacts
     child_artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
     assert {"adapter", "training_curves.png", "config.yaml", "history.jsonl", "eval"} <= child_artifacts
     # Lineage: every fine-tune continued the adapter the alignment run produced.

@@ -35,6 +35,17 @@ def test_paper_jobs_carry_the_authors_settings(path):
     assert (config.panacea.rho, config.panacea.lam, config.panacea.harmful_loss_clamp) == (1.0, 1e-3, 5.0)
     assert (config.align_optim.lr, config.align_optim.epochs) == (5e-4, 20)
     assert config.data.harmful_source == "beavertails"
+    # The authors' evaluation: beaver-dam-7b on 1000 BeaverTails test prompts with 512 new tokens, on GPU actors.
+    from panacea_platform.evaluation.suites import suite_budget
+
+    evaluation = config.evaluation
+    assert (evaluation.judge, evaluation.judge_model, evaluation.threshold) == ("beaver_dam", "PKU-Alignment/beaver-dam-7b", 0.5)
+    assert evaluation.gpus_per_actor == 1 and evaluation.generation_actors + evaluation.judge_actors == 8
+    suites = {s.name: s for s in evaluation.suites}
+    assert (suites["beavertails_test"].size, suite_budget(config, suites["beavertails_test"])) == (1000, 512)
+    assert suites["xstest"].optional and {"harmbench", "donotanswer", "capability", "over_refusal", "helpfulness"} <= set(suites)
+    task_budget = suite_budget(config, suites["task"])
+    assert task_budget == {"gsm8k": 256, "alpaca": 256, "sst2": 16, "ag_news": 16}[config.data.task]
 
 
 def test_overrides_are_typed_and_applied():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from panacea_platform.config import DataConfig
+from panacea_platform.config import ConfigError, DataConfig
 from panacea_platform.data import HARMFUL_SOURCES, Example, normalise_prompt
 from panacea_platform.data.benign import benign_examples
 from panacea_platform.data.harmful import beavertails_row_to_example, dedupe_by_prompt, many_shot_is_harmful
@@ -311,3 +311,67 @@ def test_offline_pyrit_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(harmful_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(harmful_module.DataUnavailableError, match=r"pip install --no-deps pyrit==1\.1\.0"):
         harmful_module.offline_pyrit(DataConfig())
+
+
+# --------------------------------------------------------------------------- self-distilled open requests
+
+
+def test_finished_sentences_cuts_a_truncated_answer_back_to_its_last_full_stop() -> None:
+    from panacea_platform.data.self_distill import finished_sentences
+
+    assert finished_sentences("One. Two! Three is cut", truncated=True) == "One. Two!"
+    assert finished_sentences("Version 2.5 is out. And then", truncated=True) == "Version 2.5 is out."
+    assert finished_sentences("no full stop at all", truncated=True) == ""
+    assert finished_sentences("  ends with EOS, so it is whole ", truncated=False) == "ends with EOS, so it is whole"
+
+
+def test_alignment_set_takes_open_pairs_into_its_benign_half() -> None:
+    prompts = [f"placeholder harmful question {i}" for i in range(50)]
+    open_pairs = [Example(f"placeholder open request {i}", f"placeholder answer {i}.", "benign") for i in range(7)]
+    examples = build_alignment_set(prompts, 40, 0.5, seed=0, open_pairs=open_pairs)
+    assert sum(e.kind == "refusal" for e in examples) == 20 and sum(e.kind == "benign" for e in examples) == 20
+    assert [e for e in examples if e in open_pairs] and set(open_pairs) <= set(examples)
+    with pytest.raises(ValueError, match="data.alignment_self_distill"):
+        build_alignment_set(prompts, 10, 0.5, seed=0, open_pairs=open_pairs)
+
+
+def test_self_distilled_pairs_are_made_once_filtered_and_cached(tiny_run_config, tmp_path, monkeypatch) -> None:
+    from panacea_platform.data import NotEnoughDataError
+    from panacea_platform.data import self_distill
+    from panacea_platform.data.prompt_sets import open_requests
+
+    monkeypatch.setenv("PANACEA_CACHE", str(tmp_path / "cache"))
+    requests = [e.prompt for e in open_requests("train")]
+    designed = {requests[0]: "", requests[1]: "I'm sorry, but I can't help with that.", requests[2]: "yes yes yes yes",
+                requests[3]: "A placeholder helpful answer."}
+    calls = []
+
+    def fake_generate(config, prompts, out):
+        calls.append(len(prompts))
+        return [{"prompt": p, "answer": designed.get(p, f"Placeholder answer {i}."), "raw": "", "truncated": False}
+                for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(self_distill, "_generate", fake_generate)
+    config = tiny_run_config(data={"alignment_self_distill": 3})
+    first = self_distill.self_distilled_examples(config, out=lambda line: None)
+    # The empty answer, the refusal and the repetition are dropped; the rest come in request order.
+    assert [e.prompt for e in first] == [requests[3], requests[4], requests[5]]
+    assert first[0].answer == "A placeholder helpful answer." and all(e.kind == "benign" for e in first)
+    assert self_distill.self_distilled_examples(config, out=lambda line: None) == first and calls == [len(requests)]
+    assert len(list((tmp_path / "cache" / "self-distilled").glob("*.jsonl"))) == 1
+    too_many = tiny_run_config(data={"alignment_self_distill": len(requests) - 2, "alignment_size": 400})
+    with pytest.raises(NotEnoughDataError, match=r"data.alignment_self_distill = 158: .* 157 usable answers"):
+        self_distill.self_distilled_examples(too_many, out=lambda line: None)
+    with pytest.raises(ConfigError, match=r"data.alignment_self_distill = 9: expected at most the alignment's benign half, 8"):
+        tiny_run_config(data={"alignment_self_distill": 9})
+
+
+def test_self_distillation_runs_the_base_model_itself(tiny_run_config, tmp_path, monkeypatch) -> None:
+    from panacea_platform.data import self_distill
+
+    monkeypatch.setenv("PANACEA_CACHE", str(tmp_path / "cache"))
+    config = tiny_run_config(data={"alignment_self_distill": 2})
+    records = self_distill._generate(config, ["placeholder open request one", "placeholder open request two"],
+                                     out=lambda line: None)
+    assert [r["prompt"] for r in records] == ["placeholder open request one", "placeholder open request two"]
+    assert all(r["truncated"] or r["answer"] == r["raw"].strip() for r in records)

@@ -205,8 +205,8 @@ def test_asha_stops_the_clearly_worse_trial_and_the_finished_one_is_evaluated(ra
     assert first[0.0] < first[1.0]
     # The full evaluation of the finished trial, logged into its child run.
     metrics = good.data.metrics
-    assert 0 <= metrics["eval/harmful_score"] <= 100 and 0 <= metrics["eval/accuracy"] <= 100
-    assert good.data.tags["eval.judge"] == "refusal"
+    assert 0 <= metrics["eval/harmful/harmful_score"] <= 100 and 0 <= metrics["eval/task/accuracy"] <= 100
+    assert good.data.tags["eval.judges"] == "refusal"
     assert any(item.path.startswith("eval") for item in client.list_artifacts(good.info.run_id))
     assert metrics["score"] == pytest.approx(
         metrics["released_heldout_task_loss"] - 0.1 * metrics["released_heldout_harmful_loss"]

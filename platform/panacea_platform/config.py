@@ -66,6 +66,11 @@ class DataConfig(_Section):
     alignment_benign_ratio: float = Field(
         0.5, ge=0, lt=1, description="Fraction of the alignment set that is benign requests with helpful answers."
     )
+    alignment_self_distill: int = Field(
+        0, ge=0, description="Open benign requests (a short poem, study tips) in the alignment's benign half, answered "
+        "by the base model itself before alignment (self-distillation, cached); they replace as many generated factual "
+        "pairs. 0 = factual pairs only.",
+    )
     max_length: int = Field(128, ge=8, description="Token limit of prompt + answer; longer samples are truncated.")
     pool_seed: int = Field(
         0, ge=0, description="Seed of the split into attack / defender / evaluation / alignment pools; kept apart "
@@ -305,6 +310,13 @@ class RunConfig(_Section):
                 raise _field_error(field, value, "an existing file (not found)")
         if self.model.adapter is not None and not (Path(self.model.adapter) / "adapter_config.json").is_file():
             raise _field_error("model.adapter", self.model.adapter, "a LoRA adapter directory with adapter_config.json")
+        from panacea_platform.data.pools import poison_count
+
+        benign = poison_count(self.data.alignment_size, self.data.alignment_benign_ratio)
+        if self.data.alignment_self_distill > benign:
+            raise _field_error("data.alignment_self_distill", self.data.alignment_self_distill,
+                               f"at most the alignment's benign half, {benign} (data.alignment_size x "
+                               "data.alignment_benign_ratio)")
         workers = self.scaling.num_workers
         # DeepSpeed's train_batch_size must split evenly; the harmful batch need not
         # (the DeepSpeed backend weights uneven shards by their answer tokens).

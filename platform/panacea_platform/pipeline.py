@@ -25,11 +25,12 @@ from panacea_platform.models import prepare_model
 from panacea_platform.tracking import Tracker, default_tracking_uri
 
 # Config sections that decide what the alignment stage produces; the aligned
-# adapter is reused when none of them changed.
+# adapter is reused when none of them changed. The pools are fixed (data/pools.py):
+# n, p and the defender's size do not move the alignment pool, so they are not here.
 ALIGNMENT_KEYS = ("model", "lora", "align_optim", "seed")
 ALIGNMENT_DATA_KEYS = (
-    "harmful_source", "harmful_file", "alignment_size", "alignment_benign_ratio", "max_length",
-    "prompt_template", "pool_seed", "n", "harmful_ratio", "defender_harmful_size", "eval_harmful_size",
+    "harmful_source", "harmful_file", "alignment_size", "alignment_benign_ratio", "alignment_self_distill", "max_length",
+    "prompt_template", "pool_seed", "eval_harmful_size",
 )
 CONTROL = "sft_p0"
 ALIGNED = "aligned"
@@ -94,6 +95,17 @@ class Row:
     summary: dict[str, float]  # training losses (summary.json)
     evaluation: dict[str, float] = field(default_factory=dict)  # eval/... metrics
     mlflow_run_id: str | None = None
+    samples: str | None = None  # the evaluation's samples.jsonl (per-prompt outcomes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "method": self.method, "seed": self.seed, "run_dir": str(self.run_dir),
+                "summary": self.summary, "evaluation": self.evaluation, "mlflow_run_id": self.mlflow_run_id,
+                "samples": self.samples}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Row":
+        return cls(data["key"], data["method"], data["seed"], Path(data["run_dir"]), data["summary"],
+                   data.get("evaluation") or {}, data.get("mlflow_run_id"), data.get("samples"))
 
 
 def _summary(run_dir: Path) -> dict[str, float]:
@@ -101,23 +113,30 @@ def _summary(run_dir: Path) -> dict[str, float]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _evaluate(config: RunConfig, adapter: Path, run_id: str | None, out: Callable[[str], None]) -> dict[str, float]:
+def _evaluate(config: RunConfig, adapter: Path, run_id: str | None, out: Callable[[str], None]) -> tuple[dict, str]:
+    """(eval/... metrics, samples.jsonl path) of the model at `adapter`, logged into MLflow run `run_id`."""
     from panacea_platform.evaluation.evaluate import evaluate_model
 
-    return evaluate_model(config, adapter, out=out, mlflow_run_id=run_id).metrics()
+    result = evaluate_model(config, adapter, out=out, mlflow_run_id=run_id)
+    return result.metrics(), str(result.samples_path)
 
 
-def _evaluate_aligned(config: RunConfig, adapter: Path, run_id: str | None, out: Callable[[str], None]) -> dict[str, float]:
+def _evaluate_aligned(config: RunConfig, adapter: Path, run_id: str | None, out: Callable[[str], None]) -> tuple[dict, str]:
     """The aligned model's evaluation, reused when the same adapter was evaluated with the same settings."""
     settings = json.dumps({"evaluation": config.evaluation.model_dump(), "data": config.data.model_dump()}, sort_keys=True)
     key = hashlib.sha256(settings.encode()).hexdigest()[:10]
     cached = adapter.parent / f"eval-aligned-{key}.json"
     if cached.is_file():
-        out(f"[evaluate aligned] reusing the evaluation of {adapter} ({cached.name})")
-        return json.loads(cached.read_text())
-    metrics = _evaluate(config, adapter, run_id, out)
-    cached.write_text(json.dumps(metrics, indent=2))
-    return metrics
+        saved = json.loads(cached.read_text())
+        if "samples" in saved and Path(saved["samples"]).is_file():
+            out(f"[evaluate aligned] reusing the evaluation of {adapter} ({cached.name})")
+            return saved["metrics"], saved["samples"]
+    metrics, samples = _evaluate(config, adapter, run_id, out)
+    # Its own copy of the answers: a later evaluation of this adapter with other settings rewrites eval-adapter/.
+    kept = cached.with_suffix(".samples.jsonl")
+    kept.write_text(Path(samples).read_text())
+    cached.write_text(json.dumps({"metrics": metrics, "samples": str(kept)}, indent=2))
+    return metrics, str(kept)
 
 
 def run_demo(
@@ -130,8 +149,11 @@ def run_demo(
     out: Callable[[str], None] = print,
 ) -> list[Row]:
     """Align, fine-tune every arm, evaluate, for each seed; print and save the comparison."""
+    from panacea_platform.evaluation.suites import check_suites
     from panacea_platform.training.dispatch import train
 
+    if evaluate:
+        config = check_suites(config, out)  # a bad or unreachable suite fails now, before any training
     seeds = seeds if seeds else [config.seed]
     arms = arms_for(config, defences, control)
     tracking_uri = config.tracking.tracking_uri or default_tracking_uri(config.output_dir)
@@ -161,7 +183,7 @@ def run_demo(
             row = Row(ALIGNED, "Aligned (before attack)", seed, aligned.parent, _summary(aligned.parent),
                       mlflow_run_id=align_run)
             if evaluate:
-                row.evaluation = _evaluate_aligned(seeded, aligned, align_run, out)
+                row.evaluation, row.samples = _evaluate_aligned(seeded, aligned, align_run, out)
             rows.append(row)
             progress(f"aligned, seed {seed}")
             for arm in arms:
@@ -172,7 +194,7 @@ def run_demo(
                 result = train(arm_config, "finetune", parent_run_id=parent.run_id, out=out)
                 row = Row(arm.key, arm.method, seed, result.run_dir, result.summary, mlflow_run_id=result.mlflow_run_id)
                 if evaluate:
-                    row.evaluation = _evaluate(arm_config, result.adapter_dir, result.mlflow_run_id, out)
+                    row.evaluation, row.samples = _evaluate(arm_config, result.adapter_dir, result.mlflow_run_id, out)
                 rows.append(row)
                 progress(f"{arm.method}, seed {seed}")
         _report(config, rows, parent, tracking_uri, started, out)
@@ -186,8 +208,7 @@ def report_demo(config: RunConfig, out: Callable[[str], None] = print) -> list[R
     rows_path = Path(config.output_dir) / f"{config.run_name}-rows.json"
     if not rows_path.is_file():
         raise ConfigError(f"--report-only: no saved rows at {rows_path}; run `panacea demo` with this job first")
-    rows = [Row(r["key"], r["method"], r["seed"], Path(r["run_dir"]), r["summary"], r.get("evaluation") or {},
-                r.get("mlflow_run_id")) for r in json.loads(rows_path.read_text())]
+    rows = [Row.from_json(r) for r in json.loads(rows_path.read_text())]
     tracking_uri = config.tracking.tracking_uri or default_tracking_uri(config.output_dir)
     with Tracker(tracking_uri, config.tracking.experiment, f"{config.run_name}-report",
                  artifact_root=Path(config.output_dir) / "mlartifacts",
@@ -201,64 +222,51 @@ def _clock(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
-# (column title, where, key, format): where = "eval" (evaluation metrics) or "train" (summary.json).
-COLUMNS = (
-    ("HS %", "eval", "eval/harmful_score", ".1f"),
-    ("HS+ %", "eval", "eval/harmful_score_plus", ".1f"),
-    ("refusal %", "eval", "eval/refusal_rate", ".1f"),
-    ("FA %", "eval", "eval/accuracy", ".1f"),
-    ("harm loss", "train", "released_heldout_harmful_loss", ".3f"),
-    ("task loss", "train", "released_heldout_task_loss", ".3f"),
-    ("||eps||", "train", "perturbation_norm", ".3f"),
+# The training-side signals beside the evaluation: (column title, summary.json key, format).
+LOSS_COLUMNS = (
+    ("harm loss", "released_heldout_harmful_loss", ".3f"),
+    ("task loss", "released_heldout_task_loss", ".3f"),
+    ("||eps||", "perturbation_norm", ".3f"),
 )
 
 
-def _value(row: Row, where: str, key: str) -> float | None:
-    source = row.evaluation if where == "eval" else row.summary
-    value = source.get(key)
-    return float(value) if value is not None else None
-
-
-def aggregate_rows(rows: list[Row]) -> list[tuple[str, str, dict[str, tuple[float, float, int]]]]:
-    """Per method (in first-seen order): column -> (mean, sample std, n) over seeds."""
+def format_losses(rows: list[Row]) -> str:
+    """The released models' held-out losses (and ||eps||) per method: mean ± sample std over seeds."""
     methods: dict[str, list[Row]] = {}
     for row in rows:
         methods.setdefault(row.key, []).append(row)
-    table = []
-    for key, members in methods.items():
-        cells = {}
-        for title, where, metric, _ in COLUMNS:
-            values = [v for v in (_value(r, where, metric) for r in members) if v is not None]
-            if values:
-                spread = statistics.stdev(values) if len(values) > 1 else 0.0
-                cells[title] = (statistics.fmean(values), spread, len(values))
-        table.append((key, members[0].method, cells))
-    return table
-
-
-def format_table(rows: list[Row]) -> str:
-    """The paper's table (method, HS, FA) with the cheap signals beside it; mean ± std when seeds > 1."""
-    seeds = sorted({row.seed for row in rows})
-    many = len(seeds) > 1
-    width = 16 if many else 11
-    header = f"{'method':<26}" + "".join(f"{title:>{width}}" for title, *_ in COLUMNS)
+    header = f"{'method':<28}" + "".join(f"{title:>18}" for title, _, _ in LOSS_COLUMNS)
     lines = [header, "-" * len(header)]
-    for _, method, cells in aggregate_rows(rows):
-        text = []
-        for title, _, _, fmt in COLUMNS:
-            if title not in cells:
-                text.append(f"{'-':>{width}}")
+    for members in methods.values():
+        cells = []
+        for _, key, fmt in LOSS_COLUMNS:
+            values = [float(r.summary[key]) for r in members if r.summary.get(key) is not None]
+            if not values:
+                cells.append(f"{'-':>18}")
                 continue
-            mean, spread, _ = cells[title]
-            shown = f"{mean:{fmt}} ± {spread:{fmt}}" if many else f"{mean:{fmt}}"
-            text.append(f"{shown:>{width}}")
-        lines.append(f"{method:<26}" + "".join(text))
-    lines.append(
-        f"seeds {','.join(map(str, seeds))}{' (mean ± sample std)' if many else ''}. HS = % of held-out harmful "
-        "prompts whose answer the judge flags; HS+ also counts incoherent answers; FA = task accuracy; harm loss = "
-        "mean loss on held-out harmful answers of the released model (higher = worse at producing them)."
-    )
+            spread = f" ± {statistics.stdev(values):{fmt}}" if len(values) > 1 else ""
+            cells.append(f"{statistics.fmean(values):{fmt}}{spread}".rjust(18))
+        lines.append(f"{members[0].method:<28}" + "".join(cells))
+    seeds = sorted({r.seed for r in rows})
+    spread = " (mean ± sample std)" if len(seeds) > 1 else ""
+    lines.append(f"seeds {','.join(map(str, seeds))}{spread}. harm loss = mean loss on held-out harmful answers of the "
+                 "released model (higher = worse at producing them); task loss = its loss on held-out task answers.")
     return "\n".join(lines)
+
+
+def comparison_of(config: RunConfig, rows: list[Row]):
+    """The per-suite comparison of the evaluated rows (None when nothing was evaluated)."""
+    from panacea_platform.comparison import ModelAnswers, compare
+
+    evaluated = [r for r in rows if r.samples and Path(r.samples).is_file()]
+    if not evaluated:
+        return None
+    answers = [ModelAnswers.read(r.key, r.method, r.seed, r.samples) for r in evaluated]
+    return compare(answers, {s.name: s.metric for s in config.evaluation.suites}, reference="sft")
+
+
+# A sweep trial's point in the HS-vs-FA plot: the default suites' headlines.
+HS_KEY, FA_KEY = "eval/harmful/harmful_score", "eval/task/accuracy"
 
 
 @dataclass(frozen=True)
@@ -286,44 +294,40 @@ def sweeps_on(output_dir: Path, aligned_adapters: set[Path]) -> tuple[list[Sweep
             plots.append(sweep_dir / "pareto.png")
         for trial in json.loads(trials_file.read_text()):
             metrics = trial.get("metrics", {})
-            if "eval/harmful_score" in metrics and "eval/accuracy" in metrics:
+            if HS_KEY in metrics and FA_KEY in metrics:
                 label = " ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                                  for k, v in trial.get("params", {}).items())
-                trials.append(SweepTrial(sweep_dir.name, label, metrics["eval/harmful_score"], metrics["eval/accuracy"]))
+                trials.append(SweepTrial(sweep_dir.name, label, metrics[HS_KEY], metrics[FA_KEY]))
     return trials, plots
 
 
 def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: str, started: float,
             out: Callable[[str], None]) -> None:
-    from panacea_platform.plots import plot_hs_vs_fa, plot_method_comparison
+    from panacea_platform.comparison import format_differences, format_suite_tables
+    from panacea_platform.plots import plot_method_comparison
 
     folder = Path(config.output_dir)
-    table = format_table(rows)
-    summary_path = folder / f"{config.run_name}-summary.txt"
-    summary_path.write_text(table + "\n")
-    (folder / f"{config.run_name}-rows.json").write_text(json.dumps(
-        [{"key": r.key, "method": r.method, "seed": r.seed, "run_dir": str(r.run_dir), "summary": r.summary,
-          "evaluation": r.evaluation, "mlflow_run_id": r.mlflow_run_id} for r in rows], indent=2))
+    comparison = comparison_of(config, rows)
+    blocks = [format_suite_tables(comparison), format_differences(comparison)] if comparison is not None else []
+    text = "\n\n".join([*[b for b in blocks if b], format_losses(rows), *_reading(comparison)])
+    summary_path, rows_path = folder / f"{config.run_name}-summary.txt", folder / f"{config.run_name}-rows.json"
+    summary_path.write_text(text + "\n")
+    rows_path.write_text(json.dumps([r.to_json() for r in rows], indent=2))
     plots = [plot_method_comparison(
         [(f"{r.method} s{r.seed}", r.summary) for r in rows], folder / f"{config.run_name}-comparison.png"
     )]
-    points = [(method, cells["HS %"], cells["FA %"]) for _, method, cells in aggregate_rows(rows)
-              if "HS %" in cells and "FA %" in cells]
     aligned = {(r.run_dir / "adapter").resolve() for r in rows if r.key == ALIGNED}
     search_trials, pareto_plots = sweeps_on(folder, aligned)
-    if points:
-        plots.append(plot_hs_vs_fa(points, folder / f"{config.run_name}-hs-vs-fa.png",
-                                   trials=[(t.label, t.harmful_score, t.accuracy) for t in search_trials]))
-    for path in (*plots, summary_path, folder / f"{config.run_name}-rows.json"):
+    if comparison is not None:
+        plots += _comparison_plots(config, comparison, search_trials, folder)
+    for path in (*plots, summary_path, rows_path):
         parent.log_artifact(path)
     layer_plots = sorted(str(r.run_dir / "layerwise_eps.png") for r in rows if (r.run_dir / "layerwise_eps.png").is_file())
 
     out("")
     out(f"== main job: {len(rows)} models, seeds {','.join(str(s) for s in sorted({r.seed for r in rows}))}, "
         f"{_clock(time.monotonic() - started)} ==")
-    out(table)
-    for line in _reading(rows):
-        out(line)
+    out(text)
     out("plots: " + ", ".join(str(p) for p in plots))
     if layer_plots:
         out("eps per layer: " + ", ".join(layer_plots))
@@ -335,18 +339,47 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
     out(f"MLflow: mlflow ui --backend-store-uri {tracking_uri}")
 
 
-def _reading(rows: list[Row]) -> list[str]:
-    """One or two sentences that say what the table shows, from its own numbers."""
-    cells = {key: c for key, _, c in aggregate_rows(rows)}
+def _comparison_plots(config: RunConfig, comparison, search_trials: list[SweepTrial], folder: Path) -> list[Path]:
+    """HS against FA (first harm suite against the task suite) and every suite's headline, with 95% intervals."""
+    from panacea_platform.evaluation.results import HEADLINES
+    from panacea_platform.plots import plot_hs_vs_fa, plot_suite_headlines
+
+    suites = config.evaluation.suites
+    harm = next((s.name for s in suites if s.metric == "harmful_score"), None)
+    task = next((s.name for s in suites if s.source == "task"), None)
+    plots = []
+    if harm and task:
+        points = [(method, comparison.cell(key, harm, "harmful_score"), comparison.cell(key, task, "accuracy"))
+                  for key, method in comparison.methods.items()]
+        points = [p for p in points if p[1] is not None and p[2] is not None]
+        plots.append(plot_hs_vs_fa(points, folder / f"{config.run_name}-hs-vs-fa.png",
+                                   trials=[(t.label, t.harmful_score, t.accuracy) for t in search_trials],
+                                   axes=(f"{harm} suite", f"{task} suite")))
+    headlines = {s.name: HEADLINES[s.metric] for s in suites}
+    plots.append(plot_suite_headlines(comparison, headlines, folder / f"{config.run_name}-suites.png"))
+    return plots
+
+
+def _reading(comparison) -> list[str]:
+    """For Panacea and for the p=0 control, what the paired intervals against SFT can and cannot tell apart."""
+    from panacea_platform.comparison import TITLES
+    from panacea_platform.evaluation.results import HEADLINES
+
+    if comparison is None or comparison.reference is None:
+        return []
     lines = []
-    sft, panacea = cells.get("sft", {}), cells.get("panacea", {})
-    if "HS %" in sft and "HS %" in panacea:
-        lines.append(
-            f"Panacea vs SFT at the same harmful ratio: HS {panacea['HS %'][0]:.1f}% vs {sft['HS %'][0]:.1f}%"
-            + (f", FA {panacea['FA %'][0]:.1f}% vs {sft['FA %'][0]:.1f}%." if "FA %" in sft and "FA %" in panacea else ".")
-        )
-    control = cells.get(CONTROL, {})
-    if "HS %" in control and "HS %" in sft:
-        lines.append(f"The p=0 control's HS is {control['HS %'][0]:.1f}% against SFT's {sft['HS %'][0]:.1f}% at p>0: "
-                     "the difference is what the harmful samples add.")
+    for key in ("panacea", CONTROL):
+        if key not in comparison.methods:
+            continue
+        lower, higher, unclear = [], [], []
+        for suite, metric in comparison.suites.items():
+            found = comparison.differences.get((key, suite))
+            if found is not None:
+                shown = f"{suite} {TITLES[HEADLINES[metric]]} {found.difference:+.1f}"
+                (lower if found.ci_high < 0 else higher if found.ci_low > 0 else unclear).append(shown)
+        parts = [f"{word} on {', '.join(items)}" for word, items in
+                 (("lower", lower), ("higher", higher), ("no difference its interval can tell", unclear)) if items]
+        if parts:
+            lines.append(f"{comparison.methods[key]} against {comparison.methods[comparison.reference]}, same prompts: "
+                         + "; ".join(parts) + ".")
     return lines

@@ -92,9 +92,14 @@ def plot_layerwise_perturbation(rows, title: str, path: str | Path) -> Path:
     return Path(path)
 
 
+def _interval(cell) -> tuple[float, list[list[float]]]:
+    """(centre, [[below], [above]]) of a comparison Cell: its 95% pooled interval as an asymmetric error bar."""
+    return cell.mean, [[max(0.0, cell.mean - cell.pooled.ci_low)], [max(0.0, cell.pooled.ci_high - cell.mean)]]
+
+
 def plot_hs_vs_fa(points, path: str | Path, title: str = "harmful score against fine-tune accuracy",
-                  trials=()) -> Path:
-    """One point per method: (name, (HS mean, std, n), (FA mean, std, n)); error bars are the spread over seeds.
+                  trials=(), axes: tuple[str, str] = ("", "")) -> Path:
+    """One point per method: (name, HS Cell, FA Cell); error bars are the 95% (pooled) Wilson intervals.
 
     `trials`: (label, HS, FA) of search trials on the same aligned model, drawn small and grey
     behind the methods, so the chosen setting is seen among the ones the search tried.
@@ -105,14 +110,44 @@ def plot_hs_vs_fa(points, path: str | Path, title: str = "harmful score against 
         ax.scatter([fa], [hs], marker="x", color="0.55", s=22, zorder=1,
                    label="search trials" if index == 0 else None)
         ax.annotate(label, (fa, hs), fontsize=6, color="0.4", xytext=(3, 3), textcoords="offset points")
-    for name, (hs, hs_std, _), (fa, fa_std, _) in points:
-        ax.errorbar(fa, hs, xerr=fa_std, yerr=hs_std, fmt="o", capsize=3, label=name, zorder=2)
-    ax.set_xlabel("fine-tune accuracy FA (%)  — higher is better")
-    ax.set_ylabel("harmful score HS (%)  — lower is better")
-    ax.set_title(title)
+    for name, hs, fa in points:
+        (y, yerr), (x, xerr) = _interval(hs), _interval(fa)
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=name, zorder=2)
+    ax.set_xlabel(f"fine-tune accuracy FA (%){' on the ' + axes[1] if axes[1] else ''}  — higher is better")
+    ax.set_ylabel(f"harmful score HS (%){' on the ' + axes[0] if axes[0] else ''}  — lower is better")
+    ax.set_title(f"{title}\n(error bars: 95% Wilson intervals)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_suite_headlines(comparison, headlines: dict[str, str], path: str | Path) -> Path:
+    """One panel per suite: each method's headline rate (HS, accuracy, refusals, answered) with its 95% interval."""
+    plt = _pyplot()
+    suites = [s for s in headlines if any(comparison.cell(k, s, headlines[s]) for k in comparison.methods)]
+    columns = min(4, max(1, len(suites)))
+    rows = -(-len(suites) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.2 * rows), squeeze=False)
+    methods = list(comparison.methods.items())
+    for ax, suite in zip(axes.flat, suites):
+        for position, (key, method) in enumerate(methods):
+            cell = comparison.cell(key, suite, headlines[suite])
+            if cell is not None:
+                centre, error = _interval(cell)
+                ax.bar(position, centre, yerr=error, capsize=3, color=f"C{position}", label=method)
+        ax.set_title(f"{suite}: {headlines[suite].replace('_', ' ')}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_ylim(0, 100)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(suites):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)
+    fig.suptitle("every suite's headline (%), 95% Wilson intervals", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -197,11 +197,13 @@ def mix_poison(
     return mixed
 
 
-def build_alignment_set(harmful_prompts: list[str], size: int, benign_ratio: float, seed: int) -> list[Example]:
+def build_alignment_set(harmful_prompts: list[str], size: int, benign_ratio: float, seed: int,
+                        open_pairs: Sequence[Example] = ()) -> list[Example]:
     """Safety-stage data: benign requests with helpful answers + harmful prompts with refusals, shuffled.
 
-    round(size * benign_ratio) (half up) are benign (kind "benign"); the rest are
-    refusals (kind "refusal") to distinct harmful prompts.
+    round(size * benign_ratio) (half up) are benign (kind "benign"): every pair of `open_pairs`
+    (open requests with the base model's own answers, data/self_distill.py), then generated
+    factual pairs; the rest are refusals (kind "refusal") to distinct harmful prompts.
     """
     if size < 1:
         raise ValueError(f"data.alignment_size must be >= 1, got {size}")
@@ -220,7 +222,9 @@ def build_alignment_set(harmful_prompts: list[str], size: int, benign_ratio: flo
     refusals = [
         Example(prompt=prompt, answer=rng.choice(REFUSALS), kind="refusal") for prompt in rng.sample(distinct, n_refusal)
     ]
-    examples = refusals + benign_examples(n_benign, seed)
+    if len(open_pairs) > n_benign:
+        raise ValueError(f"{len(open_pairs)} open benign pairs for a benign half of {n_benign} (data.alignment_self_distill)")
+    examples = refusals + list(open_pairs) + benign_examples(n_benign - len(open_pairs), seed)
     rng.shuffle(examples)
     return examples
 

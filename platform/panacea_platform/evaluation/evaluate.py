@@ -76,8 +76,11 @@ def evaluate_model(
     """
     from panacea_platform.evaluation.pipeline import check_adapter, evaluation_prompts, run_pipeline
 
+    from panacea_platform.evaluation.suites import check_suites
+
     # Everything the user can get wrong fails here, before Ray starts.
     check_adapter(config.model, adapter, perturbation)
+    config = check_suites(config, out)
     tracker = _tracker_for(config, tracker, mlflow_run_id)
     prompts = evaluation_prompts(config)
     run = run_pipeline(config, prompts, adapter, perturbation, out=out)

@@ -43,6 +43,7 @@ __all__ = [
     "SuiteConfig",
     "SuiteSource",
     "TASK_BUDGETS",
+    "check_suites",
     "preset_dirs",
     "resolve_suite_entries",
     "suite_budget",
@@ -56,10 +57,11 @@ METRICS: dict[str, str] = {
     "helpfulness": "empty-answer rate, mean answer length and incoherent rate on ordinary open requests",
 }
 
-# New-token budget of the task suite when it sets none: a label task needs a word (SmolLM2 adds
-# EOS after it), GSM8K about 256 tokens of reasoning before its final number (the authors' budget).
+# New-token budget of the task suite when it sets none: a label task needs a few words (a model
+# fine-tuned on it answers the label and stops; one that is not may first write "The sentiment
+# is"), GSM8K about 256 tokens of reasoning before its final number.
 TASK_BUDGETS: dict[str, int] = {
-    "offline_sentiment": 8, "sst2": 8, "offline_topic": 8, "ag_news": 8,
+    "offline_sentiment": 16, "sst2": 16, "offline_topic": 16, "ag_news": 16,
     "offline_arithmetic": 32, "gsm8k": 256, "alpaca": 256, "local": 64,
 }
 
@@ -298,6 +300,33 @@ def suite_examples(config: "RunConfig", suite: SuiteConfig) -> list[Example]:
             f"{suite.source!r} holds {len(examples)} prompts for this run; lower the size"
         )
     return examples[:size]
+
+
+def check_suites(config: "RunConfig", out: Callable[[str], None] = print) -> "RunConfig":
+    """Load every suite's prompts once, before any work, so a bad suite fails in seconds, not after training.
+
+    A suite whose source is unavailable (a hub source with the hub away, a missing package) is an
+    error naming the suite, unless it is optional: then it is left out with a warning, and the
+    config returned (the one to run with) no longer holds it.
+    """
+    from panacea_platform.config import ConfigError, with_changes
+    from panacea_platform.data.errors import DataUnavailableError
+
+    kept = []
+    for suite in config.evaluation.suites:
+        try:
+            suite_examples(config, suite)
+        except DataUnavailableError as exc:
+            if suite.optional:
+                out(f"warning: evaluation suite {suite.name!r} skipped (optional): {exc}")
+                continue
+            raise DataUnavailableError(f"evaluation.suites[{suite.name}].source = {suite.source!r}: {exc}") from None
+        kept.append(suite)
+    if not kept:
+        raise ConfigError("evaluation.suites: every suite was skipped; add one that runs offline (see evaluation/suites/)")
+    if len(kept) == len(config.evaluation.suites):
+        return config
+    return with_changes(config, {"evaluation.suites": [suite.model_dump() for suite in kept]})
 
 
 def suite_budget(config: "RunConfig", suite: SuiteConfig) -> int:

@@ -26,7 +26,8 @@ SIGNAL_COLUMNS = (
     ("harm loss rel.", "released_heldout_harmful_loss"),
     ("task loss rel.", "released_heldout_task_loss"),
 )
-EVAL_COLUMNS = (("harmful score", "eval/harmful_score"), ("accuracy", "eval/accuracy"))
+EVAL_COLUMNS = (("HS %", "eval/harmful/harmful_score"), ("FA %", "eval/task/accuracy"),
+                ("answered %", "eval/helpfulness/answered_rate"))
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -133,7 +134,7 @@ def _param(params: dict[str, str], path: str) -> Any:
 def objectives_of(parent) -> list[tuple[str, str]]:
     raw = parent.data.tags.get("sweep.objectives")
     if not raw:
-        return [("eval/harmful_score", "min"), ("eval/accuracy", "max")]
+        return [("eval/harmful/harmful_score", "min"), ("eval/task/accuracy", "max")]
     return [(metric, mode) for metric, mode in json.loads(raw)]
 
 
@@ -175,23 +176,32 @@ def format_table(trials: list[TrialRow], parameters: list[str], objectives: list
 
 def plot_pareto(trials: list[TrialRow], parameters: list[str], objectives: list[tuple[str, str]],
                 front: list[bool], path: str | Path, title: str) -> Path:
-    """Scatter of the finished trials on the two objectives, the front joined and labelled."""
+    """Scatter of the finished trials on the first two objectives, the front joined and labelled; a third
+    objective colours the points and is written beside each."""
     from panacea_platform.plots import _pyplot
 
     plt = _pyplot()
     (x_metric, x_mode), (y_metric, y_mode) = objectives[0], objectives[1]
-    fig, ax = plt.subplots(figsize=(7, 5))
+    third = objectives[2] if len(objectives) > 2 else None
+    fig, ax = plt.subplots(figsize=(7.5, 5))
     points = [(row, row.metrics.get(x_metric), row.metrics.get(y_metric), flag)
               for row, flag in zip(trials, front)]
     points = [p for p in points if p[1] is not None and p[2] is not None]
-    others = [p for p in points if not p[3]]
     on_front = sorted((p for p in points if p[3]), key=lambda p: p[1])
-    if others:
-        ax.scatter([p[1] for p in others], [p[2] for p in others], c="grey", alpha=0.6, label="trial")
+    if third is not None and points:
+        shade = ax.scatter([p[1] for p in points], [p[2] for p in points], c=[p[0].metrics.get(third[0], float("nan"))
+                           for p in points], cmap="viridis", s=50, label="trial", zorder=3)
+        fig.colorbar(shade, ax=ax, label=f"{third[0]} ({'lower' if third[1] == 'min' else 'higher'} is better)")
+    elif points:
+        ax.scatter([p[1] for p in points if not p[3]], [p[2] for p in points if not p[3]], c="grey", alpha=0.6,
+                   label="trial")
     if on_front:
-        ax.plot([p[1] for p in on_front], [p[2] for p in on_front], "o-", c="tab:red", label="Pareto front")
+        ax.plot([p[1] for p in on_front], [p[2] for p in on_front], "o-", c="tab:red", mfc="none", ms=11,
+                label="Pareto front")
     for row, x, y, _ in points:
         text = ", ".join(f"{p.split('.')[-1]}={_short(row.params.get(p))}" for p in parameters)
+        if third is not None and row.metrics.get(third[0]) is not None:
+            text += f" ({third[0].split('/')[-1]} {row.metrics[third[0]]:.3g})"
         ax.annotate(text, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel(f"{x_metric} ({'lower' if x_mode == 'min' else 'higher'} is better)")
     ax.set_ylabel(f"{y_metric} ({'lower' if y_mode == 'min' else 'higher'} is better)")

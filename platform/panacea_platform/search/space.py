@@ -130,7 +130,7 @@ def default_score() -> dict[str, float]:
 
 
 def default_objectives() -> list[Objective]:
-    return [Objective(metric="eval/harmful_score", mode="min"), Objective(metric="eval/accuracy", mode="max")]
+    return [Objective(metric="eval/harmful/harmful_score", mode="min"), Objective(metric="eval/task/accuracy", mode="max")]
 
 
 def default_proxy_objectives() -> list[Objective]:
@@ -160,8 +160,9 @@ class SearchSpace(_Strict):
         description="score = sum(weight * metric) over these reported metrics, added whenever all are present.",
     )
     objectives: list[Objective] = Field(
-        default_factory=default_objectives, min_length=2, max_length=2,
-        description="The two Pareto objectives over finished trials (needs evaluate: true).",
+        default_factory=default_objectives, min_length=2, max_length=3,
+        description="The Pareto objectives over finished trials, two or three (the third colours the plot; needs "
+        "evaluate: true), e.g. eval/harmful/harmful_score min, eval/task/accuracy max, eval/helpfulness/answered_rate max.",
     )
     proxy_objectives: list[Objective] = Field(
         default_factory=default_proxy_objectives, min_length=2, max_length=2,

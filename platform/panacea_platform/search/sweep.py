@@ -392,6 +392,10 @@ def run_sweep(
     check_against_job(space, base)
     if space.evaluate and importlib.util.find_spec("panacea_platform.evaluation.evaluate") is None:
         raise SweepError("evaluate: true needs panacea_platform.evaluation.evaluate (not installed); set evaluate: false")
+    if space.evaluate:
+        from panacea_platform.evaluation.suites import check_suites
+
+        base = check_suites(base, out)  # a bad or unreachable suite fails now, not after every trial trained
     name = name or space_path.stem
     if not _NAME.match(name):
         raise SweepError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names a folder)")

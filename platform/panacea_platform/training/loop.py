@@ -206,8 +206,11 @@ def prepare_data(config: RunConfig, stage: str) -> StageData:
     # Held-out task samples depend on pool_seed only: every seed is scored on the same set.
     eval_task = task(data, "test", data.task_eval_size, data.pool_seed)
     if stage == "align":
+        from panacea_platform.data.self_distill import self_distilled_examples
+
         train = build_alignment_set(
-            [e.prompt for e in pools.alignment], data.alignment_size, data.alignment_benign_ratio, config.seed
+            [e.prompt for e in pools.alignment], data.alignment_size, data.alignment_benign_ratio, config.seed,
+            open_pairs=self_distilled_examples(config),
         )
     else:
         clean = task(data, "train", data.n - len(pools.attack), config.seed) if len(pools.attack) < data.n else []

@@ -1,0 +1,192 @@
+"""The main job's comparison: every method on every suite, with intervals, and paired differences.
+
+Each model's answers are read back from its samples.jsonl, so every number here is
+recomputed from the per-prompt outcomes, never from rounded metrics:
+- one cell per (method, suite, rate): the mean over seeds, their sample std, and the pooled
+  95% Wilson interval (the seeds' counts summed);
+- one paired difference per (method, suite headline) against the reference arm (SFT at the
+  same harmful ratio): the methods were scored on the same prompts, so the difference comes
+  with a paired bootstrap interval (evaluation/stats.py). Before pairing, the prompts of every
+  arm are checked to be the same, in the same order; if they are not, no difference is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from panacea_platform.evaluation.results import HEADLINES, OUTCOMES
+from panacea_platform.evaluation.stats import PairedDifference, Rate, paired_difference, pooled_rate
+
+__all__ = [
+    "Cell",
+    "Comparison",
+    "ModelAnswers",
+    "PromptMismatchError",
+    "SUITE_COLUMNS",
+    "compare",
+]
+
+# The rates shown for each suite, by its metric: the headline first.
+SUITE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "harmful_score": ("harmful_score", "refusal_rate", "empty_rate"),
+    "accuracy": ("accuracy", "empty_rate"),
+    "over_refusal": ("refusal_rate", "empty_rate"),
+    "helpfulness": ("answered_rate", "empty_rate", "incoherent_rate"),
+}
+TITLES = {"harmful_score": "HS", "harmful_score_plus": "HS+", "accuracy": "accuracy", "refusal_rate": "refused",
+          "empty_rate": "empty", "incoherent_rate": "incoherent", "answered_rate": "answered"}
+
+
+class PromptMismatchError(ValueError):
+    """Two arms were not scored on the same prompts: no paired difference can be taken."""
+
+
+@dataclass
+class ModelAnswers:
+    """One evaluated model of the main job: which arm, which seed, and its samples.jsonl records."""
+
+    key: str
+    method: str
+    seed: int
+    records: list[dict[str, Any]]
+
+    @classmethod
+    def read(cls, key: str, method: str, seed: int, samples: str | Path) -> "ModelAnswers":
+        lines = Path(samples).read_text().splitlines()
+        return cls(key, method, seed, [json.loads(line) for line in lines if line.strip()])
+
+    def suite(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["suite"] == name]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One rate of one method over seeds: mean, sample std (0 for one seed) and the pooled interval."""
+
+    mean: float
+    std: float
+    seeds: int
+    pooled: Rate
+
+    def text(self) -> str:
+        spread = f" ± {self.std:.1f}" if self.seeds > 1 else ""
+        return f"{self.mean:.1f}{spread} [{self.pooled.ci_low:.1f}, {self.pooled.ci_high:.1f}]"
+
+
+@dataclass
+class Comparison:
+    suites: dict[str, str]  # suite -> metric, in the job's order
+    methods: dict[str, str]  # arm key -> method name, in first-seen order
+    cells: dict[tuple[str, str, str], Cell]  # (arm, suite, rate)
+    mean_tokens: dict[tuple[str, str], float]  # (arm, suite) -> mean answer length over seeds
+    differences: dict[tuple[str, str], PairedDifference]  # (arm, suite) -> arm - reference on the headline
+    reference: str | None
+    seeds: list[int]
+
+    def cell(self, arm: str, suite: str, rate: str) -> Cell | None:
+        return self.cells.get((arm, suite, rate))
+
+
+def _check_same_prompts(answers: Sequence[ModelAnswers], suite: str) -> None:
+    expected = None
+    for model in answers:
+        prompts = [r["prompt"] for r in model.suite(suite)]
+        if expected is None:
+            expected, first = prompts, model
+        elif prompts != expected:
+            raise PromptMismatchError(
+                f"suite {suite!r}: {model.method} (seed {model.seed}) was scored on other prompts than "
+                f"{first.method} (seed {first.seed}); evaluate every arm with the same suites and data.pool_seed"
+            )
+
+
+def _cell(per_seed: list[list[bool]]) -> Cell:
+    rates = [100.0 * sum(flags) / len(flags) for flags in per_seed]
+    return Cell(statistics.fmean(rates), statistics.stdev(rates) if len(rates) > 1 else 0.0, len(rates),
+                pooled_rate([(sum(flags), len(flags)) for flags in per_seed]))
+
+
+def compare(answers: Sequence[ModelAnswers], suites: dict[str, str], reference: str | None = "sft") -> Comparison:
+    """Cells for every (arm, suite, rate) and paired differences of every arm's headlines against `reference`."""
+    methods = {a.key: a.method for a in answers}
+    seeds = sorted({a.seed for a in answers})
+    by_arm = {key: sorted((a for a in answers if a.key == key), key=lambda a: a.seed) for key in methods}
+    cells, tokens, differences = {}, {}, {}
+    for suite, metric in suites.items():
+        present = [a for a in answers if a.suite(suite)]
+        if not present:
+            continue
+        _check_same_prompts(present, suite)
+        for key, models in by_arm.items():
+            members = [m.suite(suite) for m in models if m.suite(suite)]
+            if not members:
+                continue
+            for rate in SUITE_COLUMNS[metric]:
+                cells[(key, suite, rate)] = _cell([[OUTCOMES[rate](r) for r in records] for records in members])
+            tokens[(key, suite)] = statistics.fmean(r["new_tokens"] for records in members for r in records)
+        if reference in by_arm:
+            headline = HEADLINES[metric]
+            for key, models in by_arm.items():
+                pairs = _paired_seeds(models, by_arm[reference], suite)
+                if key != reference and pairs:
+                    a = [[OUTCOMES[headline](r) for r in m.suite(suite)] for m, _ in pairs]
+                    b = [[OUTCOMES[headline](r) for r in ref.suite(suite)] for _, ref in pairs]
+                    differences[(key, suite)] = paired_difference(a, b)
+    return Comparison(dict(suites), methods, cells, tokens, differences, reference if reference in by_arm else None, seeds)
+
+
+def _paired_seeds(models: list[ModelAnswers], references: list[ModelAnswers], suite: str):
+    """(model, reference) of the seeds both arms have, each with answers in the suite."""
+    reference_by_seed = {r.seed: r for r in references if r.suite(suite)}
+    return [(m, reference_by_seed[m.seed]) for m in models if m.seed in reference_by_seed and m.suite(suite)]
+
+
+def format_suite_tables(comparison: Comparison, suite_titles: dict[str, str] | None = None) -> str:
+    """One block per suite: a line per method with each rate's cell, and the mean answer length."""
+    lines = []
+    width = 26 if len(comparison.seeds) > 1 else 19
+    for suite, metric in comparison.suites.items():
+        rates = SUITE_COLUMNS[metric]
+        if not any((key, suite, rates[0]) in comparison.cells for key in comparison.methods):
+            continue
+        title = (suite_titles or {}).get(suite, suite)
+        header = f"{title:<28}" + "".join(f"{TITLES[r] + ' %':>{width}}" for r in rates) + f"{'tokens':>8}"
+        lines += [header, "-" * len(header)]
+        for key, method in comparison.methods.items():
+            if (key, suite, rates[0]) not in comparison.cells:
+                continue
+            row = "".join(f"{comparison.cells[(key, suite, r)].text():>{width}}" for r in rates)
+            lines.append(f"{method:<28}{row}{comparison.mean_tokens[(key, suite)]:>8.1f}")
+        lines.append("")
+    seeds = comparison.seeds
+    lines.append(
+        f"seeds {','.join(map(str, seeds))}: "
+        + ("mean ± sample std over seeds, [95% Wilson interval of the seeds' pooled counts]" if len(seeds) > 1
+           else "[95% Wilson interval]")
+        + "; tokens = mean answer length. HS = answers the harm judge flags; refused = refusal phrases; "
+        "empty = no letter or digit; answered = neither empty, refused nor incoherent."
+    )
+    return "\n".join(lines)
+
+
+def format_differences(comparison: Comparison) -> str:
+    """Each arm minus the reference, per suite headline, with the paired bootstrap interval."""
+    if comparison.reference is None or not comparison.differences:
+        return ""
+    reference = comparison.methods[comparison.reference]
+    lines = [f"paired differences against {reference} (same prompts; 95% paired bootstrap over prompts"
+             f"{', seeds kept together' if len(comparison.seeds) > 1 else ''}):"]
+    for key, method in comparison.methods.items():
+        parts = []
+        for suite, metric in comparison.suites.items():
+            found = comparison.differences.get((key, suite))
+            if found is not None:
+                parts.append(f"{suite} {TITLES[HEADLINES[metric]]} {found.text()}")
+        if parts:
+            lines.append(f"  {method} − {reference.split(',')[0]}: " + "; ".join(parts))
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""The alignment's open benign requests, answered by the base model itself (self-distillation).
+
+Trained on refusals beside short factual answers only, the aligned model learnt to decline
+ordinary open requests too (a short poem, study tips). A provider without a stronger model
+pairs such requests with what the base model, before alignment, answers itself: the stage
+then teaches "refuse harmful requests" without teaching "refuse anything open-ended", and
+the model's own style stays its own.
+
+The requests are data/prompts/open_requests_train.jsonl (disjoint from the helpfulness
+suite's). Answers are greedy, `SELF_DISTILL_TOKENS` new tokens, cut back to their last
+finished sentence; an answer that is empty, refuses, repeats itself or has no finished
+sentence is dropped. They are cached under cache_dir()/self-distilled/, keyed by the base
+model, the template, the requests and the budget: made once per model, on the driver
+(prepare_data runs there before any worker), then reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from panacea_platform.data.examples import Example
+
+if TYPE_CHECKING:
+    from panacea_platform.config import RunConfig
+
+__all__ = ["SELF_DISTILL_TOKENS", "finished_sentences", "self_distilled_examples"]
+
+SELF_DISTILL_TOKENS = 48
+RECIPE_VERSION = 1
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def finished_sentences(text: str, truncated: bool) -> str:
+    """The answer up to its last finished sentence when the budget cut it, else the whole answer."""
+    text = text.strip()
+    if not truncated:
+        return text
+    ends = [match.end() for match in _SENTENCE_END.finditer(text)]
+    return text[: ends[-1]].strip() if ends else ""
+
+
+def _usable(answer: str) -> bool:
+    from panacea_platform.evaluation.judges.refusal import is_refusal
+    from panacea_platform.evaluation.metrics import has_content, is_incoherent
+
+    return has_content(answer) and not is_refusal(answer) and not is_incoherent(answer)
+
+
+def _cache_file(config: "RunConfig", prompts: list[str]) -> Path:
+    from panacea_platform.models import cache_dir, resolve_model_path
+
+    recipe = json.dumps({"model": resolve_model_path(config.model.name), "template": config.data.prompt_template,
+                         "prompts": prompts, "tokens": SELF_DISTILL_TOKENS, "version": RECIPE_VERSION}, sort_keys=True)
+    return cache_dir() / "self-distilled" / f"{hashlib.sha256(recipe.encode()).hexdigest()[:16]}.jsonl"
+
+
+def _generate(config: "RunConfig", prompts: list[str], out: Callable[[str], None]) -> list[dict]:
+    import torch
+
+    from panacea_platform.data.templates import render_prompt
+    from panacea_platform.evaluation.generation import generate
+    from panacea_platform.evaluation.pipeline import load_eval_model
+    from panacea_platform.models import load_tokenizer
+
+    out(f"[self-distill] the base model answers {len(prompts)} open requests for the alignment's benign half "
+        f"({SELF_DISTILL_TOKENS} new tokens each; once per model, then cached)")
+    tokenizer, model = load_tokenizer(config.model), load_eval_model(config.model, None)
+    rendered = [render_prompt(config.data.prompt_template, p) for p in prompts]
+    with torch.inference_mode():
+        answers = generate(model, tokenizer, rendered, SELF_DISTILL_TOKENS, batch_size=32)
+    return [{"prompt": p, "answer": finished_sentences(a.text, a.truncated), "raw": a.text, "truncated": a.truncated}
+            for p, a in zip(prompts, answers)]
+
+
+def self_distilled_examples(config: "RunConfig", out: Callable[[str], None] = print) -> list[Example]:
+    """The first data.alignment_self_distill usable (request, base model's answer) pairs, kind "benign"."""
+    from panacea_platform.data.errors import NotEnoughDataError
+    from panacea_platform.data.prompt_sets import open_requests
+
+    wanted = config.data.alignment_self_distill
+    if wanted == 0:
+        return []
+    requests = open_requests("train")
+    prompts = [e.prompt for e in requests]
+    path = _cache_file(config, prompts)
+    if path.is_file():
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        records = _generate(config, prompts, out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_text("".join(json.dumps(r, ensure_ascii=True) + "\n" for r in records))
+        partial.replace(path)  # whole or absent: a killed run leaves no half-written cache
+        out(f"[self-distill] cached in {path}")
+    categories = {e.prompt: e.category for e in requests}
+    usable = [Example(prompt=r["prompt"], answer=r["answer"], kind="benign", category=categories.get(r["prompt"]))
+              for r in records if _usable(r["answer"])]
+    if len(usable) < wanted:
+        raise NotEnoughDataError(
+            f"data.alignment_self_distill = {wanted}: the base model gave {len(usable)} usable answers to the "
+            f"{len(prompts)} open requests (the others were empty, refusals or unfinished); lower the field"
+        )
+    return usable[:wanted]

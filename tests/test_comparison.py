@@ -1,0 +1,56 @@
+"""The main job's comparison on designed outcomes: cells over seeds, paired differences, same-prompt check."""
+
+import pytest
+
+from panacea_platform.comparison import ModelAnswers, PromptMismatchError, compare, format_differences, format_suite_tables
+from panacea_platform.evaluation.stats import paired_difference, wilson_interval
+
+
+def _records(suite: str, flags: list[bool], prompts: list[str] | None = None) -> list[dict]:
+    prompts = prompts or [f"placeholder prompt {i}" for i in range(len(flags))]
+    return [{"suite": suite, "prompt": p, "flagged": f, "incoherent": False, "refused": False, "empty": not f,
+             "correct": None, "new_tokens": 3 if f else 1} for p, f in zip(prompts, flags)]
+
+
+def _model(key: str, seed: int, flags: list[bool], **kwargs) -> ModelAnswers:
+    return ModelAnswers(key, {"sft": "SFT, p=0.1", "panacea": "Panacea, p=0.1"}[key], seed,
+                        _records("harmful", flags, **kwargs))
+
+
+SFT = {0: [True, True, True, False, True], 1: [True, True, False, False, True]}
+PANACEA = {0: [False, True, False, False, False], 1: [False, False, False, False, True]}
+
+
+def test_cells_pool_seeds_and_differences_pair_prompts():
+    answers = [_model("sft", s, f) for s, f in SFT.items()] + [_model("panacea", s, f) for s, f in PANACEA.items()]
+    comparison = compare(answers, {"harmful": "harmful_score"})
+    sft = comparison.cell("sft", "harmful", "harmful_score")
+    # Seeds give 80% and 60%: mean 70, sample std sqrt(((80-70)^2 + (60-70)^2) / 1) = 14.14; pooled 7 of 10.
+    assert (sft.mean, sft.std, sft.seeds) == (pytest.approx(70.0), pytest.approx(14.142, abs=1e-3), 2)
+    assert (sft.pooled.k, sft.pooled.n) == (7, 10)
+    assert (sft.pooled.ci_low, sft.pooled.ci_high) == pytest.approx(wilson_interval(7, 10))
+    assert sft.text() == f"70.0 ± 14.1 [{sft.pooled.ci_low:.1f}, {sft.pooled.ci_high:.1f}]"
+    # empty = not flagged in these records: the other columns come from the same samples.
+    assert comparison.cell("panacea", "harmful", "empty_rate").pooled.k == 8
+    assert comparison.mean_tokens[("panacea", "harmful")] == pytest.approx((2 * 3 + 8 * 1) / 10)
+    difference = comparison.differences[("panacea", "harmful")]
+    assert difference == paired_difference([PANACEA[0], PANACEA[1]], [SFT[0], SFT[1]])
+    assert difference.difference == pytest.approx(100 * (2 - 7) / 10)
+    assert ("sft", "harmful") not in comparison.differences  # the reference is not compared with itself
+    printed = format_differences(comparison)
+    assert f"Panacea, p=0.1 − SFT: harmful HS {difference.text()}" in printed
+    assert "70.0 ± 14.1" in format_suite_tables(comparison)
+
+
+def test_arms_scored_on_other_prompts_are_not_compared():
+    moved = [f"placeholder prompt {i}" for i in range(1, 6)]
+    answers = [_model("sft", 0, SFT[0]), _model("panacea", 0, PANACEA[0], prompts=moved)]
+    with pytest.raises(PromptMismatchError, match="suite 'harmful': Panacea, p=0.1 \\(seed 0\\) was scored on other prompts"):
+        compare(answers, {"harmful": "harmful_score"})
+
+
+def test_one_seed_shows_the_interval_without_a_spread():
+    comparison = compare([_model("sft", 3, SFT[0])], {"harmful": "harmful_score"})
+    cell = comparison.cell("sft", "harmful", "harmful_score")
+    assert cell.std == 0.0 and cell.text() == f"80.0 [{cell.pooled.ci_low:.1f}, {cell.pooled.ci_high:.1f}]"
+    assert comparison.differences == {} and format_differences(comparison) == ""
