@@ -59,3 +59,23 @@ def test_dominates_needs_strictly_better_somewhere():
 def test_a_bad_mode_is_an_error():
     with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
         pareto_front(rows((1, 1)), [("harm", "down")])
+
+
+def test_a_third_objective_keeps_a_point_the_first_two_would_drop():
+    three = [("harm", "min"), ("acc", "max"), ("answered", "max")]
+    points = [{"harm": 10, "acc": 0.9, "answered": 20}, {"harm": 20, "acc": 0.8, "answered": 90},
+              {"harm": 30, "acc": 0.7, "answered": 10}]
+    assert pareto_front(points, HARM_ACC) == [True, False, False]
+    assert pareto_front(points, three) == [True, True, False]
+
+
+def test_the_pareto_plot_colours_a_third_objective(tmp_path):
+    from panacea_platform.search.report import TrialRow, plot_pareto
+
+    trials = [TrialRow(f"t{i}", f"r{i}", "FINISHED", {"panacea.rho": rho},
+                       {"eval/harmful/harmful_score": hs, "eval/task/accuracy": fa, "eval/helpfulness/answered_rate": ans}, {})
+              for i, (rho, hs, fa, ans) in enumerate([(0.1, 10, 90, 20), (0.3, 20, 80, 90), (1.0, 30, 70, 10)])]
+    objectives = [("eval/harmful/harmful_score", "min"), ("eval/task/accuracy", "max"),
+                  ("eval/helpfulness/answered_rate", "max")]
+    path = plot_pareto(trials, ["panacea.rho"], objectives, [True, True, False], tmp_path / "pareto.png", "three")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -74,6 +74,10 @@ def test_the_paper_space_fits_every_paper_job(monkeypatch):
         ({"parameters": {"panacea.rho": {"grid": [1]}}, "fixed": {"panacea.rho": 2}}, "both searched (parameters) and fixed"),
         ({"parameters": {"panacea.rho": {"grid": [1]}}, "fixed": {"evaluation.threshold": 2}}, "fixed.evaluation.threshold: value 2"),
         ({"parameters": {"panacea.rho": {"grid": [1]}}, "mode": "down"}, "mode"),
+        ({"parameters": {"panacea.rho": {"grid": [1]}}, "fixed": {"evaluation.suites": ["no_such_preset"]}},
+         "fixed.evaluation.suites: evaluation.suites: no preset 'no_such_preset'"),
+        ({"parameters": {"panacea.rho": {"grid": [1]}},
+          "objectives": [{"metric": f"m{i}", "mode": "min"} for i in range(4)]}, "objectives"),
     ],
 )
 def test_a_bad_space_is_one_clear_config_error(tree, message):

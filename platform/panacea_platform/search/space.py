@@ -303,7 +303,7 @@ def check_parameter(path: str, distribution: Distribution) -> None:
     adapter = TypeAdapter(info.annotation)
     for value in distribution.values:
         try:
-            checked = adapter.validate_python(value)
+            checked = adapter.validate_python(_expanded(path, value))
         except ValidationError as exc:
             reason = exc.errors()[0]["msg"]
             raise SearchSpaceError(f"parameters.{path}: value {value!r} is not allowed ({reason})") from None
@@ -316,6 +316,19 @@ def check_parameter(path: str, distribution: Distribution) -> None:
                     raise SearchSpaceError(
                         f"parameters.{path}: value {value!r} is out of range (the field needs {symbol} {bounds[attribute]:g})"
                     )
+
+
+def _expanded(path: str, value: Any) -> Any:
+    """A value as its field's own validator would first rewrite it (suite preset names into suites)."""
+    if canonical_path(path) == "evaluation.suites" and isinstance(value, list):
+        from panacea_platform.config import ConfigError
+        from panacea_platform.evaluation.suites import resolve_suite_entries
+
+        try:
+            return resolve_suite_entries(value)
+        except ConfigError as exc:
+            raise SearchSpaceError(f"parameters.{path}: {exc}") from None
+    return value
 
 
 def check_space(space: SearchSpace) -> None:
