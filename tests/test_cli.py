@@ -233,3 +233,27 @@ def test_a_deepspeed_json_that_contradicts_the_run_exits_2_before_any_worker(tin
                  f"scaling.deepspeed_json={user_json}"])
     assert code == 2
     assert "zero_optimization.stage 3 but scaling.zero_stage is 2" in capsys.readouterr().err
+
+
+def test_list_names_suite_sources_metrics_and_presets(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "suite metrics: harmful_score, accuracy, over_refusal, helpfulness" in out
+    assert "  xstest" in out and "(hub)" in out and "  harmbench" in out
+    assert "suite presets (evaluation/suites/): beavertails_test, capability, donotanswer" in out
+
+
+def test_a_bad_or_unreachable_suite_stops_the_demo_before_any_training(tiny_job, capsys, monkeypatch):
+    config, path = tiny_job
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: the hub probe fails at once
+    for suites, fragment in (
+        ("[harmful, {preset: xstest, optional: false}]", "evaluation.suites[xstest].source = 'xstest': "),
+        ("[{name: x, source: capability, metric: accuracy, size: 0}]", "evaluation.suites[x].size = 0: "),
+        ("[{name: x, source: capability, metric: accuracy, max_new_tokens: 0}]", "evaluation.suites[x].max_new_tokens = 0"),
+        ("[{name: x, source: nowhere, metric: accuracy}]", "evaluation.suites[x].source = 'nowhere': unknown source"),
+    ):
+        assert main(["demo", "--config", str(path), f"evaluation.suites={suites}"]) == 2, suites
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
+    assert not config.run_dir().parent.exists() or not list(config.run_dir().parent.glob("align-*"))

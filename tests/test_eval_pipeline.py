@@ -108,6 +108,19 @@ def test_batched_greedy_equals_one_at_a_time_with_eos_and_budget(tiny_llama):
     # The template's preamble is long enough that batches run it once and share its KV cache.
     assert shared_prefix_length([encode_prompt(tokenizer, p) for p in prompts]) >= MIN_SHARED_PREFIX
 
+    # One budget per prompt in one batch: each answer is the one that prompt gets alone with its own budget,
+    # on the platform's decoder and through HF's generate (which runs the longest budget and cuts).
+    budgets = [2, 12, 5, 1, 12, 7, 3]
+    mixed = generate(model, tokenizer, prompts, budgets, batch_size=7)
+    alone = [generate_one_at_a_time(model, tokenizer, [p], b)[0] for p, b in zip(prompts, budgets)]
+    assert mixed == alone and all(a.new_tokens <= b for a, b in zip(mixed, budgets))
+    assert any(a.truncated for a in alone) and any(not a.truncated for a in alone)
+    model.generation_config.repetition_penalty = 1.1  # not plain greedy: HF's generate() path
+    assert generate(model, tokenizer, prompts, budgets, batch_size=7) == [
+        generate_one_at_a_time(model, tokenizer, [p], b)[0] for p, b in zip(prompts, budgets)]
+    with pytest.raises(ValueError, match="7 budgets for 6 prompts"):
+        generate(model, tokenizer, prompts[:6], budgets, batch_size=7)
+
 
 def test_a_generation_config_beyond_argmax_goes_through_hf_generate(tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer

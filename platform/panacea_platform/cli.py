@@ -119,6 +119,9 @@ def _print_fields(model, prefix: str) -> None:
 def cmd_list(args: argparse.Namespace) -> int:
     from panacea_platform.algorithms import DEFENCES
     from panacea_platform.data import HARMFUL_SOURCES, TASKS
+    from panacea_platform.evaluation.judges import JUDGES
+    from panacea_platform.evaluation.metrics import ACCURACY_RULES
+    from panacea_platform.evaluation.suites import METRICS, SUITE_SOURCES, preset_dirs
     from panacea_platform.models import OFFLINE_MODELS
 
     for title, registry in (
@@ -126,8 +129,17 @@ def cmd_list(args: argparse.Namespace) -> int:
         ("tasks", TASKS),
         ("harmful sources", HARMFUL_SOURCES),
         ("offline models", OFFLINE_MODELS),
+        ("judges", JUDGES),
+        ("accuracy rules", ACCURACY_RULES),
     ):
         print(f"{title}: {', '.join(registry.names())}")
+    print(f"suite metrics: {', '.join(METRICS)}")
+    print("suite sources:")
+    for name in SUITE_SOURCES.names():
+        source = SUITE_SOURCES.get(name)
+        print(f"  {name:<18} {source.description}{' (hub)' if source.needs_hub else ''}")
+    presets = sorted({p.stem for folder in preset_dirs() if folder.is_dir() for p in folder.glob("*.yaml")})
+    print(f"suite presets (evaluation/suites/): {', '.join(presets)}")
     return 0
 
 

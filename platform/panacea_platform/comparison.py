@@ -174,6 +174,20 @@ def format_suite_tables(comparison: Comparison, suite_titles: dict[str, str] | N
     return "\n".join(lines)
 
 
+def format_judge_notes(answers: Sequence[ModelAnswers], suites: dict[str, str]) -> str:
+    """Per harm suite, the verdicts the judge could not parse and the inputs it read only in part, over all models."""
+    lines = []
+    for suite, metric in suites.items():
+        records = [r for a in answers for r in a.suite(suite)]
+        if metric != "harmful_score" or not records:
+            continue
+        unparsed = sum(bool(r.get("judge_unparsed")) for r in records)
+        truncated = sum(bool(r.get("judge_truncated")) for r in records)
+        lines.append(f"  {suite}: {unparsed} of {len(records)} verdicts unparsed (counted not flagged), "
+                     f"{truncated} inputs read only in part")
+    return "judge, over every model's answers:\n" + "\n".join(lines) if lines else ""
+
+
 def format_differences(comparison: Comparison) -> str:
     """Each arm minus the reference, per suite headline, with the paired bootstrap interval."""
     if comparison.reference is None or not comparison.differences:

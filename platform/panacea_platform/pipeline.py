@@ -254,15 +254,20 @@ def format_losses(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def comparison_of(config: RunConfig, rows: list[Row]):
-    """The per-suite comparison of the evaluated rows (None when nothing was evaluated)."""
-    from panacea_platform.comparison import ModelAnswers, compare
+def comparison_blocks(config: RunConfig, rows: list[Row]):
+    """(comparison, printed blocks) of the evaluated rows: the per-suite tables, the paired differences
+    against SFT and the judge's notes; (None, []) when nothing was evaluated."""
+    from panacea_platform.comparison import (ModelAnswers, compare, format_differences, format_judge_notes,
+                                             format_suite_tables)
 
     evaluated = [r for r in rows if r.samples and Path(r.samples).is_file()]
     if not evaluated:
-        return None
+        return None, []
     answers = [ModelAnswers.read(r.key, r.method, r.seed, r.samples) for r in evaluated]
-    return compare(answers, {s.name: s.metric for s in config.evaluation.suites}, reference="sft")
+    suites = {s.name: s.metric for s in config.evaluation.suites}
+    comparison = compare(answers, suites, reference="sft")
+    blocks = [format_suite_tables(comparison), format_differences(comparison), format_judge_notes(answers, suites)]
+    return comparison, [block for block in blocks if block]
 
 
 # A sweep trial's point in the HS-vs-FA plot: the default suites' headlines.
@@ -303,13 +308,11 @@ def sweeps_on(output_dir: Path, aligned_adapters: set[Path]) -> tuple[list[Sweep
 
 def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: str, started: float,
             out: Callable[[str], None]) -> None:
-    from panacea_platform.comparison import format_differences, format_suite_tables
     from panacea_platform.plots import plot_method_comparison
 
     folder = Path(config.output_dir)
-    comparison = comparison_of(config, rows)
-    blocks = [format_suite_tables(comparison), format_differences(comparison)] if comparison is not None else []
-    text = "\n\n".join([*[b for b in blocks if b], format_losses(rows), *_reading(comparison)])
+    comparison, blocks = comparison_blocks(config, rows)
+    text = "\n\n".join([*blocks, format_losses(rows), *_reading(comparison)])
     summary_path, rows_path = folder / f"{config.run_name}-summary.txt", folder / f"{config.run_name}-rows.json"
     summary_path.write_text(text + "\n")
     rows_path.write_text(json.dumps([r.to_json() for r in rows], indent=2))
