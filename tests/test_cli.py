@@ -91,9 +91,14 @@ def test_demo_aligns_attacks_defends_evaluates_and_tracks_lineage(tiny_job, caps
     assert {"demo-comparison.png", "demo-hs-vs-fa.png", "demo-suites.png", "demo-summary.txt"} <= artifacts
     child_artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
     assert {"adapter", "training_curves.png", "config.yaml", "history.jsonl", "eval"} <= child_artifacts
-    # Lineage: every fine-tune continued the adapter the alignment run produced.
-    adapters = {r.data.params["model.adapter"] for r in children if r.data.tags["stage"] == "finetune"}
-    assert len(adapters) == 1 and adapters.pop().endswith("/adapter")
+    # Lineage: every fine-tune continued the adapter the alignment run produced, but random perturbation,
+    # which adds its noise to the SFT run's w_T (0 steps: its training would be SFT's, step for step).
+    finetunes = {r.data.tags["mlflow.runName"]: r.data.params for r in children if r.data.tags["stage"] == "finetune"}
+    aligned = finetunes["demo-sft-s0"]["model.adapter"]
+    assert "/align-" in aligned and aligned.endswith("/adapter")
+    assert {p["model.adapter"] for name, p in finetunes.items() if "random" not in name} == {aligned}
+    derived = finetunes["demo-random_perturbation-s0"]
+    assert derived["model.adapter"].endswith("demo-sft-s0/adapter") and derived["optim.max_steps"] == "0"
 
     # A second run reuses the aligned adapter and its evaluation, and says so.
     assert main(["demo", "--config", str(path), "--defences", "sft", "--no-control", *fast_eval]) == 0

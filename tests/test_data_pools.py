@@ -357,10 +357,11 @@ def test_self_distilled_pairs_are_made_once_filtered_and_cached(tiny_run_config,
     # The empty answer, the refusal and the repetition are dropped; the rest come in request order.
     assert [e.prompt for e in first] == [requests[3], requests[4], requests[5]]
     assert first[0].answer == "A placeholder helpful answer." and all(e.kind == "benign" for e in first)
-    assert self_distill.self_distilled_examples(config, out=lambda line: None) == first and calls == [len(requests)]
+    # Asked: 3 + 3 // 4 + 8 = 11 requests, the first of the file; the second call reads the cache.
+    assert self_distill.self_distilled_examples(config, out=lambda line: None) == first and calls == [11]
     assert len(list((tmp_path / "cache" / "self-distilled").glob("*.jsonl"))) == 1
     too_many = tiny_run_config(data={"alignment_self_distill": len(requests) - 2, "alignment_size": 400})
-    with pytest.raises(NotEnoughDataError, match=r"data.alignment_self_distill = 158: .* 157 usable answers"):
+    with pytest.raises(NotEnoughDataError, match=r"data.alignment_self_distill = 158: .* 157 usable answers to the 160"):
         self_distill.self_distilled_examples(too_many, out=lambda line: None)
     with pytest.raises(ConfigError, match=r"data.alignment_self_distill = 9: expected at most the alignment's benign half, 8"):
         tiny_run_config(data={"alignment_self_distill": 9})

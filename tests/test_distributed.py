@@ -174,7 +174,7 @@ def _token_batch(seed, rows=3, width=12, vocab=300):
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
 
-def _backends(tiny_llama, zero_stage):
+def _backends(tiny_llama, zero_stage, loss_fn=None):
     import copy
 
     import deepspeed
@@ -190,7 +190,8 @@ def _backends(tiny_llama, zero_stage):
     model = attach_lora(load_base_model(ModelConfig(name=str(tiny_llama))), LoraConfig(rank=4, alpha=8))
     reference = copy.deepcopy(model)
     ref_params = [p for p in reference.parameters() if p.requires_grad]
-    torch_weights = TorchWeights(reference, lm_loss, *make_optimizer(ref_params, optim, 3), optim.max_grad_norm)
+    loss_fn = loss_fn or lm_loss
+    torch_weights = TorchWeights(reference, loss_fn, *make_optimizer(ref_params, optim, 3), optim.max_grad_norm)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, optim, 3)
     options = {"stage3_param_persistence_threshold": 0} if zero_stage == 3 else None
@@ -198,7 +199,7 @@ def _backends(tiny_llama, zero_stage):
         model=model, optimizer=optimizer, lr_scheduler=scheduler, dist_init_required=False,
         config=deepspeed_config(optim, 1, zero_stage, zero_options=options),
     )
-    return DeepSpeedWeights(engine, lm_loss), torch_weights
+    return DeepSpeedWeights(engine, loss_fn), torch_weights
 
 
 def _close(actual, expected, atol=1e-6):
@@ -257,6 +258,33 @@ def test_backend_protocol_matches_torch_weights_on_one_rank(one_rank_group, tiny
         ref.apply_update(zeros)
         with ds.full_weights() as w:
             _close(w, [p.detach() for p in ref.params])
+    finally:
+        ds.engine.destroy()
+
+
+def test_bf16_compute_on_a_zero0_engine_matches_torch_weights_and_keeps_fp32_gradients(
+    one_rank_group, tiny_llama, monkeypatch, tiny_run_config
+):
+    """model.compute_dtype bfloat16 (what the offline job trains with): autocast matrix products, fp32
+    LoRA weights and gradients. The engine and plain PyTorch agree to 1e-5 (same shapes, same bf16
+    rounding); bf16 moves the loss from fp32's by under 1%."""
+    from panacea_platform.algorithms.panacea import panacea_step
+    from panacea_platform.training.loop import lm_loss, training_loss
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    ds, ref = _backends(tiny_llama, 0, training_loss(tiny_run_config(model={"compute_dtype": "bfloat16"})))
+    try:
+        batch, other = _token_batch(1), _token_batch(2)
+        loss, grads = ds.loss_and_gradient(batch)
+        ref_loss, ref_grads = ref.loss_and_gradient(batch)
+        assert all(g.dtype == torch.float32 for g in grads) and all(p.dtype == torch.float32 for p in ds.params)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        _close(grads, ref_grads, atol=1e-5)
+        fp32_loss = lm_loss(ref.module, batch).item()
+        assert loss == pytest.approx(fp32_loss, rel=1e-2) and loss != fp32_loss  # bf16 did run
+        # Panacea's eps comes from fp32 gradients: its norm is rho to 1e-6.
+        result = panacea_step(ds, batch, other, rho=0.5, lam=0.1, harmful_loss_clamp=100.0)
+        assert result.eps_norm == pytest.approx(0.5, rel=1e-6) and all(e.dtype == torch.float32 for e in result.eps)
     finally:
         ds.engine.destroy()
 

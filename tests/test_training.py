@@ -160,3 +160,65 @@ def test_warmup_really_warms_up_for_every_schedule():
         assert ramp == sorted(ramp) and ramp[3] < 1.0 and ramp[4] == pytest.approx(1.0)
     assert lr_factor("linear", 0, 10)(9) == pytest.approx(0.1)
     assert lr_factor("cosine", 0, 10)(5) == pytest.approx(0.5)
+
+
+def test_the_loss_from_answer_positions_only_equals_the_loss_from_every_logit(tiny_llama):
+    """lm_loss projects onto the vocabulary only where a next token is an answer token; the loss and
+    the LoRA gradients equal HF's loss over every logit to 1e-6 (rows with answers at different places)."""
+    import torch
+
+    from panacea_platform.config import LoraConfig, ModelConfig
+    from panacea_platform.models import attach_lora, load_base_model
+    from panacea_platform.training.loop import lm_loss
+
+    torch.manual_seed(0)
+    model = attach_lora(load_base_model(ModelConfig(name=str(tiny_llama))), LoraConfig(rank=4, alpha=8))
+    input_ids = torch.randint(4, 300, (3, 12))
+    labels = torch.full_like(input_ids, -100)
+    labels[0, 9:] = input_ids[0, 9:]  # a two-token answer at the end
+    labels[1, 4:7] = input_ids[1, 4:7]  # an answer in the middle, padding after it
+    labels[2, 10:] = input_ids[2, 10:]
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 7:] = 0
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    full = model(**batch).loss
+    full_grads = torch.autograd.grad(full, params)
+    kept = lm_loss(model, batch)
+    kept_grads = torch.autograd.grad(kept, params)
+    assert kept.item() == pytest.approx(full.item(), rel=1e-6)
+    for a, b in zip(kept_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_random_perturbation_from_the_sft_run_equals_training_it_in_full(tiny_run_config):
+    """0 steps from SFT's w_T (what the main job does) give the released adapter, eps and unperturbed
+    adapter of a random-perturbation run trained from scratch: its steps are SFT's, its noise is seeded."""
+    from safetensors.torch import load_file
+
+    from panacea_platform.config import ConfigError
+    from panacea_platform.training.loop import run_stage
+
+    quiet = {"out": lambda line: None, "track": False}
+    sft = run_stage(tiny_run_config(run_name="sft", defence="sft"), "finetune", **quiet)
+    full = run_stage(tiny_run_config(run_name="rp-full", defence="random_perturbation"), "finetune", **quiet)
+    derived = run_stage(tiny_run_config(run_name="rp-derived", defence="random_perturbation",
+                                        model={"adapter": str(sft.adapter_dir)}, optim={"max_steps": 0}),
+                        "finetune", **quiet)
+    assert derived.history == [] and "final_task_loss" not in derived.summary
+    for name in ("adapter/adapter_model.safetensors", "adapter_unperturbed/adapter_model.safetensors",
+                 "perturbation.safetensors"):
+        expected, actual = load_file(str(full.run_dir / name)), load_file(str(derived.run_dir / name))
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6)
+    assert derived.summary["released_heldout_harmful_loss"] == pytest.approx(
+        full.summary["released_heldout_harmful_loss"], rel=1e-6)
+    # 0 steps is for a defence whose steps are SFT's, from an existing adapter; anything else is refused.
+    with pytest.raises(ConfigError, match="optim.max_steps = 0: expected at least 1, or 0 with model.adapter"):
+        tiny_run_config(defence="panacea", model={"adapter": str(sft.adapter_dir)}, optim={"max_steps": 0})
+    with pytest.raises(ConfigError, match="optim.max_steps = 0"):
+        tiny_run_config(defence="random_perturbation", optim={"max_steps": 0})
+    with pytest.raises(ConfigError, match="align_optim.max_steps = 0"):
+        tiny_run_config(align_optim={"max_steps": 0})

@@ -39,6 +39,11 @@ class ModelConfig(_Section):
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repo. Off unless asked.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype while training.")
+    compute_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the matrix products in training's forward and backward passes "
+        "(torch.autocast). bfloat16 runs them in bf16, as the Panacea authors train, while the weights, the LoRA "
+        "gradients, eps and every update stay in float32; held-out losses and generation run in model.dtype.",
+    )
 
 
 class LoraConfig(_Section):
@@ -93,7 +98,11 @@ class DataConfig(_Section):
 class OptimConfig(_Section):
     lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
     epochs: float | None = Field(None, gt=0, description="Epochs over the training set (used when max_steps is unset).")
-    max_steps: int | None = Field(30, ge=1, description="Optimiser steps; overrides epochs when set.")
+    max_steps: int | None = Field(
+        30, ge=0, description="Optimiser steps; overrides epochs when set. 0 (fine-tuning only) = no step: a "
+        "defence that trains as SFT does (sft, random_perturbation) releases model.adapter's weights as they are, "
+        "plus its post-training perturbation (the main job derives random perturbation from the SFT run so).",
+    )
     batch_size: int = Field(8, ge=1, description="Fine-tuning batch size.")
     harmful_batch_size: int = Field(8, ge=1, description="Batch size of the defender's harmful batches (Panacea).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -310,6 +319,14 @@ class RunConfig(_Section):
                 raise _field_error(field, value, "an existing file (not found)")
         if self.model.adapter is not None and not (Path(self.model.adapter) / "adapter_config.json").is_file():
             raise _field_error("model.adapter", self.model.adapter, "a LoRA adapter directory with adapter_config.json")
+        if self.align_optim.max_steps == 0:
+            raise _field_error("align_optim.max_steps", 0, "at least 1 (the alignment stage trains)")
+        if self.optim.max_steps == 0:
+            from panacea_platform.algorithms import DEFENCES
+
+            if self.model.adapter is None or not DEFENCES.get(self.defence).trains_as_sft:
+                raise _field_error("optim.max_steps", 0, "at least 1, or 0 with model.adapter set and a defence that "
+                                   "trains as SFT does (sft, random_perturbation): 0 steps release that adapter")
         from panacea_platform.data.pools import poison_count
 
         benign = poison_count(self.data.alignment_size, self.data.alignment_benign_ratio)

@@ -30,7 +30,7 @@ from panacea_platform.tracking import Tracker, default_tracking_uri
 ALIGNMENT_KEYS = ("model", "lora", "align_optim", "seed")
 ALIGNMENT_DATA_KEYS = (
     "harmful_source", "harmful_file", "alignment_size", "alignment_benign_ratio", "alignment_self_distill", "max_length",
-    "prompt_template", "pool_seed", "eval_harmful_size",
+    "prompt_template", "pool_seed", "eval_harmful_size", "task_eval_size",
 )
 CONTROL = "sft_p0"
 ALIGNED = "aligned"
@@ -41,6 +41,10 @@ def alignment_key(config: RunConfig) -> str:
     relevant = {k: tree[k] for k in ALIGNMENT_KEYS}
     relevant["data"] = {k: tree["data"][k] for k in ALIGNMENT_DATA_KEYS}
     relevant["task"] = tree["data"]["task"]  # the task's held-out set is part of the stage's summary
+    if config.data.alignment_self_distill:
+        from panacea_platform.data.self_distill import RECIPE_VERSION
+
+        relevant["self_distill_recipe"] = RECIPE_VERSION  # a new recipe makes other benign pairs
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -84,6 +88,28 @@ def arms_for(config: RunConfig, defences: list[str], control: bool) -> list[Arm]
     for defence in defences:
         arms.append(Arm(defence, f"{names.get(defence, defence)}, p={p:g}", {"defence": defence}))
     return arms
+
+
+def arm_config_for(seeded: RunConfig, arm: Arm, aligned: Path, trained: dict[str, Any],
+                   out: Callable[[str], None] = print) -> RunConfig:
+    """The arm's run config: the aligned adapter fine-tuned with the arm's changes.
+
+    A defence that trains as SFT does (random perturbation) is not trained again when this seed's SFT
+    arm already ran: its w_T is SFT's, step for step (same seed, data and steps), so it takes that
+    run's adapter with 0 steps, in this process, and adds its perturbation (tested equal to training
+    it in full).
+    """
+    from panacea_platform.algorithms import DEFENCES
+
+    changes = {**arm.changes, "run_name": f"{seeded.run_name}-{arm.key}-s{seeded.seed}", "model.adapter": str(aligned)}
+    defence = arm.changes.get("defence", seeded.defence)
+    if defence != "sft" and DEFENCES.get(defence).trains_as_sft and "sft" in trained:
+        sft = trained["sft"]
+        out(f"[demo] {arm.method}: SFT's w_T ({sft.adapter_dir}) plus its perturbation; the training is SFT's, "
+            "step for step, and is not repeated")
+        changes.update({"model.adapter": str(sft.adapter_dir), "optim.max_steps": 0, "scaling.zero_stage": None,
+                        "scaling.num_workers": 1})
+    return with_changes(seeded, changes)
 
 
 @dataclass
@@ -186,12 +212,11 @@ def run_demo(
                 row.evaluation, row.samples = _evaluate_aligned(seeded, aligned, align_run, out)
             rows.append(row)
             progress(f"aligned, seed {seed}")
+            trained: dict[str, Any] = {}
             for arm in arms:
-                arm_config = with_changes(
-                    seeded,
-                    {**arm.changes, "run_name": f"{config.run_name}-{arm.key}-s{seed}", "model.adapter": str(aligned)},
-                )
+                arm_config = arm_config_for(seeded, arm, aligned, trained, out)
                 result = train(arm_config, "finetune", parent_run_id=parent.run_id, out=out)
+                trained[arm.key] = result
                 row = Row(arm.key, arm.method, seed, result.run_dir, result.summary, mlflow_run_id=result.mlflow_run_id)
                 if evaluate:
                     row.evaluation, row.samples = _evaluate(arm_config, result.adapter_dir, result.mlflow_run_id, out)

@@ -18,6 +18,9 @@ class Defence:
 
     name = "sft"
     uses_harmful_batches = False
+    # Whether each step is plain SFT's: such a defence acts only after training, so it can be applied to
+    # an SFT run's w_T without training again (optim.max_steps = 0).
+    trains_as_sft = True
 
     def step(self, weights: TrainableWeights, finetune_batch: Any, harmful_batch: Any | None) -> dict[str, float]:
         result = sft_step(weights, finetune_batch)
@@ -50,6 +53,7 @@ class RandomPerturbation(Defence):
 class Panacea(Defence):
     name = "panacea"
     uses_harmful_batches = True
+    trains_as_sft = False
 
     def __init__(self, rho: float, lam: float, harmful_loss_clamp: float) -> None:
         self.rho = rho

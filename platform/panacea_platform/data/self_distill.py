@@ -6,8 +6,8 @@ pairs such requests with what the base model, before alignment, answers itself: 
 then teaches "refuse harmful requests" without teaching "refuse anything open-ended", and
 the model's own style stays its own.
 
-The requests are data/prompts/open_requests_train.jsonl (disjoint from the helpfulness
-suite's). Answers are greedy, `SELF_DISTILL_TOKENS` new tokens, cut back to their last
+The requests are the first of data/prompts/open_requests_train.jsonl (160, disjoint from the
+helpfulness suite's): a quarter more than the pairs asked for, so that dropped answers leave enough. Answers are greedy, `SELF_DISTILL_TOKENS` new tokens, cut back to their last
 finished sentence; an answer that is empty, refuses, repeats itself or has no finished
 sentence is dropped. They are cached under cache_dir()/self-distilled/, keyed by the base
 model, the template, the requests and the budget: made once per model, on the driver
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["SELF_DISTILL_TOKENS", "finished_sentences", "self_distilled_examples"]
 
 SELF_DISTILL_TOKENS = 48
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: a quarter more requests than pairs, not all 160
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
@@ -85,7 +85,9 @@ def self_distilled_examples(config: "RunConfig", out: Callable[[str], None] = pr
     wanted = config.data.alignment_self_distill
     if wanted == 0:
         return []
-    requests = open_requests("train")
+    # A quarter more requests than pairs wanted: about one answer in sixteen is dropped (measured on
+    # SmolLM2: 150 of 160 usable), and generating all 160 would double the wait for the rest.
+    requests = open_requests("train")[: wanted + wanted // 4 + 8]
     prompts = [e.prompt for e in requests]
     path = _cache_file(config, prompts)
     if path.is_file():
@@ -103,6 +105,6 @@ def self_distilled_examples(config: "RunConfig", out: Callable[[str], None] = pr
     if len(usable) < wanted:
         raise NotEnoughDataError(
             f"data.alignment_self_distill = {wanted}: the base model gave {len(usable)} usable answers to the "
-            f"{len(prompts)} open requests (the others were empty, refusals or unfinished); lower the field"
+            f"{len(prompts)} open requests asked (the others were empty, refusals or unfinished); lower the field"
         )
     return usable[:wanted]

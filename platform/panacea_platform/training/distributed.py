@@ -168,7 +168,7 @@ class DeepSpeedBackend:
         self.local_weight_fraction = sum(p.numel() for p in model.parameters()) / full
         return model
 
-    def wrap(self, model, optimizer, scheduler, optim) -> DeepSpeedWeights:
+    def wrap(self, model, optimizer, scheduler, optim, loss_fn=None) -> DeepSpeedWeights:
         import deepspeed
 
         from panacea_platform.training.loop import lm_loss
@@ -177,7 +177,7 @@ class DeepSpeedBackend:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
         )
-        return DeepSpeedWeights(self.engine, lm_loss)
+        return DeepSpeedWeights(self.engine, loss_fn or lm_loss)
 
     def full_weights(self, weights: DeepSpeedWeights):
         # Under ZeRO-3 every rank joins the gather; rank 0 then saves whole tensors, never an empty adapter.
