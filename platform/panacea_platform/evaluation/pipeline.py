@@ -350,10 +350,8 @@ def run_pipeline(
     out: Callable[[str], None] = print,
 ) -> PipelineRun:
     """Generate and judge every prompt on Ray Data; rows come back in prompt order."""
-    import ray
     import ray.data
 
-    from panacea_platform.evaluation.judges import JUDGES
     from panacea_platform.training.distributed import ensure_ray
 
     evaluation = config.evaluation
@@ -371,7 +369,36 @@ def run_pipeline(
     context.print_on_execution_start = False
     context.enable_auto_log_stats = False
     ordered = [prompts[i] for i in work_order(prompts, evaluation.generation_batch_size)]
-    dataset = (
+    dataset = _dataset(config, ordered, adapter, perturbation, judges)
+    rows: list[dict[str, Any]] = []
+    start = time.monotonic()
+    suites = ", ".join(f"{s} {sum(p.suite == s for p in prompts)}" for s in dict.fromkeys(p.suite for p in prompts))
+    out(f"[eval] {len(prompts)} prompts ({suites}), {evaluation.generation_actors} generation actor(s) x batch "
+        f"{evaluation.generation_batch_size}, judge(s) {', '.join(judges) or 'none'}")
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            rows.extend(_batch_rows(batch))
+            _progress(out, len(rows), len(prompts), time.monotonic() - start)
+    except Exception as exc:
+        found = _user_error_in(exc)
+        if found is not None:
+            raise type(found)(str(found)) from None
+        raise
+    wall = time.monotonic() - start
+    rows.sort(key=lambda row: row["index"])
+    work = max(row["judged_at"] for row in rows) - min(row["generator_ready_at"] for row in rows)
+    return PipelineRun(rows=rows, wall_seconds=wall, work_seconds=work)
+
+
+def _dataset(config: "RunConfig", ordered: list[EvalPrompt], adapter: str | Path | None,
+             perturbation: str | Path | None, judges: list[str]):
+    """The Ray Data plan: prompts -> generation actor pool -> judge actor pool (lazy until iterated)."""
+    import ray.data
+
+    from panacea_platform.evaluation.judges import JUDGES
+
+    evaluation = config.evaluation
+    return (
         ray.data.from_items([p.to_row() for p in ordered])
         .map_batches(
             GeneratorActor,
@@ -403,24 +430,6 @@ def run_pipeline(
             num_gpus=evaluation.gpus_per_actor,
         )
     )
-    rows: list[dict[str, Any]] = []
-    start = time.monotonic()
-    suites = ", ".join(f"{s} {sum(p.suite == s for p in prompts)}" for s in dict.fromkeys(p.suite for p in prompts))
-    out(f"[eval] {len(prompts)} prompts ({suites}), {evaluation.generation_actors} generation actor(s) x batch "
-        f"{evaluation.generation_batch_size}, judge(s) {', '.join(judges) or 'none'}")
-    try:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            rows.extend(_batch_rows(batch))
-            _progress(out, len(rows), len(prompts), time.monotonic() - start)
-    except Exception as exc:
-        found = _user_error_in(exc)
-        if found is not None:
-            raise type(found)(str(found)) from None
-        raise
-    wall = time.monotonic() - start
-    rows.sort(key=lambda row: row["index"])
-    work = max(row["judged_at"] for row in rows) - min(row["generator_ready_at"] for row in rows)
-    return PipelineRun(rows=rows, wall_seconds=wall, work_seconds=work)
 
 
 def work_order(prompts: list[EvalPrompt], batch_size: int) -> list[int]:
