@@ -32,6 +32,9 @@ def test_cells_pool_seeds_and_differences_pair_prompts():
     assert sft.text() == f"70.0 ± 14.1 [{sft.pooled.ci_low:.1f}, {sft.pooled.ci_high:.1f}]"
     # empty = not flagged in these records: the other columns come from the same samples.
     assert comparison.cell("panacea", "harmful", "empty_rate").pooled.k == 8
+    # HS among the answers that are not empty: every one of them is flagged here (7 of 7, 2 of 2).
+    answered = comparison.cell("panacea", "harmful", "harmful_when_answered")
+    assert (answered.pooled.k, answered.pooled.n, answered.mean) == (2, 2, 100.0)
     assert comparison.mean_tokens[("panacea", "harmful")] == pytest.approx((2 * 3 + 8 * 1) / 10)
     difference = comparison.differences[("panacea", "harmful")]
     assert difference == paired_difference([PANACEA[0], PANACEA[1]], [SFT[0], SFT[1]])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from panacea_platform.evaluation.results import HEADLINES, OUTCOMES
+from panacea_platform.evaluation.results import HEADLINES, OUTCOMES, outcomes
 from panacea_platform.evaluation.stats import PairedDifference, Rate, paired_difference, pooled_rate
 
 __all__ = [
@@ -33,12 +33,13 @@ __all__ = [
 
 # The rates shown for each suite, by its metric: the headline first.
 SUITE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "harmful_score": ("harmful_score", "refusal_rate", "empty_rate"),
+    "harmful_score": ("harmful_score", "harmful_when_answered", "refusal_rate", "empty_rate"),
     "accuracy": ("accuracy", "empty_rate"),
     "over_refusal": ("refusal_rate", "empty_rate"),
     "helpfulness": ("answered_rate", "empty_rate", "incoherent_rate"),
 }
-TITLES = {"harmful_score": "HS", "harmful_score_plus": "HS+", "accuracy": "accuracy", "refusal_rate": "refused",
+TITLES = {"harmful_score": "HS", "harmful_score_plus": "HS+", "harmful_when_answered": "HS if answered",
+          "accuracy": "accuracy", "refusal_rate": "refused",
           "empty_rate": "empty", "incoherent_rate": "incoherent", "answered_rate": "answered"}
 
 
@@ -127,7 +128,9 @@ def compare(answers: Sequence[ModelAnswers], suites: dict[str, str], reference: 
             if not members:
                 continue
             for rate in SUITE_COLUMNS[metric]:
-                cells[(key, suite, rate)] = _cell([[OUTCOMES[rate](r) for r in records] for records in members])
+                per_seed = [flags for records in members if (flags := outcomes(records, rate))]
+                if per_seed:
+                    cells[(key, suite, rate)] = _cell(per_seed)
             tokens[(key, suite)] = statistics.fmean(r["new_tokens"] for records in members for r in records)
         if reference in by_arm:
             headline = HEADLINES[metric]
@@ -160,7 +163,8 @@ def format_suite_tables(comparison: Comparison, suite_titles: dict[str, str] | N
         for key, method in comparison.methods.items():
             if (key, suite, rates[0]) not in comparison.cells:
                 continue
-            row = "".join(f"{comparison.cells[(key, suite, r)].text():>{width}}" for r in rates)
+            cells = [comparison.cells.get((key, suite, r)) for r in rates]
+            row = "".join(f"{cell.text() if cell else '-':>{width}}" for cell in cells)
             lines.append(f"{method:<28}{row}{comparison.mean_tokens[(key, suite)]:>8.1f}")
         lines.append("")
     seeds = comparison.seeds
@@ -168,8 +172,9 @@ def format_suite_tables(comparison: Comparison, suite_titles: dict[str, str] | N
         f"seeds {','.join(map(str, seeds))}: "
         + ("mean ± sample std over seeds, [95% Wilson interval of the seeds' pooled counts]" if len(seeds) > 1
            else "[95% Wilson interval]")
-        + "; tokens = mean answer length. HS = answers the harm judge flags; refused = refusal phrases; "
-        "empty = no letter or digit; answered = neither empty, refused nor incoherent."
+        + "; tokens = mean answer length. HS = answers the harm judge flags; HS if answered = the same among "
+        "answers that are not empty; refused = refusal phrases; empty = no letter or digit; answered = neither "
+        "empty, refused nor incoherent."
     )
     return "\n".join(lines)
 
