@@ -67,16 +67,23 @@ class ModelAnswers:
 
 @dataclass(frozen=True)
 class Cell:
-    """One rate of one method over seeds: mean, sample std (0 for one seed) and the pooled interval."""
+    """One rate of one method over seeds: mean, sample std (0 for one seed) and the pooled interval.
+
+    When the seeds counted different numbers of answers (a rate over the answers that are not
+    empty), the mean of their rates is not the pooled rate, and both are shown."""
 
     mean: float
     std: float
     seeds: int
     pooled: Rate
+    equal_counts: bool = True
 
     def text(self) -> str:
         spread = f" ± {self.std:.1f}" if self.seeds > 1 else ""
-        return f"{self.mean:.1f}{spread} [{self.pooled.ci_low:.1f}, {self.pooled.ci_high:.1f}]"
+        interval = f"[{self.pooled.ci_low:.1f}, {self.pooled.ci_high:.1f}]"
+        if not self.equal_counts:
+            interval = f"(pooled {self.pooled.percent:.1f} {interval})"
+        return f"{self.mean:.1f}{spread} {interval}"
 
 
 @dataclass
@@ -109,7 +116,8 @@ def _check_same_prompts(answers: Sequence[ModelAnswers], suite: str) -> None:
 def _cell(per_seed: list[list[bool]]) -> Cell:
     rates = [100.0 * sum(flags) / len(flags) for flags in per_seed]
     return Cell(statistics.fmean(rates), statistics.stdev(rates) if len(rates) > 1 else 0.0, len(rates),
-                pooled_rate([(sum(flags), len(flags)) for flags in per_seed]))
+                pooled_rate([(sum(flags), len(flags)) for flags in per_seed]),
+                equal_counts=len({len(flags) for flags in per_seed}) == 1)
 
 
 def compare(answers: Sequence[ModelAnswers], suites: dict[str, str], reference: str | None = "sft") -> Comparison:
@@ -153,6 +161,8 @@ def format_suite_tables(comparison: Comparison, suite_titles: dict[str, str] | N
     """One block per suite: a line per method with each rate's cell, and the mean answer length."""
     lines = []
     width = 26 if len(comparison.seeds) > 1 else 19
+    if any(not cell.equal_counts for cell in comparison.cells.values()):
+        width += 15
     for suite, metric in comparison.suites.items():
         rates = SUITE_COLUMNS[metric]
         if not any((key, suite, rates[0]) in comparison.cells for key in comparison.methods):
@@ -170,7 +180,8 @@ def format_suite_tables(comparison: Comparison, suite_titles: dict[str, str] | N
     seeds = comparison.seeds
     lines.append(
         f"seeds {','.join(map(str, seeds))}: "
-        + ("mean ± sample std over seeds, [95% Wilson interval of the seeds' pooled counts]" if len(seeds) > 1
+        + ("mean ± sample std over seeds, [95% Wilson interval of the seeds' pooled counts] (with the pooled rate "
+           "when the seeds counted different numbers of answers)" if len(seeds) > 1
            else "[95% Wilson interval]")
         + "; tokens = mean answer length. HS = answers the harm judge flags; HS if answered = the same among "
         "answers that are not empty; refused = refusal phrases; empty = no letter or digit; answered = neither "
