@@ -75,6 +75,7 @@ def test_the_pareto_plot_colours_a_third_objective(tmp_path):
     trials = [TrialRow(f"t{i}", f"r{i}", "FINISHED", {"panacea.rho": rho},
                        {"eval/harmful/harmful_score": hs, "eval/task/accuracy": fa, "eval/helpfulness/answered_rate": ans}, {})
               for i, (rho, hs, fa, ans) in enumerate([(0.1, 10, 90, 20), (0.3, 20, 80, 90), (1.0, 30, 70, 10)])]
+    trials[0].metrics.update({"eval/harmful/harmful_score_ci_low": 4.0, "eval/harmful/harmful_score_ci_high": 22.0})
     objectives = [("eval/harmful/harmful_score", "min"), ("eval/task/accuracy", "max"),
                   ("eval/helpfulness/answered_rate", "max")]
     path = plot_pareto(trials, ["panacea.rho"], objectives, [True, True, False], tmp_path / "pareto.png", "three")

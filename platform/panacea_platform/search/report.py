@@ -176,8 +176,8 @@ def format_table(trials: list[TrialRow], parameters: list[str], objectives: list
 
 def plot_pareto(trials: list[TrialRow], parameters: list[str], objectives: list[tuple[str, str]],
                 front: list[bool], path: str | Path, title: str) -> Path:
-    """Scatter of the finished trials on the first two objectives, the front joined and labelled; a third
-    objective colours the points and is written beside each."""
+    """Scatter of the finished trials on the first two objectives, with their 95% intervals where the
+    trials logged them, the front joined and labelled; a third objective colours the points."""
     from panacea_platform.plots import _pyplot
 
     plt = _pyplot()
@@ -188,6 +188,11 @@ def plot_pareto(trials: list[TrialRow], parameters: list[str], objectives: list[
               for row, flag in zip(trials, front)]
     points = [p for p in points if p[1] is not None and p[2] is not None]
     on_front = sorted((p for p in points if p[3]), key=lambda p: p[1])
+    # A trial's evaluation logs each rate's 95% Wilson interval beside it (eval/SUITE/RATE_ci_low/_ci_high).
+    for row, x, y, _ in points:
+        xerr, yerr = _error_bar(row.metrics, x_metric, x), _error_bar(row.metrics, y_metric, y)
+        if xerr is not None or yerr is not None:
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.6", capsize=2, zorder=1)
     if third is not None and points:
         shade = ax.scatter([p[1] for p in points], [p[2] for p in points], c=[p[0].metrics.get(third[0], float("nan"))
                            for p in points], cmap="viridis", s=50, label="trial", zorder=3)
@@ -213,6 +218,13 @@ def plot_pareto(trials: list[TrialRow], parameters: list[str], objectives: list[
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def _error_bar(metrics: dict[str, float], metric: str, value: float) -> list[list[float]] | None:
+    low, high = metrics.get(f"{metric}_ci_low"), metrics.get(f"{metric}_ci_high")
+    if low is None or high is None:
+        return None
+    return [[max(0.0, value - low)], [max(0.0, high - value)]]
 
 
 def _short(value: Any) -> str:
