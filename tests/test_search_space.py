@@ -64,7 +64,7 @@ def test_the_paper_space_fits_every_paper_job(monkeypatch):
         ({"parameters": {"panacea": {"grid": [1]}}}, "parameters.panacea: is a whole section"),
         ({"parameters": {"output_dir": {"grid": ["x"]}}}, "parameters.output_dir: set by the sweep"),
         ({"parameters": {"optim.max_steps": {"uniform": [1, 9]}}}, "uniform draws real numbers but the field takes"),
-        ({"parameters": {"optim.max_steps": {"grid": [0, 3]}}}, "value 0 is out of range (the field needs >= 1)"),
+        ({"parameters": {"optim.max_steps": {"grid": [-1, 3]}}}, "value -1 is out of range (the field needs >= 0)"),
         ({"parameters": {"optim.schedule": {"choice": ["constant", "warp"]}}}, "value 'warp' is not allowed"),
         ({"parameters": {}}, "parameters"),
         ({"parameters": {"panacea.rho": {"grid": [1]}}, "schedular": {"type": "asha"}}, "schedular: unknown key"),
@@ -111,6 +111,10 @@ def test_values_are_checked_against_the_base_job_too(tmp_path):
                              "resources": {"num_workers": 2, "zero_stage": 0}})
     with pytest.raises(SearchSpaceError, match=r"parameters.optim.batch_size = 5 with the base job: .*multiple of"):
         check_against_job(space, base)
+    # 0 steps is a valid field value, but only for a defence that releases an existing adapter.
+    zero_steps = space_from_dict({"parameters": {"optim.max_steps": {"grid": [0, 3]}}})
+    with pytest.raises(SearchSpaceError, match=r"parameters.optim.max_steps = 0 with the base job: .*model.adapter"):
+        check_against_job(zero_steps, base)
 
 
 def test_asha_on_a_held_out_signal_needs_eval_every():
