@@ -2,7 +2,7 @@
 
 import pytest
 
-from panacea_platform.comparison import ModelAnswers, PromptMismatchError, compare, format_differences, format_suite_tables
+from panacea_platform.comparison import ModelAnswers, compare, format_differences, format_judge_notes, format_suite_tables
 from panacea_platform.evaluation.stats import paired_difference, wilson_interval
 
 
@@ -49,11 +49,26 @@ def test_cells_pool_seeds_and_differences_pair_prompts():
     assert "70.0 ± 14.1" in format_suite_tables(comparison)
 
 
-def test_arms_scored_on_other_prompts_are_not_compared():
+def test_arms_scored_on_other_prompts_are_not_compared_and_the_report_says_why():
     moved = [f"placeholder prompt {i}" for i in range(1, 6)]
     answers = [_model("sft", 0, SFT[0]), _model("panacea", 0, PANACEA[0], prompts=moved)]
-    with pytest.raises(PromptMismatchError, match="suite 'harmful': Panacea, p=0.1 \\(seed 0\\) was scored on other prompts"):
-        compare(answers, {"harmful": "harmful_score"})
+    comparison = compare(answers, {"harmful": "harmful_score"})
+    assert comparison.differences == {}
+    # Each arm's own rates still stand; only the pairing is refused, and the printed report names the arms.
+    assert comparison.cell("panacea", "harmful", "harmful_score").pooled.k == 1
+    assert "no paired differences on suite 'harmful': Panacea, p=0.1 (seed 0) was scored on other prompts" in (
+        format_differences(comparison))
+
+
+def test_judge_notes_count_unparsed_verdicts_and_cut_inputs_per_method():
+    sft, panacea = _model("sft", 0, SFT[0]), _model("panacea", 0, PANACEA[0])
+    for record in sft.records:
+        record.update(judge_unparsed=False, judge_truncated=True)
+    for i, record in enumerate(panacea.records):
+        record.update(judge_unparsed=i < 2, judge_truncated=False)
+    notes = format_judge_notes([sft, panacea], {"harmful": "harmful_score"})
+    assert "harmful: 2 of 10 verdicts unparsed (counted not flagged) (SFT, p=0.1 0; Panacea, p=0.1 2)" in notes
+    assert "harmful: 5 of 10 inputs read only in part (SFT, p=0.1 5; Panacea, p=0.1 0)" in notes
 
 
 def test_one_seed_shows_the_interval_without_a_spread():

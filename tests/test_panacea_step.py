@@ -142,3 +142,14 @@ def test_zero_harmful_gradient_gives_zero_eps_not_nan():
     result = panacea_step(weights, A, B, rho=1.0, lam=0.1)
     assert torch.equal(result.eps[0], torch.zeros(2, dtype=torch.float64))
     assert torch.isfinite(module.w).all()
+
+
+def test_only_defences_that_keep_sfts_step_may_reuse_an_sft_run():
+    from panacea_platform.algorithms.defences import Defence, Panacea, RandomPerturbation
+
+    class OwnStep(Defence):  # a new plugin that changes the step but forgets to say so
+        def step(self, weights, finetune_batch, harmful_batch):
+            return {}
+
+    assert Defence.trains_as_sft() and RandomPerturbation.trains_as_sft()
+    assert not Panacea.trains_as_sft() and not OwnStep.trains_as_sft()

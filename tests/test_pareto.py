@@ -69,7 +69,8 @@ def test_a_third_objective_keeps_a_point_the_first_two_would_drop():
     assert pareto_front(points, three) == [True, True, False]
 
 
-def test_the_pareto_plot_colours_a_third_objective(tmp_path):
+def test_the_pareto_plot_colours_a_third_objective(tmp_path, monkeypatch):
+    from panacea_platform.plots import _pyplot
     from panacea_platform.search.report import TrialRow, plot_pareto
 
     trials = [TrialRow(f"t{i}", f"r{i}", "FINISHED", {"panacea.rho": rho},
@@ -78,5 +79,18 @@ def test_the_pareto_plot_colours_a_third_objective(tmp_path):
     trials[0].metrics.update({"eval/harmful/harmful_score_ci_low": 4.0, "eval/harmful/harmful_score_ci_high": 22.0})
     objectives = [("eval/harmful/harmful_score", "min"), ("eval/task/accuracy", "max"),
                   ("eval/helpfulness/answered_rate", "max")]
-    path = plot_pareto(trials, ["panacea.rho"], objectives, [True, True, False], tmp_path / "pareto.png", "three")
+    front = pareto_front([t.metrics for t in trials], objectives)
+    assert front == [True, True, False]
+    figures = []  # keep the figure the plot would close, to read what it drew
+    monkeypatch.setattr(_pyplot(), "close", figures.append)
+    path = plot_pareto(trials, ["panacea.rho"], objectives, front, tmp_path / "pareto.png", "three")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax, colourbar = figures[0].axes
+    assert "answered_rate" in colourbar.get_ylabel()
+    # One error bar (the trial that logged its interval), the trials coloured by the third objective,
+    # and the front's two points ringed but not joined (over three objectives it is no curve here).
+    shaded = [c for c in ax.collections if c.get_array() is not None]
+    assert list(shaded[0].get_array()) == [20, 90, 10]
+    (ring,) = [line for line in ax.lines if line.get_label().startswith("Pareto front")]
+    assert list(ring.get_xdata()) == [10, 20] and ring.get_linestyle() == "None"
+    assert sum(1 for c in ax.collections if c.get_array() is None) >= 1  # the error bar's segments

@@ -117,6 +117,23 @@ def test_values_are_checked_against_the_base_job_too(tmp_path):
         check_against_job(zero_steps, base)
 
 
+def test_objectives_must_name_a_suite_and_rate_the_trials_report():
+    base = load_config(None)
+    two = [{"metric": "eval/harmful/harmful_score", "mode": "min"}, {"metric": "eval/task/accuracy", "mode": "max"}]
+    helpful = {"metric": "eval/helpfulness/answered_rate", "mode": "max"}
+    tree = {"parameters": {"panacea.rho": {"grid": [1]}}, "objectives": [*two, helpful]}
+    # The default job's suites have no helpfulness suite: every trial would miss the third objective.
+    with pytest.raises(SearchSpaceError, match=r"objectives\[2\].metric 'eval/helpfulness/answered_rate': no suite "
+                                               r"'helpfulness' in the job's evaluation.suites"):
+        check_against_job(space_from_dict(tree), base)
+    check_against_job(space_from_dict({**tree, "fixed": {"evaluation.suites": ["harmful", "helpfulness", "task"]}}), base)
+    wrong_rate = {**tree, "objectives": [two[0], {"metric": "eval/task/answered_rat", "mode": "max"}]}
+    with pytest.raises(SearchSpaceError, match=r"suite 'task' \(accuracy\) reports no 'answered_rat'; it reports"):
+        check_against_job(space_from_dict(wrong_rate), base)
+    with_interval = {**tree, "objectives": [two[0], {"metric": "eval/task/accuracy_ci_low", "mode": "max"}]}
+    check_against_job(space_from_dict(with_interval), base)
+
+
 def test_asha_on_a_held_out_signal_needs_eval_every():
     base = load_config(None)
     tree = {"parameters": {"panacea.rho": {"grid": [1]}}, "scheduler": {"type": "asha"}}

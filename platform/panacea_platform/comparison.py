@@ -7,7 +7,8 @@ recomputed from the per-prompt outcomes, never from rounded metrics:
 - one paired difference per (method, suite headline) against the reference arm (SFT at the
   same harmful ratio): the methods were scored on the same prompts, so the difference comes
   with a paired bootstrap interval (evaluation/stats.py). Before pairing, the prompts of every
-  arm are checked to be the same, in the same order; if they are not, no difference is printed.
+  arm are checked to be the same, in the same order; if they are not, that suite gets no
+  difference, and a note says which arms differ.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class Comparison:
     differences: dict[tuple[str, str], PairedDifference]  # (arm, suite) -> arm - reference on the headline
     reference: str | None
     seeds: list[int]
+    notes: list[str]  # why a suite has no paired differences (arms scored on other prompts)
 
     def cell(self, arm: str, suite: str, rate: str) -> Cell | None:
         return self.cells.get((arm, suite, rate))
@@ -125,12 +127,17 @@ def compare(answers: Sequence[ModelAnswers], suites: dict[str, str], reference: 
     methods = {a.key: a.method for a in answers}
     seeds = sorted({a.seed for a in answers})
     by_arm = {key: sorted((a for a in answers if a.key == key), key=lambda a: a.seed) for key in methods}
-    cells, tokens, differences = {}, {}, {}
+    cells, tokens, differences, notes = {}, {}, {}, []
     for suite, metric in suites.items():
         present = [a for a in answers if a.suite(suite)]
         if not present:
             continue
-        _check_same_prompts(present, suite)
+        try:
+            _check_same_prompts(present, suite)
+            pairable = True
+        except PromptMismatchError as exc:
+            notes.append(f"no paired differences on {exc}")
+            pairable = False
         for key, models in by_arm.items():
             members = [m.suite(suite) for m in models if m.suite(suite)]
             if not members:
@@ -140,7 +147,7 @@ def compare(answers: Sequence[ModelAnswers], suites: dict[str, str], reference: 
                 if per_seed:
                     cells[(key, suite, rate)] = _cell(per_seed)
             tokens[(key, suite)] = statistics.fmean(r["new_tokens"] for records in members for r in records)
-        if reference in by_arm:
+        if pairable and reference in by_arm:
             headline = HEADLINES[metric]
             for key, models in by_arm.items():
                 pairs = _paired_seeds(models, by_arm[reference], suite)
@@ -148,7 +155,8 @@ def compare(answers: Sequence[ModelAnswers], suites: dict[str, str], reference: 
                     a = [[OUTCOMES[headline](r) for r in m.suite(suite)] for m, _ in pairs]
                     b = [[OUTCOMES[headline](r) for r in ref.suite(suite)] for _, ref in pairs]
                     differences[(key, suite)] = paired_difference(a, b)
-    return Comparison(dict(suites), methods, cells, tokens, differences, reference if reference in by_arm else None, seeds)
+    return Comparison(dict(suites), methods, cells, tokens, differences, reference if reference in by_arm else None, seeds,
+                      notes)
 
 
 def _paired_seeds(models: list[ModelAnswers], references: list[ModelAnswers], suite: str):
@@ -191,23 +199,29 @@ def format_suite_tables(comparison: Comparison, suite_titles: dict[str, str] | N
 
 
 def format_judge_notes(answers: Sequence[ModelAnswers], suites: dict[str, str]) -> str:
-    """Per harm suite, the verdicts the judge could not parse and the inputs it read only in part, over all models."""
+    """Per harm suite, the verdicts the judge could not parse and the inputs it read only in part, in all
+    and per method (an arm whose answers the judge reads worse has its HS biased, so say which)."""
     lines = []
     for suite, metric in suites.items():
-        records = [r for a in answers for r in a.suite(suite)]
+        by_method: dict[str, list[dict[str, Any]]] = {}
+        for a in answers:
+            by_method.setdefault(a.method, []).extend(a.suite(suite))
+        records = [r for found in by_method.values() for r in found]
         if metric != "harmful_score" or not records:
             continue
-        unparsed = sum(bool(r.get("judge_unparsed")) for r in records)
-        truncated = sum(bool(r.get("judge_truncated")) for r in records)
-        lines.append(f"  {suite}: {unparsed} of {len(records)} verdicts unparsed (counted not flagged), "
-                     f"{truncated} inputs read only in part")
+        for flag, what in (("judge_unparsed", "verdicts unparsed (counted not flagged)"),
+                           ("judge_truncated", "inputs read only in part")):
+            counts = {method: sum(bool(r.get(flag)) for r in found) for method, found in by_method.items() if found}
+            split = "; ".join(f"{method} {count}" for method, count in counts.items())
+            lines.append(f"  {suite}: {sum(counts.values())} of {len(records)} {what}"
+                         + (f" ({split})" if sum(counts.values()) else ""))
     return "judge, over every model's answers:\n" + "\n".join(lines) if lines else ""
 
 
 def format_differences(comparison: Comparison) -> str:
     """Each arm minus the reference, per suite headline, with the paired bootstrap interval."""
     if comparison.reference is None or not comparison.differences:
-        return ""
+        return "\n".join(comparison.notes)
     reference = comparison.methods[comparison.reference]
     lines = [f"paired differences against {reference} (same prompts; 95% paired bootstrap over prompts"
              f"{', seeds kept together' if len(comparison.seeds) > 1 else ''}):"]
@@ -219,4 +233,4 @@ def format_differences(comparison: Comparison) -> str:
                 parts.append(f"{suite} {TITLES[HEADLINES[metric]]} {found.text()}")
         if parts:
             lines.append(f"  {method} − {reference.split(',')[0]}: " + "; ".join(parts))
-    return "\n".join(lines)
+    return "\n".join(lines + comparison.notes)

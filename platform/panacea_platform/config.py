@@ -324,7 +324,7 @@ class RunConfig(_Section):
         if self.optim.max_steps == 0:
             from panacea_platform.algorithms import DEFENCES
 
-            if self.model.adapter is None or not DEFENCES.get(self.defence).trains_as_sft:
+            if self.model.adapter is None or not DEFENCES.get(self.defence).trains_as_sft():
                 raise _field_error("optim.max_steps", 0, "at least 1, or 0 with model.adapter set and a defence that "
                                    "trains as SFT does (sft, random_perturbation): 0 steps release that adapter")
         from panacea_platform.data.pools import poison_count

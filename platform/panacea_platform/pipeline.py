@@ -103,7 +103,7 @@ def arm_config_for(seeded: RunConfig, arm: Arm, aligned: Path, trained: dict[str
 
     changes = {**arm.changes, "run_name": f"{seeded.run_name}-{arm.key}-s{seeded.seed}", "model.adapter": str(aligned)}
     defence = arm.changes.get("defence", seeded.defence)
-    if defence != "sft" and DEFENCES.get(defence).trains_as_sft and "sft" in trained:
+    if defence != "sft" and DEFENCES.get(defence).trains_as_sft() and "sft" in trained:
         sft = trained["sft"]
         out(f"[demo] {arm.method}: SFT's w_T ({sft.adapter_dir}) plus its perturbation; the training is SFT's, "
             "step for step, and is not repeated")
@@ -336,11 +336,12 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
     from panacea_platform.plots import plot_method_comparison
 
     folder = Path(config.output_dir)
+    summary_path, rows_path = folder / f"{config.run_name}-summary.txt", folder / f"{config.run_name}-rows.json"
+    # The rows first: whatever the report meets, --report-only can read the models back.
+    rows_path.write_text(json.dumps([r.to_json() for r in rows], indent=2))
     comparison, blocks = comparison_blocks(config, rows)
     text = "\n\n".join([*blocks, format_losses(rows), *_reading(comparison)])
-    summary_path, rows_path = folder / f"{config.run_name}-summary.txt", folder / f"{config.run_name}-rows.json"
     summary_path.write_text(text + "\n")
-    rows_path.write_text(json.dumps([r.to_json() for r in rows], indent=2))
     plots = [plot_method_comparison(
         [(f"{r.method} s{r.seed}", r.summary) for r in rows], folder / f"{config.run_name}-comparison.png"
     )]

@@ -18,9 +18,6 @@ class Defence:
 
     name = "sft"
     uses_harmful_batches = False
-    # Whether each step is plain SFT's: such a defence acts only after training, so it can be applied to
-    # an SFT run's w_T without training again (optim.max_steps = 0).
-    trains_as_sft = True
 
     def step(self, weights: TrainableWeights, finetune_batch: Any, harmful_batch: Any | None) -> dict[str, float]:
         result = sft_step(weights, finetune_batch)
@@ -29,6 +26,13 @@ class Defence:
     def final_perturbation(self, weights: TrainableWeights) -> Tensors | None:
         """The perturbation added to w_T for release, or None."""
         return None
+
+    @classmethod
+    def trains_as_sft(cls) -> bool:
+        """Whether each step is plain SFT's (the step is not overridden): such a defence acts only after
+        training, so it can be applied to an SFT run's w_T without training again (optim.max_steps = 0).
+        Derived, not declared, so that a new defence with its own step is never replaced by SFT's."""
+        return cls.step is Defence.step and not cls.uses_harmful_batches
 
     @classmethod
     def from_config(cls, config: "RunConfig") -> "Defence":
@@ -53,7 +57,6 @@ class RandomPerturbation(Defence):
 class Panacea(Defence):
     name = "panacea"
     uses_harmful_batches = True
-    trains_as_sft = False
 
     def __init__(self, rho: float, lam: float, harmful_loss_clamp: float) -> None:
         self.rho = rho

@@ -24,7 +24,7 @@ from typing import Any
 from panacea_platform.evaluation.stats import Rate, rate
 
 __all__ = ["EvalResult", "HEADLINES", "OUTCOMES", "SuiteResult", "WITHIN", "aggregate", "format_result", "outcomes",
-           "read_outcomes", "sample_record"]
+           "read_outcomes", "reported_metric_problem", "sample_record"]
 
 HEADLINES = {"harmful_score": "harmful_score", "accuracy": "accuracy", "over_refusal": "refusal_rate",
              "helpfulness": "answered_rate"}
@@ -44,6 +44,7 @@ OUTCOMES: dict[str, Callable[[dict[str, Any]], bool]] = {
 WITHIN: dict[str, Callable[[dict[str, Any]], bool]] = {"harmful_when_answered": lambda r: not r["empty"]}
 _COMMON = ("refusal_rate", "empty_rate", "incoherent_rate", "answered_rate")
 _BY_METRIC = {"harmful_score": ("harmful_score", "harmful_score_plus", "harmful_when_answered"), "accuracy": ("accuracy",)}
+COUNTS = ("n", "n_truncated", "n_judge_unparsed", "n_judge_truncated")
 _METRIC_KEY_UNSAFE = re.compile(r"[^\w\-. /:]")
 
 
@@ -148,12 +149,12 @@ def _suite_result(name: str, source: str, records: list[dict[str, Any]], thresho
         names = sorted({c for r in records for c in (r["categories"] or {})})
         judge_categories = {c: 100.0 * sum((r["categories"] or {}).get(c, 0.0) > threshold for r in records) / len(records)
                             for c in names}
-    counts = {
-        "n": len(records),
-        "n_truncated": sum(r["truncated"] for r in records),
-        "n_judge_unparsed": sum(bool(r["judge_unparsed"]) for r in records),
-        "n_judge_truncated": sum(bool(r["judge_truncated"]) for r in records),
-    }
+    counts = dict(zip(COUNTS, (
+        len(records),
+        sum(r["truncated"] for r in records),
+        sum(bool(r["judge_unparsed"]) for r in records),
+        sum(bool(r["judge_truncated"]) for r in records),
+    )))
     return SuiteResult(
         name=name, source=source, metric=metric, judge=first["judge"], rule=first["rule"],
         budget=first["max_new_tokens"], rates=rates,
@@ -161,6 +162,24 @@ def _suite_result(name: str, source: str, records: list[dict[str, Any]], thresho
         by_category=by_category, judge_categories=judge_categories,
         judge_identity=identities.get(first["judge"] or "", {}),
     )
+
+
+def reported_metric_problem(name: str, suites: dict[str, str]) -> str | None:
+    """Why an eval/SUITE/RATE metric name would never be reported by an evaluation of these suites
+    (suite -> its metric), or None when it will be (categories are data-dependent and not checked)."""
+    parts = name.split("/", 2)
+    if len(parts) != 3 or parts[0] != "eval":
+        return None
+    _, suite, key = parts
+    if suite not in suites:
+        return f"no suite {suite!r} in the job's evaluation.suites ({', '.join(suites)}): add it, or name one of those"
+    if key.startswith(("category/", "judge_category/")):
+        return None
+    rates = _COMMON + _BY_METRIC.get(suites[suite], ())
+    known = {*rates, *(f"{r}_ci_low" for r in rates), *(f"{r}_ci_high" for r in rates), "mean_new_tokens", *COUNTS}
+    if key not in known:
+        return f"suite {suite!r} ({suites[suite]}) reports no {key!r}; it reports {', '.join(rates)} (and _ci_low, _ci_high)"
+    return None
 
 
 def aggregate(records: list[dict[str, Any]], sources: dict[str, str], threshold: float,

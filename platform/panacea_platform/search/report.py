@@ -177,7 +177,8 @@ def format_table(trials: list[TrialRow], parameters: list[str], objectives: list
 def plot_pareto(trials: list[TrialRow], parameters: list[str], objectives: list[tuple[str, str]],
                 front: list[bool], path: str | Path, title: str) -> Path:
     """Scatter of the finished trials on the first two objectives, with their 95% intervals where the
-    trials logged them, the front joined and labelled; a third objective colours the points."""
+    trials logged them, the front ringed (and joined when there are two objectives); a third objective
+    colours the points."""
     from panacea_platform.plots import _pyplot
 
     plt = _pyplot()
@@ -201,8 +202,9 @@ def plot_pareto(trials: list[TrialRow], parameters: list[str], objectives: list[
         ax.scatter([p[1] for p in points if not p[3]], [p[2] for p in points if not p[3]], c="grey", alpha=0.6,
                    label="trial")
     if on_front:
-        ax.plot([p[1] for p in on_front], [p[2] for p in on_front], "o-", c="tab:red", mfc="none", ms=11,
-                label="Pareto front")
+        # Over three objectives the front is not a curve in these two axes: ring its points, do not join them.
+        ax.plot([p[1] for p in on_front], [p[2] for p in on_front], "o-" if third is None else "o", c="tab:red",
+                mfc="none", ms=11, label="Pareto front" + (" (all objectives)" if third is not None else ""))
     for row, x, y, _ in points:
         text = ", ".join(f"{p.split('.')[-1]}={_short(row.params.get(p))}" for p in parameters)
         if third is not None and row.metrics.get(third[0]) is not None:

@@ -365,6 +365,7 @@ def check_against_job(space: SearchSpace, base: RunConfig) -> None:
                 config_with(base, {path: value})
             except ConfigError as exc:
                 raise SearchSpaceError(f"parameters.{path} = {value!r} with the base job: {exc}") from None
+    _check_eval_metrics(space, base)
     steps = base.optim.max_steps
     if space.scheduler.type == "asha" and space.scheduler.max_t is None and steps is None:
         raise SearchSpaceError("scheduler.max_t: the base job sets optim.epochs, not max_steps; give max_t in steps")
@@ -380,6 +381,20 @@ def check_against_job(space: SearchSpace, base: RunConfig) -> None:
                 f"parameters.panacea.*: the base job's defence is {base.defence!r}, so Panacea's settings change nothing; "
                 "set defence: panacea in the job"
             )
+
+
+def _check_eval_metrics(space: SearchSpace, base: RunConfig) -> None:
+    """Objectives, the ranking metric and the score's terms that read eval/SUITE/RATE name what the trials'
+    suites report: a name no trial reports would leave every trial off the front, silently."""
+    from panacea_platform.evaluation.results import reported_metric_problem
+
+    suites = {s.name: s.metric for s in base.evaluation.suites}
+    named = [(f"objectives[{i}].metric", o.metric) for i, o in enumerate(space.active_objectives())]
+    named += [("metric", space.metric)] + [(f"score.{key}", key) for key in space.score]
+    for where, metric in named:
+        problem = reported_metric_problem(metric, suites)
+        if problem:
+            raise SearchSpaceError(f"{where} {metric!r}: {problem}")
 
 
 def resource_changes(space: SearchSpace) -> dict[str, Any]:
