@@ -33,10 +33,10 @@ def test_cells_pool_seeds_and_differences_pair_prompts():
     # empty = not flagged in these records: the other columns come from the same samples.
     assert comparison.cell("panacea", "harmful", "empty_rate").pooled.k == 8
     # HS among the answers that are not empty: every one of them is flagged here (7 of 7, 2 of 2).
-    answered = comparison.cell("panacea", "harmful", "harmful_when_answered")
+    answered = comparison.cell("panacea", "harmful", "harmful_when_nonempty")
     assert (answered.pooled.k, answered.pooled.n, answered.mean) == (2, 2, 100.0) and answered.equal_counts
     # Unequal counts over seeds (4 answers, then 3): the mean of rates is not the pooled rate, and both are shown.
-    sft_answered = comparison.cell("sft", "harmful", "harmful_when_answered")
+    sft_answered = comparison.cell("sft", "harmful", "harmful_when_nonempty")
     assert (sft_answered.pooled.k, sft_answered.pooled.n, sft_answered.equal_counts) == (7, 7, False)
     assert sft_answered.text().startswith("100.0 ± 0.0 (pooled 100.0 [")
     assert comparison.mean_tokens[("panacea", "harmful")] == pytest.approx((2 * 3 + 8 * 1) / 10)

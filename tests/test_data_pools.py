@@ -375,4 +375,19 @@ def test_self_distillation_runs_the_base_model_itself(tiny_run_config, tmp_path,
     records = self_distill._generate(config, ["placeholder open request one", "placeholder open request two"],
                                      out=lambda line: None)
     assert [r["prompt"] for r in records] == ["placeholder open request one", "placeholder open request two"]
-    assert all(r["truncated"] or r["answer"] == r["raw"].strip() for r in records)
+    import torch
+
+    from panacea_platform.data.self_distill import SELF_DISTILL_TOKENS, finished_sentences
+    from panacea_platform.data.templates import render_prompt
+    from panacea_platform.models import load_base_model, load_tokenizer
+
+    # The raw answers are the base model's own (no adapter), greedy on the rendered prompts, one at a time.
+    tokenizer, model = load_tokenizer(config.model), load_base_model(config.model).eval()
+    for r in records:
+        ids = tokenizer(render_prompt(config.data.prompt_template, r["prompt"]), return_tensors="pt").input_ids
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=SELF_DISTILL_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        new = out[0, ids.shape[1]:]
+        assert r["raw"].strip() == tokenizer.decode(new, skip_special_tokens=True).strip()
+        # Kept whole when the model stopped, cut to its last finished sentence when the budget stopped it.
+        assert r["answer"] == finished_sentences(r["raw"], r["truncated"])

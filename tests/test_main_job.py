@@ -29,5 +29,7 @@ def test_sweeps_on_keeps_evaluated_trials_of_sweeps_on_the_same_aligned_adapter(
     trials, plots = sweeps_on(tmp_path, {ours.resolve()})
     assert trials == [SweepTrial("rho", "rho=0.1 lambda=1", 20.0, 90.0)]
     assert plots == [same / "pareto.png"]
+    # Trials are read on the suites the methods are plotted on: another harm suite, another point.
+    assert sweeps_on(tmp_path, {ours.resolve()}, harm="harmbench") == ([], [same / "pareto.png"])
     assert sweeps_on(tmp_path, set()) == ([], [])
     assert sweeps_on(tmp_path / "nothing-here", {ours.resolve()}) == ([], [])

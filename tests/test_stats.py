@@ -60,6 +60,8 @@ def test_paired_difference_in_cases_with_a_known_bootstrap_distribution():
     # Every prompt flips the same way: every resample gives the same difference.
     all_flip = paired_difference([[True] * 6], [[False] * 6])
     assert (all_flip.difference, all_flip.ci_low, all_flip.ci_high) == (100.0, 100.0, 100.0)
+    # That interval has no width; the printed difference carries the exact test beside it (2 / 2^6).
+    assert all_flip.text() == "+100.0 [+100.0, +100.0] (McNemar p=0.031)"
     same = paired_difference([[True, False, True]], [[True, False, True]])
     assert (same.difference, same.ci_low, same.ci_high, same.a_only, same.b_only) == (0.0, 0.0, 0.0, 0, 0)
     # Two prompts, differences 1 and 0: resampled means are 0, 1/2, 1 with chances 1/4, 1/2, 1/4,
@@ -87,6 +89,7 @@ def test_paired_difference_over_seeds_keeps_each_prompt_with_its_seeds():
     result = paired_difference([[1, 1, 0, 0], [1, 0, 0, 0]], [[0, 0, 0, 0], [0, 0, 0, 0]])
     assert result.difference == pytest.approx(100 * 3 / 8)
     assert result.n_seeds == 2 and result.p_value is None  # McNemar assumes independent pairs
+    assert "McNemar" not in result.text()
     assert 0.0 <= result.ci_low < result.difference < result.ci_high <= 100.0
     with pytest.raises(ValueError, match="equal"):
         paired_difference([[1, 0]], [[1, 0, 1]])

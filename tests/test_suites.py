@@ -164,7 +164,7 @@ def test_each_metric_scores_designed_answers_to_known_numbers():
     assert (h.rates["harmful_score"].ci_low, h.rates["harmful_score"].ci_high) == pytest.approx(wilson_interval(3, 7))
     assert h.rates["harmful_score_plus"].k == 3 and h.rates["incoherent_rate"].k == 1
     # Among the 6 answers that are not empty, 3 are flagged.
-    assert (h.rates["harmful_when_answered"].k, h.rates["harmful_when_answered"].n) == (3, 6)
+    assert (h.rates["harmful_when_nonempty"].k, h.rates["harmful_when_nonempty"].n) == (3, 6)
     assert h.rates["refusal_rate"].k == 1 and h.rates["empty_rate"].k == 1
     # Answered = not empty, not refused, not incoherent: 7 - 1 - 1 - 1.
     assert h.rates["answered_rate"].k == 4

@@ -34,12 +34,12 @@ __all__ = [
 
 # The rates shown for each suite, by its metric: the headline first.
 SUITE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "harmful_score": ("harmful_score", "harmful_when_answered", "refusal_rate", "empty_rate"),
+    "harmful_score": ("harmful_score", "harmful_when_nonempty", "refusal_rate", "empty_rate"),
     "accuracy": ("accuracy", "empty_rate"),
     "over_refusal": ("refusal_rate", "empty_rate"),
     "helpfulness": ("answered_rate", "empty_rate", "incoherent_rate"),
 }
-TITLES = {"harmful_score": "HS", "harmful_score_plus": "HS+", "harmful_when_answered": "HS if answered",
+TITLES = {"harmful_score": "HS", "harmful_score_plus": "HS+", "harmful_when_nonempty": "HS if not empty",
           "accuracy": "accuracy", "refusal_rate": "refused",
           "empty_rate": "empty", "incoherent_rate": "incoherent", "answered_rate": "answered"}
 
@@ -191,7 +191,7 @@ def format_suite_tables(comparison: Comparison, suite_titles: dict[str, str] | N
         + ("mean ± sample std over seeds, [95% Wilson interval of the seeds' pooled counts] (with the pooled rate "
            "when the seeds counted different numbers of answers)" if len(seeds) > 1
            else "[95% Wilson interval]")
-        + "; tokens = mean answer length. HS = answers the harm judge flags; HS if answered = the same among "
+        + "; tokens = mean answer length. HS = answers the harm judge flags; HS if not empty = the same among "
         "answers that are not empty; refused = refusal phrases; empty = no letter or digit; answered = neither "
         "empty, refused nor incoherent."
     )

@@ -295,8 +295,13 @@ def comparison_blocks(config: RunConfig, rows: list[Row]):
     return comparison, [block for block in blocks if block]
 
 
-# A sweep trial's point in the HS-vs-FA plot: the default suites' headlines.
-HS_KEY, FA_KEY = "eval/harmful/harmful_score", "eval/task/accuracy"
+def plot_axes(config: RunConfig) -> tuple[str | None, str | None]:
+    """The suites of the HS-vs-FA plot, for the methods and the sweep trials alike: the first harm
+    suite and the task suite."""
+    suites = config.evaluation.suites
+    harm = next((s.name for s in suites if s.metric == "harmful_score"), None)
+    task = next((s.name for s in suites if s.source == "task"), None)
+    return harm, task
 
 
 @dataclass(frozen=True)
@@ -307,9 +312,12 @@ class SweepTrial:
     accuracy: float
 
 
-def sweeps_on(output_dir: Path, aligned_adapters: set[Path]) -> tuple[list[SweepTrial], list[Path]]:
+def sweeps_on(output_dir: Path, aligned_adapters: set[Path], harm: str = "harmful",
+              task: str = "task") -> tuple[list[SweepTrial], list[Path]]:
     """Evaluated trials and Pareto plots of the sweeps under `output_dir` that fine-tuned one of these
-    aligned adapters (a sweep on another task or alignment is not comparable and is left out)."""
+    aligned adapters (a sweep on another task or alignment is not comparable and is left out); a
+    trial's point is its HS on the `harm` suite and its accuracy on the `task` suite."""
+    hs_key, fa_key = f"eval/{harm}/harmful_score", f"eval/{task}/accuracy"
     trials, plots = [], []
     for trials_file in sorted((output_dir / "sweeps").glob("*/trials.json")):
         sweep_dir = trials_file.parent
@@ -324,10 +332,10 @@ def sweeps_on(output_dir: Path, aligned_adapters: set[Path]) -> tuple[list[Sweep
             plots.append(sweep_dir / "pareto.png")
         for trial in json.loads(trials_file.read_text()):
             metrics = trial.get("metrics", {})
-            if HS_KEY in metrics and FA_KEY in metrics:
+            if hs_key in metrics and fa_key in metrics:
                 label = " ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                                  for k, v in trial.get("params", {}).items())
-                trials.append(SweepTrial(sweep_dir.name, label, metrics[HS_KEY], metrics[FA_KEY]))
+                trials.append(SweepTrial(sweep_dir.name, label, metrics[hs_key], metrics[fa_key]))
     return trials, plots
 
 
@@ -346,7 +354,8 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
         [(f"{r.method} s{r.seed}", r.summary) for r in rows], folder / f"{config.run_name}-comparison.png"
     )]
     aligned = {(r.run_dir / "adapter").resolve() for r in rows if r.key == ALIGNED}
-    search_trials, pareto_plots = sweeps_on(folder, aligned)
+    harm, task = plot_axes(config)
+    search_trials, pareto_plots = sweeps_on(folder, aligned, harm or "harmful", task or "task")
     if comparison is not None:
         plots += _comparison_plots(config, comparison, search_trials, folder)
     for path in (*plots, summary_path, rows_path):
@@ -373,9 +382,7 @@ def _comparison_plots(config: RunConfig, comparison, search_trials: list[SweepTr
     from panacea_platform.evaluation.results import HEADLINES
     from panacea_platform.plots import plot_hs_vs_fa, plot_suite_headlines
 
-    suites = config.evaluation.suites
-    harm = next((s.name for s in suites if s.metric == "harmful_score"), None)
-    task = next((s.name for s in suites if s.source == "task"), None)
+    harm, task = plot_axes(config)
     plots = []
     if harm and task:
         points = [(method, comparison.cell(key, harm, "harmful_score"), comparison.cell(key, task, "accuracy"))
@@ -384,7 +391,7 @@ def _comparison_plots(config: RunConfig, comparison, search_trials: list[SweepTr
         plots.append(plot_hs_vs_fa(points, folder / f"{config.run_name}-hs-vs-fa.png",
                                    trials=[(t.label, t.harmful_score, t.accuracy) for t in search_trials],
                                    axes=(f"{harm} suite", f"{task} suite")))
-    headlines = {s.name: HEADLINES[s.metric] for s in suites}
+    headlines = {s.name: HEADLINES[s.metric] for s in config.evaluation.suites}
     plots.append(plot_suite_headlines(comparison, headlines, folder / f"{config.run_name}-suites.png"))
     return plots
 

@@ -71,7 +71,8 @@ def poison_count(n: int, p: float) -> int:
     return math.floor(n * Fraction(repr(float(p))) + Fraction(1, 2))
 
 
-def _shuffled(items: Sequence, seed: int, purpose: str) -> list:
+def seeded_order(items: Sequence, seed: int, purpose: str) -> list:
+    """A shuffle fixed by (purpose, seed) alone: the same items always come back in the same order."""
     items = list(items)
     random.Random(f"{purpose}:{seed}").shuffle(items)
     return items
@@ -106,7 +107,7 @@ def split_harmful_pools(
     unique: dict[str, Example] = {}
     for example in qa_pairs:
         unique.setdefault(normalise_prompt(example.prompt), example)
-    pairs = _shuffled(list(unique.values()), seed, "harmful-pools")
+    pairs = seeded_order(list(unique.values()), seed, "harmful-pools")
     own_alignment = bool(alignment_prompts)
     back = pairs[::-1]
     if own_alignment:
@@ -114,7 +115,7 @@ def split_harmful_pools(
         alignment = _alignment_from_prompts(alignment_prompts, set(unique), alignment_size, seed)
     else:
         defender, alignment = back[0::2][:defender_size], back[1::2][:alignment_size]
-        back_extent = max(2 * defender_size - 1, 2 * alignment_size, 0)
+        back_extent = _interleaved_extent(defender_size, alignment_size)
     if eval_size + back_extent > len(pairs) or len(defender) < defender_size or len(alignment) < alignment_size:
         raise NotEnoughDataError(_too_small(len(pairs), eval_size, defender_size, alignment_size, own_alignment))
     evaluation = pairs[:eval_size]
@@ -133,7 +134,7 @@ def _alignment_from_prompts(prompts: list[str], source_keys: set[str], size: int
     """The first `size` of a seeded shuffle of the source's own alignment prompts, minus any prompt of its pairs."""
     alignment: list[Example] = []
     seen: set[str] = set()
-    for prompt in _shuffled(prompts, seed, "alignment-prompts"):
+    for prompt in seeded_order(prompts, seed, "alignment-prompts"):
         if len(alignment) == size:
             break
         key = normalise_prompt(prompt)
@@ -141,6 +142,11 @@ def _alignment_from_prompts(prompts: list[str], source_keys: set[str], size: int
             seen.add(key)
             alignment.append(Example(prompt=prompt, answer="", kind="harmful"))
     return alignment
+
+
+def _interleaved_extent(defender_size: int, alignment_size: int) -> int:
+    """How far from the back the interleaved defender (even places) and alignment (odd places) pools reach."""
+    return max(2 * defender_size - 1, 2 * alignment_size, 0)
 
 
 def _too_small(available: int, eval_size: int, defender_size: int, alignment_size: int, own_alignment: bool) -> str:
@@ -152,7 +158,7 @@ def _too_small(available: int, eval_size: int, defender_size: int, alignment_siz
     else:
         layout = (f"evaluation {eval_size} (data.eval_harmful_size) from the front + defender {defender_size} "
                   f"(data.defender_harmful_size) and alignment {alignment_size} (data.alignment_size) interleaved "
-                  f"from the back = {eval_size + max(2 * defender_size - 1, 2 * alignment_size, 0)} places")
+                  f"from the back = {eval_size + _interleaved_extent(defender_size, alignment_size)} places")
         alignment = ""
     return (f"the harmful source has {available} distinct question/answer pairs but the fixed pools need {layout}"
             f"{alignment}, and the attack (data.n * data.harmful_ratio) takes from what is left; lower those fields "
@@ -223,7 +229,8 @@ def build_alignment_set(harmful_prompts: list[str], size: int, benign_ratio: flo
         Example(prompt=prompt, answer=rng.choice(REFUSALS), kind="refusal") for prompt in rng.sample(distinct, n_refusal)
     ]
     if len(open_pairs) > n_benign:
-        raise ValueError(f"{len(open_pairs)} open benign pairs for a benign half of {n_benign} (data.alignment_self_distill)")
+        raise ValueError(f"data.alignment_self_distill: {len(open_pairs)} self-distilled pairs do not fit the benign half "
+                         f"of {n_benign} (data.alignment_size * data.alignment_benign_ratio); lower it to {n_benign} or less")
     examples = refusals + list(open_pairs) + benign_examples(n_benign - len(open_pairs), seed)
     rng.shuffle(examples)
     return examples

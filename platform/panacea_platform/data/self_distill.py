@@ -7,7 +7,8 @@ then teaches "refuse harmful requests" without teaching "refuse anything open-en
 the model's own style stays its own.
 
 The requests are the first of data/prompts/open_requests_train.jsonl (160, disjoint from the
-helpfulness suite's): a quarter more than the pairs asked for, so that dropped answers leave enough. Answers are greedy, `SELF_DISTILL_TOKENS` new tokens, cut back to their last
+helpfulness suite's): a quarter more than the pairs asked for, plus 8, so that dropped answers
+leave enough. Answers are greedy, `SELF_DISTILL_TOKENS` new tokens, cut back to their last
 finished sentence; an answer that is empty, refuses, repeats itself or has no finished
 sentence is dropped. They are cached under cache_dir()/self-distilled/, keyed by the base
 model, the template, the requests and the budget: made once per model, on the driver
@@ -85,7 +86,7 @@ def self_distilled_examples(config: "RunConfig", out: Callable[[str], None] = pr
     wanted = config.data.alignment_self_distill
     if wanted == 0:
         return []
-    # A quarter more requests than pairs wanted: about one answer in sixteen is dropped (measured on
+    # A quarter more requests than pairs wanted, plus 8 for small sets: about one answer in sixteen is dropped (measured on
     # SmolLM2: 150 of 160 usable), and generating all 160 would double the wait for the rest.
     requests = open_requests("train")[: wanted + wanted // 4 + 8]
     prompts = [e.prompt for e in requests]

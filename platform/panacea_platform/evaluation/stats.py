@@ -75,7 +75,9 @@ def rate(flags: Sequence[bool]) -> Rate:
 def pooled_rate(counts: Sequence[tuple[int, int]]) -> Rate:
     """Wilson on the summed (k, n) of several seeds."""
     k, n = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    return Rate(k, n, 100.0 * k / n if n else float("nan"), *wilson_interval(k, n))
+    if n == 0:
+        raise ValueError("no answers to count over the seeds: every prompt set is empty")
+    return Rate(k, n, 100.0 * k / n, *wilson_interval(k, n))
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,10 @@ class PairedDifference:
     p_value: float | None  # McNemar's exact test; None over several seeds (the pairs are not independent)
 
     def text(self, digits: int = 1) -> str:
-        return f"{self.difference:+.{digits}f} [{self.ci_low:+.{digits}f}, {self.ci_high:+.{digits}f}]"
+        """e.g. "-40.0 [-52.5, -27.5]", with McNemar's p for one seed: the percentile interval of a small
+        suite whose changes all go one way collapses to a point, and the exact test still reads it."""
+        interval = f"{self.difference:+.{digits}f} [{self.ci_low:+.{digits}f}, {self.ci_high:+.{digits}f}]"
+        return interval + (f" (McNemar p={self.p_value:.2g})" if self.p_value is not None else "")
 
 
 def paired_difference(

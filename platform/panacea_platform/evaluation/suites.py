@@ -22,7 +22,6 @@ offline source free of them in the first place), whatever n and p are.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from panacea_platform.data.examples import Example, normalise_prompt
+from panacea_platform.data.pools import seeded_order
 from panacea_platform.registry import Registry
 
 if TYPE_CHECKING:
@@ -140,9 +140,7 @@ class SuiteSource:
 
 
 def _seeded(examples: list[Example], seed: int, purpose: str) -> list[Example]:
-    ordered = list(examples)
-    random.Random(f"suite-{purpose}:{seed}").shuffle(ordered)
-    return ordered
+    return seeded_order(examples, seed, f"suite-{purpose}")
 
 
 def training_prompt_keys(config: "RunConfig") -> frozenset[str]:
