@@ -33,3 +33,28 @@ def test_sweeps_on_keeps_evaluated_trials_of_sweeps_on_the_same_aligned_adapter(
     assert sweeps_on(tmp_path, {ours.resolve()}, harm="harmbench") == ([], [same / "pareto.png"])
     assert sweeps_on(tmp_path, set()) == ([], [])
     assert sweeps_on(tmp_path / "nothing-here", {ours.resolve()}) == ([], [])
+
+
+def test_the_aligned_evaluation_is_reused_across_n_and_p_but_not_across_prompts(tiny_run_config):
+    from panacea_platform.pipeline import aligned_evaluation_key
+
+    config = tiny_run_config()
+    key = aligned_evaluation_key(config)
+    # The attack's size and ratio move no evaluation prompt (fixed pools): the cached evaluation stands.
+    assert aligned_evaluation_key(tiny_run_config(data={"n": config.data.n * 2, "harmful_ratio": 0.2})) == key
+    # Fewer held-out harmful prompts, or another generation setting, is another evaluation.
+    fewer = tiny_run_config(data={"eval_harmful_size": config.data.eval_harmful_size - 1})
+    assert aligned_evaluation_key(fewer) != key
+    assert aligned_evaluation_key(tiny_run_config(evaluation={"max_new_tokens": 5})) != key
+
+
+def test_an_edited_prompt_file_is_evaluated_anew(tiny_llama, tmp_path):
+    from conftest import tiny_config, write_jsonl
+
+    from panacea_platform.pipeline import aligned_evaluation_key
+
+    rows = [{"prompt": f"placeholder harmful question {i}", "answer": "placeholder answer"} for i in range(120)]
+    harmful = write_jsonl(tmp_path / "harmful.jsonl", rows)
+    key = aligned_evaluation_key(tiny_config(tiny_llama, harmful, tmp_path / "runs"))
+    write_jsonl(harmful, [{**r, "prompt": r["prompt"] + " (edited)"} for r in rows])  # same path, same settings
+    assert aligned_evaluation_key(tiny_config(tiny_llama, harmful, tmp_path / "runs")) != key

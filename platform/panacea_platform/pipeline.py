@@ -147,11 +147,22 @@ def _evaluate(config: RunConfig, adapter: Path, run_id: str | None, out: Callabl
     return result.metrics(), str(result.samples_path)
 
 
+def aligned_evaluation_key(config: RunConfig) -> str:
+    """What an aligned model's evaluation depends on: the evaluation settings, the data settings but the
+    attack's n and p (no evaluation prompt depends on them), and the prompts themselves, so an edited
+    prompt set or another installed benchmark is evaluated anew."""
+    from panacea_platform.evaluation.suites import suite_examples
+
+    prompts = {s.name: [e.prompt for e in suite_examples(config, s)] for s in config.evaluation.suites}
+    data = config.data.model_dump(exclude={"n", "harmful_ratio"})
+    settings = json.dumps({"evaluation": config.evaluation.model_dump(), "data": data, "prompts": prompts}, sort_keys=True)
+    return hashlib.sha256(settings.encode()).hexdigest()[:10]
+
+
 def _evaluate_aligned(config: RunConfig, adapter: Path, run_id: str | None, out: Callable[[str], None]) -> tuple[dict, str]:
-    """The aligned model's evaluation, reused when the same adapter was evaluated with the same settings."""
-    settings = json.dumps({"evaluation": config.evaluation.model_dump(), "data": config.data.model_dump()}, sort_keys=True)
-    key = hashlib.sha256(settings.encode()).hexdigest()[:10]
-    cached = adapter.parent / f"eval-aligned-{key}.json"
+    """The aligned model's evaluation, reused when the same adapter was evaluated with the same settings
+    on the same prompts."""
+    cached = adapter.parent / f"eval-aligned-{aligned_evaluation_key(config)}.json"
     if cached.is_file():
         saved = json.loads(cached.read_text())
         if "samples" in saved and Path(saved["samples"]).is_file():
