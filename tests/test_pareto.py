@@ -94,3 +94,16 @@ def test_the_pareto_plot_colours_a_third_objective(tmp_path, monkeypatch):
     (ring,) = [line for line in ax.lines if line.get_label().startswith("Pareto front")]
     assert list(ring.get_xdata()) == [10, 20] and ring.get_linestyle() == "None"
     assert sum(1 for c in ax.collections if c.get_array() is None) >= 1  # the error bar's segments
+
+
+def test_the_trials_table_shows_each_rate_with_its_interval():
+    from panacea_platform.search.report import TrialRow, format_table
+
+    metrics = {"eval/harmful/harmful_score": 30.0, "eval/harmful/harmful_score_ci_low": 18.1,
+               "eval/harmful/harmful_score_ci_high": 45.4, "eval/task/accuracy": 98.0, "score": -0.29}
+    rows = [TrialRow("t0", "r0", "FINISHED", {"panacea.rho": 0.3}, metrics, {})]
+    table = format_table(rows, ["panacea.rho"], [("eval/harmful/harmful_score", "min"), ("eval/task/accuracy", "max")],
+                         [True])
+    line = table.splitlines()[2]
+    assert "30.0 [18.1, 45.4]" in line  # the rate with its interval
+    assert "98" in line and "98.0 [" not in line  # no interval logged: the value alone

@@ -153,23 +153,33 @@ def _cell(value: Any, width: int) -> str:
     return f"{str(value):>{width}}"
 
 
+def _rate_cell(metrics: dict[str, float], key: str, width: int) -> str:
+    """A rate with its 95% interval when the trial logged one (eval/SUITE/RATE_ci_low/_ci_high)."""
+    value, low, high = metrics.get(key), metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    if value is None or low is None or high is None:
+        return _cell(value, width)
+    return f"{f'{value:.1f} [{low:.1f}, {high:.1f}]':>{width}}"
+
+
 def format_table(trials: list[TrialRow], parameters: list[str], objectives: list[tuple[str, str]],
                  front: list[bool]) -> str:
-    """One line per trial: searched values, harmful score, accuracy, cheap signals, score, status, front."""
+    """One line per trial: searched values, harmful score, accuracy (with their intervals), cheap signals,
+    score, status, front."""
     metric_columns = list(EVAL_COLUMNS) + list(SIGNAL_COLUMNS) + [("score", "score")]
     for metric, _ in objectives:
         if metric not in [key for _, key in metric_columns]:
             metric_columns.append((metric[-14:], metric))
+    widths = [20 if key.startswith("eval/") else 15 for _, key in metric_columns]
     header = f"{'trial':<14}" + "".join(f"{p.split('.')[-1]:>10}" for p in parameters)
-    header += "".join(f"{name:>15}" for name, _ in metric_columns) + f"{'status':>18}{'front':>7}"
+    header += "".join(f"{name:>{w}}" for (name, _), w in zip(metric_columns, widths)) + f"{'status':>18}{'front':>7}"
     lines = [header, "-" * len(header)]
     for row, on_front in zip(trials, front):
         line = f"{row.trial_id:<14}" + "".join(_cell(row.params.get(p), 10) for p in parameters)
-        line += "".join(_cell(row.metrics.get(key), 15) for _, key in metric_columns)
+        line += "".join(_rate_cell(row.metrics, key, w) for (_, key), w in zip(metric_columns, widths))
         line += f"{row.label:>18}{'*' if on_front else '':>7}"
         lines.append(line)
     directions = ", ".join(f"{metric} {'down' if mode == 'min' else 'up'}" for metric, mode in objectives)
-    lines.append(f"front (*): not dominated among finished trials on {directions}; "
+    lines.append(f"front (*): not dominated among finished trials on {directions}; [95% Wilson interval]; "
                  "'harm loss rel.' = held-out harmful loss of the released model w + eps (higher = safer)")
     return "\n".join(lines)
 
