@@ -76,3 +76,22 @@ def test_one_seed_shows_the_interval_without_a_spread():
     cell = comparison.cell("sft", "harmful", "harmful_score")
     assert cell.std == 0.0 and cell.text() == f"80.0 [{cell.pooled.ci_low:.1f}, {cell.pooled.ci_high:.1f}]"
     assert comparison.differences == {} and format_differences(comparison) == ""
+
+
+def test_compare_files_pairs_any_two_evaluations_and_a_missing_one_is_one_clear_error(tmp_path, capsys):
+    import json
+
+    from panacea_platform.cli import main
+    from panacea_platform.comparison import compare_files
+
+    for name, flags in (("sft-s0", SFT[0]), ("trial-a", PANACEA[0])):
+        folder = tmp_path / name / "eval"
+        folder.mkdir(parents=True)
+        records = [{**r, "metric": "harmful_score"} for r in _records("harmful", flags)]
+        (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    printed = compare_files(tmp_path / "sft-s0" / "eval", [tmp_path / "trial-a" / "eval" / "samples.jsonl"])
+    expected = paired_difference([PANACEA[0]], [SFT[0]])
+    assert f"trial-a/eval − sft-s0/eval: harmful HS {expected.text()}" in printed
+    assert "McNemar p=" in expected.text()  # one seed: the exact test beside the interval
+    assert main(["compare", str(tmp_path / "sft-s0" / "eval"), str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no samples.jsonl there" in capsys.readouterr().err

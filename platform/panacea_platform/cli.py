@@ -191,6 +191,13 @@ def _tracking_uri(args: argparse.Namespace) -> tuple[str, str]:
     return args.tracking_uri or config.tracking.tracking_uri or default_tracking_uri(config.output_dir), config.tracking.experiment
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from panacea_platform.comparison import compare_files
+
+    print(compare_files(args.reference, args.others))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from panacea_platform.search.report import sweep_report
 
@@ -319,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_lookup_args(report)
     report.add_argument("--output-dir", default=None, help="where pareto.png and trials.txt go (default: a temp folder)")
     report.set_defaults(func=cmd_report)
+
+    compare = sub.add_parser(
+        "compare", help="evaluated models against a reference on the same prompts: rates with 95% intervals, "
+        "paired differences"
+    )
+    compare.add_argument("reference", help="the reference's samples.jsonl or its folder (e.g. RUN/eval-adapter)")
+    compare.add_argument("others", nargs="+", help="the models compared with it (samples.jsonl or folders)")
+    compare.set_defaults(func=cmd_compare)
 
     evaluate = sub.add_parser(
         "evaluate", help="harmful score (HS, HS+), refusal rate and task accuracy of a model, on Ray Data"

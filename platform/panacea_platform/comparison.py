@@ -30,6 +30,7 @@ __all__ = [
     "PromptMismatchError",
     "SUITE_COLUMNS",
     "compare",
+    "compare_files",
 ]
 
 # The rates shown for each suite, by its metric: the headline first.
@@ -169,6 +170,7 @@ def format_suite_tables(comparison: Comparison, suite_titles: dict[str, str] | N
     """One block per suite: a line per method with each rate's cell, and the mean answer length."""
     lines = []
     width = 26 if len(comparison.seeds) > 1 else 19
+    label = max([28, *(len(method) + 2 for method in comparison.methods.values())])
     if any(not cell.equal_counts for cell in comparison.cells.values()):
         width += 15
     for suite, metric in comparison.suites.items():
@@ -176,14 +178,14 @@ def format_suite_tables(comparison: Comparison, suite_titles: dict[str, str] | N
         if not any((key, suite, rates[0]) in comparison.cells for key in comparison.methods):
             continue
         title = (suite_titles or {}).get(suite, suite)
-        header = f"{title:<28}" + "".join(f"{TITLES[r] + ' %':>{width}}" for r in rates) + f"{'tokens':>8}"
+        header = f"{title:<{label}}" + "".join(f"{TITLES[r] + ' %':>{width}}" for r in rates) + f"{'tokens':>8}"
         lines += [header, "-" * len(header)]
         for key, method in comparison.methods.items():
             if (key, suite, rates[0]) not in comparison.cells:
                 continue
             cells = [comparison.cells.get((key, suite, r)) for r in rates]
             row = "".join(f"{cell.text() if cell else '-':>{width}}" for cell in cells)
-            lines.append(f"{method:<28}{row}{comparison.mean_tokens[(key, suite)]:>8.1f}")
+            lines.append(f"{method:<{label}}{row}{comparison.mean_tokens[(key, suite)]:>8.1f}")
         lines.append("")
     seeds = comparison.seeds
     lines.append(
@@ -234,3 +236,26 @@ def format_differences(comparison: Comparison) -> str:
         if parts:
             lines.append(f"  {method} − {reference.split(',')[0]}: " + "; ".join(parts))
     return "\n".join(lines + comparison.notes)
+
+
+def _samples_file(path: str | Path) -> Path:
+    found = Path(path)
+    found = found / "samples.jsonl" if found.is_dir() else found
+    if not found.is_file():
+        raise FileNotFoundError(f"{path}: no samples.jsonl there; give an evaluation's samples.jsonl or its folder "
+                                "(e.g. RUN/eval-adapter, or a sweep trial's trials/ID/eval)")
+    return found
+
+
+def compare_files(reference: str | Path, others: Sequence[str | Path]) -> str:
+    """Any evaluated models against a reference on the same prompts (e.g. a sweep trial against the main
+    job's SFT of the same seed): each one's rates with intervals, and the paired differences."""
+    files = [_samples_file(p) for p in (reference, *others)]
+    labels = [f"{f.parent.parent.name}/{f.parent.name}" for f in files]
+    if len(set(labels)) < len(labels):
+        labels = [str(f.parent) for f in files]
+    answers = [ModelAnswers.read(f"m{i}", label, 0, f) for i, (label, f) in enumerate(zip(labels, files))]
+    suites = {r["suite"]: r["metric"] for a in answers for r in a.records}
+    comparison = compare(answers, suites, reference="m0")
+    blocks = [format_suite_tables(comparison), format_differences(comparison), format_judge_notes(answers, suites)]
+    return "\n\n".join(block for block in blocks if block)
