@@ -169,23 +169,22 @@ def _paired_seeds(models: list[ModelAnswers], references: list[ModelAnswers], su
 def format_suite_tables(comparison: Comparison, suite_titles: dict[str, str] | None = None) -> str:
     """One block per suite: a line per method with each rate's cell, and the mean answer length."""
     lines = []
-    width = 26 if len(comparison.seeds) > 1 else 19
     label = max([28, *(len(method) + 2 for method in comparison.methods.values())])
-    if any(not cell.equal_counts for cell in comparison.cells.values()):
-        width += 15
     for suite, metric in comparison.suites.items():
         rates = SUITE_COLUMNS[metric]
-        if not any((key, suite, rates[0]) in comparison.cells for key in comparison.methods):
+        arms = [key for key in comparison.methods if (key, suite, rates[0]) in comparison.cells]
+        if not arms:
             continue
+        texts = {(key, r): cell.text() if (cell := comparison.cells.get((key, suite, r))) else "-"
+                 for key in arms for r in rates}
+        # Each column as wide as its widest cell: a pooled rate shown beside the mean widens only its own.
+        widths = {r: 2 + max(len(TITLES[r]) + 2, *(len(texts[(key, r)]) for key in arms)) for r in rates}
         title = (suite_titles or {}).get(suite, suite)
-        header = f"{title:<{label}}" + "".join(f"{TITLES[r] + ' %':>{width}}" for r in rates) + f"{'tokens':>8}"
+        header = f"{title:<{label}}" + "".join(f"{TITLES[r] + ' %':>{widths[r]}}" for r in rates) + f"{'tokens':>8}"
         lines += [header, "-" * len(header)]
-        for key, method in comparison.methods.items():
-            if (key, suite, rates[0]) not in comparison.cells:
-                continue
-            cells = [comparison.cells.get((key, suite, r)) for r in rates]
-            row = "".join(f"{cell.text() if cell else '-':>{width}}" for cell in cells)
-            lines.append(f"{method:<{label}}{row}{comparison.mean_tokens[(key, suite)]:>8.1f}")
+        for key in arms:
+            row = "".join(f"{texts[(key, r)]:>{widths[r]}}" for r in rates)
+            lines.append(f"{comparison.methods[key]:<{label}}{row}{comparison.mean_tokens[(key, suite)]:>8.1f}")
         lines.append("")
     seeds = comparison.seeds
     lines.append(
