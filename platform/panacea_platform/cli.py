@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     compare = sub.add_parser(
-        "compare", help="evaluated models against a reference on the same prompts: rates with 95% intervals, "
+        "compare", help="evaluated models against a reference on the same prompts: rates with 95%% intervals, "
         "paired differences"
     )
     compare.add_argument("reference", help="the reference's samples.jsonl or its folder (e.g. RUN/eval-adapter)")
