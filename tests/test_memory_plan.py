@@ -36,3 +36,17 @@ def test_plan_command_prints_every_stage_and_gpu_count(capsys):
 def test_plan_command_rejects_bad_stage(capsys):
     assert main(["plan", "memory", "--stages", "1"]) == 2
     assert "--stages" in capsys.readouterr().err
+
+
+def test_the_plan_recommends_zero2_for_lora_and_says_why():
+    from panacea_platform.memory_plan import PlanRow, recommendation
+
+    def row(stage, gpus, weights):
+        return PlanRow(stage, gpus, 2, weights, 0.1, 0.1, 2.0, 0.3)
+
+    lora_7b = [row(2, 1, 12.6), row(2, 8, 12.6), row(3, 1, 13.1), row(3, 8, 2.1)]
+    advice = recommendation(lora_7b, gpu_gb=80)
+    assert advice.startswith("recommended: ZeRO-2 (fits from 1 GPU)") and "6 gathers per Panacea step" in advice
+    # Where only a partitioned model fits, stage 3 it is; where nothing fits, say so.
+    assert recommendation(lora_7b, gpu_gb=16).startswith("recommended: ZeRO-3 from 8 GPUs")
+    assert recommendation(lora_7b, gpu_gb=4).startswith("recommended: none fits on 4 GB")

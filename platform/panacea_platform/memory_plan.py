@@ -147,6 +147,29 @@ def plan(counts: ModelCounts, gpus: int, stage: int, global_batch: int, seq_len:
     )
 
 
+# Each Panacea step runs three forward-backward passes (harmful gradient at w, harmful loss at w + eps,
+# task loss at w); ZeRO-3 gathers the partitioned weights once for each forward and each backward.
+GATHERS_PER_STEP = {"panacea": 6, "sft": 2}
+
+
+def recommendation(rows: list[PlanRow], gpu_gb: float) -> str:
+    """Which ZeRO stage to run and why: stage 2 wherever it fits, since LoRA's frozen weights are what
+    stage 3 partitions, and stage 3 buys that memory with a gather of every layer on every pass."""
+    fits = [r for r in rows if r.total_gb < gpu_gb * 0.9]
+    zero2 = sorted((r for r in fits if r.stage == 2), key=lambda r: r.gpus)
+    if zero2:
+        smallest = zero2[0]
+        return (f"recommended: ZeRO-2 (fits from {smallest.gpus} GPU{'s' if smallest.gpus > 1 else ''}). With LoRA the "
+                f"frozen 16-bit weights ({smallest.params_gb:.1f} GiB) are the largest share of the memory, and ZeRO-3 would save "
+                f"them only by gathering every layer for each forward and backward: {GATHERS_PER_STEP['panacea']} "
+                f"gathers per Panacea step ({GATHERS_PER_STEP['sft']} per SFT step).")
+    zero3 = sorted((r for r in fits if r.stage == 3), key=lambda r: r.gpus)
+    if zero3:
+        return (f"recommended: ZeRO-3 from {zero3[0].gpus} GPUs: ZeRO-2 does not fit on {gpu_gb:.0f} GB at any GPU "
+                f"count shown; expect {GATHERS_PER_STEP['panacea']} gathers of the weights per Panacea step.")
+    return f"recommended: none fits on {gpu_gb:.0f} GB; shorten the sequence, lower the batch or add GPUs."
+
+
 def format_plan(counts: ModelCounts, rows: list[PlanRow], global_batch: int, seq_len: int, gpu_gb: float) -> str:
     lines = [
         f"{counts.name}: {counts.total_params / 1e9:.2f} B weights, {counts.trainable_params / 1e6:.1f} M trainable "
@@ -168,4 +191,5 @@ def format_plan(counts: ModelCounts, rows: list[PlanRow], global_batch: int, seq
             "largest shard (set optim.batch_size to a multiple of the GPU count)"
         )
     lines.append("'fits' leaves 10% for the CUDA context, allocator fragmentation and communication buffers.")
+    lines.append(recommendation(rows, gpu_gb))
     return "\n".join(lines)
