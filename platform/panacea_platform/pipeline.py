@@ -368,7 +368,7 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
     harm, task = plot_axes(config)
     search_trials, pareto_plots = sweeps_on(folder, aligned, harm or "harmful", task or "task")
     if comparison is not None:
-        plots += _comparison_plots(config, comparison, search_trials, folder)
+        plots += _comparison_plots(config, comparison, (harm, task), search_trials, folder)
     for path in (*plots, summary_path, rows_path):
         parent.log_artifact(path)
     layer_plots = sorted(str(r.run_dir / "layerwise_eps.png") for r in rows if (r.run_dir / "layerwise_eps.png").is_file())
@@ -388,12 +388,13 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
     out(f"MLflow: mlflow ui --backend-store-uri {tracking_uri}")
 
 
-def _comparison_plots(config: RunConfig, comparison, search_trials: list[SweepTrial], folder: Path) -> list[Path]:
+def _comparison_plots(config: RunConfig, comparison, axes: tuple[str | None, str | None],
+                      search_trials: list[SweepTrial], folder: Path) -> list[Path]:
     """HS against FA (first harm suite against the task suite) and every suite's headline, with 95% intervals."""
     from panacea_platform.evaluation.results import HEADLINES
     from panacea_platform.plots import plot_hs_vs_fa, plot_suite_headlines
 
-    harm, task = plot_axes(config)
+    harm, task = axes
     plots = []
     if harm and task:
         points = [(method, comparison.cell(key, harm, "harmful_score"), comparison.cell(key, task, "accuracy"))

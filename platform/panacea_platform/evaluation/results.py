@@ -137,7 +137,7 @@ def _suite_result(name: str, source: str, records: list[dict[str, Any]], thresho
                   identities: dict[str, Any]) -> SuiteResult:
     first = records[0]
     metric = first["metric"]
-    keys = _COMMON + _BY_METRIC.get(metric, ())
+    keys = rate_names(metric)
     if metric == "accuracy" and any(r["correct"] is None for r in records):
         raise ValueError(f"evaluation.suites[{name}].rule: {first['rule']!r} left some answers unscored (no rule of "
                          "that name for this source); set rule to one of `panacea list` rules, or register one in "
@@ -166,6 +166,11 @@ def _suite_result(name: str, source: str, records: list[dict[str, Any]], thresho
     )
 
 
+def rate_names(metric: str) -> tuple[str, ...]:
+    """The rates a suite of this metric reports (each with _ci_low and _ci_high)."""
+    return _COMMON + _BY_METRIC.get(metric, ())
+
+
 def reported_metric_problem(name: str, suites: dict[str, str]) -> str | None:
     """Why an eval/SUITE/RATE metric name would never be reported by an evaluation of these suites
     (suite -> its metric), or None when it will be (categories are data-dependent and not checked)."""
@@ -177,7 +182,7 @@ def reported_metric_problem(name: str, suites: dict[str, str]) -> str | None:
         return f"no suite {suite!r} in the job's evaluation.suites ({', '.join(suites)}): add it, or name one of those"
     if key.startswith(("category/", "judge_category/")):
         return None
-    rates = _COMMON + _BY_METRIC.get(suites[suite], ())
+    rates = rate_names(suites[suite])
     known = {*rates, *(f"{r}_ci_low" for r in rates), *(f"{r}_ci_high" for r in rates), "mean_new_tokens", *COUNTS}
     if key not in known:
         return f"suite {suite!r} ({suites[suite]}) reports no {key!r}; it reports {', '.join(rates)} (and _ci_low, _ci_high)"

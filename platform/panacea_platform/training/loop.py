@@ -8,7 +8,9 @@ training/distributed.py). `run_stage` runs a stage in this process.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import math
 import random
@@ -80,11 +82,15 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the causal LM under a DeepSpeed engine and a PEFT wrapper accepts `logits_to_keep`."""
-    import inspect
-
     inner = getattr(model, "module", model)  # a DeepSpeed engine holds the model as .module
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _forward_takes_logits_to_keep(type(base))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(model_class: type) -> bool:
+    # Read once per model class: lm_loss runs on every pass of every step.
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def total_steps(optim: OptimConfig, steps_per_epoch: int) -> int:
