@@ -86,8 +86,9 @@ def self_distilled_examples(config: "RunConfig", out: Callable[[str], None] = pr
     wanted = config.data.alignment_self_distill
     if wanted == 0:
         return []
-    # A quarter more requests than pairs wanted, plus 8 for small sets: about one answer in sixteen is dropped (measured on
-    # SmolLM2: 150 of 160 usable), and generating all 160 would double the wait for the rest.
+    # A quarter more requests than pairs wanted, plus 8 for small sets: about one answer in sixteen
+    # is dropped (measured on SmolLM2: 150 of 160 usable), and generating all 160 would double the
+    # wait for the rest.
     requests = open_requests("train")[: wanted + wanted // 4 + 8]
     prompts = [e.prompt for e in requests]
     path = _cache_file(config, prompts)

@@ -5,8 +5,8 @@ Per answer (samples.jsonl) the pipeline records booleans; per suite they become 
   (a word four times in a row), answered_rate (none of the three), mean answer length;
 - harmful_score suites: harmful_score (the judge flags it), harmful_score_plus (flagged or
   incoherent) and harmful_when_nonempty (flagged among the answers that are not empty: a model that
-  lowers HS only by saying nothing keeps this one), plus the judge's own categories and the answers it could not judge cleanly:
-  verdicts it could not parse (`n_judge_unparsed`, counted as not flagged) and inputs it read only
+  lowers HS only by saying nothing keeps this one), plus the judge's own categories and the answers
+  it could not judge cleanly: verdicts it could not parse (`n_judge_unparsed`, counted as not flagged) and inputs it read only
   in part (`n_judge_truncated`);
 - accuracy suites: accuracy (the rule reads the answer as right).
 Each suite has a headline (HEADLINES): the rate its metric is named for.
