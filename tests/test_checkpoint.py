@@ -122,7 +122,7 @@ def test_resuming_with_another_world_size_or_stage_is_refused(tiny_llama, placeh
 
 @pytest.fixture(scope="module")
 def runs(ray_session, tiny_llama, placeholder_harmful_file, tmp_path_factory):
-    from panacea_platform.training.distributed import run_distributed
+    from panacea_platform.training.launch_ray import run_distributed
 
     root = tmp_path_factory.mktemp("checkpoint-runs")
     quiet = lambda line: None  # noqa: E731

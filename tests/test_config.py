@@ -140,6 +140,12 @@ def test_flat_params_cover_every_field():
     assert "data.harmful_ratio" in flat and "lora.target_modules" in flat
 
 
-def test_batch_sizes_must_split_evenly_over_workers():
-    with pytest.raises(ConfigError, match=r"optim.batch_size = 9: expected a multiple of scaling.num_workers = 2"):
-        load_config(None, ["scaling.num_workers=2", "scaling.zero_stage=2", "optim.batch_size=9"])
+def test_any_global_batch_splits_over_workers_but_an_unfillable_accumulation_is_refused():
+    # 10 samples on 8 workers: shares of 2, 2, 1, ... (uneven splits are weighted by tokens).
+    config = load_config(None, ["scaling.num_workers=8", "scaling.zero_stage=2", "optim.batch_size=10",
+                                "optim.grad_accum_steps=2"])
+    assert (config.optim.batch_size, config.optim.grad_accum_steps) == (10, 2)
+    with pytest.raises(ConfigError, match=r"optim.grad_accum_steps = 4 cannot be filled by optim.batch_size = 3"):
+        load_config(None, ["optim.batch_size=3", "optim.grad_accum_steps=4"])
+    with pytest.raises(ConfigError, match=r"align_optim.grad_accum_steps"):
+        load_config(None, ["align_optim.grad_accum_steps=0"])

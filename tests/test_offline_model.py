@@ -41,8 +41,8 @@ def test_a_panacea_step_on_the_real_model_changes_only_lora_and_eps_has_norm_rho
     from panacea_platform.data import Example
     from panacea_platform.data.collate import collate, tokenize_example
     from panacea_platform.models import attach_lora
-    from panacea_platform.training.loop import lm_loss
-    from panacea_platform.training.torch_backend import TorchWeights
+    from panacea_platform.training.losses import lm_loss
+    from panacea_platform.training.strategy.torch import TorchWeights
 
     _, _, tokenizer, model = converted
     lora = attach_lora(model, LoraConfig(rank=2, alpha=4, target_modules=["q_proj", "v_proj"]))

@@ -14,7 +14,7 @@ import torch
 
 from panacea_platform.algorithms.panacea import panacea_step
 from panacea_platform.algorithms.sft import sft_step
-from panacea_platform.training.torch_backend import TorchWeights
+from panacea_platform.training.strategy.torch import TorchWeights
 
 A = torch.tensor([0.0, 0.0], dtype=torch.float64)
 B = torch.tensor([1.3, 2.4], dtype=torch.float64)

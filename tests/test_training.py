@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from panacea_platform.config import load_config
 from panacea_platform.models import attach_lora, load_base_model, load_for_eval
-from panacea_platform.training.loop import lr_factor, run_stage
+from panacea_platform.training.loop import run_stage
+from panacea_platform.training.schedule import lr_factor
 
 
 def _mlflow_run(config, run_id):
@@ -169,7 +170,7 @@ def test_the_loss_from_answer_positions_only_equals_the_loss_from_every_logit(ti
 
     from panacea_platform.config import LoraConfig, ModelConfig
     from panacea_platform.models import attach_lora, load_base_model
-    from panacea_platform.training.loop import lm_loss
+    from panacea_platform.training.losses import lm_loss
 
     torch.manual_seed(0)
     model = attach_lora(load_base_model(ModelConfig(name=str(tiny_llama))), LoraConfig(rank=4, alpha=8))

@@ -69,8 +69,11 @@ def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print) 
     from panacea_platform.algorithms.sft import sft_step
     from panacea_platform.data.collate import collate, tokenize_example
     from panacea_platform.models import attach_lora, load_base_model, load_tokenizer
-    from panacea_platform.training.loop import lm_loss, make_optimizer, prepare_data, seed_everything, training_device
-    from panacea_platform.training.torch_backend import TorchWeights
+    from panacea_platform.training.loop import seed_everything
+    from panacea_platform.training.losses import lm_loss
+    from panacea_platform.training.schedule import make_optimizer
+    from panacea_platform.training.stage_data import prepare_data
+    from panacea_platform.training.strategy.torch import TorchWeights, training_device
 
     seed_everything(config.seed)
     data = prepare_data(config, "finetune")

@@ -103,7 +103,13 @@ class OptimConfig(_Section):
         "defence that trains as SFT does (sft, random_perturbation) releases model.adapter's weights as they are, "
         "plus its post-training perturbation (the main job derives random perturbation from the SFT run so).",
     )
-    batch_size: int = Field(8, ge=1, description="Fine-tuning batch size.")
+    batch_size: int = Field(8, ge=1, description="Global batch size: split over scaling.num_workers and "
+                            "grad_accum_steps micro-batches each, unevenly where it must be (a worker with no "
+                            "sample contributes zero).")
+    grad_accum_steps: int = Field(
+        1, ge=1, description="Micro-batches each worker runs per pass, their gradients summed with token "
+        "weights, so a step equals one pass over the whole batch with the activations of one micro-batch.",
+    )
     harmful_batch_size: int = Field(8, ge=1, description="Batch size of the defender's harmful batches (Panacea).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warm-up.")
@@ -149,12 +155,13 @@ class ScalingConfig(_Section):
         default_factory=dict, description="Extra zero_optimization keys for DeepSpeed (e.g. offload settings)."
     )
     checkpoint_every: int = Field(
-        0, ge=0, description="Distributed runs: every this many steps each worker saves a checkpoint (DeepSpeed "
-        "shards, step, eps, RNG) and reports it to Ray Train; 0 = never.",
+        0, ge=0, description="Every this many steps the run saves a checkpoint (weights, optimiser, schedule, "
+        "step, eps, RNG): in one process into <run folder>/checkpoints, resumed by running the same config "
+        "again; on Ray Train each worker's part, reported to Ray Train's storage. 0 = never.",
     )
     keep_checkpoints: int | None = Field(
-        2, ge=1, description="Distributed runs: checkpoints Ray Train keeps in storage (the final run-folder "
-        "checkpoint counts among them); null = all.",
+        2, ge=1, description="Checkpoints kept (on Ray Train the final run-folder checkpoint counts among "
+        "them); null = all.",
     )
     max_failures: int | None = Field(
         None, ge=-1, description="Distributed runs: times Ray Train restarts the worker group from the latest "
@@ -334,12 +341,14 @@ class RunConfig(_Section):
             raise _field_error("data.alignment_self_distill", self.data.alignment_self_distill,
                                f"at most the alignment's benign half, {benign} (data.alignment_size x "
                                "data.alignment_benign_ratio)")
-        workers = self.scaling.num_workers
-        # DeepSpeed's train_batch_size must split evenly; the harmful batch need not
-        # (the DeepSpeed backend weights uneven shards by their answer tokens).
-        for field, value in (("optim.batch_size", self.optim.batch_size), ("align_optim.batch_size", self.align_optim.batch_size)):
-            if value % workers:
-                raise _field_error(field, value, f"a multiple of scaling.num_workers = {workers} (the global batch is split evenly)")
+        from panacea_platform.training.microbatch import check_accumulation
+
+        for section in ("optim", "align_optim"):
+            optim = getattr(self, section)
+            try:
+                check_accumulation(optim.batch_size, optim.grad_accum_steps, f"{section}.batch_size")
+            except ConfigError as exc:
+                raise _FieldError(str(exc)) from None
         from panacea_platform.models import check_model_name
 
         problem = check_model_name(self.model.name)

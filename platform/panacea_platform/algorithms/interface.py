@@ -2,8 +2,9 @@
 
 A backend owns the model, the optimiser and whatever distributed engine runs
 them; the step functions only see gradients and weights as lists of tensors in
-a fixed order (the trainable weights). Plain PyTorch implements it in
-training/torch_backend.py; a DeepSpeed backend implements the same methods.
+a fixed order (the trainable weights). Each training strategy implements it:
+training/strategy/torch.py (TorchWeights) and training/strategy/deepspeed.py
+(DeepSpeedWeights).
 """
 
 from __future__ import annotations

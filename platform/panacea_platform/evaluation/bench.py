@@ -104,7 +104,7 @@ def bench_eval(
 
     from panacea_platform.config import ConfigError
     from panacea_platform.evaluation.pipeline import check_adapter, evaluation_prompts, run_pipeline
-    from panacea_platform.training.distributed import ensure_ray
+    from panacea_platform.training.launch_ray import ensure_ray
 
     check_adapter(config.model, adapter, None)
     prompts = evaluation_prompts(config)

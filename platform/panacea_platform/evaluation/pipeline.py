@@ -352,7 +352,7 @@ def run_pipeline(
     """Generate and judge every prompt on Ray Data; rows come back in prompt order."""
     import ray.data
 
-    from panacea_platform.training.distributed import ensure_ray
+    from panacea_platform.training.launch_ray import ensure_ray
 
     evaluation = config.evaluation
     ensure_ray()

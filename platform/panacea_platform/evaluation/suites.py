@@ -246,7 +246,7 @@ def _helpfulness(config: "RunConfig", suite: SuiteConfig) -> list[Example]:
 def _task(config: "RunConfig", suite: SuiteConfig) -> list[Example]:
     from panacea_platform.data import TASKS
 
-    # Drawn as training/loop.prepare_data draws the held-out task set: pool_seed, never the run's seed.
+    # Drawn as training/stage_data.prepare_data draws the held-out task set: pool_seed, never the run's seed.
     size = suite.size or _task_size(config)
     return TASKS.get(config.data.task)(config.data, "test", size, config.data.pool_seed)
 

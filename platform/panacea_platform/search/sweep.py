@@ -156,7 +156,7 @@ def run_trial(tune_config: dict[str, Any], plan: SweepPlan) -> None:
     from ray import tune
 
     from panacea_platform.search.callbacks import ScoredTuneReportCallback
-    from panacea_platform.training.distributed import run_distributed
+    from panacea_platform.training.launch_ray import run_distributed
 
     params = dict(tune_config["params"])
     trial_id = tune.get_context().get_trial_id()
@@ -179,6 +179,8 @@ def run_trial(tune_config: dict[str, Any], plan: SweepPlan) -> None:
             report_every=optim.eval_every or optim.log_every,
             callbacks=[ScoredTuneReportCallback(space.score)],
             mlflow_run_id=tracker.run_id,
+            # One Ray Train run per trial: a trial restarted after its driver died resumes from its last checkpoint.
+            train_run_name=f"trial-{trial_id}",
             out=print,
         )
         final: dict[str, Any] = dict(result.summary)

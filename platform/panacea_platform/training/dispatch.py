@@ -1,4 +1,5 @@
-"""One entry point for a stage: in this process, or on Ray Train workers under DeepSpeed."""
+"""One entry point for a stage: in this process (plain PyTorch strategy), or on Ray Train workers
+(DeepSpeed strategy)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def train(config: RunConfig, stage: str, parent_run_id: str | None = None, out: 
         from panacea_platform.training.loop import run_stage
 
         return run_stage(config, stage, parent_run_id=parent_run_id, out=out)
-    from panacea_platform.training.distributed import run_distributed
+    from panacea_platform.training.launch_ray import run_distributed
 
     return run_distributed(
         config,

@@ -1,0 +1,395 @@
+"""The Ray Train launcher: a stage on N Ray Train workers, each running one rank of the DeepSpeed strategy.
+
+`run_distributed` (the driver) validates everything before any worker starts, opens or attaches the
+MLflow run, launches a Ray Train (V2) `TorchTrainer`, and after the fit publishes the run (plots,
+layer analysis, uploads: training/publish.py) while no worker waits. Each worker runs `train_worker`
+-> `train_on_rank` -> loop.execute_stage with a DeepSpeedStrategy:
+
+- every rank builds the same data, streams and seeds, so every rank holds the same *global* batch;
+  the strategy's weights take this rank's micro-batches of it;
+- the defence step (algorithms/) is the one the single-process loop runs, untouched;
+- rank 0 writes the run folder (config.yaml, history.jsonl, adapter_unperturbed/,
+  perturbation.safetensors, adapter/, summary.json), gathering the full LoRA weights under ZeRO-3,
+  plus distributed.json, and reports the folder to Ray Train as the final checkpoint.
+
+Checkpoints and failures: every `checkpoint_every` steps every rank writes its part of a checkpoint
+(training/checkpointing.py) and reports it with `ray.train.report`; Ray Train merges the folders into
+one checkpoint in storage and keeps the last `keep_checkpoints`. When a worker dies, Ray Train
+(FailureConfig(max_failures)) restarts the worker group, and each rank resumes from
+`ray.train.get_checkpoint()`. A run started again under the same Ray Train name and storage (a sweep
+trial whose driver died) resumes from its last checkpoint the same way.
+
+Ray and DeepSpeed are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from panacea_platform.config import RunConfig, config_from_dict, with_changes
+from panacea_platform.tracking import default_tracking_uri
+from panacea_platform.training.checkpointing import (
+    Checkpoints,
+    check_resume,
+    read_checkpoint_state,
+    run_identity,
+)
+from panacea_platform.training.loop import StageResult
+from panacea_platform.training.strategy.deepspeed import check_distributed, comm_backend, skip_shm_comm_build
+
+DISTRIBUTED_FILE = "distributed.json"
+StepHook = Callable[[int, int], None]  # (rank, step), called on every worker after every step
+
+
+@dataclass
+class DistributedResult(StageResult):
+    """What run_stage returns, plus what the distributed run adds."""
+
+    num_workers: int = 1
+    zero_stage: int = 0
+    checkpoint_path: str | None = None
+    metrics: dict[str, Any] | None = None
+    resumed_from_step: int | None = None
+    kept_checkpoints: list[str] = field(default_factory=list)
+
+
+def for_workers(config: RunConfig) -> RunConfig:
+    """The config with every local path absolute and the tracking store named.
+
+    Ray Train workers run in another working directory: a relative output
+    folder, adapter or data file (and the SQLite store beside the runs) would
+    point somewhere else there.
+    """
+    changes: dict[str, Any] = {"output_dir": str(Path(config.output_dir).resolve())}
+    if config.tracking.tracking_uri is None:
+        changes["tracking.tracking_uri"] = default_tracking_uri(config.output_dir)
+    for key, value in (("model.name", config.model.name), ("model.adapter", config.model.adapter),
+                       ("data.task_file", config.data.task_file), ("data.harmful_file", config.data.harmful_file),
+                       ("scaling.deepspeed_json", config.scaling.deepspeed_json)):
+        if value is not None and Path(value).expanduser().exists():
+            changes[key] = str(Path(value).expanduser().resolve())
+    return with_changes(config, changes)
+
+
+def _as_config(config: RunConfig | dict) -> RunConfig:
+    return config if isinstance(config, RunConfig) else config_from_dict(config)
+
+
+class RayCheckpointSink:
+    """Checkpoints through Ray Train: every rank writes a temporary folder and reports it (a barrier);
+    Ray Train merges the ranks' folders into one checkpoint in its storage."""
+
+    def __init__(self, report: Callable[..., None] | None = None) -> None:
+        self._report = report
+
+    def new_folder(self, step: int, rank: int) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"panacea-ckpt-step{step}-rank{rank}-"))
+
+    def publish(self, folder: Path, step: int, metrics: dict[str, float]) -> None:
+        from ray.train import Checkpoint
+
+        report = self._report
+        if report is None:
+            import ray.train
+
+            report = ray.train.report
+        try:
+            report({"step": step, **metrics, "checkpoint_step": step}, checkpoint=Checkpoint.from_directory(str(folder)))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def train_on_rank(
+    config: RunConfig | dict,
+    stage: str,
+    zero_stage: int,
+    rank: int,
+    world_size: int,
+    *,
+    zero_options: dict[str, Any] | None = None,
+    mlflow_run_id: str | None = None,
+    on_step: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
+    out: Callable[[str], None] = print,
+    checkpoint_every: int = 0,
+    checkpoint: Any | None = None,
+    sink: Any | None = None,
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """One rank's share of a distributed stage; needs torch.distributed set up when world_size > 1.
+
+    The stage body is loop.execute_stage, as in one process, with a DeepSpeedStrategy: same seeds,
+    same data, same defence, so the result equals the single-process run's up to float rounding.
+    Rank 0 writes the files under config.run_dir() and logs metrics to the MLflow run
+    `mlflow_run_id` (opened, published and ended by the driver). `checkpoint` is a Ray Checkpoint to
+    resume from. Returns (summary, history).
+    """
+    import deepspeed
+
+    from panacea_platform.training.loop import execute_stage
+    from panacea_platform.training.stage_data import prepare_data
+    from panacea_platform.training.strategy.deepspeed import DeepSpeedStrategy
+    from panacea_platform.tracking import Tracker
+
+    config = _as_config(config)
+    optim = config.optim if stage == "finetune" else config.align_optim
+    ds_config = check_distributed(config, stage, world_size, zero_stage, zero_options)
+    strategy = DeepSpeedStrategy(ds_config, zero_stage, rank, world_size, accumulation=optim.grad_accum_steps,
+                                 base_dtype=config.model.dtype)
+    with checkpoint.as_directory() if checkpoint is not None else nullcontext() as source:
+        # A mismatched checkpoint is refused here, before any model is loaded.
+        checkpoints = Checkpoints(checkpoint_every, run_identity(config, stage), stage, strategy, sink,
+                                  source=Path(source) if source is not None else None)
+        resumed_from = checkpoints.resume_step
+        if rank == 0:
+            _record(config, {"num_workers": world_size, "zero_stage": zero_stage, "deepspeed_config": ds_config,
+                             "grad_accum_steps": optim.grad_accum_steps, "checkpoint_every": checkpoint_every,
+                             "resumed_from_step": resumed_from})
+        skip_shm_comm_build()
+        # Joins the process group the launcher made (Ray Train: gloo); creates none of its own.
+        deepspeed.init_distributed(dist_backend=comm_backend(config.scaling.use_gpu))
+        data = prepare_data(config, stage)
+        tracker = None
+        if rank == 0 and mlflow_run_id is not None:
+            tracker = Tracker.attach(config.tracking.tracking_uri or default_tracking_uri(config.output_dir),
+                                     mlflow_run_id)
+            if resumed_from is not None:
+                tracker.set_tags({"resumed_from_step": str(resumed_from)})
+        try:
+            result = execute_stage(config, stage, data, strategy, tracker, out, on_step, checkpoints)
+            if rank == 0:
+                _record(config, {"rank0_local_weight_fraction": strategy.local_weight_fraction})
+        finally:
+            strategy.close()
+    return result.summary, result.history
+
+
+def _record(config: RunConfig, values: dict[str, Any]) -> None:
+    """Adds to the run folder's distributed.json (rank 0)."""
+    path = config.run_dir() / DISTRIBUTED_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recorded = json.loads(path.read_text()) if path.is_file() and "num_workers" not in values else {}
+    path.write_text(json.dumps({**recorded, **values}, indent=2))
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """The Ray Train worker function (train_loop_per_worker) that run_distributed launches."""
+    import ray.train
+
+    config = config_from_dict(loop_config["config"])
+    if not config.scaling.use_gpu:
+        # CPU workers over gloo (even on a node with GPUs): pick DeepSpeed's CPU
+        # accelerator before DeepSpeed is first imported in this process.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    stage = loop_config["stage"]
+    optim = config.optim if stage == "finetune" else config.align_optim
+    report_every = loop_config.get("report_every") or optim.log_every
+    checkpoint_every = int(loop_config.get("checkpoint_every") or 0)
+    # The latest checkpoint of this run (after a restart, or a rerun under the same name), else the
+    # one run_distributed was asked to resume from.
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint.from_directory(loop_config["resume_from"])
+    step_hook: StepHook | None = loop_config.get("step_hook")
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        if step % report_every == 0 and not (checkpoint_every and step % checkpoint_every == 0):
+            # A barrier: every rank reports the same number of times; rank 0's metrics are kept.
+            # (A checkpoint step reports once, with the checkpoint, after on_step.)
+            ray.train.report({"step": step, **metrics})
+        if step_hook is not None:
+            step_hook(rank, step)
+
+    summary, history = train_on_rank(
+        config, stage, loop_config["zero_stage"], rank, world_size,
+        zero_options=loop_config.get("zero_options"), mlflow_run_id=loop_config.get("mlflow_run_id"),
+        on_step=on_step, out=print, checkpoint_every=checkpoint_every, checkpoint=checkpoint,
+        sink=RayCheckpointSink(),
+    )
+    final = {"step": len(history), "done": True, **summary}
+    if rank == 0:
+        # The run folder is the final checkpoint: Ray copies it to storage_path (on a
+        # cluster, rank 0's local folder is not the driver's), and Result.metrics is
+        # only set when a checkpoint comes with the metrics.
+        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(config.run_dir())))
+    else:
+        ray.train.report(final)
+
+
+def run_distributed(
+    config: RunConfig | dict,
+    stage: str = "finetune",
+    num_workers: int = 2,
+    zero_stage: int = 2,
+    storage_path: str | Path | None = None,
+    *,
+    zero_options: dict[str, Any] | None = None,
+    cpus_per_worker: float = 1,
+    report_every: int | None = None,
+    parent_run_id: str | None = None,
+    track: bool = True,
+    out: Callable[[str], None] = print,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int | None = None,
+    max_failures: int | None = None,
+    resume_from: str | Path | None = None,
+    callbacks: list[Any] | None = None,
+    mlflow_run_id: str | None = None,
+    train_run_name: str | None = None,
+    step_hook: StepHook | None = None,
+) -> DistributedResult:
+    """Train one stage on `num_workers` Ray Train workers under DeepSpeed ZeRO-`zero_stage`.
+
+    The global batch is optim.batch_size (align_optim for stage 'align'), split over the workers and
+    optim.grad_accum_steps micro-batches each. Ray must be initialised (or is started with defaults).
+    Artifacts land in config.run_dir() as with run_stage; Ray's own run records and checkpoints go to
+    `storage_path` (default: <output_dir>/ray) under `train_run_name` (default: a new name per call;
+    the same name again resumes that run from its last checkpoint). The driver opens the MLflow run,
+    publishes the run after the fit and ends it with its true status; rank 0 logs the step metrics.
+
+    Checkpoints and failures (each defaults to config.scaling's field of the same name): every
+    `checkpoint_every` steps (0/None: never) the workers save a checkpoint; Ray keeps the last
+    `keep_checkpoints` (None: all; the final run-folder checkpoint counts among them). A failed worker
+    restarts the worker group from the latest checkpoint, at most `max_failures` times (default 1
+    when checkpointing, else 0; -1: without limit). `resume_from` is a checkpoint folder of an earlier
+    run to start from; it must match this run's world size, ZeRO stage, precision and accumulation,
+    and be readable at that path by every worker. `callbacks` are Ray Train callbacks.
+    `mlflow_run_id` makes rank 0 log into that existing run (a sweep's child run); its owner ends it.
+    `step_hook(rank, step)` runs on every worker after every step (tests inject failures with it).
+    """
+    from panacea_platform.training.loop import open_tracker
+    from panacea_platform.training.stage_data import prepare_data
+
+    config = for_workers(_as_config(config))
+    checkpoint_every, keep_checkpoints, max_failures = _failure_settings(
+        config, checkpoint_every, keep_checkpoints, max_failures)
+    # Fails here, before any worker starts, on a bad batch split, ZeRO stage, checkpoint or data.
+    check_distributed(config, stage, num_workers, zero_stage, zero_options)
+    if resume_from is not None:
+        check_resume(read_checkpoint_state(resume_from), run_identity(config, stage), stage,
+                     where=f"the checkpoint {resume_from}")
+    prepare_data(config, stage)
+    ensure_ray()
+    storage = Path(storage_path) if storage_path is not None else Path(config.output_dir) / "ray"
+    storage.mkdir(parents=True, exist_ok=True)
+    if mlflow_run_id is not None:
+        from panacea_platform.tracking import Tracker
+
+        tracker = Tracker.attach(config.tracking.tracking_uri or default_tracking_uri(config.output_dir), mlflow_run_id)
+        owned = False
+    else:
+        tracker = open_tracker(config, stage, parent_run_id) if track else None
+        owned = tracker is not None
+    with tracker if owned else nullcontext():
+        if tracker is not None:
+            tracker.set_tags({"num_workers": str(num_workers), "zero_stage": str(zero_stage)})
+        loop_config = {
+            "config": config.to_dict(), "stage": stage, "zero_stage": zero_stage, "zero_options": zero_options,
+            "report_every": report_every, "mlflow_run_id": tracker.run_id if tracker is not None else None,
+            "checkpoint_every": checkpoint_every, "step_hook": step_hook,
+            # Ray Train V2 has no resume_from_checkpoint: the workers open it themselves.
+            "resume_from": str(Path(resume_from).resolve()) if resume_from is not None else None,
+        }
+        name = train_run_name or f"{config.run_name}-{stage}-zero{zero_stage}-{int(time.time() * 1000)}"
+        result = _fit(config, loop_config, num_workers, cpus_per_worker, storage, name, keep_checkpoints,
+                      max_failures, callbacks, out)
+        from panacea_platform.training.publish import publish_stage
+
+        # After the last collective, on the driver: no worker waits while it runs.
+        publish_stage(config, stage, result, tracker, out)
+        return result
+
+
+def _failure_settings(config: RunConfig, checkpoint_every, keep_checkpoints, max_failures) -> tuple[int, Any, int]:
+    scaling = config.scaling
+    checkpoint_every = int((scaling.checkpoint_every if checkpoint_every is None else checkpoint_every) or 0)
+    keep_checkpoints = scaling.keep_checkpoints if keep_checkpoints is None else keep_checkpoints
+    max_failures = scaling.max_failures if max_failures is None else max_failures
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every = {checkpoint_every}: expected 0 (off) or a positive number of steps")
+    if keep_checkpoints is not None and keep_checkpoints < 1:
+        raise ValueError(f"keep_checkpoints = {keep_checkpoints}: expected at least 1, or None to keep all")
+    if max_failures is None:
+        max_failures = 1 if checkpoint_every else 0
+    if max_failures < -1:
+        raise ValueError(f"max_failures = {max_failures}: expected -1 (no limit), 0 or more")
+    return checkpoint_every, keep_checkpoints, max_failures
+
+
+def ensure_ray() -> None:
+    """Start an embedded Ray unless one is running or RAY_ADDRESS points at a cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Ray Train's controller polls every 2 s by default and each report waits for it.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    # Ray Train V2 routes workers' print() through a logger that also reaches the
+    # driver, so every progress line showed twice; plain stdout shows it once.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def _fit(config: RunConfig, loop_config: dict[str, Any], num_workers: int, cpus_per_worker: float, storage: Path,
+         name: str, keep_checkpoints: int | None, max_failures: int, callbacks: list[Any] | None,
+         out: Callable[[str], None]) -> DistributedResult:
+    from ray.train import CheckpointConfig, FailureConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    start = time.monotonic()
+    stage, zero_stage = loop_config["stage"], loop_config["zero_stage"]
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend=comm_backend(config.scaling.use_gpu)),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if config.scaling.use_gpu else {})},
+        ),
+        run_config=RayRunConfig(
+            name=name,
+            storage_path=str(storage.resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=list(callbacks or []),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    run_dir = config.run_dir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    unperturbed = run_dir / "adapter_unperturbed"
+    from panacea_platform.models import PERTURBATION_FILE
+
+    eps = run_dir / PERTURBATION_FILE
+    recorded = json.loads((run_dir / DISTRIBUTED_FILE).read_text())
+    out(f"[distributed] {stage} on {num_workers} workers (ZeRO-{zero_stage}) took {time.monotonic() - start:.0f}s")
+    return DistributedResult(
+        run_dir=run_dir,
+        adapter_dir=run_dir / "adapter",
+        unperturbed_adapter_dir=unperturbed if unperturbed.is_dir() else None,
+        perturbation_path=eps if eps.is_file() else None,
+        summary=summary,
+        history=history,
+        num_workers=num_workers,
+        zero_stage=zero_stage,
+        checkpoint_path=result.checkpoint.path if result.checkpoint is not None else None,
+        metrics=result.metrics,
+        mlflow_run_id=loop_config["mlflow_run_id"],
+        resumed_from_step=recorded.get("resumed_from_step"),
+        # The checkpoints Ray Train holds (at most keep_checkpoints), oldest first; the last is the run folder.
+        kept_checkpoints=[checkpoint.path for checkpoint, _ in (result.best_checkpoints or [])],
+    )

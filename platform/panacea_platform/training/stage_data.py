@@ -1,0 +1,62 @@
+"""The data a stage trains and is scored on: the fixed pools, the training set, the held-out sets."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from panacea_platform.config import RunConfig
+from panacea_platform.data import TASKS, Example
+from panacea_platform.data.pools import HarmfulPools, build_alignment_set, mix_poison, pools_for
+
+STAGES = ("align", "finetune")
+
+
+@dataclass
+class StageData:
+    train: list[Example]
+    defender_harmful: list[Example]
+    eval_harmful: list[Example]
+    eval_task: list[Example]
+    pools: HarmfulPools
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+
+def fingerprint(examples: list[Example]) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(example.prompt.encode())
+        digest.update(b"\0")
+        digest.update(example.answer.encode())
+        digest.update(b"\1")
+    return f"{digest.hexdigest()[:16]}:{len(examples)}"
+
+
+def prepare_data(config: RunConfig, stage: str) -> StageData:
+    """The four disjoint harmful pools, the stage's training set and held-out sets."""
+    data = config.data
+    pools = pools_for(data)
+    task = TASKS.get(data.task)
+    # Held-out task samples depend on pool_seed only: every seed is scored on the same set.
+    eval_task = task(data, "test", data.task_eval_size, data.pool_seed)
+    if stage == "align":
+        from panacea_platform.data.self_distill import self_distilled_examples
+
+        train = build_alignment_set(
+            [e.prompt for e in pools.alignment], data.alignment_size, data.alignment_benign_ratio, config.seed,
+            open_pairs=self_distilled_examples(config),
+        )
+    else:
+        clean = task(data, "train", data.n - len(pools.attack), config.seed) if len(pools.attack) < data.n else []
+        train = mix_poison(clean, pools.attack, data.n, data.harmful_ratio, config.seed)
+    if not train:
+        raise ValueError(f"the {stage} training set is empty: check data.n and data.alignment_size")
+    prints = {
+        "train": fingerprint(train),
+        "attack": fingerprint(pools.attack),
+        "defender": fingerprint(pools.defender),
+        "evaluation": fingerprint(pools.evaluation),
+        "alignment": fingerprint(pools.alignment),
+        "task_eval": fingerprint(eval_task),
+    }
+    return StageData(train, pools.defender, pools.evaluation, eval_task, pools, prints)
