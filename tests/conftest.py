@@ -150,6 +150,9 @@ def ray_session(tmp_path_factory):
     pytest.importorskip("deepspeed")
     # ray.train.report blocks ~2 s per call at the default controller poll interval.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    # Ray's workers inherit it: test hooks (crash_hooks.py) are importable there.
+    tests_dir = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
     ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

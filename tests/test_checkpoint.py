@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
+from crash_hooks import KillOnce
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.distributed.*is deprecated:FutureWarning")
 
@@ -78,43 +79,45 @@ def test_train_steps_continues_after_start_step():
         train_steps(None, Counting(), iter([]), None, 5, start_step=6)
 
 
-def _fake_checkpoint(directory: Path, world_size: int, zero_stage: int, stage: str = "finetune") -> Path:
-    from panacea_platform.training.distributed import CHECKPOINT_FORMAT, STATE_FILE
+def _fake_checkpoint(directory: Path, config, stage: str = "finetune", **identity) -> Path:
+    from panacea_platform.training.checkpointing import CHECKPOINT_FORMAT, STATE_FILE, run_identity
 
     directory.mkdir(parents=True)
     (directory / STATE_FILE).write_text(json.dumps({
-        "format": CHECKPOINT_FORMAT, "step": 4, "stage": stage, "world_size": world_size,
-        "zero_stage": zero_stage, "tag": "step4", "has_eps": False, "history": [],
+        "format": CHECKPOINT_FORMAT, "step": 4, "stage": stage, "has_eps": False, "history": [],
+        "identity": {**run_identity(config, stage), **identity},
     }))
     return directory
 
 
-def test_resuming_with_another_world_size_or_stage_is_refused(tiny_llama, placeholder_harmful_file, tmp_path):
-    from panacea_platform.training.distributed import (
-        CheckpointMismatchError,
-        check_resume,
-        read_checkpoint_state,
-        run_distributed,
-    )
+@pytest.mark.parametrize("written_with, fragment", [
+    ({"world_size": 4}, "world_size = 4, but this run has world_size = 2. Set scaling.num_workers"),
+    ({"zero_stage": 3}, "zero_stage = 3, but this run has zero_stage = 2. Set scaling.zero_stage"),
+    ({"precision": "bfloat16/bfloat16"}, "precision = 'bfloat16/bfloat16', but this run has precision = "
+                                         "'float32/float32'. Set model.dtype / model.compute_dtype"),
+    ({"accumulation": 2}, "accumulation = 2, but this run has accumulation = 1. Set optim.grad_accum_steps"),
+])
+def test_resuming_a_checkpoint_of_another_run_shape_is_refused_before_ray_starts(
+    tiny_llama, placeholder_harmful_file, tmp_path, written_with, fragment
+):
+    from panacea_platform.training.checkpointing import CheckpointMismatchError, check_resume, read_checkpoint_state
+    from panacea_platform.training.launch_ray import run_distributed
 
-    four = read_checkpoint_state(_fake_checkpoint(tmp_path / "four", world_size=4, zero_stage=2))
-    check_resume(four, 4, 2, "finetune")  # the same world: accepted
-    refused = r"written by 4 workers under ZeRO-2, but this run has {} workers under ZeRO-{}"
-    with pytest.raises(CheckpointMismatchError, match=refused.format(2, 2) + r".*num_workers=4 and zero_stage=2"):
-        check_resume(four, 2, 2, "finetune")
-    with pytest.raises(CheckpointMismatchError, match=refused.format(4, 3)):
-        check_resume(four, 4, 3)
-    with pytest.raises(CheckpointMismatchError, match="stage 'finetune', not 'align'"):
-        check_resume(four, 4, 2, "align")
-    with pytest.raises(CheckpointMismatchError, match="not a training checkpoint"):
-        read_checkpoint_state(tmp_path)
-
-    # run_distributed refuses it in the driver, before any worker (or Ray) starts.
-    config = _config(tiny_llama, placeholder_harmful_file, tmp_path / "runs", "refused")
-    with pytest.raises(CheckpointMismatchError, match="written by 4 workers under ZeRO-2, but this run has 2 workers"):
-        run_distributed(config, num_workers=2, zero_stage=2, resume_from=tmp_path / "four", track=False,
+    config = tiny_config(tiny_llama, placeholder_harmful_file, tmp_path / "runs", "refused",
+                         scaling={"num_workers": 2, "zero_stage": 2})
+    source = _fake_checkpoint(tmp_path / "other", config, **written_with)
+    with pytest.raises(CheckpointMismatchError, match=fragment):
+        run_distributed(config, num_workers=2, zero_stage=2, resume_from=source, track=False,
                         storage_path=tmp_path / "ray")
     assert not (tmp_path / "runs").exists()
+    same = read_checkpoint_state(_fake_checkpoint(tmp_path / "same", config))
+    from panacea_platform.training.checkpointing import run_identity
+
+    check_resume(same, run_identity(config, "finetune"), "finetune")  # the same shape: accepted
+    with pytest.raises(CheckpointMismatchError, match="stage 'finetune', not 'align'"):
+        check_resume(same, run_identity(config, "align"), "align")
+    with pytest.raises(CheckpointMismatchError, match="not a training checkpoint"):
+        read_checkpoint_state(tmp_path)
 
 
 # -- Ray Train: an uninterrupted run and a run whose worker dies -----------------
@@ -135,7 +138,7 @@ def runs(ray_session, tiny_llama, placeholder_harmful_file, tmp_path_factory):
     killed = run_distributed(
         config, "finetune", num_workers=WORKERS, zero_stage=ZERO, storage_path=root / "ray-killed",
         checkpoint_every=EVERY, keep_checkpoints=KEEP, out=quiet,
-        _crash={"rank": 1, "after_step": KILL_AFTER, "marker": str(marker)},
+        step_hook=KillOnce(rank=1, after_step=KILL_AFTER, marker=str(marker)),
     )
     assert marker.exists(), "the worker was never killed: the test tested nothing"
     return config, plain, killed
@@ -183,7 +186,7 @@ def test_mlflow_run_continues_after_the_restart(runs):
 
 
 def test_at_most_keep_checkpoints_are_kept_and_each_holds_every_rank(runs):
-    from panacea_platform.training.distributed import EPS_FILE, STATE_FILE
+    from panacea_platform.training.checkpointing import EPS_FILE, STATE_FILE
 
     _, _, killed = runs
     # Reported: steps 2 and 4 (first attempt), 6 (after the restart) and the final run folder.
@@ -193,10 +196,80 @@ def test_at_most_keep_checkpoints_are_kept_and_each_holds_every_rank(runs):
     assert sorted(Path(p) for p in killed.kept_checkpoints) == on_disk, "older checkpoints were not deleted"
     last = Path(killed.kept_checkpoints[0])  # the last periodic one, beside the final run folder
     state = json.loads((last / STATE_FILE).read_text())
-    assert state["step"] == STEPS and state["world_size"] == WORKERS and state["zero_stage"] == ZERO
+    assert state["step"] == STEPS and state["identity"]["world_size"] == WORKERS
+    assert state["identity"]["zero_stage"] == ZERO
     assert [row["step"] for row in state["history"]] == list(range(1, STEPS + 1))
     assert (last / EPS_FILE).is_file()
     # Ray merged the ranks' folders: both ranks' optimizer shards and RNG states are there.
     names = {p.name for p in last.rglob("*") if p.is_file()}
     assert {"rng_rank0.pt", "rng_rank1.pt"} <= names
     assert any("zero_pp_rank_0" in n for n in names) and any("zero_pp_rank_1" in n for n in names)
+
+
+# -- one process: checkpoints in the run folder, resumed by running the same config again --------
+
+
+@pytest.fixture
+def crashing_defence(tmp_path):
+    from panacea_platform.algorithms import DEFENCES
+    from crash_hooks import crashing_panacea
+
+    marker = tmp_path / "crashed-once"
+    DEFENCES.register("crashing_panacea", crashing_panacea(KILL_AFTER, marker))
+    yield marker
+    DEFENCES._entries.pop("crashing_panacea")
+
+
+def test_a_single_process_run_resumes_from_its_checkpoint_into_the_same_mlflow_run(
+    tiny_llama, placeholder_harmful_file, tmp_path, crashing_defence
+):
+    """Killed after step 5 (checkpoints at 2 and 4), run again: it continues from step 4 and ends exactly
+    where an uninterrupted run ends, in one MLflow run that says FINISHED, with every step logged once."""
+    from mlflow.tracking import MlflowClient
+
+    from crash_hooks import InjectedCrash
+    from panacea_platform.training.loop import run_stage
+
+    quiet = lambda line: None  # noqa: E731
+    plain = run_stage(_config(tiny_llama, placeholder_harmful_file, tmp_path / "plain", "run"), "finetune", out=quiet)
+    config = tiny_config(tiny_llama, placeholder_harmful_file, tmp_path / "resumed", "run", defence="crashing_panacea",
+                         optim={"max_steps": STEPS, "schedule": "linear", "warmup_steps": 1},
+                         scaling={"checkpoint_every": EVERY, "keep_checkpoints": KEEP})
+    with pytest.raises(InjectedCrash):
+        run_stage(config, "finetune", out=quiet)
+    kept = sorted(p.name for p in (config.run_dir() / "checkpoints").iterdir())
+    assert kept == ["step_00000002", "step_00000004"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'resumed' / 'mlflow.db'}")
+    (failed,) = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id])
+    assert failed.info.status == "FAILED"
+
+    lines = []
+    resumed = run_stage(config, "finetune", out=lines.append)
+    assert any("resumed from the checkpoint at step 4/6" in line for line in lines)
+    assert resumed.mlflow_run_id == failed.info.run_id
+    run = client.get_run(resumed.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "task_loss")]
+    assert sorted(steps) == list(range(1, STEPS + 1)), "a step is missing or logged twice"
+    assert _history(resumed) == _history(plain)  # exact: losses, norms, lr
+    for name in ("adapter_unperturbed", "adapter"):
+        got = load_file(str(resumed.run_dir / name / "adapter_model.safetensors"))
+        want = load_file(str(plain.run_dir / name / "adapter_model.safetensors"))
+        assert _max_difference(got, want) == 0.0, name
+    assert not (config.run_dir() / "checkpoints").exists(), "a finished run keeps no training checkpoints"
+
+
+def test_a_single_process_checkpoint_of_another_shape_is_refused(tiny_llama, placeholder_harmful_file, tmp_path,
+                                                                 crashing_defence):
+    from crash_hooks import InjectedCrash
+    from panacea_platform.training.checkpointing import CheckpointMismatchError
+    from panacea_platform.training.loop import run_stage
+
+    def config(**optim):
+        return tiny_config(tiny_llama, placeholder_harmful_file, tmp_path, "run", defence="crashing_panacea",
+                           optim={"max_steps": STEPS, **optim}, scaling={"checkpoint_every": EVERY})
+
+    with pytest.raises(InjectedCrash):
+        run_stage(config(), "finetune", out=lambda line: None, track=False)
+    with pytest.raises(CheckpointMismatchError, match="accumulation = 1, but this run has accumulation = 2"):
+        run_stage(config(grad_accum_steps=2), "finetune", out=lambda line: None, track=False)

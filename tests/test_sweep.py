@@ -41,6 +41,7 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
+STEPS_WITH_CHECKPOINTS = 12  # the resume sweep's trials: long enough to be killed between checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -240,10 +241,27 @@ def _sweep_command(sweep_root: Path, space: Path) -> list[str]:
             str(sweep_root / "job.yaml"), "--name", "resume"]
 
 
+def _checkpointed_trial(sweep_root: Path, client, parent_id: str):
+    """(child run, step) of a RUNNING trial with a checkpoint in its Ray Train storage, else None."""
+    from panacea_platform.training.checkpointing import STATE_FILE
+
+    for run in children(client, parent_id):
+        if run.info.status != "RUNNING":
+            continue
+        storage = sweep_root / "runs" / "sweeps" / "resume" / "train" / f"trial-{run.data.tags['tune_trial_id']}"
+        states = list(storage.glob(f"checkpoint_*/{STATE_FILE}")) if storage.is_dir() else []
+        if states:
+            return run, max(json.loads(state.read_text())["step"] for state in states)
+    return None
+
+
 def test_a_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(sweep_root, tmp_path, request):
-    """The CLI in a subprocess (its own Ray), SIGKILLed once a child run is FINISHED, then run again."""
+    """The CLI in a subprocess (its own Ray), SIGKILLed once one child run is FINISHED and the next has
+    checkpointed, then run again: the finished trial is not rerun, the interrupted one continues from
+    its checkpoint in the same MLflow run."""
     space = write_space(sweep_root, "resume", {
         "parameters": {"panacea.rho": {"grid": [0.1, 0.2, 0.3]}},
+        "fixed": {"optim.max_steps": STEPS_WITH_CHECKPOINTS, "scaling.checkpoint_every": 2},
         "evaluate": False,
         "max_concurrent_trials": 1,
     })
@@ -257,17 +275,17 @@ def test_a_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(sweep_r
     first = subprocess.Popen(_sweep_command(sweep_root, space), cwd=REPO, env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
     client = client_for(sweep_root)
-    finished = None
-    deadline = time.monotonic() + 240
+    finished = interrupted = None
+    deadline = time.monotonic() + 300
     try:
-        while time.monotonic() < deadline and first.poll() is None:
-            time.sleep(1)
+        while time.monotonic() < deadline and first.poll() is None and interrupted is None:
+            time.sleep(0.2)
             parents = _parents(client, "resume")
             if parents:
                 done = [r for r in children(client, parents[0]) if r.info.status == "FINISHED"]
-                if done:
-                    finished = done[0]
-                    break
+                finished = done[0] if done else None
+                interrupted = _checkpointed_trial(sweep_root, client, parents[0]) if finished else None
+        time.sleep(1.0)  # Ray's controller registers the reported checkpoint
     finally:
         try:
             os.killpg(first.pid, signal.SIGKILL)
@@ -275,8 +293,8 @@ def test_a_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(sweep_r
             pass  # it ended by itself (the assertion below shows its log)
         first.wait()
         log.close()
-    assert finished is not None, (tmp_path / "first.log").read_text()[-3000:]
-    finished_steps = len(client.get_metric_history(finished.info.run_id, "task_loss"))
+    assert finished is not None and interrupted is not None, (tmp_path / "first.log").read_text()[-3000:]
+    (interrupted_run, checkpoint_step), finished_steps = interrupted, steps_of(client, finished.info.run_id, "task_loss")
 
     second = subprocess.run(_sweep_command(sweep_root, space), cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
@@ -291,7 +309,11 @@ def test_a_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(sweep_r
     again = client.get_run(finished.info.run_id)
     assert again.info.end_time == finished.info.end_time
     assert "restarted" not in again.data.tags
-    assert len(client.get_metric_history(finished.info.run_id, "task_loss")) == finished_steps
+    assert steps_of(client, finished.info.run_id, "task_loss") == finished_steps
+    # The interrupted trial continued from its checkpoint, in its own run, every step logged once.
+    resumed = client.get_run(interrupted_run.info.run_id)
+    assert int(resumed.data.tags["resumed_from_step"]) >= checkpoint_step >= 2
+    assert steps_of(client, resumed.info.run_id, "task_loss") == list(range(1, STEPS_WITH_CHECKPOINTS + 1))
     assert client.get_run(parent_id).info.status == "FINISHED"
 
 

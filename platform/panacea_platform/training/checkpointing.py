@@ -44,15 +44,18 @@ class CheckpointMismatchError(ConfigError):
     """A checkpoint that this run cannot resume from; the message names what differs."""
 
 
-def run_identity(config: RunConfig, stage: str) -> dict[str, Any]:
+def run_identity(config: RunConfig, stage: str, world_size: int | None = None,
+                 zero_stage: int | None = None) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this run: DeepSpeed's optimiser state is sharded
-    per rank and per stage, and precision or accumulation would change what the steps compute."""
+    per rank and per stage, and precision or accumulation would change what the steps compute.
+    `world_size` and `zero_stage` are the launch's when it overrides config.scaling (run_distributed)."""
     optim = config.optim if stage == "finetune" else config.align_optim
     scaling = config.scaling
+    zero_stage = scaling.zero_stage if zero_stage is None else zero_stage
     return {
-        "backend": "deepspeed" if scaling.distributed else "torch",
-        "world_size": scaling.num_workers,
-        "zero_stage": scaling.zero_stage,
+        "backend": "torch" if zero_stage is None else "deepspeed",
+        "world_size": scaling.num_workers if world_size is None else world_size,
+        "zero_stage": zero_stage,
         "precision": f"{config.model.dtype}/{config.model.compute_dtype}",
         "accumulation": optim.grad_accum_steps,
     }

@@ -144,7 +144,8 @@ def train_on_rank(
                                  base_dtype=config.model.dtype)
     with checkpoint.as_directory() if checkpoint is not None else nullcontext() as source:
         # A mismatched checkpoint is refused here, before any model is loaded.
-        checkpoints = Checkpoints(checkpoint_every, run_identity(config, stage), stage, strategy, sink,
+        checkpoints = Checkpoints(checkpoint_every, run_identity(config, stage, world_size, zero_stage), stage,
+                                  strategy, sink,
                                   source=Path(source) if source is not None else None)
         resumed_from = checkpoints.resume_step
         if rank == 0:
@@ -274,7 +275,7 @@ def run_distributed(
     # Fails here, before any worker starts, on a bad batch split, ZeRO stage, checkpoint or data.
     check_distributed(config, stage, num_workers, zero_stage, zero_options)
     if resume_from is not None:
-        check_resume(read_checkpoint_state(resume_from), run_identity(config, stage), stage,
+        check_resume(read_checkpoint_state(resume_from), run_identity(config, stage, num_workers, zero_stage), stage,
                      where=f"the checkpoint {resume_from}")
     prepare_data(config, stage)
     ensure_ray()
