@@ -120,6 +120,11 @@ class Resources(_Strict):
     trial_cpus: float = Field(
         0.05, gt=0, description="CPUs the trial's own function holds (it only waits on its workers; Ray refuses 0)."
     )
+    checkpoint_every: int | None = Field(
+        None, ge=0, description="Each trial checkpoints every this many steps; a trial cut short (its sweep's "
+        "driver died) continues from its last checkpoint when the sweep is run again. null = the job's "
+        "scaling.checkpoint_every; 0 = never.",
+    )
 
 
 def default_score() -> dict[str, float]:
@@ -405,6 +410,7 @@ def resource_changes(space: SearchSpace) -> dict[str, Any]:
         "scaling.zero_stage": resources.zero_stage,
         "scaling.cpus_per_worker": resources.cpus_per_worker,
         "scaling.use_gpu": resources.gpus_per_worker > 0,
+        **({"scaling.checkpoint_every": resources.checkpoint_every} if resources.checkpoint_every is not None else {}),
     }
 
 

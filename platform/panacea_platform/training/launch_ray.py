@@ -199,6 +199,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and loop_config.get("resume_from"):
         checkpoint = ray.train.Checkpoint.from_directory(loop_config["resume_from"])
+    if checkpoint is not None and _holds_finished_run(checkpoint):
+        # The fit had ended when its driver died (a sweep trial cut short after training): its result stands.
+        _report_finished_run(checkpoint, config, rank)
+        return
     step_hook: StepHook | None = loop_config.get("step_hook")
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
@@ -220,6 +224,29 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         # The run folder is the final checkpoint: Ray copies it to storage_path (on a
         # cluster, rank 0's local folder is not the driver's), and Result.metrics is
         # only set when a checkpoint comes with the metrics.
+        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(config.run_dir())))
+    else:
+        ray.train.report(final)
+
+
+def _holds_finished_run(checkpoint: Any) -> bool:
+    """Whether a Ray checkpoint is a run's final one (its run folder) rather than a training checkpoint."""
+    from panacea_platform.training.checkpointing import STATE_FILE
+
+    with checkpoint.as_directory() as folder:
+        return (Path(folder) / "summary.json").is_file() and not (Path(folder) / STATE_FILE).is_file()
+
+
+def _report_finished_run(checkpoint: Any, config: RunConfig, rank: int) -> None:
+    import ray.train
+
+    with checkpoint.as_directory() as folder:
+        summary = json.loads((Path(folder) / "summary.json").read_text())
+        steps = len((Path(folder) / "history.jsonl").read_text().splitlines())
+        if rank == 0:
+            shutil.copytree(folder, config.run_dir(), dirs_exist_ok=True)
+    final = {"step": steps, "done": True, **summary}
+    if rank == 0:
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(str(config.run_dir())))
     else:
         ray.train.report(final)
