@@ -5,6 +5,7 @@
 #   bash scripts/gpu_check.sh --prepare          here, with PyPI: wheels for the GPU machine -> wheels/gpu
 #   bash scripts/gpu_check.sh [check options]    on the GPU machine, from the repo root, offline;
 #                                                options go to the check, e.g. --json "$OUT/gpu_check.json"
+#   bash scripts/gpu_check.sh --install-only     install what is missing (no GPU needed) and stop
 #
 # The GPU machine is assumed to have PyTorch, transformers, peft and accelerate, and no internet.
 # --prepare builds DeepSpeed (no ops compiled) and downloads the small packages it and the platform's
@@ -189,17 +190,29 @@ install_wheels() {
   fi
 }
 
+# The first of $PYTHON, python3, python that imports torch.
+find_python() {
+  local candidate
+  for candidate in ${PYTHON:-} python3 python; do
+    if command -v "$candidate" > /dev/null && "$candidate" -c "import torch" 2>/dev/null; then
+      PYTHON=$(command -v "$candidate")
+      break
+    fi
+  done
+  [[ -n ${PYTHON:-} ]] && "$PYTHON" -c "import torch" 2>/dev/null \
+    || die "no Python on PATH imports torch (set PYTHON=/path/to/python)"
+  [[ -f $WHEELS/requirements.txt ]] \
+    || die "no $WHEELS: run 'bash scripts/gpu_check.sh --prepare' where PyPI is reachable and bring $WHEELS along"
+  "$PYTHON" -c "import packaging" 2>/dev/null \
+    || die "$PYTHON cannot import packaging (transformers needs it: is transformers installed?)"
+}
+
 run_check() {
-  PYTHON=${PYTHON:-$(command -v python3 || command -v python || true)}
-  [[ -n $PYTHON ]] || die "no python3 on PATH (set PYTHON=/path/to/python)"
-  [[ -f $WHEELS/requirements.txt ]] || die "no $WHEELS: run 'bash scripts/gpu_check.sh --prepare' where PyPI is reachable and bring $WHEELS along"
-  "$PYTHON" -c "import torch" 2>/dev/null || die "$PYTHON cannot import torch"
+  find_python
   if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     die "CUDA is not available to $PYTHON (torch $("$PYTHON" -c 'import torch; print(torch.__version__)'), \
 torch.cuda.is_available() is False): this check needs a GPU"
   fi
-  "$PYTHON" -c "import transformers, peft, accelerate" 2>/dev/null \
-    || echo "gpu_check.sh: transformers, peft or accelerate missing: installing them from $WHEELS"
   install_wheels
   export PYTHONPATH="platform:$SITE${PYTHONPATH:+:$PYTHONPATH}"
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -207,12 +220,14 @@ torch.cuda.is_available() is False): this check needs a GPU"
   local status=0
   timeout --signal=INT --kill-after=20 "$TIMEOUT_S" "$PYTHON" -m panacea_platform.gpu_check --budget-s "$BUDGET_S" "$@" \
     || status=$?
-  ((status != 124)) || die "the check ran past ${TIMEOUT_S} s and was stopped (its progress lines above show where)"
+  # timeout exits 124 when it stopped the check, 137 when it had to kill it.
+  ((status != 124 && status != 137)) \
+    || die "the check ran past ${TIMEOUT_S} s and was stopped (its progress lines above show where)"
   ((status == 0)) || die "the check failed (exit status $status)"
 }
 
-if [[ ${1:-} == --prepare ]]; then
-  prepare
-else
-  run_check "$@"
-fi
+case ${1:-} in
+  --prepare) prepare ;;
+  --install-only) find_python && install_wheels ;;
+  *) run_check "$@" ;;
+esac

@@ -37,7 +37,9 @@ TABLE_ROWS = (
 
 
 def _run_smoke(model_dir: Path, json_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "platform"), os.environ.get("PYTHONPATH")]))}
+    # One thread: the check is a smoke run here, and the machine is shared.
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "platform"), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "panacea_platform.gpu_check", "--cpu-smoke", "--model", str(model_dir),
                "--json", str(json_path)]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
@@ -75,6 +77,22 @@ def test_cpu_smoke_prints_one_table_with_positive_times_and_full_decoder_agreeme
     assert generation["platform_tokens"] == generation["hf_tokens"] > 0
     assert figures["mlflow_or_ray_imported"] == []
     assert _table_value(table, "mlflow or ray imported") == "no"
+
+
+def test_the_platform_modules_the_check_imports_load_neither_mlflow_nor_ray():
+    """The GPU machine has neither: these imports must not need them (DeepSpeed itself tries mlflow,
+    which the check blocks; see gpu_check.block_unwanted_imports)."""
+    modules = ["panacea_platform.gpu_check", "panacea_platform.training.strategy.deepspeed",
+               "panacea_platform.training.losses", "panacea_platform.training.schedule",
+               "panacea_platform.algorithms.panacea", "panacea_platform.algorithms.sft", "panacea_platform.memory_plan",
+               "panacea_platform.evaluation.generation", "panacea_platform.config", "panacea_platform.models"]
+    code = f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; " \
+           "print(sorted(m for m in ('mlflow', 'ray') if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "platform")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
 
 
 def test_gpu_check_script_parses():

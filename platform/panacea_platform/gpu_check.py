@@ -18,14 +18,17 @@ PyYAML (scripts/gpu_check.sh installs those): never mlflow or Ray (the table say
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
 import socket
 import statistics
 import sys
+import shutil
 import tempfile
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -70,17 +73,21 @@ CPU_SMOKE = dict(device="cpu", dtype="float32", compute_dtype="float32", batch=4
 
 def parse_args(argv: list[str] | None = None) -> Settings:
     defaults = Settings()
-    parser = argparse.ArgumentParser(prog="python -m panacea_platform.gpu_check", description=__doc__.split("\n")[0])
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU (default model: a built-in tiny Llama)")
+    parser = argparse.ArgumentParser(prog="python -m panacea_platform.gpu_check",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="tiny sizes on CPU in float32 (default model: a built-in tiny Llama)")
     parser.add_argument("--model", help=f"architecture: shipped name, local dir or hub id (default {PAPER_MODEL})")
     parser.add_argument("--device", choices=["cuda", "cpu"])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="base weights (LoRA stays fp32)")
     parser.add_argument("--compute-dtype", choices=["float32", "bfloat16"], help="training matmuls (default: --dtype)")
     for name in ("batch", "harmful_batch", "seq_len", "grad_accum", "warmup", "timed", "prompts", "new_tokens",
                  "gen_repeats", "prompt_min", "prompt_max", "shared_prefix", "lora_rank", "seed"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name, help=f"default {getattr(defaults, name)}")
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name,
+                            help=f"default {getattr(defaults, name)}")
     parser.add_argument("--budget-s", type=float, dest="budget_s",
-                        help=f"soft time budget: timed loops stop early and generation is skipped past it (default {defaults.budget_s:.0f})")
+                        help="soft time budget in seconds: past it, timed loops stop early and generation is "
+                        f"skipped (default {defaults.budget_s:.0f})")
     parser.add_argument("--json", help="write the figures here as JSON")
     args = vars(parser.parse_args(argv))
     smoke = args.pop("cpu_smoke")
@@ -100,7 +107,7 @@ def settings_problem(s: Settings) -> str | None:
     """What is wrong with the sizes, before minutes go into building a model; None if nothing."""
     positive = ("batch", "harmful_batch", "seq_len", "grad_accum", "timed", "prompts", "new_tokens", "gen_repeats",
                 "prompt_min", "lora_rank")
-    small = [name for name in positive if getattr(s, name) < 1] + [n for n in ("warmup", "shared_prefix") if getattr(s, n) < 0]
+    small = [n for n in positive if getattr(s, n) < 1] + [n for n in ("warmup", "shared_prefix") if getattr(s, n) < 0]
     if small:
         return f"--{small[0].replace('_', '-')} = {getattr(s, small[0])}: too small"
     if s.seq_len < 2:
@@ -113,6 +120,7 @@ def settings_problem(s: Settings) -> str | None:
 def tiny_architecture_dir() -> Path:
     """A config.json of a tiny Llama, so --cpu-smoke runs the same code path as a model directory."""
     folder = Path(tempfile.mkdtemp(prefix="gpu-check-tiny-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     config = {"model_type": "llama", "vocab_size": 400, "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
@@ -144,8 +152,9 @@ def build_model(settings: Settings):
         base = AutoModelForCausalLM.from_config(config, dtype=dtype)
     silence_peft_deprecation()
     model = attach_lora(base, LoraConfig(rank=settings.lora_rank, target_modules=settings.lora_targets))
-    say(f"model {settings.model} ({source}), {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B weights, "
-        f"random init on {settings.device}")
+    count = sum(p.numel() for p in model.parameters())
+    size = f"{count / 1e9:.2f} B" if count >= 1e9 else f"{count / 1e6:.2f} M"
+    say(f"model {settings.model} ({source}), {size} weights, random init on {settings.device}")
     return model
 
 
@@ -268,13 +277,24 @@ def measure_training(model, settings: Settings, deadline: float) -> dict[str, An
     lora_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in weights.params})
     say(f"DeepSpeed ZeRO-{weights.stage} engine ready; LoRA weights {', '.join(lora_dtypes)}")
     try:
-        say(f"SFT: {settings.warmup} warm-up + {settings.timed} timed steps, batch {settings.batch} x {settings.seq_len}")
+        say(f"SFT: {settings.warmup} warm-up + {settings.timed} timed steps, "
+            f"batch {settings.batch} x {settings.seq_len} tokens")
         sft = time_steps(lambda: sft_step(weights, batch).task_loss, settings, deadline)
         say(f"SFT median {sft.median:.3f} s")
         say(f"Panacea (rho {panacea.rho}, lambda {panacea.lam}, clamp {panacea.harmful_loss_clamp}): same counts")
-        step = lambda: panacea_step(weights, batch, harmful, panacea.rho, panacea.lam, panacea.harmful_loss_clamp).task_loss
+        last: list[Any] = []
+
+        def step() -> float:
+            result = panacea_step(weights, batch, harmful, panacea.rho, panacea.lam, panacea.harmful_loss_clamp)
+            last[:] = [result]
+            return result.task_loss
+
         pan = time_steps(step, settings, deadline)
-        say(f"Panacea median {pan.median:.3f} s")
+        # A random model's harmful loss (about ln vocab) is above the clamp: the third pass then gives a zero
+        # gradient, but it is computed all the same, so the timing holds.
+        r = last[0]
+        say(f"Panacea median {pan.median:.3f} s; last step: task loss {r.task_loss:.3f}, harmful loss "
+            f"{r.harmful_loss:.3f}, at w + eps {r.harmful_loss_perturbed:.3f}, |eps| {r.eps_norm:.3f}")
     finally:
         weights.engine.destroy()
     return {"sft": sft, "panacea": pan, "lora_dtypes": lora_dtypes}
@@ -375,7 +395,14 @@ def measure_generation(model, settings: Settings) -> dict[str, Any]:
     from panacea_platform.config import EvaluationConfig
     from panacea_platform.evaluation.generation import eos_token_ids, plain_cache_layers, plain_greedy
 
+    import gc
+
+    import torch
+
     model.eval()
+    if settings.device == "cuda":
+        gc.collect()  # whatever training left (all of it, after an out-of-memory error) goes first
+        torch.cuda.empty_cache()
     config = model.config
     eos_ids = eos_token_ids(model, IdTokenizer(config.eos_token_id, None))
     tokenizer = IdTokenizer(eos_ids[0], config.pad_token_id)
@@ -383,7 +410,8 @@ def measure_generation(model, settings: Settings) -> dict[str, Any]:
     max_batch_tokens = EvaluationConfig.model_fields["generation_max_batch_tokens"].default
     # generate() takes the platform's decoder only for plain greedy on plain cache layers; otherwise
     # it falls back to HF generate() and this comparison would be HF against itself.
-    path = "platform KV-cache decoder" if plain_greedy(model) and plain_cache_layers(model) else "HF generate() fallback"
+    ours_path = plain_greedy(model) and plain_cache_layers(model)
+    path = "platform KV-cache decoder" if ours_path else "HF generate() fallback"
     rows = decoder_prompts(settings, config.vocab_size)
     say(f"generation: {len(rows)} prompts of {min(map(len, rows))}-{max(map(len, rows))} tokens x "
         f"{settings.new_tokens} new tokens; generate() takes the {path}")
@@ -392,10 +420,11 @@ def measure_generation(model, settings: Settings) -> dict[str, Any]:
     hf_greedy(model, rows[:4], 4, eos_ids, pad_id)
     # Alternating repeats, fastest kept: a one-time cost of the first full-size call counts against neither.
     ours_s, theirs_s = math.inf, math.inf
+    new = settings.new_tokens
     for _ in range(settings.gen_repeats):
-        ours, seconds = timed(settings.device, lambda: platform_greedy(model, tokenizer, rows, settings.new_tokens, max_batch_tokens))
+        ours, seconds = timed(settings.device, lambda: platform_greedy(model, tokenizer, rows, new, max_batch_tokens))
         ours_s = min(ours_s, seconds)
-        theirs, seconds = timed(settings.device, lambda: hf_greedy(model, rows, settings.new_tokens, eos_ids, pad_id))
+        theirs, seconds = timed(settings.device, lambda: hf_greedy(model, rows, new, eos_ids, pad_id))
         theirs_s = min(theirs_s, seconds)
     identical, prefix = agreement(ours, theirs)
     ours_tokens, theirs_tokens = sum(map(len, ours)), sum(map(len, theirs))
@@ -430,16 +459,21 @@ def gib(value: float | None) -> str:
     return number(value, 2 if value is None or value >= 1 else 4)
 
 
-def figures(settings: Settings, env: dict, training: dict, plan: tuple[float, float], gen: dict | None) -> dict:
-    """Every figure of the run, as the JSON file holds them."""
-    sft, pan = training["sft"], training["panacea"]
-    out: dict[str, Any] = {**env, "settings": asdict(settings), "lora_dtypes": training["lora_dtypes"]}
-    for name, timing, planned in (("sft", sft, plan[0]), ("panacea", pan, plan[1])):
-        out[name] = {"seconds": timing.seconds, "median_s": timing.median, "losses": timing.losses,
-                     "peak_gib": timing.peak_gib, "planned_gib": planned,
-                     "measured_over_planned": None if timing.peak_gib is None else timing.peak_gib / planned}
-    out["panacea_over_sft"] = pan.median / sft.median
-    out["losses_finite"] = all(math.isfinite(x) for x in sft.losses + pan.losses)
+def figures(settings: Settings, env: dict, training: dict | None, plan: tuple[float, float] | None,
+            gen: dict | None, errors: dict[str, str]) -> dict:
+    """Every figure of the run, as the JSON file holds them; a failed phase's figures are None."""
+    out: dict[str, Any] = {**env, "settings": asdict(settings), "errors": errors}
+    out["lora_dtypes"] = training["lora_dtypes"] if training else []
+    for index, name in enumerate(("sft", "panacea")):
+        timing, planned = training[name] if training else None, plan[index] if plan else None
+        measured = timing.peak_gib if timing else None
+        out[name] = {"seconds": timing.seconds if timing else [], "median_s": timing.median if timing else None,
+                     "losses": timing.losses if timing else [], "peak_gib": measured, "planned_gib": planned,
+                     "measured_over_planned": measured / planned if measured is not None and planned else None}
+    medians = (out["sft"]["median_s"], out["panacea"]["median_s"])
+    out["panacea_over_sft"] = medians[1] / medians[0] if None not in medians else None
+    losses = out["sft"]["losses"] + out["panacea"]["losses"]
+    out["losses_finite"] = all(math.isfinite(x) for x in losses) if losses else None
     out["generation"] = gen
     out["mlflow_or_ray_imported"] = unwanted_imported()
     return out
@@ -450,7 +484,7 @@ def table_rows(f: dict) -> list[tuple[str, str, str]]:
     # Words go in the note column, so the value column stays a narrow column of figures.
     rows = [("date", "", f["date"]), ("device", "", f["device"]), ("versions", "", f["versions"]),
             ("model (random weights)", "", f"{s['model']}: {s['dtype']} base, LoRA r{s['lora_rank']} "
-             f"{'/'.join(s['lora_targets'])} in {'/'.join(f['lora_dtypes'])}, compute {s['compute_dtype']}"),
+             f"{'/'.join(s['lora_targets'])} in {'/'.join(f['lora_dtypes']) or '?'}, compute {s['compute_dtype']}"),
             ("training", "", f"DeepSpeed ZeRO-2, 1 rank; batch {s['batch']} (harmful {s['harmful_batch']}) x "
              f"{s['seq_len']} tokens, grad_accum {s['grad_accum']}")]
     for name, label in (("sft", "SFT"), ("panacea", "Panacea")):
@@ -460,21 +494,29 @@ def table_rows(f: dict) -> list[tuple[str, str, str]]:
                  (f"{label} peak memory, planned", gib(part["planned_gib"]), "GiB (memory_plan, ZeRO-2, 1 GPU)"),
                  (f"{label} peak memory, measured/planned", number(part["measured_over_planned"], 2), "")]
     rows += [("Panacea / SFT step time", number(f["panacea_over_sft"], 2), "x"),
-             ("step losses finite", "", "yes" if f["losses_finite"] else "NO")]
-    gen = f["generation"]
-    if gen is None:
-        rows.append(("generation", "", "skipped: time budget reached"))
-    else:
-        rows += [("generate() decoder", "", f"{gen['path']}; {gen['prompts']} prompts x {s['new_tokens']} new tokens"),
-                 ("greedy answers identical to HF", number(gen["identical"]), "share of prompts"),
-                 ("mean common prefix with HF", number(gen["common_prefix"]), "share of the longer answer"),
-                 ("platform decoder", number(gen["platform_tokens_per_s"], 1), f"tokens/s ({gen['platform_tokens']} in {gen['platform_s']:.2f} s, best of {s['gen_repeats']})"),
-                 ("HF generate()", number(gen["hf_tokens_per_s"], 1), f"tokens/s ({gen['hf_tokens']} in {gen['hf_s']:.2f} s, best of {s['gen_repeats']})"),
-                 ("platform / HF speed", number(gen["platform_tokens_per_s"] / gen["hf_tokens_per_s"], 2), "x")]
+             ("step losses finite", "", {True: "yes", False: "NO", None: "n/a"}[f["losses_finite"]])]
+    rows += generation_rows(f["generation"], s, failed="generation" in f["errors"])
     imported = f["mlflow_or_ray_imported"]
-    rows += [("mlflow or ray imported", "", ("YES: " + ", ".join(imported)) if imported else "no"),
-             ("wall time", number(f["wall_s"], 0), "s")]
+    rows += [("mlflow or ray imported", "", ("YES: " + ", ".join(imported)) if imported else "no")]
+    rows += [(f"FAILED: {phase}", "", message) for phase, message in f["errors"].items()]
+    rows += [("wall time", number(f["wall_s"], 0), "s")]
     return rows
+
+
+def generation_rows(gen: dict | None, s: dict, failed: bool) -> list[tuple[str, str, str]]:
+    if gen is None:
+        return [("generation", "", "failed (below)" if failed else "skipped: time budget reached")]
+    best = f"best of {s['gen_repeats']}"
+    return [
+        ("generate() decoder", "", f"{gen['path']}; {gen['prompts']} prompts x {s['new_tokens']} new tokens"),
+        ("greedy answers identical to HF", number(gen["identical"]), "share of prompts"),
+        ("mean common prefix with HF", number(gen["common_prefix"]), "share of the longer answer"),
+        ("platform decoder", number(gen["platform_tokens_per_s"], 1),
+         f"tokens/s ({gen['platform_tokens']} in {gen['platform_s']:.2f} s, {best})"),
+        ("HF generate()", number(gen["hf_tokens_per_s"], 1),
+         f"tokens/s ({gen['hf_tokens']} in {gen['hf_s']:.2f} s, {best})"),
+        ("platform / HF speed", number(gen["platform_tokens_per_s"] / gen["hf_tokens_per_s"], 2), "x"),
+    ]
 
 
 def format_table(rows: list[tuple[str, str, str]]) -> str:
@@ -526,6 +568,18 @@ def prepare_environment(settings: Settings) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
+def run_phase(name: str, errors: dict[str, str], run: Callable[[], Any]) -> Any:
+    """One part of the check; a failure is reported and recorded, and the other parts still run
+    (a GPU is lent briefly: one failing part should not cost the figures of the others)."""
+    try:
+        return run()
+    except Exception as exc:  # noqa: BLE001 - any failure of a part is a finding, not a reason to stop
+        traceback.print_exc()
+        errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        say(f"{name} FAILED: {errors[name]}")
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     started = time.monotonic()
@@ -533,23 +587,28 @@ def main(argv: list[str] | None = None) -> int:
     prepare_environment(settings)
     say(f"start: {settings.model} on {settings.device}, {settings.dtype} base weights")
     env = environment(settings)
-    plan = planned_memory(settings)
+    errors: dict[str, str] = {}
+    plan = run_phase("memory plan", errors, lambda: planned_memory(settings))
     model = build_model(settings)
-    with one_rank_group(settings.device):
-        training = measure_training(model, settings, deadline)
+
+    def training() -> dict[str, Any]:
+        with one_rank_group(settings.device):
+            return measure_training(model, settings, deadline)
+
+    trained = run_phase("training steps", errors, training)
     gen = None
     if time.monotonic() < deadline:
-        gen = measure_generation(model, settings)
+        gen = run_phase("generation", errors, lambda: measure_generation(model, settings))
     else:
         say("time budget reached: generation skipped")
-    result = figures(settings, env, training, plan, gen)
+    result = figures(settings, env, trained, plan, gen, errors)
     result["wall_s"] = time.monotonic() - started
     if settings.json:
         Path(settings.json).parent.mkdir(parents=True, exist_ok=True)
         Path(settings.json).write_text(json.dumps(result, indent=2))
         say(f"figures written to {settings.json}")
     print(format_table(table_rows(result)), flush=True)
-    return 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
