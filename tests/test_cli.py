@@ -1,6 +1,7 @@
 """The `panacea` command end to end on the tiny model: main job, finetune, bad input, benchmark."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -262,3 +263,30 @@ def test_a_bad_or_unreachable_suite_stops_the_demo_before_any_training(tiny_job,
         err = capsys.readouterr().err
         assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
     assert not config.run_dir().parent.exists() or not list(config.run_dir().parent.glob("align-*"))
+
+
+@pytest.mark.parametrize("case", ["unfillable accumulation", "deepspeed bf16", "checkpoint of another shape"])
+def test_bad_training_input_stops_before_any_work_with_one_line_and_exit_2(case, tiny_job, tmp_path, capsys):
+    """Each names the field to change; none trains or opens an MLflow run (the DeepSpeed one fails in the
+    driver's check_distributed, before Ray)."""
+    config, path = tiny_job
+    overrides = {"unfillable accumulation": ["optim.batch_size=3", "optim.grad_accum_steps=4"],
+                 "deepspeed bf16": ["scaling.zero_stage=2", "scaling.num_workers=2",
+                                    f"scaling.deepspeed_json={tmp_path / 'ds.json'}"],
+                 "checkpoint of another shape": ["scaling.checkpoint_every=2"]}[case]
+    (tmp_path / "ds.json").write_text(json.dumps({"bf16": {"enabled": True}}))
+    if case == "checkpoint of another shape":
+        from panacea_platform.training.checkpointing import CHECKPOINT_FORMAT, STATE_FILE, run_identity
+
+        folder = config.run_dir() / "checkpoints" / "step_00000002"
+        folder.mkdir(parents=True)
+        identity = {**run_identity(config, "finetune"), "accumulation": 2}
+        (folder / STATE_FILE).write_text(json.dumps({"format": CHECKPOINT_FORMAT, "step": 2, "stage": "finetune",
+                                                     "identity": identity, "history": []}))
+    assert main(["finetune", "--config", str(path), *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = {"unfillable accumulation": "optim.grad_accum_steps = 4 cannot be filled by optim.batch_size = 3",
+                "deepspeed bf16": "enables DeepSpeed's bf16",
+                "checkpoint of another shape": "Set optim.grad_accum_steps to match it"}[case]
+    assert len(err) == 1 and expected in err[0], err
+    assert not (Path(config.output_dir) / "mlflow.db").exists()

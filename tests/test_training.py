@@ -223,3 +223,41 @@ def test_random_perturbation_from_the_sft_run_equals_training_it_in_full(tiny_ru
         tiny_run_config(defence="random_perturbation", optim={"max_steps": 0})
     with pytest.raises(ConfigError, match="align_optim.max_steps = 0"):
         tiny_run_config(align_optim={"max_steps": 0})
+
+
+class _Rank:
+    """One rank's view for mean_loss: its index, the world, and the all-reduce it would join (it keeps
+    this rank's partial sums, which the test adds up as the collective would)."""
+
+    def __init__(self, rank, world_size, collective):
+        self.rank, self.world_size, self.forward_is_collective = rank, world_size, collective
+        self.partial = None
+
+    def all_reduce_sum(self, values):
+        self.partial = list(values)
+        return list(values)
+
+
+def test_each_rank_scores_its_shard_of_the_held_out_set_and_the_shards_sum_to_the_whole(tiny_llama):
+    from panacea_platform.config import LoraConfig, ModelConfig
+    from panacea_platform.training.losses import mean_loss
+
+    torch.manual_seed(0)
+    model = attach_lora(load_base_model(ModelConfig(name=str(tiny_llama))), LoraConfig(rank=4, alpha=8))
+    generator = torch.Generator().manual_seed(1)
+    features = []
+    for length in (7, 9, 12, 6, 10, 8, 11, 9, 7):  # 9 examples: 5 batches of 2 (the last one short)
+        ids = torch.randint(4, 200, (length,), generator=generator).tolist()
+        features.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    whole = mean_loss(model, features, 2, 0)
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, output: calls.append(1))
+    for collective, passes in ((False, [3, 2]), (True, [3, 3])):
+        ranks = [_Rank(r, 2, collective) for r in range(2)]
+        for rank in ranks:
+            calls.clear()
+            mean_loss(model, features, 2, 0, rank)
+            assert len(calls) == passes[rank.rank], (collective, rank.rank)  # its shard only (plus padding)
+        total, tokens = (sum(values) for values in zip(*(rank.partial for rank in ranks)))
+        assert total / tokens == pytest.approx(whole, rel=1e-6)
+    hook.remove()

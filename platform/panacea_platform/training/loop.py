@@ -132,17 +132,19 @@ def run_stage(
     run. The checkpoints are removed once the stage has finished.
     """
     from panacea_platform.training.publish import publish_stage
+    from panacea_platform.training.strategy import check_precision
     from panacea_platform.training.strategy.torch import TorchStrategy
 
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    # Data first: a bad file or too small a source is the user's to fix, and
-    # fails before a run folder or an MLflow run exists.
-    data = prepare_data(config, stage)
+    check_precision(config, use_gpu=torch.cuda.is_available())
     optim = config.optim if stage == "finetune" else config.align_optim
     strategy = TorchStrategy(accumulation=optim.grad_accum_steps)
     store = LocalCheckpoints(config.run_dir() / CHECKPOINT_DIR, config.scaling.keep_checkpoints)
+    # A checkpoint this run cannot continue from, a bad file or too small a source is the user's to fix,
+    # and fails before any training, and before an MLflow run exists.
     checkpoints = _local_checkpoints(config, stage, strategy, store)
+    data = prepare_data(config, stage)
     tracker = None
     if track:
         resumed_run = checkpoints.state.get("mlflow_run_id") if checkpoints.state else None

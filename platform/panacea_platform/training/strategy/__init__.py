@@ -15,6 +15,20 @@ from typing import Any, Callable, Protocol
 import torch
 
 from panacea_platform.algorithms.interface import TrainableWeights
+from panacea_platform.config import ConfigError
+
+
+def check_precision(config: Any, use_gpu: bool) -> None:
+    """bf16 where the device cannot run it is refused before any work. CPUs run bf16 (torch emulates
+    what the hardware lacks); GPUs before compute capability 8.0 (V100, T4) do not."""
+    if "bfloat16" not in (config.model.dtype, config.model.compute_dtype) or not use_gpu:
+        return
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        field = "model.dtype" if config.model.dtype == "bfloat16" else "model.compute_dtype"
+        raise ConfigError(
+            f"{field} = 'bfloat16': this machine's GPU ({torch.cuda.get_device_name(0)}) has no bf16 (it needs "
+            "compute capability 8.0 or newer, e.g. A100, H100); set model.dtype and model.compute_dtype to float32"
+        )
 
 
 class Strategy(Protocol):

@@ -416,6 +416,10 @@ def check_distributed(config: Any, stage: str, num_workers: int, zero_stage: int
 
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    from panacea_platform.training.strategy import check_precision
+
+    # On the driver this sees the driver's GPU; each worker checks its own (DeepSpeedStrategy.load_model).
+    check_precision(config, config.scaling.use_gpu)
     optim = config.optim if stage == "finetune" else config.align_optim
     if config.scaling.deepspeed_json is not None:
         return user_deepspeed_config(config.scaling.deepspeed_json, optim, num_workers, zero_stage,
@@ -485,7 +489,9 @@ class DeepSpeedStrategy:
 
     def load_model(self, config: Any) -> torch.nn.Module:
         from panacea_platform.models import attach_lora, load_base_model
+        from panacea_platform.training.strategy import check_precision
 
+        check_precision(config, config.scaling.use_gpu)
         if self.zero_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
