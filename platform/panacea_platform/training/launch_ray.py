@@ -293,7 +293,6 @@ def run_distributed(
     `mlflow_run_id` makes rank 0 log into that existing run (a sweep's child run); its owner ends it.
     `step_hook(rank, step)` runs on every worker after every step (tests inject failures with it).
     """
-    from panacea_platform.training.loop import open_tracker
     from panacea_platform.training.stage_data import prepare_data
 
     config = for_workers(_as_config(config))
@@ -308,14 +307,7 @@ def run_distributed(
     ensure_ray()
     storage = Path(storage_path) if storage_path is not None else Path(config.output_dir) / "ray"
     storage.mkdir(parents=True, exist_ok=True)
-    if mlflow_run_id is not None:
-        from panacea_platform.tracking import Tracker
-
-        tracker = Tracker.attach(config.tracking.tracking_uri or default_tracking_uri(config.output_dir), mlflow_run_id)
-        owned = False
-    else:
-        tracker = open_tracker(config, stage, parent_run_id) if track else None
-        owned = tracker is not None
+    tracker, owned = _tracker(config, stage, mlflow_run_id, parent_run_id, track)
     with tracker if owned else nullcontext():
         if tracker is not None:
             tracker.set_tags({"num_workers": str(num_workers), "zero_stage": str(zero_stage)})
@@ -334,6 +326,20 @@ def run_distributed(
         # After the last collective, on the driver: no worker waits while it runs.
         publish_stage(config, stage, result, tracker, out)
         return result
+
+
+def _tracker(config: RunConfig, stage: str, mlflow_run_id: str | None, parent_run_id: str | None,
+             track: bool) -> tuple[Any, bool]:
+    """(tracker, owned): the existing run `mlflow_run_id` (its owner ends it), or one opened here."""
+    from panacea_platform.training.loop import open_tracker
+
+    if mlflow_run_id is not None:
+        from panacea_platform.tracking import Tracker
+
+        uri = config.tracking.tracking_uri or default_tracking_uri(config.output_dir)
+        return Tracker.attach(uri, mlflow_run_id), False
+    tracker = open_tracker(config, stage, parent_run_id) if track else None
+    return tracker, tracker is not None
 
 
 def _failure_settings(config: RunConfig, checkpoint_every, keep_checkpoints, max_failures) -> tuple[int, Any, int]:

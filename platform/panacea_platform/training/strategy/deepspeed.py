@@ -168,7 +168,19 @@ def user_deepspeed_config(
         )
     except DeepSpeedConfigError as exc:
         raise DeepSpeedConfigError(f"scaling.deepspeed_json {path!r}: {exc}") from None
-    global_batch = int(optim.batch_size)
+    _check_user_batch(user, path, int(optim.batch_size), world_size, accumulation)
+    clip = user.get("gradient_clipping", base["gradient_clipping"])
+    if clip != base["gradient_clipping"]:
+        raise DeepSpeedConfigError(
+            f"scaling.deepspeed_json {path!r} has gradient_clipping {clip} but optim.max_grad_norm gives "
+            f"{base['gradient_clipping']}: make them agree"
+        )
+    # The user's other keys (communication, logging, offload...) stand as written.
+    return {**user, **base, "zero_optimization": base["zero_optimization"]}
+
+
+def _check_user_batch(user: dict[str, Any], path: str, global_batch: int, world_size: int, accumulation: int) -> None:
+    """A user's batch keys may restate the run's split, never contradict it."""
     if user.get("train_batch_size", global_batch) != global_batch:
         raise DeepSpeedConfigError(
             f"scaling.deepspeed_json {path!r} has train_batch_size {user['train_batch_size']} but optim.batch_size "
@@ -188,14 +200,6 @@ def user_deepspeed_config(
             f"optim.batch_size (the global batch) = {global_batch}: remove the key (uneven splits are handled) "
             "or make them agree"
         )
-    clip = user.get("gradient_clipping", base["gradient_clipping"])
-    if clip != base["gradient_clipping"]:
-        raise DeepSpeedConfigError(
-            f"scaling.deepspeed_json {path!r} has gradient_clipping {clip} but optim.max_grad_norm gives "
-            f"{base['gradient_clipping']}: make them agree"
-        )
-    # The user's other keys (communication, logging, offload...) stand as written.
-    return {**user, **base, "zero_optimization": base["zero_optimization"]}
 
 
 class DeepSpeedWeights:
