@@ -164,7 +164,7 @@ def recommendation(rows: list[PlanRow], gpu_gb: float) -> str:
     if zero2:
         smallest = zero2[0]
         return (f"recommended: ZeRO-2 (fits from {smallest.gpus} GPU{'s' if smallest.gpus > 1 else ''}). With LoRA the "
-                f"frozen 16-bit weights ({smallest.params_gb:.1f} GiB) are the largest share of the memory, and ZeRO-3 would save "
+                f"frozen base weights ({smallest.params_gb:.1f} GiB) are the largest share of the memory, and ZeRO-3 would save "
                 f"them only by gathering every layer for each forward and backward: {GATHERS_PER_STEP['panacea']} "
                 f"gathers per Panacea step ({GATHERS_PER_STEP['sft']} per SFT step).")
     zero3 = sorted((r for r in fits if r.stage == 3), key=lambda r: r.gpus)
