@@ -259,7 +259,7 @@ def test_a_single_process_run_resumes_from_its_checkpoint_into_the_same_mlflow_r
     assert not (config.run_dir() / "checkpoints").exists(), "a finished run keeps no training checkpoints"
 
 
-def test_a_single_process_checkpoint_of_another_shape_is_refused(tiny_llama, placeholder_harmful_file, tmp_path,
+def test_a_single_process_checkpoint_of_another_shape_or_other_settings_is_refused(tiny_llama, placeholder_harmful_file, tmp_path,
                                                                  crashing_defence):
     from crash_hooks import InjectedCrash
     from panacea_platform.training.checkpointing import CheckpointMismatchError
@@ -273,3 +273,6 @@ def test_a_single_process_checkpoint_of_another_shape_is_refused(tiny_llama, pla
         run_stage(config(), "finetune", out=lambda line: None, track=False)
     with pytest.raises(CheckpointMismatchError, match="accumulation = 1, but this run has accumulation = 2"):
         run_stage(config(grad_accum_steps=2), "finetune", out=lambda line: None, track=False)
+    other_rho = config().model_copy(update={"panacea": config().panacea.model_copy(update={"rho": 0.25})})
+    with pytest.raises(CheckpointMismatchError, match=r"other settings \(panacea.rho = 0.5 there, 0.25 here\)"):
+        run_stage(other_rho, "finetune", out=lambda line: None, track=False)

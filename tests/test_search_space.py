@@ -106,10 +106,11 @@ def test_lambda_is_reachable_by_alias_and_by_name():
 
 def test_values_are_checked_against_the_base_job_too(tmp_path):
     base = load_config(None)
-    # batch 5 is a valid field value but not a multiple of the trial's 2 workers.
-    space = space_from_dict({"parameters": {"optim.batch_size": {"grid": [4, 5]}},
+    # 16 accumulation steps is a valid field value, but the base job's batch of 8 cannot fill them.
+    space = space_from_dict({"parameters": {"optim.grad_accum_steps": {"grid": [1, 16]}},
                              "resources": {"num_workers": 2, "zero_stage": 0}})
-    with pytest.raises(SearchSpaceError, match=r"parameters.optim.batch_size = 5 with the base job: .*multiple of"):
+    with pytest.raises(SearchSpaceError,
+                       match=r"parameters.optim.grad_accum_steps = 16 with the base job: .*cannot be filled"):
         check_against_job(space, base)
     # 0 steps is a valid field value, but only for a defence that releases an existing adapter.
     zero_steps = space_from_dict({"parameters": {"optim.max_steps": {"grid": [0, 3]}}})

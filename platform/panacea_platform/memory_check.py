@@ -67,6 +67,41 @@ def live_tensor_bytes() -> int:
     return total
 
 
+MARK_BYTES = 7_777_777  # a one-off allocation of a size nothing else has, between two profiled steps
+
+
+def step_peak_bytes(step: Callable[[], Any]) -> int:
+    """The peak a step allocates above the level at its start.
+
+    CUDA: the allocator's own peak. CPU: torch's profiler's allocation and free events, summed. The
+    profiler drops the frees of blocks allocated before it started (the previous step's leftovers,
+    freed early in the next), which would count as never freed: so two steps are profiled, a marker
+    allocation between them, and only the second, whose every block is known, is read.
+    """
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+        marker = torch.empty(MARK_BYTES, dtype=torch.uint8)
+        del marker
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    after_marker = next(i for i, e in enumerate(events) if e.nbytes() == -MARK_BYTES) + 1
+    level = peak = 0
+    for event in events[after_marker:]:
+        level += event.nbytes()
+        peak = max(peak, level)
+    return peak
+
+
 def worst_case_batch(rows: int, seq_len: int, vocab: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(4, vocab, (rows, seq_len), generator=generator)
@@ -79,7 +114,6 @@ def worst_case_batch(rows: int, seq_len: int, vocab: int, seed: int, device: tor
 def check_memory(config: RunConfig, out: Callable[[str], None] = print) -> MemoryCheck:
     """Measure one Panacea step of config.model under ZeRO-2 on one rank and plan the same step."""
     from panacea_platform.algorithms.panacea import panacea_step
-    from panacea_platform.bench import peak_tensor_memory_mb
     from panacea_platform.memory_plan import GB, count_model, plan
     from panacea_platform.training.losses import training_loss
     from panacea_platform.training.strategy.deepspeed import (
@@ -115,7 +149,7 @@ def check_memory(config: RunConfig, out: Callable[[str], None] = print) -> Memor
         gc.collect()
         states = live_tensor_bytes() - before - sum(t.numel() * t.element_size() for t in (*batch.values(), *harmful.values()))
         out("[memory] the measured step")
-        peak_step = peak_tensor_memory_mb(step) * 2**20
+        peak_step = step_peak_bytes(step)
         strategy.close()
     counts = count_model(config.model.name, config.lora.target_modules, config.lora.rank)
     row = plan(counts, 1, 2, micro_batch, seq_len, weight_dtype=config.model.dtype,

@@ -40,8 +40,33 @@ IDENTITY_FIELDS = {  # identity key -> the setting a user changes to match it
 }
 
 
+# Settings a resumed run may change: where it writes and logs, how often, and how it is launched
+# (the launch's shape is the identity's to check).
+FREE_TO_CHANGE = ("run_name", "output_dir", "tracking.", "scaling.", "optim.log_every", "optim.eval_every")
+
+
 class CheckpointMismatchError(ConfigError):
     """A checkpoint that this run cannot resume from; the message names what differs."""
+
+
+def run_settings(config: RunConfig) -> dict[str, Any]:
+    """The settings that decide what the steps compute, as flat dotted keys."""
+    return {k: v for k, v in config.flat().items() if not k.startswith(FREE_TO_CHANGE)}
+
+
+def check_settings(state: dict[str, Any], settings: dict[str, Any], where: str) -> None:
+    """Refuse to continue a run under other settings (another rho, lr, data...) than the ones it started with."""
+    saved = state.get("settings")
+    if saved is None:
+        return
+    differ = sorted(k for k in set(saved) | set(settings) if str(saved.get(k)) != str(settings.get(k)))
+    if differ:
+        shown = ", ".join(f"{k} = {saved.get(k)!r} there, {settings.get(k)!r} here" for k in differ[:3])
+        raise CheckpointMismatchError(
+            f"cannot resume from {where}: it was written under other settings ({shown}"
+            f"{', ...' if len(differ) > 3 else ''}). Run with its settings, or start a new run (another run_name, "
+            "or delete the checkpoint)"
+        )
 
 
 def run_identity(config: RunConfig, stage: str, world_size: int | None = None,
@@ -109,15 +134,21 @@ class Checkpoints:
     """
 
     def __init__(self, every: int, identity: dict[str, Any], stage: str, strategy: Any, sink: CheckpointSink | None,
-                 source: Path | None = None, extra_state: dict[str, Any] | None = None) -> None:
+                 source: Path | None = None, extra_state: dict[str, Any] | None = None,
+                 settings: dict[str, Any] | None = None) -> None:
         self.every, self.identity, self.stage = int(every or 0), identity, stage
         self.strategy, self.sink, self.extra_state = strategy, sink, dict(extra_state or {})
+        if settings is not None:
+            self.extra_state["settings"] = settings
         self.directory = Path(source) if source is not None else None
         self.state: dict[str, Any] | None = None
         self.resume_step: int | None = None
         if self.directory is not None:
             self.state = read_checkpoint_state(self.directory)
-            check_resume(self.state, identity, stage, where=f"the checkpoint {self.directory}")
+            where = f"the checkpoint {self.directory}"
+            check_resume(self.state, identity, stage, where=where)
+            if settings is not None:
+                check_settings(self.state, settings, where)
             self.resume_step = int(self.state["step"])
 
     def restore(self, weights: Any, defence: Any) -> tuple[int, list[dict[str, Any]]] | None:

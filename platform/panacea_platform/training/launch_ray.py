@@ -39,8 +39,10 @@ from panacea_platform.tracking import default_tracking_uri
 from panacea_platform.training.checkpointing import (
     Checkpoints,
     check_resume,
+    check_settings,
     read_checkpoint_state,
     run_identity,
+    run_settings,
 )
 from panacea_platform.training.loop import StageResult
 from panacea_platform.training.strategy.deepspeed import check_distributed, comm_backend, skip_shm_comm_build
@@ -145,8 +147,8 @@ def train_on_rank(
     with checkpoint.as_directory() if checkpoint is not None else nullcontext() as source:
         # A mismatched checkpoint is refused here, before any model is loaded.
         checkpoints = Checkpoints(checkpoint_every, run_identity(config, stage, world_size, zero_stage), stage,
-                                  strategy, sink,
-                                  source=Path(source) if source is not None else None)
+                                  strategy, sink, source=Path(source) if source is not None else None,
+                                  settings=run_settings(config))
         resumed_from = checkpoints.resume_step
         if rank == 0:
             _record(config, {"num_workers": world_size, "zero_stage": zero_stage, "deepspeed_config": ds_config,
@@ -301,8 +303,9 @@ def run_distributed(
     # Fails here, before any worker starts, on a bad batch split, ZeRO stage, checkpoint or data.
     check_distributed(config, stage, num_workers, zero_stage, zero_options)
     if resume_from is not None:
-        check_resume(read_checkpoint_state(resume_from), run_identity(config, stage, num_workers, zero_stage), stage,
-                     where=f"the checkpoint {resume_from}")
+        state, where = read_checkpoint_state(resume_from), f"the checkpoint {resume_from}"
+        check_resume(state, run_identity(config, stage, num_workers, zero_stage), stage, where=where)
+        check_settings(state, run_settings(config), where)
     prepare_data(config, stage)
     ensure_ray()
     storage = Path(storage_path) if storage_path is not None else Path(config.output_dir) / "ray"

@@ -27,7 +27,7 @@ from panacea_platform.config import RunConfig, save_config
 from panacea_platform.data import Example
 from panacea_platform.data.collate import BatchStream, tokenize_example
 from panacea_platform.models import PERTURBATION_FILE, load_tokenizer, save_perturbation
-from panacea_platform.training.checkpointing import Checkpoints, LocalCheckpoints, run_identity
+from panacea_platform.training.checkpointing import Checkpoints, LocalCheckpoints, run_identity, run_settings
 from panacea_platform.training.losses import heldout_signals, mean_loss, training_loss
 from panacea_platform.training.schedule import total_steps
 from panacea_platform.training.stage_data import STAGES, StageData, prepare_data
@@ -161,7 +161,7 @@ def run_stage(
 def _local_checkpoints(config: RunConfig, stage: str, strategy: Any, store: LocalCheckpoints) -> Checkpoints:
     """Checkpoints for a stage in this process; refuses a latest checkpoint this run cannot continue from."""
     return Checkpoints(config.scaling.checkpoint_every, run_identity(config, stage), stage, strategy, store,
-                       source=store.latest())
+                       source=store.latest(), settings=run_settings(config))
 
 
 def _reattach(config: RunConfig, run_id: str) -> Tracker:

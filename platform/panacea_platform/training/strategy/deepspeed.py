@@ -452,7 +452,7 @@ def skip_shm_comm_build() -> None:
 @contextmanager
 def single_rank_group(use_gpu: bool) -> Iterator[None]:
     """A one-process torch.distributed group (nccl on CUDA, gloo on CPU), as a launcher would give, for
-    a DeepSpeed engine in this process (measurements, checks)."""
+    a DeepSpeed engine in this process (measurements, checks, tests)."""
     import os
     import socket
 
@@ -465,17 +465,29 @@ def single_rank_group(use_gpu: bool) -> Iterator[None]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    forget_deepspeed_groups()
     dist.init_process_group(comm_backend(use_gpu), init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         yield
     finally:
-        import deepspeed.comm.comm as ds_comm
-        from deepspeed.utils import groups
-
         dist.destroy_process_group()
-        # DeepSpeed keeps its own handles on the group: a later group in this process needs them gone.
-        ds_comm.cdb = None
-        groups._WORLD_GROUP = groups._DATA_PARALLEL_GROUP = None
+        forget_deepspeed_groups()
+
+
+def forget_deepspeed_groups() -> None:
+    """DeepSpeed keeps handles on the process groups it has seen (its comm backend, and the groups
+    module's data-parallel, sequence-parallel... groups): a later group in this process needs them gone."""
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.utils import groups
+
+    ds_comm.cdb = None
+    for name, value in vars(groups).items():
+        if not (name.startswith("_") and name.isupper()):
+            continue
+        if isinstance(value, torch.distributed.ProcessGroup):
+            setattr(groups, name, None)
+        elif isinstance(value, dict):
+            value.clear()
 
 
 class DeepSpeedStrategy:
