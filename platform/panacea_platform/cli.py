@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sweep, default=None)
     sweep.add_argument("--name", default=None, help="sweep name (default: the space file's name); rerun to resume")
     sweep.add_argument("--resume", action="store_true", help="insist on resuming an existing sweep of this name")
-    sweep.add_argument("--retry-errored", action="store_true", help="on resume, run failed trials again from scratch")
+    sweep.add_argument("--retry-errored", action="store_true", help="on resume, run failed trials again (from their last checkpoint, if they wrote one)")
     sweep.set_defaults(func=cmd_sweep)
 
     report = sub.add_parser("report", help="a sweep's trials table and Pareto plot (PNG + MLflow artifact)")

@@ -385,7 +385,7 @@ def run_sweep(
     `job` (default: the space's base_job, else jobs/offline_default.yaml) plus
     `overrides` is the base RunConfig. `name` defaults to the space file's stem.
     Rerunning with the same name resumes; `resume=True` insists that there is a
-    sweep to resume; `retry_errored` runs failed trials again from scratch.
+    sweep to resume; `retry_errored` runs failed trials again (from their last checkpoint, if they wrote one).
     """
     space_path = Path(space_path)
     space = load_space(space_path)

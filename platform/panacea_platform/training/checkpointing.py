@@ -40,9 +40,10 @@ IDENTITY_FIELDS = {  # identity key -> the setting a user changes to match it
 }
 
 
-# Settings a resumed run may change: where it writes and logs, how often, and how it is launched
-# (the launch's shape is the identity's to check).
-FREE_TO_CHANGE = ("run_name", "output_dir", "tracking.", "scaling.", "optim.log_every", "optim.eval_every")
+# Settings a resumed run may change: where it writes and logs, how often, how it is launched (the
+# launch's shape is the identity's to check), and how the released model is evaluated.
+FREE_TO_CHANGE = ("run_name", "output_dir", "tracking.", "scaling.", "evaluation.", "optim.log_every",
+                  "optim.eval_every")
 
 
 class CheckpointMismatchError(ConfigError):
