@@ -40,10 +40,19 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def _load_for_work(args: argparse.Namespace):
+    """The config of a command that trains: its model and tracking store checked within seconds first."""
+    from panacea_platform.preflight import check_before_work
+
+    config = _load(args)
+    check_before_work(config)
+    return config
+
+
 def cmd_align(args: argparse.Namespace) -> int:
     from panacea_platform.training.dispatch import train
 
-    config = _load(args)
+    config = _load_for_work(args)
     result = train(config, "align")
     print(f"aligned adapter: {result.adapter_dir}")
     return 0
@@ -52,7 +61,7 @@ def cmd_align(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from panacea_platform.training.dispatch import train
 
-    config = _load(args)
+    config = _load_for_work(args)
     result = train(config, "finetune")
     print(f"released adapter (w_T + eps_T): {result.adapter_dir}")
     if result.perturbation_path is not None:
@@ -69,6 +78,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.report_only:
         report_demo(config)
         return 0
+    from panacea_platform.preflight import check_before_work
+
+    check_before_work(config)
     defences = [d.strip() for d in args.defences.split(",") if d.strip()]
     unknown = [d for d in defences if d not in DEFENCES]
     if unknown or not defences:

@@ -392,6 +392,9 @@ def run_sweep(
     job = job or space.base_job or DEFAULT_JOB
     base = load_config(job, overrides)
     check_against_job(space, base)
+    from panacea_platform.preflight import check_before_work
+
+    check_before_work(base)  # the model and the tracking store, before Ray or the parent run
     if space.evaluate and importlib.util.find_spec("panacea_platform.evaluation.evaluate") is None:
         raise SweepError("evaluate: true needs panacea_platform.evaluation.evaluate (not installed); set evaluate: false")
     if space.evaluate:
