@@ -12,6 +12,17 @@ if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
   exit 0
 fi
 
+# PostgreSQL for the team tracking server and its tests (Debian's packages; needs root). Without
+# root the tracking-server tests skip with the reason, except in CI, where they must run.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    echo "setup: installing PostgreSQL (Debian packages)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "setup: PostgreSQL is not installed and cannot be installed here (not root, or no apt-get)"
+  fi
+fi
+
 [[ -x $venv/bin/python ]] || python3 -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --upgrade pip

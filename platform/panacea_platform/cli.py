@@ -15,7 +15,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from panacea_platform.data.errors import DataFileError, DataUnavailableError, NotEnoughDataError, PoolOverlapError
 
     # ConfigError covers DeepSpeedConfigError too.
-    return (ConfigError, DataFileError, DataUnavailableError, NotEnoughDataError, PoolOverlapError, FileNotFoundError)
+    from panacea_platform.tracking_server import TrackingServerError
+
+    return (ConfigError, DataFileError, DataUnavailableError, NotEnoughDataError, PoolOverlapError, FileNotFoundError,
+            TrackingServerError)
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_JOB) -> None:
@@ -232,6 +235,12 @@ def _add_sweep_lookup_args(parser: argparse.ArgumentParser) -> None:
     _add_config_args(parser)
 
 
+def cmd_tracking_server(args: argparse.Namespace) -> int:
+    from panacea_platform.tracking_server import serve
+
+    return serve(Path(args.data), args.port, args.db_port, Path(args.artifacts) if args.artifacts else None, args.host)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from panacea_platform.config import ConfigError
     from panacea_platform.memory_plan import count_model, format_plan, plan
@@ -296,6 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = sub.add_parser("list", help="registered defences, tasks, harmful sources and offline models")
     listing.set_defaults(func=cmd_list)
+
+    server = sub.add_parser(
+        "tracking-server", help="a team's MLflow server: PostgreSQL backend store, artifacts proxied to shared storage"
+    )
+    server.add_argument("--data", required=True, help="folder for PostgreSQL's data, the server's log and (by "
+                        "default) the artifacts; on a cluster, on the head node or shared storage")
+    server.add_argument("--artifacts", default=None, help="artifact destination (default DATA/artifacts): shared storage")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a cluster's nodes)")
+    server.add_argument("--port", type=int, default=5000, help="the MLflow server's port (default 5000)")
+    server.add_argument("--db-port", type=int, default=5432, help="PostgreSQL's port on 127.0.0.1 (default 5432)")
+    server.set_defaults(func=cmd_tracking_server)
 
     plan_parser = sub.add_parser("plan", help="plans: per-GPU memory of a job under ZeRO-2/3")
     plan_sub = plan_parser.add_subparsers(dest="what", required=True, metavar="WHAT")

@@ -73,7 +73,10 @@ class Tracker:
         self.tracking_uri = tracking_uri
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
-            location = None if artifact_root is None else Path(artifact_root).resolve().as_uri()
+            # A tracking server decides where artifacts go (proxied, --serve-artifacts): a local folder
+            # named here would be one process's disk, out of the team's reach.
+            local = artifact_root is not None and not tracking_uri.startswith(("http://", "https://"))
+            location = Path(artifact_root).resolve().as_uri() if local else None
             experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             experiment_id = found.experiment_id
