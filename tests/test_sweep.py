@@ -114,7 +114,7 @@ def test_a_four_trial_sweep_builds_one_parent_with_four_complete_children(ray_se
         assert "version.ray" in params and params["optim.eval_every"] == "1"
         # Per-step metrics (steps 1..3) and the cheap signals at every evaluation step.
         assert steps_of(client, run.info.run_id, "task_loss") == [1, 2, 3]
-        assert steps_of(client, run.info.run_id, "released_heldout_harmful_loss")[:3] == [1, 2, 3]
+        assert steps_of(client, run.info.run_id, "released_heldout_harmful_loss") == [1, 2, 3]  # logged once a step
         # Panacea's eps has norm rho.
         assert metrics["perturbation_norm"] == pytest.approx(float(params["panacea.rho"]), rel=1e-4)
         # The scalar score: released task loss - 0.1 * released harmful loss (the default weights).

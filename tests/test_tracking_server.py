@@ -103,3 +103,39 @@ def test_the_cli_serves_the_same_pair(tmp_path):
 
     args = build_parser().parse_args(["tracking-server", "--data", str(tmp_path), "--port", "5123"])
     assert args.func.__name__ == "cmd_tracking_server" and args.port == 5123 and args.db_port == 5432
+
+
+def test_a_sweep_of_two_concurrent_trials_on_the_server_loses_nothing(team_server, ray_session, tiny_llama,
+                                                                      placeholder_harmful_file, tmp_path):
+    """Two trials log at the same time through the server: the parent/child tree, true statuses, and
+    every step of every trial's metrics, read back through the server."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from panacea_platform.config import save_config
+    from panacea_platform.search.sweep import run_sweep
+
+    url, _ = team_server
+    config = tiny_config(tiny_llama, placeholder_harmful_file, tmp_path / "runs", "team-sweep",
+                         optim={"max_steps": 4, "log_every": 1}, tracking={"tracking_uri": url, "experiment": "team-sweep"})
+    save_config(config, tmp_path / "job.yaml")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"parameters": {"panacea.rho": {"grid": [0.1, 0.2]}}, "evaluate": False,
+                                     "max_concurrent_trials": 2, "eval_every": 1}))
+    outcome = run_sweep(space, tmp_path / "job.yaml", name="team", out=lambda line: None)
+    assert outcome.status == "FINISHED"
+    client = MlflowClient(tracking_uri=url)
+    experiment = client.get_experiment_by_name("team-sweep")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = [r for r in runs if r.info.run_id == outcome.parent_run_id]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == outcome.parent_run_id and
+              "tune_trial_id" in r.data.tags]
+    assert parent and parent[0].info.status == "FINISHED" and len(trials) == 2
+    starts, ends = sorted(r.info.start_time for r in trials), sorted(r.info.end_time for r in trials)
+    assert starts[1] < ends[0], "the two trials did not run at the same time"
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        for key in ("task_loss", "released_heldout_harmful_loss"):
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert steps == [1, 2, 3, 4], (key, steps)
+        assert "adapter" in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -14,7 +14,7 @@ import json
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -190,6 +190,7 @@ class _Stage:
     pad: int
     start: int
     rows: list[dict[str, Any]]  # history.jsonl lines (step, metrics, lr) of the steps done
+    last_step_metrics: dict[str, float] = field(default_factory=dict)  # what the last step logged
 
 
 def execute_stage(
@@ -296,6 +297,8 @@ def train_stage(s: _Stage, config: RunConfig, strategy: Any, tracker: Tracker | 
             history_file.flush()
         if tracker is not None and step > logged_through and (step % optim.log_every == 0 or step == steps):
             tracker.log_metrics(metrics, step)
+        if step == steps:
+            s.last_step_metrics = metrics
         progress.update(step, metrics)
         on_step(step, metrics)
         if checkpoints is not None:
@@ -363,6 +366,7 @@ def finalise_stage(s: _Stage, config: RunConfig, strategy: Any, history: list[di
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         out(f"[{s.label}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
     if tracker is not None:
-        tracker.log_metrics(summary, s.steps)
+        # Held-out losses measured at the last step (optim.eval_every) are these same values: logged once.
+        tracker.log_metrics({k: v for k, v in summary.items() if k not in s.last_step_metrics}, s.steps)
     return StageResult(run_dir, adapter_dir, unperturbed_dir, perturbation_path, summary, history,
                        tracker.run_id if tracker is not None else None)
