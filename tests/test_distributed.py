@@ -551,3 +551,25 @@ def test_workers_get_absolute_paths_and_the_drivers_tracking_store(tiny_run_conf
     assert ready.model.adapter == str(tmp_path / "adapter")
     assert ready.tracking.tracking_uri == default_tracking_uri("runs/rel") == f"sqlite:///{tmp_path}/runs/rel/mlflow.db"
     assert ready.data.harmful_file == config.data.harmful_file  # already absolute: unchanged
+
+
+def test_the_driver_reads_the_run_from_ray_trains_storage_not_the_workers_folder(zero2, tmp_path):
+    """On a cluster rank 0's run folder is on another node: the driver takes the run from the final
+    checkpoint Ray Train persisted, and rebuilds its own run folder from it."""
+    import shutil
+    from types import SimpleNamespace
+
+    from ray.train import Checkpoint
+
+    from panacea_platform.training.launch_ray import _run_folder_from_storage
+
+    _, (_, result) = zero2
+    stored = tmp_path / "storage"
+    shutil.copytree(result.checkpoint_path, stored)
+    driver_run_dir = tmp_path / "driver" / "run"  # nothing there: the worker wrote on its own disk
+    run_dir, record = _run_folder_from_storage(SimpleNamespace(checkpoint=Checkpoint.from_directory(str(stored))),
+                                               driver_run_dir)
+    assert record["summary"] == result.summary and record["history"] == result.history
+    assert record["distributed"]["num_workers"] == WORKERS
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (result.adapter_dir / "adapter_model.safetensors").read_bytes()

@@ -231,6 +231,28 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report(final)
 
 
+def _run_folder_from_storage(result: Any, run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The run folder as rank 0 reported it: Ray Train's final checkpoint, in its storage.
+
+    Rank 0 wrote the folder on its own node; on a cluster that is not the driver's disk. The driver
+    reads the run's record (summary, history, distributed.json) from the checkpoint Ray Train
+    persisted, and copies the folder into its own run folder where that lacks it (a shared or
+    same-machine run folder already has it). Returns (run folder, record).
+    """
+    if result.checkpoint is None:
+        raise RuntimeError("Ray Train returned no final checkpoint: the run folder cannot be read back")
+    with result.checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        record = {
+            "summary": json.loads((folder / "summary.json").read_text()),
+            "history": [json.loads(line) for line in (folder / "history.jsonl").read_text().splitlines()],
+            "distributed": json.loads((folder / DISTRIBUTED_FILE).read_text()),
+        }
+        if folder.resolve() != run_dir.resolve() and not (run_dir / "summary.json").is_file():
+            shutil.copytree(folder, run_dir, dirs_exist_ok=True)
+    return run_dir, record
+
+
 def _holds_finished_run(checkpoint: Any) -> bool:
     """Whether a Ray checkpoint is a run's final one (its run folder) rather than a training checkpoint."""
     from panacea_platform.training.checkpointing import STATE_FILE
@@ -405,14 +427,12 @@ def _fit(config: RunConfig, loop_config: dict[str, Any], num_workers: int, cpus_
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    run_dir = config.run_dir()
-    summary = json.loads((run_dir / "summary.json").read_text())
-    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    run_dir, record = _run_folder_from_storage(result, config.run_dir())
+    summary, history, recorded = record["summary"], record["history"], record["distributed"]
     unperturbed = run_dir / "adapter_unperturbed"
     from panacea_platform.models import PERTURBATION_FILE
 
     eps = run_dir / PERTURBATION_FILE
-    recorded = json.loads((run_dir / DISTRIBUTED_FILE).read_text())
     out(f"[distributed] {stage} on {num_workers} workers (ZeRO-{zero_stage}) took {time.monotonic() - start:.0f}s")
     return DistributedResult(
         run_dir=run_dir,
