@@ -491,6 +491,38 @@ def test_cli_evaluate_with_a_preset_and_exit_codes(ray_with_test_judge, tiny_run
         assert error.startswith("error: ") and error.count("\n") == 1, error
 
 
+def test_a_run_is_evaluated_from_its_mlflow_run_id_alone(ray_with_test_judge, tiny_run_config, tmp_path, capsys,
+                                                         monkeypatch):
+    """`panacea evaluate --run-id ID` downloads the released adapter and the base model's name through the
+    tracking store, evaluates that model, and logs into the run; an unknown id is one line, exit 2."""
+    from mlflow.tracking import MlflowClient
+
+    from panacea_platform.cli import main
+    from panacea_platform.tracking import default_tracking_uri
+    from panacea_platform.training.loop import run_stage
+
+    config = tiny_run_config(run_name="by-id", evaluation={"judge": PARITY_JUDGE, "max_new_tokens": 3,
+                                                          "task_prompts": 2, "harmful_prompts": 4})
+    trained = run_stage(config, "finetune", out=lambda line: None)
+    job = _job_file(config.model_copy(update={"model": config.model.model_copy(update={"name": "smollm2-135m-instruct"})}),
+                    tmp_path / "job.yaml")  # another model in the job: the run's own must be used
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    out_dir = empty / "eval"
+    assert main(["evaluate", "-c", str(job), "--run-id", trained.mlflow_run_id, "--output-dir", str(out_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert f"run {trained.mlflow_run_id}: its released adapter" in printed and str(config.model.name) in printed
+    downloaded = out_dir / "downloaded" / "adapter" / "adapter_model.safetensors"
+    assert downloaded.read_bytes() == (trained.adapter_dir / "adapter_model.safetensors").read_bytes()
+    logged = MlflowClient(default_tracking_uri(config.output_dir)).get_run(trained.mlflow_run_id).data.metrics
+    assert logged["eval/harmful/n"] == 4 and "eval/harmful/harmful_score" in logged
+
+    assert main(["evaluate", "-c", str(job), "--run-id", "0123456789abcdef"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--run-id '0123456789abcdef': no such run" in error
+
+
 def test_bench_eval_runs_both_ways_with_identical_answers(ray_session, tiny_run_config, tmp_path, capsys):
     from panacea_platform.cli import main
 

@@ -171,11 +171,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from panacea_platform.evaluation.evaluate import evaluate_model, format_result, preset_overrides
 
     config = load_config(args.config, preset_overrides(args.preset) + list(args.overrides))
-    result = evaluate_model(
-        config, args.adapter, args.perturbation, mlflow_run_id=args.run_id, output_dir=args.output_dir
-    )
+    adapter = args.adapter
+    if args.run_id is not None and adapter is None:
+        config, adapter = _released_model(config, args.run_id, args.output_dir)
+    result = evaluate_model(config, adapter, args.perturbation, mlflow_run_id=args.run_id, output_dir=args.output_dir)
     print(format_result(result))
     return 0
+
+
+def _released_model(config, run_id: str, output_dir: str | None):
+    """The run's released adapter, downloaded through the tracking store, on the run's base model."""
+    from panacea_platform.config import with_changes
+    from panacea_platform.evaluation.evaluate import released_model_of_run
+    from panacea_platform.preflight import check_before_work
+    from panacea_platform.tracking import default_tracking_uri
+
+    uri = config.tracking.tracking_uri or default_tracking_uri(config.output_dir)
+    into = Path(output_dir or Path(config.output_dir) / "evaluated" / run_id) / "downloaded"
+    adapter, model = released_model_of_run(uri, run_id, into)
+    config = with_changes(config, {f"model.{key}": value for key, value in model.items()})
+    check_before_work(config)
+    print(f"[evaluate] run {run_id}: its released adapter, downloaded to {adapter}, on {config.model.name}")
+    return config, str(adapter)
 
 
 def cmd_bench_eval(args: argparse.Namespace) -> int:
@@ -383,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(evaluate)
     _add_eval_args(evaluate)
     evaluate.add_argument("--perturbation", default=None, help="perturbation.safetensors to add to the adapter (w + eps)")
-    evaluate.add_argument("--run-id", default=None, help="MLflow run evaluated: metrics, tags and files are logged there")
+    evaluate.add_argument("--run-id", default=None, help="MLflow run evaluated: metrics, tags and files are logged "
+                          "there; without --adapter its released adapter and base model are downloaded from it")
     evaluate.add_argument("--output-dir", default=None, help="where samples.jsonl and eval_summary.json go")
     evaluate.set_defaults(func=cmd_evaluate)
     return parser

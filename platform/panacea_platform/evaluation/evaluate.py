@@ -59,6 +59,33 @@ def _tracker_for(config: "RunConfig", tracker: "Tracker | None", mlflow_run_id: 
         raise ConfigError(f"--run-id {mlflow_run_id!r}: no such MLflow run in {uri} ({str(exc)[:200]})") from None
 
 
+def released_model_of_run(tracking_uri: str, run_id: str, into: Path) -> tuple[Path, dict[str, Any]]:
+    """The released adapter (w_T + eps_T) and the model section of an MLflow training run, downloaded
+    through the tracking store into `into`: a run is evaluated from its id alone, on any machine."""
+    import yaml
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from panacea_platform.config import ConfigError
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"--run-id {run_id!r}: no such run in the tracking store {tracking_uri}") from None
+    names = {artifact.path for artifact in client.list_artifacts(run_id)}
+    if "adapter" not in names:
+        raise ConfigError(f"--run-id {run_id!r}: the run has no 'adapter' artifact (it is not a training run); "
+                          "pass --adapter to evaluate a model and log into this run")
+    into.mkdir(parents=True, exist_ok=True)
+    adapter = Path(client.download_artifacts(run_id, "adapter", str(into)))
+    model: dict[str, Any] = {}
+    if "config.yaml" in names:
+        tree = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", str(into))).read_text())
+        model = {key: tree["model"][key] for key in ("name", "trust_remote_code", "dtype") if key in tree["model"]}
+    return adapter, model
+
+
 def evaluate_model(
     config: "RunConfig",
     adapter: str | Path | None,
