@@ -16,9 +16,16 @@ def test_ray_cluster_yaml_validates_against_rays_schema():
     assert gpu_types and config["head_node_type"] == "head"
 
 
-def test_cluster_setup_installs_this_project_and_passes_the_tracking_uri():
+def test_cluster_setup_installs_this_project_mounts_shared_storage_and_serves_mlflow():
     config = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
     setup = " ".join(config["setup_commands"])
-    assert "scripts/setup.sh" in setup
-    assert "MLFLOW_TRACKING_URI" in setup
-    assert "." in config["file_mounts"].values()
+    assert "scripts/setup.sh" in setup and "." in config["file_mounts"].values()
+    # Every node mounts the shared storage where the paper jobs write.
+    assert "mount -t nfs4" in setup and "/mnt/shared" in setup
+    paper = yaml.safe_load((REPO / "jobs" / "paper" / "llama2-7b-gsm8k.yaml").read_text())
+    assert paper["output_dir"].startswith("/mnt/shared/")
+    # The head serves MLflow on PostgreSQL with artifacts on the shared storage; every node logs there.
+    head = " ".join(config["head_setup_commands"])
+    assert "panacea tracking-server" in head and "--artifacts /mnt/shared/" in head and "--host 0.0.0.0" in head
+    assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in head
+    assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in " ".join(config["worker_setup_commands"])
