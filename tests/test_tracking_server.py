@@ -62,8 +62,9 @@ def finetune_on_the_server(team_server, ray_session, tiny_llama, placeholder_har
     output = tmp_path_factory.mktemp("team-runs")
     config = tiny_config(tiny_llama, placeholder_harmful_file, output, "team-finetune",
                          tracking={"tracking_uri": url, "experiment": "team"})
+    # Half a CPU a worker: the session's Ray has 2, and an earlier test's stopped trial may still hold 0.9.
     result = run_distributed(config, "finetune", num_workers=2, zero_stage=2, storage_path=output / "ray",
-                             out=lambda line: None)
+                             cpus_per_worker=0.5, out=lambda line: None)
     return config, result
 
 
@@ -121,7 +122,9 @@ def test_a_sweep_of_two_concurrent_trials_on_the_server_loses_nothing(team_serve
     save_config(config, tmp_path / "job.yaml")
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"parameters": {"panacea.rho": {"grid": [0.1, 0.2]}}, "evaluate": False,
-                                     "max_concurrent_trials": 2, "eval_every": 1}))
+                                     "max_concurrent_trials": 2, "eval_every": 1,
+                                     # small enough that both run at once in the session's 2 CPUs
+                                     "resources": {"cpus_per_worker": 0.4}}))
     outcome = run_sweep(space, tmp_path / "job.yaml", name="team", out=lambda line: None)
     assert outcome.status == "FINISHED"
     client = MlflowClient(tracking_uri=url)

@@ -181,11 +181,24 @@ def _record(config: RunConfig, values: dict[str, Any]) -> None:
     path.write_text(json.dumps({**recorded, **values}, indent=2))
 
 
+NODE_SCRATCH_ENV = "PANACEA_NODE_SCRATCH"
+
+
+def _on_this_node(config: RunConfig) -> RunConfig:
+    """Where this worker writes the run folder: the node's own scratch folder when the node names one
+    (PANACEA_NODE_SCRATCH, on clusters whose nodes share no run folder), else the driver's output_dir.
+    Nothing the driver needs stays there: the folder reaches it as Ray Train's final checkpoint."""
+    scratch = os.environ.get(NODE_SCRATCH_ENV)
+    if not scratch:
+        return config
+    return config.model_copy(update={"output_dir": str(Path(scratch).resolve() / "runs")})
+
+
 def train_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker function (train_loop_per_worker) that run_distributed launches."""
     import ray.train
 
-    config = config_from_dict(loop_config["config"])
+    config = _on_this_node(config_from_dict(loop_config["config"]))
     if not config.scaling.use_gpu:
         # CPU workers over gloo (even on a node with GPUs): pick DeepSpeed's CPU
         # accelerator before DeepSpeed is first imported in this process.

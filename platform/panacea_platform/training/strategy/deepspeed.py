@@ -376,7 +376,7 @@ class DeepSpeedWeights:
         delta = list(delta)
         if len(delta) != len(self.params):
             raise ValueError(f"{len(delta)} delta tensors for {len(self.params)} trainable weights")
-        # The optimiser's fp32 master copy (ZeRO 1-3, bf16) must move too, or the next
+        # The optimiser's fp32 copy of the weights (ZeRO 1-3 keep one) must move too, or the next
         # step would copy the old master back. It is *set* (not added to), so a master
         # that shares storage with the working weights is not moved twice.
         masters = [safe_get_full_fp32_param(p) for p in self.params]
