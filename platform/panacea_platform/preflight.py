@@ -5,7 +5,6 @@ within seconds (the CLI exits 2), instead of a connection error from inside a Ra
 
 from __future__ import annotations
 
-import os
 import socket
 import urllib.error
 import urllib.request

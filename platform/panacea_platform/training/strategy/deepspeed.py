@@ -46,7 +46,6 @@ from panacea_platform.training.microbatch import (
     batch_rows,
     micro_batches,
     select_rows,
-    shard_batch,
 )
 
 LossFn = Callable[[Any, Any], torch.Tensor]
