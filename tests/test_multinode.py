@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -66,15 +65,10 @@ def three_nodes():
         _wait_for_nodes(address, 3, root)
         yield address, root
     finally:
+        from panacea_platform.tracking_server import stop_process
+
         for node in reversed(nodes):
-            try:
-                os.killpg(node.pid, signal.SIGTERM)
-                node.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(node.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            stop_process(node)  # its process group: SIGTERM, then SIGKILL
         shutil.rmtree(root, ignore_errors=True)
 
 

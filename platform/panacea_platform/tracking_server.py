@@ -119,6 +119,8 @@ def start_mlflow_server(backend_uri: str, artifacts: Path, port: int, host: str 
 
 
 def stop_process(process: subprocess.Popen) -> None:
+    """Stop a server started in a session of its own, with everything it started: SIGTERM to its
+    process group, SIGKILL if it is not gone within 20 s."""
     import signal
 
     try:
