@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -65,10 +66,15 @@ def three_nodes():
         _wait_for_nodes(address, 3, root)
         yield address, root
     finally:
-        from panacea_platform.tracking_server import stop_process
-
         for node in reversed(nodes):
-            stop_process(node)  # its process group: SIGTERM, then SIGKILL
+            try:
+                os.killpg(node.pid, signal.SIGTERM)
+                node.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(node.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         shutil.rmtree(root, ignore_errors=True)
 
 
