@@ -144,8 +144,38 @@ def tiny_run_config(tiny_llama, placeholder_harmful_file, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def ray_session(tmp_path_factory):
-    """One embedded Ray for the whole session (2 CPUs, like the machine), temp files in the test folder."""
+def s3_endpoint():
+    """An S3-compatible server on localhost (moto), standing in for a team's bucket. Its endpoint and
+    credentials go into the environment, as on a cluster node, before Ray starts, so workers inherit them."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="placeholder",
+                      AWS_SECRET_ACCESS_KEY="placeholder", AWS_DEFAULT_REGION="us-east-1")
+    yield os.environ["AWS_ENDPOINT_URL"]
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request):
+    """A fresh bucket on the local S3 server; returns its name."""
+    import boto3
+
+    name = "panacea-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory, s3_endpoint):
+    """One embedded Ray for the whole session (2 CPUs, like the machine), temp files in the test folder;
+    started after the local S3 server, whose endpoint its workers inherit."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("deepspeed")
     # ray.train.report blocks ~2 s per call at the default controller poll interval.

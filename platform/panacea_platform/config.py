@@ -163,6 +163,12 @@ class ScalingConfig(_Section):
         2, ge=1, description="Checkpoints kept (on Ray Train the final run-folder checkpoint counts among "
         "them); null = all.",
     )
+    storage: str | None = Field(
+        None, description="Where distributed runs and sweeps keep checkpoints, the released run folder and the "
+        "sweep's state: a folder every node sees (an NFS mount on a cluster) or a bucket URI, s3://bucket/prefix "
+        "or gs://bucket/prefix (credentials from each node's environment). A single-process run uploads its run "
+        "folder there too. null = <output_dir>/ray on this machine.",
+    )
     max_failures: int | None = Field(
         None, ge=-1, description="Distributed runs: times Ray Train restarts the worker group from the latest "
         "checkpoint after a worker fails; null = 1 when checkpoint_every > 0, else 0; -1 = no limit.",
@@ -182,6 +188,12 @@ class ScalingConfig(_Section):
                         f"scaling.{field} = {getattr(self, field)!r} needs scaling.zero_stage (0-3): "
                         "it applies to training under DeepSpeed on Ray Train workers"
                     )
+        if self.storage is not None:
+            from panacea_platform.storage import scheme_problem
+
+            problem = scheme_problem(self.storage)
+            if problem:
+                raise ValueError(f"scaling.storage = {self.storage!r}: {problem}")
         if self.deepspeed_json is not None and not Path(self.deepspeed_json).is_file():
             raise ValueError(f"scaling.deepspeed_json = {self.deepspeed_json!r}: expected an existing JSON file (not found)")
         return self

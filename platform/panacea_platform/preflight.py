@@ -1,5 +1,5 @@
 """Checks a command makes before it starts Ray, opens an MLflow run or trains: that the model can be
-loaded from here and that the tracking server answers. Each failure is one line naming the setting,
+loaded from here, that the tracking server answers and that the storage can be written. Each failure is one line naming the setting,
 within seconds (the CLI exits 2), instead of a connection error from inside a Ray worker minutes later.
 """
 
@@ -88,7 +88,8 @@ def _reason(exc: BaseException) -> str:
 
 
 def check_before_work(config: RunConfig) -> None:
-    """Raise ConfigError (one line, the setting named) when the model or the tracking store is out of reach."""
+    """Raise ConfigError (one line, the setting named) when the model, the tracking store or the storage
+    is out of reach."""
     from panacea_platform.tracking import default_tracking_uri
 
     problem = model_problem(config.model.name)
@@ -99,6 +100,12 @@ def check_before_work(config: RunConfig) -> None:
     if problem:
         field = "tracking.tracking_uri" if config.tracking.tracking_uri else "MLFLOW_TRACKING_URI"
         raise ConfigError(f"{field} = {uri!r}: {problem}")
+    if config.scaling.storage:
+        from panacea_platform.storage import storage_problem
+
+        problem = storage_problem(config.scaling.storage)
+        if problem:
+            raise ConfigError(f"scaling.storage = {config.scaling.storage!r}: {problem}")
 
 
 __all__ = ["check_before_work", "model_problem", "tracking_problem", "PROBE_SECONDS"]

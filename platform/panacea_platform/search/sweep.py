@@ -75,6 +75,7 @@ class SweepPlan:
 
     name: str
     sweep_dir: str
+    storage: str  # the sweep's state: Tune's experiment and each trial's Ray Train checkpoints (folder or URI)
     base: dict[str, Any]  # the resolved base RunConfig (aligned adapter set)
     space: dict[str, Any]
     tracking_uri: str
@@ -174,7 +175,7 @@ def run_trial(tune_config: dict[str, Any], plan: SweepPlan) -> None:
             "finetune",
             num_workers=config.scaling.num_workers,
             zero_stage=config.scaling.zero_stage,
-            storage_path=Path(plan.sweep_dir) / "train",
+            storage_path=f"{plan.storage}/train",
             cpus_per_worker=config.scaling.cpus_per_worker,
             report_every=optim.eval_every or optim.log_every,
             callbacks=[ScoredTuneReportCallback(space.score)],
@@ -287,16 +288,23 @@ def sweep_folder(base: RunConfig, name: str) -> Path:
     return (Path(base.output_dir) / "sweeps" / name).resolve()
 
 
-def _read_state(sweep_dir: Path) -> dict[str, Any] | None:
-    path = sweep_dir / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+def sweep_storage(base: RunConfig, name: str):
+    """Where the sweep's state lives: <scaling.storage>/sweeps/<name> when the job names storage (a
+    cluster's shared folder or bucket), else the sweep's own folder."""
+    from panacea_platform.storage import Storage
+
+    if base.scaling.storage:
+        return Storage.at(base.scaling.storage).join("sweeps", name)
+    return Storage.at(sweep_folder(base, name))
 
 
-def _write_state(sweep_dir: Path, state: dict[str, Any]) -> None:
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    temporary = sweep_dir / f".{STATE_FILE}.tmp"
-    temporary.write_text(json.dumps(state, indent=2))
-    temporary.replace(sweep_dir / STATE_FILE)
+def _read_state(storage) -> dict[str, Any] | None:
+    text = storage.read_text(STATE_FILE)
+    return json.loads(text) if text is not None else None
+
+
+def _write_state(storage, state: dict[str, Any]) -> None:
+    storage.write_text(STATE_FILE, json.dumps(state, indent=2))
 
 
 def init_ray_for_sweep() -> None:
@@ -405,15 +413,16 @@ def run_sweep(
     if not _NAME.match(name):
         raise SweepError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
     sweep_dir = sweep_folder(base, name)
+    storage = sweep_storage(base, name)
     fingerprint = sweep_fingerprint(space, base)
-    state = _read_state(sweep_dir)
+    state = _read_state(storage)
     if state is not None and state["fingerprint"] != fingerprint:
         raise SweepMismatchError(
-            f"sweep {name!r} in {sweep_dir} was started with another search space or base job "
+            f"sweep {name!r} in {storage.uri} was started with another search space or base job "
             f"(fingerprint {state['fingerprint']} != {fingerprint}): pass another --name, or delete that folder to start over"
         )
     if resume and state is None:
-        raise SweepError(f"--resume: there is no sweep {name!r} in {sweep_dir} to resume (run without --resume to start it)")
+        raise SweepError(f"--resume: there is no sweep {name!r} in {storage.uri} to resume (run without --resume to start it)")
     tracking_uri = base.tracking.tracking_uri or default_tracking_uri(base.output_dir)
     init_ray_for_sweep()
     # Trials report the scheduler's metric only at held-out evaluation steps, not at every step.
@@ -425,16 +434,16 @@ def run_sweep(
         state = {"name": name, "parent_run_id": parent.run_id, "fingerprint": fingerprint,
                  "tracking_uri": tracking_uri, "experiment": base.tracking.experiment,
                  "space": str(space_path), "job": str(job), "overrides": list(overrides)}
-        _write_state(sweep_dir, state)
-        out(f"[sweep {name}] started: {sweep_dir} (MLflow parent run {parent.run_id})")
+        _write_state(storage, state)
+        out(f"[sweep {name}] started: {storage.uri} (MLflow parent run {parent.run_id})")
     else:
-        out(f"[sweep {name}] resuming: {sweep_dir} (MLflow parent run {parent.run_id})")
+        out(f"[sweep {name}] resuming: {storage.uri} (MLflow parent run {parent.run_id})")
     start = time.monotonic()
     try:
         aligned = _aligned_base(base, parent, out)
-        plan = SweepPlan(name, str(sweep_dir), aligned.to_dict(), space.model_dump(mode="json"), tracking_uri,
+        plan = SweepPlan(name, str(sweep_dir), storage.uri, aligned.to_dict(), space.model_dump(mode="json"), tracking_uri,
                          base.tracking.experiment, parent.run_id)
-        results = _tuner(plan, space, aligned, sweep_dir, retry_errored, out, progress_every_s).fit()
+        results = _tuner(plan, space, aligned, storage, retry_errored, out, progress_every_s).fit()
         errors = [r for r in results if r.error is not None]
         from panacea_platform.search.report import sweep_report
 
@@ -457,7 +466,7 @@ def run_sweep(
                         report.plot, wall)
 
 
-def _tuner(plan: SweepPlan, space: SearchSpace, base: RunConfig, sweep_dir: Path, retry_errored: bool,
+def _tuner(plan: SweepPlan, space: SearchSpace, base: RunConfig, storage: Any, retry_errored: bool,
            out: Callable[[str], None], progress_every_s: float):
     from ray import tune
 
@@ -469,10 +478,10 @@ def _tuner(plan: SweepPlan, space: SearchSpace, base: RunConfig, sweep_dir: Path
         # The trial function only waits on its Ray Train workers, which reserve their own CPUs.
         {"CPU": resources.trial_cpus},
     )
-    experiment = sweep_dir / "tune"
-    if tune.Tuner.can_restore(str(experiment)):
+    experiment = storage.join("tune").uri
+    if tune.Tuner.can_restore(experiment):
         out(f"[sweep {plan.name}] restoring the Tune experiment (finished trials are kept)")
-        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=retry_errored)
     scheduler_name = space.scheduler.type
     return tune.Tuner(
@@ -489,7 +498,7 @@ def _tuner(plan: SweepPlan, space: SearchSpace, base: RunConfig, sweep_dir: Path
         ),
         run_config=tune.RunConfig(
             name="tune",
-            storage_path=str(sweep_dir),
+            storage_path=storage.uri,
             callbacks=[TrialStatusCallback(plan, scheduler_name), ProgressCallback(plan, scheduler_name, progress_every_s, out)],
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=0,

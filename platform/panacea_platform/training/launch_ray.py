@@ -315,8 +315,9 @@ def run_distributed(
 
     The global batch is optim.batch_size (align_optim for stage 'align'), split over the workers and
     optim.grad_accum_steps micro-batches each. Ray must be initialised (or is started with defaults).
-    Artifacts land in config.run_dir() as with run_stage; Ray's own run records and checkpoints go to
-    `storage_path` (default: <output_dir>/ray) under `train_run_name` (default: a new name per call;
+    Artifacts land in config.run_dir() as with run_stage; Ray's own run records, checkpoints and the
+    final run folder go to `storage_path` (a folder or bucket URI; default: scaling.storage, else
+    <output_dir>/ray) under `train_run_name` (default: a new name per call;
     the same name again resumes that run from its last checkpoint). The driver opens the MLflow run,
     publishes the run after the fit and ends it with its true status; rank 0 logs the step metrics.
 
@@ -342,9 +343,8 @@ def run_distributed(
         check_resume(state, run_identity(config, stage, num_workers, zero_stage), stage, where=where)
         check_settings(state, run_settings(config), where)
     prepare_data(config, stage)
+    storage = run_storage(config, storage_path)
     ensure_ray()
-    storage = Path(storage_path) if storage_path is not None else Path(config.output_dir) / "ray"
-    storage.mkdir(parents=True, exist_ok=True)
     tracker, owned = _tracker(config, stage, mlflow_run_id, parent_run_id, track)
     with tracker if owned else nullcontext():
         if tracker is not None:
@@ -364,6 +364,13 @@ def run_distributed(
         # After the last collective, on the driver: no worker waits while it runs.
         publish_stage(config, stage, result, tracker, out)
         return result
+
+
+def run_storage(config: RunConfig, storage_path: str | Path | None = None):
+    """Ray Train's storage for this run: `storage_path`, else scaling.storage, else <output_dir>/ray."""
+    from panacea_platform.storage import Storage
+
+    return Storage.at(storage_path or config.scaling.storage or Path(config.output_dir) / "ray")
 
 
 def _tracker(config: RunConfig, stage: str, mlflow_run_id: str | None, parent_run_id: str | None,
@@ -410,7 +417,7 @@ def ensure_ray() -> None:
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
-def _fit(config: RunConfig, loop_config: dict[str, Any], num_workers: int, cpus_per_worker: float, storage: Path,
+def _fit(config: RunConfig, loop_config: dict[str, Any], num_workers: int, cpus_per_worker: float, storage: Any,
          name: str, keep_checkpoints: int | None, max_failures: int, callbacks: list[Any] | None,
          out: Callable[[str], None]) -> DistributedResult:
     from ray.train import CheckpointConfig, FailureConfig
@@ -431,7 +438,7 @@ def _fit(config: RunConfig, loop_config: dict[str, Any], num_workers: int, cpus_
         ),
         run_config=RayRunConfig(
             name=name,
-            storage_path=str(storage.resolve()),
+            storage_path=storage.uri,
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             failure_config=FailureConfig(max_failures=max_failures),
             callbacks=list(callbacks or []),

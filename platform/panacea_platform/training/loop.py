@@ -155,6 +155,11 @@ def run_stage(
         result = execute_stage(config, stage, data, strategy, tracker, out, checkpoints=checkpoints)
         publish_stage(config, stage, result, tracker, out)
     store.clear()
+    if config.scaling.storage:
+        from panacea_platform.storage import Storage
+
+        uploaded = Storage.at(config.scaling.storage).upload(config.run_dir(), f"runs/{config.run_name}")
+        out(f"[{stage}] run folder copied to {uploaded.uri}")
     return result
 
 

@@ -1,0 +1,155 @@
+"""Storage named by a URI: a 2-worker fit and a sweep keep their checkpoints, run folders and state in
+a bucket (an S3-compatible server on localhost, moto, standing in for a team's bucket; pyarrow's S3
+filesystem talks to it as to AWS), and bad storage settings stop before any work with one line.
+
+Costs: one 2-worker fit (about 25 s) and a 2-trial sweep run twice (about 60 s) on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_config
+from panacea_platform.cli import main
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+
+def _bucket_files(uri: str) -> dict[str, str]:
+    """Every file under a bucket URI: path relative to it -> its full path in the bucket."""
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
+    return {info.path[len(root) + 1:]: info.path for info in infos if info.type == pyarrow.fs.FileType.File}
+
+
+def _read(uri: str, path: str) -> str:
+    import pyarrow.fs
+
+    filesystem, _ = pyarrow.fs.FileSystem.from_uri(uri)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
+def test_a_two_worker_fit_keeps_checkpoints_and_run_folder_in_the_bucket(ray_session, s3_bucket, tiny_run_config):
+    import shutil
+
+    from panacea_platform.training.launch_ray import run_distributed
+
+    storage = f"s3://{s3_bucket}/team"
+    config = tiny_run_config(run_name="bucket-run", scaling={"checkpoint_every": 2, "storage": storage})
+    result = run_distributed(config, "finetune", num_workers=2, zero_stage=2, cpus_per_worker=0.5,
+                             train_run_name="bucket-run")
+
+    files = _bucket_files(f"{storage}/bucket-run")
+    checkpoints = {Path(p).parts[0] for p in files if Path(p).name == "panacea_state.json"}
+    assert len(checkpoints) == 1, f"the step-2 checkpoint is not in the bucket: {sorted(files)}"
+    (final,) = {Path(p).parts[0] for p in files if Path(p).name == "summary.json"}
+    assert f"{final}/adapter/adapter_model.safetensors" in files and f"{final}/perturbation.safetensors" in files
+    assert result.checkpoint_path == f"{s3_bucket}/team/bucket-run/{final}"
+    assert json.loads(_read(storage, files[f"{final}/summary.json"])) == result.summary
+
+    # Run again under the same name with the local run folder gone: the fit had ended, so the finished run
+    # comes back from the bucket, whole, and nothing trains again.
+    shutil.rmtree(config.run_dir())
+    again = run_distributed(config, "finetune", num_workers=2, zero_stage=2, cpus_per_worker=0.5,
+                            train_run_name="bucket-run", track=False)
+    assert again.summary == result.summary and len(again.history) == 3
+    assert (config.run_dir() / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_sweep_keeps_its_state_in_the_bucket_and_resumes_from_it(ray_session, s3_bucket, tiny_llama,
+                                                                  placeholder_harmful_file, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from panacea_platform.config import save_config
+    from panacea_platform.search.sweep import run_sweep
+
+    storage = f"s3://{s3_bucket}/team"
+    config = tiny_config(tiny_llama, placeholder_harmful_file, tmp_path / "runs", run_name="bucket-sweep",
+                         tracking={"experiment": "bucket-sweep"}, scaling={"storage": storage})
+    save_config(config, tmp_path / "job.yaml")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"parameters": {"panacea.rho": {"grid": [0.1, 0.5]}}, "evaluate": False,
+                                     "max_concurrent_trials": 2, "resources": {"cpus_per_worker": 0.5}}))
+    outcome = run_sweep(space, tmp_path / "job.yaml", name="in-bucket", out=print, progress_every_s=30)
+    assert outcome.status == "FINISHED"
+
+    files = _bucket_files(f"{storage}/sweeps/in-bucket")
+    state = json.loads(_read(storage, files["sweep.json"]))
+    assert state["parent_run_id"] == outcome.parent_run_id
+    assert any(p.startswith("tune/") for p in files), "Tune's experiment state is not in the bucket"
+    trained = {Path(p).parts[1] for p in files if p.startswith("train/") and Path(p).name == "summary.json"}
+    assert len(trained) == 2, f"each trial's released run folder belongs in the bucket: {sorted(files)}"
+    aligned = _bucket_files(f"{storage}/runs")
+    assert any(p.endswith("adapter/adapter_config.json") for p in aligned), "the alignment run folder was not copied"
+
+    # The same command again reads the sweep's state from the bucket: it resumes, and trains nothing again.
+    lines: list[str] = []
+    again = run_sweep(space, tmp_path / "job.yaml", name="in-bucket", out=lines.append, progress_every_s=30)
+    assert again.parent_run_id == outcome.parent_run_id and again.status == "FINISHED"
+    assert any("resuming" in line for line in lines)
+    client = MlflowClient(outcome.tracking_uri)
+    experiment = client.get_experiment_by_name("bucket-sweep").experiment_id
+    runs = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    trials = [run for run in runs if "tune_trial_id" in run.data.tags]
+    assert len(trials) == 2 and all(run.info.status == "FINISHED" for run in trials)
+
+
+@pytest.fixture
+def job(tiny_run_config, tmp_path):
+    config = tiny_run_config(run_name="bad-storage")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    return config, path
+
+
+def _one_line_exit_2(argv, capsys, within_s: float) -> str:
+    started = time.monotonic()
+    assert main(argv) == 2
+    assert time.monotonic() - started < within_s
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("storage, expected", [
+    ("xyz://bucket/prefix", "no filesystem for the scheme 'xyz'"),
+    ("s3:///prefix", "no bucket named"),
+])
+def test_a_storage_uri_of_no_known_form_is_refused_by_the_config(storage, expected, job, capsys):
+    config, path = job
+    line = _one_line_exit_2(["finetune", "--config", str(path), f"scaling.storage={storage}"], capsys, 10)
+    assert f"scaling.storage = {storage!r}" in line and expected in line
+    assert not Path(config.output_dir).exists()
+
+
+def test_a_filesystem_this_machine_cannot_load_is_named(job, capsys):
+    """hdfs:// needs libhdfs and a JVM, which this machine does not have."""
+    config, path = job
+    line = _one_line_exit_2(["finetune", "--config", str(path), "scaling.storage=hdfs://namenode:8020/team"],
+                            capsys, 15)
+    assert "scaling.storage = 'hdfs://namenode:8020/team'" in line
+    assert "the filesystem for hdfs:// cannot be loaded on this machine" in line
+    assert not Path(config.output_dir).exists(), "an MLflow store or run folder was made"
+
+
+def test_an_unreachable_bucket_stops_before_anything_starts(job, monkeypatch, capsys):
+    from panacea_platform.storage import PROBE_SECONDS
+
+    config, path = job
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    line = _one_line_exit_2(["finetune", "--config", str(path), "scaling.storage=s3://team-bucket/runs"],
+                            capsys, PROBE_SECONDS + 10)
+    assert "scaling.storage = 's3://team-bucket/runs'" in line
+    assert "no answer within" in line or "cannot write there" in line
+    assert not Path(config.output_dir).exists(), "an MLflow store or run folder was made"
