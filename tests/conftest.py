@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -186,3 +188,40 @@ def ray_session(tmp_path_factory, s3_endpoint):
     ray.init(num_cpus=2, _temp_dir=str(tmp_path_factory.mktemp("ray")), include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def team_server():
+    """The team's tracking server, for real: PostgreSQL (Debian's packages) as MLflow's backend store and
+    `mlflow server --serve-artifacts` on localhost; yields (its URL, the artifact folder). Where
+    PostgreSQL cannot run (not installed, and no root to install it) its tests skip with that reason;
+    in CI (CI=true) they must run, and a skip there is a failure."""
+    from panacea_platform.tracking_server import postgres_bin, start_mlflow_server, start_postgres, stop_process
+
+    if postgres_bin("initdb") is None:
+        reason = "PostgreSQL is not installed (scripts/setup.sh installs it when run as root)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}: in CI the tracking-server tests must run")
+        pytest.skip(reason)
+    # PostgreSQL runs as its own user: every folder above its data must be enterable (pytest's are 700).
+    root = Path(tempfile.mkdtemp(prefix="panacea-team-"))
+    root.chmod(0o755)
+    postgres = start_postgres(root / "postgres", free_port())
+    server = None
+    try:
+        port = free_port()
+        server = start_mlflow_server(postgres.uri, root / "artifacts", port, log=root / "mlflow-server.log")
+        yield f"http://127.0.0.1:{port}", root / "artifacts"
+    finally:
+        if server is not None:
+            stop_process(server)
+        postgres.stop()
+        shutil.rmtree(root, ignore_errors=True)

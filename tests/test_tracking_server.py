@@ -1,6 +1,7 @@
 """The team's tracking server, for real: PostgreSQL (Debian's packages) as MLflow's backend store and a
-`mlflow server --serve-artifacts` on localhost. A 2-worker fine-tune logs to it over HTTP, and an
-empty folder then reads everything back through the server alone.
+`mlflow server --serve-artifacts` on localhost (conftest's team_server). A 2-worker fine-tune logs to
+it over HTTP, and an empty folder then reads everything back through the server alone. A sweep of two
+concurrent trials logs to it from a three-node cluster in test_multinode.py.
 
 Where PostgreSQL cannot run (not installed, and no root to install it) these tests skip with that
 reason; in CI (CI=true) they must run, and a skip there is a failure. Cost: about 12 s to start the
@@ -10,10 +11,6 @@ two servers (MLflow's migrations of a new database) and one Ray Train fit.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,37 +18,6 @@ import pytest
 from conftest import tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def team_server():
-    from panacea_platform.tracking_server import postgres_bin, start_mlflow_server, start_postgres, stop_process
-
-    if postgres_bin("initdb") is None:
-        reason = "PostgreSQL is not installed (scripts/setup.sh installs it when run as root)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}: in CI the tracking-server tests must run")
-        pytest.skip(reason)
-    # PostgreSQL runs as its own user: every folder above its data must be enterable (pytest's are 700).
-    root = Path(tempfile.mkdtemp(prefix="panacea-team-"))
-    root.chmod(0o755)
-    postgres = start_postgres(root / "postgres", _free_port())
-    server = None
-    try:
-        port = _free_port()
-        server = start_mlflow_server(postgres.uri, root / "artifacts", port, log=root / "mlflow-server.log")
-        yield f"http://127.0.0.1:{port}", root / "artifacts"
-    finally:
-        if server is not None:
-            stop_process(server)
-        postgres.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -104,41 +70,3 @@ def test_the_cli_serves_the_same_pair(tmp_path):
 
     args = build_parser().parse_args(["tracking-server", "--data", str(tmp_path), "--port", "5123"])
     assert args.func.__name__ == "cmd_tracking_server" and args.port == 5123 and args.db_port == 5432
-
-
-def test_a_sweep_of_two_concurrent_trials_on_the_server_loses_nothing(team_server, ray_session, tiny_llama,
-                                                                      placeholder_harmful_file, tmp_path):
-    """Two trials log at the same time through the server: the parent/child tree, true statuses, and
-    every step of every trial's metrics, read back through the server."""
-    import yaml
-    from mlflow.tracking import MlflowClient
-
-    from panacea_platform.config import save_config
-    from panacea_platform.search.sweep import run_sweep
-
-    url, _ = team_server
-    config = tiny_config(tiny_llama, placeholder_harmful_file, tmp_path / "runs", "team-sweep",
-                         optim={"max_steps": 4, "log_every": 1}, tracking={"tracking_uri": url, "experiment": "team-sweep"})
-    save_config(config, tmp_path / "job.yaml")
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"parameters": {"panacea.rho": {"grid": [0.1, 0.2]}}, "evaluate": False,
-                                     "max_concurrent_trials": 2, "eval_every": 1,
-                                     # small enough that both run at once in the session's 2 CPUs
-                                     "resources": {"cpus_per_worker": 0.4}}))
-    outcome = run_sweep(space, tmp_path / "job.yaml", name="team", out=lambda line: None)
-    assert outcome.status == "FINISHED"
-    client = MlflowClient(tracking_uri=url)
-    experiment = client.get_experiment_by_name("team-sweep")
-    runs = client.search_runs([experiment.experiment_id])
-    parent = [r for r in runs if r.info.run_id == outcome.parent_run_id]
-    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == outcome.parent_run_id and
-              "tune_trial_id" in r.data.tags]
-    assert parent and parent[0].info.status == "FINISHED" and len(trials) == 2
-    starts, ends = sorted(r.info.start_time for r in trials), sorted(r.info.end_time for r in trials)
-    assert starts[1] < ends[0], "the two trials did not run at the same time"
-    for run in trials:
-        assert run.info.status == "FINISHED"
-        for key in ("task_loss", "released_heldout_harmful_loss"):
-            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
-            assert steps == [1, 2, 3, 4], (key, steps)
-        assert "adapter" in {a.path for a in client.list_artifacts(run.info.run_id)}
