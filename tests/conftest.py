@@ -17,6 +17,10 @@ import pytest
 # Keep tests off the user's cache and any tracking server of theirs.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Each CLI a test starts gets its own Ray, as before: joining the machine's one Ray (ray_instance.py)
+# would share this session's Ray and its CPUs with commands that tests time and kill.
+# test_ray_instance.py tests the joining itself, with a registry of its own.
+os.environ["PANACEA_RAY_REGISTRY"] = "none"
 
 PLACEHOLDER_WORDS = (
     "the a placeholder harmful question answer step number refuse sorry cannot help with that "

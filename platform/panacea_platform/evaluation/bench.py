@@ -104,7 +104,7 @@ def bench_eval(
 
     from panacea_platform.config import ConfigError
     from panacea_platform.evaluation.pipeline import check_adapter, evaluation_prompts, run_pipeline
-    from panacea_platform.training.launch_ray import ensure_ray
+    from panacea_platform.ray_instance import connect_ray
 
     check_adapter(config.model, adapter, None)
     prompts = evaluation_prompts(config)
@@ -115,7 +115,7 @@ def bench_eval(
                 "order; add suites or raise their sizes for more)"
             )
         prompts = prompts[:n_prompts]
-    ensure_ray()  # outside both timings
+    connect_ray()  # outside both timings
     budgets = sorted({p.budget for p in prompts})
     out(f"[bench eval] {len(prompts)} prompts, max_new_tokens {', '.join(map(str, budgets))}; pipeline first, then "
         "the one-at-a-time loop")

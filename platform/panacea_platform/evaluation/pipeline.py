@@ -352,10 +352,10 @@ def run_pipeline(
     """Generate and judge every prompt on Ray Data; rows come back in prompt order."""
     import ray.data
 
-    from panacea_platform.training.launch_ray import ensure_ray
+    from panacea_platform.ray_instance import connect_ray
 
     evaluation = config.evaluation
-    ensure_ray()
+    connect_ray()
     check_resources(evaluation)
     judges = sorted({p.judge for p in prompts} - {""})
     if "offline" in judges and evaluation.judge_model is None:

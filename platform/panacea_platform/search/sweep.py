@@ -308,13 +308,10 @@ def _write_state(storage, state: dict[str, Any]) -> None:
 
 
 def init_ray_for_sweep() -> None:
-    """Start an embedded Ray unless one runs (RAY_ADDRESS for a cluster); trial output stays in Ray's logs."""
-    import ray
+    """RAY_ADDRESS's cluster, else this machine's one Ray; trial output stays in Ray's logs."""
+    from panacea_platform.ray_instance import connect_ray
 
-    # Reports block ~2 s each at Ray Train's default controller poll; set before Ray starts its processes.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, include_dashboard=False)
+    connect_ray(log_to_driver=False)
 
 
 def _searcher(space: SearchSpace):

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from panacea_platform.config import RunConfig, config_from_dict, with_changes
+from panacea_platform.ray_instance import connect_ray
 from panacea_platform.tracking import default_tracking_uri
 from panacea_platform.training.checkpointing import (
     Checkpoints,
@@ -44,7 +45,7 @@ from panacea_platform.training.checkpointing import (
     run_identity,
     run_settings,
 )
-from panacea_platform.training.loop import StageResult
+from panacea_platform.training.loop import StageResult, record_run
 from panacea_platform.training.strategy.deepspeed import check_distributed, comm_backend, skip_shm_comm_build
 
 DISTRIBUTED_FILE = "distributed.json"
@@ -165,7 +166,9 @@ def train_on_rank(
             if resumed_from is not None:
                 tracker.set_tags({"resumed_from_step": str(resumed_from)})
         try:
-            result = execute_stage(config, stage, data, strategy, tracker, out, on_step, checkpoints)
+            # The driver logged the params: this rank's config may name its node's scratch folder.
+            result = execute_stage(config, stage, data, strategy, tracker, out, on_step, checkpoints,
+                                   record_params=False)
             if rank == 0:
                 _record(config, {"rank0_local_weight_fraction": strategy.local_weight_fraction})
         finally:
@@ -342,13 +345,14 @@ def run_distributed(
         state, where = read_checkpoint_state(resume_from), f"the checkpoint {resume_from}"
         check_resume(state, run_identity(config, stage, num_workers, zero_stage), stage, where=where)
         check_settings(state, run_settings(config), where)
-    prepare_data(config, stage)
+    data = prepare_data(config, stage)
     storage = run_storage(config, storage_path)
-    ensure_ray()
+    connect_ray()  # RAY_ADDRESS's cluster, else this machine's one Ray
     tracker, owned = _tracker(config, stage, mlflow_run_id, parent_run_id, track)
     with tracker if owned else nullcontext():
         if tracker is not None:
             tracker.set_tags({"num_workers": str(num_workers), "zero_stage": str(zero_stage)})
+            record_run(config, stage, data.fingerprints, tracker)
         loop_config = {
             "config": config.to_dict(), "stage": stage, "zero_stage": zero_stage, "zero_options": zero_options,
             "report_every": report_every, "mlflow_run_id": tracker.run_id if tracker is not None else None,
@@ -401,20 +405,6 @@ def _failure_settings(config: RunConfig, checkpoint_every, keep_checkpoints, max
     if max_failures < -1:
         raise ValueError(f"max_failures = {max_failures}: expected -1 (no limit), 0 or more")
     return checkpoint_every, keep_checkpoints, max_failures
-
-
-def ensure_ray() -> None:
-    """Start an embedded Ray unless one is running or RAY_ADDRESS points at a cluster."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Ray Train's controller polls every 2 s by default and each report waits for it.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    # Ray Train V2 routes workers' print() through a logger that also reaches the
-    # driver, so every progress line showed twice; plain stdout shows it once.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
 def _fit(config: RunConfig, loop_config: dict[str, Any], num_workers: int, cpus_per_worker: float, storage: Any,

@@ -207,35 +207,43 @@ def execute_stage(
     out: Callable[[str], None] = print,
     on_step: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
     checkpoints: Checkpoints | None = None,
+    record_params: bool = True,
 ) -> StageResult:
     """The stage on one rank of any strategy; only rank 0 writes files and logs metrics to MLflow.
 
     `checkpoints` saves a checkpoint every so many steps and, when it holds one to resume from,
-    restores it before the first step.
+    restores it before the first step. `record_params=False` leaves the run's params and config to
+    its opener (the Ray driver, whose config names the run folder as the user does, not a node's scratch).
     """
     rank0 = strategy.rank == 0
     if not rank0:
         out, tracker = (lambda line: None), None
     resuming = checkpoints is not None and checkpoints.resume_step is not None
-    _open_run_folder(config, stage, data, tracker if not resuming else None, rank0)
+    _open_run_folder(config, stage, data.fingerprints, tracker if record_params and not resuming else None, rank0)
     setup = setup_stage(config, stage, data, strategy, checkpoints, out)
     history = train_stage(setup, config, strategy, tracker, out, on_step, checkpoints)
     return finalise_stage(setup, config, strategy, history, tracker, out)
 
 
-def _open_run_folder(config: RunConfig, stage: str, data: StageData, tracker: Tracker | None, rank0: bool) -> None:
+def _open_run_folder(config: RunConfig, stage: str, fingerprints: dict[str, str], tracker: Tracker | None,
+                     rank0: bool) -> None:
     if not rank0:
         return
+    if tracker is not None:
+        record_run(config, stage, fingerprints, tracker)
+    else:  # a resumed attempt logs into the run the first attempt opened, whose params are there
+        config.run_dir().mkdir(parents=True, exist_ok=True)
+        save_config(config, config.run_dir() / "config.yaml")
+
+
+def record_run(config: RunConfig, stage: str, fingerprints: dict[str, str], tracker: Tracker) -> None:
+    """The run's params (config, stage, data fingerprints, package versions) and its config.yaml."""
+    tracker.log_params({**config.flat(), "stage": stage, **{f"data.fingerprint.{k}": v for k, v in fingerprints.items()}})
+    tracker.log_params(package_versions())
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
-    if tracker is not None:
-        # A resumed attempt logs into the run the first attempt opened: its params are there.
-        tracker.log_params(
-            {**config.flat(), "stage": stage, **{f"data.fingerprint.{k}": v for k, v in data.fingerprints.items()}}
-        )
-        tracker.log_params(package_versions())
-        tracker.log_artifact(run_dir / "config.yaml")
+    tracker.log_artifact(run_dir / "config.yaml")
 
 
 def setup_stage(config: RunConfig, stage: str, data: StageData, strategy: Any, checkpoints: Checkpoints | None,

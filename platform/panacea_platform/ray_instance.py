@@ -1,0 +1,127 @@
+"""One Ray per machine.
+
+A panacea command connects to RAY_ADDRESS when it is set (a cluster). Otherwise it joins the Ray that
+another panacea command on this machine started, as recorded in a registry file, or a standing Ray from
+`ray start`, which Ray's own bootstrap file names. Only when neither runs does it start Ray in its own
+process and record it. Two commands on one machine therefore share one Ray: the second one's trials
+wait for CPUs instead of a second Ray starting beside the first. The owner waits at exit, before its
+Ray stops, for the other commands still using it.
+
+A lock around the lookup and start keeps two commands that start at the same moment from both
+starting one. PANACEA_RAY_REGISTRY names the registry file; `none` turns joining off, so each command
+starts its own Ray, as before.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import json
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+REGISTRY_ENV = "PANACEA_RAY_REGISTRY"
+
+
+def registry_path() -> Path | None:
+    configured = os.environ.get(REGISTRY_ENV)
+    if configured == "none":
+        return None
+    return Path(configured) if configured else Path(tempfile.gettempdir()) / f"panacea-ray-{os.getuid()}.json"
+
+
+def connect_ray(*, log_to_driver: bool = True, out: Callable[[str], None] = print) -> None:
+    """Connect this process to the machine's one Ray (see the module's docstring)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Ray Train's controller polls every 2 s by default and each report waits for it.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    # Ray Train V2 routes workers' print() through a logger that also reaches the driver, so every
+    # progress line showed twice; plain stdout shows it once.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    registry = registry_path()
+    if os.environ.get("RAY_ADDRESS") or registry is None:
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=log_to_driver)
+        return
+    with _locked(registry):
+        owner = running_owner(registry)
+        if owner is not None:
+            out(f"[ray] joining the Ray that another panacea command (pid {owner['pid']}) runs on this machine")
+            ray.init(address=owner["address"], log_to_driver=log_to_driver)
+            return
+        # Ray's default: a standing `ray start` Ray if one runs, else a new one in this process.
+        ray.init(log_to_driver=log_to_driver)
+        node = ray._private.worker._global_node
+        if node is not None and node.is_head():
+            registry.write_text(json.dumps({"pid": os.getpid(), "address": node.gcs_address}))
+            atexit.register(_release, registry, out)
+
+
+def running_owner(registry: Path) -> dict | None:
+    """The registered owner of this machine's Ray, when its process still runs."""
+    try:
+        owner = json.loads(registry.read_text())
+        os.kill(int(owner["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return owner
+
+
+@contextmanager
+def _locked(registry: Path) -> Iterator[None]:
+    registry.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{registry}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def other_drivers() -> list[int]:
+    """Pids of the other live drivers connected to this process's Ray."""
+    import ray
+
+    mine = ray.get_runtime_context().get_job_id()
+    return [int(job.get("DriverPid") or 0) for job in ray._private.state.jobs()
+            if not job.get("IsDead") and job.get("JobID") != mine and job.get("DriverPid")]
+
+
+def _release(registry: Path, out: Callable[[str], None], poll_s: float = 2.0) -> None:
+    """At the owner's exit, before Ray stops: wait for the commands that joined it, then unregister."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    announced = False
+    while True:
+        # Under the lock: a command joins while holding it, so none can join between this look and the unlink.
+        with _locked(registry):
+            others = [pid for pid in other_drivers() if _alive(pid)]
+            if not others:
+                owner = running_owner(registry)
+                if owner is not None and owner["pid"] == os.getpid():
+                    registry.unlink(missing_ok=True)
+                return
+        if not announced:
+            out(f"[ray] other panacea commands use this machine's Ray (pids {', '.join(map(str, others))}): "
+                "it stops when they end")
+            announced = True
+        time.sleep(poll_s)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+__all__ = ["connect_ray", "registry_path", "running_owner", "other_drivers", "REGISTRY_ENV"]
