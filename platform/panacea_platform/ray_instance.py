@@ -53,13 +53,19 @@ def connect_ray(*, log_to_driver: bool = True, out: Callable[[str], None] = prin
         owner = running_owner(registry)
         if owner is not None:
             out(f"[ray] joining the Ray that another panacea command (pid {owner['pid']}) runs on this machine")
+            # Ray turns token authentication on for a Ray it starts, but not for a driver given an address.
+            if owner.get("auth_mode") == "token" and "RAY_AUTH_MODE" not in os.environ:
+                from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+                _enable_token_auth()  # the environment variable, and Ray's cached config that reads it
             ray.init(address=owner["address"], log_to_driver=log_to_driver)
             return
         # Ray's default: a standing `ray start` Ray if one runs, else a new one in this process.
         ray.init(log_to_driver=log_to_driver)
         node = ray._private.worker._global_node
         if node is not None and node.is_head():
-            registry.write_text(json.dumps({"pid": os.getpid(), "address": node.gcs_address}))
+            registry.write_text(json.dumps({"pid": os.getpid(), "address": node.gcs_address,
+                                            "auth_mode": os.environ.get("RAY_AUTH_MODE")}))
             atexit.register(_release, registry, out)
 
 
