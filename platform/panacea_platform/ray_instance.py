@@ -23,6 +23,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
+from urllib.parse import urlparse
 
 REGISTRY_ENV = "PANACEA_RAY_REGISTRY"
 
@@ -130,4 +131,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-__all__ = ["connect_ray", "registry_path", "running_owner", "other_drivers", "REGISTRY_ENV"]
+def machines_problem(nodes: list[dict], tracking_uri: str) -> str | None:
+    """Why a run cannot track from a cluster spanning several machines, judged from Ray's node list
+    (ray.nodes()): a SQLite or file store lives on one machine's disk, and rank 0, which logs the
+    step metrics, may run on another."""
+    machines = {node.get("NodeManagerAddress") for node in nodes if node.get("Alive")}
+    if len(machines) > 1 and urlparse(tracking_uri).scheme in ("", "file", "sqlite"):
+        return (f"the Ray cluster spans {len(machines)} machines, and this store is on one machine's disk: set "
+                "MLFLOW_TRACKING_URI (or tracking.tracking_uri) to the team's server on every node "
+                "(panacea tracking-server)")
+    return None
+
+
+__all__ = ["connect_ray", "machines_problem", "registry_path", "running_owner", "other_drivers", "REGISTRY_ENV"]

@@ -348,6 +348,7 @@ def run_distributed(
     data = prepare_data(config, stage)
     storage = run_storage(config, storage_path)
     connect_ray()  # RAY_ADDRESS's cluster, else this machine's one Ray
+    _check_cluster_reaches(config)
     tracker, owned = _tracker(config, stage, mlflow_run_id, parent_run_id, track)
     with tracker if owned else nullcontext():
         if tracker is not None:
@@ -368,6 +369,19 @@ def run_distributed(
         # After the last collective, on the driver: no worker waits while it runs.
         publish_stage(config, stage, result, tracker, out)
         return result
+
+
+def _check_cluster_reaches(config: RunConfig) -> None:
+    """Before any worker starts: a cluster of several machines cannot log to one machine's SQLite file."""
+    import ray
+
+    from panacea_platform.config import ConfigError
+    from panacea_platform.ray_instance import machines_problem
+
+    uri = config.tracking.tracking_uri or default_tracking_uri(config.output_dir)
+    problem = machines_problem(ray.nodes(), uri)
+    if problem:
+        raise ConfigError(f"tracking.tracking_uri = {uri!r}: {problem}")
 
 
 def run_storage(config: RunConfig, storage_path: str | Path | None = None):
