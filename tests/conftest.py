@@ -229,3 +229,17 @@ def team_server():
             stop_process(server)
         postgres.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def one_line_exit_2(argv: list[str], capsys, within_s: float = 15) -> str:
+    """Runs the CLI in this process; asserts exit 2 within `within_s` with one line on stderr; returns it."""
+    import time
+
+    from panacea_platform.cli import main
+
+    started = time.monotonic()
+    assert main(argv) == 2
+    assert time.monotonic() - started < within_s
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]

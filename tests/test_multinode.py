@@ -20,7 +20,6 @@ which would stop every Ray on the machine).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -34,6 +33,7 @@ import pytest
 import yaml
 
 from conftest import free_port, tiny_config
+from panacea_platform.tracking_server import stop_process
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -64,20 +64,9 @@ def _start_node(args: list[str], name: str, cluster: dict, count: int, attempts:
         node = _ray_start(args, root / "scratch" / name, root / f"{name}.log", cluster["tracking_uri"])
         if _wait_for_nodes(cluster["address"], count, node):
             return node
-        _stop_node(node)
+        stop_process(node)
     logs = "\n".join(p.read_text()[-1500:] for p in root.glob("*.log"))
     raise AssertionError(f"the cluster did not reach {count} nodes in {attempts} starts:\n{logs}")
-
-
-def _stop_node(node: subprocess.Popen) -> None:
-    try:
-        os.killpg(node.pid, signal.SIGTERM)
-        node.wait(timeout=30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(node.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _wait_for_nodes(address: str, count: int, node: subprocess.Popen, timeout_s: float = 90) -> bool:
@@ -116,7 +105,7 @@ def cluster(team_server):
         yield cluster
     finally:
         for node in reversed(list(cluster["nodes"].values())):
-            _stop_node(node)
+            stop_process(node)
         shutil.rmtree(root, ignore_errors=True)
 
 

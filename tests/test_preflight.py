@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import http.server
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from panacea_platform.cli import main
+from conftest import one_line_exit_2
 from panacea_platform.preflight import model_problem, tracking_problem
 
 # Nothing listens on the discard port: a connection there is refused at once, as an unreachable hub's is.
@@ -26,21 +25,12 @@ def job(tiny_run_config, tmp_path):
     return config, path
 
 
-def _one_line_exit_2(argv, capsys) -> str:
-    started = time.monotonic()
-    assert main(argv) == 2
-    assert time.monotonic() - started < 15
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
-
-
 @pytest.mark.parametrize("command", [["finetune"], ["align"], ["demo", "--no-eval"]])
 def test_an_unknown_model_with_the_hub_away_stops_before_anything_starts(command, job, monkeypatch, capsys):
     config, path = job
     monkeypatch.setenv("HF_ENDPOINT", NOWHERE)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    line = _one_line_exit_2([*command, "--config", str(path), "model.name=not/a-model"], capsys)
+    line = one_line_exit_2([*command, "--config", str(path), "model.name=not/a-model"], capsys)
     assert "model.name = 'not/a-model'" in line and "hub is unreachable" in line
     assert not Path(config.output_dir).exists(), "a run folder or an MLflow store was made"
 
@@ -48,16 +38,16 @@ def test_an_unknown_model_with_the_hub_away_stops_before_anything_starts(command
 def test_with_hf_hub_offline_the_cache_is_what_counts(job, monkeypatch, capsys):
     _, path = job
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    line = _one_line_exit_2(["finetune", "--config", str(path), "model.name=not/a-model"], capsys)
+    line = one_line_exit_2(["finetune", "--config", str(path), "model.name=not/a-model"], capsys)
     assert "not in the local Hugging Face cache (HF_HUB_OFFLINE is set)" in line
 
 
 def test_an_unreachable_tracking_server_stops_before_anything_starts(job, monkeypatch, capsys):
     config, path = job
-    line = _one_line_exit_2(["finetune", "--config", str(path), f"tracking.tracking_uri={NOWHERE}"], capsys)
+    line = one_line_exit_2(["finetune", "--config", str(path), f"tracking.tracking_uri={NOWHERE}"], capsys)
     assert line.startswith(f"error: tracking.tracking_uri = '{NOWHERE}'") and "no MLflow server answered" in line
     monkeypatch.setenv("MLFLOW_TRACKING_URI", NOWHERE)  # as a cluster passes it
-    line = _one_line_exit_2(["finetune", "--config", str(path)], capsys)
+    line = one_line_exit_2(["finetune", "--config", str(path)], capsys)
     assert f"MLFLOW_TRACKING_URI = '{NOWHERE}'" in line
     assert not Path(config.output_dir).exists()
 

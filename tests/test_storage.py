@@ -8,14 +8,12 @@ Costs: one 2-worker fit (about 25 s) and a 2-trial sweep run twice (about 60 s) 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import tiny_config
-from panacea_platform.cli import main
+from conftest import one_line_exit_2, tiny_config
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -113,22 +111,13 @@ def job(tiny_run_config, tmp_path):
     return config, path
 
 
-def _one_line_exit_2(argv, capsys, within_s: float) -> str:
-    started = time.monotonic()
-    assert main(argv) == 2
-    assert time.monotonic() - started < within_s
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
-
-
 @pytest.mark.parametrize("storage, expected", [
     ("xyz://bucket/prefix", "no filesystem for the scheme 'xyz'"),
     ("s3:///prefix", "no bucket named"),
 ])
 def test_a_storage_uri_of_no_known_form_is_refused_by_the_config(storage, expected, job, capsys):
     config, path = job
-    line = _one_line_exit_2(["finetune", "--config", str(path), f"scaling.storage={storage}"], capsys, 10)
+    line = one_line_exit_2(["finetune", "--config", str(path), f"scaling.storage={storage}"], capsys, 10)
     assert f"scaling.storage = {storage!r}" in line and expected in line
     assert not Path(config.output_dir).exists()
 
@@ -136,7 +125,7 @@ def test_a_storage_uri_of_no_known_form_is_refused_by_the_config(storage, expect
 def test_a_filesystem_this_machine_cannot_load_is_named(job, capsys):
     """hdfs:// needs libhdfs and a JVM, which this machine does not have."""
     config, path = job
-    line = _one_line_exit_2(["finetune", "--config", str(path), "scaling.storage=hdfs://namenode:8020/team"],
+    line = one_line_exit_2(["finetune", "--config", str(path), "scaling.storage=hdfs://namenode:8020/team"],
                             capsys, 15)
     assert "scaling.storage = 'hdfs://namenode:8020/team'" in line
     assert "the filesystem for hdfs:// cannot be loaded on this machine" in line
@@ -148,7 +137,7 @@ def test_an_unreachable_bucket_stops_before_anything_starts(job, monkeypatch, ca
 
     config, path = job
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
-    line = _one_line_exit_2(["finetune", "--config", str(path), "scaling.storage=s3://team-bucket/runs"],
+    line = one_line_exit_2(["finetune", "--config", str(path), "scaling.storage=s3://team-bucket/runs"],
                             capsys, PROBE_SECONDS + 10)
     assert "scaling.storage = 's3://team-bucket/runs'" in line
     assert "no answer within" in line or "cannot write there" in line
