@@ -1,6 +1,7 @@
 """Checks a command makes before it starts Ray, opens an MLflow run or trains: that the model can be
-loaded from here, that the tracking server answers and that the storage can be written. Each failure is one line naming the setting,
-within seconds (the CLI exits 2), instead of a connection error from inside a Ray worker minutes later.
+loaded from here, that the tracking server answers and that the storage can be written. Each failure
+is one line naming the setting, within seconds (the CLI exits 2), instead of a connection error from
+inside a Ray worker minutes later.
 """
 
 from __future__ import annotations

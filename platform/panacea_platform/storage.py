@@ -122,9 +122,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def storage_problem(location: str, timeout_s: float = PROBE_SECONDS) -> str | None:
-    """None when the storage can be written and read back within `timeout_s`; else why not.
+    """None when one small object can be written to the storage and deleted within `timeout_s`; else why not.
 
-    A bucket probe writes and deletes one small object. It runs in a thread with a deadline, because an
+    The probe It runs in a thread with a deadline, because an
     unreachable endpoint or a credential lookup can otherwise retry for minutes."""
     try:
         storage = Storage.at(location)

@@ -36,6 +36,7 @@ from typing import Any, Callable
 from panacea_platform.config import ConfigError, RunConfig, config_from_dict, load_config
 from panacea_platform.search.report import SWEEP_TAG, TRIAL_TAG
 from panacea_platform.search.space import SearchSpace, check_against_job, config_with, load_space, resource_changes
+from panacea_platform.storage import Storage
 from panacea_platform.tracking import Tracker, code_version, default_tracking_uri, package_versions
 
 STATE_FILE = "sweep.json"
@@ -288,22 +289,20 @@ def sweep_folder(base: RunConfig, name: str) -> Path:
     return (Path(base.output_dir) / "sweeps" / name).resolve()
 
 
-def sweep_storage(base: RunConfig, name: str):
+def sweep_storage(base: RunConfig, name: str) -> Storage:
     """Where the sweep's state lives: <scaling.storage>/sweeps/<name> when the job names storage (a
     cluster's shared folder or bucket), else the sweep's own folder."""
-    from panacea_platform.storage import Storage
-
     if base.scaling.storage:
         return Storage.at(base.scaling.storage).join("sweeps", name)
     return Storage.at(sweep_folder(base, name))
 
 
-def _read_state(storage) -> dict[str, Any] | None:
+def _read_state(storage: Storage) -> dict[str, Any] | None:
     text = storage.read_text(STATE_FILE)
     return json.loads(text) if text is not None else None
 
 
-def _write_state(storage, state: dict[str, Any]) -> None:
+def _write_state(storage: Storage, state: dict[str, Any]) -> None:
     storage.write_text(STATE_FILE, json.dumps(state, indent=2))
 
 
@@ -399,7 +398,7 @@ def run_sweep(
     check_against_job(space, base)
     from panacea_platform.preflight import check_before_work
 
-    check_before_work(base)  # the model and the tracking store, before Ray or the parent run
+    check_before_work(base)  # the model, the tracking store and the storage, before Ray or the parent run
     if space.evaluate and importlib.util.find_spec("panacea_platform.evaluation.evaluate") is None:
         raise SweepError("evaluate: true needs panacea_platform.evaluation.evaluate (not installed); set evaluate: false")
     if space.evaluate:
@@ -438,8 +437,8 @@ def run_sweep(
     start = time.monotonic()
     try:
         aligned = _aligned_base(base, parent, out)
-        plan = SweepPlan(name, str(sweep_dir), storage.uri, aligned.to_dict(), space.model_dump(mode="json"), tracking_uri,
-                         base.tracking.experiment, parent.run_id)
+        plan = SweepPlan(name, str(sweep_dir), storage.uri, aligned.to_dict(), space.model_dump(mode="json"),
+                         tracking_uri, base.tracking.experiment, parent.run_id)
         results = _tuner(plan, space, aligned, storage, retry_errored, out, progress_every_s).fit()
         errors = [r for r in results if r.error is not None]
         from panacea_platform.search.report import sweep_report
@@ -463,7 +462,7 @@ def run_sweep(
                         report.plot, wall)
 
 
-def _tuner(plan: SweepPlan, space: SearchSpace, base: RunConfig, storage: Any, retry_errored: bool,
+def _tuner(plan: SweepPlan, space: SearchSpace, base: RunConfig, storage: Storage, retry_errored: bool,
            out: Callable[[str], None], progress_every_s: float):
     from ray import tune
 

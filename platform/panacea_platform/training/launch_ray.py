@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 from panacea_platform.config import RunConfig, config_from_dict, with_changes
 from panacea_platform.ray_instance import connect_ray
+from panacea_platform.storage import Storage
 from panacea_platform.tracking import default_tracking_uri
 from panacea_platform.training.checkpointing import (
     Checkpoints,
@@ -317,7 +318,8 @@ def run_distributed(
     """Train one stage on `num_workers` Ray Train workers under DeepSpeed ZeRO-`zero_stage`.
 
     The global batch is optim.batch_size (align_optim for stage 'align'), split over the workers and
-    optim.grad_accum_steps micro-batches each. Ray must be initialised (or is started with defaults).
+    optim.grad_accum_steps micro-batches each. Ray is RAY_ADDRESS's cluster, else this machine's one Ray
+    (ray_instance.connect_ray: joined, or started here).
     Artifacts land in config.run_dir() as with run_stage; Ray's own run records, checkpoints and the
     final run folder go to `storage_path` (a folder or bucket URI; default: scaling.storage, else
     <output_dir>/ray) under `train_run_name` (default: a new name per call;
@@ -384,10 +386,8 @@ def _check_cluster_reaches(config: RunConfig) -> None:
         raise ConfigError(f"tracking.tracking_uri = {uri!r}: {problem}")
 
 
-def run_storage(config: RunConfig, storage_path: str | Path | None = None):
+def run_storage(config: RunConfig, storage_path: str | Path | None = None) -> Storage:
     """Ray Train's storage for this run: `storage_path`, else scaling.storage, else <output_dir>/ray."""
-    from panacea_platform.storage import Storage
-
     return Storage.at(storage_path or config.scaling.storage or Path(config.output_dir) / "ray")
 
 
@@ -421,7 +421,7 @@ def _failure_settings(config: RunConfig, checkpoint_every, keep_checkpoints, max
     return checkpoint_every, keep_checkpoints, max_failures
 
 
-def _fit(config: RunConfig, loop_config: dict[str, Any], num_workers: int, cpus_per_worker: float, storage: Any,
+def _fit(config: RunConfig, loop_config: dict[str, Any], num_workers: int, cpus_per_worker: float, storage: Storage,
          name: str, keep_checkpoints: int | None, max_failures: int, callbacks: list[Any] | None,
          out: Callable[[str], None]) -> DistributedResult:
     from ray.train import CheckpointConfig, FailureConfig
