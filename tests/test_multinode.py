@@ -51,6 +51,9 @@ def _ray_start(args: list[str], scratch: Path, log: Path, tracking_uri: str) -> 
     scratch.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **CLUSTER_ENV, "PANACEA_NODE_SCRATCH": str(scratch), "MLFLOW_TRACKING_URI": tracking_uri}
     env.pop("RAY_ADDRESS", None)
+    # Each node's dashboard agent on a port of its own: at Ray's fixed default (52365) only one of the
+    # nodes, or the session's Ray, gets it, and the head's job agent is missing ("No available agent").
+    args = [*args, f"--dashboard-agent-listen-port={free_port()}"]
     return subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--block", *args], env=env,
                             stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -193,6 +196,10 @@ def test_a_sweep_runs_two_trials_at_once_on_the_cluster(cluster, tiny_llama, pla
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (cluster["storage"] / "sweeps" / "on-cluster" / "sweep.json").is_file()
+    shutil.rmtree(cluster["root"] / "scratch")  # the trials' ranks 0 wrote their run folders there
+    (cluster["root"] / "scratch").mkdir()
+    released = list((tmp_path / "runs" / "sweeps" / "on-cluster" / "trials").glob("*/adapter/adapter_model.safetensors"))
+    assert len(released) == 2, "each trial's run folder belongs with the sweep, not on a node"
 
     client = MlflowClient(cluster["tracking_uri"])
     runs = client.search_runs([client.get_experiment_by_name("cluster-sweep").experiment_id])
