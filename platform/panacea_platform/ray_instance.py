@@ -18,6 +18,7 @@ import atexit
 import fcntl
 import json
 import os
+import socket
 import tempfile
 import time
 from contextlib import contextmanager
@@ -71,11 +72,14 @@ def connect_ray(*, log_to_driver: bool = True, out: Callable[[str], None] = prin
 
 
 def running_owner(registry: Path) -> dict | None:
-    """The registered owner of this machine's Ray, when its process still runs."""
+    """The registered owner of this machine's Ray, when its process still runs and its GCS answers
+    (a registry left by a killed owner, its pid since reused, names no Ray)."""
     try:
         owner = json.loads(registry.read_text())
         os.kill(int(owner["pid"]), 0)
-    except (OSError, ValueError, KeyError, TypeError):
+        host, port = owner["address"].rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return owner
 
