@@ -132,13 +132,17 @@ def test_a_filesystem_this_machine_cannot_load_is_named(job, capsys):
     assert not Path(config.output_dir).exists(), "an MLflow store or run folder was made"
 
 
-def test_an_unreachable_bucket_stops_before_anything_starts(job, monkeypatch, capsys):
+@pytest.mark.parametrize("storage", ["s3://team-bucket/runs", "gs://team-bucket/runs"])
+def test_an_unreachable_bucket_stops_before_anything_starts(storage, job, monkeypatch, capsys):
+    """s3: an endpoint where nothing listens. gs: no credentials and no Google metadata server here, where
+    pyarrow's client keeps looking for credentials (it hung past 40 s when tried by hand)."""
     from panacea_platform.storage import PROBE_SECONDS
 
     config, path = job
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
-    line = one_line_exit_2(["finetune", "--config", str(path), "scaling.storage=s3://team-bucket/runs"],
-                            capsys, PROBE_SECONDS + 10)
-    assert "scaling.storage = 's3://team-bucket/runs'" in line
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    line = one_line_exit_2(["finetune", "--config", str(path), f"scaling.storage={storage}"], capsys,
+                           PROBE_SECONDS + 10)
+    assert f"scaling.storage = {storage!r}" in line
     assert "no answer within" in line or "cannot write there" in line
     assert not Path(config.output_dir).exists(), "an MLflow store or run folder was made"
