@@ -168,6 +168,7 @@ def test_a_submitted_job_survives_the_removal_of_every_node_local_folder(cluster
 
     run_dir = config.run_dir()
     assert (run_dir / "summary.json").is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["output_dir"] == config.output_dir
     client, run = _the_run(cluster, "submitted")
     assert run.info.status == "FINISHED" and run.data.tags["num_workers"] == "2"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "task_loss")) == list(range(1, STEPS + 1))

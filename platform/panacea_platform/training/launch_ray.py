@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from panacea_platform.config import RunConfig, config_from_dict, with_changes
+from panacea_platform.config import RunConfig, config_from_dict, save_config, with_changes
 from panacea_platform.ray_instance import connect_ray
 from panacea_platform.storage import Storage
 from panacea_platform.tracking import default_tracking_uri
@@ -452,6 +452,8 @@ def _fit(config: RunConfig, loop_config: dict[str, Any], num_workers: int, cpus_
     if result.error is not None:
         raise result.error
     run_dir, record = _run_folder_from_storage(result, config.run_dir())
+    # Rank 0's copy names its node's scratch folder as output_dir; the folder records the run as launched.
+    save_config(config, run_dir / "config.yaml")
     summary, history, recorded = record["summary"], record["history"], record["distributed"]
     unperturbed = run_dir / "adapter_unperturbed"
     from panacea_platform.models import PERTURBATION_FILE
