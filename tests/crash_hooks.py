@@ -58,11 +58,11 @@ def crashing_panacea(after_step: int, marker: Path):
     class CrashingPanacea(Panacea):
         name = "crashing_panacea"
 
-        def step(self, weights, finetune_batch, harmful_batch):
+        def step(self, weights, batch, extra):
             self.calls = getattr(self, "calls", 0) + 1
             if self.calls == after_step + 1 and not marker.exists():
                 marker.touch()
                 raise InjectedCrash(f"injected after step {after_step}")
-            return super().step(weights, finetune_batch, harmful_batch)
+            return super().step(weights, batch, extra)
 
     return CrashingPanacea

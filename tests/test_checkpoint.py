@@ -68,8 +68,8 @@ def test_train_steps_continues_after_start_step():
     from panacea_platform.training.loop import train_steps
 
     class Counting(Defence):
-        def step(self, weights, finetune_batch, harmful_batch):
-            return {"task_loss": float(finetune_batch)}
+        def step(self, weights, batch, extra):
+            return {"task_loss": float(batch)}
 
     seen = []
     history = train_steps(None, Counting(), iter([10, 11, 12]), None, 5, lambda s, m: seen.append(s), start_step=2)

@@ -177,7 +177,7 @@ def test_too_small_harmful_source_exits_2_naming_the_field(tiny_job, capsys):
 
 def test_unknown_defence_in_demo_list_exits_2(tiny_job, capsys):
     _, path = tiny_job
-    assert main(["demo", "--config", str(path), "--defences", "sft,booster"]) == 2
+    assert main(["demo", "--config", str(path), "--defences", "sft,tar"]) == 2
     assert "--defences" in capsys.readouterr().err
 
 

@@ -148,7 +148,7 @@ def test_only_defences_that_keep_sfts_step_may_reuse_an_sft_run():
     from panacea_platform.algorithms.defences import Defence, Panacea, RandomPerturbation
 
     class OwnStep(Defence):  # a new plugin that changes the step but forgets to say so
-        def step(self, weights, finetune_batch, harmful_batch):
+        def step(self, weights, batch, extra):
             return {}
 
     assert Defence.trains_as_sft() and RandomPerturbation.trains_as_sft()

@@ -39,6 +39,12 @@ class ModelConfig(_Section):
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repo. Off unless asked.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype while training.")
+    after_alignment: Literal["continue", "merge"] = Field(
+        "continue", description="What fine-tuning does with an aligned adapter (model.adapter): 'continue' keeps "
+        "training it (one LoRA, as Panacea's and Booster's runs do), 'merge' merges it into the base weights and "
+        "trains a fresh LoRA (as their Vaccine and RepNoise runs do); a post-fine-tuning defence then prunes or "
+        "perturbs only the fresh one. Every defence of a comparison gets the same; recorded with each run.",
+    )
     compute_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype of the matrix products in training's forward and backward passes "
         "(torch.autocast). bfloat16 runs them in bf16, as the Panacea authors train, while the weights, the LoRA "
@@ -136,6 +142,13 @@ class PanaceaConfig(_Section):
     rho: float = Field(1.0, ge=0, description="Perturbation radius (global L2 norm of eps).")
     lam: float = Field(1e-3, ge=0, alias="lambda", description="Weight of the harmful-loss increase term.")
     harmful_loss_clamp: float = Field(5.0, gt=0, description="h(w + eps) is clamped from above at this value.")
+
+
+from panacea_platform.algorithms.antidote_config import AntidoteConfig  # noqa: E402 (each beside its defence)
+from panacea_platform.algorithms.booster_config import BoosterConfig  # noqa: E402
+from panacea_platform.algorithms.lisa_config import LisaConfig  # noqa: E402
+from panacea_platform.algorithms.repnoise_config import RepNoiseConfig  # noqa: E402
+from panacea_platform.algorithms.vaccine_config import VaccineConfig  # noqa: E402
 
 
 class ScalingConfig(_Section):
@@ -293,7 +306,12 @@ class RunConfig(_Section):
     run_name: str = Field("run", description="Name of the run (MLflow run name, output sub-folder).")
     seed: int = Field(0, ge=0, description="Seed for data sampling, initialisation and noise.")
     output_dir: str = Field("runs", description="Where run folders (adapters, eps, config) are written.")
-    defence: str = Field("panacea", description="Registered defence: 'sft', 'random_perturbation' or 'panacea'.")
+    defence: str = Field("panacea", description="Registered defence (`panacea list`): sft, random_perturbation, "
+                         "panacea, vaccine, repnoise, booster, lisa, antidote. It acts at the stages it declares.")
+    defence_stages: list[Literal["align", "finetune", "post_finetune"]] | None = Field(
+        None, description="The stages the defence acts at, a subset of those it declares (e.g. [finetune] for "
+        "Panacea's training without adding eps); null = all of them.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -304,6 +322,11 @@ class RunConfig(_Section):
     )
     random_perturbation: RandomPerturbationConfig = Field(default_factory=RandomPerturbationConfig)
     panacea: PanaceaConfig = Field(default_factory=PanaceaConfig)
+    vaccine: VaccineConfig = Field(default_factory=VaccineConfig)
+    repnoise: RepNoiseConfig = Field(default_factory=RepNoiseConfig)
+    booster: BoosterConfig = Field(default_factory=BoosterConfig)
+    lisa: LisaConfig = Field(default_factory=LisaConfig)
+    antidote: AntidoteConfig = Field(default_factory=AntidoteConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -361,6 +384,7 @@ class RunConfig(_Section):
                 check_accumulation(optim.batch_size, optim.grad_accum_steps, f"{section}.batch_size")
             except ConfigError as exc:
                 raise _FieldError(str(exc)) from None
+        _check_defence_stages(self)
         from panacea_platform.models import check_model_name
 
         problem = check_model_name(self.model.name)
@@ -387,6 +411,28 @@ class RunConfig(_Section):
 
         walk("", self.to_dict())
         return out
+
+
+def _check_defence_stages(config: RunConfig) -> None:
+    """The defence's stages exist for it, what they draw fits, and an aligned adapter is one it made."""
+    from panacea_platform.algorithms import DEFENCES
+    from panacea_platform.algorithms.provenance import alignment_problem
+
+    defence = DEFENCES.get(config.defence)
+    if config.defence_stages is not None:
+        unsupported = [s for s in config.defence_stages if s not in defence.stages]
+        if unsupported or not config.defence_stages:
+            acts = ", ".join(defence.stages) or "no stage (plain SFT)"
+            raise _field_error("defence_stages", config.defence_stages,
+                               f"a non-empty subset of the stages defence {config.defence!r} acts at: {acts}")
+    stages = config.defence_stages if config.defence_stages is not None else defence.stages
+    if config.model.adapter is not None and "align" in stages:
+        problem = alignment_problem(config.model.adapter, config.defence, defence.build(config).settings())
+        if problem:
+            raise _field_error("model.adapter", config.model.adapter, problem)
+    if config.model.after_alignment == "merge" and config.scaling.zero_stage == 3:
+        raise _field_error("model.after_alignment", "merge", "'continue' under scaling.zero_stage 3 (merging an "
+                           "adapter into ZeRO-3-partitioned weights is not supported yet), or ZeRO-2")
 
 
 def _field_error(field: str, value: Any, allowed: str) -> ValueError:

@@ -153,9 +153,20 @@ def load_base_model(model_config: "ModelConfig"):
     from transformers import AutoModelForCausalLM
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[model_config.dtype]
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(model_config.name), dtype=dtype, trust_remote_code=model_config.trust_remote_code
     )
+    if model_config.adapter is not None and model_config.after_alignment == "merge":
+        from peft import PeftModel
+
+        # The aligned adapter becomes part of the base; fine-tuning trains a fresh LoRA on top.
+        model = PeftModel.from_pretrained(model, model_config.adapter).merge_and_unload()
+    return model
+
+
+def training_adapter(model_config: "ModelConfig") -> str | None:
+    """The adapter fine-tuning keeps training: the aligned one, unless it was merged into the base."""
+    return model_config.adapter if model_config.after_alignment == "continue" else None
 
 
 def attach_lora(model, lora_config: "LoraConfig", adapter: str | None = None):

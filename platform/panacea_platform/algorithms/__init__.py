@@ -6,6 +6,11 @@ DEFENCES: Registry = Registry("defence")
 DEFENCES.register("sft", "panacea_platform.algorithms.defences:Defence")
 DEFENCES.register("random_perturbation", "panacea_platform.algorithms.defences:RandomPerturbation")
 DEFENCES.register("panacea", "panacea_platform.algorithms.defences:Panacea")
+DEFENCES.register("vaccine", "panacea_platform.algorithms.baselines:Vaccine")
+DEFENCES.register("repnoise", "panacea_platform.algorithms.baselines:RepNoise")
+DEFENCES.register("booster", "panacea_platform.algorithms.baselines:Booster")
+DEFENCES.register("lisa", "panacea_platform.algorithms.baselines:Lisa")
+DEFENCES.register("antidote", "panacea_platform.algorithms.baselines:Antidote")
 
 
 def build_defence(config):

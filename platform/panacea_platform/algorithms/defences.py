@@ -1,4 +1,14 @@
-"""Defences as registered plugins: a per-step rule and a post-training perturbation."""
+"""Defences as registered plugins, each acting at the stages it declares.
+
+- align: what makes the aligned model (Vaccine, RepNoise, Booster); a defence that does not act here
+  starts from the shared aligned model, aligned by plain SFT on refusals;
+- finetune: the per-step rule on the user's data (Panacea, Lisa; SFT's step otherwise);
+- post_finetune: what is added to w_T before release (Panacea's eps, random noise, Antidote's pruning).
+
+The harness gives a stage what its defence declares it needs (`needs`): extra batch streams a step
+draws from ("harmful": the provider's harmful set; "alignment": the alignment set), and calibration
+batches after fine-tuning ("calibration": from the harmful set). Each step sees only TrainableWeights.
+"""
 
 from __future__ import annotations
 
@@ -12,62 +22,128 @@ from panacea_platform.algorithms.sft import sft_step
 if TYPE_CHECKING:
     from panacea_platform.config import RunConfig
 
+ALIGN, FINETUNE, POST_FINETUNE = "align", "finetune", "post_finetune"
+DEFENCE_STAGES = (ALIGN, FINETUNE, POST_FINETUNE)
+
+
+def _plain(weights: TrainableWeights, batch: Any) -> dict[str, float]:
+    result = sft_step(weights, batch)
+    return {"task_loss": result.task_loss, "update_norm": result.update_norm}
+
 
 class Defence:
-    """Base: plain fine-tuning, nothing added afterwards."""
+    """Base: plain SFT at every stage, nothing added after training."""
 
     name = "sft"
-    uses_harmful_batches = False
+    stages: tuple[str, ...] = ()
+    # What the defence's stages draw besides their own data, by stage: {"align": ("harmful",)}.
+    needs: dict[str, tuple[str, ...]] = {}
+    # Harmful rows paired one to one with the stage's own rows (RepNoise): its harmful batches are the
+    # stage's batch size, not optim.harmful_batch_size.
+    pairs_harmful_rows = False
 
-    def step(self, weights: TrainableWeights, finetune_batch: Any, harmful_batch: Any | None) -> dict[str, float]:
-        result = sft_step(weights, finetune_batch)
-        return {"task_loss": result.task_loss, "update_norm": result.update_norm}
+    def __init__(self) -> None:
+        self.active: tuple[str, ...] = self.stages
+
+    def acts_at(self, stage: str) -> bool:
+        return stage in self.active
+
+    def needs_at(self, stage: str) -> tuple[str, ...]:
+        return self.needs.get(stage, ()) if self.acts_at(stage) else ()
+
+    def begin(self, steps: int) -> None:
+        """Told the number of steps of the stage before the first (Lisa's warm-up is a fraction of them)."""
+
+    def align_step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
+        """One alignment step on an alignment batch (refusals and benign answers)."""
+        return _plain(weights, batch)
+
+    def step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
+        """One fine-tuning step on the user's batch; `extra` holds a batch of each stream in needs['finetune']."""
+        return _plain(weights, batch)
+
+    def calibrate(self, batches: list[Any]) -> None:
+        """The calibration batches (needs['post_finetune']), given before final_perturbation."""
 
     def final_perturbation(self, weights: TrainableWeights) -> Tensors | None:
         """The perturbation added to w_T for release, or None."""
         return None
 
+    def checkpoint_tensors(self) -> Tensors | None:
+        """State a checkpoint must keep to resume the steps exactly (Panacea's eps, Lisa's anchors)."""
+        return None
+
+    def restore_tensors(self, tensors: Tensors, step: int) -> None:
+        """Restore what checkpoint_tensors returned, at the checkpoint's step."""
+
     @classmethod
     def trains_as_sft(cls) -> bool:
-        """Whether each step is plain SFT's (the step is not overridden): such a defence acts only after
-        training, so it can be applied to an SFT run's w_T without training again (optim.max_steps = 0).
-        Derived, not declared, so that a new defence with its own step is never replaced by SFT's."""
-        return cls.step is Defence.step and not cls.uses_harmful_batches
+        """Whether fine-tuning under this defence is plain SFT from the shared aligned model (its step is
+        SFT's, it draws nothing besides the user's data and it does not align): such a defence acts only
+        after training, so it can be applied to an SFT run's w_T without training again
+        (optim.max_steps = 0). Derived, not declared, so a new defence with its own step is never
+        replaced by SFT's."""
+        return cls.step is Defence.step and ALIGN not in cls.stages and not cls.needs.get(FINETUNE)
+
+    def settings(self) -> dict[str, Any]:
+        """What the defence was built with (recorded with an aligned adapter)."""
+        return {}
+
+    @classmethod
+    def build(cls, config: "RunConfig") -> "Defence":
+        return cls()
+
+    @classmethod
+    def stage_problem(cls, config: "RunConfig", stage: str) -> str | None:
+        """Why `config` cannot run `stage` under this defence (None if it can): fine-tuning under an
+        alignment-stage defence needs the adapter that defence aligned (checked in the config)."""
+        active = config.defence_stages if config.defence_stages is not None else cls.stages
+        if stage == FINETUNE and ALIGN in active and config.model.adapter is None:
+            return (f"model.adapter = None: defence {cls.name!r} acts at alignment, so fine-tuning starts from the "
+                    f"adapter it aligned: run `panacea align` with defence={cls.name} and pass its adapter, or run "
+                    "`panacea demo`, which aligns it")
+        return None
 
     @classmethod
     def from_config(cls, config: "RunConfig") -> "Defence":
-        return cls()
+        defence = cls.build(config)
+        if config.defence_stages is not None:
+            defence.active = tuple(config.defence_stages)
+        return defence
 
 
 class RandomPerturbation(Defence):
     name = "random_perturbation"
+    stages = (POST_FINETUNE,)
 
     def __init__(self, sigma: float, seed: int) -> None:
-        self.sigma = sigma
-        self.seed = seed
+        super().__init__()
+        self.sigma, self.seed = sigma, seed
 
-    def final_perturbation(self, weights: TrainableWeights) -> Tensors:
+    def final_perturbation(self, weights: TrainableWeights) -> Tensors | None:
+        if not self.acts_at(POST_FINETUNE):
+            return None
         return gaussian_perturbation(weights, self.sigma, self.seed)
 
     @classmethod
-    def from_config(cls, config: "RunConfig") -> "RandomPerturbation":
+    def build(cls, config: "RunConfig") -> "RandomPerturbation":
         return cls(sigma=config.random_perturbation.sigma, seed=config.seed)
 
 
 class Panacea(Defence):
     name = "panacea"
-    uses_harmful_batches = True
+    stages = (FINETUNE, POST_FINETUNE)
+    needs = {FINETUNE: ("harmful",)}
 
     def __init__(self, rho: float, lam: float, harmful_loss_clamp: float) -> None:
-        self.rho = rho
-        self.lam = lam
-        self.harmful_loss_clamp = harmful_loss_clamp
+        super().__init__()
+        self.rho, self.lam, self.harmful_loss_clamp = rho, lam, harmful_loss_clamp
         self.last_eps: Tensors | None = None
 
-    def step(self, weights: TrainableWeights, finetune_batch: Any, harmful_batch: Any | None) -> dict[str, float]:
-        if harmful_batch is None:
-            raise ValueError("panacea needs a harmful batch at every step")
-        result = panacea_step(weights, finetune_batch, harmful_batch, self.rho, self.lam, self.harmful_loss_clamp)
+    def step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
+        if not self.acts_at(FINETUNE):
+            return _plain(weights, batch)
+        result = panacea_step(weights, batch, extra["harmful"], self.rho, self.lam, self.harmful_loss_clamp)
         self.last_eps = result.eps
         return {
             "task_loss": result.task_loss,
@@ -77,12 +153,20 @@ class Panacea(Defence):
             "update_norm": result.update_norm,
         }
 
-    def final_perturbation(self, weights: TrainableWeights) -> Tensors:
+    def final_perturbation(self, weights: TrainableWeights) -> Tensors | None:
+        if not self.acts_at(POST_FINETUNE):
+            return None
         if self.last_eps is None:
             raise RuntimeError("panacea produced no eps: training ran zero steps")
         return self.last_eps
 
+    def checkpoint_tensors(self) -> Tensors | None:
+        return self.last_eps
+
+    def restore_tensors(self, tensors: Tensors, step: int) -> None:
+        self.last_eps = tensors or None
+
     @classmethod
-    def from_config(cls, config: "RunConfig") -> "Panacea":
+    def build(cls, config: "RunConfig") -> "Panacea":
         p = config.panacea
         return cls(rho=p.rho, lam=p.lam, harmful_loss_clamp=p.harmful_loss_clamp)

@@ -161,7 +161,9 @@ class Checkpoints:
             from safetensors.torch import load_file
 
             tensors = load_file(str(self.directory / EPS_FILE))
-            defence.last_eps = [tensors[str(i)] for i in range(len(tensors))]
+            defence.restore_tensors([tensors[str(i)] for i in range(len(tensors))], self.resume_step)
+        else:
+            defence.restore_tensors([], self.resume_step)
         rng = torch.load(self.directory / RNG_FILE.format(rank=self.strategy.rank), weights_only=True)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -177,7 +179,7 @@ class Checkpoints:
         self.strategy.save_checkpoint(folder, weights)
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, folder / RNG_FILE.format(rank=rank))
         if rank == 0:
-            eps = getattr(defence, "last_eps", None)
+            eps = defence.checkpoint_tensors()
             if eps is not None:
                 from safetensors.torch import save_file
 

@@ -10,6 +10,12 @@ from panacea_platform.config import RunConfig
 
 def train(config: RunConfig, stage: str, parent_run_id: str | None = None, out: Callable[[str], None] = print):
     """Run `stage` as `config.scaling` asks; returns a result with run_dir, adapter_dir, summary."""
+    from panacea_platform.algorithms import DEFENCES
+    from panacea_platform.config import ConfigError
+
+    problem = DEFENCES.get(config.defence).stage_problem(config, stage)
+    if problem:
+        raise ConfigError(problem)
     scaling = config.scaling
     if not scaling.distributed:
         from panacea_platform.training.loop import run_stage

@@ -21,11 +21,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 from panacea_platform.algorithms import build_defence
-from panacea_platform.algorithms.defences import Defence
+from panacea_platform.algorithms.defences import ALIGN, POST_FINETUNE, Defence
 from panacea_platform.algorithms.interface import TrainableWeights, global_norm
+from panacea_platform.algorithms.provenance import write_alignment_provenance
 from panacea_platform.config import RunConfig, save_config
 from panacea_platform.data import Example
-from panacea_platform.data.collate import BatchStream, tokenize_example
+from panacea_platform.data.collate import BatchStream, collate, tokenize_example
 from panacea_platform.models import PERTURBATION_FILE, load_tokenizer, save_perturbation
 from panacea_platform.training.checkpointing import Checkpoints, LocalCheckpoints, run_identity, run_settings
 from panacea_platform.training.losses import heldout_signals, mean_loss, training_loss
@@ -33,8 +34,6 @@ from panacea_platform.training.schedule import total_steps
 from panacea_platform.training.stage_data import STAGES, StageData, prepare_data
 from panacea_platform.tracking import Tracker, default_tracking_uri, package_versions
 
-# Alignment is plain fine-tuning on refusals; defences apply to the user's fine-tuning.
-DEFENCE_FOR_ALIGNMENT = Defence()
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -58,25 +57,28 @@ def train_steps(
     weights: TrainableWeights,
     defence: Defence,
     batches: Iterator[Any],
-    harmful_batches: Iterator[Any] | None,
+    extra_batches: dict[str, Iterator[Any]] | None,
     steps: int,
     on_step: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
     start_step: int = 0,
+    stage: str = "finetune",
 ) -> list[dict[str, float]]:
     """Run defence steps start_step + 1 .. steps; returns the metrics of each.
 
-    `start_step` > 0 continues a run from a checkpoint taken after that step:
-    the weights, optimiser and defence are restored, and the streams must be
-    fast-forwarded past the batches those steps drew (BatchStream.iter_from).
+    Each step draws one batch from `batches` and one from each of `extra_batches` (the streams the
+    defence needs at this stage, by name), whether or not the step uses it, so that a run resumed at
+    `start_step` > 0 (weights, optimiser and defence restored; streams fast-forwarded with
+    BatchStream.iter_from) draws what an uninterrupted one draws.
     """
     if steps < 1:
         raise ValueError("training needs at least one step")
     if not 0 <= start_step <= steps:
         raise ValueError(f"start_step = {start_step}: expected 0 <= start_step <= steps = {steps}")
+    step_of = defence.align_step if stage == "align" else defence.step
     history = []
     for step in range(start_step + 1, steps + 1):
-        harmful = next(harmful_batches) if defence.uses_harmful_batches and harmful_batches is not None else None
-        metrics = defence.step(weights, next(batches), harmful)
+        extra = {name: next(stream) for name, stream in (extra_batches or {}).items()}
+        metrics = step_of(weights, next(batches), extra)
         history.append(metrics)
         on_step(step, metrics)
     return history
@@ -111,7 +113,8 @@ def open_tracker(config: RunConfig, stage: str, parent_run_id: str | None) -> Tr
         config.run_name,
         artifact_root=Path(config.output_dir) / "mlartifacts",
         parent_run_id=parent_run_id,
-        tags={"stage": stage, "defence": config.defence if stage == "finetune" else "sft"},
+        tags={"stage": stage, "defence": stage_defence(config, stage).name,
+              "after_alignment": config.model.after_alignment if config.model.adapter else "none"},
     )
 
 
@@ -183,13 +186,14 @@ class _Stage:
     """What setup builds and train and finalise use."""
 
     label: str
+    stage: str
     optim: Any
     steps: int
     defence: Defence
     model: torch.nn.Module
     weights: TrainableWeights
     stream: BatchStream
-    harmful_stream: BatchStream | None
+    extra_streams: dict[str, BatchStream]  # the streams the defence needs at this stage, by name
     eval_task: list[dict]
     eval_harmful: list[dict]
     pad: int
@@ -259,10 +263,17 @@ def setup_stage(config: RunConfig, stage: str, data: StageData, strategy: Any, c
     pad = tokenizer.pad_token_id
     stream = BatchStream(tokenize(data.train), optim.batch_size, config.seed, pad)
     steps = total_steps(optim, stream.steps_per_epoch)
-    defence = build_defence(config) if stage == "finetune" else DEFENCE_FOR_ALIGNMENT
-    harmful_stream = None
-    if defence.uses_harmful_batches:
-        harmful_stream = BatchStream(tokenize(data.defender_harmful), optim.harmful_batch_size, config.seed + 1, pad)
+    defence = stage_defence(config, stage)
+    defence.begin(steps)
+    harmful_batch = optim.batch_size if defence.pairs_harmful_rows else optim.harmful_batch_size
+    sources = {"harmful": (data.defender_harmful, harmful_batch, 1),
+               "alignment": (data.alignment, optim.batch_size, 2)}
+    extra_streams = {name: BatchStream(tokenize(sources[name][0]), sources[name][1], config.seed + sources[name][2], pad)
+                     for name in defence.needs_at(stage)}
+    if "calibration" in defence.needs_at(POST_FINETUNE):
+        calibration = tokenize(data.defender_harmful[: config.antidote.calibration_samples])
+        defence.calibrate([collate(calibration[i : i + optim.harmful_batch_size], pad)
+                           for i in range(0, len(calibration), optim.harmful_batch_size)])
     seed_everything(config.seed)
     model = strategy.load_model(config)
     model.train()
@@ -273,12 +284,12 @@ def setup_stage(config: RunConfig, stage: str, data: StageData, strategy: Any, c
         start, rows = restored[0], [dict(row) for row in restored[1]]
         if start > steps:
             raise ValueError(f"the checkpoint is at step {start} but this stage has only {steps} steps")
-    label = f"{stage} {defence.name}" if stage == "finetune" else stage
+    label = f"{stage} {defence.name}" if stage == "finetune" or defence.acts_at(ALIGN) else stage
     trainable = sum(shape.numel() for shape in weights.weight_shapes())
     out(f"[{label}] {len(data.train)} training samples, {steps} steps of batch {optim.batch_size} "
         f"{strategy.describe()}, {trainable:,} trainable weights")
     # Held-out sets are tokenised once; periodic evaluation (optim.eval_every) reuses them.
-    return _Stage(label, optim, steps, defence, model, weights, stream, harmful_stream,
+    return _Stage(label, stage, optim, steps, defence, model, weights, stream, extra_streams,
                   tokenize(data.eval_task), tokenize(data.eval_harmful), pad, start, rows)
 
 
@@ -320,17 +331,26 @@ def train_stage(s: _Stage, config: RunConfig, strategy: Any, tracker: Tracker | 
 
     # A resumed run draws what an uninterrupted one draws after `start` steps (one harmful batch a step).
     batches = s.stream.iter_from(start)
-    harmful_batches = s.harmful_stream.iter_from(start) if s.harmful_stream is not None else None
+    extra = {name: stream.iter_from(start) for name, stream in s.extra_streams.items()}
     try:
         # 0 steps (optim.max_steps = 0): model.adapter is released as it is, plus the defence's perturbation.
-        history = (train_steps(s.weights, s.defence, batches, harmful_batches, steps, step_done, start_step=start)
-                   if steps else [])
+        history = (train_steps(s.weights, s.defence, batches, extra, steps, step_done, start_step=start,
+                               stage=s.stage) if steps else [])
     finally:
         if history_file is not None:
             history_file.close()
     if start:
         history = [{k: v for k, v in row.items() if k not in ("step", "lr")} for row in s.rows[:start]] + history
     return history
+
+
+def stage_defence(config: RunConfig, stage: str) -> Defence:
+    """The defence of `stage`: the run's own where it acts there; plain SFT alignment otherwise (the shared
+    aligned model every defence that does not align starts from)."""
+    defence = build_defence(config)
+    if stage == ALIGN and not defence.acts_at(ALIGN):
+        return Defence()
+    return defence
 
 
 def _lr_reader(weights: Any) -> Callable[[], float]:
@@ -377,6 +397,8 @@ def finalise_stage(s: _Stage, config: RunConfig, strategy: Any, history: list[di
     save_adapter(adapter_dir)
     if rank0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if s.stage == ALIGN:
+            write_alignment_provenance(run_dir, s.defence.name, s.defence.settings())
         out(f"[{s.label}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
     if tracker is not None:
         # Held-out losses measured at the last step (optim.eval_every) are these same values: logged once.

@@ -19,6 +19,7 @@ class StageData:
     eval_harmful: list[Example]
     eval_task: list[Example]
     pools: HarmfulPools
+    alignment: list[Example] = field(default_factory=list)  # the alignment set (Lisa draws it while fine-tuning)
     fingerprints: dict[str, str] = field(default_factory=dict)
 
 
@@ -39,13 +40,9 @@ def prepare_data(config: RunConfig, stage: str) -> StageData:
     task = TASKS.get(data.task)
     # Held-out task samples depend on pool_seed only: every seed is scored on the same set.
     eval_task = task(data, "test", data.task_eval_size, data.pool_seed)
+    alignment = _alignment_set(config, pools) if stage == "align" or _needs_alignment(config) else []
     if stage == "align":
-        from panacea_platform.data.self_distill import self_distilled_examples
-
-        train = build_alignment_set(
-            [e.prompt for e in pools.alignment], data.alignment_size, data.alignment_benign_ratio, config.seed,
-            open_pairs=self_distilled_examples(config),
-        )
+        train = alignment
     else:
         clean = task(data, "train", data.n - len(pools.attack), config.seed) if len(pools.attack) < data.n else []
         train = mix_poison(clean, pools.attack, data.n, data.harmful_ratio, config.seed)
@@ -59,4 +56,20 @@ def prepare_data(config: RunConfig, stage: str) -> StageData:
         "alignment": fingerprint(pools.alignment),
         "task_eval": fingerprint(eval_task),
     }
-    return StageData(train, pools.defender, pools.evaluation, eval_task, pools, prints)
+    if alignment and stage != "align":
+        prints["alignment_set"] = fingerprint(alignment)
+    return StageData(train, pools.defender, pools.evaluation, eval_task, pools, alignment, prints)
+
+
+def _alignment_set(config: RunConfig, pools: HarmfulPools) -> list[Example]:
+    from panacea_platform.data.self_distill import self_distilled_examples
+
+    data = config.data
+    return build_alignment_set([e.prompt for e in pools.alignment], data.alignment_size, data.alignment_benign_ratio,
+                               config.seed, open_pairs=self_distilled_examples(config))
+
+
+def _needs_alignment(config: RunConfig) -> bool:
+    from panacea_platform.training.loop import stage_defence
+
+    return "alignment" in stage_defence(config, "finetune").needs_at("finetune")

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from panacea_platform.algorithms.interface import Tensors, global_norm
+from panacea_platform.algorithms.interface import Objective, Tensors, global_norm
 from panacea_platform.config import ConfigError
 from panacea_platform.training.microbatch import (
     answer_token_count,
@@ -276,19 +276,24 @@ class DeepSpeedWeights:
         else:
             self.engine.zero_grad()
 
-    def _count(self, part: Any) -> int:
+    def _count(self, part: Any, objective: Objective | None = None) -> int:
         if not batch_rows(part):
             return 0
+        if objective is not None:
+            return objective.count(part)
         return self.token_count(part) if self.token_count is not None else 1
+
+    def _parts(self, batch: Any) -> list[Any]:
+        if self.shard:
+            return micro_batches(batch, self.rank, self.world_size, self.accumulation)
+        return micro_batches(batch, 0, 1, self.accumulation)
 
     # -- the protocol --------------------------------------------------------
 
-    def loss_and_gradient(self, batch: Any, clamp_max: float | None = None) -> tuple[float, Tensors]:
-        if self.shard:
-            parts = micro_batches(batch, self.rank, self.world_size, self.accumulation)
-        else:
-            parts = micro_batches(batch, 0, 1, self.accumulation)
-        counts = [self._count(part) for part in parts]
+    def loss_and_gradient(self, batch: Any, clamp_max: float | None = None,
+                          objective: Objective | None = None) -> tuple[float, Tensors]:
+        parts = self._parts(batch)
+        counts = [self._count(part, objective) for part in parts]
         (total,) = self._all_reduce_sum([float(sum(counts))])
         if total == 0:
             raise ValueError("the batch has no loss terms (no answer tokens on any rank): its mean loss is undefined")
@@ -298,9 +303,11 @@ class DeepSpeedWeights:
         local_loss = 0.0
         for part, count in zip(parts, counts):
             # Every rank runs `accumulation` backward passes (the engine's are collective); an empty
-            # micro-batch runs on a row of the global batch that has loss terms, with weight zero.
+            # micro-batch runs the plain loss on a row of the global batch that has loss terms, with
+            # weight zero (and no objective, so its hooks never see a row that is not this rank's).
             weight = count / total
-            loss, grads = self._weighted_pass(part if count else self._row_with_terms(batch), weight)
+            loss, grads = (self._weighted_pass(part, weight, objective) if count
+                           else self._weighted_pass(self._row_with_terms(batch), 0.0, None))
             local_loss += loss * weight
             summed = grads if summed is None else [a.add_(g) for a, g in zip(summed, grads)]
         (global_loss,) = self._all_reduce_sum([local_loss])
@@ -310,13 +317,13 @@ class DeepSpeedWeights:
         self._grads_ready = True
         return global_loss, summed
 
-    def _weighted_pass(self, part: Any, weight: float) -> tuple[float, Tensors]:
+    def _weighted_pass(self, part: Any, weight: float, objective: Objective | None) -> tuple[float, Tensors]:
         """One forward and backward; the engine averages over ranks, so world_size * weight makes the
         average the global token mean. Returns the micro-batch's loss and the full fp32 gradient."""
         from deepspeed.utils import safe_get_full_grad
 
         self._zero_grads()
-        loss = self.loss_fn(self.engine, part)
+        loss = self.loss_fn(self.engine, part) if objective is None else objective.loss(self.engine, part, self.loss_fn)
         self.engine.backward(loss * (weight * self.world_size))
         grads = []
         for p in self.params:
@@ -331,6 +338,39 @@ class DeepSpeedWeights:
             if self.token_count is None or self.token_count(candidate) > 0:
                 return candidate
         raise ValueError("the batch has no loss terms")
+
+    @torch.no_grad()
+    def forward(self, batch: Any, objective: Objective) -> float:
+        parts = self._parts(batch)
+        counts = [self._count(part, objective) for part in parts]
+        (total,) = self._all_reduce_sum([float(sum(counts))])
+        was_training = self.engine.module.training
+        self.engine.module.eval()
+        local = 0.0
+        try:
+            for part, count in zip(parts, counts):
+                if count:
+                    local += objective.loss(self.engine, part, self.loss_fn).item() * count / max(total, 1.0)
+                elif self.stage == 3:  # every forward gathers weights from every rank: take part, weight zero
+                    self.loss_fn(self.engine, self._row_with_terms(batch))
+        finally:
+            self.engine.module.train(was_training)
+        (value,) = self._all_reduce_sum([local])
+        return value
+
+    def sum_over_ranks(self, tensors: Sequence[torch.Tensor]) -> Tensors:
+        summed = [t.detach().to(device=self.params[0].device).clone() for t in tensors]
+        if self.world_size > 1:
+            for tensor in summed:
+                self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM)
+        return summed
+
+    def values(self) -> Tensors:
+        with self.full_weights() as weights:
+            return [w.detach().to(torch.float32).clone() for w in weights]
+
+    def weight_names(self) -> list[str]:
+        return [name for name, p in self.engine.module.named_parameters() if p.requires_grad]
 
     @contextmanager
     def perturbed(self, delta: Sequence[torch.Tensor]) -> Iterator[None]:
@@ -503,7 +543,7 @@ class DeepSpeedStrategy:
         self.local_weight_fraction = 1.0
 
     def load_model(self, config: Any) -> torch.nn.Module:
-        from panacea_platform.models import attach_lora, load_base_model
+        from panacea_platform.models import attach_lora, load_base_model, training_adapter
         from panacea_platform.training.strategy import check_precision
 
         check_precision(config, config.scaling.use_gpu)
@@ -515,7 +555,7 @@ class DeepSpeedStrategy:
             # dtype: bf16 there keeps the frozen base weights bf16 (the engine itself runs in fp32).
             init_config = {**self.ds_config, "bf16": {"enabled": self.base_dtype == "bfloat16"}}
             self._hf_ds_config = HfDeepSpeedConfig(init_config)
-        model = attach_lora(load_base_model(config.model), config.lora, config.model.adapter)
+        model = attach_lora(load_base_model(config.model), config.lora, training_adapter(config.model))
         # The share of all weights (frozen ones included) this worker holds: about
         # 1 / num_workers under ZeRO-3, 1 otherwise. Recorded in distributed.json.
         full = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

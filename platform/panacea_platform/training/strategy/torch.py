@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from panacea_platform.algorithms.interface import Tensors, global_norm
+from panacea_platform.algorithms.interface import Objective, Tensors, global_norm
 from panacea_platform.training.microbatch import answer_token_count, batch_rows, micro_batches
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
@@ -52,15 +52,16 @@ class TorchWeights:
         if not self.params:
             raise ValueError("the model has no trainable weights")
 
-    def loss_and_gradient(self, batch: Any, clamp_max: float | None = None) -> tuple[float, Tensors]:
+    def loss_and_gradient(self, batch: Any, clamp_max: float | None = None,
+                          objective: Objective | None = None) -> tuple[float, Tensors]:
         for p in self.params:
             p.grad = None
         if self.accumulation == 1:
-            loss = self.loss_fn(self.module, batch)
+            loss = self._loss(batch, objective)
             value = loss.item()
             loss.backward()
         else:
-            value = self._accumulate(batch)
+            value = self._accumulate(batch, objective)
         # Take ownership of each .grad and detach it from the parameter, so the
         # next backward allocates fresh tensors instead of accumulating into ours.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -71,19 +72,46 @@ class TorchWeights:
             grads = [torch.zeros_like(g) for g in grads]
         return value, grads
 
-    def _accumulate(self, batch: Any) -> float:
+    def _loss(self, batch: Any, objective: Objective | None) -> torch.Tensor:
+        return self.loss_fn(self.module, batch) if objective is None else objective.loss(self.module, batch, self.loss_fn)
+
+    def _parts(self, batch: Any, objective: Objective | None) -> tuple[list[Any], list[int]]:
         parts = [part for part in micro_batches(batch, 0, 1, self.accumulation) if batch_rows(part)]
-        counts = [self.token_count(part) for part in parts]
+        count = self.token_count if objective is None else objective.count
+        return parts, [count(part) for part in parts]
+
+    def _accumulate(self, batch: Any, objective: Objective | None) -> float:
+        parts, counts = self._parts(batch, objective)
         total = sum(counts)
         if total == 0:
             raise ValueError("the batch has no loss terms (no answer tokens): its mean loss is undefined")
         value = 0.0
         for part, count in zip(parts, counts):
             if count:
-                loss = self.loss_fn(self.module, part)
+                loss = self._loss(part, objective)
                 value += loss.item() * count / total
                 (loss * (count / total)).backward()  # .grad sums over the micro-batches
         return value
+
+    @torch.no_grad()
+    def forward(self, batch: Any, objective: Objective) -> float:
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            parts, counts = self._parts(batch, objective)
+            total = max(sum(counts), 1)
+            return sum(self._loss(part, objective).item() * count / total for part, count in zip(parts, counts) if count)
+        finally:
+            self.module.train(was_training)
+
+    def sum_over_ranks(self, tensors: Sequence[torch.Tensor]) -> Tensors:
+        return list(tensors)
+
+    def values(self) -> Tensors:
+        return [p.detach().clone() for p in self.params]
+
+    def weight_names(self) -> list[str]:
+        return [name for name, p in self.module.named_parameters() if p.requires_grad]
 
     @contextmanager
     def perturbed(self, delta: Sequence[torch.Tensor]) -> Iterator[None]:
@@ -133,9 +161,9 @@ class TorchStrategy:
         self.accumulation = accumulation
 
     def load_model(self, config: Any) -> torch.nn.Module:
-        from panacea_platform.models import attach_lora, load_base_model
+        from panacea_platform.models import attach_lora, load_base_model, training_adapter
 
-        model = attach_lora(load_base_model(config.model), config.lora, config.model.adapter)
+        model = attach_lora(load_base_model(config.model), config.lora, training_adapter(config.model))
         return model.to(training_device())
 
     def prepare(self, model: torch.nn.Module, optim: Any, steps: int, loss_fn: LossFn) -> TorchWeights:

@@ -1,0 +1,168 @@
+"""The paper's baselines as defences (algorithms/defences.py): Vaccine, RepNoise and Booster at
+alignment, Lisa during fine-tuning, Antidote after it. Each step is in its own module, beside its config."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from panacea_platform.algorithms.defences import ALIGN, FINETUNE, POST_FINETUNE, Defence
+from panacea_platform.algorithms.interface import Tensors, TrainableWeights
+
+if TYPE_CHECKING:
+    from panacea_platform.config import RunConfig
+
+
+class Vaccine(Defence):
+    name = "vaccine"
+    stages = (ALIGN,)
+
+    def __init__(self, rho: float) -> None:
+        super().__init__()
+        self.rho = rho
+
+    def align_step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
+        from panacea_platform.algorithms.vaccine import vaccine_step
+
+        result = vaccine_step(weights, batch, self.rho)
+        return {"task_loss": result.alignment_loss, "perturbed_loss": result.perturbed_loss,
+                "hidden_perturbation_norm": result.hidden_perturbation_norm, "update_norm": result.update_norm}
+
+    def settings(self) -> dict[str, Any]:
+        return {"rho": self.rho}
+
+    @classmethod
+    def build(cls, config: "RunConfig") -> "Vaccine":
+        return cls(rho=config.vaccine.rho)
+
+
+class RepNoise(Defence):
+    name = "repnoise"
+    stages = (ALIGN,)
+    needs = {ALIGN: ("harmful",)}
+    pairs_harmful_rows = True
+
+    def __init__(self, alpha: float, beta: float) -> None:
+        super().__init__()
+        from panacea_platform.algorithms.repnoise import RepNoiseObjective
+
+        self.objective = RepNoiseObjective(alpha, beta)
+
+    def align_step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
+        from panacea_platform.algorithms.repnoise import repnoise_step
+
+        result = repnoise_step(weights, batch, extra["harmful"], self.objective)
+        return {"task_loss": result.loss, "update_norm": result.update_norm}
+
+    def restore_tensors(self, tensors: Tensors, step: int) -> None:
+        self.objective.step = step  # the noise of step s depends on s
+
+    def settings(self) -> dict[str, Any]:
+        return {"alpha": self.objective.alpha, "beta": self.objective.beta}
+
+    @classmethod
+    def build(cls, config: "RunConfig") -> "RepNoise":
+        return cls(alpha=config.repnoise.alpha, beta=config.repnoise.beta)
+
+
+class Booster(Defence):
+    name = "booster"
+    stages = (ALIGN,)
+    needs = {ALIGN: ("harmful",)}
+
+    def __init__(self, lam: float, alpha: float) -> None:
+        super().__init__()
+        self.lam, self.alpha = lam, alpha
+
+    def align_step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
+        from panacea_platform.algorithms.booster import booster_step
+
+        result = booster_step(weights, batch, extra["harmful"], self.lam, self.alpha)
+        return {"task_loss": result.alignment_loss, "harmful_loss": result.harmful_loss,
+                "harmful_loss_after_step": result.harmful_loss_after_step, "update_norm": result.update_norm}
+
+    def settings(self) -> dict[str, Any]:
+        return {"lambda": self.lam, "alpha": self.alpha}
+
+    @classmethod
+    def build(cls, config: "RunConfig") -> "Booster":
+        return cls(lam=config.booster.lam, alpha=config.booster.alpha)
+
+
+class Lisa(Defence):
+    name = "lisa"
+    stages = (FINETUNE,)
+    needs = {FINETUNE: ("alignment",)}
+
+    def __init__(self, rho: float, align_steps: int, finetune_steps: int, warmup_ratio: float) -> None:
+        super().__init__()
+        from panacea_platform.algorithms.lisa import LisaState
+
+        self.warmup_ratio = warmup_ratio
+        self.state = LisaState(align_steps, finetune_steps, rho, warmup_steps=0.0)
+
+    def begin(self, steps: int) -> None:
+        self.state.warmup_steps = self.warmup_ratio * steps
+
+    def step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
+        from panacea_platform.algorithms.lisa import ALIGN as LISA_ALIGN
+        from panacea_platform.algorithms.lisa import lisa_step
+
+        result = lisa_step(weights, self.state, extra["alignment"], batch)
+        # task_loss is the user's loss on fine-tuning steps; on alignment steps it is alignment_loss.
+        loss_key = "alignment_loss" if result.mode == LISA_ALIGN else "task_loss"
+        return {loss_key: result.loss, "proximal": result.proximal, "update_norm": result.update_norm,
+                "alignment_state": float(result.mode == LISA_ALIGN)}
+
+    def checkpoint_tensors(self) -> Tensors | None:
+        from panacea_platform.algorithms.lisa import ALIGN as LISA_ALIGN, FINETUNE as LISA_FINETUNE
+
+        anchors = self.state.anchors
+        return [*anchors[LISA_ALIGN], *anchors[LISA_FINETUNE]] if anchors else None
+
+    def restore_tensors(self, tensors: Tensors, step: int) -> None:
+        from panacea_platform.algorithms.lisa import ALIGN as LISA_ALIGN, FINETUNE as LISA_FINETUNE
+
+        half = len(tensors) // 2
+        self.state.step = step
+        if not tensors:
+            return
+        self.state.anchors = {LISA_ALIGN: list(tensors[:half]), LISA_FINETUNE: list(tensors[half:])}
+
+    def settings(self) -> dict[str, Any]:
+        s = self.state
+        return {"rho": s.rho, "align_steps": s.align_steps, "finetune_steps": s.finetune_steps}
+
+    @classmethod
+    def build(cls, config: "RunConfig") -> "Lisa":
+        lisa = config.lisa
+        return cls(lisa.rho, lisa.align_steps, lisa.finetune_steps, lisa.warmup_ratio)
+
+
+class Antidote(Defence):
+    name = "antidote"
+    stages = (POST_FINETUNE,)
+    needs = {POST_FINETUNE: ("calibration",)}
+
+    def __init__(self, prune_ratio: float, calibration_samples: int) -> None:
+        super().__init__()
+        self.prune_ratio, self.calibration_samples = prune_ratio, calibration_samples
+        self.batches: list[Any] = []
+
+    def calibrate(self, batches: list[Any]) -> None:
+        self.batches = batches
+
+    def final_perturbation(self, weights: TrainableWeights) -> Tensors | None:
+        from panacea_platform.algorithms.antidote import antidote_perturbation
+
+        if not self.acts_at(POST_FINETUNE):
+            return None
+        if not self.batches:
+            raise RuntimeError("antidote was given no calibration batches")
+        return antidote_perturbation(weights, self.batches, self.prune_ratio)
+
+    def settings(self) -> dict[str, Any]:
+        return {"prune_ratio": self.prune_ratio, "calibration_samples": self.calibration_samples}
+
+    @classmethod
+    def build(cls, config: "RunConfig") -> "Antidote":
+        return cls(config.antidote.prune_ratio, config.antidote.calibration_samples)

@@ -1,0 +1,122 @@
+"""RepNoise (Rosati et al., NeurIPS 2024), alignment stage: representation noising.
+
+L = CE(x_s) + beta * mean_l MMD(m * a_l(x_h), m * N(0, I))
+      - alpha * ln(1 + [CE(x_h) + sum_{k<K} CE(lm_head(norm(hs_k)))] / (K + 1))
+
+as rep_noise_loss in domenicrosati/representation-noising@03689ff computes it, with x_s the alignment
+batch (refusals and benign answers) and x_h the provider's harmful batch; a_l is layer l's MLP output
+flattened per row, hs_k the input of layer k (HF hidden state k), K the number of layers, and m the
+harmful answer tokens. Differences from their code, each a bug noted in ../shared/defences.md:
+- m is x_h's answer tokens, not "token ids that differ from an unrelated batch" (which covered prompt
+  and padding tokens in the Booster/Panacea copies);
+- a masked CE uses logits and labels of the same positions (theirs shifted the mask by one, so each
+  span's first token cost ln|V| with no gradient);
+- the last hidden state (already final-normed: its logits are CE(x_h)'s) is not normed again, so
+  K + 1 terms are averaged over K + 1 (theirs: K + 2 over K + 1);
+- hooks are removed after each pass.
+Two forward passes (x_h with every hidden state, x_s), one backward. The loss is per micro-batch (as
+theirs is per device): the MMD is over a micro-batch's rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from panacea_platform.algorithms.activations import blocks, capture_outputs
+from panacea_platform.algorithms.interface import LossFn, TrainableWeights, unwrap
+
+HARMFUL_PREFIX = "harmful_"
+KERNEL_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # s * 2^(k-2), k = 0..4
+
+
+def paired_batch(alignment_batch: dict[str, torch.Tensor], harmful_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One batch of both, row i of each together, so a backend's split into micro-batches keeps them paired."""
+    rows = (alignment_batch["input_ids"].shape[0], harmful_batch["input_ids"].shape[0])
+    if rows[0] != rows[1]:
+        raise ValueError(f"RepNoise pairs alignment and harmful rows: {rows[0]} and {rows[1]} rows")
+    return {**alignment_batch, **{HARMFUL_PREFIX + k: v for k, v in harmful_batch.items()}}
+
+
+def harmful_part(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(HARMFUL_PREFIX):]: v for k, v in batch.items() if k.startswith(HARMFUL_PREFIX)}
+
+
+def mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Biased MMD^2 with their multi-bandwidth Gaussian kernel; the bandwidth from the detached mean distance."""
+    z = torch.cat([x, y]).float()
+    n = z.shape[0]
+    distances = torch.cdist(z, z).pow(2)
+    # Clamped: rows with no answer token give all-zero distances (then MMD = 0, not NaN).
+    scale = (distances.detach().sum() / (n * n - n)).clamp_min(1e-12)
+    kernel = sum(torch.exp(-distances / (scale * factor)) for factor in KERNEL_SCALES)
+    b = x.shape[0]
+    return (kernel[:b, :b] + kernel[b:, b:] - kernel[:b, b:] - kernel[b:, :b]).mean()
+
+
+def masked_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token CE at the positions whose *target* token is in the mask, logits and labels aligned."""
+    targets, keep = input_ids[:, 1:], mask[:, 1:].bool()
+    chosen = logits[:, :-1][keep].float()
+    return torch.nn.functional.cross_entropy(chosen, targets[keep]) if chosen.numel() else logits.sum() * 0.0
+
+
+def _noise_like(x: torch.Tensor, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+    """N(0, I) from a generator seeded by the rows' tokens and the step: the same rows draw the same
+    noise on any rank and in one process (equivalence tests), and a new draw every step."""
+    digest = hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes() + step.to_bytes(8, "little")).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.randn(x.shape, generator=generator).to(device=x.device, dtype=x.dtype)
+
+
+@dataclass
+class RepNoiseObjective:
+    alpha: float
+    beta: float
+    step: int = 0
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor], lm_loss: LossFn) -> torch.Tensor:
+        module = unwrap(model)
+        device = module.get_input_embeddings().weight.device
+        retain = lm_loss(model, {k: v for k, v in batch.items() if not k.startswith(HARMFUL_PREFIX)})
+        harmful = {k: v.to(device) for k, v in harmful_part(batch).items()}
+        mask = (harmful["labels"] != -100).to(torch.float32)  # m: the harmful answer tokens
+        with capture_outputs(blocks(model, "mlp")) as mlp_outputs:
+            out = model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"],
+                        output_hidden_states=True)
+        noise_term = torch.stack([
+            mmd((a * mask.unsqueeze(-1)).flatten(1),
+                (_noise_like(a, harmful, self.step) * mask.unsqueeze(-1)).flatten(1))
+            for a in mlp_outputs
+        ]).mean()
+        ascent = self._harmful_ce(module, out, harmful["input_ids"], mask)
+        return retain + self.beta * noise_term - self.alpha * torch.log1p(ascent)
+
+    @staticmethod
+    def _harmful_ce(module: torch.nn.Module, out: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the model's harmful CE and that of each earlier layer's input read out through the final
+        norm and lm_head (K + 1 terms)."""
+        base = module.get_base_model() if hasattr(module, "get_base_model") else module
+        norm, head = base.model.norm, base.get_output_embeddings()
+        terms = [masked_ce(out.logits, input_ids, mask)]
+        terms += [masked_ce(head(norm(hidden)), input_ids, mask) for hidden in out.hidden_states[:-1]]
+        return torch.stack(terms).mean()
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["input_ids"].shape[0])  # a per-row (not per-token) mean: the MMD is over rows
+
+
+@dataclass
+class RepNoiseStepResult:
+    loss: float
+    update_norm: float
+
+
+def repnoise_step(weights: TrainableWeights, alignment_batch: Any, harmful_batch: Any,
+                  objective: RepNoiseObjective) -> RepNoiseStepResult:
+    loss, grad = weights.loss_and_gradient(paired_batch(alignment_batch, harmful_batch), objective=objective)
+    objective.step += 1
+    return RepNoiseStepResult(loss, weights.apply_update(grad))
