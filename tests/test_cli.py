@@ -290,3 +290,32 @@ def test_bad_training_input_stops_before_any_work_with_one_line_and_exit_2(case,
                 "checkpoint of another shape": "Set optim.grad_accum_steps to match it"}[case]
     assert len(err) == 1 and expected in err[0], err
     assert not (Path(config.output_dir) / "mlflow.db").exists()
+
+
+def test_paper_comparison_runs_every_defence_at_its_stage_on_the_same_prompts(tiny_job, capsys, ray_session):
+    from panacea_platform.algorithms.provenance import read_alignment_provenance
+    from panacea_platform.comparison import ModelAnswers
+    from panacea_platform.pipeline import DEMO_SUITES as DEFENCE_SUITES
+
+    config, path = tiny_job
+    assert main(["demo", "--config", str(path), "--suite", "paper-comparison", "--no-control",
+                 "evaluation.judge=refusal", DEMO_SUITES, "lisa.align_steps=1", "lisa.finetune_steps=2"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((config.run_dir().parent / "demo-paper-rows.json").read_text())
+    assert [r["key"] for r in rows] == ["aligned", *DEFENCE_SUITES["paper-comparison"]]
+    # Alignment-stage defences fine-tuned their own aligned model; the others the shared one.
+    for row in rows[1:]:
+        started = yaml.safe_load((Path(row["run_dir"]) / "config.yaml").read_text())["model"]["adapter"]
+        made = read_alignment_provenance(started)
+        expected = row["key"] if row["key"] in ("vaccine", "repnoise", "booster") else "sft"
+        assert made is not None and made["defence"] == expected or row["key"] in ("random_perturbation", "antidote"), row
+    answers = [ModelAnswers.read(r["key"], r["method"], r["seed"], r["samples"]) for r in rows]
+    for suite in ("harmful", "task"):
+        assert len({tuple(x["prompt"] for x in a.suite(suite)) for a in answers}) == 1, suite
+    table = out.split("== main job")[1]
+    header = next(line for line in table.splitlines() if line.startswith("method"))
+    assert all(title in header for title in ("HS %", "FA %", "ΔHS pp", "ΔFA pp"))
+    for method in ("Vaccine", "RepNoise", "Booster", "Lisa", "Antidote", "Panacea"):
+        line = next(line for line in table.splitlines() if line.startswith(f"{method}, p=0.1"))
+        assert line.count("[") >= 4, line  # HS and FA with intervals, and both paired differences
+    assert (config.run_dir().parent / "demo-paper-hs-vs-fa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

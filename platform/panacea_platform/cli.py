@@ -73,21 +73,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from panacea_platform.pipeline import report_demo, run_demo
     from panacea_platform.algorithms import DEFENCES
-    from panacea_platform.config import ConfigError
+    from panacea_platform.config import ConfigError, with_changes
+    from panacea_platform.pipeline import DEMO_SUITES, report_demo, run_demo
 
     config = _load(args)
+    if args.suite == "paper-comparison":  # its own rows, table and plots beside the default demo's
+        config = with_changes(config, {"run_name": f"{config.run_name}-paper"})
     if args.report_only:
         report_demo(config)
         return 0
     from panacea_platform.preflight import check_before_work
 
     check_before_work(config)
-    defences = [d.strip() for d in args.defences.split(",") if d.strip()]
+    if args.suite is not None and args.defences is not None:
+        raise ConfigError("--suite and --defences both choose the defences: give one")
+    chosen = args.defences if args.defences is not None else ",".join(DEMO_SUITES[args.suite or "default"])
+    defences = [d.strip() for d in chosen.split(",") if d.strip()]
     unknown = [d for d in defences if d not in DEFENCES]
     if unknown or not defences:
-        raise ConfigError(f"--defences {args.defences!r}: expected a comma list of {', '.join(DEFENCES.names())}")
+        raise ConfigError(f"--defences {chosen!r}: expected a comma list of {', '.join(DEFENCES.names())}")
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     except ValueError:
@@ -303,8 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job: align, then attack and defend the aligned model, and compare")
     _add_config_args(demo)
     demo.add_argument(
-        "--defences", default="sft,random_perturbation,panacea",
-        help="comma list of defences to compare at the job's harmful ratio (default: sft,random_perturbation,panacea)",
+        "--defences", default=None,
+        help="comma list of defences to compare at the job's harmful ratio (default: the --suite's)",
+    )
+    demo.add_argument(
+        "--suite", default=None, choices=["default", "paper-comparison"],
+        help="default: sft,random_perturbation,panacea; paper-comparison: also vaccine, repnoise, booster (their "
+             "own alignment), lisa and antidote, as the Panacea paper compares them",
     )
     demo.add_argument("--seeds", default=None, help="comma list of seeds, e.g. 0,1,2 (default: the job's seed)")
     demo.add_argument("--no-control", action="store_true", help="skip the SFT run at p = 0 (the control row)")

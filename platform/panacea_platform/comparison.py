@@ -258,3 +258,28 @@ def compare_files(reference: str | Path, others: Sequence[str | Path]) -> str:
     comparison = compare(answers, suites, reference="m0")
     blocks = [format_suite_tables(comparison), format_differences(comparison), format_judge_notes(answers, suites)]
     return "\n\n".join(block for block in blocks if block)
+
+
+def format_paper_table(comparison: Comparison, columns: dict[str, tuple[str, str] | None]) -> str:
+    """The paper's table: one line per method, a cell per column (title -> (suite, rate)), then the paired
+    difference to the reference on the first two columns' suites (HS and FA)."""
+    present = {title: found for title, found in columns.items() if found is not None}
+    texts = {(key, title): cell.text() if (cell := comparison.cell(key, *found)) else "-"
+             for key in comparison.methods for title, found in present.items()}
+    paired = list(present.items())[:2] if comparison.reference is not None else []
+    for key in comparison.methods:
+        for title, (suite, _) in paired:
+            found = comparison.differences.get((key, suite))
+            texts[(key, f"Δ{title}")] = found.text() if found is not None else "-"
+    titles = [*present, *(f"Δ{title}" for title, _ in paired)]
+    label = max([28, *(len(method) + 2 for method in comparison.methods.values())])
+    widths = {t: 2 + max(len(t) + 2, *(len(texts[(key, t)]) for key in comparison.methods)) for t in titles}
+    header = f"{'method':<{label}}" + "".join(f"{t + (' %' if not t.startswith('Δ') else ' pp'):>{widths[t]}}"
+                                              for t in titles)
+    lines = [header, "-" * len(header)]
+    lines += [f"{method:<{label}}" + "".join(f"{texts[(key, t)]:>{widths[t]}}" for t in titles)
+              for key, method in comparison.methods.items()]
+    described = "; ".join(f"{title} = {suite} {TITLES[rate]}" for title, (suite, rate) in present.items())
+    reference = comparison.methods.get(comparison.reference or "", "the reference")
+    lines.append(f"{described}. Δ = minus {reference} on the same prompts (95% paired bootstrap).")
+    return "\n".join(lines)

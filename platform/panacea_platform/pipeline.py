@@ -34,18 +34,38 @@ ALIGNMENT_DATA_KEYS = (
 )
 CONTROL = "sft_p0"
 ALIGNED = "aligned"
+# `panacea demo --suite NAME`: the defences each compares (besides the p = 0 control).
+DEMO_SUITES = {
+    "default": ["sft", "random_perturbation", "panacea"],
+    # The Panacea paper's comparison: SFT, alignment-stage (Vaccine, RepNoise, Booster), fine-tuning-stage
+    # (Lisa) and post-fine-tuning (random perturbation, Antidote) defences, and Panacea.
+    "paper-comparison": ["sft", "random_perturbation", "vaccine", "repnoise", "booster", "lisa", "antidote", "panacea"],
+}
 
 
 def alignment_key(config: RunConfig) -> str:
     tree = config.to_dict()
     relevant = {k: tree[k] for k in ALIGNMENT_KEYS}
+    relevant["model"] = {k: v for k, v in tree["model"].items() if k != "after_alignment"}  # a fine-tuning choice
     relevant["data"] = {k: tree["data"][k] for k in ALIGNMENT_DATA_KEYS}
     relevant["task"] = tree["data"]["task"]  # the task's held-out set is part of the stage's summary
+    defence = aligning_defence(config)
+    if defence is not None:  # a defence that aligns makes its own aligned model, from the harmful pool too
+        relevant["defence"] = {"name": defence.name, "settings": defence.settings(),
+                               "defender_harmful_size": config.data.defender_harmful_size}
     if config.data.alignment_self_distill:
         from panacea_platform.data.self_distill import RECIPE_VERSION
 
         relevant["self_distill_recipe"] = RECIPE_VERSION  # a new recipe makes other benign pairs
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def aligning_defence(config: RunConfig):
+    """The run's defence if it acts at alignment, else None (the shared SFT alignment)."""
+    from panacea_platform.algorithms import build_defence
+
+    defence = build_defence(config)
+    return defence if defence.acts_at("align") else None
 
 
 def ensure_aligned(
@@ -57,7 +77,9 @@ def ensure_aligned(
     if config.model.adapter is not None:
         out(f"[align] skipped: starting from the given adapter {config.model.adapter}")
         return Path(config.model.adapter), None
-    align_config = with_changes(config, {"run_name": f"align-{alignment_key(config)}"})
+    aligner = aligning_defence(config)
+    align_config = with_changes(config, {"run_name": f"align-{alignment_key(config)}",
+                                         **({} if aligner else {"defence": "sft", "defence_stages": None})})
     align_dir = align_config.run_dir()
     adapter = align_dir / "adapter"
     if (adapter / "adapter_config.json").is_file() and (align_dir / "summary.json").is_file():
@@ -65,7 +87,8 @@ def ensure_aligned(
         if parent is not None:
             parent.set_tags({"reused_alignment": str(adapter.resolve())})
         return adapter, None
-    out(f"[align] no aligned adapter for this job yet: aligning once (cached in {align_dir})")
+    how = f"with {aligner.name}" if aligner else "by SFT on refusals"
+    out(f"[align] no aligned adapter {how} for this job yet: aligning once (cached in {align_dir})")
     result = train(align_config, "align", parent_run_id=parent.run_id if parent is not None else None, out=out)
     return result.adapter_dir, result.mlflow_run_id
 
@@ -84,7 +107,8 @@ def arms_for(config: RunConfig, defences: list[str], control: bool) -> list[Arm]
     arms = []
     if control:
         arms.append(Arm(CONTROL, "SFT, p=0 (control)", {"defence": "sft", "data.harmful_ratio": 0.0}))
-    names = {"sft": "SFT", "random_perturbation": "Random perturbation", "panacea": "Panacea"}
+    names = {"sft": "SFT", "random_perturbation": "Random perturbation", "panacea": "Panacea", "vaccine": "Vaccine",
+             "repnoise": "RepNoise", "booster": "Booster", "lisa": "Lisa", "antidote": "Antidote"}
     for defence in defences:
         arms.append(Arm(defence, f"{names.get(defence, defence)}, p={p:g}", {"defence": defence}))
     return arms
@@ -103,7 +127,9 @@ def arm_config_for(seeded: RunConfig, arm: Arm, aligned: Path, trained: dict[str
 
     changes = {**arm.changes, "run_name": f"{seeded.run_name}-{arm.key}-s{seeded.seed}", "model.adapter": str(aligned)}
     defence = arm.changes.get("defence", seeded.defence)
-    if defence != "sft" and DEFENCES.get(defence).trains_as_sft() and "sft" in trained:
+    # Under the merge convention SFT's adapter is a fresh LoRA over the merged aligned model: not derived.
+    continues = seeded.model.after_alignment == "continue"
+    if defence != "sft" and DEFENCES.get(defence).trains_as_sft() and "sft" in trained and continues:
         sft = trained["sft"]
         out(f"[demo] {arm.method}: SFT's w_T ({sft.adapter_dir}) plus its perturbation; the training is SFT's, "
             "step for step, and is not repeated")
@@ -196,6 +222,8 @@ def run_demo(
     tracking_uri = config.tracking.tracking_uri or default_tracking_uri(config.output_dir)
     rows: list[Row] = []
     started = time.monotonic()
+    for arm in arms:  # each arm's config is valid (e.g. an aligning defence with a given adapter) before any work
+        with_changes(config, arm.changes)
     total_runs, done_runs = len(seeds) * (len(arms) + 1), 0
 
     def progress(label: str) -> None:
@@ -225,7 +253,7 @@ def run_demo(
             progress(f"aligned, seed {seed}")
             trained: dict[str, Any] = {}
             for arm in arms:
-                arm_config = arm_config_for(seeded, arm, aligned, trained, out)
+                arm_config = arm_config_for(seeded, arm, _aligned_for(seeded, arm, aligned, parent, out), trained, out)
                 result = train(arm_config, "finetune", parent_run_id=parent.run_id, out=out)
                 trained[arm.key] = result
                 row = Row(arm.key, arm.method, seed, result.run_dir, result.summary, mlflow_run_id=result.mlflow_run_id)
@@ -235,6 +263,15 @@ def run_demo(
                 progress(f"{arm.method}, seed {seed}")
         _report(config, rows, parent, tracking_uri, started, out)
     return rows
+
+
+def _aligned_for(seeded: RunConfig, arm: Arm, shared: Path, parent: Tracker, out: Callable[[str], None]) -> Path:
+    """The arm's starting point: the shared aligned adapter, or its own where its defence aligns."""
+    arm_seeded = with_changes(seeded, {k: v for k, v in arm.changes.items() if k == "defence"})
+    if aligning_defence(arm_seeded) is None:
+        return shared
+    adapter, _ = ensure_aligned(arm_seeded, parent, out)
+    return adapter
 
 
 def report_demo(config: RunConfig, out: Callable[[str], None] = print) -> list[Row]:
@@ -294,7 +331,7 @@ def comparison_blocks(config: RunConfig, rows: list[Row]):
     """(comparison, printed blocks) of the evaluated rows: the per-suite tables, the paired differences
     against SFT and the judge's notes; (None, []) when nothing was evaluated."""
     from panacea_platform.comparison import (ModelAnswers, compare, format_differences, format_judge_notes,
-                                             format_suite_tables)
+                                             format_paper_table, format_suite_tables)
 
     evaluated = [r for r in rows if r.samples and Path(r.samples).is_file()]
     if not evaluated:
@@ -302,8 +339,21 @@ def comparison_blocks(config: RunConfig, rows: list[Row]):
     answers = [ModelAnswers.read(r.key, r.method, r.seed, r.samples) for r in evaluated]
     suites = {s.name: s.metric for s in config.evaluation.suites}
     comparison = compare(answers, suites, reference="sft")
-    blocks = [format_suite_tables(comparison), format_differences(comparison), format_judge_notes(answers, suites)]
+    blocks = [format_paper_table(comparison, paper_columns(config)), format_suite_tables(comparison),
+              format_differences(comparison), format_judge_notes(answers, suites)]
     return comparison, [block for block in blocks if block]
+
+
+def paper_columns(config: RunConfig) -> dict[str, tuple[str, str] | None]:
+    """The paper's columns from the job's suites: HS (first harm suite), FA (the task), capability and
+    over-refusal, where the job evaluates them."""
+    suites = config.evaluation.suites
+    harm, task = plot_axes(config)
+    capability = next((s.name for s in suites if s.name == "capability"), None)
+    over_refusal = next((s.name for s in suites if s.metric == "over_refusal"), None)
+    return {"HS": (harm, "harmful_score") if harm else None, "FA": (task, "accuracy") if task else None,
+            "capability": (capability, "accuracy") if capability else None,
+            "over-refusal": (over_refusal, "refusal_rate") if over_refusal else None}
 
 
 def plot_axes(config: RunConfig) -> tuple[str | None, str | None]:

@@ -9,6 +9,9 @@ CURVES = (
     ("task_loss", "task loss g(w)"),
     ("harmful_loss", "harmful loss h(w)"),
     ("harmful_loss_perturbed", "harmful loss h(w + eps)"),
+    ("harmful_loss_after_step", "harmful loss after a simulated step (Booster)"),
+    ("perturbed_loss", "loss with perturbed hidden states (Vaccine)"),
+    ("alignment_loss", "alignment loss (Lisa's alignment steps)"),
 )
 
 
@@ -22,13 +25,14 @@ def _pyplot():
 
 
 def plot_training_curves(history: Sequence[dict[str, float]], title: str, path: str | Path) -> Path:
-    """Per-step losses of one run: the task loss, and for Panacea h at w and at w + eps."""
+    """Per-step losses of one run: the task loss, and each defence's own (Panacea's h at w and at w + eps...);
+    a loss logged only on some steps (Lisa alternates) is drawn at those steps."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    steps = list(range(1, len(history) + 1))
     for key, label in CURVES:
-        if key in history[0]:
-            ax.plot(steps, [h[key] for h in history], label=label)
+        points = [(step, row[key]) for step, row in enumerate(history, start=1) if key in row]
+        if points:
+            ax.plot(*zip(*points), label=label, marker="." if len(points) < len(history) else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
