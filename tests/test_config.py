@@ -48,6 +48,38 @@ def test_paper_jobs_carry_the_authors_settings(path):
     assert task_budget == {"gsm8k": 256, "alpaca": 256, "sst2": 16, "ag_news": 16}[config.data.task]
 
 
+# The Panacea paper's runs (../shared/defences.md): each defence's values in jobs/paper/defences/.
+PAPER_DEFENCES = {
+    "vaccine": lambda c: c.vaccine.rho == 20.0,
+    "repnoise": lambda c: (c.repnoise.alpha, c.repnoise.beta, c.align_optim.batch_size) == (0.02, 0.1, 5),
+    "booster": lambda c: (c.booster.lam, c.booster.alpha, c.data.defender_harmful_size) == (100.0, 0.01, 1000),
+    "lisa": lambda c: (c.lisa.rho, c.lisa.align_steps, c.lisa.finetune_steps) == (1.0, 100, 900),
+    "antidote": lambda c: (c.antidote.prune_ratio, c.antidote.calibration_samples) == (0.05, 2000),
+}
+
+
+@pytest.mark.parametrize("defence", sorted(PAPER_DEFENCES))
+def test_paper_defence_jobs_carry_the_papers_values_on_the_papers_base(defence):
+    config = load_config(REPO / "jobs" / "paper" / "defences" / f"llama2-7b-gsm8k-{defence}.yaml")
+    base = load_config(REPO / "jobs" / "paper" / "llama2-7b-gsm8k.yaml")
+    assert config.defence == defence and PAPER_DEFENCES[defence](config)
+    assert config.model.after_alignment == "continue"  # the one convention, for every defence
+    # Everything but the defence's own choices is the paper's job.
+    mine = {"run_name", "defence", "align_optim", *PAPER_DEFENCES}
+    assert {k: v for k, v in config.to_dict().items() if k not in mine} == \
+        {k: v for k, v in base.to_dict().items() if k not in mine}
+
+
+def test_a_job_file_extends_another_section_by_section(tmp_path):
+    (tmp_path / "base.yaml").write_text("run_name: base\noptim: {lr: 0.1, max_steps: 5}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\noptim: {max_steps: 7}\n")
+    config = load_config(tmp_path / "child.yaml")
+    assert (config.run_name, config.optim.lr, config.optim.max_steps) == ("base", 0.1, 7)
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="a cycle"):
+        load_config(tmp_path / "loop.yaml")
+
+
 def test_overrides_are_typed_and_applied():
     config = load_config(None, ["panacea.rho=0.5", "panacea.lambda=1e-2", "optim.max_steps=7", "defence=sft"])
     assert config.panacea.rho == 0.5

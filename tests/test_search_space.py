@@ -38,6 +38,22 @@ def test_every_shipped_space_validates_against_its_base_job(path, monkeypatch):
     check_against_job(space, load_config(space.base_job))
 
 
+# The authors' default of each baseline's hyperparameters (../shared/defences.md), at its grid's centre.
+AUTHORS_DEFAULTS = {"vaccine": {"vaccine.rho": 2.0}, "repnoise": {"repnoise.alpha": 0.1, "repnoise.beta": 1e-3},
+                    "booster": {"booster.lambda": 5.0, "booster.alpha": 0.1}, "lisa": {"lisa.rho": 1.0},
+                    "antidote": {"antidote.prune_ratio": 0.1}}
+
+
+@pytest.mark.parametrize("defence", sorted(AUTHORS_DEFAULTS))
+def test_each_baseline_has_a_space_centred_on_its_authors_defaults(defence, monkeypatch):
+    monkeypatch.chdir(REPO)
+    space = load_space(REPO / "search_spaces" / f"{defence}.yaml")
+    assert space.fixed["defence"] == defence
+    for key, value in AUTHORS_DEFAULTS[defence].items():
+        grid = sorted(space.parameters[key].values)
+        assert grid[len(grid) // 2] == value, key
+
+
 def test_the_paper_space_fits_every_paper_job(monkeypatch):
     monkeypatch.chdir(REPO)
     space = load_space(REPO / "search_spaces" / "paper_neighbourhood.yaml")

@@ -489,9 +489,26 @@ def read_yaml_mapping(path: str | Path, what: str, hint: str, error: type[Config
     return loaded or {}
 
 
+def read_job_tree(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A job file's mapping; `extends: OTHER.yaml` (relative to the file) starts from OTHER's, each section
+    of this file merged into the other's key by key."""
+    path = Path(path)
+    tree = read_yaml_mapping(path, "config file", "see jobs/")
+    base = tree.pop("extends", None)
+    if base is None:
+        return tree
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in seen:
+        raise ConfigError(f"config file {str(path)!r}: extends {base!r} again (a cycle)")
+    merged = read_job_tree(base_path, (*seen, path.resolve()))
+    for key, value in tree.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a YAML job file (or the defaults) and apply dotted overrides."""
-    tree = read_yaml_mapping(path, "config file", "see jobs/") if path is not None else {}
+    tree = read_job_tree(path) if path is not None else {}
     for text in overrides:
         key, value = parse_override(text)
         apply_override(tree, key, value)

@@ -170,6 +170,7 @@ def run_trial(tune_config: dict[str, Any], plan: SweepPlan) -> None:
         _report_final(dict(tracker.client.get_run(tracker.run_id).data.metrics))
         return
     try:
+        config = _align_trial(config, plan, trial_id, tracker.run_id)
         optim = config.optim
         result = run_distributed(
             config,
@@ -206,6 +207,23 @@ def run_trial(tune_config: dict[str, Any], plan: SweepPlan) -> None:
             tracker.end("FAILED")
         raise
     _report_final(final)
+
+
+def _align_trial(config: RunConfig, plan: SweepPlan, trial_id: str, run_id: str) -> RunConfig:
+    """For an alignment-stage defence, the trial's own alignment (a child run of the trial's), then its
+    adapter as the fine-tuning's starting point; other configs as they are."""
+    from panacea_platform.pipeline import aligning_defence
+    from panacea_platform.training.launch_ray import run_distributed
+
+    if config.model.adapter is not None or aligning_defence(config) is None:
+        return config
+    aligned = run_distributed(
+        config_with(config, {"run_name": f"{trial_id}-align"}), "align", num_workers=config.scaling.num_workers,
+        zero_stage=config.scaling.zero_stage, storage_path=f"{plan.storage}/train",
+        cpus_per_worker=config.scaling.cpus_per_worker, parent_run_id=run_id,
+        train_run_name=f"trial-{trial_id}-align", out=print,
+    )
+    return config_with(config, {"model.adapter": str(aligned.adapter_dir)})
 
 
 def _report_final(final: dict[str, Any]) -> None:
@@ -333,10 +351,14 @@ def _scheduler(space: SearchSpace, base: RunConfig):
                          reduction_factor=spec.reduction_factor, stop_last_trials=False)
 
 
-def _aligned_base(base: RunConfig, parent: Tracker, out: Callable[[str], None]) -> RunConfig:
-    """The base job with an aligned adapter: the given one, the main job's cached one, or one trained now (once)."""
-    from panacea_platform.pipeline import ensure_aligned, with_changes
+def _aligned_base(base: RunConfig, space: SearchSpace, parent: Tracker, out: Callable[[str], None]) -> RunConfig:
+    """The base job with an aligned adapter: the given one, the main job's cached one, or one trained now (once).
+    A sweep of an alignment-stage defence gets none: each trial aligns with its own values (run_trial)."""
+    from panacea_platform.pipeline import aligning_defence, ensure_aligned, with_changes
 
+    if aligning_defence(config_with(base, dict(space.fixed))) is not None:
+        out("[sweep] the defence acts at alignment: each trial aligns with its own values, then fine-tunes")
+        return base
     adapter, _ = ensure_aligned(base, parent, out)
     return with_changes(base, {"model.adapter": str(Path(adapter).resolve())})
 
@@ -436,7 +458,7 @@ def run_sweep(
         out(f"[sweep {name}] resuming: {storage.uri} (MLflow parent run {parent.run_id})")
     start = time.monotonic()
     try:
-        aligned = _aligned_base(base, parent, out)
+        aligned = _aligned_base(base, space, parent, out)
         plan = SweepPlan(name, str(sweep_dir), storage.uri, aligned.to_dict(), space.model_dump(mode="json"),
                          tracking_uri, base.tracking.experiment, parent.run_id)
         results = _tuner(plan, space, aligned, storage, retry_errored, out, progress_every_s).fit()
