@@ -55,14 +55,27 @@ def crashing_panacea(after_step: int, marker: Path):
     so everything after step `after_step` (its checkpoint included) has happened."""
     from panacea_platform.algorithms.defences import Panacea
 
-    class CrashingPanacea(Panacea):
-        name = "crashing_panacea"
+    return crashing(Panacea, after_step, marker)
 
-        def step(self, weights, batch, extra):
+
+def crashing(defence: type, after_step: int, marker: Path) -> type:
+    """`defence` failing once after its `after_step`-th step (fine-tuning or alignment), as above."""
+
+    class Crashing(defence):
+        name = f"crashing_{defence.name}"
+
+        def _count(self) -> None:
             self.calls = getattr(self, "calls", 0) + 1
             if self.calls == after_step + 1 and not marker.exists():
                 marker.touch()
                 raise InjectedCrash(f"injected after step {after_step}")
+
+        def step(self, weights, batch, extra):
+            self._count()
             return super().step(weights, batch, extra)
 
-    return CrashingPanacea
+        def align_step(self, weights, batch, extra):
+            self._count()
+            return super().align_step(weights, batch, extra)
+
+    return Crashing

@@ -276,3 +276,37 @@ def test_a_single_process_checkpoint_of_another_shape_or_other_settings_is_refus
     other_rho = config().model_copy(update={"panacea": config().panacea.model_copy(update={"rho": 0.25})})
     with pytest.raises(CheckpointMismatchError, match=r"other settings \(panacea.rho = 0.5 there, 0.25 here\)"):
         run_stage(other_rho, "finetune", out=lambda line: None, track=False)
+
+
+@pytest.mark.parametrize("defence, stage, settings", [
+    ("lisa", "finetune", {"lisa": {"align_steps": 1, "finetune_steps": 2, "warmup_ratio": 0.2}}),
+    ("repnoise", "align", {"repnoise": {"alpha": 0.1, "beta": 0.5}}),
+])
+def test_a_baseline_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_ends(
+    tiny_llama, placeholder_harmful_file, tmp_path, defence, stage, settings
+):
+    """Lisa's anchors and RepNoise's per-step noise are part of the state a checkpoint keeps: killed after
+    step 5 and run again from step 4, each ends bit for bit where an uninterrupted run ends."""
+    from crash_hooks import InjectedCrash, crashing
+    from panacea_platform.algorithms import DEFENCES
+    from panacea_platform.training.loop import run_stage
+
+    quiet = lambda line: None  # noqa: E731
+    steps = {"max_steps": STEPS, "schedule": "linear", "warmup_steps": 1}
+    sections = {"optim" if stage == "finetune" else "align_optim": steps, **settings}
+    plain = run_stage(tiny_config(tiny_llama, placeholder_harmful_file, tmp_path / "plain", "run", defence=defence,
+                                  **sections), stage, out=quiet, track=False)
+    DEFENCES.register(f"crashing_{defence}", crashing(DEFENCES.get(defence), KILL_AFTER, tmp_path / "crashed"))
+    try:
+        config = tiny_config(tiny_llama, placeholder_harmful_file, tmp_path / "resumed", "run",
+                             defence=f"crashing_{defence}", scaling={"checkpoint_every": EVERY}, **sections)
+        with pytest.raises(InjectedCrash):
+            run_stage(config, stage, out=quiet, track=False)
+        lines = []
+        resumed = run_stage(config, stage, out=lines.append, track=False)
+    finally:
+        DEFENCES._entries.pop(f"crashing_{defence}")
+    assert any("resumed from the checkpoint at step 4/6" in line for line in lines)
+    assert _history(resumed) == _history(plain)
+    got = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert _max_difference(got, load_file(str(plain.adapter_dir / "adapter_model.safetensors"))) == 0.0

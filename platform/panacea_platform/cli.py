@@ -144,8 +144,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     from panacea_platform.evaluation.suites import METRICS, SUITE_SOURCES, preset_dirs
     from panacea_platform.models import OFFLINE_MODELS
 
+    print("defences (the stages each acts at):")
+    for name in DEFENCES.names():
+        print(f"  {name:<20} {', '.join(DEFENCES.get(name).stages) or '- (plain SFT)'}")
     for title, registry in (
-        ("defences", DEFENCES),
         ("tasks", TASKS),
         ("harmful sources", HARMFUL_SOURCES),
         ("offline models", OFFLINE_MODELS),
