@@ -123,3 +123,15 @@ def test_bad_defence_settings_exit_2_with_one_line(tiny_run_config, tmp_path, ca
     assert main(["finetune", "--config", str(path), override]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and fragment in errors[0], errors
+
+
+def test_the_demo_refuses_an_alignment_defence_on_a_given_adapter_before_any_work(tiny_run_config, tmp_path, capsys):
+    adapter = tmp_path / "someone-elses-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_run_config(model={"adapter": str(adapter)}).to_dict()))
+    assert main(["demo", "--config", str(path), "--defences", "sft,booster", "--no-eval"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.adapter" in errors[0] and "aligned by 'booster'" in errors[0], errors
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("history.jsonl"))
