@@ -5,8 +5,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from panacea_platform.algorithms import lisa as lisa_method
+from panacea_platform.algorithms.antidote import antidote_perturbation
+from panacea_platform.algorithms.booster import booster_step
 from panacea_platform.algorithms.defences import ALIGN, FINETUNE, POST_FINETUNE, Defence
 from panacea_platform.algorithms.interface import Tensors, TrainableWeights
+from panacea_platform.algorithms.repnoise import RepNoiseObjective, repnoise_step
+from panacea_platform.algorithms.vaccine import vaccine_step
 
 if TYPE_CHECKING:
     from panacea_platform.config import RunConfig
@@ -21,8 +26,6 @@ class Vaccine(Defence):
         self.rho = rho
 
     def align_step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
-        from panacea_platform.algorithms.vaccine import vaccine_step
-
         result = vaccine_step(weights, batch, self.rho)
         return {"task_loss": result.alignment_loss, "perturbed_loss": result.perturbed_loss,
                 "hidden_perturbation_norm": result.hidden_perturbation_norm, "update_norm": result.update_norm}
@@ -43,13 +46,9 @@ class RepNoise(Defence):
 
     def __init__(self, alpha: float, beta: float) -> None:
         super().__init__()
-        from panacea_platform.algorithms.repnoise import RepNoiseObjective
-
         self.objective = RepNoiseObjective(alpha, beta)
 
     def align_step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
-        from panacea_platform.algorithms.repnoise import repnoise_step
-
         result = repnoise_step(weights, batch, extra["harmful"], self.objective)
         return {"task_loss": result.loss, "update_norm": result.update_norm}
 
@@ -74,8 +73,6 @@ class Booster(Defence):
         self.lam, self.alpha = lam, alpha
 
     def align_step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
-        from panacea_platform.algorithms.booster import booster_step
-
         result = booster_step(weights, batch, extra["harmful"], self.lam, self.alpha)
         return {"task_loss": result.alignment_loss, "harmful_loss": result.harmful_loss,
                 "harmful_loss_after_step": result.harmful_loss_after_step, "update_norm": result.update_norm}
@@ -95,38 +92,29 @@ class Lisa(Defence):
 
     def __init__(self, rho: float, align_steps: int, finetune_steps: int, warmup_ratio: float) -> None:
         super().__init__()
-        from panacea_platform.algorithms.lisa import LisaState
-
         self.warmup_ratio = warmup_ratio
-        self.state = LisaState(align_steps, finetune_steps, rho, warmup_steps=0.0)
+        self.state = lisa_method.LisaState(align_steps, finetune_steps, rho, warmup_steps=0.0)
 
     def begin(self, steps: int) -> None:
         self.state.warmup_steps = self.warmup_ratio * steps
 
     def step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
-        from panacea_platform.algorithms.lisa import ALIGN as LISA_ALIGN
-        from panacea_platform.algorithms.lisa import lisa_step
-
-        result = lisa_step(weights, self.state, extra["alignment"], batch)
+        result = lisa_method.lisa_step(weights, self.state, extra["alignment"], batch)
         # task_loss is the user's loss on fine-tuning steps; on alignment steps it is alignment_loss.
-        loss_key = "alignment_loss" if result.mode == LISA_ALIGN else "task_loss"
+        loss_key = "alignment_loss" if result.mode == lisa_method.ALIGN else "task_loss"
         return {loss_key: result.loss, "proximal": result.proximal, "update_norm": result.update_norm,
-                "alignment_state": float(result.mode == LISA_ALIGN)}
+                "alignment_state": float(result.mode == lisa_method.ALIGN)}
 
     def checkpoint_tensors(self) -> Tensors | None:
-        from panacea_platform.algorithms.lisa import ALIGN as LISA_ALIGN, FINETUNE as LISA_FINETUNE
-
         anchors = self.state.anchors
-        return [*anchors[LISA_ALIGN], *anchors[LISA_FINETUNE]] if anchors else None
+        return [*anchors[lisa_method.ALIGN], *anchors[lisa_method.FINETUNE]] if anchors else None
 
     def restore_tensors(self, tensors: Tensors, step: int) -> None:
-        from panacea_platform.algorithms.lisa import ALIGN as LISA_ALIGN, FINETUNE as LISA_FINETUNE
-
         half = len(tensors) // 2
         self.state.step = step
         if not tensors:
             return
-        self.state.anchors = {LISA_ALIGN: list(tensors[:half]), LISA_FINETUNE: list(tensors[half:])}
+        self.state.anchors = {lisa_method.ALIGN: list(tensors[:half]), lisa_method.FINETUNE: list(tensors[half:])}
 
     def settings(self) -> dict[str, Any]:
         s = self.state
@@ -152,8 +140,6 @@ class Antidote(Defence):
         self.batches = batches
 
     def final_perturbation(self, weights: TrainableWeights) -> Tensors | None:
-        from panacea_platform.algorithms.antidote import antidote_perturbation
-
         if not self.acts_at(POST_FINETUNE):
             return None
         if not self.batches:
