@@ -261,8 +261,14 @@ def run_demo(
                     row.evaluation, row.samples = _evaluate(arm_config, result.adapter_dir, result.mlflow_run_id, out)
                 rows.append(row)
                 progress(f"{arm.method}, seed {seed}")
+            # Each finished seed is saved at once: if a later seed fails, --report-only still reads this one.
+            _rows_path(config).write_text(json.dumps([r.to_json() for r in rows], indent=2))
         _report(config, rows, parent, tracking_uri, started, out)
     return rows
+
+
+def _rows_path(config: RunConfig) -> Path:
+    return Path(config.output_dir) / f"{config.run_name}-rows.json"
 
 
 def _aligned_for(seeded: RunConfig, arm: Arm, shared: Path, parent: Tracker, out: Callable[[str], None]) -> Path:
@@ -278,7 +284,7 @@ def report_demo(config: RunConfig, out: Callable[[str], None] = print) -> list[R
     """The table and plots again from the rows an earlier `demo` saved, training nothing: for after a
     sweep ran on the same aligned model (its trials join the HS-vs-FA plot). Logged as a new MLflow
     run (stage demo-report) that names the rows file it read."""
-    rows_path = Path(config.output_dir) / f"{config.run_name}-rows.json"
+    rows_path = _rows_path(config)
     if not rows_path.is_file():
         raise ConfigError(f"--report-only: no saved rows at {rows_path}; run `panacea demo` with this job first")
     rows = [Row.from_json(r) for r in json.loads(rows_path.read_text())]
@@ -405,7 +411,7 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
     from panacea_platform.plots import plot_method_comparison
 
     folder = Path(config.output_dir)
-    summary_path, rows_path = folder / f"{config.run_name}-summary.txt", folder / f"{config.run_name}-rows.json"
+    summary_path, rows_path = folder / f"{config.run_name}-summary.txt", _rows_path(config)
     # The rows first: whatever the report meets, --report-only can read the models back.
     rows_path.write_text(json.dumps([r.to_json() for r in rows], indent=2))
     comparison, blocks = comparison_blocks(config, rows)
