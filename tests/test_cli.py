@@ -208,6 +208,16 @@ def test_bench_step_reports_both_steps_and_ratios(tiny_run_config):
     assert any("time ratio panacea/sft" in line for line in lines)
 
 
+def test_bench_step_times_each_baselines_step_as_a_ratio_to_sft(tiny_run_config):
+    from panacea_platform.bench import bench_step
+
+    lines = []
+    result = bench_step(tiny_run_config(), warmup=1, repeats=2, out=lines.append, baselines=True)
+    for name in ("vaccine", "repnoise", "booster", "lisa"):
+        assert result[f"{name}_time_ratio"] == pytest.approx(result[f"{name}_step_s"] / result["sft_step_s"])
+        assert any(f"time ratio {name}/sft" in line for line in lines)
+
+
 def test_finetune_on_two_ray_train_workers_with_a_users_deepspeed_json_tracks_from_rank_0(
     tiny_job, ray_session, tmp_path, capsys
 ):

@@ -64,7 +64,27 @@ def time_step(name: str, step: Callable[[], None], warmup: int, repeats: int) ->
     return StepTiming(name, statistics.median(times), peak_tensor_memory_mb(step))
 
 
-def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print) -> dict[str, float]:
+def baseline_steps(config: RunConfig, weights, batch, harmful) -> dict[str, Callable[[], object]]:
+    """One step of each baseline that steps (Antidote prunes once, after training), on the same batches."""
+    from panacea_platform.algorithms.booster import booster_step
+    from panacea_platform.algorithms.lisa import LisaState, lisa_step
+    from panacea_platform.algorithms.repnoise import RepNoiseObjective, repnoise_step
+    from panacea_platform.algorithms.vaccine import vaccine_step
+
+    lisa = LisaState(1, 1, config.lisa.rho, warmup_steps=0)
+    rows = min(batch["input_ids"].shape[0], harmful["input_ids"].shape[0])  # RepNoise pairs rows
+    paired = [{k: v[:rows] for k, v in b.items()} for b in (batch, harmful)]
+    return {
+        "vaccine": lambda: vaccine_step(weights, batch, config.vaccine.rho),
+        "repnoise": lambda: repnoise_step(weights, *paired, RepNoiseObjective(config.repnoise.alpha,
+                                                                                     config.repnoise.beta)),
+        "booster": lambda: booster_step(weights, batch, harmful, config.booster.lam, config.booster.alpha),
+        "lisa": lambda: lisa_step(weights, lisa, batch, batch),
+    }
+
+
+def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print,
+               baselines: bool = False) -> dict[str, float]:
     from panacea_platform.algorithms.panacea import panacea_step
     from panacea_platform.algorithms.sft import sft_step
     from panacea_platform.data.collate import collate, tokenize_example
@@ -107,7 +127,12 @@ def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print) 
         warmup,
         repeats,
     )
+    others = [time_step(name, step, warmup, repeats)
+              for name, step in (baseline_steps(config, weights, finetune_batch, harmful_batch).items()
+                                 if baselines else ())]
     result = {
+        **{f"{t.name}_step_s": t.median_s for t in others},
+        **{f"{t.name}_time_ratio": t.median_s / sft.median_s for t in others},
         "sft_step_s": sft.median_s,
         "panacea_step_s": panacea.median_s,
         "time_ratio": panacea.median_s / sft.median_s,
@@ -117,8 +142,10 @@ def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print) 
         "trainable_mb": trainable_mb,
     }
     out(f"{'step':<10}{'median s':>12}{'peak extra MB':>16}")
-    for timing in (sft, panacea):
+    for timing in (sft, panacea, *others):
         out(f"{timing.name:<10}{timing.median_s:>12.3f}{timing.peak_extra_mb:>16.1f}")
+    for timing in others:
+        out(f"time ratio {timing.name}/sft: {timing.median_s / sft.median_s:.2f}")
     out(f"time ratio panacea/sft: {result['time_ratio']:.2f} (floor 3.0, target <= 3.1)")
     out(f"memory beyond SFT: {result['extra_memory_in_trainable_copies']:.1f} copies of the trainable weights")
     return result

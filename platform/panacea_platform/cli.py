@@ -169,7 +169,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from panacea_platform.bench import bench_step
 
     config = _load(args)
-    bench_step(config, warmup=args.warmup, repeats=args.repeats)
+    bench_step(config, warmup=args.warmup, repeats=args.repeats, baselines=args.baselines)
     return 0
 
 
@@ -366,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(step)
     step.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     step.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported (default 5)")
+    step.add_argument("--baselines", action="store_true",
+                      help="also time a step of Vaccine, RepNoise, Booster and Lisa, as ratios to SFT's")
     step.set_defaults(func=cmd_bench)
     bench_eval = bench_sub.add_parser(
         "eval", help="evaluation throughput: the Ray Data pipeline against one prompt at a time (same answers)"
