@@ -179,3 +179,14 @@ def test_antidote_prunes_each_row_by_weight_times_input_norm():
     norm = torch.tensor([1.0, 1.0, 0.1, 3.0])  # one token x = (1, 1, 0.1, 3)
     pruned = torch.where(prune_mask(w, norm, 0.5), torch.zeros_like(w), w)
     assert pruned.tolist() == [[1.0, 0.0, 3.0, 0.0], [0.0, 0.5, -1.0, 0.0]]
+
+
+def test_repnoise_pairs_as_many_rows_as_the_shorter_batch_has():
+    from panacea_platform.algorithms.repnoise import harmful_part, paired_batch
+
+    def rows(n, fill):
+        return {"input_ids": torch.full((n, 3), fill), "attention_mask": torch.ones(n, 3), "labels": torch.full((n, 3), fill)}
+
+    # The harmful set's last batch of an epoch is shorter (100 samples in batches of 8 end with 4).
+    paired = paired_batch(rows(8, 1), rows(4, 2))
+    assert paired["input_ids"].shape[0] == 4 and torch.equal(harmful_part(paired)["input_ids"], torch.full((4, 3), 2))

@@ -34,11 +34,11 @@ KERNEL_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # s * 2^(k-2), k = 0..4
 
 
 def paired_batch(alignment_batch: dict[str, torch.Tensor], harmful_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One batch of both, row i of each together, so a backend's split into micro-batches keeps them paired."""
-    rows = (alignment_batch["input_ids"].shape[0], harmful_batch["input_ids"].shape[0])
-    if rows[0] != rows[1]:
-        raise ValueError(f"RepNoise pairs alignment and harmful rows: {rows[0]} and {rows[1]} rows")
-    return {**alignment_batch, **{HARMFUL_PREFIX + k: v for k, v in harmful_batch.items()}}
+    """One batch of both, row i of each together, so a backend's split into micro-batches keeps them paired.
+    Where one is shorter (the last batch of an epoch of the smaller set), the other's first rows are paired with it."""
+    rows = min(alignment_batch["input_ids"].shape[0], harmful_batch["input_ids"].shape[0])
+    return {**{k: v[:rows] for k, v in alignment_batch.items()},
+            **{HARMFUL_PREFIX + k: v[:rows] for k, v in harmful_batch.items()}}
 
 
 def harmful_part(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
