@@ -465,15 +465,15 @@ def _comparison_plots(config: RunConfig, comparison, axes: tuple[str | None, str
 
 
 def _reading(comparison) -> list[str]:
-    """For Panacea and for the p=0 control, what the paired intervals against SFT can and cannot tell apart."""
+    """For every method (the p=0 control included), what the paired intervals against SFT can and cannot tell apart."""
     from panacea_platform.comparison import TITLES
     from panacea_platform.evaluation.results import HEADLINES
 
     if comparison is None or comparison.reference is None:
         return []
     lines = []
-    for key in ("panacea", CONTROL):
-        if key not in comparison.methods:
+    for key in comparison.methods:
+        if key in (comparison.reference, ALIGNED):
             continue
         lower, higher, unclear = [], [], []
         for suite, metric in comparison.suites.items():
