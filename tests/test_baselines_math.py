@@ -190,3 +190,19 @@ def test_repnoise_pairs_as_many_rows_as_the_shorter_batch_has():
     # The harmful set's last batch of an epoch is shorter (100 samples in batches of 8 end with 4).
     paired = paired_batch(rows(8, 1), rows(4, 2))
     assert paired["input_ids"].shape[0] == 4 and torch.equal(harmful_part(paired)["input_ids"], torch.full((4, 3), 2))
+
+
+def test_repnoise_reads_out_only_the_positions_that_count_and_gets_the_same_loss_and_gradient():
+    from panacea_platform.algorithms.repnoise import masked_readout_ce
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 6, 4, dtype=F64, requires_grad=True)
+    head = torch.nn.Linear(4, 9, dtype=F64)
+    ids = torch.randint(0, 9, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]])
+    full = masked_ce(head(hidden), ids, mask)
+    (full_grad,) = torch.autograd.grad(full, hidden)
+    cheap = masked_readout_ce(hidden, ids, mask, head)
+    (cheap_grad,) = torch.autograd.grad(cheap, hidden)
+    assert cheap.item() == pytest.approx(full.item(), abs=1e-12)
+    torch.testing.assert_close(cheap_grad, full_grad, rtol=0, atol=1e-12)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from panacea_platform.algorithms import lisa as lisa_method
 from panacea_platform.algorithms.antidote import antidote_perturbation
 from panacea_platform.algorithms.booster import booster_step
@@ -44,9 +46,10 @@ class RepNoise(Defence):
     needs = {ALIGN: ("harmful",)}
     pairs_harmful_rows = True
 
-    def __init__(self, alpha: float, beta: float) -> None:
+    def __init__(self, alpha: float, beta: float, compute_dtype: str = "float32") -> None:
         super().__init__()
-        self.objective = RepNoiseObjective(alpha, beta)
+        self.objective = RepNoiseObjective(alpha, beta, compute_dtype=torch.bfloat16 if compute_dtype == "bfloat16"
+                                           else None)
 
     def align_step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
         result = repnoise_step(weights, batch, extra["harmful"], self.objective)
@@ -60,7 +63,7 @@ class RepNoise(Defence):
 
     @classmethod
     def build(cls, config: "RunConfig") -> "RepNoise":
-        return cls(alpha=config.repnoise.alpha, beta=config.repnoise.beta)
+        return cls(alpha=config.repnoise.alpha, beta=config.repnoise.beta, compute_dtype=config.model.compute_dtype)
 
 
 class Booster(Defence):
