@@ -8,6 +8,7 @@ KILLED on interrupt), so no run is left RUNNING.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -55,6 +56,25 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+@contextlib.contextmanager
+def sqlite_store_lock(tracking_uri: str):
+    """Two commands opening the same new SQLite store at once both run its migrations and one fails
+    ("table _alembic_tmp_experiments already exists"): a file lock beside the database serialises that."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(tracking_uri[len("sqlite:///"):] + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Tracker:
     """One MLflow run. Use as a context manager; the run ends when the block does."""
 
@@ -69,9 +89,9 @@ class Tracker:
     ) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.tracking_uri = tracking_uri
-        found = self.client.get_experiment_by_name(experiment)
+        with sqlite_store_lock(tracking_uri):
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            found = self.client.get_experiment_by_name(experiment)  # a new store is created (migrated) here
         if found is None:
             # A tracking server decides where artifacts go (proxied, --serve-artifacts): a local folder
             # named here would be one process's disk, out of the team's reach.
