@@ -153,13 +153,9 @@ def tiny_run_config(tiny_llama, placeholder_harmful_file, tmp_path):
 def s3_endpoint():
     """An S3-compatible server on localhost (moto), standing in for a team's bucket. Its endpoint and
     credentials go into the environment, as on a cluster node, before Ray starts, so workers inherit them."""
-    import socket
-
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="placeholder",
@@ -222,7 +218,9 @@ def team_server():
     server = None
     try:
         port = free_port()
-        server = start_mlflow_server(postgres.uri, root / "artifacts", port, log=root / "mlflow-server.log")
+        # Its first start migrates a new database: past 90 s once on a loaded 2-core machine.
+        server = start_mlflow_server(postgres.uri, root / "artifacts", port, log=root / "mlflow-server.log",
+                                     timeout_s=240)
         yield f"http://127.0.0.1:{port}", root / "artifacts"
     finally:
         if server is not None:
