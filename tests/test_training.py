@@ -113,6 +113,32 @@ def test_a_failed_run_is_marked_failed_in_mlflow(tiny_run_config, tmp_path):
     assert runs[0].data.tags["error"]
 
 
+def test_a_new_sqlite_store_is_a_copy_of_one_migrated_template(tmp_path, monkeypatch):
+    """Two new stores come from one template, migrated once: each is at the schema MLflow itself migrates
+    a new database to, and each holds its own runs only."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    from panacea_platform.tracking import Tracker
+
+    def schema(database):
+        with sqlite3.connect(database) as connection:
+            return connection.execute("select version_num from alembic_version").fetchall()
+
+    monkeypatch.setenv("PANACEA_CACHE", str(tmp_path / "cache"))
+    first = Tracker(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", "exp", "run-a", artifact_root=tmp_path / "art")
+    (template,) = (tmp_path / "cache" / "mlflow-stores").glob("empty-*.db")
+    made_at = template.stat().st_mtime_ns
+    second = Tracker(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", "exp", "run-b", artifact_root=tmp_path / "art")
+    assert template.stat().st_mtime_ns == made_at, "the template was migrated again"
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow-own.db'}").search_experiments()  # MLflow's own migration
+    assert schema(tmp_path / "a" / "mlflow.db") == schema(tmp_path / "mlflow-own.db") != []
+    for tracker, name in ((first, "run-a"), (second, "run-b")):
+        experiment = tracker.client.get_experiment_by_name("exp")
+        assert [r.info.run_name for r in tracker.client.search_runs([experiment.experiment_id])] == [name]
+
+
 def test_bad_data_fails_before_any_run_or_folder_exists(tiny_run_config):
     config = tiny_run_config(data={"eval_harmful_size": 10_000}, run_name="too-big")
     with pytest.raises(ValueError, match="eval_harmful_size"):

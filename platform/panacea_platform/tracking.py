@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import time
 from importlib import metadata
@@ -75,6 +76,30 @@ def sqlite_store_lock(tracking_uri: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def seed_new_sqlite_store(tracking_uri: str) -> None:
+    """A new SQLite store starts as a copy of an empty, migrated one: MLflow migrates a new database
+    through every schema version (about 1.5 s of CPU), and a sweep or a test suite makes many. The
+    template is migrated once per MLflow version, in the cache; call with the store's lock held."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    database = Path(tracking_uri[len("sqlite:///"):])
+    if database.exists():
+        return
+    from mlflow import __version__ as mlflow_version
+    from mlflow.tracking import MlflowClient
+
+    from panacea_platform.models import cache_dir
+
+    template = cache_dir() / "mlflow-stores" / f"empty-{mlflow_version}.db"
+    if not template.is_file():
+        template.parent.mkdir(parents=True, exist_ok=True)
+        fresh = template.with_suffix(f".{os.getpid()}.tmp")
+        MlflowClient(tracking_uri=f"sqlite:///{fresh}").search_experiments()  # migrates it
+        fresh.replace(template)  # atomic: a concurrent reader sees no template or a whole one
+    database.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, database)
+
+
 class Tracker:
     """One MLflow run. Use as a context manager; the run ends when the block does."""
 
@@ -90,8 +115,9 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         with sqlite_store_lock(tracking_uri):
+            seed_new_sqlite_store(tracking_uri)
             self.client = MlflowClient(tracking_uri=tracking_uri)
-            found = self.client.get_experiment_by_name(experiment)  # a new store is created (migrated) here
+            found = self.client.get_experiment_by_name(experiment)
         if found is None:
             # A tracking server decides where artifacts go (proxied, --serve-artifacts): a local folder
             # named here would be one process's disk, out of the team's reach.
