@@ -121,11 +121,11 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def storage_problem(location: str, timeout_s: float = PROBE_SECONDS) -> str | None:
-    """None when one small object can be written to the storage and deleted within `timeout_s`; else why not.
-
-    The probe It runs in a thread with a deadline, because an
-    unreachable endpoint or a credential lookup can otherwise retry for minutes."""
+def storage_problem(location: str, timeout_s: float | None = None) -> str | None:
+    """None when one small object can be written to the storage and deleted within `timeout_s` (default
+    PROBE_SECONDS); else why not. The probe runs in a thread with a deadline, because an unreachable
+    endpoint or a credential lookup can otherwise retry for minutes."""
+    timeout_s = PROBE_SECONDS if timeout_s is None else timeout_s
     try:
         storage = Storage.at(location)
     except StorageError as exc:
