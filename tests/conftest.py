@@ -21,6 +21,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # would share this session's Ray and its CPUs with commands that tests time and kill.
 # test_ray_instance.py tests the joining itself, with a registry of its own.
 os.environ["PANACEA_RAY_REGISTRY"] = "none"
+# Every Ray Train fit starts a preemption-watcher actor (a process of its own: about 2 s of CPU) to
+# follow node drains, which never happen on this one machine, and exports Prometheus metrics no test
+# reads. Off for the suite, in every Ray and CLI it starts; the suite is CPU-bound on 2 cores.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 
 PLACEHOLDER_WORDS = (
     "the a placeholder harmful question answer step number refuse sorry cannot help with that "
