@@ -4,9 +4,10 @@ node's workers inherit), every node's MLFLOW_TRACKING_URI pointing at the team's
 (PostgreSQL + `mlflow server`), and one storage folder all nodes see (the shared mount's stand-in).
 
 Against it, the README's cluster commands:
-- `ray job submit --working-dir .` of `panacea finetune`: 2 workers on 2 nodes; every scratch folder is
-  removed after the run, and the run folder, the MLflow record and a reload of the released model
-  (downloaded through the server by run id) are all still there;
+- `ray job submit --working-dir .` of `panacea finetune`, with a user's DeepSpeed JSON: 2 workers on 2
+  nodes; every scratch folder is removed after the run, and the run folder (its DeepSpeed config holds
+  the user's option), the MLflow record (each step logged once, by rank 0) and a reload of the released
+  model (downloaded through the server by run id) are all still there;
 - `panacea sweep` with RAY_ADDRESS: two concurrent trials whose workers need a node each;
 - `panacea finetune` with RAY_ADDRESS while one worker node is killed mid-fit: Ray Train restarts the
   workers on the nodes left, from the last checkpoint in the storage, and the run ends with the same
@@ -20,6 +21,7 @@ which would stop every Ray on the machine).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -39,6 +41,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_EVERY = 24, 4  # long enough that a node can be killed between the first checkpoint and the end
+USER_BUCKET = 100_000  # the user's DeepSpeed JSON's reduce_bucket_size, kept over the platform's own
 
 # Every process of this cluster (nodes, drivers): `ray start` turns token authentication on when it
 # finds a token in ~/.ray, and a driver without it is refused; this localhost cluster needs none.
@@ -67,7 +70,7 @@ def _start_node(args: list[str], name: str, cluster: dict, count: int, attempts:
         node = _ray_start(args, root / "scratch" / name, root / f"{name}.log", cluster["tracking_uri"])
         if _wait_for_nodes(cluster["address"], count, node):
             return node
-        stop_process(node)
+        stop_process(node, grace_s=3)
     logs = "\n".join(p.read_text()[-1500:] for p in root.glob("*.log"))
     raise AssertionError(f"the cluster did not reach {count} nodes in {attempts} starts:\n{logs}")
 
@@ -107,16 +110,20 @@ def cluster(team_server):
                                                  cluster, count)
         yield cluster
     finally:
+        # A node that outlives SIGTERM by 3 s is killed: nothing on it is kept (the teardown took 21 s).
         for node in reversed(list(cluster["nodes"].values())):
-            stop_process(node)
+            stop_process(node, grace_s=3)
         shutil.rmtree(root, ignore_errors=True)
 
 
 def _job(cluster: dict, folder: Path, run_name: str, model: Path, harmful: Path) -> tuple:
-    """A 2-worker ZeRO-2 fine-tune job file with checkpoints in the cluster's shared storage."""
+    """A 2-worker ZeRO-2 fine-tune job file with checkpoints in the cluster's shared storage, and a
+    user's DeepSpeed JSON of one option of its own (USER_BUCKET)."""
+    user_json = folder / "ds_zero2.json"
+    user_json.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": USER_BUCKET}}))
     config = tiny_config(model, harmful, folder / "runs", run_name, tracking={"experiment": "cluster"},
                          optim={"max_steps": STEPS, "log_every": 1},
-                         scaling={"num_workers": 2, "zero_stage": 2, "cpus_per_worker": 1,
+                         scaling={"num_workers": 2, "zero_stage": 2, "cpus_per_worker": 1, "deepspeed_json": str(user_json),
                                   "checkpoint_every": CHECKPOINT_EVERY, "storage": str(cluster["storage"])})
     path = folder / f"{run_name}.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
@@ -169,8 +176,13 @@ def test_a_submitted_job_survives_the_removal_of_every_node_local_folder(cluster
     run_dir = config.run_dir()
     assert (run_dir / "summary.json").is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["output_dir"] == config.output_dir
+    recorded = json.loads((run_dir / "distributed.json").read_text())
+    assert recorded["num_workers"] == 2
+    assert recorded["deepspeed_config"]["zero_optimization"]["reduce_bucket_size"] == USER_BUCKET
     client, run = _the_run(cluster, "submitted")
     assert run.info.status == "FINISHED" and run.data.tags["num_workers"] == "2"
+    assert run.data.tags["zero_stage"] == "2" and run.data.params["scaling.num_workers"] == "2"
+    # Once per step: rank 0 alone logs.
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "task_loss")) == list(range(1, STEPS + 1))
     adapter, model = released_model_of_run(cluster["tracking_uri"], run.info.run_id, tmp_path / "download")
     released = load_for_eval(config.model.model_copy(update=model), str(adapter))

@@ -118,14 +118,14 @@ def start_mlflow_server(backend_uri: str, artifacts: Path, port: int, host: str 
     raise TrackingServerError(f"mlflow server did not answer at {url} within {timeout_s:g} s")
 
 
-def stop_process(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen, grace_s: float = 20) -> None:
     """Stop a server started in a session of its own, with everything it started: SIGTERM to its
-    process group, SIGKILL if it is not gone within 20 s."""
+    process group, SIGKILL if it is not gone within `grace_s`."""
     import signal
 
     try:
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
+        process.wait(timeout=grace_s)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         try:
             os.killpg(process.pid, signal.SIGKILL)
