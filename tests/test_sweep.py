@@ -3,7 +3,7 @@
 Every trial is one Ray Train fit (1 worker, ZeRO-0, 0.9 CPU; about 15-20 s of
 start-up on 2 cores), so the sweeps are small: 4 trials two at a time, 2 trials
 one at a time under ASHA, 1 failing trial (it fails before Ray Train starts),
-and 3 trials in a CLI subprocess that is killed and rerun. All sweeps share one
+and 2 trials one at a time in a CLI subprocess that is killed and rerun. All sweeps share one
 output folder, so the alignment stage runs once and is reused after that.
 
 Designed expectations:
@@ -42,7 +42,9 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS_WITH_CHECKPOINTS = 40  # the resume sweep's trials: long enough to be killed between checkpoints
+# The resume sweep's two trials: a short one that finishes, and one long enough to be killed between
+# its first checkpoint and its end.
+SHORT_TRIAL_STEPS, STEPS_WITH_CHECKPOINTS = 4, 24
 
 
 @pytest.fixture(scope="module")
@@ -261,12 +263,12 @@ def _checkpointed_trial(sweep_root: Path, client, parent_id: str):
 
 
 def test_a_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(sweep_root, tmp_path, request):
-    """The CLI in a subprocess (its own Ray), SIGKILLed once one child run is FINISHED and the next has
-    checkpointed, then run again: the finished trial is not rerun, the interrupted one continues from
-    its checkpoint in the same MLflow run."""
+    """The CLI in a subprocess (its own Ray), one trial at a time, SIGKILLed once the short trial's child
+    run is FINISHED and the long one has checkpointed, then run again: the finished trial is not rerun,
+    the interrupted one continues from its checkpoint in the same MLflow run. (Two at once, the short
+    trial's start-up on 2 loaded cores outlasted the whole long trial.)"""
     space = write_space(sweep_root, "resume", {
-        "parameters": {"panacea.rho": {"grid": [0.1, 0.2, 0.3]}},
-        "fixed": {"optim.max_steps": STEPS_WITH_CHECKPOINTS},
+        "parameters": {"optim.max_steps": {"grid": [SHORT_TRIAL_STEPS, STEPS_WITH_CHECKPOINTS]}},
         "resources": {"checkpoint_every": 4},
         "evaluate": False,
         "max_concurrent_trials": 1,
@@ -300,6 +302,8 @@ def test_a_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(sweep_r
         log.close()
     assert finished is not None and interrupted is not None, (tmp_path / "first.log").read_text()[-3000:]
     (interrupted_run, checkpoint_step), finished_steps = interrupted, steps_of(client, finished.info.run_id, "task_loss")
+    assert finished_steps == list(range(1, SHORT_TRIAL_STEPS + 1))
+    assert interrupted_run.data.params["optim.max_steps"] == str(STEPS_WITH_CHECKPOINTS)
 
     second = subprocess.run(_sweep_command(sweep_root, space), cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
@@ -309,7 +313,7 @@ def test_a_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(sweep_r
     (parent_id,) = _parents(client, "resume")
     runs = children(client, parent_id)
     trial_ids = [run.data.tags["tune_trial_id"] for run in runs]
-    assert len(trial_ids) == 3 and len(set(trial_ids)) == 3, trial_ids
+    assert len(trial_ids) == 2 and len(set(trial_ids)) == 2, trial_ids
     assert all(run.info.status == "FINISHED" for run in runs)
     again = client.get_run(finished.info.run_id)
     assert again.info.end_time == finished.info.end_time
