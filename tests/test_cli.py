@@ -35,42 +35,66 @@ DEMO_SUITES = ('evaluation.suites=[{name: harmful, source: harmful_heldout, metr
                '{name: helpfulness, source: helpfulness, metric: helpfulness, size: 4, max_new_tokens: 4}]')
 
 
-def test_demo_aligns_attacks_defends_evaluates_and_tracks_lineage(tiny_job, capsys, ray_session):
+def test_the_paper_comparison_demo_runs_every_defence_at_its_stage_on_the_same_prompts_with_lineage(
+    tiny_job, capsys, ray_session
+):
+    """The paper's comparison, the largest suite, end to end (the default suite's arms are among its
+    rows; a second run takes the default suite). One run, for the suite's time: every arm's training,
+    evaluation and MLflow record; the table's numbers against the samples; lineage; reuse."""
+    from panacea_platform.algorithms.provenance import read_alignment_provenance
     from panacea_platform.comparison import ModelAnswers
     from panacea_platform.evaluation.results import read_outcomes
     from panacea_platform.evaluation.stats import paired_difference, wilson_interval
+    from panacea_platform.pipeline import DEMO_SUITES as DEFENCE_SUITES
 
     config, path = tiny_job
     # The refusal judge keeps this test fast; the harm judges are tested in test_judges.py.
     fast_eval = ["evaluation.judge=refusal", DEMO_SUITES]
-    assert main(["demo", "--config", str(path), *fast_eval]) == 0
+    assert main(["demo", "--config", str(path), "--suite", "paper-comparison", *fast_eval,
+                 "lisa.align_steps=1", "lisa.finetune_steps=2"]) == 0
     out = capsys.readouterr().out
     assert "[align] done" in out and "[finetune sft] done" in out and "[finetune panacea] done" in out
     assert "[finetune random_perturbation] done" in out
-    assert "[demo] 5/5 done" in out and "~0m00s left" in out
+    assert "[demo] 10/10 done" in out and "~0m00s left" in out
     assert "search: none yet on this aligned model" in out  # and the command that runs one
-    rows = json.loads((config.run_dir().parent / "demo-rows.json").read_text())
-    assert [r["key"] for r in rows] == ["aligned", "sft_p0", "sft", "random_perturbation", "panacea"]
+    folder = config.run_dir().parent
+    rows = json.loads((folder / "demo-paper-rows.json").read_text())
+    assert [r["key"] for r in rows] == ["aligned", "sft_p0", *DEFENCE_SUITES["paper-comparison"]]
+    by_key = {r["key"]: r for r in rows}
+    # Alignment-stage defences fine-tuned their own aligned model; the others the shared one.
+    for row in rows[1:]:
+        started = yaml.safe_load((Path(row["run_dir"]) / "config.yaml").read_text())["model"]["adapter"]
+        made = read_alignment_provenance(started)
+        expected = row["key"] if row["key"] in ("vaccine", "repnoise", "booster") else "sft"
+        assert made is not None and made["defence"] == expected or row["key"] in ("random_perturbation", "antidote"), row
     answers = {r["key"]: ModelAnswers.read(r["key"], r["method"], r["seed"], r["samples"]) for r in rows}
     # Every arm, the p = 0 control included, was scored on the same prompts of every suite.
     for suite in ("harmful", "task", "helpfulness"):
         prompts = {key: [r["prompt"] for r in model.suite(suite)] for key, model in answers.items()}
         assert len({tuple(p) for p in prompts.values()}) == 1 and prompts["sft"], suite
-    table = (config.run_dir().parent / "demo-summary.txt").read_text()
+
+    table = out.split("== main job")[1]
+    header = next(line for line in table.splitlines() if line.startswith("method"))
+    assert all(title in header for title in ("HS %", "FA %", "ΔHS pp", "ΔFA pp"))
+    for method in ("Vaccine", "RepNoise", "Booster", "Lisa", "Antidote", "Panacea"):
+        line = next(line for line in table.splitlines() if line.startswith(f"{method}, p=0.1"))
+        assert line.count("[") >= 4, line  # HS and FA with intervals, and both paired differences
+    summary = (folder / "demo-paper-summary.txt").read_text()
     # Each rate in the table is the one its samples give, with the Wilson interval of its counts.
-    hs = read_outcomes(rows[4]["samples"], "harmful", "harmful_score")
+    hs = read_outcomes(by_key["panacea"]["samples"], "harmful", "harmful_score")
     low, high = wilson_interval(sum(hs), len(hs))
-    panacea_line = next(line for line in table.splitlines() if line.startswith("Panacea, p=0.1"))
-    assert f"{100 * sum(hs) / len(hs):.1f} [{low:.1f}, {high:.1f}]" in panacea_line, table
+    panacea_line = next(line for line in summary.splitlines() if line.startswith("Panacea, p=0.1"))
+    assert f"{100 * sum(hs) / len(hs):.1f} [{low:.1f}, {high:.1f}]" in panacea_line, summary
     # The paired differences printed are the per-arm numbers' differences, with the paired interval.
     for suite, rate in (("harmful", "harmful_score"), ("task", "accuracy"), ("helpfulness", "answered_rate")):
-        a = read_outcomes(rows[4]["samples"], suite, rate)
-        b = read_outcomes(rows[2]["samples"], suite, rate)
+        a = read_outcomes(by_key["panacea"]["samples"], suite, rate)
+        b = read_outcomes(by_key["sft"]["samples"], suite, rate)
         expected = paired_difference([a], [b])
         assert expected.difference == pytest.approx(100 * (sum(a) - sum(b)) / len(a))
-        assert expected.text() in table.split("paired differences against")[1].split("Panacea, p=0.1 −")[1].split("\n")[0]
-    for name in ("demo-comparison.png", "demo-hs-vs-fa.png", "demo-suites.png"):
-        assert (config.run_dir().parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert expected.text() in summary.split("paired differences against")[1].split("Panacea, p=0.1 −")[1].split("\n")[0]
+    plots = ("demo-paper-comparison.png", "demo-paper-hs-vs-fa.png", "demo-paper-suites.png")
+    for name in plots:
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     client = MlflowClient(default_tracking_uri(config.output_dir))
     experiment = client.get_experiment_by_name(config.tracking.experiment)
@@ -78,33 +102,39 @@ def test_demo_aligns_attacks_defends_evaluates_and_tracks_lineage(tiny_job, caps
     parents = [r for r in runs if r.data.tags.get("stage") == "demo"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted(r.data.tags["stage"] + ":" + r.data.tags["defence"] for r in children) == [
-        "align:sft", "finetune:panacea", "finetune:random_perturbation", "finetune:sft", "finetune:sft",
-    ]
+    assert sorted(r.data.tags["stage"] + ":" + r.data.tags["defence"] for r in children) == sorted([
+        "align:sft", "align:vaccine", "align:repnoise", "align:booster", "finetune:sft", "finetune:sft",
+        *(f"finetune:{name}" for name in DEFENCE_SUITES["paper-comparison"] if name != "sft"),
+    ])
     assert all(r.info.status == "FINISHED" for r in children)
-    # Each run carries its own evaluation: every suite's rates with their intervals, and the per-sample file.
-    for run in children:
+    # Each fine-tune run carries its own evaluation: every suite's rates with their intervals, and the samples.
+    for run in (r for r in children if r.data.tags["stage"] == "finetune"):
         for key in ("harmful/harmful_score", "task/accuracy", "helpfulness/answered_rate", "helpfulness/empty_rate"):
             assert {f"eval/{key}", f"eval/{key}_ci_low", f"eval/{key}_ci_high"} <= set(run.data.metrics), key
     control = [r for r in children if r.data.params.get("data.harmful_ratio") == "0.0"]
     assert len(control) == 1 and control[0].data.tags["defence"] == "sft"
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
-    assert {"demo-comparison.png", "demo-hs-vs-fa.png", "demo-suites.png", "demo-summary.txt"} <= artifacts
-    child_artifacts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
+    assert {*plots, "demo-paper-summary.txt"} <= artifacts
+    finetunes = {r.data.tags["mlflow.runName"]: r for r in children if r.data.tags["stage"] == "finetune"}
+    child_artifacts = {a.path for a in client.list_artifacts(finetunes["demo-paper-sft-s0"].info.run_id)}
     assert {"adapter", "training_curves.png", "config.yaml", "history.jsonl", "eval"} <= child_artifacts
-    # Lineage: every fine-tune continued the adapter the alignment run produced, but random perturbation,
-    # which adds its noise to the SFT run's w_T (0 steps: its training would be SFT's, step for step).
-    finetunes = {r.data.tags["mlflow.runName"]: r.data.params for r in children if r.data.tags["stage"] == "finetune"}
-    aligned = finetunes["demo-sft-s0"]["model.adapter"]
+    # Lineage: a fine-tune continued the adapter its alignment produced, but random perturbation and
+    # Antidote, which change the SFT run's w_T (0 steps: their training would be SFT's, step for step).
+    params = {name: run.data.params for name, run in finetunes.items()}
+    aligned = params["demo-paper-sft-s0"]["model.adapter"]
     assert "/align-" in aligned and aligned.endswith("/adapter")
-    assert {p["model.adapter"] for name, p in finetunes.items() if "random" not in name} == {aligned}
-    derived = finetunes["demo-random_perturbation-s0"]
-    assert derived["model.adapter"].endswith("demo-sft-s0/adapter") and derived["optim.max_steps"] == "0"
+    for name in ("panacea", "lisa"):
+        assert params[f"demo-paper-{name}-s0"]["model.adapter"] == aligned, name
+    for name in ("random_perturbation", "antidote"):
+        derived = params[f"demo-paper-{name}-s0"]
+        assert derived["model.adapter"].endswith("demo-paper-sft-s0/adapter") and derived["optim.max_steps"] == "0"
 
-    # A second run reuses the aligned adapter and its evaluation, and says so.
+    # A second run, of the default suite, reuses the aligned adapter and its evaluation, and says so.
     assert main(["demo", "--config", str(path), "--defences", "sft", "--no-control", *fast_eval]) == 0
     out = capsys.readouterr().out
     assert "reusing the aligned adapter" in out and "reusing the evaluation of" in out
+    rows = json.loads((folder / "demo-rows.json").read_text())
+    assert [r["key"] for r in rows] == ["aligned", "sft"]
 
 
 def test_demo_over_seeds_reports_mean_and_spread(tiny_job, capsys):
@@ -277,32 +307,3 @@ def test_bad_training_input_stops_before_any_work_with_one_line_and_exit_2(case,
                 "checkpoint of another shape": "Set optim.grad_accum_steps to match it"}[case]
     assert len(err) == 1 and expected in err[0], err
     assert not (Path(config.output_dir) / "mlflow.db").exists()
-
-
-def test_paper_comparison_runs_every_defence_at_its_stage_on_the_same_prompts(tiny_job, capsys, ray_session):
-    from panacea_platform.algorithms.provenance import read_alignment_provenance
-    from panacea_platform.comparison import ModelAnswers
-    from panacea_platform.pipeline import DEMO_SUITES as DEFENCE_SUITES
-
-    config, path = tiny_job
-    assert main(["demo", "--config", str(path), "--suite", "paper-comparison", "--no-control",
-                 "evaluation.judge=refusal", DEMO_SUITES, "lisa.align_steps=1", "lisa.finetune_steps=2"]) == 0
-    out = capsys.readouterr().out
-    rows = json.loads((config.run_dir().parent / "demo-paper-rows.json").read_text())
-    assert [r["key"] for r in rows] == ["aligned", *DEFENCE_SUITES["paper-comparison"]]
-    # Alignment-stage defences fine-tuned their own aligned model; the others the shared one.
-    for row in rows[1:]:
-        started = yaml.safe_load((Path(row["run_dir"]) / "config.yaml").read_text())["model"]["adapter"]
-        made = read_alignment_provenance(started)
-        expected = row["key"] if row["key"] in ("vaccine", "repnoise", "booster") else "sft"
-        assert made is not None and made["defence"] == expected or row["key"] in ("random_perturbation", "antidote"), row
-    answers = [ModelAnswers.read(r["key"], r["method"], r["seed"], r["samples"]) for r in rows]
-    for suite in ("harmful", "task"):
-        assert len({tuple(x["prompt"] for x in a.suite(suite)) for a in answers}) == 1, suite
-    table = out.split("== main job")[1]
-    header = next(line for line in table.splitlines() if line.startswith("method"))
-    assert all(title in header for title in ("HS %", "FA %", "ΔHS pp", "ΔFA pp"))
-    for method in ("Vaccine", "RepNoise", "Booster", "Lisa", "Antidote", "Panacea"):
-        line = next(line for line in table.splitlines() if line.startswith(f"{method}, p=0.1"))
-        assert line.count("[") >= 4, line  # HS and FA with intervals, and both paired differences
-    assert (config.run_dir().parent / "demo-paper-hs-vs-fa.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
