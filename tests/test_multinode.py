@@ -6,8 +6,9 @@ node's workers inherit), every node's MLFLOW_TRACKING_URI pointing at the team's
 Against it, the README's cluster commands:
 - `ray job submit --working-dir .` of `panacea finetune`, with a user's DeepSpeed JSON: 2 workers on 2
   nodes; every scratch folder is removed after the run, and the run folder (its DeepSpeed config holds
-  the user's option), the MLflow record (each step logged once, by rank 0) and a reload of the released
-  model (downloaded through the server by run id) are all still there;
+  the user's option), the MLflow record (each step logged once, by rank 0), every artifact read back
+  through the server alone (their bytes in the server's artifact destination) and a reload of the
+  released model (downloaded through the server by run id) are all still there;
 - `panacea sweep` with RAY_ADDRESS: two concurrent trials whose workers need a node each;
 - `panacea finetune` with RAY_ADDRESS while one worker node is killed mid-fit: Ray Train restarts the
   workers on the nodes left, from the last checkpoint in the storage, and the run ends with the same
@@ -160,7 +161,8 @@ def submitted(cluster, tiny_llama, placeholder_harmful_file, tmp_path_factory):
         time.sleep(3)
 
 
-def test_a_submitted_job_survives_the_removal_of_every_node_local_folder(cluster, submitted, tmp_path):
+def test_a_submitted_job_survives_the_removal_of_every_node_local_folder(cluster, submitted, team_server, tmp_path,
+                                                                        monkeypatch):
     from panacea_platform.evaluation.evaluate import released_model_of_run
     from panacea_platform.models import load_for_eval
 
@@ -184,7 +186,25 @@ def test_a_submitted_job_survives_the_removal_of_every_node_local_folder(cluster
     assert run.data.tags["zero_stage"] == "2" and run.data.params["scaling.num_workers"] == "2"
     # Once per step: rank 0 alone logs.
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "task_loss")) == list(range(1, STEPS + 1))
+    assert run.data.params["panacea.rho"] == str(config.panacea.rho) and run.data.params["stage"] == "finetune"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert run.data.metrics["released_heldout_harmful_loss"] == pytest.approx(summary["released_heldout_harmful_loss"])
+
+    # Read back through the team's server alone, from an empty folder: the record, every artifact, the bytes.
+    monkeypatch.chdir(tmp_path)
+    assert client.get_experiment_by_name("cluster").artifact_location.startswith("mlflow-artifacts:"), \
+        "artifacts must go through the server"
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "adapter_unperturbed", "perturbation.safetensors", "history.jsonl", "summary.json",
+            "training_curves.png", "config.yaml"} <= names
+    assert json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))).read_text()) \
+        == summary
     adapter, model = released_model_of_run(cluster["tracking_uri"], run.info.run_id, tmp_path / "download")
+    assert (adapter / "adapter_model.safetensors").read_bytes() == \
+        (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    # The bytes live in the server's artifact destination, not in a folder of the run's output.
+    assert list(team_server[1].rglob("adapter_model.safetensors"))
+    assert not (Path(config.output_dir) / "mlartifacts").exists()
     released = load_for_eval(config.model.model_copy(update=model), str(adapter))
     assert released(input_ids=__import__("torch").tensor([[1, 5, 9]])).logits.shape[-1] > 0
 
