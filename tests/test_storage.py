@@ -2,7 +2,11 @@
 a bucket (an S3-compatible server on localhost, moto, standing in for a team's bucket; pyarrow's S3
 filesystem talks to it as to AWS), and bad storage settings stop before any work with one line.
 
-Costs: one 2-worker fit (about 25 s) and a 2-trial sweep run twice (about 60 s) on 2 cores.
+The sweep is of an alignment-stage defence (Vaccine), so it also shows each trial aligning with its
+own values: a sweep of its own for that cost 61 s.
+
+Costs: one 2-worker fit run twice (about 40 s) and a 2-trial sweep, each trial two fits, run twice
+(about 70 s) on 2 cores.
 """
 
 from __future__ import annotations
@@ -65,10 +69,14 @@ def test_a_two_worker_fit_keeps_checkpoints_and_run_folder_in_the_bucket(ray_ses
     assert (config.run_dir() / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_a_sweep_keeps_its_state_in_the_bucket_and_resumes_from_it(ray_session, s3_bucket, tiny_llama,
-                                                                  placeholder_harmful_file, tmp_path):
+def test_a_sweep_of_an_alignment_defence_keeps_its_state_in_the_bucket_aligns_each_trial_and_resumes(
+    ray_session, s3_bucket, tiny_llama, placeholder_harmful_file, tmp_path
+):
+    """A Vaccine sweep: each trial aligns with its own vaccine.rho, then fine-tunes, every run folder and
+    Tune's state in the bucket; the same command again resumes from the bucket and trains nothing."""
     from mlflow.tracking import MlflowClient
 
+    from panacea_platform.algorithms.provenance import read_alignment_provenance
     from panacea_platform.config import save_config
     from panacea_platform.search.sweep import run_sweep
 
@@ -77,7 +85,8 @@ def test_a_sweep_keeps_its_state_in_the_bucket_and_resumes_from_it(ray_session, 
                          tracking={"experiment": "bucket-sweep"}, scaling={"storage": storage})
     save_config(config, tmp_path / "job.yaml")
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"parameters": {"panacea.rho": {"grid": [0.1, 0.5]}}, "evaluate": False,
+    space.write_text(yaml.safe_dump({"parameters": {"vaccine.rho": {"grid": [0.5, 2.0]}},
+                                     "fixed": {"defence": "vaccine"}, "evaluate": False,
                                      "max_concurrent_trials": 2, "resources": {"cpus_per_worker": 0.5}}))
     outcome = run_sweep(space, tmp_path / "job.yaml", name="in-bucket", out=print, progress_every_s=30)
     assert outcome.status == "FINISHED"
@@ -87,9 +96,8 @@ def test_a_sweep_keeps_its_state_in_the_bucket_and_resumes_from_it(ray_session, 
     assert state["parent_run_id"] == outcome.parent_run_id
     assert any(p.startswith("tune/") for p in files), "Tune's experiment state is not in the bucket"
     trained = {Path(p).parts[1] for p in files if p.startswith("train/") and Path(p).name == "summary.json"}
-    assert len(trained) == 2, f"each trial's released run folder belongs in the bucket: {sorted(files)}"
-    aligned = _bucket_files(f"{storage}/runs")
-    assert any(p.endswith("adapter/adapter_config.json") for p in aligned), "the alignment run folder was not copied"
+    assert len(trained) == 4, f"each trial's alignment and released run folder belong in the bucket: {sorted(files)}"
+    assert len({name for name in trained if name.endswith("-align")}) == 2
 
     # The same command again reads the sweep's state from the bucket: it resumes, and trains nothing again.
     lines: list[str] = []
@@ -101,6 +109,11 @@ def test_a_sweep_keeps_its_state_in_the_bucket_and_resumes_from_it(ray_session, 
     runs = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
     trials = [run for run in runs if "tune_trial_id" in run.data.tags]
     assert len(trials) == 2 and all(run.info.status == "FINISHED" for run in trials)
+    # Each trial fine-tuned the adapter its own alignment made, with its own value.
+    for run in trials:
+        adapter = run.data.params["model.adapter"]
+        made = read_alignment_provenance(adapter)
+        assert made == {"defence": "vaccine", "settings": {"rho": float(run.data.params["vaccine.rho"])}}, adapter
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@ Every trial is one Ray Train fit (1 worker, ZeRO-0, 0.9 CPU; about 15-20 s of
 start-up on 2 cores), so the sweeps are small: 4 trials two at a time, 2 trials
 one at a time under ASHA, 1 failing trial (it fails before Ray Train starts),
 and 2 trials one at a time in a CLI subprocess that is killed and rerun. All sweeps share one
-output folder, so the alignment stage runs once and is reused after that.
+output folder, so the alignment stage runs once and is reused after that. A sweep of an
+alignment-stage defence, whose trials align each with its own values, is in test_storage.py.
 
 Designed expectations:
 - Panacea's eps has global norm rho (eps = rho * H / ||H||): the released
@@ -360,25 +361,3 @@ def test_periodic_held_out_signals_leave_training_bit_identical(tiny_run_config)
         assert last[key] == pytest.approx(signals.summary[key], rel=1e-6)
     # eps points along the harmful-loss gradient (rho 0.5): the released model's held-out harmful loss is higher.
     assert last["released_heldout_harmful_loss"] > last["heldout_harmful_loss"]
-
-
-def test_a_sweep_of_an_alignment_defence_aligns_each_trial_with_its_own_values(ray_session, sweep_root):
-    from panacea_platform.algorithms.provenance import read_alignment_provenance
-    from panacea_platform.search.sweep import run_sweep
-
-    space = write_space(sweep_root, "vaccine", {
-        "parameters": {"vaccine.rho": {"grid": [0.5, 2.0]}},
-        "fixed": {"defence": "vaccine"},
-        "evaluate": False,
-        "max_concurrent_trials": 2,
-    })
-    outcome = run_sweep(space, sweep_root / "job.yaml", name="vaccine", out=lambda line: None)
-    assert outcome.status == "FINISHED"
-    client = client_for(sweep_root)
-    trials = children(client, outcome.parent_run_id)
-    assert len(trials) == 2
-    for run in trials:
-        adapter = run.data.params["model.adapter"]
-        made = read_alignment_provenance(adapter)
-        assert made == {"defence": "vaccine", "settings": {"rho": float(run.data.params["vaccine.rho"])}}, adapter
-        assert run.info.status == "FINISHED"
