@@ -137,6 +137,12 @@ def test_a_new_sqlite_store_is_a_copy_of_one_migrated_template(tmp_path, monkeyp
     for tracker, name in ((first, "run-a"), (second, "run-b")):
         experiment = tracker.client.get_experiment_by_name("exp")
         assert [r.info.run_name for r in tracker.client.search_runs([experiment.experiment_id])] == [name]
+    # No usable cache (here a file where its folder would be): MLflow migrates the new store itself.
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("PANACEA_CACHE", str(tmp_path / "not-a-folder"))
+    third = Tracker(f"sqlite:///{tmp_path / 'c' / 'mlflow.db'}", "exp", "run-c", artifact_root=tmp_path / "art")
+    assert schema(tmp_path / "c" / "mlflow.db") == schema(tmp_path / "mlflow-own.db")
+    assert third.client.get_run(third.run_id).info.run_name == "run-c"
 
 
 def test_bad_data_fails_before_any_run_or_folder_exists(tiny_run_config):

@@ -80,7 +80,7 @@ def seed_new_sqlite_store(tracking_uri: str) -> None:
     """A new SQLite store starts as a copy of an empty, migrated one: MLflow migrates a new database
     through every schema version (about 1.5 s of CPU), and a sweep or a test suite makes many. The
     template is migrated once per MLflow version, in the cache; call with the store's lock held."""
-    if not tracking_uri.startswith("sqlite:///"):
+    if not tracking_uri.startswith("sqlite:///") or "?" in tracking_uri:
         return
     database = Path(tracking_uri[len("sqlite:///"):])
     if database.exists():
@@ -91,13 +91,16 @@ def seed_new_sqlite_store(tracking_uri: str) -> None:
     from panacea_platform.models import cache_dir
 
     template = cache_dir() / "mlflow-stores" / f"empty-{mlflow_version}.db"
-    if not template.is_file():
-        template.parent.mkdir(parents=True, exist_ok=True)
-        fresh = template.with_suffix(f".{os.getpid()}.tmp")
-        MlflowClient(tracking_uri=f"sqlite:///{fresh}").search_experiments()  # migrates it
-        fresh.replace(template)  # atomic: a concurrent reader sees no template or a whole one
-    database.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(template, database)
+    try:
+        if not template.is_file():
+            template.parent.mkdir(parents=True, exist_ok=True)
+            fresh = template.with_suffix(f".{os.getpid()}.tmp")
+            MlflowClient(tracking_uri=f"sqlite:///{fresh}").search_experiments()  # migrates it
+            fresh.replace(template)  # atomic: a concurrent reader sees no template or a whole one
+        database.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, database)
+    except OSError:
+        database.unlink(missing_ok=True)  # no usable cache (read-only home): MLflow migrates the store itself
 
 
 class Tracker:
