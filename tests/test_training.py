@@ -130,10 +130,15 @@ def test_a_new_sqlite_store_is_a_copy_of_one_migrated_template(tmp_path, monkeyp
     first = Tracker(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", "exp", "run-a", artifact_root=tmp_path / "art")
     (template,) = (tmp_path / "cache" / "mlflow-stores").glob("empty-*.db")
     made_at = template.stat().st_mtime_ns
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # another working directory than the template's
     second = Tracker(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", "exp", "run-b", artifact_root=tmp_path / "art")
     assert template.stat().st_mtime_ns == made_at, "the template was migrated again"
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow-own.db'}").search_experiments()  # MLflow's own migration
     assert schema(tmp_path / "a" / "mlflow.db") == schema(tmp_path / "mlflow-own.db") != []
+    # MLflow's Default experiment, made by each store's first opener as in a store MLflow migrated itself.
+    own_default = MlflowClient(f"sqlite:///{tmp_path / 'mlflow-own.db'}").get_experiment("0").artifact_location
+    assert second.client.get_experiment("0").artifact_location == own_default
     for tracker, name in ((first, "run-a"), (second, "run-b")):
         experiment = tracker.client.get_experiment_by_name("exp")
         assert [r.info.run_name for r in tracker.client.search_runs([experiment.experiment_id])] == [name]

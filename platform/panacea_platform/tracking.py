@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import sqlite3
 import subprocess
 import time
 from importlib import metadata
@@ -96,6 +97,10 @@ def seed_new_sqlite_store(tracking_uri: str) -> None:
             template.parent.mkdir(parents=True, exist_ok=True)
             fresh = template.with_suffix(f".{os.getpid()}.tmp")
             MlflowClient(tracking_uri=f"sqlite:///{fresh}").search_experiments()  # migrates it
+            # Without its Default experiment, whose artifact folder is the migrating process's working
+            # directory: MLflow makes it anew in each copy, as in a store it migrated itself.
+            with contextlib.closing(sqlite3.connect(fresh)) as connection, connection:
+                connection.execute("delete from experiments")
             fresh.replace(template)  # atomic: a concurrent reader sees no template or a whole one
         database.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(template, database)
