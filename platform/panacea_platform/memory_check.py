@@ -71,16 +71,18 @@ MARK_BYTES = 7_777_777  # a one-off allocation of a size nothing else has, betwe
 
 
 def step_peak_bytes(step: Callable[[], Any]) -> int:
-    """The peak a step allocates above the level at its start.
+    """The peak the second of two steps allocates above the level at its start: the first is the
+    warm-up, at which the optimiser's states appear.
 
     CUDA: the allocator's own peak. CPU: torch's profiler's allocation and free events, summed. The
     profiler drops the frees of blocks allocated before it started (the previous step's leftovers,
-    freed early in the next), which would count as never freed: so two steps are profiled, a marker
+    freed early in the next), which would count as never freed: so both steps are profiled, a marker
     allocation between them, and only the second, whose every block is known, is read.
     """
     if torch.cuda.is_available():
         from panacea_platform.bench import peak_tensor_memory_mb
 
+        step()
         return int(peak_tensor_memory_mb(step) * 2**20)  # the allocator's own peak
     from torch.profiler import ProfilerActivity, profile
 
@@ -141,12 +143,11 @@ def check_memory(config: RunConfig, out: Callable[[str], None] = print) -> Memor
         def step() -> Any:
             return panacea_step(weights, batch, harmful, p.rho, p.lam, p.harmful_loss_clamp)
 
-        out(f"[memory] {config.model.name}: a warm-up Panacea step (the optimiser's states appear at the first)")
-        step()
+        out(f"[memory] {config.model.name}: two Panacea steps, the second measured (the optimiser's states "
+            "appear at the first)")
+        peak_step = step_peak_bytes(step)
         gc.collect()
         states = live_tensor_bytes() - before - sum(t.numel() * t.element_size() for t in (*batch.values(), *harmful.values()))
-        out("[memory] the measured step")
-        peak_step = step_peak_bytes(step)
         strategy.close()
     counts = count_model(config.model.name, config.lora.target_modules, config.lora.rank)
     row = plan(counts, 1, 2, micro_batch, seq_len, weight_dtype=config.model.dtype,
