@@ -169,14 +169,36 @@ def s3_endpoint():
     server.stop()
 
 
+def new_bucket(endpoint: str, name: str) -> str:
+    """Creates the bucket `name` on the local S3 server; returns its name."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
+    return name
+
+
+def bucket_files(uri: str) -> dict[str, str]:
+    """Every file under a bucket URI: path relative to it -> its full path in the bucket."""
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
+    return {info.path[len(root) + 1:]: info.path for info in infos if info.type == pyarrow.fs.FileType.File}
+
+
+def read_from_bucket(uri: str, path: str) -> str:
+    """The text of the file at `path` in the bucket of `uri`."""
+    import pyarrow.fs
+
+    filesystem, _ = pyarrow.fs.FileSystem.from_uri(uri)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
 @pytest.fixture
 def s3_bucket(s3_endpoint, request):
     """A fresh bucket on the local S3 server; returns its name."""
-    import boto3
-
-    name = "panacea-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
-    return name
+    return new_bucket(s3_endpoint, "panacea-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40])
 
 
 @pytest.fixture(scope="session")

@@ -9,25 +9,31 @@ Rank 1 SIGKILLs its own process after step 5 on the first attempt; Ray restarts
 the worker group from the checkpoint at step 4, which also crosses both batch
 streams' epoch boundaries (5 fine-tuning batches and 4 harmful batches an epoch).
 
+The uninterrupted run keeps its checkpoints (every 2 steps, the default 2 kept) in a bucket on a local
+S3-compatible server (moto, standing in for a team's bucket), the killed run in a local folder;
+run again under its name, the uninterrupted run comes back from the bucket without training.
+
 Tolerance: EXACT. fp32, the same ranks and the same reduction order: the resumed
 run's per-step losses and norms, eps and final LoRA weights equal the
 uninterrupted run's bit for bit (measured: maximum difference 0.0).
 
-Cost: two Ray Train fits plus one restart of the worker group, about 70 s on
-2 cores; the other tests need no fit.
+Cost: two Ray Train fits plus one restart of the worker group, and one more fit
+that finds its run finished, about 85 s on 2 cores; the other tests need no fit.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import bucket_files, new_bucket, read_from_bucket, tiny_config
 from crash_hooks import KillOnce
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.distributed.*is deprecated:FutureWarning")
@@ -123,16 +129,27 @@ def test_resuming_a_checkpoint_of_another_run_shape_is_refused_before_ray_starts
 # -- Ray Train: an uninterrupted run and a run whose worker dies -----------------
 
 
+@dataclass
+class Runs:
+    plain_config: Any
+    plain: Any  # uninterrupted, its storage a bucket
+    killed_config: Any
+    killed: Any  # rank 1 killed once, its storage a local folder
+    bucket_storage: str
+
+
 @pytest.fixture(scope="module")
-def runs(ray_session, tiny_llama, placeholder_harmful_file, tmp_path_factory):
+def runs(ray_session, s3_endpoint, tiny_llama, placeholder_harmful_file, tmp_path_factory):
     from panacea_platform.training.launch_ray import run_distributed
 
     root = tmp_path_factory.mktemp("checkpoint-runs")
     quiet = lambda line: None  # noqa: E731
-    plain = run_distributed(
-        _config(tiny_llama, placeholder_harmful_file, root, "plain"), "finetune", num_workers=WORKERS,
-        zero_stage=ZERO, storage_path=root / "ray-plain", out=quiet,
-    )
+    # A team's bucket holds the uninterrupted run's checkpoints: checkpoints change no number, so it is
+    # still the reference, and the same fit shows a 2-worker run in a bucket (test below).
+    storage = f"s3://{new_bucket(s3_endpoint, 'panacea-checkpoint-runs')}/team"
+    plain_config = _config(tiny_llama, placeholder_harmful_file, root, "plain")
+    plain = run_distributed(plain_config, "finetune", num_workers=WORKERS, zero_stage=ZERO, storage_path=storage,
+                            checkpoint_every=EVERY, train_run_name="plain", out=quiet)
     marker = root / "killed-once"
     config = _config(tiny_llama, placeholder_harmful_file, root, "killed")
     killed = run_distributed(
@@ -141,7 +158,7 @@ def runs(ray_session, tiny_llama, placeholder_harmful_file, tmp_path_factory):
         step_hook=KillOnce(rank=1, after_step=KILL_AFTER, marker=str(marker)),
     )
     assert marker.exists(), "the worker was never killed: the test tested nothing"
-    return config, plain, killed
+    return Runs(plain_config, plain, config, killed, storage)
 
 
 def _history(result):
@@ -154,7 +171,7 @@ def _max_difference(actual: dict, expected: dict) -> float:
 
 
 def test_killed_run_resumes_and_ends_as_the_uninterrupted_run(runs):
-    _, plain, killed = runs
+    plain, killed = runs.plain, runs.killed
     assert plain.resumed_from_step is None
     assert killed.resumed_from_step == 4  # the restart started from the checkpoint, not from scratch
 
@@ -176,7 +193,7 @@ def test_killed_run_resumes_and_ends_as_the_uninterrupted_run(runs):
 def test_mlflow_run_continues_after_the_restart(runs):
     from mlflow.tracking import MlflowClient
 
-    config, _, killed = runs
+    config, killed = runs.killed_config, runs.killed
     client = MlflowClient(tracking_uri=f"sqlite:///{(Path(config.output_dir) / 'mlflow.db').resolve()}")
     run = client.get_run(killed.mlflow_run_id)
     assert run.info.status == "FINISHED"
@@ -188,7 +205,7 @@ def test_mlflow_run_continues_after_the_restart(runs):
 def test_at_most_keep_checkpoints_are_kept_and_each_holds_every_rank(runs):
     from panacea_platform.training.checkpointing import EPS_FILE, STATE_FILE
 
-    _, _, killed = runs
+    killed = runs.killed
     # Reported: steps 2 and 4 (first attempt), 6 (after the restart) and the final run folder.
     assert len(killed.kept_checkpoints) == KEEP and killed.kept_checkpoints[-1] == killed.checkpoint_path
     experiment = Path(killed.checkpoint_path).parent
@@ -204,6 +221,31 @@ def test_at_most_keep_checkpoints_are_kept_and_each_holds_every_rank(runs):
     names = {p.name for p in last.rglob("*") if p.is_file()}
     assert {"rng_rank0.pt", "rng_rank1.pt"} <= names
     assert any("zero_pp_rank_0" in n for n in names) and any("zero_pp_rank_1" in n for n in names)
+
+
+def test_the_uninterrupted_run_keeps_its_checkpoints_and_run_folder_in_the_bucket_and_comes_back_whole(runs):
+    """Its storage is a bucket: every periodic checkpoint and the final run folder are there. Run again under
+    the same name with the local run folder gone, the fit had ended, so the finished run comes back from the
+    bucket, whole, and nothing trains again. (Last of the fit's tests: it rewrites the run folder.)"""
+    import shutil
+
+    from panacea_platform.training.launch_ray import run_distributed
+
+    config, plain, storage = runs.plain_config, runs.plain, runs.bucket_storage
+    files = bucket_files(f"{storage}/plain")
+    # scaling.keep_checkpoints (2): the last periodic checkpoint, beside the final run folder.
+    (checkpoint,) = [p for p in files if Path(p).name == "panacea_state.json"]
+    assert json.loads(read_from_bucket(storage, files[checkpoint]))["step"] == STEPS
+    (final,) = {Path(p).parts[0] for p in files if Path(p).name == "summary.json"}
+    assert f"{final}/adapter/adapter_model.safetensors" in files and f"{final}/perturbation.safetensors" in files
+    assert plain.checkpoint_path == f"{storage.removeprefix('s3://')}/plain/{final}"
+    assert json.loads(read_from_bucket(storage, files[f"{final}/summary.json"])) == plain.summary
+
+    shutil.rmtree(config.run_dir())
+    again = run_distributed(config, "finetune", num_workers=WORKERS, zero_stage=ZERO, storage_path=storage,
+                            checkpoint_every=EVERY, train_run_name="plain", track=False, out=lambda line: None)
+    assert again.summary == plain.summary and len(again.history) == STEPS
+    assert (config.run_dir() / "adapter" / "adapter_model.safetensors").is_file()
 
 
 # -- one process: checkpoints in the run folder, resumed by running the same config again --------

@@ -1,12 +1,12 @@
-"""Storage named by a URI: a 2-worker fit and a sweep keep their checkpoints, run folders and state in
-a bucket (an S3-compatible server on localhost, moto, standing in for a team's bucket; pyarrow's S3
-filesystem talks to it as to AWS), and bad storage settings stop before any work with one line.
+"""Storage named by a URI: a sweep keeps its checkpoints, run folders and Tune's state in a bucket (an
+S3-compatible server on localhost, moto, standing in for a team's bucket; pyarrow's S3 filesystem talks
+to it as to AWS), and bad storage settings stop before any work with one line. A 2-worker fit's
+checkpoints and run folder in a bucket are in test_checkpoint.py: its uninterrupted run keeps them there.
 
 The sweep is of an alignment-stage defence (Vaccine), so it also shows each trial aligning with its
 own values: a sweep of its own for that cost 61 s.
 
-Costs: one 2-worker fit run twice (about 40 s) and a 2-trial sweep, each trial two fits, run twice
-(about 70 s) on 2 cores.
+Cost: a 2-trial sweep, each trial two fits, run twice (about 60 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -17,56 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import one_line_exit_2, tiny_config
+from conftest import bucket_files, one_line_exit_2, read_from_bucket, tiny_config
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
 ]
-
-
-def _bucket_files(uri: str) -> dict[str, str]:
-    """Every file under a bucket URI: path relative to it -> its full path in the bucket."""
-    import pyarrow.fs
-
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
-    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
-    return {info.path[len(root) + 1:]: info.path for info in infos if info.type == pyarrow.fs.FileType.File}
-
-
-def _read(uri: str, path: str) -> str:
-    import pyarrow.fs
-
-    filesystem, _ = pyarrow.fs.FileSystem.from_uri(uri)
-    with filesystem.open_input_stream(path) as stream:
-        return stream.read().decode()
-
-
-def test_a_two_worker_fit_keeps_checkpoints_and_run_folder_in_the_bucket(ray_session, s3_bucket, tiny_run_config):
-    import shutil
-
-    from panacea_platform.training.launch_ray import run_distributed
-
-    storage = f"s3://{s3_bucket}/team"
-    config = tiny_run_config(run_name="bucket-run", scaling={"checkpoint_every": 2, "storage": storage})
-    result = run_distributed(config, "finetune", num_workers=2, zero_stage=2, cpus_per_worker=0.5,
-                             train_run_name="bucket-run")
-
-    files = _bucket_files(f"{storage}/bucket-run")
-    checkpoints = {Path(p).parts[0] for p in files if Path(p).name == "panacea_state.json"}
-    assert len(checkpoints) == 1, f"the step-2 checkpoint is not in the bucket: {sorted(files)}"
-    (final,) = {Path(p).parts[0] for p in files if Path(p).name == "summary.json"}
-    assert f"{final}/adapter/adapter_model.safetensors" in files and f"{final}/perturbation.safetensors" in files
-    assert result.checkpoint_path == f"{s3_bucket}/team/bucket-run/{final}"
-    assert json.loads(_read(storage, files[f"{final}/summary.json"])) == result.summary
-
-    # Run again under the same name with the local run folder gone: the fit had ended, so the finished run
-    # comes back from the bucket, whole, and nothing trains again.
-    shutil.rmtree(config.run_dir())
-    again = run_distributed(config, "finetune", num_workers=2, zero_stage=2, cpus_per_worker=0.5,
-                            train_run_name="bucket-run", track=False)
-    assert again.summary == result.summary and len(again.history) == 3
-    assert (config.run_dir() / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_a_sweep_of_an_alignment_defence_keeps_its_state_in_the_bucket_aligns_each_trial_and_resumes(
@@ -91,8 +47,8 @@ def test_a_sweep_of_an_alignment_defence_keeps_its_state_in_the_bucket_aligns_ea
     outcome = run_sweep(space, tmp_path / "job.yaml", name="in-bucket", out=print, progress_every_s=30)
     assert outcome.status == "FINISHED"
 
-    files = _bucket_files(f"{storage}/sweeps/in-bucket")
-    state = json.loads(_read(storage, files["sweep.json"]))
+    files = bucket_files(f"{storage}/sweeps/in-bucket")
+    state = json.loads(read_from_bucket(storage, files["sweep.json"]))
     assert state["parent_run_id"] == outcome.parent_run_id
     assert any(p.startswith("tune/") for p in files), "Tune's experiment state is not in the bucket"
     trained = {Path(p).parts[1] for p in files if p.startswith("train/") and Path(p).name == "summary.json"}
