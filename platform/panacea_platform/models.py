@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from panacea_platform.locks import exclusive_lock
 from panacea_platform.registry import Registry
 
 if TYPE_CHECKING:
@@ -87,7 +88,11 @@ def resolve_model_path(name: str) -> str:
     if (target / "config.json").is_file():
         log.info("reusing converted offline model at %s", target)
         return str(target)
-    _convert_gguf(OFFLINE_MODELS.get(name), target)
+    # Two commands started at once on a fresh machine would both convert, and the second would
+    # replace the folder the first is already loading from: one converts, the other waits for it.
+    with exclusive_lock(target.parent / f".{target.name}.lock"):
+        if not (target / "config.json").is_file():
+            _convert_gguf(OFFLINE_MODELS.get(name), target)
     return str(target)
 
 

@@ -15,7 +15,6 @@ starts its own Ray, as before.
 from __future__ import annotations
 
 import atexit
-import fcntl
 import json
 import os
 import socket
@@ -25,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlparse
+
+from panacea_platform.locks import exclusive_lock
 
 REGISTRY_ENV = "PANACEA_RAY_REGISTRY"
 
@@ -86,13 +87,8 @@ def running_owner(registry: Path) -> dict | None:
 
 @contextmanager
 def _locked(registry: Path) -> Iterator[None]:
-    registry.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{registry}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive_lock(f"{registry}.lock"):
+        yield
 
 
 def other_drivers() -> list[int]:

@@ -65,16 +65,10 @@ def sqlite_store_lock(tracking_uri: str):
     if not tracking_uri.startswith("sqlite:///"):
         yield
         return
-    import fcntl
+    from panacea_platform.locks import exclusive_lock
 
-    lock_path = Path(tracking_uri[len("sqlite:///"):] + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive_lock(tracking_uri[len("sqlite:///"):] + ".lock"):
+        yield
 
 
 def seed_new_sqlite_store(tracking_uri: str) -> None:
