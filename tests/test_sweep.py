@@ -3,7 +3,7 @@
 Every trial is one Ray Train fit (1 worker, ZeRO-0, 0.9 CPU; about 15-20 s of
 start-up on 2 cores), so the sweeps are small: 4 trials two at a time, 2 trials
 one at a time under ASHA, 1 failing trial (it fails before Ray Train starts),
-and 2 trials one at a time in a CLI subprocess that is killed and rerun. All sweeps share one
+and 2 trials one at a time in a CLI subprocess that is killed, then resumed here. All sweeps share one
 output folder, so the alignment stage runs once and is reused after that. A sweep of an
 alignment-stage defence, whose trials align each with its own values, is in test_storage.py.
 
@@ -263,7 +263,7 @@ def _checkpointed_trial(sweep_root: Path, client, parent_id: str):
     return None
 
 
-def test_a_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(sweep_root, tmp_path, request):
+def test_a_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(ray_session, sweep_root, tmp_path, request):
     """The CLI in a subprocess (its own Ray), one trial at a time, SIGKILLed once the short trial's child
     run is FINISHED and the long one has checkpointed, then run again: the finished trial is not rerun,
     the interrupted one continues from its checkpoint in the same MLflow run. (Two at once, the short
@@ -306,10 +306,14 @@ def test_a_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(sweep_r
     assert finished_steps == list(range(1, SHORT_TRIAL_STEPS + 1))
     assert interrupted_run.data.params["optim.max_steps"] == str(STEPS_WITH_CHECKPOINTS)
 
-    second = subprocess.run(_sweep_command(sweep_root, space), cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming" in second.stdout and "restoring the Tune experiment" in second.stdout
+    # Run again, as `panacea sweep` runs it, in this session's Ray (a second CLI and Ray would add their
+    # start-up, about 10 s, and test nothing more).
+    from panacea_platform.search.sweep import run_sweep
+
+    lines: list[str] = []
+    again = run_sweep(space, sweep_root / "job.yaml", name="resume", out=lines.append)
+    assert again.status == "FINISHED", "\n".join(lines[-40:])
+    assert any("resuming" in line for line in lines) and any("restoring the Tune experiment" in line for line in lines)
 
     (parent_id,) = _parents(client, "resume")
     runs = children(client, parent_id)
