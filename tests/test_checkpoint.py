@@ -224,7 +224,7 @@ def test_at_most_keep_checkpoints_are_kept_and_each_holds_every_rank(runs):
 
 
 def test_the_uninterrupted_run_keeps_its_checkpoints_and_run_folder_in_the_bucket_and_comes_back_whole(runs):
-    """Its storage is a bucket: every periodic checkpoint and the final run folder are there. Run again under
+    """Its storage is a bucket: its last periodic checkpoint and the final run folder are there. Run again under
     the same name with the local run folder gone, the fit had ended, so the finished run comes back from the
     bucket, whole, and nothing trains again. (Last of the fit's tests: it rewrites the run folder.)"""
     import shutil
