@@ -20,9 +20,8 @@ import os
 import socket
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 from urllib.parse import urlparse
 
 from panacea_platform.locks import exclusive_lock
@@ -85,10 +84,9 @@ def running_owner(registry: Path) -> dict | None:
     return owner
 
 
-@contextmanager
-def _locked(registry: Path) -> Iterator[None]:
-    with exclusive_lock(f"{registry}.lock"):
-        yield
+def _locked(registry: Path):
+    """The registry's lock, in the file beside it."""
+    return exclusive_lock(f"{registry}.lock")
 
 
 def other_drivers() -> list[int]:
