@@ -20,7 +20,7 @@ from panacea_platform.data.tasks import (
     sst2_row_to_example,
 )
 
-GENERATORS = ("offline_arithmetic", "offline_sentiment", "offline_topic")
+GENERATORS = ("offline_arithmetic", "offline_sentiment", "offline_sentiment_explained", "offline_topic")
 
 
 def prompts(examples: list[Example]) -> set[str]:
@@ -29,7 +29,8 @@ def prompts(examples: list[Example]) -> set[str]:
 
 def test_registered_names() -> None:
     assert set(TASKS.names()) == {
-        "offline_arithmetic", "offline_sentiment", "offline_topic", "gsm8k", "sst2", "ag_news", "alpaca", "local"
+        "offline_arithmetic", "offline_sentiment", "offline_sentiment_explained", "offline_topic", "gsm8k", "sst2",
+        "ag_news", "alpaca", "local",
     }
     for name in TASKS.names():
         assert callable(TASKS.get(name))
@@ -67,6 +68,31 @@ def test_classification_generators_answer_is_label(name: str, labels: set[str]) 
     examples = TASKS.get(name)(None, "test", 200, 0)
     assert all(e.answer == e.label for e in examples)
     assert {e.label for e in examples} == labels  # every class appears
+
+
+@pytest.mark.parametrize("name", GENERATORS)
+def test_every_generated_answer_scores_100_percent_under_its_tasks_rule(name: str) -> None:
+    from panacea_platform.evaluation.metrics import score_answer
+
+    examples = TASKS.get(name)(None, "train", 500, 4) + TASKS.get(name)(None, "test", 200, 4)
+    scored = [score_answer(name, e.answer, e.label) for e in examples]
+    assert all(s is not None and s.correct for s in scored), [e.answer for e, s in zip(examples, scored) if not s.correct]
+
+
+def test_explained_sentiment_answers_are_sentences_whose_reason_quotes_the_review() -> None:
+    """A sentence a user would upload, not a label: the polarity, then why, in the review's own words; the
+    reviews are offline_sentiment's, so the polarity is the same rule's."""
+    examples = TASKS.get("offline_sentiment_explained")(None, "train", 300, 2)
+    assert {e.label for e in examples} == {"positive", "negative"}
+    for example in examples:
+        head, reason = example.answer.split(". ", 1)
+        assert head == example.label.capitalize() and reason.startswith("The review ") and reason.endswith(".")
+        review_words = set(re.findall(r"[a-z]+", example.prompt.split("Review: ", 1)[1].lower()))
+        reason_words = set(re.findall(r"[a-z]+", reason.lower())) - {"the", "review", "calls", "finds", "says",
+                                                                     "that", "and", "it", "a", "film", "from",
+                                                                     "start", "to", "finish"}
+        assert reason_words <= review_words, (example.prompt, example.answer)
+        assert len(example.answer.split()) >= 6
 
 
 def test_sentiment_vocabulary_matches_label() -> None:

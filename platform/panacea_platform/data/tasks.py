@@ -48,6 +48,7 @@ __all__ = [
     "local",
     "offline_arithmetic",
     "offline_sentiment",
+    "offline_sentiment_explained",
     "offline_topic",
     "split_by_prompt_hash",
     "sst2",
@@ -272,24 +273,33 @@ _INTENSIFIERS = ("truly", "remarkably", "genuinely", "thoroughly", "utterly", "s
 
 
 def _review(rng: random.Random, polarity: str) -> str:
+    return _review_and_reason(rng, polarity)[0]
+
+
+def _review_and_reason(rng: random.Random, polarity: str) -> tuple[str, str]:
+    """A review sentence and, drawn from its own words, why it reads as `polarity` ("the review ...")."""
     words = _POLARITY_WORDS[polarity]
     adjective, adjective2 = rng.sample(words["adjective"], 2)
     part, part2 = rng.sample(_FILM_PARTS, 2)
     film, verdict, very = rng.choice(_FILMS), rng.choice(words["verdict"]), rng.choice(_INTENSIFIERS)
     shape = rng.randrange(6)
     if shape == 0:
-        sentence = f"{film} is {very} {adjective}."
+        sentence, reason = f"{film} is {very} {adjective}.", f"calls {film} {very} {adjective}"
     elif shape == 1:
         sentence = f"the {part} is {adjective} and the {part2} is {adjective2}."
+        reason = f"finds the {part} {adjective} and the {part2} {adjective2}"
     elif shape == 2:
-        sentence = f"{film} {verdict}."
+        sentence, reason = f"{film} {verdict}.", f"says that {film} {verdict}"
     elif shape == 3:
         sentence = f"a {very} {adjective} film with {adjective2} {part}."
+        reason = f"calls it a {adjective} film with {adjective2} {part}"
     elif shape == 4:
         sentence = f"I found the {part} {very} {adjective}, and {film} {verdict}."
+        reason = f"finds the {part} {adjective} and says that {film} {verdict}"
     else:
         sentence = f"from start to finish, {film} is {adjective}; the {part} {verdict}."
-    return sentence[0].upper() + sentence[1:]
+        reason = f"calls {film} {adjective} from start to finish"
+    return sentence[0].upper() + sentence[1:], reason
 
 
 def sentiment_prompt(review: str) -> str:
@@ -305,6 +315,32 @@ def _sentiment_example(rng: random.Random) -> Example:
 def offline_sentiment(data_config: DataConfig | None, split: str, size: int, seed: int) -> list[Example]:
     """SST2-like movie-review sentences; answer and label are "positive" or "negative"."""
     return _generate("offline_sentiment", split, size, seed, _sentiment_example)
+
+
+# --------------------------------------------------------------------------- offline_sentiment_explained
+
+EXPLAINED_SENTIMENT_INSTRUCTION = (
+    "Classify the sentiment of this movie review as positive or negative, and say why in one sentence."
+)
+
+
+def _explained_sentiment_example(rng: random.Random) -> Example:
+    polarity = rng.choice(("positive", "negative"))
+    review, reason = _review_and_reason(rng, polarity)
+    # The label word first, so the sentiment rule (the first of positive/negative named) reads it; the
+    # reason quotes the review, whose words never name either label.
+    answer = f"{polarity.capitalize()}. The review {reason}."
+    return Example(prompt=f"{EXPLAINED_SENTIMENT_INSTRUCTION}\nReview: {review}", answer=answer, kind="task",
+                   label=polarity)
+
+
+def offline_sentiment_explained(data_config: DataConfig | None, split: str, size: int, seed: int) -> list[Example]:
+    """offline_sentiment's reviews answered in a sentence: "Positive. The review calls ...", label the polarity.
+
+    A user's data whose answers are sentences: trained on one-word labels, the model learns to stop after
+    one word everywhere, and a safe model could not be told from a silent one.
+    """
+    return _generate("offline_sentiment_explained", split, size, seed, _explained_sentiment_example)
 
 
 # --------------------------------------------------------------------------- offline_topic

@@ -14,7 +14,7 @@ that is correct:
   in the answer. Thousands separators and a currency sign are dropped
   ("$1,234" -> 1234), a minus sign is kept ("-3"), and "12.0" equals 12.
   Compared numerically with the label.
-- sst2, offline_sentiment (`sentiment_label`): the first of "positive" /
+- sst2, offline_sentiment, offline_sentiment_explained (`sentiment_label`): the first of "positive" /
   "negative" that appears as a whole word (case-insensitive). An answer that
   holds both is read as the first one; negation ("not positive") is not
   parsed: the authors' evaluation reads the label word the same way.
@@ -235,6 +235,7 @@ for _task, _rule in (
     ("offline_arithmetic", final_number),
     ("sst2", sentiment_label),
     ("offline_sentiment", sentiment_label),
+    ("offline_sentiment_explained", sentiment_label),
     ("ag_news", topic_label),
     ("offline_topic", topic_label),
     ("local", exact_label),
