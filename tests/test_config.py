@@ -103,7 +103,7 @@ def test_defaults_are_the_documented_ones():
         ("data.harmful_ratio=1.5", "data.harmful_ratio", "less than or equal to 1"),
         ("data.harmful_ratio=-0.1", "data.harmful_ratio", "greater than or equal to 0"),
         ("data.n=0", "data.n", "greater than or equal to 1"),
-        ("defence=tar", "defence", "registered: antidote, booster, lisa, panacea, random_perturbation, repnoise, sft, vaccine"),
+        ("defence=tar", "defence", "registered: antidote, booster, lisa, panacea, panacea_end_masked, random_perturbation, repnoise, sft, vaccine"),
         ("data.task=imagenet", "data.task", "offline_arithmetic"),
         ("model.name=not a model!", "model.name", "hub id"),
         ("model.name=./no/such/dir", "model.name", "hub id"),

@@ -65,16 +65,23 @@ def time_step(name: str, step: Callable[[], None], warmup: int, repeats: int) ->
 
 
 def baseline_steps(config: RunConfig, weights, batch, harmful) -> dict[str, Callable[[], object]]:
-    """One step of each baseline that steps (Antidote prunes once, after training), on the same batches."""
+    """One step of each baseline that steps (Antidote prunes once, after training) and of the Panacea variant,
+    on the same batches."""
+    from panacea_platform.algorithms import DEFENCES
     from panacea_platform.algorithms.booster import booster_step
     from panacea_platform.algorithms.lisa import LisaState, lisa_step
+    from panacea_platform.algorithms.panacea import panacea_step
     from panacea_platform.algorithms.repnoise import RepNoiseObjective, repnoise_step
     from panacea_platform.algorithms.vaccine import vaccine_step
 
     lisa = LisaState(1, 1, config.lisa.rho, warmup_steps=0)
     rows = min(batch["input_ids"].shape[0], harmful["input_ids"].shape[0])  # RepNoise pairs rows
     paired = [{k: v[:rows] for k, v in b.items()} for b in (batch, harmful)]
+    variant = DEFENCES.get("panacea_end_masked").build(config)
     return {
+        "panacea_end_masked": lambda: panacea_step(weights, batch, harmful, variant.rho, variant.lam,
+                                                   variant.harmful_loss_clamp,
+                                                   harmful_objective=variant.harmful_objective),
         "vaccine": lambda: vaccine_step(weights, batch, config.vaccine.rho),
         "repnoise": lambda: repnoise_step(weights, *paired, RepNoiseObjective(config.repnoise.alpha,
                                                                                      config.repnoise.beta)),
@@ -141,9 +148,9 @@ def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print,
         "extra_memory_in_trainable_copies": max(0.0, panacea.peak_extra_mb - sft.peak_extra_mb) / trainable_mb,
         "trainable_mb": trainable_mb,
     }
-    out(f"{'step':<10}{'median s':>12}{'peak extra MB':>16}")
+    out(f"{'step':<20}{'median s':>12}{'peak extra MB':>16}")
     for timing in (sft, panacea, *others):
-        out(f"{timing.name:<10}{timing.median_s:>12.3f}{timing.peak_extra_mb:>16.1f}")
+        out(f"{timing.name:<20}{timing.median_s:>12.3f}{timing.peak_extra_mb:>16.1f}")
     for timing in others:
         out(f"time ratio {timing.name}/sft: {timing.median_s / sft.median_s:.2f}")
     out(f"time ratio panacea/sft: {result['time_ratio']:.2f} (floor 3.0, target <= 3.1)")

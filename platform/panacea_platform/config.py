@@ -82,6 +82,11 @@ class DataConfig(_Section):
         "by the base model itself before alignment (self-distillation, cached); they replace as many generated factual "
         "pairs. 0 = factual pairs only.",
     )
+    task_self_distill: int = Field(
+        0, ge=0, description="Of the user's n - n*p benign samples, this many are ordinary open requests answered by "
+        "the base model itself before alignment (self-distilled, cached; other requests than the alignment's), the rest "
+        "the task's: a user's instruction data beside the task. FA reads the task's held-out set only. 0 = task only.",
+    )
     max_length: int = Field(128, ge=8, description="Token limit of prompt + answer; longer samples are truncated.")
     pool_seed: int = Field(
         0, ge=0, description="Seed of the split into attack / defender / evaluation / alignment pools; kept apart "
@@ -147,6 +152,7 @@ class PanaceaConfig(_Section):
 from panacea_platform.algorithms.antidote_config import AntidoteConfig  # noqa: E402 (each beside its defence)
 from panacea_platform.algorithms.booster_config import BoosterConfig  # noqa: E402
 from panacea_platform.algorithms.lisa_config import LisaConfig  # noqa: E402
+from panacea_platform.algorithms.panacea_end_masked_config import PanaceaEndMaskedConfig  # noqa: E402
 from panacea_platform.algorithms.repnoise_config import RepNoiseConfig  # noqa: E402
 from panacea_platform.algorithms.vaccine_config import VaccineConfig  # noqa: E402
 
@@ -247,6 +253,11 @@ class EvaluationConfig(_Section):
     task_prompts: int | None = Field(
         None, ge=1, description="Task prompts scored for accuracy; null = data.task_eval_size."
     )
+    first_token_probe: bool = Field(
+        True, description="`panacea demo`: for every released model, P(first new token is an end token) on the "
+        "helpfulness, over-refusal and harmful prompts, at w_T and w_T + eps_T, and per layer with eps on that layer "
+        "alone (evaluation/first_token.py). Needs a tokenizer with an end-of-sequence or end-of-turn token.",
+    )
     suites: list[SuiteConfig] = Field(
         default_factory=lambda: [SuiteConfig(**entry) for entry in DEFAULT_SUITES], min_length=1,
         description="Evaluation suites: preset names (evaluation/suites/NAME.yaml), {preset: NAME, KEY: VALUE}, or "
@@ -307,7 +318,8 @@ class RunConfig(_Section):
     seed: int = Field(0, ge=0, description="Seed for data sampling, initialisation and noise.")
     output_dir: str = Field("runs", description="Where run folders (adapters, eps, config) are written.")
     defence: str = Field("panacea", description="Registered defence (`panacea list`): sft, random_perturbation, "
-                         "panacea, vaccine, repnoise, booster, lisa, antidote. It acts at the stages it declares.")
+                         "panacea, panacea_end_masked, vaccine, repnoise, booster, lisa, antidote. It acts at the "
+                         "stages it declares.")
     defence_stages: list[Literal["align", "finetune", "post_finetune"]] | None = Field(
         None, description="The stages the defence acts at, a subset of those it declares (e.g. [finetune] for "
         "Panacea's training without adding eps); null = all of them.",
@@ -322,6 +334,7 @@ class RunConfig(_Section):
     )
     random_perturbation: RandomPerturbationConfig = Field(default_factory=RandomPerturbationConfig)
     panacea: PanaceaConfig = Field(default_factory=PanaceaConfig)
+    panacea_end_masked: PanaceaEndMaskedConfig = Field(default_factory=PanaceaEndMaskedConfig)
     vaccine: VaccineConfig = Field(default_factory=VaccineConfig)
     repnoise: RepNoiseConfig = Field(default_factory=RepNoiseConfig)
     booster: BoosterConfig = Field(default_factory=BoosterConfig)
@@ -376,6 +389,15 @@ class RunConfig(_Section):
             raise _field_error("data.alignment_self_distill", self.data.alignment_self_distill,
                                f"at most the alignment's benign half, {benign} (data.alignment_size x "
                                "data.alignment_benign_ratio)")
+        clean = self.data.n - poison_count(self.data.n, self.data.harmful_ratio)
+        if self.data.task_self_distill > clean:
+            raise _field_error("data.task_self_distill", self.data.task_self_distill,
+                               f"at most the user's benign samples, {clean} (data.n minus the harmful ones)")
+        from panacea_platform.data.self_distill import check_request_ranges
+
+        problem = check_request_ranges(self.data.alignment_self_distill, self.data.task_self_distill)
+        if problem:
+            raise _field_error("data.task_self_distill", self.data.task_self_distill, problem)
         from panacea_platform.training.microbatch import check_accumulation
 
         for section in ("optim", "align_optim"):

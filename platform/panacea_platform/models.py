@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from panacea_platform.locks import exclusive_lock
 from panacea_platform.registry import Registry
@@ -151,6 +151,29 @@ def load_tokenizer(model_config: "ModelConfig"):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# The end-of-turn markers of common chat templates (ChatML, Llama 3, Gemma, Phi-3, Llama 2): an answer
+# ends at the tokenizer's EOS or at whichever of these the tokenizer has as a special token.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
+
+
+def end_token_ids(tokenizer: Any, what: str, model: Any = None) -> tuple[int, ...]:
+    """The ids that end an answer: the tokenizer's EOS, the model's generation-config EOS ids (when a model is
+    given) and the chat template's end-of-turn token. `what` names the setting that needs them, for the error."""
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    specials = set(getattr(tokenizer, "all_special_tokens", []))
+    marked = [tokenizer.convert_tokens_to_ids(token) for token in END_OF_TURN_TOKENS if token in specials]
+    for value in (tokenizer.eos_token_id, configured, marked):
+        for token in value if isinstance(value, (list, tuple)) else [value]:
+            if token is not None and int(token) not in ids:
+                ids.append(int(token))
+    if not ids:
+        raise ValueError(f"{what}: the model's tokenizer has no end-of-sequence or end-of-turn token "
+                         f"(none of eos_token, {', '.join(END_OF_TURN_TOKENS)}); use a model with a chat template's "
+                         "end token")
+    return tuple(ids)
 
 
 def load_base_model(model_config: "ModelConfig"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from panacea_platform.algorithms.interface import Tensors, TrainableWeights
+from panacea_platform.algorithms.interface import Objective, Tensors, TrainableWeights
 from panacea_platform.algorithms.panacea import panacea_step
 from panacea_platform.algorithms.random_perturbation import gaussian_perturbation
 from panacea_platform.algorithms.sft import sft_step
@@ -139,11 +139,13 @@ class Panacea(Defence):
         super().__init__()
         self.rho, self.lam, self.harmful_loss_clamp = rho, lam, harmful_loss_clamp
         self.last_eps: Tensors | None = None
+        self.harmful_objective: Objective | None = None  # None: the run's loss (a variant brings its own)
 
     def step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
         if not self.acts_at(FINETUNE):
             return _plain(weights, batch)
-        result = panacea_step(weights, batch, extra["harmful"], self.rho, self.lam, self.harmful_loss_clamp)
+        result = panacea_step(weights, batch, extra["harmful"], self.rho, self.lam, self.harmful_loss_clamp,
+                              harmful_objective=self.harmful_objective)
         self.last_eps = result.eps
         return {
             "task_loss": result.task_loss,

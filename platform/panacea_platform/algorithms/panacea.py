@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from panacea_platform.algorithms.interface import Tensors, TrainableWeights, global_norm
+from panacea_platform.algorithms.interface import Objective, Tensors, TrainableWeights, global_norm
 
 # Added to ||H|| so a zero harmful gradient gives eps = 0 rather than NaN.
 NORM_EPSILON = 1e-7
@@ -31,9 +31,11 @@ def panacea_step(
     rho: float,
     lam: float,
     harmful_loss_clamp: float = 5.0,
+    harmful_objective: Objective | None = None,
 ) -> PanaceaStepResult:
+    """One step; `harmful_objective` replaces the run's loss in both harmful passes (h at w and at w + eps)."""
     task_loss, task_grad = weights.loss_and_gradient(finetune_batch)
-    harmful_loss, harmful_grad = weights.loss_and_gradient(harmful_batch)
+    harmful_loss, harmful_grad = weights.loss_and_gradient(harmful_batch, objective=harmful_objective)
 
     scale = rho / (global_norm(harmful_grad).item() + NORM_EPSILON)
     eps = [scale * h for h in harmful_grad]
@@ -42,7 +44,7 @@ def panacea_step(
     # model is bad enough at harmful answers, stop pushing.
     with weights.perturbed(eps):
         harmful_loss_perturbed, perturbed_grad = weights.loss_and_gradient(
-            harmful_batch, clamp_max=harmful_loss_clamp
+            harmful_batch, clamp_max=harmful_loss_clamp, objective=harmful_objective
         )
 
     direction = [g - lam * (hp - h) for g, hp, h in zip(task_grad, perturbed_grad, harmful_grad)]

@@ -6,9 +6,10 @@ pairs such requests with what the base model, before alignment, answers itself: 
 then teaches "refuse harmful requests" without teaching "refuse anything open-ended", and
 the model's own style stays its own.
 
-The requests are the first of data/prompts/open_requests_train.jsonl (160, disjoint from the
-helpfulness suite's): a quarter more than the pairs asked for, plus 8, so that dropped answers
-leave enough. Answers are greedy, `SELF_DISTILL_TOKENS` new tokens, cut back to their last
+The alignment's requests are the first of data/prompts/open_requests_train.jsonl (160, disjoint
+from the helpfulness suite's), the user's (data.task_self_distill: a user's ordinary instruction
+data beside the task) the last: each a quarter more than the pairs asked for, plus 8, so that
+dropped answers leave enough. Answers are greedy, `SELF_DISTILL_TOKENS` new tokens, cut back to their last
 finished sentence; an answer that is empty, refuses, repeats itself or has no finished
 sentence is dropped. They are cached under cache_dir()/self-distilled/, keyed by the base
 model, the template, the requests and the budget: made once per model, on the driver
@@ -29,7 +30,14 @@ from panacea_platform.data.examples import Example
 if TYPE_CHECKING:
     from panacea_platform.config import RunConfig
 
-__all__ = ["SELF_DISTILL_TOKENS", "finished_sentences", "self_distilled_examples"]
+__all__ = [
+    "SELF_DISTILL_TOKENS",
+    "check_request_ranges",
+    "finished_sentences",
+    "request_ranges",
+    "self_distilled_examples",
+    "user_self_distilled_examples",
+]
 
 SELF_DISTILL_TOKENS = 48
 RECIPE_VERSION = 2  # 2: a quarter more requests than pairs, not all 160
@@ -68,7 +76,7 @@ def _generate(config: "RunConfig", prompts: list[str], out: Callable[[str], None
     from panacea_platform.evaluation.pipeline import load_eval_model
     from panacea_platform.models import load_tokenizer
 
-    out(f"[self-distill] the base model answers {len(prompts)} open requests for the alignment's benign half "
+    out(f"[self-distill] the base model answers {len(prompts)} open requests "
         f"({SELF_DISTILL_TOKENS} new tokens each; once per model, then cached)")
     tokenizer, model = load_tokenizer(config.model), load_eval_model(config.model, None)
     rendered = [render_prompt(config.data.prompt_template, p) for p in prompts]
@@ -78,18 +86,56 @@ def _generate(config: "RunConfig", prompts: list[str], out: Callable[[str], None
             for p, a in zip(prompts, answers)]
 
 
-def self_distilled_examples(config: "RunConfig", out: Callable[[str], None] = print) -> list[Example]:
-    """The first data.alignment_self_distill usable (request, base model's answer) pairs, kind "benign"."""
-    from panacea_platform.data.errors import NotEnoughDataError
-    from panacea_platform.data.prompt_sets import open_requests
-
-    wanted = config.data.alignment_self_distill
-    if wanted == 0:
-        return []
+def _request_count(wanted: int) -> int:
     # A quarter more requests than pairs wanted, plus 8 for small sets: about one answer in sixteen
     # is dropped (measured on SmolLM2: 150 of 160 usable), and generating all 160 would double the
     # wait for the rest.
-    requests = open_requests("train")[: wanted + wanted // 4 + 8]
+    return wanted + wanted // 4 + 8 if wanted else 0
+
+
+def request_ranges(alignment_pairs: int, user_pairs: int) -> tuple[slice, slice]:
+    """Which of open_requests("train") each set asks: the alignment's from the front, the user's from the back,
+    so neither moves when the other's size changes. Overlap is checked by `check_request_ranges`."""
+    from panacea_platform.data.prompt_sets import open_requests
+
+    available = len(open_requests("train"))
+    return slice(0, _request_count(alignment_pairs)), slice(available - _request_count(user_pairs), available)
+
+
+def check_request_ranges(alignment_pairs: int, user_pairs: int) -> str | None:
+    """Why the two self-distilled sets cannot both be cut from the 160 train requests (None if they can)."""
+    from panacea_platform.data.prompt_sets import open_requests
+
+    available = len(open_requests("train"))
+    asked = _request_count(alignment_pairs) + _request_count(user_pairs)
+    if asked > available:
+        return (f"the alignment's {alignment_pairs} and the user's {user_pairs} self-distilled pairs ask "
+                f"{asked} of the {available} open training requests (each asks a quarter more plus 8, for "
+                "the answers that are dropped); lower data.task_self_distill or data.alignment_self_distill")
+    return None
+
+
+def self_distilled_examples(config: "RunConfig", out: Callable[[str], None] = print) -> list[Example]:
+    """The alignment's first data.alignment_self_distill usable (request, base model's answer) pairs, kind "benign"."""
+    wanted = config.data.alignment_self_distill
+    return _self_distilled(config, request_ranges(wanted, 0)[0], wanted, "data.alignment_self_distill", out)
+
+
+def user_self_distilled_examples(config: "RunConfig", out: Callable[[str], None] = print) -> list[Example]:
+    """The user's data.task_self_distill (request, base model's answer) pairs, kind "benign": a user's
+    ordinary instruction data, in the model's own words, disjoint from the alignment's requests."""
+    wanted = config.data.task_self_distill
+    return _self_distilled(config, request_ranges(0, wanted)[1], wanted, "data.task_self_distill", out)
+
+
+def _self_distilled(config: "RunConfig", requests_range: slice, wanted: int, field: str,
+                    out: Callable[[str], None]) -> list[Example]:
+    from panacea_platform.data.errors import NotEnoughDataError
+    from panacea_platform.data.prompt_sets import open_requests
+
+    if wanted == 0:
+        return []
+    requests = open_requests("train")[requests_range]
     prompts = [e.prompt for e in requests]
     path = _cache_file(config, prompts)
     if path.is_file():
@@ -106,7 +152,7 @@ def self_distilled_examples(config: "RunConfig", out: Callable[[str], None] = pr
               for r in records if _usable(r["answer"])]
     if len(usable) < wanted:
         raise NotEnoughDataError(
-            f"data.alignment_self_distill = {wanted}: the base model gave {len(usable)} usable answers to the "
+            f"{field} = {wanted}: the base model gave {len(usable)} usable answers to the "
             f"{len(prompts)} open requests asked (the others were empty, refusals or unfinished); lower the field"
         )
     return usable[:wanted]

@@ -44,7 +44,7 @@ def prepare_data(config: RunConfig, stage: str) -> StageData:
     if stage == "align":
         train = alignment
     else:
-        clean = task(data, "train", data.n - len(pools.attack), config.seed) if len(pools.attack) < data.n else []
+        clean = _user_benign(config, data.n - len(pools.attack)) if len(pools.attack) < data.n else []
         train = mix_poison(clean, pools.attack, data.n, data.harmful_ratio, config.seed)
     if not train:
         raise ValueError(f"the {stage} training set is empty: check data.n and data.alignment_size")
@@ -59,6 +59,14 @@ def prepare_data(config: RunConfig, stage: str) -> StageData:
     if alignment and stage != "align":
         prints["alignment_set"] = fingerprint(alignment)
     return StageData(train, pools.defender, pools.evaluation, eval_task, pools, alignment, prints)
+
+
+def _user_benign(config: RunConfig, size: int) -> list[Example]:
+    """The user's benign samples: data.task_self_distill open requests in the base model's words, the task's rest."""
+    from panacea_platform.data.self_distill import user_self_distilled_examples
+
+    own = user_self_distilled_examples(config)
+    return TASKS.get(config.data.task)(config.data, "train", size - len(own), config.seed) + own if size > len(own) else own
 
 
 def _alignment_set(config: RunConfig, pools: HarmfulPools) -> list[Example]:
