@@ -55,7 +55,7 @@ def test_the_paper_comparison_demo_runs_every_defence_at_its_stage_on_the_same_p
     out = capsys.readouterr().out
     assert "[align] done" in out and "[finetune sft] done" in out and "[finetune panacea] done" in out
     assert "[finetune random_perturbation] done" in out
-    assert "[demo] 10/10 done" in out and "~0m00s left" in out
+    assert "[demo] 11/11 done" in out and "~0m00s left" in out
     assert "search: none yet on this aligned model" in out  # and the command that runs one
     folder = config.run_dir().parent
     rows = json.loads((folder / "demo-paper-rows.json").read_text())
@@ -243,7 +243,7 @@ def test_bench_step_times_each_baselines_step_as_a_ratio_to_sft(tiny_run_config)
 
     lines = []
     result = bench_step(tiny_run_config(), warmup=1, repeats=2, out=lines.append, baselines=True)
-    for name in ("vaccine", "repnoise", "booster", "lisa"):
+    for name in ("vaccine", "repnoise", "booster", "lisa", "panacea_end_masked"):
         assert result[f"{name}_time_ratio"] == pytest.approx(result[f"{name}_step_s"] / result["sft_step_s"])
         assert any(f"time ratio {name}/sft" in line for line in lines)
 

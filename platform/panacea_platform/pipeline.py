@@ -36,10 +36,11 @@ CONTROL = "sft_p0"
 ALIGNED = "aligned"
 # `panacea demo --suite NAME`: the defences each compares (besides the p = 0 control).
 DEMO_SUITES = {
-    "default": ["sft", "random_perturbation", "panacea"],
+    "default": ["sft", "random_perturbation", "panacea", "panacea_end_masked"],
     # The Panacea paper's comparison: SFT, alignment-stage (Vaccine, RepNoise, Booster), fine-tuning-stage
     # (Lisa) and post-fine-tuning (random perturbation, Antidote) defences, and Panacea.
-    "paper-comparison": ["sft", "random_perturbation", "vaccine", "repnoise", "booster", "lisa", "antidote", "panacea"],
+    "paper-comparison": ["sft", "random_perturbation", "vaccine", "repnoise", "booster", "lisa", "antidote", "panacea",
+                         "panacea_end_masked"],
 }
 
 
@@ -108,7 +109,8 @@ def arms_for(config: RunConfig, defences: list[str], control: bool) -> list[Arm]
     if control:
         arms.append(Arm(CONTROL, "SFT, p=0 (control)", {"defence": "sft", "data.harmful_ratio": 0.0}))
     names = {"sft": "SFT", "random_perturbation": "Random perturbation", "panacea": "Panacea", "vaccine": "Vaccine",
-             "repnoise": "RepNoise", "booster": "Booster", "lisa": "Lisa", "antidote": "Antidote"}
+             "repnoise": "RepNoise", "booster": "Booster", "lisa": "Lisa", "antidote": "Antidote",
+             "panacea_end_masked": "Panacea end-masked"}
     for defence in defences:
         arms.append(Arm(defence, f"{names.get(defence, defence)}, p={p:g}", {"defence": defence}))
     return arms
@@ -148,16 +150,18 @@ class Row:
     evaluation: dict[str, float] = field(default_factory=dict)  # eval/... metrics
     mlflow_run_id: str | None = None
     samples: str | None = None  # the evaluation's samples.jsonl (per-prompt outcomes)
+    first_token: dict[str, Any] | None = None  # the first-token probe (evaluation/first_token.py)
 
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "method": self.method, "seed": self.seed, "run_dir": str(self.run_dir),
                 "summary": self.summary, "evaluation": self.evaluation, "mlflow_run_id": self.mlflow_run_id,
-                "samples": self.samples}
+                "samples": self.samples, "first_token": self.first_token}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Row":
         return cls(data["key"], data["method"], data["seed"], Path(data["run_dir"]), data["summary"],
-                   data.get("evaluation") or {}, data.get("mlflow_run_id"), data.get("samples"))
+                   data.get("evaluation") or {}, data.get("mlflow_run_id"), data.get("samples"),
+                   data.get("first_token"))
 
 
 def _summary(run_dir: Path) -> dict[str, float]:
@@ -225,6 +229,8 @@ def run_demo(
     for arm in arms:  # each arm's config is valid (e.g. an aligning defence with a given adapter) before any work
         with_changes(config, arm.changes)
     total_runs, done_runs = len(seeds) * (len(arms) + 1), 0
+    prepare_model(config.model.name, out)
+    _check_end_tokens(config, defences, evaluate)
 
     def progress(label: str) -> None:
         nonlocal done_runs
@@ -241,7 +247,6 @@ def run_demo(
         tags={"stage": "demo", "defences": ",".join(defences), "seeds": ",".join(map(str, seeds))},
     ) as parent:
         parent.log_params(config.flat())
-        prepare_model(config.model.name, out)
         for seed in seeds:
             seeded = with_changes(config, {"seed": seed})
             aligned, align_run = ensure_aligned(seeded, parent, out)
@@ -249,6 +254,7 @@ def run_demo(
                       mlflow_run_id=align_run)
             if evaluate:
                 row.evaluation, row.samples = _evaluate_aligned(seeded, aligned, align_run, out)
+                _probe(seeded, row, aligned, tracking_uri, out)
             rows.append(row)
             progress(f"aligned, seed {seed}")
             trained: dict[str, Any] = {}
@@ -259,12 +265,51 @@ def run_demo(
                 row = Row(arm.key, arm.method, seed, result.run_dir, result.summary, mlflow_run_id=result.mlflow_run_id)
                 if evaluate:
                     row.evaluation, row.samples = _evaluate(arm_config, result.adapter_dir, result.mlflow_run_id, out)
+                    _probe(arm_config, row, result.adapter_dir, tracking_uri, out)
                 rows.append(row)
                 progress(f"{arm.method}, seed {seed}")
             # Each finished seed is saved at once: if a later seed fails, --report-only still reads this one.
             _rows_path(config).write_text(json.dumps([r.to_json() for r in rows], indent=2))
         _report(config, rows, parent, tracking_uri, started, out)
     return rows
+
+
+def _probe(config: RunConfig, row: Row, adapter: Path, tracking_uri: str, out: Callable[[str], None]) -> None:
+    """The first-token probe of a released model (w_T and w_T + eps_T), into the row and its MLflow run."""
+    from panacea_platform.evaluation.first_token import probe_run
+    from panacea_platform.models import PERTURBATION_FILE
+
+    if not config.evaluation.first_token_probe:
+        return
+    started = time.monotonic()
+    unperturbed, eps = row.run_dir / "adapter_unperturbed", row.run_dir / PERTURBATION_FILE
+    split = (unperturbed / "adapter_config.json").is_file() and eps.is_file()
+    probe = probe_run(config, row.key, row.method, unperturbed if split else adapter, eps if split else None)
+    row.first_token = probe.to_json()
+    if row.mlflow_run_id is not None:
+        Tracker.attach(tracking_uri, row.mlflow_run_id).log_metrics(probe.metrics())
+    shown = ", ".join(f"{suite} {100 * value:.1f}%" for suite, value in probe.unperturbed.items())
+    released = ", ".join(f"{suite} {100 * value:.1f}%" for suite, value in probe.perturbed.items())
+    out(f"[probe] {row.method}, seed {row.seed}: P(first token ends the answer) at w_T: {shown}"
+        + (f"; at w_T + eps_T: {released}" if released else "") + f" ({time.monotonic() - started:.0f} s)")
+
+
+def _check_end_tokens(config: RunConfig, defences: list[str], evaluate: bool) -> None:
+    """The probe and the end-masked variant read the model's end tokens: a model without one fails here, before
+    any run starts, naming the setting that needs them."""
+    from panacea_platform.models import end_token_ids, load_tokenizer
+
+    needs = ([("evaluation.first_token_probe", "set evaluation.first_token_probe=false")]
+             if evaluate and config.evaluation.first_token_probe else [])
+    needs += [("defences", "leave panacea_end_masked out of --defences")] if "panacea_end_masked" in defences else []
+    if not needs:
+        return
+    tokenizer = load_tokenizer(config.model)
+    for field, fix in needs:
+        try:
+            end_token_ids(tokenizer, f"{field} (model.name = {config.model.name!r})")
+        except ValueError as exc:
+            raise ConfigError(f"{exc}, or {fix}") from None
 
 
 def _rows_path(config: RunConfig) -> Path:
@@ -415,7 +460,7 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
     # The rows first: whatever the report meets, --report-only can read the models back.
     rows_path.write_text(json.dumps([r.to_json() for r in rows], indent=2))
     comparison, blocks = comparison_blocks(config, rows)
-    text = "\n\n".join([*blocks, format_losses(rows), *_reading(comparison)])
+    text = "\n\n".join([*blocks, format_losses(rows), *_probe_block(rows), *_reading(comparison)])
     summary_path.write_text(text + "\n")
     plots = [plot_method_comparison(
         [(f"{r.method} s{r.seed}", r.summary) for r in rows], folder / f"{config.run_name}-comparison.png"
@@ -442,6 +487,15 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
     else:
         out("search: none yet on this aligned model; run  panacea sweep -s search_spaces/offline_default.yaml")
     out(f"MLflow: mlflow ui --backend-store-uri {tracking_uri}")
+
+
+def _probe_block(rows: list[Row]) -> list[str]:
+    from panacea_platform.evaluation.first_token import FirstTokenProbe, format_probes
+
+    probes = [FirstTokenProbe(**{**r.first_token, "by_layer": {int(k): v for k, v in r.first_token["by_layer"].items()}})
+              for r in rows if r.first_token]
+    block = format_probes(probes)
+    return [block] if block else []
 
 
 def _comparison_plots(config: RunConfig, comparison, axes: tuple[str | None, str | None],

@@ -200,6 +200,7 @@ class _Stage:
     start: int
     rows: list[dict[str, Any]]  # history.jsonl lines (step, metrics, lr) of the steps done
     last_step_metrics: dict[str, float] = field(default_factory=dict)  # what the last step logged
+    probe: tuple[list[list[int]], tuple[int, ...]] | None = None  # held-out first-token probe (prompts, end ids)
 
 
 def execute_stage(
@@ -290,7 +291,23 @@ def setup_stage(config: RunConfig, stage: str, data: StageData, strategy: Any, c
         f"{strategy.describe()}, {trainable:,} trainable weights")
     # Held-out sets are tokenised once; periodic evaluation (optim.eval_every) reuses them.
     return _Stage(label, stage, optim, steps, defence, model, weights, stream, extra_streams,
-                  tokenize(data.eval_task), tokenize(data.eval_harmful), pad, start, rows)
+                  tokenize(data.eval_task), tokenize(data.eval_harmful), pad, start, rows,
+                  probe=_heldout_probe(config, tokenizer, optim))
+
+
+def _heldout_probe(config: RunConfig, tokenizer: Any, optim: Any) -> tuple[list[list[int]], tuple[int, ...]] | None:
+    """The training-time first-token probe (held-out open requests, end ids), where eval_every asks for
+    held-out signals and the model has an end token to read."""
+    from panacea_platform.evaluation.first_token import heldout_probe_rows
+    from panacea_platform.models import end_token_ids
+
+    if not optim.eval_every or not config.evaluation.first_token_probe:
+        return None
+    try:
+        ends = end_token_ids(tokenizer, "evaluation.first_token_probe")
+    except ValueError:
+        return None  # tokenize_example already needs an EOS: unreachable for a model that trains
+    return heldout_probe_rows(tokenizer, config.data.prompt_template), ends
 
 
 def train_stage(s: _Stage, config: RunConfig, strategy: Any, tracker: Tracker | None, out: Callable[[str], None],
@@ -315,7 +332,7 @@ def train_stage(s: _Stage, config: RunConfig, strategy: Any, tracker: Tracker | 
         metrics = {**metrics, "lr": scheduler_lr()}
         if optim.eval_every and step % optim.eval_every == 0:
             metrics.update(heldout_signals(s.model, s.weights, s.defence, s.eval_task, s.eval_harmful,
-                                           optim.batch_size, s.pad, strategy))
+                                           optim.batch_size, s.pad, strategy, s.probe))
         if history_file is not None:
             history_file.write(json.dumps({"step": step, **metrics}) + "\n")
             history_file.flush()

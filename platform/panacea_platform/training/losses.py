@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import statistics
 from typing import Any, Callable
 
 import torch
@@ -104,8 +105,10 @@ def heldout_signals(
     batch_size: int,
     pad_token_id: int,
     strategy: Any | None = None,
+    probe: tuple[list[list[int]], tuple[int, ...]] | None = None,
 ) -> dict[str, float]:
-    """Mid-training held-out losses: task and harmful at w, and both as released (w + eps).
+    """Mid-training held-out losses: task and harmful at w, and both as released (w + eps); with `probe`
+    (encoded prompts, end ids), the mean P(first new token is an end token) on them at w and as released.
 
     eps is what the defence would add were training to stop now: Panacea's last
     eps, the random baseline's noise (drawn from a generator of its own, so no
@@ -117,13 +120,26 @@ def heldout_signals(
     def score(features: list[dict]) -> float:
         return mean_loss(model, features, batch_size, pad_token_id, strategy)
 
-    signals = {"heldout_task_loss": score(eval_task), "heldout_harmful_loss": score(eval_harmful)}
+    def first_end() -> dict[str, float]:
+        # Every rank scores every probe prompt: the same forwards on each, as ZeRO-3's gathers need.
+        if probe is None:
+            return {}
+        from panacea_platform.evaluation.first_token import end_probabilities_of_rows
+
+        rows, end_ids = probe
+        return {"heldout_first_end_prob": statistics.fmean(end_probabilities_of_rows(model, rows, end_ids,
+                                                                                        pad_token_id))}
+
+    signals = {"heldout_task_loss": score(eval_task), "heldout_harmful_loss": score(eval_harmful), **first_end()}
     eps = defence.final_perturbation(weights)
     if eps is None:
         signals["released_heldout_harmful_loss"] = signals["heldout_harmful_loss"]
         signals["released_heldout_task_loss"] = signals["heldout_task_loss"]
+        if probe is not None:
+            signals["released_heldout_first_end_prob"] = signals["heldout_first_end_prob"]
         return signals
     with weights.perturbed(eps):
         signals["released_heldout_harmful_loss"] = score(eval_harmful)
         signals["released_heldout_task_loss"] = score(eval_task)
+        signals.update({f"released_{k}": v for k, v in first_end().items()})
     return signals
