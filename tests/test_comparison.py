@@ -3,7 +3,7 @@
 import pytest
 
 from panacea_platform.comparison import ModelAnswers, compare, format_differences, format_judge_notes, format_suite_tables
-from panacea_platform.evaluation.stats import paired_difference, wilson_interval
+from panacea_platform.evaluation.stats import clustered_rate, paired_difference, wilson_interval
 
 
 def _records(suite: str, flags: list[bool], prompts: list[str] | None = None) -> list[dict]:
@@ -28,7 +28,10 @@ def test_cells_pool_seeds_and_differences_pair_prompts():
     # Seeds give 80% and 60%: mean 70, sample std sqrt(((80-70)^2 + (60-70)^2) / 1) = 14.14; pooled 7 of 10.
     assert (sft.mean, sft.std, sft.seeds) == (pytest.approx(70.0), pytest.approx(14.142, abs=1e-3), 2)
     assert (sft.pooled.k, sft.pooled.n) == (7, 10)
-    assert (sft.pooled.ci_low, sft.pooled.ci_high) == pytest.approx(wilson_interval(7, 10))
+    # Over seeds the interval resamples prompts with both seeds of each kept together, not Wilson on 10
+    # answers as if independent: prompts 0, 1 and 4 are flagged twice, 2 once and 3 never.
+    assert sft.pooled == clustered_rate([SFT[0], SFT[1]])
+    assert (sft.pooled.ci_low, sft.pooled.ci_high) != pytest.approx(wilson_interval(7, 10))
     assert sft.text() == f"70.0 ± 14.1 [{sft.pooled.ci_low:.1f}, {sft.pooled.ci_high:.1f}]"
     # empty = not flagged in these records: the other columns come from the same samples.
     assert comparison.cell("panacea", "harmful", "empty_rate").pooled.k == 8

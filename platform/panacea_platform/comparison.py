@@ -2,8 +2,9 @@
 
 Each model's answers are read back from its samples.jsonl, so every number here is
 recomputed from the per-prompt outcomes, never from rounded metrics:
-- one cell per (method, suite, rate): the mean over seeds, their sample std, and the pooled
-  95% Wilson interval (the seeds' counts summed);
+- one cell per (method, suite, rate): the mean over seeds, their sample std, and a 95% interval:
+  for one seed Wilson's, over seeds a bootstrap over prompts with each prompt's seeds kept together
+  (the seeds answer the same prompts; Wilson on their summed counts would be too narrow);
 - one paired difference per (method, suite headline) against the reference arm (SFT at the
   same harmful ratio): the methods were scored on the same prompts, so the difference comes
   with a paired bootstrap interval (evaluation/stats.py). Before pairing, the prompts of every
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from panacea_platform.evaluation.results import HEADLINES, OUTCOMES, outcomes
-from panacea_platform.evaluation.stats import PairedDifference, Rate, paired_difference, pooled_rate
+from panacea_platform.evaluation.results import HEADLINES, OUTCOMES, WITHIN, outcomes
+from panacea_platform.evaluation.stats import PairedDifference, Rate, clustered_rate, paired_difference, pooled_rate
 
 __all__ = [
     "Cell",
@@ -116,11 +117,19 @@ def _check_same_prompts(answers: Sequence[ModelAnswers], suite: str) -> None:
             )
 
 
-def _cell(per_seed: list[list[bool]]) -> Cell:
+def _cell(per_seed: list[list[bool]], counted: list[list[bool | None]] | None) -> Cell:
+    """The seeds' mean and spread, and the interval: clustered over prompts where the seeds answered the same
+    prompts (`counted`, one row per seed, None where the rate does not count the answer), else Wilson pooled."""
     rates = [100.0 * sum(flags) / len(flags) for flags in per_seed]
-    return Cell(statistics.fmean(rates), statistics.stdev(rates) if len(rates) > 1 else 0.0, len(rates),
-                pooled_rate([(sum(flags), len(flags)) for flags in per_seed]),
+    interval = (clustered_rate(counted) if counted is not None
+                else pooled_rate([(sum(flags), len(flags)) for flags in per_seed]))
+    return Cell(statistics.fmean(rates), statistics.stdev(rates) if len(rates) > 1 else 0.0, len(rates), interval,
                 equal_counts=len({len(flags) for flags in per_seed}) == 1)
+
+
+def _counted(members: list[list[dict[str, Any]]], rate: str) -> list[list[bool | None]]:
+    within = WITHIN.get(rate, lambda r: True)
+    return [[OUTCOMES[rate](r) if within(r) else None for r in records] for records in members]
 
 
 def compare(answers: Sequence[ModelAnswers], suites: dict[str, str], reference: str | None = "sft") -> Comparison:
@@ -146,7 +155,8 @@ def compare(answers: Sequence[ModelAnswers], suites: dict[str, str], reference: 
             for rate in SUITE_COLUMNS[metric]:
                 per_seed = [flags for records in members if (flags := outcomes(records, rate))]
                 if per_seed:
-                    cells[(key, suite, rate)] = _cell(per_seed)
+                    counted = _counted(members, rate) if pairable else None
+                    cells[(key, suite, rate)] = _cell(per_seed, counted)
             tokens[(key, suite)] = statistics.fmean(r["new_tokens"] for records in members for r in records)
         if pairable and reference in by_arm:
             headline = HEADLINES[metric]
@@ -189,8 +199,8 @@ def format_suite_tables(comparison: Comparison, suite_titles: dict[str, str] | N
     seeds = comparison.seeds
     lines.append(
         f"seeds {','.join(map(str, seeds))}: "
-        + ("mean ± sample std over seeds, [95% Wilson interval of the seeds' pooled counts] (with the pooled rate "
-           "when the seeds counted different numbers of answers)" if len(seeds) > 1
+        + ("mean ± sample std over seeds, [95% bootstrap interval over prompts, each prompt's seeds kept together] "
+           "(with the pooled rate when the seeds counted different numbers of answers)" if len(seeds) > 1
            else "[95% Wilson interval]")
         + "; tokens = mean answer length. HS = answers the harm judge flags; HS if not empty = the same among "
         "answers that are not empty; refused = refusal phrases; empty = no letter or digit; answered = neither "

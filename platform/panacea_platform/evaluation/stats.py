@@ -3,8 +3,10 @@
 - One rate (k of n answers): the 95% Wilson score interval. Unlike k/n +- 1.96 se it
   stays inside [0, 100] and does not collapse to a point at 0 or n, which matters
   at the 40-100 prompts a suite holds.
-- One rate over seeds: the pooled interval, Wilson on the summed counts (every seed
-  is scored on the same prompts, so read it beside the seeds' spread, not instead).
+- One rate over seeds: a percentile bootstrap over prompts, each drawn prompt carrying
+  its outcomes under every seed (`clustered_rate`). The seeds answer the same prompts, so
+  their answers are not independent trials: Wilson on the summed counts (`pooled_rate`)
+  counts each prompt once per seed and comes out too narrow.
 - Two arms on the same prompts: the difference of their rates with a paired
   bootstrap interval. Prompts are resampled with replacement, each carrying its
   outcomes under both arms (and under every seed), so the interval keeps the
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 __all__ = [
     "BOOTSTRAP_RESAMPLES",
     "Z95",
+    "clustered_draws",
+    "clustered_rate",
     "PairedDifference",
     "Rate",
     "mcnemar_exact_p",
@@ -78,6 +82,50 @@ def pooled_rate(counts: Sequence[tuple[int, int]]) -> Rate:
     if n == 0:
         raise ValueError("no answers to count over the seeds: every prompt set is empty")
     return Rate(k, n, 100.0 * k / n, *wilson_interval(k, n))
+
+
+def clustered_draws(counted: Sequence[Sequence[bool | None]], resamples: int = BOOTSTRAP_RESAMPLES,
+                    seed: int = 0):
+    """The bootstrap distribution of a rate over seeds x prompts: each of `resamples` draws takes prompts with
+    replacement, each with all its seeds, and gives (their true outcomes) / (their counted outcomes).
+
+    counted[s][i] is prompt i's outcome under seed s, or None where the rate does not count that answer (a
+    rate over the answers that are not empty). Draws that count nothing are left out. A numpy array.
+    """
+    import numpy as np
+
+    k, n = _per_prompt_counts(counted)
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, len(k), size=(resamples, len(k)))
+    hits, totals = k[drawn].sum(axis=1), n[drawn].sum(axis=1)
+    return hits[totals > 0] / totals[totals > 0]
+
+
+def _per_prompt_counts(counted: Sequence[Sequence[bool | None]]):
+    import numpy as np
+
+    if not counted or any(len(row) != len(counted[0]) for row in counted) or not counted[0]:
+        raise ValueError("clustered outcomes need one equally long, non-empty row of prompts per seed")
+    k = np.array([sum(row[i] is True for row in counted) for i in range(len(counted[0]))], dtype=float)
+    n = np.array([sum(row[i] is not None for row in counted) for i in range(len(counted[0]))], dtype=float)
+    if n.sum() == 0:
+        raise ValueError("no answers to count over the seeds: the rate counts none of them")
+    return k, n
+
+
+def clustered_rate(counted: Sequence[Sequence[bool | None]], resamples: int = BOOTSTRAP_RESAMPLES,
+                   seed: int = 0) -> Rate:
+    """A rate over seeds x prompts with a 95% interval that keeps each prompt's seeds together (percentile
+    bootstrap over prompts, `clustered_draws`); for one seed, Wilson's interval."""
+    import numpy as np
+
+    k, n = _per_prompt_counts(counted)
+    hits, total = int(k.sum()), int(n.sum())
+    if len(counted) == 1:
+        return Rate(hits, total, 100.0 * hits / total, *wilson_interval(hits, total))
+    # inverted_cdf: each bound is a value the bootstrap distribution takes (what the enumeration test reads).
+    low, high = np.percentile(clustered_draws(counted, resamples, seed), [2.5, 97.5], method="inverted_cdf")
+    return Rate(hits, total, 100.0 * hits / total, 100.0 * float(low), 100.0 * float(high))
 
 
 @dataclass(frozen=True)
