@@ -1,4 +1,5 @@
-"""The baselines' passes on 2 DeepSpeed ranks (ZeRO-2 and ZeRO-3, gloo) against one process.
+"""The baselines' passes and the end-masked Panacea variant's on 2 DeepSpeed ranks (ZeRO-2 and ZeRO-3, gloo)
+against one process.
 
 Each rank holds the same global batches and takes its share of every pass; the steps see full
 gradients and weights, so 2 ranks must give the single process's losses and weights. Vaccine's
@@ -20,11 +21,16 @@ import torch
 from panacea_platform.algorithms.antidote import antidote_perturbation
 from panacea_platform.algorithms.booster import booster_step
 from panacea_platform.algorithms.lisa import LisaState, lisa_step
+from panacea_platform.algorithms.panacea import panacea_step
+from panacea_platform.algorithms.panacea_end_masked import EndMaskedHarmfulLoss
 from panacea_platform.algorithms.repnoise import RepNoiseObjective, repnoise_step
 from panacea_platform.algorithms.vaccine import vaccine_step
 
 WORLD = 2
 STEPS = 2
+# The variant's "end tokens": about one answer token in eight of the random batches, so each rank drops
+# some of its targets and the ranks' counts differ (the global mean must still be one process's).
+END_IDS = tuple(range(4, 40))
 REL, ATOL = 1e-5, 2e-5
 
 
@@ -57,6 +63,9 @@ def _run_method(method, weights, step):
         state = weights.lisa_state
         r = lisa_step(weights, state, align, user)
         return [r.loss, r.proximal, r.update_norm]
+    if method == "panacea_end_masked":
+        r = panacea_step(weights, user, harmful, rho=0.5, lam=0.5, harmful_objective=EndMaskedHarmfulLoss(END_IDS))
+        return [r.task_loss, r.harmful_loss, r.harmful_loss_perturbed, r.eps_norm, r.update_norm]
     if method == "antidote":
         delta = antidote_perturbation(weights, [_batch(40, 5), _batch(41, 3)], 0.25)
         weights.add_to_weights(delta)
@@ -64,7 +73,7 @@ def _run_method(method, weights, step):
     raise ValueError(method)
 
 
-METHODS = ("booster", "vaccine", "repnoise", "lisa", "antidote")
+METHODS = ("booster", "vaccine", "repnoise", "lisa", "antidote", "panacea_end_masked")
 
 
 def _model(tiny_llama):

@@ -117,6 +117,9 @@ def test_defaults_are_the_documented_ones():
         ("scaling.use_gpu=true", "scaling.use_gpu", "needs scaling.zero_stage"),
         ("scaling.deepspeed_json=/no/ds.json", "scaling.deepspeed_json", "needs scaling.zero_stage"),
         ("scaling.zero_stage=4", "scaling.zero_stage", "less than or equal to 3"),
+        ("panacea_end_masked.rho=-1", "panacea_end_masked.rho", "greater than or equal to 0"),
+        ("panacea_end_masked.harmful_loss_clamp=0", "panacea_end_masked.harmful_loss_clamp", "greater than 0"),
+        ("data.task_self_distill=181", "data.task_self_distill", "at most the user's benign samples, 180"),
     ],
 )
 def test_bad_values_name_the_field_and_what_is_allowed(override, field, fragment):
@@ -126,6 +129,27 @@ def test_bad_values_name_the_field_and_what_is_allowed(override, field, fragment
     assert field in message
     assert fragment in message
     assert message.count("\n") == 0  # one message, one line
+
+
+def test_self_distilled_user_and_alignment_requests_must_fit_the_train_requests_together():
+    load_config(None, ["data.task_self_distill=50", "data.alignment_self_distill=60"])  # 70 + 83 of 160
+    with pytest.raises(ConfigError, match=r"data.task_self_distill = 60: .* ask 166 of the 160 open training requests"):
+        load_config(None, ["data.task_self_distill=60", "data.alignment_self_distill=60"])
+
+
+def test_a_task_whose_answers_no_rule_checks_is_refused_while_a_suite_scores_it():
+    from panacea_platform.data import TASKS
+
+    TASKS.register("placeholder_unscored", "panacea_platform.data.tasks:offline_sentiment")
+    try:
+        with pytest.raises(ConfigError, match=r"data.task = 'placeholder_unscored': expected a task whose answers an "
+                           r"accuracy rule checks \(suite 'task'"):
+            load_config(None, ["data.task=placeholder_unscored"])
+        # Without a suite that scores the task, there is no FA to check: accepted.
+        load_config(None, ["data.task=placeholder_unscored",
+                           "evaluation.suites=[{name: harmful, source: harmful_heldout, metric: harmful_score}]"])
+    finally:
+        del TASKS._entries["placeholder_unscored"]
 
 
 def test_unknown_yaml_key_is_an_error_not_ignored(tmp_path):

@@ -360,6 +360,7 @@ class RunConfig(_Section):
 
         if self.data.task not in TASKS:
             raise _field_error("data.task", self.data.task, f"one of: {', '.join(TASKS.names())}")
+        _check_task_rule(self)
         if self.data.harmful_source not in HARMFUL_SOURCES:
             raise _field_error(
                 "data.harmful_source", self.data.harmful_source, f"one of: {', '.join(HARMFUL_SOURCES.names())}"
@@ -433,6 +434,19 @@ class RunConfig(_Section):
 
         walk("", self.to_dict())
         return out
+
+
+def _check_task_rule(config: RunConfig) -> None:
+    """FA is an exact, rule-checked accuracy: a suite scored with the task's rule needs a task that has one."""
+    from panacea_platform.evaluation.metrics import ACCURACY_RULES
+
+    scored = [s.name for s in config.evaluation.suites
+              if s.metric == "accuracy" and (s.rule or ("task" if s.source == "task" else None)) == "task"]
+    if scored and config.data.task not in ACCURACY_RULES:
+        raise _field_error("data.task", config.data.task,
+                           f"a task whose answers an accuracy rule checks (suite {scored[0]!r} scores the task: "
+                           f"register one with ACCURACY_RULES.register({config.data.task!r}, rule), or give the "
+                           "suite another rule); tasks with a rule: " + ", ".join(ACCURACY_RULES.names()))
 
 
 def _check_defence_stages(config: RunConfig) -> None:
