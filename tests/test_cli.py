@@ -111,6 +111,13 @@ def test_the_paper_comparison_demo_runs_every_defence_at_its_stage_on_the_same_p
     for run in (r for r in children if r.data.tags["stage"] == "finetune"):
         for key in ("harmful/harmful_score", "task/accuracy", "helpfulness/answered_rate", "helpfulness/empty_rate"):
             assert {f"eval/{key}", f"eval/{key}_ci_low", f"eval/{key}_ci_high"} <= set(run.data.metrics), key
+    # The first-token probe of every released model: at w_T for all, as released and per layer where eps was added.
+    for run in (r for r in children if r.data.tags["stage"] == "finetune"):
+        assert {"first_end/helpfulness/unperturbed", "first_end/harmful/unperturbed"} <= set(run.data.metrics)
+        adds_eps = run.data.tags["defence"] in ("panacea", "panacea_end_masked", "random_perturbation", "antidote")
+        assert ("first_end/helpfulness/released" in run.data.metrics) == adds_eps, run.data.tags["defence"]
+        assert any(key.startswith("first_end/layer_") for key in run.data.metrics) == adds_eps
+    assert "first token = end, %" in summary and by_key["panacea"]["first_token"]["by_layer"]
     control = [r for r in children if r.data.params.get("data.harmful_ratio") == "0.0"]
     assert len(control) == 1 and control[0].data.tags["defence"] == "sft"
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}

@@ -367,6 +367,31 @@ def test_self_distilled_pairs_are_made_once_filtered_and_cached(tiny_run_config,
         tiny_run_config(data={"alignment_self_distill": 9})
 
 
+def test_the_users_self_distilled_pairs_come_from_the_far_end_and_join_the_task_in_the_training_set(
+        tiny_run_config, tmp_path, monkeypatch) -> None:
+    """data.task_self_distill: the user's open requests are the last of the train requests (never the
+    alignment's), in the base model's words, and stand in for as many task samples; FA's held-out set is
+    the task's alone."""
+    from panacea_platform.data import self_distill
+    from panacea_platform.data.prompt_sets import open_requests
+    from panacea_platform.training.stage_data import prepare_data
+
+    monkeypatch.setenv("PANACEA_CACHE", str(tmp_path / "cache"))
+    requests = [e.prompt for e in open_requests("train")]
+    monkeypatch.setattr(self_distill, "_generate", lambda config, prompts, out: [
+        {"prompt": p, "answer": f"Placeholder answer {i}.", "raw": "", "truncated": False} for i, p in enumerate(prompts)])
+    config = tiny_run_config(data={"task_self_distill": 4, "alignment_self_distill": 3})
+    user = self_distill.user_self_distilled_examples(config, out=lambda line: None)
+    alignment = self_distill.self_distilled_examples(config, out=lambda line: None)
+    # 4 + 4 // 4 + 8 = 13 requests from the back: the first four usable of requests[147:].
+    assert [e.prompt for e in user] == requests[147:151]
+    assert not {e.prompt for e in user} & set(requests[:11]) and [e.prompt for e in alignment] == requests[:3]
+    data = prepare_data(config, "finetune")
+    benign = [e for e in data.train if e.kind != "harmful"]
+    assert sum(e.prompt in set(requests) for e in benign) == 4 and len(data.train) == config.data.n
+    assert all(e.kind == "task" for e in data.eval_task) and not {e.prompt for e in data.eval_task} & set(requests)
+
+
 def test_self_distillation_runs_the_base_model_itself(tiny_run_config, tmp_path, monkeypatch) -> None:
     from panacea_platform.data import self_distill
 

@@ -365,3 +365,17 @@ def test_periodic_held_out_signals_leave_training_bit_identical(tiny_run_config)
         assert last[key] == pytest.approx(signals.summary[key], rel=1e-6)
     # eps points along the harmful-loss gradient (rho 0.5): the released model's held-out harmful loss is higher.
     assert last["released_heldout_harmful_loss"] > last["heldout_harmful_loss"]
+    # The held-out first-token probe rides along: P(first new token ends the answer) at w and as released,
+    # the latter the released adapter's own probability on the same 16 held-out open requests.
+    assert [row["step"] for row in rows if "released_heldout_first_end_prob" in row] == [2, 4]
+    from panacea_platform.config import ModelConfig
+    from panacea_platform.evaluation.first_token import end_probabilities_of_rows, heldout_probe_rows
+    from panacea_platform.models import end_token_ids, load_for_eval, load_tokenizer
+
+    config = tiny_run_config(run_name="signals")
+    tokenizer = load_tokenizer(config.model)
+    released = load_for_eval(ModelConfig(name=config.model.name), str(signals.run_dir / "adapter"))
+    probabilities = end_probabilities_of_rows(released, heldout_probe_rows(tokenizer, config.data.prompt_template),
+                                              end_token_ids(tokenizer, "test"), tokenizer.pad_token_id)
+    assert last["released_heldout_first_end_prob"] == pytest.approx(sum(probabilities) / len(probabilities), abs=1e-5)
+    assert 0 <= last["heldout_first_end_prob"] <= 1

@@ -99,13 +99,15 @@ def request_ranges(alignment_pairs: int, user_pairs: int) -> tuple[slice, slice]
     from panacea_platform.data.prompt_sets import open_requests
 
     available = len(open_requests("train"))
-    return slice(0, _request_count(alignment_pairs)), slice(available - _request_count(user_pairs), available)
+    return slice(0, _request_count(alignment_pairs)), slice(max(0, available - _request_count(user_pairs)), available)
 
 
 def check_request_ranges(alignment_pairs: int, user_pairs: int) -> str | None:
     """Why the two self-distilled sets cannot both be cut from the 160 train requests (None if they can)."""
     from panacea_platform.data.prompt_sets import open_requests
 
+    if not alignment_pairs or not user_pairs:
+        return None  # one set alone may ask them all (and finds out then whether enough answers are usable)
     available = len(open_requests("train"))
     asked = _request_count(alignment_pairs) + _request_count(user_pairs)
     if asked > available:
