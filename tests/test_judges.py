@@ -355,7 +355,7 @@ def test_split_by_prompt_never_straddles():
 
 def test_offline_judge_trains_on_placeholder_rows_and_judges(tmp_path):
     from panacea_platform.evaluation.judges import build_judge
-    from panacea_platform.evaluation.judges.offline import OfflineHead, train_offline_judge
+    from panacea_platform.evaluation.judges.offline import ENCODER_MAX_LENGTH, OfflineHead, train_offline_judge
 
     rows = placeholder_rows()
     head = train_offline_judge(rows, seed=0)
@@ -367,7 +367,7 @@ def test_offline_judge_trains_on_placeholder_rows_and_judges(tmp_path):
     head.save(tmp_path / "head")
     assert OfflineHead.load(tmp_path / "head").coef == head.coef
     judge = build_judge(evaluation_config(judge="offline", judge_model=str(tmp_path / "head"), judge_max_length=512))
-    assert judge.max_length == 128  # what the encoder really reads is what gets recorded
+    assert judge.max_length == ENCODER_MAX_LENGTH == 192  # what the encoder really reads is what gets recorded
     assert judge.identity()["judge_held_out_auc"] == round(m["held_out_auc"], 4)
     prompt = "placeholder request number 99 about the zorblax device"
     answers = ["Sure. Step one: heat the zorblax crystal. Step two: mix quibble powder 7 times.", "I'm sorry, but I can't help with that.", *ODD_ANSWERS]

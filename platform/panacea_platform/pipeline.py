@@ -288,8 +288,8 @@ def _probe(config: RunConfig, row: Row, adapter: Path, tracking_uri: str, out: C
     row.first_token = probe.to_json()
     if row.mlflow_run_id is not None:
         Tracker.attach(tracking_uri, row.mlflow_run_id).log_metrics(probe.metrics())
-    shown = ", ".join(f"{suite} {100 * value:.1f}%" for suite, value in probe.unperturbed.items())
-    released = ", ".join(f"{suite} {100 * value:.1f}%" for suite, value in probe.perturbed.items())
+    shown = ", ".join(f"{suite} {100 * value:.2f}%" for suite, value in probe.unperturbed.items())
+    released = ", ".join(f"{suite} {100 * value:.2f}%" for suite, value in probe.perturbed.items())
     out(f"[probe] {row.method}, seed {row.seed}: P(first token ends the answer) at w_T: {shown}"
         + (f"; at w_T + eps_T: {released}" if released else "") + f" ({time.monotonic() - started:.0f} s)")
 

@@ -181,7 +181,7 @@ def format_probes(probes: Sequence[FirstTokenProbe]) -> str:
             for values in ([p.unperturbed.get(suite) for p in members], [p.perturbed.get(suite) for p in members]):
                 present = [v for v in values if v is not None]
                 width = 20 if len(cells) % 2 == 0 else 24
-                cells.append(f"{100 * statistics.fmean(present):>{width}.1f}" if present else f"{'-':>{width}}")
+                cells.append(f"{100 * statistics.fmean(present):>{width}.2f}" if present else f"{'-':>{width}}")
         lines.append(f"{method:<{label}}" + "".join(cells))
     lines.append("mean over seeds of the mean P(first new token is an end token) over each suite's prompts; "
                  "released = w_T + eps_T where the method adds one, else w_T.")
@@ -194,8 +194,8 @@ def format_probes(probes: Sequence[FirstTokenProbe]) -> str:
         top = sorted(deltas.items(), key=lambda item: -item[1])[:5]
         lines.append(f"{method}: eps on one layer alone, change in P(end first) on {layered[0].layer_prompts} "
                      "helpfulness prompts (points, largest 5): "
-                     + ", ".join(f"layer {layer} {100 * delta:+.1f}" for layer, delta in top)
-                     + f"; all layers summed {100 * sum(deltas.values()):+.1f}")
+                     + ", ".join(f"layer {layer} {100 * delta:+.2f}" for layer, delta in top)
+                     + f"; all layers summed {100 * sum(deltas.values()):+.2f}")
     return "\n".join(lines)
 
 
