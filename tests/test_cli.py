@@ -118,6 +118,9 @@ def test_the_paper_comparison_demo_runs_every_defence_at_its_stage_on_the_same_p
         assert ("first_end/helpfulness/released" in run.data.metrics) == adds_eps, run.data.tags["defence"]
         assert any(key.startswith("first_end/layer_") for key in run.data.metrics) == adds_eps
     assert "first token = end, %" in summary and by_key["panacea"]["first_token"]["by_layer"]
+    # The variant is also paired against Panacea itself, on the same prompts.
+    against_panacea = summary.split("paired differences against Panacea, p=0.1")[1]
+    assert "Panacea end-masked, p=0.1 − Panacea: harmful HS" in against_panacea
     control = [r for r in children if r.data.params.get("data.harmful_ratio") == "0.0"]
     assert len(control) == 1 and control[0].data.tags["defence"] == "sft"
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}

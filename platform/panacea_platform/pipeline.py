@@ -391,8 +391,20 @@ def comparison_blocks(config: RunConfig, rows: list[Row]):
     suites = {s.name: s.metric for s in config.evaluation.suites}
     comparison = compare(answers, suites, reference="sft")
     blocks = [format_paper_table(comparison, paper_columns(config)), format_suite_tables(comparison),
-              format_differences(comparison), format_judge_notes(answers, suites)]
+              format_differences(comparison), *_against_panacea(answers, suites), format_judge_notes(answers, suites)]
     return comparison, [block for block in blocks if block]
+
+
+def _against_panacea(answers, suites: dict[str, str]) -> list[str]:
+    """Where a variant of Panacea ran beside it, every arm's paired differences against Panacea too: does the
+    variant keep Panacea's HS while it answers more?"""
+    from panacea_platform.comparison import compare, format_differences
+
+    keys = {a.key for a in answers}
+    if "panacea" not in keys or not any(k.startswith("panacea_") for k in keys):
+        return []
+    mine = [a for a in answers if a.key != ALIGNED]
+    return [format_differences(compare(mine, suites, reference="panacea"))]
 
 
 def paper_columns(config: RunConfig) -> dict[str, tuple[str, str] | None]:
