@@ -206,3 +206,35 @@ def test_repnoise_reads_out_only_the_positions_that_count_and_gets_the_same_loss
     (cheap_grad,) = torch.autograd.grad(cheap, hidden)
     assert cheap.item() == pytest.approx(full.item(), abs=1e-12)
     torch.testing.assert_close(cheap_grad, full_grad, rtol=0, atol=1e-12)
+
+
+def test_lisas_proximal_term_opens_where_their_0_based_gate_does():
+    """LisaTrainer checks state.global_step (0-based during a step) > 0.1 T: with T = 30 the pull starts at
+    the fifth step, not the fourth."""
+
+    class Line(torch.nn.Module):  # l = w^2 / 2 on both states; w stays away from the anchors
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([0.5], dtype=F64))
+
+        def forward(self, batch):
+            return 0.5 * (self.w ** 2).sum()
+
+    weights = _weights(Line(), lr=0.1)  # small steps: w keeps moving away from the alignment anchor
+    state = LisaState(align_steps=1, finetune_steps=29, rho=1.0, warmup_steps=0.1 * 30)
+    pulled = [lisa_step(weights, state, "A", "F").proximal > 0 for _ in range(6)]
+    assert pulled == [False, False, False, False, True, True]
+
+
+def test_boosters_harmful_batch_is_its_trainers_10_whatever_the_runs(tiny_run_config):
+    from panacea_platform.algorithms import build_defence
+    from panacea_platform.config import ConfigError, with_changes
+
+    config = tiny_run_config(defence="booster", align_optim={"max_steps": 2, "harmful_batch_size": 4})
+    booster = build_defence(config)
+    assert booster.harmful_batch_size(config.align_optim) == 10 and booster.settings()["harmful_batch_size"] == 10
+    assert build_defence(with_changes(config, {"booster.harmful_batch_size": 6})).harmful_batch_size(config.optim) == 6
+    # Every other defence keeps the run's own (RepNoise pairs one harmful row per alignment row).
+    assert build_defence(with_changes(config, {"defence": "panacea"})).harmful_batch_size(config.align_optim) == 4
+    with pytest.raises(ConfigError, match="booster.harmful_batch_size"):
+        with_changes(config, {"booster.harmful_batch_size": 0})

@@ -71,9 +71,12 @@ class Booster(Defence):
     stages = (ALIGN,)
     needs = {ALIGN: ("harmful",)}
 
-    def __init__(self, lam: float, alpha: float) -> None:
+    def __init__(self, lam: float, alpha: float, harmful_batch: int = 10) -> None:
         super().__init__()
-        self.lam, self.alpha = lam, alpha
+        self.lam, self.alpha, self.harmful_batch = lam, alpha, harmful_batch
+
+    def harmful_batch_size(self, optim: Any) -> int:
+        return self.harmful_batch  # their BoosterAlignmentTrainer's, not the run's
 
     def align_step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
         result = booster_step(weights, batch, extra["harmful"], self.lam, self.alpha)
@@ -81,11 +84,11 @@ class Booster(Defence):
                 "harmful_loss_after_step": result.harmful_loss_after_step, "update_norm": result.update_norm}
 
     def settings(self) -> dict[str, Any]:
-        return {"lambda": self.lam, "alpha": self.alpha}
+        return {"lambda": self.lam, "alpha": self.alpha, "harmful_batch_size": self.harmful_batch}
 
     @classmethod
     def build(cls, config: "RunConfig") -> "Booster":
-        return cls(lam=config.booster.lam, alpha=config.booster.alpha)
+        return cls(lam=config.booster.lam, alpha=config.booster.alpha, harmful_batch=config.booster.harmful_batch_size)
 
 
 class Lisa(Defence):

@@ -51,6 +51,10 @@ class Defence:
     def needs_at(self, stage: str) -> tuple[str, ...]:
         return self.needs.get(stage, ()) if self.acts_at(stage) else ()
 
+    def harmful_batch_size(self, optim: Any) -> int:
+        """Rows of each harmful batch at a stage optimised by `optim` (its optim or align_optim section)."""
+        return optim.batch_size if self.pairs_harmful_rows else optim.harmful_batch_size
+
     def begin(self, steps: int) -> None:
         """Told the number of steps of the stage before the first (Lisa's warm-up is a fraction of them)."""
 

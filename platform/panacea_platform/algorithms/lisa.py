@@ -4,7 +4,8 @@ As LisaTrainer in git-disl/Lisa@68e3659 runs it: K_a steps on alignment data, th
 data, alternating, alignment first. On leaving the alignment state the weights are the alignment
 anchor; on leaving the fine-tuning state, the fine-tuning anchor (both start at the initial weights).
 A step in state s follows grad l_s + rho * (w - anchor of the other state), the gradient of
-l_s + rho/2 ||w - anchor||^2; the proximal term applies only after a warm-up of 10% of the steps.
+l_s + rho/2 ||w - anchor||^2; the proximal term applies only after a warm-up of 10% of the steps
+(their 0-based step > 0.1 T, so from 1-based step floor(0.1 T) + 2).
 One forward-backward a step; one optimiser state and schedule for both states. The user's batches
 are drawn only in fine-tuning steps (theirs drew one every step and dropped those of alignment steps).
 """
@@ -51,7 +52,8 @@ def lisa_step(weights: TrainableWeights, state: LisaState, alignment_batch: Any,
         state.anchors[state.mode(state.step - 1)] = weights.values()  # leaving a state: its anchor is w now
     loss, grad = weights.loss_and_gradient(alignment_batch if mode == ALIGN else finetune_batch)
     proximal = 0.0
-    if state.step > state.warmup_steps:
+    # Their gate reads the trainer's 0-based global step: the proximal term starts once step - 1 > 0.1 T.
+    if state.step - 1 > state.warmup_steps:
         other = state.anchors[FINETUNE if mode == ALIGN else ALIGN]
         pull = [w - a for w, a in zip(weights.values(), other)]
         grad = [g + state.rho * p.to(g.device, g.dtype) for g, p in zip(grad, pull)]

@@ -266,7 +266,7 @@ def setup_stage(config: RunConfig, stage: str, data: StageData, strategy: Any, c
     steps = total_steps(optim, stream.steps_per_epoch)
     defence = stage_defence(config, stage)
     defence.begin(steps)
-    harmful_batch = optim.batch_size if defence.pairs_harmful_rows else optim.harmful_batch_size
+    harmful_batch = defence.harmful_batch_size(optim)
     sources = {"harmful": (data.defender_harmful, harmful_batch, 1),
                "alignment": (data.alignment, optim.batch_size, 2)}
     extra_streams = {name: BatchStream(tokenize(sources[name][0]), sources[name][1], config.seed + sources[name][2], pad)
