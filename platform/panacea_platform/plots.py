@@ -103,7 +103,7 @@ def _interval(cell) -> tuple[float, list[list[float]]]:
 
 def plot_hs_vs_fa(points, path: str | Path, title: str = "harmful score against fine-tune accuracy",
                   trials=(), axes: tuple[str, str] = ("", "")) -> Path:
-    """One point per method: (name, HS Cell, FA Cell); error bars are the 95% (pooled) Wilson intervals.
+    """One point per method: (name, HS Cell, FA Cell); error bars are the cells' 95% intervals.
 
     `trials`: (label, HS, FA) of search trials on the same aligned model, drawn small and grey
     behind the methods, so the chosen setting is seen among the ones the search tried.
@@ -119,7 +119,7 @@ def plot_hs_vs_fa(points, path: str | Path, title: str = "harmful score against 
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=name, zorder=2)
     ax.set_xlabel(f"fine-tune accuracy FA (%){' on the ' + axes[1] if axes[1] else ''}  — higher is better")
     ax.set_ylabel(f"harmful score HS (%){' on the ' + axes[0] if axes[0] else ''}  — lower is better")
-    ax.set_title(f"{title}\n(error bars: 95% Wilson intervals)", fontsize=10)
+    ax.set_title(f"{title}\n(error bars: 95% intervals: Wilson for one seed, over seeds a bootstrap over prompts)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -150,7 +150,7 @@ def plot_suite_headlines(comparison, headlines: dict[str, str], path: str | Path
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)
-    fig.suptitle("every suite's headline (%), 95% Wilson intervals", fontsize=10)
+    fig.suptitle("every suite's headline (%), 95% intervals (Wilson for one seed, over seeds a bootstrap over prompts)", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
