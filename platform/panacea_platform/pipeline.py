@@ -38,7 +38,7 @@ ALIGNED = "aligned"
 DEMO_SUITES = {
     "default": ["sft", "random_perturbation", "panacea", "panacea_end_masked"],
     # The Panacea paper's comparison: SFT, alignment-stage (Vaccine, RepNoise, Booster), fine-tuning-stage
-    # (Lisa) and post-fine-tuning (random perturbation, Antidote) defences, and Panacea.
+    # (Lisa) and post-fine-tuning (random perturbation, Antidote) defences, Panacea and its end-masked variant.
     "paper-comparison": ["sft", "random_perturbation", "vaccine", "repnoise", "booster", "lisa", "antidote", "panacea",
                          "panacea_end_masked"],
 }
