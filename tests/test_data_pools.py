@@ -416,3 +416,26 @@ def test_self_distillation_runs_the_base_model_itself(tiny_run_config, tmp_path,
         assert r["raw"].strip() == tokenizer.decode(new, skip_special_tokens=True).strip()
         # Kept whole when the model stopped, cut to its last finished sentence when the budget stopped it.
         assert r["answer"] == finished_sentences(r["raw"], r["truncated"])
+
+
+@pytest.mark.parametrize("own_alignment", [True, False], ids=["own-alignment-prompts", "alignment-from-pairs"])
+def test_calibration_is_the_defender_pool_then_pairs_no_pool_holds_and_moves_nothing(own_alignment: bool) -> None:
+    from panacea_platform.data.errors import NotEnoughDataError
+    from panacea_platform.data.pools import calibration_set
+
+    alignment_prompts = [f"placeholder alignment prompt {i}" for i in range(40)] if own_alignment else []
+    source = harmful(120)
+    pools = split_harmful_pools(source, 10, 20, 15, alignment_prompts, 10, seed=2)
+    assert calibration_set(source, pools, 12, seed=2) == pools.defender[:12]
+    calibration = calibration_set(source, pools, 50, seed=2)
+    assert len(calibration) == 50 and calibration[:20] == pools.defender
+    others = set(_keys(pools.attack) + _keys(pools.evaluation) + _keys(pools.alignment))
+    assert len(set(_keys(calibration))) == 50 and not others & set(_keys(calibration[20:]))
+    # A larger calibration extends a smaller one, and the pools themselves never depend on it.
+    assert calibration_set(source, pools, 40, seed=2) == calibration[:40]
+    assert split_harmful_pools(source, 10, 20, 15, alignment_prompts, 10, seed=2) == pools
+    available = 120 - 10 - 15 - (0 if own_alignment else 10)
+    assert len(calibration_set(source, pools, available, seed=2)) == available
+    with pytest.raises(NotEnoughDataError, match=rf"antidote.calibration_samples = {available + 1}: .* lower it to "
+                                                 rf"{available}"):
+        calibration_set(source, pools, available + 1, seed=2)

@@ -31,6 +31,8 @@ __all__ = [
     "PoolOverlapError",
     "REFUSALS",
     "build_alignment_set",
+    "calibration_for",
+    "calibration_set",
     "check_pools_disjoint",
     "mix_poison",
     "poison_count",
@@ -103,10 +105,7 @@ def split_harmful_pools(
     for name, size in (("attack", attack_size), ("defender", defender_size), ("evaluation", eval_size), ("alignment", alignment_size)):
         if size < 0:
             raise ValueError(f"{name} pool size must be >= 0, got {size}")
-    # Deduplicate first: two copies of one question in different pools is an overlap.
-    unique: dict[str, Example] = {}
-    for example in qa_pairs:
-        unique.setdefault(normalise_prompt(example.prompt), example)
+    unique = _distinct(qa_pairs)
     pairs = seeded_order(list(unique.values()), seed, "harmful-pools")
     own_alignment = bool(alignment_prompts)
     back = pairs[::-1]
@@ -128,6 +127,33 @@ def split_harmful_pools(
             f"alignment pools; lower data.n or data.harmful_ratio, or data.defender_harmful_size / data.eval_harmful_size"
         )
     return HarmfulPools(attack=rest[:attack_size], defender=defender, evaluation=evaluation, alignment=alignment)
+
+
+def _distinct(qa_pairs: Sequence[Example]) -> dict[str, Example]:
+    # Deduplicated: two copies of one question in different pools is an overlap.
+    unique: dict[str, Example] = {}
+    for example in qa_pairs:
+        unique.setdefault(normalise_prompt(example.prompt), example)
+    return unique
+
+
+def calibration_set(qa_pairs: Sequence[Example], pools: HarmfulPools, size: int, seed: int) -> list[Example]:
+    """Antidote's calibration samples: the defender's pool, then the pairs just beyond it at the back of the
+    pools' seeded order that no other pool holds (their C: the provider's harmful rows 5001-5999 and the next
+    1000). The other pools never move with `size`; too few pairs is an error naming the setting."""
+    if size <= len(pools.defender):
+        return pools.defender[:size]
+    taken = {normalise_prompt(e.prompt) for pool in (pools.attack, pools.defender, pools.evaluation, pools.alignment)
+             for e in pool}
+    back = seeded_order(list(_distinct(qa_pairs).values()), seed, "harmful-pools")[::-1]
+    beyond = [e for e in back if normalise_prompt(e.prompt) not in taken]
+    available = len(pools.defender) + len(beyond)
+    if size > available:
+        raise NotEnoughDataError(
+            f"antidote.calibration_samples = {size}: the harmful source holds {available} pairs for calibration (the "
+            f"defender's {len(pools.defender)} and {len(beyond)} no other pool took); lower it to {available} or "
+            "use a larger data.harmful_source")
+    return pools.defender + beyond[: size - len(pools.defender)]
 
 
 def _alignment_from_prompts(prompts: list[str], source_keys: set[str], size: int, seed: int) -> list[Example]:
@@ -253,3 +279,11 @@ def pools_for(data_config) -> HarmfulPools:
     )
     check_pools_disjoint(pools)
     return pools
+
+
+def calibration_for(data_config, pools: HarmfulPools, size: int) -> list[Example]:
+    """calibration_set of a run's harmful source (Antidote's C)."""
+    from panacea_platform.data import HARMFUL_SOURCES
+
+    return calibration_set(HARMFUL_SOURCES.get(data_config.harmful_source)(data_config), pools, size,
+                           data_config.pool_seed)

@@ -20,6 +20,7 @@ class StageData:
     eval_task: list[Example]
     pools: HarmfulPools
     alignment: list[Example] = field(default_factory=list)  # the alignment set (Lisa draws it while fine-tuning)
+    calibration: list[Example] = field(default_factory=list)  # Antidote's calibration samples
     fingerprints: dict[str, str] = field(default_factory=dict)
 
 
@@ -58,7 +59,11 @@ def prepare_data(config: RunConfig, stage: str) -> StageData:
     }
     if alignment and stage != "align":
         prints["alignment_set"] = fingerprint(alignment)
-    return StageData(train, pools.defender, pools.evaluation, eval_task, pools, alignment, prints)
+    calibration = _calibration(config, pools) if stage == "finetune" else []
+    if calibration:
+        prints["calibration"] = fingerprint(calibration)
+    return StageData(train, pools.defender, pools.evaluation, eval_task, pools, alignment, calibration,
+                     fingerprints=prints)
 
 
 def _user_benign(config: RunConfig, size: int) -> list[Example]:
@@ -75,6 +80,16 @@ def _alignment_set(config: RunConfig, pools: HarmfulPools) -> list[Example]:
     data = config.data
     return build_alignment_set([e.prompt for e in pools.alignment], data.alignment_size, data.alignment_benign_ratio,
                                config.seed, open_pairs=self_distilled_examples(config))
+
+
+def _calibration(config: RunConfig, pools: HarmfulPools) -> list[Example]:
+    """Antidote's calibration samples when the run's defence prunes after fine-tuning, else none."""
+    from panacea_platform.data.pools import calibration_for
+    from panacea_platform.training.loop import stage_defence
+
+    if "calibration" not in stage_defence(config, "finetune").needs_at("post_finetune"):
+        return []
+    return calibration_for(config.data, pools, config.antidote.calibration_samples)
 
 
 def _needs_alignment(config: RunConfig) -> bool:
