@@ -268,3 +268,13 @@ def one_line_exit_2(argv: list[str], capsys, within_s: float = 15) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     return err[0]
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A one-process gloo group, so DeepSpeed engines can be built in the test process."""
+    pytest.importorskip("deepspeed")
+    from panacea_platform.training.strategy.deepspeed import single_rank_group
+
+    with single_rank_group(use_gpu=False):
+        yield

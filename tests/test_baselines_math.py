@@ -238,3 +238,68 @@ def test_boosters_harmful_batch_is_its_trainers_10_whatever_the_runs(tiny_run_co
     assert build_defence(with_changes(config, {"defence": "panacea"})).harmful_batch_size(config.align_optim) == 4
     with pytest.raises(ConfigError, match="booster.harmful_batch_size"):
         with_changes(config, {"booster.harmful_batch_size": 0})
+
+
+def test_repnoise_paper_mask_counts_what_differs_from_the_alignment_row_padded_or_cut_with_zeros():
+    """Their adapt_dimension_b2a: the other row zero-padded or cut to this row's width, then compared."""
+    from panacea_platform.algorithms.repnoise import differing_tokens
+
+    harmful = torch.tensor([[5, 6, 7, 8, 1, 1], [5, 9, 9, 9, 9, 0]])  # a padded row (pad 1) and a 0 at its end
+    alignment = torch.tensor([[5, 6, 3, 8], [4, 9, 9, 2]])
+    assert differing_tokens(harmful, alignment).tolist() == [[0, 0, 1, 0, 1, 1], [1, 0, 0, 1, 1, 0]]
+    # On the alignment row's shape: the harmful row cut to 4 tokens.
+    assert differing_tokens(alignment, harmful).tolist() == [[0, 0, 1, 0], [1, 0, 0, 1]]
+
+
+def test_repnoise_averages_k_plus_1_harmful_terms_and_the_last_is_the_models_own(tiny_llama):
+    from panacea_platform.algorithms.repnoise import harmful_terms
+    from panacea_platform.config import ModelConfig
+    from panacea_platform.models import load_base_model
+
+    model = load_base_model(ModelConfig(name=str(tiny_llama)))
+    ids = torch.randint(4, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0, 0]])
+    out = model(input_ids=ids, output_hidden_states=True)
+    terms = harmful_terms(model, out, ids, mask)
+    layers = model.config.num_hidden_layers
+    assert len(out.hidden_states) == layers + 1 and len(terms) == layers + 1
+    assert terms[0].item() == pytest.approx(masked_ce(out.logits, ids, mask).item(), rel=1e-6)
+    # hs_K is already final-normed: reading it out again (their K + 2nd term) would give another number.
+    normed_twice = masked_ce(model.lm_head(model.model.norm(out.hidden_states[-1])), ids, mask)
+    assert all(abs(t.item() - normed_twice.item()) > 1e-6 for t in terms)
+    first = masked_ce(model.lm_head(model.model.norm(out.hidden_states[0])), ids, mask)
+    assert terms[1].item() == pytest.approx(first.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("mask", ["answer", "paper"])
+def test_repnoise_mask_setting_reaches_its_objective_and_its_alignment_record(tiny_run_config, mask):
+    from panacea_platform.algorithms import build_defence
+    from panacea_platform.config import with_changes
+
+    defence = build_defence(with_changes(tiny_run_config(defence="repnoise"), {"repnoise.mask": mask}))
+    assert defence.objective.mask == mask and defence.settings()["mask"] == mask
+
+
+def test_repnoise_paper_mask_changes_the_loss_and_answer_mask_is_the_run_loss(tiny_llama):
+    """Under 'answer' the retain term is the run's loss; under 'paper' it counts the alignment row's tokens that
+    differ from the harmful row, so the two losses differ on the same rows."""
+    from panacea_platform.algorithms.repnoise import RepNoiseObjective, paired_batch
+    from panacea_platform.config import ModelConfig
+    from panacea_platform.models import load_base_model
+    from panacea_platform.training.losses import lm_loss
+
+    model = load_base_model(ModelConfig(name=str(tiny_llama)))
+    generator = torch.Generator().manual_seed(1)
+
+    def rows(width):
+        ids = torch.randint(4, 200, (2, width), generator=generator)
+        labels = ids.clone()
+        labels[:, :3] = -100
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    batch = paired_batch(rows(8), rows(6))
+    no_noise = {"alpha": 0.0, "beta": 0.0}  # the retain term alone
+    answer = RepNoiseObjective(**no_noise, mask="answer").loss(model, batch, lm_loss)
+    assert answer.item() == pytest.approx(lm_loss(model, {k: v for k, v in batch.items() if "harmful" not in k}).item())
+    paper = RepNoiseObjective(**no_noise, mask="paper").loss(model, batch, lm_loss)
+    assert abs(paper.item() - answer.item()) > 1e-4

@@ -50,8 +50,10 @@ def test_the_paper_comparison_demo_runs_every_defence_at_its_stage_on_the_same_p
     config, path = tiny_job
     # The refusal judge keeps this test fast; the harm judges are tested in test_judges.py.
     fast_eval = ["evaluation.judge=refusal", DEMO_SUITES]
+    # Antidote's authors' r256 does not fit the tiny model; its 2000 calibration samples not the tiny source.
     assert main(["demo", "--config", str(path), "--suite", "paper-comparison", *fast_eval,
-                 "lisa.align_steps=1", "lisa.finetune_steps=2"]) == 0
+                 "lisa.align_steps=1", "lisa.finetune_steps=2", "antidote.fine_tuning.lora_rank=4",
+                 "antidote.calibration_samples=20"]) == 0
     out = capsys.readouterr().out
     assert "[align] done" in out and "[finetune sft] done" in out and "[finetune panacea] done" in out
     assert "[finetune random_perturbation] done" in out
@@ -128,16 +130,25 @@ def test_the_paper_comparison_demo_runs_every_defence_at_its_stage_on_the_same_p
     finetunes = {r.data.tags["mlflow.runName"]: r for r in children if r.data.tags["stage"] == "finetune"}
     child_artifacts = {a.path for a in client.list_artifacts(finetunes["demo-paper-sft-s0"].info.run_id)}
     assert {"adapter", "training_curves.png", "config.yaml", "history.jsonl", "eval"} <= child_artifacts
-    # Lineage: a fine-tune continued the adapter its alignment produced, but random perturbation and
-    # Antidote, which change the SFT run's w_T (0 steps: their training would be SFT's, step for step).
+    # Lineage: a fine-tune started from the adapter its alignment produced, but random perturbation, which
+    # changes the SFT run's w_T (0 steps: its training would be SFT's, step for step).
     params = {name: run.data.params for name, run in finetunes.items()}
     aligned = params["demo-paper-sft-s0"]["model.adapter"]
     assert "/align-" in aligned and aligned.endswith("/adapter")
-    for name in ("panacea", "lisa"):
+    for name in ("panacea", "lisa", "antidote"):
         assert params[f"demo-paper-{name}-s0"]["model.adapter"] == aligned, name
-    for name in ("random_perturbation", "antidote"):
-        derived = params[f"demo-paper-{name}-s0"]
-        assert derived["model.adapter"].endswith("demo-paper-sft-s0/adapter") and derived["optim.max_steps"] == "0"
+    derived = params["demo-paper-random_perturbation-s0"]
+    assert derived["model.adapter"].endswith("demo-paper-sft-s0/adapter") and derived["optim.max_steps"] == "0"
+    # Each arm under its authors' convention, recorded with the run and in the report.
+    for name in DEFENCE_SUITES["paper-comparison"]:
+        merges = name in ("vaccine", "repnoise", "lisa", "antidote")
+        assert params[f"demo-paper-{name}-s0"]["model.after_alignment"] == ("merge" if merges else "continue"), name
+        tag = finetunes[f"demo-paper-{name}-s0"].data.tags["fine_tuning_convention"]
+        assert tag.startswith("aligned LoRA merged" if merges else "the aligned LoRA continued"), (name, tag)
+    lisa = params["demo-paper-lisa-s0"]
+    assert (lisa["lora.rank"], lisa["lora.target_modules"], lisa["optim.lr"]) == ("8", '["q_proj", "v_proj"]', "1e-05")
+    assert "Lisa, p=0.1: aligned LoRA merged, a fresh LoRA (r8 a4 on q_proj,v_proj, dropout 0.1); lr 1e-05, batch 5" \
+        in summary.split("fine-tuning after alignment (model.after_alignment: authors")[1]
 
     # A second run, of the default suite, reuses the aligned adapter and its evaluation, and says so.
     assert main(["demo", "--config", str(path), "--defences", "sft", "--no-control", *fast_eval]) == 0

@@ -77,23 +77,6 @@ def test_lisa_alternates_between_alignment_and_user_batches(aligned):
     assert "alignment_loss" in rows[0] and "task_loss" in rows[1]
 
 
-def test_antidote_prunes_the_released_lora_factors_row_by_row(aligned):
-    config, result = aligned["sft"]
-    antidote = with_changes(config, {"run_name": "antidote", "defence": "antidote",
-                                     "model.adapter": str(result.adapter_dir), "antidote.prune_ratio": 0.25,
-                                     "antidote.calibration_samples": 6})
-    released = train(antidote, "finetune", **QUIET)
-    before = load_file(str(released.unperturbed_adapter_dir / "adapter_model.safetensors"))
-    after = load_file(str(released.adapter_dir / "adapter_model.safetensors"))
-    for name, w in after.items():
-        cols = w.shape[1]
-        removed = cols - int(cols * 0.75)
-        zeros = (w == 0).sum(dim=1)
-        assert (zeros >= removed).all(), name
-        kept = w != 0
-        assert torch.equal(w[kept], before[name][kept]), name  # what is kept is w_T exactly
-
-
 def test_merge_convention_trains_a_fresh_lora_on_the_merged_aligned_model(aligned):
     from panacea_platform.models import load_for_eval
 

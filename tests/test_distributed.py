@@ -149,16 +149,6 @@ class _FakeOptim:
 # -- the backend's protocol on one rank, in this process ------------------------
 
 
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """A one-process gloo group, so DeepSpeed engines can be built in the test process."""
-    pytest.importorskip("deepspeed")
-    from panacea_platform.training.strategy.deepspeed import single_rank_group
-
-    with single_rank_group(use_gpu=False):
-        yield
-
-
 def _token_batch(seed, rows=3, width=12, vocab=300):
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(4, vocab, (rows, width), generator=generator)

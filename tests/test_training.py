@@ -80,7 +80,11 @@ def test_released_adapter_is_w_plus_eps_and_reloads(panacea_run):
 
 def test_run_folder_and_mlflow_record_the_run(panacea_run):
     config, result = panacea_run
-    assert load_config(result.run_dir / "config.yaml") == config
+    from panacea_platform.algorithms.convention import with_convention
+
+    # The run records the convention it fine-tuned under (model.after_alignment resolved).
+    saved = load_config(result.run_dir / "config.yaml")
+    assert saved == with_convention(config) and saved.model.after_alignment == "continue"
     history = [json.loads(line) for line in (result.run_dir / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [1, 2, 3]
     assert {"task_loss", "harmful_loss", "harmful_loss_perturbed", "eps_norm", "lr"} <= set(history[0])

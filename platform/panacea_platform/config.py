@@ -39,11 +39,12 @@ class ModelConfig(_Section):
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repo. Off unless asked.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype while training.")
-    after_alignment: Literal["continue", "merge"] = Field(
-        "continue", description="What fine-tuning does with an aligned adapter (model.adapter): 'continue' keeps "
-        "training it (one LoRA, as Panacea's and Booster's runs do), 'merge' merges it into the base weights and "
-        "trains a fresh LoRA (as their Vaccine and RepNoise runs do); a post-fine-tuning defence then prunes or "
-        "perturbs only the fresh one. Every defence of a comparison gets the same; recorded with each run.",
+    after_alignment: Literal["authors", "continue", "merge"] = Field(
+        "authors", description="What fine-tuning does with an aligned adapter (model.adapter). 'authors': what the "
+        "run's defence's authors did (algorithms/convention.py; each defence's fine_tuning setting): SFT, Panacea "
+        "and Booster keep training the aligned LoRA, Vaccine, RepNoise, Lisa and Antidote merge it and train a "
+        "fresh one (Lisa and Antidote of their own shape, Lisa at its own lr and batch). 'continue' or 'merge': "
+        "every defence alike, an ablation. The convention each run ran under is recorded with it.",
     )
     compute_dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="dtype of the matrix products in training's forward and backward passes "
@@ -466,9 +467,6 @@ def _check_defence_stages(config: RunConfig) -> None:
         problem = alignment_problem(config.model.adapter, config.defence, defence.build(config).settings())
         if problem:
             raise _field_error("model.adapter", config.model.adapter, problem)
-    if config.model.after_alignment == "merge" and config.scaling.zero_stage == 3:
-        raise _field_error("model.after_alignment", "merge", "'continue' under scaling.zero_stage 3 (merging an "
-                           "adapter into ZeRO-3-partitioned weights is not supported yet), or ZeRO-2")
 
 
 def _field_error(field: str, value: Any, allowed: str) -> ValueError:

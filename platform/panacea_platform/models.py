@@ -8,7 +8,9 @@ without that, save it once into the cache, and load the saved copy from then on.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -184,17 +186,84 @@ def load_base_model(model_config: "ModelConfig"):
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(model_config.name), dtype=dtype, trust_remote_code=model_config.trust_remote_code
     )
-    if model_config.adapter is not None and model_config.after_alignment == "merge":
-        from peft import PeftModel
-
+    if model_config.adapter is not None and merges_adapter(model_config):
         # The aligned adapter becomes part of the base; fine-tuning trains a fresh LoRA on top.
-        model = PeftModel.from_pretrained(model, model_config.adapter).merge_and_unload()
+        merge_adapter(model, model_config.adapter)
     return model
+
+
+def merges_adapter(model_config: "ModelConfig") -> bool:
+    if model_config.after_alignment == "authors":
+        # Resolved by algorithms.convention.with_convention wherever a fine-tuning run is built.
+        raise ValueError("model.after_alignment = 'authors' reached the model loader unresolved: the run's "
+                         "defence decides it (algorithms.convention.with_convention)")
+    return model_config.after_alignment == "merge"
+
+
+def lora_fit_problem(model_config: "ModelConfig", rank: int, targets: list[str]) -> tuple[str, str] | None:
+    """(lora.target_modules or lora.rank, why) a fresh LoRA of `rank` on `targets` does not fit the model, or
+    None: a target no linear module has, or a rank above a targeted weight's smaller side (it adds nothing a
+    lower rank could not hold). Read from the model's config on the meta device: no weights are loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = AutoConfig.from_pretrained(resolve_model_path(model_config.name),
+                                          trust_remote_code=model_config.trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(settings, trust_remote_code=model_config.trust_remote_code)
+    sides: dict[str, int] = {}
+    for name, module in skeleton.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            leaf = name.rsplit(".", 1)[-1]
+            sides[leaf] = min(sides.get(leaf, module.in_features), module.in_features, module.out_features)
+    missing = [t for t in targets if t not in sides]
+    if missing:
+        return "lora.target_modules", (f"no linear module named {', '.join(missing)} in {model_config.name} "
+                                       f"(it has {', '.join(sorted(sides))})")
+    narrow = min(targets, key=lambda t: sides[t])
+    if rank > sides[narrow]:
+        return "lora.rank", f"rank {rank} exceeds {sides[narrow]}, the smaller side of {narrow} in {model_config.name}"
+    return None
 
 
 def training_adapter(model_config: "ModelConfig") -> str | None:
     """The adapter fine-tuning keeps training: the aligned one, unless it was merged into the base."""
-    return model_config.adapter if model_config.after_alignment == "continue" else None
+    if model_config.adapter is None:
+        return None
+    return None if merges_adapter(model_config) else model_config.adapter
+
+
+def merge_adapter(model, adapter: str | Path) -> None:
+    """W += (alpha / r) B A for every LoRA pair of a saved adapter, in place. Under DeepSpeed ZeRO-3 each
+    weight is gathered for the addition and partitioned again: every rank must call this."""
+    import torch
+    from safetensors.torch import load_file
+
+    settings = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    unsupported = [k for k in ("use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
+                   if settings.get(k)]
+    if settings.get("peft_type", "LORA") != "LORA" or settings.get("bias", "none") != "none" or unsupported:
+        raise ValueError(f"model.adapter {str(adapter)!r}: only a plain LoRA adapter (no bias, "
+                         f"{', '.join(unsupported) or 'no rslora/dora'}) can be merged; use after_alignment: continue")
+    scale = settings["lora_alpha"] / settings["r"]
+    tensors = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+    modules = dict(model.named_modules())
+    for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
+        path = key[: -len(".lora_A.weight")]
+        weight = modules[path.removeprefix("base_model.model.")].weight
+        delta = scale * (tensors[path + ".lora_B.weight"].double() @ tensors[key].double())
+        with _whole(weight), torch.no_grad():
+            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+
+
+def _whole(weight: Any):
+    """The weight whole while in the block: gathered from its ZeRO-3 partitions (rank 0's change is kept and
+    partitioned again on exit), or as it is."""
+    if not hasattr(weight, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
 
 
 def attach_lora(model, lora_config: "LoraConfig", adapter: str | None = None):

@@ -120,24 +120,28 @@ def arm_config_for(seeded: RunConfig, arm: Arm, aligned: Path, trained: dict[str
                    out: Callable[[str], None] = print) -> RunConfig:
     """The arm's run config: the aligned adapter fine-tuned with the arm's changes.
 
-    A defence that trains as SFT does (random perturbation) is not trained again when this seed's SFT
-    arm already ran: its w_T is SFT's, step for step (same seed, data and steps), so it takes that
-    run's adapter with 0 steps, in this process, and adds its perturbation (tested equal to training
-    it in full).
+    Each arm fine-tunes under its convention (algorithms/convention.py): its defence's authors' unless the
+    job sets model.after_alignment. A defence that trains as SFT does (random perturbation) under SFT's
+    convention is not trained again when this seed's SFT arm already ran: its w_T is SFT's, step for
+    step (same seed, data and steps), so it takes that run's adapter with 0 steps, in this process, and
+    adds its perturbation (tested equal to training it in full).
     """
     from panacea_platform.algorithms import DEFENCES
+    from panacea_platform.algorithms.convention import with_convention
 
     changes = {**arm.changes, "run_name": f"{seeded.run_name}-{arm.key}-s{seeded.seed}", "model.adapter": str(aligned)}
-    defence = arm.changes.get("defence", seeded.defence)
-    # Under the merge convention SFT's adapter is a fresh LoRA over the merged aligned model: not derived.
-    continues = seeded.model.after_alignment == "continue"
-    if defence != "sft" and DEFENCES.get(defence).trains_as_sft() and "sft" in trained and continues:
+    arm_config = with_convention(with_changes(seeded, changes))
+    sft_config = with_convention(with_changes(seeded, {"defence": "sft", "model.adapter": str(aligned)}))
+    # Under the merge convention an adapter is a fresh LoRA over the merged aligned model: SFT's w_T is not its.
+    continues = arm_config.model.after_alignment == sft_config.model.after_alignment == "continue"
+    alike = continues and (arm_config.lora, arm_config.optim) == (sft_config.lora, sft_config.optim)
+    if arm_config.defence != "sft" and DEFENCES.get(arm_config.defence).trains_as_sft() and "sft" in trained and alike:
         sft = trained["sft"]
         out(f"[demo] {arm.method}: SFT's w_T ({sft.adapter_dir}) plus its perturbation; the training is SFT's, "
             "step for step, and is not repeated")
-        changes.update({"model.adapter": str(sft.adapter_dir), "optim.max_steps": 0, "scaling.zero_stage": None,
-                        "scaling.num_workers": 1})
-    return with_changes(seeded, changes)
+        return with_changes(arm_config, {"model.adapter": str(sft.adapter_dir), "optim.max_steps": 0,
+                                         "scaling.zero_stage": None, "scaling.num_workers": 1})
+    return arm_config
 
 
 @dataclass
@@ -230,6 +234,8 @@ def run_demo(
         with_changes(config, arm.changes)
     total_runs, done_runs = len(seeds) * (len(arms) + 1), 0
     prepare_model(config.model.name, out)
+    for arm in arms:
+        _check_arm(with_changes(config, arm.changes))
     _check_end_tokens(config, defences, evaluate)
 
     def progress(label: str) -> None:
@@ -272,6 +278,18 @@ def run_demo(
             _rows_path(config).write_text(json.dumps([r.to_json() for r in rows], indent=2))
         _report(config, rows, parent, tracking_uri, started, out)
     return rows
+
+
+def _check_arm(config: RunConfig) -> None:
+    """What an arm needs beyond a valid config, checked before any run starts: a fresh LoRA of its convention
+    that fits the model, and enough harmful pairs for Antidote's calibration."""
+    from panacea_platform.algorithms.convention import check_fits
+    from panacea_platform.data.pools import calibration_for, pools_for
+    from panacea_platform.training.loop import stage_defence
+
+    check_fits(config)
+    if "calibration" in stage_defence(config, "finetune").needs_at("post_finetune"):
+        calibration_for(config.data, pools_for(config.data), config.antidote.calibration_samples)
 
 
 def _probe(config: RunConfig, row: Row, adapter: Path, tracking_uri: str, out: Callable[[str], None]) -> None:
@@ -472,7 +490,8 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
     # The rows first: whatever the report meets, --report-only can read the models back.
     rows_path.write_text(json.dumps([r.to_json() for r in rows], indent=2))
     comparison, blocks = comparison_blocks(config, rows)
-    text = "\n\n".join([*blocks, format_losses(rows), *_probe_block(rows), *_reading(comparison)])
+    text = "\n\n".join([*blocks, format_losses(rows), *_probe_block(rows), *_convention_block(config, rows),
+                         *_reading(comparison)])
     summary_path.write_text(text + "\n")
     plots = [plot_method_comparison(
         [(f"{r.method} s{r.seed}", r.summary) for r in rows], folder / f"{config.run_name}-comparison.png"
@@ -499,6 +518,24 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
     else:
         out("search: none yet on this aligned model; run  panacea sweep -s search_spaces/offline_default.yaml")
     out(f"MLflow: mlflow ui --backend-store-uri {tracking_uri}")
+
+
+def _convention_block(config: RunConfig, rows: list[Row]) -> list[str]:
+    """How each method fine-tuned after alignment (algorithms/convention.py), read from its run's config.yaml."""
+    from panacea_platform.algorithms.convention import describe
+    from panacea_platform.config import load_config
+
+    lines, seen = [], set()
+    for row in rows:
+        saved = row.run_dir / "config.yaml"
+        if row.key == ALIGNED or row.key in seen or not saved.is_file():
+            continue
+        seen.add(row.key)
+        lines.append(f"  {row.method}: {describe(load_config(saved))}")
+    who = ("each defence's authors'" if config.model.after_alignment == "authors"
+           else f"{config.model.after_alignment} for every defence")
+    return [f"fine-tuning after alignment (model.after_alignment: {config.model.after_alignment}, {who}):\n"
+            + "\n".join(lines)] if lines else []
 
 
 def _probe_block(rows: list[Row]) -> list[str]:

@@ -10,6 +10,7 @@ import torch
 from panacea_platform.algorithms import lisa as lisa_method
 from panacea_platform.algorithms.antidote import antidote_perturbation
 from panacea_platform.algorithms.booster import booster_step
+from panacea_platform.algorithms.convention import FineTuneConvention
 from panacea_platform.algorithms.defences import ALIGN, FINETUNE, POST_FINETUNE, Defence
 from panacea_platform.algorithms.interface import Tensors, TrainableWeights
 from panacea_platform.algorithms.repnoise import RepNoiseObjective, repnoise_step
@@ -36,6 +37,10 @@ class Vaccine(Defence):
         return {"rho": self.rho}
 
     @classmethod
+    def fine_tuning(cls, config: "RunConfig") -> FineTuneConvention:
+        return config.vaccine.fine_tuning
+
+    @classmethod
     def build(cls, config: "RunConfig") -> "Vaccine":
         return cls(rho=config.vaccine.rho)
 
@@ -46,10 +51,10 @@ class RepNoise(Defence):
     needs = {ALIGN: ("harmful",)}
     pairs_harmful_rows = True
 
-    def __init__(self, alpha: float, beta: float, compute_dtype: str = "float32") -> None:
+    def __init__(self, alpha: float, beta: float, compute_dtype: str = "float32", mask: str = "answer") -> None:
         super().__init__()
         self.objective = RepNoiseObjective(alpha, beta, compute_dtype=torch.bfloat16 if compute_dtype == "bfloat16"
-                                           else None)
+                                           else None, mask=mask)
 
     def align_step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
         result = repnoise_step(weights, batch, extra["harmful"], self.objective)
@@ -59,11 +64,16 @@ class RepNoise(Defence):
         self.objective.step = step  # the noise of step s depends on s
 
     def settings(self) -> dict[str, Any]:
-        return {"alpha": self.objective.alpha, "beta": self.objective.beta}
+        return {"alpha": self.objective.alpha, "beta": self.objective.beta, "mask": self.objective.mask}
+
+    @classmethod
+    def fine_tuning(cls, config: "RunConfig") -> FineTuneConvention:
+        return config.repnoise.fine_tuning
 
     @classmethod
     def build(cls, config: "RunConfig") -> "RepNoise":
-        return cls(alpha=config.repnoise.alpha, beta=config.repnoise.beta, compute_dtype=config.model.compute_dtype)
+        return cls(alpha=config.repnoise.alpha, beta=config.repnoise.beta, compute_dtype=config.model.compute_dtype,
+                   mask=config.repnoise.mask)
 
 
 class Booster(Defence):
@@ -127,6 +137,10 @@ class Lisa(Defence):
         return {"rho": s.rho, "align_steps": s.align_steps, "finetune_steps": s.finetune_steps}
 
     @classmethod
+    def fine_tuning(cls, config: "RunConfig") -> FineTuneConvention:
+        return config.lisa.fine_tuning
+
+    @classmethod
     def build(cls, config: "RunConfig") -> "Lisa":
         lisa = config.lisa
         return cls(lisa.rho, lisa.align_steps, lisa.finetune_steps, lisa.warmup_ratio)
@@ -154,6 +168,10 @@ class Antidote(Defence):
 
     def settings(self) -> dict[str, Any]:
         return {"prune_ratio": self.prune_ratio, "calibration_samples": self.calibration_samples}
+
+    @classmethod
+    def fine_tuning(cls, config: "RunConfig") -> FineTuneConvention:
+        return config.antidote.fine_tuning
 
     @classmethod
     def build(cls, config: "RunConfig") -> "Antidote":

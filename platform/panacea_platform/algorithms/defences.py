@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from panacea_platform.algorithms.convention import FineTuneConvention
 from panacea_platform.algorithms.interface import Objective, Tensors, TrainableWeights
 from panacea_platform.algorithms.panacea import panacea_step
 from panacea_platform.algorithms.random_perturbation import gaussian_perturbation
@@ -88,6 +89,12 @@ class Defence:
         (optim.max_steps = 0). Derived, not declared, so a new defence with its own step is never
         replaced by SFT's."""
         return cls.step is Defence.step and ALIGN not in cls.stages and not cls.needs.get(FINETUNE)
+
+    @classmethod
+    def fine_tuning(cls, config: "RunConfig") -> FineTuneConvention:
+        """How its authors fine-tune after alignment (algorithms/convention.py): keep training the aligned LoRA,
+        as SFT's, Panacea's and Booster's runs do."""
+        return FineTuneConvention()
 
     def settings(self) -> dict[str, Any]:
         """What the defence was built with (recorded with an aligned adapter)."""

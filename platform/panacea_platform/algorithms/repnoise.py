@@ -6,9 +6,12 @@ L = CE(x_s) + beta * mean_l MMD(m * a_l(x_h), m * N(0, I))
 as rep_noise_loss in domenicrosati/representation-noising@03689ff computes it, with x_s the alignment
 batch (refusals and benign answers) and x_h the provider's harmful batch; a_l is layer l's MLP output
 flattened per row, hs_k the input of layer k (HF hidden state k), K the number of layers, and m the
-harmful answer tokens. Differences from their code, each a bug noted in ../shared/defences.md:
-- m is x_h's answer tokens, not "token ids that differ from an unrelated batch" (which covered prompt
-  and padding tokens in the Booster/Panacea copies);
+tokens counted (repnoise.mask):
+- 'answer': m is x_h's answer tokens and CE(x_s) the run's loss, the original's paired design;
+- 'paper': m is the tokens where x_h differs from its x_s row zero-padded or cut to x_h's width (prompt and
+  padding included), CE(x_s) counts x_s's tokens that differ from x_h likewise: the Booster/Panacea copy
+  (repnoise_loss.py) behind the Panacea paper's numbers.
+Differences from their code, each a bug noted in ../shared/defences.md:
 - a masked CE uses logits and labels of the same positions (theirs shifted the mask by one, so each
   span's first token cost ln|V| with no gradient);
 - the last hidden state (already final-normed: its logits are CE(x_h)'s) is not normed again, so
@@ -77,6 +80,24 @@ def masked_readout_ce(hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch
     return torch.nn.functional.cross_entropy(readout(chosen).float(), input_ids[:, 1:][keep])
 
 
+def differing_tokens(ids: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """1 where `ids` differs from `other` zero-padded or cut to its width (their adapt_dimension_b2a), row by row."""
+    adapted = torch.zeros_like(ids)
+    width = min(ids.shape[1], other.shape[1])
+    adapted[:, :width] = other[:, :width].to(ids.device)
+    return (ids != adapted).to(torch.float32)
+
+
+def harmful_terms(module: torch.nn.Module, out: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """The harmful CE terms, K + 1 for K layers: the model's own (its last hidden state is already final-normed,
+    so it is not normed again) and that of each layer's input hs_0 .. hs_{K-1} read out through the final norm
+    and lm_head."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    norm, head = base.model.norm, base.get_output_embeddings()
+    terms = [masked_ce(out.logits, input_ids, mask)]
+    return terms + [masked_readout_ce(hidden, input_ids, mask, lambda h: head(norm(h))) for hidden in out.hidden_states[:-1]]
+
+
 def _noise_like(x: torch.Tensor, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
     """N(0, I) from a generator seeded by the rows' tokens and the step: the same rows draw the same
     noise on any rank and in one process (equivalence tests), and a new draw every step."""
@@ -91,15 +112,24 @@ class RepNoiseObjective:
     beta: float
     step: int = 0
     compute_dtype: torch.dtype | None = None  # bf16: its passes under autocast, as the run's lm_loss
+    mask: str = "answer"  # repnoise.mask
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], lm_loss: LossFn) -> torch.Tensor:
         module = unwrap(model)
         device = module.get_input_embeddings().weight.device
-        retain = lm_loss(model, {k: v for k, v in batch.items() if not k.startswith(HARMFUL_PREFIX)})
+        alignment = {k: v for k, v in batch.items() if not k.startswith(HARMFUL_PREFIX)}
         harmful = {k: v.to(device) for k, v in harmful_part(batch).items()}
-        mask = (harmful["labels"] != -100).to(torch.float32)  # m: the harmful answer tokens
         autocast = (torch.autocast(device_type=device.type, dtype=self.compute_dtype) if self.compute_dtype
                     else contextlib.nullcontext())
+        if self.mask == "paper":
+            ids = alignment["input_ids"].to(device)
+            mask = differing_tokens(harmful["input_ids"], ids)
+            with autocast:
+                logits = model(input_ids=ids, attention_mask=alignment["attention_mask"].to(device)).logits
+            retain = masked_ce(logits, ids, differing_tokens(ids, harmful["input_ids"]))
+        else:
+            mask = (harmful["labels"] != -100).to(torch.float32)  # the harmful answer tokens
+            retain = lm_loss(model, alignment)
         with autocast:
             with capture_outputs(blocks(model, "mlp")) as mlp_outputs:
                 out = model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"],
@@ -114,13 +144,8 @@ class RepNoiseObjective:
 
     @staticmethod
     def _harmful_ce(module: torch.nn.Module, out: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean of the model's harmful CE and that of each earlier layer's input read out through the final
-        norm and lm_head (K + 1 terms)."""
-        base = module.get_base_model() if hasattr(module, "get_base_model") else module
-        norm, head = base.model.norm, base.get_output_embeddings()
-        terms = [masked_ce(out.logits, input_ids, mask)]
-        terms += [masked_readout_ce(hidden, input_ids, mask, lambda h: head(norm(h))) for hidden in out.hidden_states[:-1]]
-        return torch.stack([t.float() for t in terms]).mean()
+        """Mean of the harmful_terms (K + 1 of them)."""
+        return torch.stack([t.float() for t in harmful_terms(module, out, input_ids, mask)]).mean()
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["input_ids"].shape[0])  # a per-row (not per-token) mean: the MMD is over rows

@@ -102,10 +102,12 @@ def bench_eval(
     """Run both sides on the first `n_prompts` evaluation prompts (harmful first, then task); print and return."""
     import torch
 
+    from panacea_platform.algorithms.convention import with_convention
     from panacea_platform.config import ConfigError
     from panacea_platform.evaluation.pipeline import check_adapter, evaluation_prompts, run_pipeline
     from panacea_platform.ray_instance import connect_ray
 
+    config = with_convention(config)
     check_adapter(config.model, adapter, None)
     prompts = evaluation_prompts(config)
     if n_prompts is not None:

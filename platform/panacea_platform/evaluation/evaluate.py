@@ -105,6 +105,10 @@ def evaluate_model(
 
     from panacea_platform.evaluation.suites import check_suites
 
+    from panacea_platform.algorithms.convention import with_convention
+
+    # The fine-tuned adapter sits on the base its run trained on: the aligned one merged, or not.
+    config = with_convention(config)
     # Everything the user can get wrong fails here, before Ray starts.
     check_adapter(config.model, adapter, perturbation)
     config = check_suites(config, out)

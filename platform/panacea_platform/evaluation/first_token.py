@@ -131,11 +131,13 @@ def probe_run(config: "RunConfig", key: str, method: str, adapter_dir: Path, per
     when nothing was added), `perturbation` eps_T or None."""
     from safetensors.torch import load_file
 
+    from panacea_platform.algorithms.convention import with_convention
     from panacea_platform.data.templates import render_prompt
     from panacea_platform.evaluation.pipeline import load_eval_model
     from panacea_platform.evaluation.suites import suite_examples
     from panacea_platform.models import end_token_ids, load_tokenizer
 
+    config = with_convention(config)
     tokenizer = load_tokenizer(config.model)
     model = load_eval_model(config.model, adapter_dir)
     ends = end_token_ids(tokenizer, "the first-token probe (model.name)", model)

@@ -371,6 +371,7 @@ def check_against_job(space: SearchSpace, base: RunConfig) -> None:
             except ConfigError as exc:
                 raise SearchSpaceError(f"parameters.{path} = {value!r} with the base job: {exc}") from None
     _check_eval_metrics(space, base)
+    _check_convention(space, base)
     steps = base.optim.max_steps
     if space.scheduler.type == "asha" and space.scheduler.max_t is None and steps is None:
         raise SearchSpaceError("scheduler.max_t: the base job sets optim.epochs, not max_steps; give max_t in steps")
@@ -386,6 +387,19 @@ def check_against_job(space: SearchSpace, base: RunConfig) -> None:
                 f"parameters.panacea.*: the base job's defence is {base.defence!r}, so Panacea's settings change nothing; "
                 "set defence: panacea in the job"
             )
+
+
+def _check_convention(space: SearchSpace, base: RunConfig) -> None:
+    """A sampled value the defence's authors' convention replaces would change nothing: refused."""
+    from panacea_platform.algorithms.convention import set_by_convention
+
+    for path in space.parameters:
+        setting = set_by_convention(base, path)
+        if setting is not None:
+            raise SearchSpaceError(
+                f"parameters.{path}: defence {base.defence!r} fine-tunes under its authors' convention, which sets "
+                f"it ({setting}); search {setting} instead, or set model.after_alignment: continue or merge in the "
+                "job (every defence alike)")
 
 
 def _check_eval_metrics(space: SearchSpace, base: RunConfig) -> None:

@@ -157,6 +157,7 @@ def run_trial(tune_config: dict[str, Any], plan: SweepPlan) -> None:
     """
     from ray import tune
 
+    from panacea_platform.algorithms.convention import with_convention
     from panacea_platform.search.callbacks import ScoredTuneReportCallback
     from panacea_platform.training.launch_ray import run_distributed
 
@@ -170,7 +171,7 @@ def run_trial(tune_config: dict[str, Any], plan: SweepPlan) -> None:
         _report_final(dict(tracker.client.get_run(tracker.run_id).data.metrics))
         return
     try:
-        config = _align_trial(config, plan, trial_id, tracker.run_id)
+        config = with_convention(_align_trial(config, plan, trial_id, tracker.run_id))
         optim = config.optim
         result = run_distributed(
             config,

@@ -11,8 +11,12 @@ from panacea_platform.config import RunConfig
 def train(config: RunConfig, stage: str, parent_run_id: str | None = None, out: Callable[[str], None] = print):
     """Run `stage` as `config.scaling` asks; returns a result with run_dir, adapter_dir, summary."""
     from panacea_platform.algorithms import DEFENCES
+    from panacea_platform.algorithms.convention import check_fits, with_convention
     from panacea_platform.config import ConfigError
 
+    if stage == "finetune":
+        check_fits(config)
+        config = with_convention(config)
     problem = DEFENCES.get(config.defence).stage_problem(config, stage)
     if problem:
         raise ConfigError(problem)

@@ -336,9 +336,12 @@ def run_distributed(
     `mlflow_run_id` makes rank 0 log into that existing run (a sweep's child run); its owner ends it.
     `step_hook(rank, step)` runs on every worker after every step (tests inject failures with it).
     """
+    from panacea_platform.algorithms.convention import with_convention
     from panacea_platform.training.stage_data import prepare_data
 
-    config = for_workers(_as_config(config))
+    config = _as_config(config)
+    # Fine-tuning under its convention (algorithms/convention.py) before the batch split is checked.
+    config = for_workers(with_convention(config) if stage == "finetune" else config)
     checkpoint_every, keep_checkpoints, max_failures = _failure_settings(
         config, checkpoint_every, keep_checkpoints, max_failures)
     # Fails here, before any worker starts, on a bad batch split, ZeRO stage, checkpoint or data.

@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from panacea_platform.algorithms import build_defence
+from panacea_platform.algorithms.convention import describe as describe_convention
+from panacea_platform.algorithms.convention import with_convention
 from panacea_platform.algorithms.defences import ALIGN, POST_FINETUNE, Defence
 from panacea_platform.algorithms.interface import TrainableWeights, global_norm
 from panacea_platform.algorithms.provenance import write_alignment_provenance
@@ -140,6 +142,8 @@ def run_stage(
 
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage == "finetune":
+        config = with_convention(config)  # algorithms/convention.py; a resolved config is unchanged
     check_precision(config, use_gpu=torch.cuda.is_available())
     optim = config.optim if stage == "finetune" else config.align_optim
     strategy = TorchStrategy(accumulation=optim.grad_accum_steps)
@@ -245,6 +249,8 @@ def record_run(config: RunConfig, stage: str, fingerprints: dict[str, str], trac
     """The run's params (config, stage, data fingerprints, package versions) and its config.yaml."""
     tracker.log_params({**config.flat(), "stage": stage, **{f"data.fingerprint.{k}": v for k, v in fingerprints.items()}})
     tracker.log_params(package_versions())
+    if stage == "finetune":
+        tracker.set_tags({"fine_tuning_convention": describe_convention(config)})
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
@@ -272,7 +278,7 @@ def setup_stage(config: RunConfig, stage: str, data: StageData, strategy: Any, c
     extra_streams = {name: BatchStream(tokenize(sources[name][0]), sources[name][1], config.seed + sources[name][2], pad)
                      for name in defence.needs_at(stage)}
     if "calibration" in defence.needs_at(POST_FINETUNE):
-        calibration = tokenize(data.defender_harmful[: config.antidote.calibration_samples])
+        calibration = tokenize(data.calibration)
         defence.calibrate([collate(calibration[i : i + optim.harmful_batch_size], pad)
                            for i in range(0, len(calibration), optim.harmful_batch_size)])
     seed_everything(config.seed)
