@@ -295,7 +295,7 @@ def test_a_bad_or_unreachable_suite_stops_the_demo_before_any_training(tiny_job,
         ("[harmful, {preset: xstest, optional: false}]", "evaluation.suites[xstest].source = 'xstest': "),
         ("[{name: x, source: capability, metric: accuracy, size: 0}]", "evaluation.suites[x].size = 0: "),
         ("[{name: x, source: capability, metric: accuracy, max_new_tokens: 0}]", "evaluation.suites[x].max_new_tokens = 0"),
-        ("[{name: x, source: nowhere, metric: accuracy}]", "evaluation.suites[x].source = 'nowhere': unknown source"),
+        ("[{name: x, source: nowhere, metric: accuracy}]", "evaluation.suites[x].source = 'nowhere': unknown suite source"),
     ):
         assert main(["demo", "--config", str(path), f"evaluation.suites={suites}"]) == 2, suites
         err = capsys.readouterr().err

@@ -239,7 +239,7 @@ def test_an_unreachable_hub_suite_fails_before_work_or_is_skipped_when_optional(
 
 
 @pytest.mark.parametrize("entry,message", [
-    (_suite(source="nowhere"), r"evaluation.suites\[s\].source = 'nowhere': unknown source; registered: .*capability"),
+    (_suite(source="nowhere"), r"evaluation.suites\[s\].source = 'nowhere': unknown suite source; registered: .*capability"),
     (_suite(metric="vibes"), r"evaluation.suites\[s\].metric = 'vibes': unknown metric; one of: harmful_score"),
     (_suite(metric="harmful_score", judge="nobody"), r"evaluation.suites\[s\].judge = 'nobody': unknown judge"),
     (_suite(rule="guess"), r"evaluation.suites\[s\].rule = 'guess': unknown rule"),

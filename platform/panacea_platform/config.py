@@ -271,9 +271,7 @@ class EvaluationConfig(_Section):
     def _judge_registered(cls, value: str) -> str:
         from panacea_platform.evaluation.judges import JUDGES
 
-        if value not in JUDGES:
-            raise ValueError(f"unknown judge; registered: {', '.join(JUDGES.names())}")
-        return value
+        return JUDGES.check(value)
 
     @field_validator("suites", mode="before")
     @classmethod
@@ -350,9 +348,7 @@ class RunConfig(_Section):
     def _defence_registered(cls, value: str) -> str:
         from panacea_platform.algorithms import DEFENCES
 
-        if value not in DEFENCES:
-            raise ValueError(f"unknown defence; registered: {', '.join(DEFENCES.names())}")
-        return value
+        return DEFENCES.check(value)
 
     @model_validator(mode="after")
     def _names_and_files(self) -> "RunConfig":

@@ -250,7 +250,11 @@ def merge_adapter(model, adapter: str | Path) -> None:
     modules = dict(model.named_modules())
     for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
         path = key[: -len(".lora_A.weight")]
-        weight = modules[path.removeprefix("base_model.model.")].weight
+        target = modules.get(path.removeprefix("base_model.model."))
+        if target is None:
+            raise ValueError(f"model.adapter {str(adapter)!r} adapts {path.removeprefix('base_model.model.')}, which "
+                             "this model lacks: set model.name to the adapter's base model")
+        weight = target.weight
         delta = scale * (tensors[path + ".lora_B.weight"].double() @ tensors[key].double())
         with _whole(weight), torch.no_grad():
             weight.add_(delta.to(device=weight.device, dtype=weight.dtype))

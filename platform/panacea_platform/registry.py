@@ -45,6 +45,12 @@ class Registry(Generic[T]):
             self._entries[name] = target
         return target
 
+    def check(self, name: str) -> str:
+        """`name` if registered, else the ValueError a config validator raises (pydantic names the field)."""
+        if name not in self._entries:
+            raise ValueError(f"unknown {self.kind}; registered: {', '.join(self.names())}")
+        return name
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 

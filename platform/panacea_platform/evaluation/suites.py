@@ -83,9 +83,7 @@ class SuiteConfig(BaseModel):
     @field_validator("source")
     @classmethod
     def _source_registered(cls, value: str) -> str:
-        if value not in SUITE_SOURCES:
-            raise ValueError(f"unknown source; registered: {', '.join(SUITE_SOURCES.names())}")
-        return value
+        return SUITE_SOURCES.check(value)
 
     @field_validator("metric")
     @classmethod
@@ -99,9 +97,7 @@ class SuiteConfig(BaseModel):
     def _judge_registered(cls, value: str | None) -> str | None:
         from panacea_platform.evaluation.judges import JUDGES
 
-        if value is not None and value not in JUDGES:
-            raise ValueError(f"unknown judge; registered: {', '.join(JUDGES.names())}")
-        return value
+        return value if value is None else JUDGES.check(value)
 
     @field_validator("rule")
     @classmethod
