@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from panacea_platform.algorithms.convention import describe, set_by_convention, with_convention
 from panacea_platform.cli import main
-from panacea_platform.config import ConfigError, with_changes
+from panacea_platform.config import with_changes
 from panacea_platform.training.dispatch import train
 
 QUIET = {"out": lambda line: None}

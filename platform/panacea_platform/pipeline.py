@@ -323,9 +323,9 @@ def _check_end_tokens(config: RunConfig, defences: list[str], evaluate: bool) ->
     if not needs:
         return
     tokenizer = load_tokenizer(config.model)
-    for field, fix in needs:
+    for setting, fix in needs:
         try:
-            end_token_ids(tokenizer, f"{field} (model.name = {config.model.name!r})")
+            end_token_ids(tokenizer, f"{setting} (model.name = {config.model.name!r})")
         except ValueError as exc:
             raise ConfigError(f"{exc}, or {fix}") from None
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from panacea_platform.search.sweep import FINAL_KEY, SweepPlan, compute_score, find_child_run, progress_line
+from panacea_platform.search.plan import FINAL_KEY, SweepPlan, compute_score, find_child_run, progress_line
 
 
 class ScoredTuneReportCallback(TuneReportCallback):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import re
 import tempfile
@@ -34,13 +33,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 from panacea_platform.config import ConfigError, RunConfig, config_from_dict, load_config
+from panacea_platform.search.plan import (
+    FINAL_KEY,
+    SweepPlan,
+    compute_score,
+    find_child_run,
+    summary_line,
+)
 from panacea_platform.search.report import SWEEP_TAG, TRIAL_TAG
 from panacea_platform.search.space import SearchSpace, check_against_job, config_with, load_space, resource_changes
+from panacea_platform.search.study import STUDY_TAG, study_tag
 from panacea_platform.storage import Storage
 from panacea_platform.tracking import Tracker, code_version, default_tracking_uri, package_versions
 
 STATE_FILE = "sweep.json"
-FINAL_KEY = "sweep_final"  # in a trial's last report: it ran to the end (not stopped early)
 DEFAULT_JOB = "jobs/offline_default.yaml"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -51,40 +57,6 @@ class SweepMismatchError(ConfigError):
 
 class SweepError(ConfigError):
     """A sweep that cannot start or resume as asked; the message says what to do."""
-
-
-# -- score --------------------------------------------------------------------------------------
-
-
-def compute_score(metrics: dict[str, Any], weights: dict[str, float]) -> float | None:
-    """sum(weight * metric) when every weighted metric is present and finite, else None."""
-    total = 0.0
-    for name, weight in weights.items():
-        value = metrics.get(name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            return None
-        total += weight * float(value)
-    return total
-
-
-# -- the plan every trial receives -----------------------------------------------------------------
-
-
-@dataclass
-class SweepPlan:
-    """Everything a trial needs, picklable (passed with tune.with_parameters)."""
-
-    name: str
-    sweep_dir: str
-    storage: str  # the sweep's state: Tune's experiment and each trial's Ray Train checkpoints (folder or URI)
-    base: dict[str, Any]  # the resolved base RunConfig (aligned adapter set)
-    space: dict[str, Any]
-    tracking_uri: str
-    experiment: str
-    parent_run_id: str
-
-    def search_space(self) -> SearchSpace:
-        return SearchSpace.model_validate(self.space)
 
 
 def trial_config(plan: SweepPlan, params: dict[str, Any], trial_id: str) -> RunConfig:
@@ -102,16 +74,6 @@ def trial_config(plan: SweepPlan, params: dict[str, Any], trial_id: str) -> RunC
     if space.eval_every is not None:
         changes["optim.eval_every"] = space.eval_every
     return config_with(config_from_dict(plan.base), changes)
-
-
-def find_child_run(client, experiment_id: str, parent_run_id: str, trial_id: str):
-    """The child run of `parent_run_id` tagged with this Tune trial id, or None."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
-        max_results=10,
-    )
-    return runs[0] if runs else None
 
 
 def _open_child_run(plan: SweepPlan, config: RunConfig, trial_id: str, params: dict[str, Any]) -> tuple[Tracker, bool]:
@@ -239,49 +201,6 @@ def _report_final(final: dict[str, Any]) -> None:
 # -- progress ----------------------------------------------------------------------------------------
 
 
-def progress_line(plan: SweepPlan, trials: list, elapsed_s: float) -> str:
-    """`[sweep NAME] 2/4 done, 1 running, 1 pending, 0 failed | best score=... (trial) | 63s`."""
-    space = plan.search_space()
-    counts = {"TERMINATED": 0, "RUNNING": 0, "PENDING": 0, "ERROR": 0, "PAUSED": 0}
-    for trial in trials:
-        counts[trial.status] = counts.get(trial.status, 0) + 1
-    # Tune creates trials lazily (max_concurrent_trials): count the ones not created yet as pending.
-    not_created = max(0, expected_trials(space) - len(trials))
-    best = None
-    for trial in trials:
-        value = (trial.last_result or {}).get(space.metric)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            if best is None or (value < best[0] if space.mode == "min" else value > best[0]):
-                best = (value, trial)
-    shown = "no result yet"
-    if best is not None:
-        searched = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in (best[1].config or {}).get("params", {}).items())
-        shown = f"best {space.metric}={best[0]:.4g} ({best[1].trial_id}: {searched})"
-    total = len(trials) + not_created
-    return (f"[sweep {plan.name}] {counts['TERMINATED']}/{total} done, {counts['RUNNING']} running, "
-            f"{counts['PENDING'] + counts['PAUSED'] + not_created} pending, {counts['ERROR']} failed | {shown} | "
-            f"{elapsed_s:.0f}s")
-
-
-def summary_line(name: str, trials: list[Any], status: str, wall_s: float) -> str:
-    """`[sweep NAME] finished in 95s: 4/4 done (3 finished, 1 stopped early, 0 failed)`."""
-    finished = sum(t.status == "FINISHED" for t in trials)
-    stopped = sum(t.status == "KILLED" for t in trials)
-    failed = sum(t.status == "FAILED" for t in trials)
-    return (f"[sweep {name}] {status.lower()} in {wall_s:.0f}s: {finished + stopped + failed}/{len(trials)} done "
-            f"({finished} finished, {stopped} stopped early, {failed} failed)")
-
-
-def expected_trials(space: SearchSpace) -> int:
-    """Trials the sweep will run: num_samples times the product of the grid sizes."""
-    count = space.num_samples
-    for distribution in space.parameters.values():
-        if distribution.kind == "grid":
-            count *= len(distribution.values)
-    return count
-
-
 # -- the driver ---------------------------------------------------------------------------------------
 
 
@@ -377,7 +296,8 @@ def _open_parent(state: dict[str, Any] | None, base: RunConfig, space: SearchSpa
         tags={"stage": "sweep", SWEEP_TAG: name, "sweep.fingerprint": fingerprint,
               "sweep.parameters": json.dumps(list(space.parameters)),
               "sweep.objectives": json.dumps([[o.metric, o.mode] for o in space.active_objectives()]),
-              "sweep.metric": space.metric, "sweep.mode": space.mode},
+              "sweep.metric": space.metric, "sweep.mode": space.mode,
+              **({STUDY_TAG: study_tag(space)} if space.study is not None else {})},
     )
     parent.log_params({f"space.{key}": value for key, value in _flat(space.model_dump(mode="json")).items()})
     parent.log_params({**{f"base.{k}": v for k, v in base.flat().items()}, **package_versions()})
