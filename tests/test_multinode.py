@@ -3,7 +3,7 @@ its own `ray start --block` process with a node-local scratch folder (PANACEA_NO
 node's workers inherit), every node's MLFLOW_TRACKING_URI pointing at the team's tracking server
 (PostgreSQL + `mlflow server`), and one storage folder all nodes see (the shared mount's stand-in).
 
-Against it, the README's cluster commands:
+Against it, the cluster commands of docs/cluster.md:
 - `ray job submit --working-dir .` of `panacea finetune`, with a user's DeepSpeed JSON: 2 workers on 2
   nodes; every scratch folder is removed after the run, and the run folder (its DeepSpeed config holds
   the user's option), the MLflow record (each step logged once, by rank 0), every artifact read back
@@ -146,7 +146,7 @@ def _the_run(cluster: dict, run_name: str):
 
 @pytest.fixture(scope="module")
 def submitted(cluster, tiny_llama, placeholder_harmful_file, tmp_path_factory):
-    """The README's `ray job submit --working-dir .` of `panacea finetune`, run to completion."""
+    """docs/cluster.md's `ray job submit --working-dir .` of `panacea finetune`, run to completion."""
     folder = tmp_path_factory.mktemp("submitted")
     config, job = _job(cluster, folder, "submitted", tiny_llama, placeholder_harmful_file)
     command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster["dashboard"],
