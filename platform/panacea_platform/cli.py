@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 from pathlib import Path
 
 DEFAULT_JOB = "jobs/offline_default.yaml"
@@ -291,22 +292,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if check.agrees else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="panacea", description="Harmful fine-tuning defences (Panacea and baselines): train, compare, track."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_align(sub: Any) -> None:
     align = sub.add_parser("align", help="safety-align the base model on refusals; writes the aligned adapter")
     _add_config_args(align)
     align.set_defaults(func=cmd_align)
 
+
+def _add_finetune(sub: Any) -> None:
     finetune = sub.add_parser(
         "finetune", help="fine-tune on a poisoned task set with a defence (sft, random_perturbation, panacea)"
     )
     _add_config_args(finetune)
     finetune.set_defaults(func=cmd_finetune)
 
+
+def _add_demo(sub: Any) -> None:
     demo = sub.add_parser("demo", help="the main job: align, then attack and defend the aligned model, and compare")
     _add_config_args(demo)
     demo.add_argument(
@@ -325,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train nothing: rebuild the table and plots from the last run's saved rows (e.g. after a sweep)")
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_config(sub: Any) -> None:
     config = sub.add_parser("config", help="show the resolved configuration, list its fields, or validate job files")
     config.add_argument("action", choices=["show", "validate", "fields"])
     config.add_argument("--config", "-c", default=DEFAULT_JOB, help="YAML job file for 'show'")
@@ -332,9 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for 'show'")
     config.set_defaults(func=cmd_config)
 
+
+def _add_list(sub: Any) -> None:
     listing = sub.add_parser("list", help="registered defences, tasks, harmful sources and offline models")
     listing.set_defaults(func=cmd_list)
 
+
+def _add_tracking_server(sub: Any) -> None:
     server = sub.add_parser(
         "tracking-server", help="a team's MLflow server: PostgreSQL backend store, artifacts proxied to shared storage"
     )
@@ -346,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--db-port", type=int, default=5432, help="PostgreSQL's port on 127.0.0.1 (default 5432)")
     server.set_defaults(func=cmd_tracking_server)
 
+
+def _add_plan(sub: Any) -> None:
     plan_parser = sub.add_parser("plan", help="plans: per-GPU memory of a job under ZeRO-2/3")
     plan_sub = plan_parser.add_subparsers(dest="what", required=True, metavar="WHAT")
     memory = plan_sub.add_parser(
@@ -360,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "it with the plan; exit 1 if they differ by more than 25%%")
     memory.set_defaults(func=cmd_plan)
 
+
+def _add_bench(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="what", required=True, metavar="WHAT")
     step = bench_sub.add_parser("step", help="time and memory of the SFT step against the Panacea step")
@@ -385,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_lookup_args(bench_sweep_parser)
     bench_sweep_parser.set_defaults(func=cmd_bench_sweep)
 
+
+def _add_sweep(sub: Any) -> None:
     sweep = sub.add_parser(
         "sweep", help="Ray Tune search over rho, lambda or any field; one MLflow parent run, a child per trial"
     )
@@ -395,11 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--retry-errored", action="store_true", help="on resume, run failed trials again (from their last checkpoint, if they wrote one)")
     sweep.set_defaults(func=cmd_sweep)
 
+
+def _add_report(sub: Any) -> None:
     report = sub.add_parser("report", help="a sweep's trials table and Pareto plot (PNG + MLflow artifact)")
     _add_sweep_lookup_args(report)
     report.add_argument("--output-dir", default=None, help="where pareto.png and trials.txt go (default: a temp folder)")
     report.set_defaults(func=cmd_report)
 
+
+def _add_compare(sub: Any) -> None:
     compare = sub.add_parser(
         "compare", help="evaluated models against a reference on the same prompts: rates with 95%% intervals, "
         "paired differences"
@@ -408,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("others", nargs="+", help="the models compared with it (samples.jsonl or folders)")
     compare.set_defaults(func=cmd_compare)
 
+
+def _add_evaluate(sub: Any) -> None:
     evaluate = sub.add_parser(
         "evaluate", help="harmful score (HS, HS+), refusal rate and task accuracy of a model, on Ray Data"
     )
@@ -418,6 +436,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "there; without --adapter its released adapter and base model are downloaded from it")
     evaluate.add_argument("--output-dir", default=None, help="where samples.jsonl and eval_summary.json go")
     evaluate.set_defaults(func=cmd_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="panacea", description="Harmful fine-tuning defences (Panacea and baselines): train, compare, track."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # One function per subcommand, in the order `panacea --help` lists them.
+    for add in (_add_align, _add_finetune, _add_demo, _add_config, _add_list, _add_tracking_server, _add_plan,
+                _add_bench, _add_sweep, _add_report, _add_compare, _add_evaluate):
+        add(sub)
     return parser
 
 
