@@ -217,6 +217,17 @@ def ray_session(tmp_path_factory, s3_endpoint):
     ray.shutdown()
 
 
+def require_postgres() -> None:
+    """Skip, with the reason, where PostgreSQL is not installed; in CI (CI=true) that is a failure."""
+    from panacea_platform.tracking_server import postgres_bin
+
+    if postgres_bin("initdb") is None:
+        reason = "PostgreSQL is not installed (scripts/setup.sh installs it when run as root)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}: in CI the tracking-server tests must run")
+        pytest.skip(reason)
+
+
 def free_port() -> int:
     import socket
 
@@ -231,13 +242,9 @@ def team_server():
     `mlflow server --serve-artifacts` on localhost; yields (its URL, the artifact folder). Where
     PostgreSQL cannot run (not installed, and no root to install it) its tests skip with that reason;
     in CI (CI=true) they must run, and a skip there is a failure."""
-    from panacea_platform.tracking_server import postgres_bin, start_mlflow_server, start_postgres, stop_process
+    from panacea_platform.tracking_server import start_mlflow_server, start_postgres, stop_process
 
-    if postgres_bin("initdb") is None:
-        reason = "PostgreSQL is not installed (scripts/setup.sh installs it when run as root)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}: in CI the tracking-server tests must run")
-        pytest.skip(reason)
+    require_postgres()
     # PostgreSQL runs as its own user: every folder above its data must be enterable (pytest's are 700).
     root = Path(tempfile.mkdtemp(prefix="panacea-team-"))
     root.chmod(0o755)

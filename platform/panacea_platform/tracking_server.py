@@ -2,8 +2,9 @@
 (`--serve-artifacts`) into a destination on shared storage, so every process logs over HTTP and no
 artifact is written to a worker's own disk.
 
-`panacea tracking-server --data DIR` starts both on this machine and keeps them in the foreground
-(Ctrl-C stops both); the tests start the same two processes. PostgreSQL comes from the Debian
+`panacea tracking-server --data DIR` starts both on this machine and keeps them in the foreground;
+SIGINT (Ctrl-C) and SIGTERM (`timeout`, systemd, a cluster's shutdown) both stop both. A PostgreSQL
+lock file left by a crash is recognised and removed; the tests start the same two processes. PostgreSQL comes from the Debian
 packages (`apt-get install postgresql`; scripts/setup.sh installs it when it can).
 """
 
@@ -75,6 +76,7 @@ def start_postgres(data_dir: Path, port: int) -> Postgres:
                                       "(mode 700); put the server's data where every folder above can be entered")
     if not (data_dir / "PG_VERSION").is_file():
         _run(_as_postgres_user([initdb, "-D", str(data_dir), "-U", DB_USER, "--auth=trust", "-E", "UTF8"]), "initdb")
+    _clear_stale_lock(data_dir)
     options = f"-p {port} -c listen_addresses=127.0.0.1 -k {data_dir}"
     _run(_as_postgres_user([pg_ctl, "-D", str(data_dir), "-o", options, "-l", str(data_dir / "server.log"),
                             "-w", "-t", "60", "start"]), "pg_ctl start")
@@ -86,6 +88,23 @@ def start_postgres(data_dir: Path, port: int) -> Postgres:
         _run([postgres_bin("createdb") or "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", DB_USER, DB_NAME],
              "createdb")
     return server
+
+
+def _clear_stale_lock(data_dir: Path) -> None:
+    """A postmaster.pid whose process is gone, or is not a PostgreSQL server (its number reused after a crash),
+    is removed; one of a server that still runs on this folder is an error saying how to stop it."""
+    lock = data_dir / "postmaster.pid"
+    if not lock.is_file():
+        return
+    pid = lock.read_text().splitlines()[0].strip() if lock.read_text().strip() else ""
+    try:
+        command = Path(f"/proc/{int(pid)}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (ValueError, OSError):
+        command = ""
+    if "postgres" in command and str(data_dir) in command:
+        raise TrackingServerError(f"a PostgreSQL server (pid {pid}) already runs on {data_dir}: stop it "
+                                  f"(`pg_ctl -D {data_dir} stop`, as the {DB_USER} user) or pass another --data")
+    lock.unlink()
 
 
 def _run(command: list[str], what: str) -> None:
@@ -133,23 +152,36 @@ def stop_process(process: subprocess.Popen, grace_s: float = 20) -> None:
             pass
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM takes Ctrl-C's way out: the servers are stopped in serve's finally
+
+
 def serve(data: Path, port: int, db_port: int, artifacts: Path | None, host: str, out=print) -> int:
-    """Start PostgreSQL and the MLflow server and keep them until interrupted (the CLI command)."""
+    """Start PostgreSQL and the MLflow server and keep them until SIGINT or SIGTERM (the CLI command)."""
+    import signal
+
     data = Path(data)
-    postgres = start_postgres(data / "postgres", db_port)
-    server = None
+    signal.signal(signal.SIGTERM, _interrupt)
+    postgres, server = None, None
     try:
+        postgres = start_postgres(data / "postgres", db_port)
+        # A first start migrates a new database: minutes on a busy head node.
         server = start_mlflow_server(postgres.uri, artifacts or data / "artifacts", port, host,
-                                     log=data / "mlflow-server.log")
+                                     log=data / "mlflow-server.log", timeout_s=300)
         out(f"MLflow tracking server: http://{host}:{port} (PostgreSQL {postgres.uri}, artifacts in "
             f"{(artifacts or data / 'artifacts').resolve()})")
-        out(f"on every node: export MLFLOW_TRACKING_URI=http://{host}:{port}   (Ctrl-C stops the server)")
+        out(f"on every node: export MLFLOW_TRACKING_URI=http://{host}:{port}   (Ctrl-C or SIGTERM stops the server)")
         while server.poll() is None:
             time.sleep(1)
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
+        # A second signal must not cut the clean-up short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if server is not None:
             stop_process(server)
-        postgres.stop()
+        if postgres is not None:
+            postgres.stop()
+        out("MLflow server and PostgreSQL stopped")
