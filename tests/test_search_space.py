@@ -173,3 +173,37 @@ def test_the_fingerprint_changes_with_the_space():
     b = space_from_dict({"parameters": {"panacea.rho": {"grid": [2]}}})
     assert a.fingerprint() == space_from_dict({"parameters": {"panacea.rho": {"grid": [1]}}}).fingerprint()
     assert a.fingerprint() != b.fingerprint()
+
+
+STUDY_SPACE = {"parameters": {"defence": {"grid": ["sft", "panacea"]}, "data.harmful_ratio": {"grid": [0.0, 0.1, 0.2]},
+                              "panacea.rho": {"choice": [0.1, 1.0]}},
+               "searcher": "random",
+               "study": {"rows": "defence", "columns": "data.harmful_ratio", "reference": "sft", "max_trials": 6}}
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"rows": "seed"}, "study.rows = 'seed': expected one of the space's grid parameters"),
+    ({"columns": "panacea.rho"}, "study.columns = 'panacea.rho': expected one of the space's grid parameters"),
+    ({"columns": "defence"}, "study.columns = 'defence': the same field as study.rows"),
+    ({"reference": "vaccine"}, "study.reference = 'vaccine': expected one of defence's values ['sft', 'panacea']"),
+    ({"max_trials": 5}, "study.max_trials = 5: the grid makes 6 trials (num_samples 1 x 2 x 3)"),
+    ({"rows": "defence", "colour": "red"}, "study.colour: unknown key"),
+])
+def test_a_study_that_cannot_print_its_table_is_one_clear_error(change, fragment):
+    check(STUDY_SPACE)  # as given, it can
+    with pytest.raises(SearchSpaceError) as info:
+        check({**STUDY_SPACE, "study": {**STUDY_SPACE["study"], **change}})
+    assert fragment in str(info.value)
+
+
+def test_a_study_reads_the_evaluation_and_the_shipped_studies_fit_their_jobs(monkeypatch):
+    with pytest.raises(SearchSpaceError, match="set evaluate: true"):
+        check({**STUDY_SPACE, "evaluate": False})
+    monkeypatch.chdir(REPO)
+    for name, grid in (("offline_study_p", (3, 3)), ("paper_table1_p", (7, 4)), ("paper_table2_n", (7, 5))):
+        space = load_space(REPO / "search_spaces" / f"{name}.yaml")
+        rows, columns = space.parameters[space.study.rows].values, space.parameters[space.study.columns].values
+        assert (len(rows), len(columns)) == grid and space.study.max_trials == grid[0] * grid[1], name
+        check_against_job(space, load_config(space.base_job))
+    table1 = load_space(REPO / "search_spaces" / "paper_table1_p.yaml")
+    assert table1.parameters["data.harmful_ratio"].values == [0.0, 0.05, 0.1, 0.2] and table1.study.reference == "sft"

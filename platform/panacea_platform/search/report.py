@@ -243,6 +243,23 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def study_report(client: Any, parent_run_id: str, trials: list[TrialRow], folder: Path,
+                 out: Callable[[str], None]) -> str | None:
+    """A study's tables and plot (search/study.py), printed and logged on the parent run; None for a plain sweep."""
+    from panacea_platform.search.study import plot_study, study_table
+
+    table = study_table(client, parent_run_id, trials)
+    if table is None:
+        return None
+    out(table)
+    (folder / "study.txt").write_text(table + "\n")
+    plot = plot_study(client, parent_run_id, trials, folder / "study.png")
+    for path in (folder / "study.txt", plot):
+        client.log_artifact(parent_run_id, str(path))
+    out(f"study plot: {plot}")
+    return table
+
+
 def sweep_report(tracking_uri: str, sweep: str, *, experiment: str | None = None, out: Callable[[str], None] = print,
                  output_dir: str | Path | None = None) -> SweepReport:
     """Print the trials table, write the Pareto plot (PNG) and log both on the parent run."""
@@ -271,6 +288,7 @@ def sweep_report(tracking_uri: str, sweep: str, *, experiment: str | None = None
         client.log_artifact(parent_run_id, str(path))
     for row, flag in zip(trials, front):
         client.set_tag(row.run_id, "pareto_front", str(flag).lower())
+    study_report(client, parent_run_id, trials, folder, out)
     client.set_tag(parent_run_id, "pareto_front_trials", ",".join(t.trial_id for t, f in zip(trials, front) if f))
     out(f"Pareto plot: {plot} (also an artifact of MLflow run {parent_run_id})")
     return SweepReport(parent_run_id, parameters, objectives, trials, front, table, plot)

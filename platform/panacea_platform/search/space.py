@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from panacea_platform.config import ConfigError, RunConfig, read_yaml_mapping, with_changes
+from panacea_platform.search.study import StudySpec, study_problem
 
 # Fields the sweep itself sets for each trial; searching them would fight the sweep.
 RESERVED_PREFIXES = ("run_name", "output_dir", "tracking", "scaling")
@@ -179,6 +180,8 @@ class SearchSpace(_Strict):
     resources: Resources = Field(default_factory=Resources)
     max_concurrent_trials: int | None = Field(None, ge=1, description="At most this many trials at once; null = as resources allow.")
     evaluate: bool = Field(True, description="Run the full evaluation (harmful score, accuracy) on each finished trial.")
+    study: StudySpec | None = Field(None, description="Print the trials as one of the paper's tables (search/study.py): "
+                                    "rows and columns are two grid parameters, e.g. defence x data.harmful_ratio.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "SearchSpace":
@@ -201,6 +204,10 @@ class SearchSpace(_Strict):
             raise ValueError("metric is empty")
         if self.metric == "score" and not self.score:
             raise ValueError("metric 'score' needs score: {metric: weight, ...}")
+        if self.study is not None:
+            problem = study_problem(self.study, self.parameters, self.num_samples, self.evaluate)
+            if problem:
+                raise ValueError(problem)
         return self
 
     def active_objectives(self) -> list[Objective]:
