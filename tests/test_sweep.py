@@ -382,9 +382,10 @@ def test_periodic_held_out_signals_leave_training_bit_identical(tiny_run_config)
 
 
 def test_a_study_prints_the_papers_table_from_its_trials_and_a_rerun_resumes(ray_session, sweep_root, capsys):
-    """defence x p on the tiny model, evaluated: every cell is the rate its trial's samples give, with Wilson's
-    interval, each paired difference the one its samples give; the table and plot land on the parent run;
-    running the study again resumes it (no trial runs twice) and prints the same table."""
+    """defence x p on the tiny model, end to end: every cell is the rate its trial's samples give, with Wilson's
+    interval, the paired difference the one its samples give; the table and plot land on the parent run;
+    running the study again resumes it (no trial runs twice) and prints the same table. Two trials at once,
+    for time; the table's arithmetic over a 2 x 2 grid of distinct outcomes is in test_study.py."""
     from panacea_platform.cli import main
     from panacea_platform.evaluation.results import read_outcomes
     from panacea_platform.evaluation.stats import paired_difference, wilson_interval
@@ -398,19 +399,19 @@ def test_a_study_prints_the_papers_table_from_its_trials_and_a_rerun_resumes(ray
                               {"name": "task", "source": "task", "metric": "accuracy", "max_new_tokens": 3}]}
     (sweep_root / "study-job.yaml").write_text(yaml.safe_dump(tree))
     space = write_space(sweep_root, "study", {
-        "parameters": {"defence": {"grid": ["sft", "panacea"]}, "data.harmful_ratio": {"grid": [0.0, 0.2]}},
+        "parameters": {"defence": {"grid": ["sft", "panacea"]}, "data.harmful_ratio": {"grid": [0.2]}},
         "searcher": "grid", "metric": "eval/harmful/harmful_score", "mode": "min", "evaluate": True,
         "objectives": [{"metric": "eval/harmful/harmful_score", "mode": "min"},
                        {"metric": "eval/task/accuracy", "mode": "max"}],
         "max_concurrent_trials": 2,
-        "study": {"rows": "defence", "columns": "data.harmful_ratio", "reference": "sft", "max_trials": 4},
+        "study": {"rows": "defence", "columns": "data.harmful_ratio", "reference": "sft", "max_trials": 2},
     })
     lines: list[str] = []
     outcome = run_sweep(space, sweep_root / "study-job.yaml", name="study", out=lines.append, progress_every_s=30)
     assert outcome.status == "FINISHED"
     client = client_for(sweep_root)
     runs = children(client, outcome.parent_run_id)
-    assert len(runs) == 4
+    assert len(runs) == 2
     samples = {(r.data.params["defence"], float(r.data.params["data.harmful_ratio"])):
                Path(r.data.params["output_dir"]) / r.data.params["run_name"] / "eval" / "samples.jsonl" for r in runs}
     text = "\n".join(lines)
@@ -420,18 +421,18 @@ def test_a_study_prints_the_papers_table_from_its_trials_and_a_rerun_resumes(ray
         low, high = wilson_interval(sum(hs), len(hs))
         row = next(line for line in hs_block.splitlines() if line.startswith(defence))
         assert f"{100 * sum(hs) / len(hs):.1f} [{low:.1f}, {high:.1f}]" in row, (defence, p, row)
-    for p in (0.0, 0.2):
+    for p in (0.2,):
         difference = paired_difference([read_outcomes(samples[("panacea", p)], "harmful", "harmful_score")],
                                        [read_outcomes(samples[("sft", p)], "harmful", "harmful_score")])
         paired = hs_block.split("ΔHS vs sft (pp)")[1]
         assert difference.text() in next(line for line in paired.splitlines() if line.startswith("panacea")), p
-    assert "4 of 4 cells finished; Wilson's 95% interval" in text
+    assert "2 of 2 cells finished; Wilson's 95% interval" in text
     artifacts = {item.path for item in client.list_artifacts(outcome.parent_run_id)}
     assert {"study.txt", "study.png"} <= artifacts
 
     again: list[str] = []
     resumed = run_sweep(space, sweep_root / "study-job.yaml", name="study", out=again.append, progress_every_s=30)
-    assert resumed.parent_run_id == outcome.parent_run_id and len(children(client, outcome.parent_run_id)) == 4
+    assert resumed.parent_run_id == outcome.parent_run_id and len(children(client, outcome.parent_run_id)) == 2
     assert "resuming" in "\n".join(again) and hs_block in "\n".join(again)
     assert main(["report", "--sweep", "study", "-c", str(sweep_root / "study-job.yaml"),
                  "--output-dir", str(sweep_root / "study-report")]) == 0
