@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from panacea_platform.cli import build_parser, main
+from panacea_platform.cli import _demo_suffix, build_parser, main
 from panacea_platform.tracking import default_tracking_uri
 
 
@@ -150,21 +150,24 @@ def test_the_paper_comparison_demo_runs_every_defence_at_its_stage_on_the_same_p
     assert "Lisa, p=0.1: aligned LoRA merged, a fresh LoRA (r8 a4 on q_proj,v_proj, dropout 0.1); lr 1e-05, batch 5" \
         in summary.split("fine-tuning after alignment (model.after_alignment: authors")[1]
 
-    # A second run, of the default suite, reuses the aligned adapter and its evaluation, and says so.
+    # A second run, of other defences, reuses the aligned adapter and its evaluation, and says so; its rows
+    # and table have a name of their own, so the comparison's stay as they were.
     assert main(["demo", "--config", str(path), "--defences", "sft", "--no-control", *fast_eval]) == 0
     out = capsys.readouterr().out
     assert "reusing the aligned adapter" in out and "reusing the evaluation of" in out
-    rows = json.loads((folder / "demo-rows.json").read_text())
-    assert [r["key"] for r in rows] == ["aligned", "sft"]
+    rows = json.loads((folder / f"demo{_demo_suffix(['sft'])}-rows.json").read_text())
+    assert [r["key"] for r in rows] == ["aligned", "sft"] and _demo_suffix(["sft"]).startswith("-d")
+    assert (folder / "demo-paper-summary.txt").read_text() == summary
 
 
 def test_demo_over_seeds_reports_mean_and_spread(tiny_job, capsys):
     config, path = tiny_job
     assert main(["demo", "--config", str(path), "--defences", "sft", "--no-control", "--no-eval",
                  "--seeds", "0,1", "run_name=seeds"]) == 0
-    table = (config.run_dir().parent / "seeds-summary.txt").read_text()
+    suffix = _demo_suffix(["sft"])  # the rows and table of this choice of defences
+    table = (config.run_dir().parent / f"seeds{suffix}-summary.txt").read_text()
     assert "±" in table and "seeds 0,1 (mean ± sample std)" in table
-    rows = json.loads((config.run_dir().parent / "seeds-rows.json").read_text())
+    rows = json.loads((config.run_dir().parent / f"seeds{suffix}-rows.json").read_text())
     assert sorted((r["key"], r["seed"]) for r in rows) == [("aligned", 0), ("aligned", 1), ("sft", 0), ("sft", 1)]
     # Seeds differ, so the two SFT runs differ and the spread is not zero.
     losses = [r["summary"]["released_heldout_task_loss"] for r in rows if r["key"] == "sft"]
@@ -172,10 +175,10 @@ def test_demo_over_seeds_reports_mean_and_spread(tiny_job, capsys):
 
     # --report-only rebuilds the same table from the saved rows, training nothing, in its own MLflow run.
     capsys.readouterr()
-    assert main(["demo", "--config", str(path), "--report-only", "run_name=seeds"]) == 0
+    assert main(["demo", "--config", str(path), "--defences", "sft", "--report-only", "run_name=seeds"]) == 0
     out = capsys.readouterr().out
     assert table.splitlines()[2] in out and "[finetune" not in out
-    assert (config.run_dir().parent / "seeds-summary.txt").read_text() == table
+    assert (config.run_dir().parent / f"seeds{suffix}-summary.txt").read_text() == table
     client = MlflowClient(default_tracking_uri(config.output_dir))
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     reports = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'demo-report'")

@@ -73,24 +73,37 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_suffix(defences: list[str]) -> str:
+    """'' for the default suite, '-paper' for the paper's comparison, '-d<hash>' for any other list of defences."""
+    import hashlib
+
+    from panacea_platform.pipeline import DEMO_SUITES
+
+    if defences == DEMO_SUITES["default"]:
+        return ""
+    if defences == DEMO_SUITES["paper-comparison"]:
+        return "-paper"
+    return "-d" + hashlib.sha256(",".join(defences).encode()).hexdigest()[:6]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from panacea_platform.algorithms import DEFENCES
     from panacea_platform.config import ConfigError, with_changes
     from panacea_platform.pipeline import DEMO_SUITES, report_demo, run_demo
 
     config = _load(args)
-    if args.suite == "paper-comparison":  # its own rows, table and plots beside the default demo's
-        config = with_changes(config, {"run_name": f"{config.run_name}-paper"})
+    if args.suite is not None and args.defences is not None:
+        raise ConfigError("--suite and --defences both choose the defences: give one")
+    chosen = args.defences if args.defences is not None else ",".join(DEMO_SUITES[args.suite or "default"])
+    defences = [d.strip() for d in chosen.split(",") if d.strip()]
+    # Each choice of defences has its own rows, table and plots: one never overwrites another's.
+    config = with_changes(config, {"run_name": config.run_name + _demo_suffix(defences)})
     if args.report_only:
         report_demo(config)
         return 0
     from panacea_platform.preflight import check_before_work
 
     check_before_work(config)
-    if args.suite is not None and args.defences is not None:
-        raise ConfigError("--suite and --defences both choose the defences: give one")
-    chosen = args.defences if args.defences is not None else ",".join(DEMO_SUITES[args.suite or "default"])
-    defences = [d.strip() for d in chosen.split(",") if d.strip()]
     unknown = [d for d in defences if d not in DEFENCES]
     if unknown or not defences:
         raise ConfigError(f"--defences {chosen!r}: expected a comma list of {', '.join(DEFENCES.names())}")
