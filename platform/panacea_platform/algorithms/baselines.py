@@ -10,7 +10,7 @@ import torch
 from panacea_platform.algorithms import lisa as lisa_method
 from panacea_platform.algorithms.antidote import antidote_perturbation
 from panacea_platform.algorithms.booster import booster_step
-from panacea_platform.algorithms.convention import FineTuneConvention
+from panacea_platform.algorithms.convention_config import FineTuneConvention
 from panacea_platform.algorithms.defences import ALIGN, FINETUNE, POST_FINETUNE, Defence
 from panacea_platform.algorithms.interface import Tensors, TrainableWeights
 from panacea_platform.algorithms.repnoise import RepNoiseObjective, repnoise_step

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from panacea_platform.algorithms.convention import FineTuneConvention
+from panacea_platform.algorithms.convention_config import FineTuneConvention
 from panacea_platform.algorithms.interface import Objective, Tensors, TrainableWeights
 from panacea_platform.algorithms.panacea import panacea_step
 from panacea_platform.algorithms.random_perturbation import gaussian_perturbation

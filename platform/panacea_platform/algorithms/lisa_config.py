@@ -2,7 +2,7 @@
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from panacea_platform.algorithms.convention import FineTuneConvention
+from panacea_platform.algorithms.convention_config import FineTuneConvention
 
 
 class LisaConfig(BaseModel):

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from panacea_platform.algorithms.convention import FineTuneConvention
+from panacea_platform.algorithms.convention_config import FineTuneConvention
 
 
 class RepNoiseConfig(BaseModel):
