@@ -200,6 +200,11 @@ def test_a_study_reads_the_evaluation_and_the_shipped_studies_fit_their_jobs(mon
     with pytest.raises(SearchSpaceError, match="set evaluate: true"):
         check({**STUDY_SPACE, "evaluate": False})
     monkeypatch.chdir(REPO)
+    nowhere = space_from_dict({**STUDY_SPACE, "study": {**STUDY_SPACE["study"], "headlines": [
+        {"title": "X %", "suite": "nowhere", "rate": "accuracy"}]}})
+    with pytest.raises(SearchSpaceError, match=r"study.headlines\[0\] 'eval/nowhere/accuracy'"):
+        check_against_job(nowhere, load_config("jobs/offline_default.yaml"))
+    monkeypatch.chdir(REPO)
     for name, grid in (("offline_study_p", (3, 3)), ("paper_table1_p", (7, 4)), ("paper_table2_n", (7, 5))):
         space = load_space(REPO / "search_spaces" / f"{name}.yaml")
         rows, columns = space.parameters[space.study.rows].values, space.parameters[space.study.columns].values

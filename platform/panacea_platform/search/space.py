@@ -417,6 +417,8 @@ def _check_eval_metrics(space: SearchSpace, base: RunConfig) -> None:
     suites = {s.name: s.metric for s in base.evaluation.suites}
     named = [(f"objectives[{i}].metric", o.metric) for i, o in enumerate(space.active_objectives())]
     named += [("metric", space.metric)] + [(f"score.{key}", key) for key in space.score]
+    if space.study is not None:  # a headline no trial reports would print a table of dashes
+        named += [(f"study.headlines[{i}]", f"eval/{h.suite}/{h.rate}") for i, h in enumerate(space.study.headlines)]
     for where, metric in named:
         problem = reported_metric_problem(metric, suites)
         if problem:
