@@ -117,7 +117,9 @@ def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print,
 
     finetune_batch = first_batch(data.train, optim.batch_size)
     harmful_batch = first_batch(data.defender_harmful, optim.harmful_batch_size)
-    model = attach_lora(load_base_model(config.model), config.lora, config.model.adapter).to(training_device())
+    # Every step is timed on the same weights: the given adapter kept training, whatever the defences' conventions.
+    kept = config.model.model_copy(update={"after_alignment": "continue"})
+    model = attach_lora(load_base_model(kept), config.lora, config.model.adapter).to(training_device())
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable_mb = sum(p.numel() * p.element_size() for p in params) / 2**20
