@@ -284,12 +284,11 @@ def _check_arm(config: RunConfig) -> None:
     """What an arm needs beyond a valid config, checked before any run starts: a fresh LoRA of its convention
     that fits the model, and enough harmful pairs for Antidote's calibration."""
     from panacea_platform.algorithms.convention import check_fits
-    from panacea_platform.data.pools import calibration_for, pools_for
-    from panacea_platform.training.loop import stage_defence
+    from panacea_platform.data.pools import pools_for
+    from panacea_platform.training.stage_data import calibration_examples
 
     check_fits(config)
-    if "calibration" in stage_defence(config, "finetune").needs_at("post_finetune"):
-        calibration_for(config.data, pools_for(config.data), config.antidote.calibration_samples)
+    calibration_examples(config, pools_for(config.data))
 
 
 def _probe(config: RunConfig, row: Row, adapter: Path, tracking_uri: str, out: Callable[[str], None]) -> None:

@@ -96,7 +96,7 @@ def _clear_stale_lock(data_dir: Path) -> None:
     lock = data_dir / "postmaster.pid"
     if not lock.is_file():
         return
-    pid = lock.read_text().splitlines()[0].strip() if lock.read_text().strip() else ""
+    pid = (lock.read_text().splitlines() or [""])[0].strip()
     try:
         command = Path(f"/proc/{int(pid)}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except (ValueError, OSError):

@@ -246,14 +246,15 @@ def _short(value: Any) -> str:
 def study_report(client: Any, parent_run_id: str, trials: list[TrialRow], folder: Path,
                  out: Callable[[str], None]) -> str | None:
     """A study's tables and plot (search/study.py), printed and logged on the parent run; None for a plain sweep."""
-    from panacea_platform.search.study import plot_study, study_table
+    from panacea_platform.search.study import format_study, plot_study, read_study
 
-    table = study_table(client, parent_run_id, trials)
-    if table is None:
+    study = read_study(client, parent_run_id, trials)
+    if study is None:
         return None
+    table = format_study(study)
     out(table)
     (folder / "study.txt").write_text(table + "\n")
-    plot = plot_study(client, parent_run_id, trials, folder / "study.png")
+    plot = plot_study(study, folder / "study.png")
     for path in (folder / "study.txt", plot):
         client.log_artifact(parent_run_id, str(path))
     out(f"study plot: {plot}")

@@ -146,34 +146,47 @@ def study_tag(space: Any) -> str:
                        "columns": space.parameters[study.columns].values})
 
 
-def _read_tag(client: Any, parent_run_id: str) -> tuple[StudySpec, list[Any], list[Any]] | None:
+@dataclass
+class StudyCells:
+    """A study's spec, its grid order, and each headline's cells, read once from MLflow and the trials' samples."""
+
+    spec: StudySpec
+    rows: list[Any]
+    columns: list[Any]
+    cells: list[dict[tuple, Cell]]  # one per headline, in spec.headlines' order
+
+
+def read_study(client: Any, parent_run_id: str, trials: list[Any]) -> StudyCells | None:
+    """The study recorded on the sweep's parent run with its finished trials' outcomes; None for a plain sweep."""
     raw = client.get_run(parent_run_id).data.tags.get(STUDY_TAG)
     if not raw:
         return None
     data = json.loads(raw)
-    return StudySpec.model_validate(data["spec"]), data["rows"], data["columns"]
+    spec = StudySpec.model_validate(data["spec"])
+    return StudyCells(spec, data["rows"], data["columns"],
+                      [collect_cells(client, trials, spec, headline) for headline in spec.headlines])
+
+
+def format_study(study: StudyCells) -> str:
+    """Every headline's table, then what the intervals are."""
+    blocks = [format_block(study.spec, headline, cells, study.rows, study.columns)
+              for headline, cells in zip(study.spec.headlines, study.cells)]
+    per_cell = max((len(c.outcomes) for cells in study.cells for c in cells.values()), default=0)
+    interval = ("Wilson's 95% interval" if per_cell <= 1
+                else "95% interval: bootstrap over prompts, each prompt's trials kept together")
+    note = (f"{len(study.cells[0])} of {len(study.rows) * len(study.columns)} cells finished; {interval}; Δ: paired "
+            "on the same prompts, 95% percentile bootstrap; average: the mean of a row's cells, as the paper's tables "
+            "give it.")
+    return "\n\n".join([*blocks, note])
 
 
 def study_table(client: Any, parent_run_id: str, trials: list[Any]) -> str | None:
     """The study's tables from its finished trials, or None when the sweep is not a study."""
-    read = _read_tag(client, parent_run_id)
-    if read is None:
-        return None
-    study, rows, columns = read
-    blocks, per_cell = [], 0
-    for headline in study.headlines:
-        cells = collect_cells(client, trials, study, headline)
-        per_cell = max([per_cell, *(len(c.outcomes) for c in cells.values())])
-        blocks.append(format_block(study, headline, cells, rows, columns))
-    interval = ("Wilson's 95% interval" if per_cell <= 1
-                else "95% interval: bootstrap over prompts, each prompt's trials kept together")
-    finished = len(collect_cells(client, trials, study, study.headlines[0]))
-    note = (f"{finished} of {len(rows) * len(columns)} cells finished; {interval}; Δ: paired on the same prompts, "
-            "95% percentile bootstrap; average: the mean of a row's cells, as the paper's tables give it.")
-    return "\n\n".join([*blocks, note])
+    study = read_study(client, parent_run_id, trials)
+    return None if study is None else format_study(study)
 
 
-def plot_study(client: Any, parent_run_id: str, trials: list[Any], path: Path) -> Path:
+def plot_study(study: StudyCells, path: Path) -> Path:
     """One panel per headline: each row's rate against the columns, with its 95% interval."""
     import matplotlib
 
@@ -182,23 +195,23 @@ def plot_study(client: Any, parent_run_id: str, trials: list[Any], path: Path) -
 
     from panacea_platform.evaluation.stats import clustered_rate
 
-    study, rows, columns = _read_tag(client, parent_run_id)
-    figure, axes = plt.subplots(1, len(study.headlines), figsize=(5.5 * len(study.headlines), 4), squeeze=False)
-    positions = list(range(len(columns)))
-    for axis, headline in zip(axes[0], study.headlines):
-        cells = collect_cells(client, trials, study, headline)
-        for row in rows:
-            points = [(x, clustered_rate(cells[(row, c)].outcomes)) for x, c in zip(positions, columns) if (row, c) in cells]
+    headlines = study.spec.headlines
+    figure, axes = plt.subplots(1, len(headlines), figsize=(5.5 * len(headlines), 4), squeeze=False)
+    positions = list(range(len(study.columns)))
+    for axis, headline, cells in zip(axes[0], headlines, study.cells):
+        for row in study.rows:
+            points = [(x, clustered_rate(cells[(row, c)].outcomes)) for x, c in zip(positions, study.columns)
+                      if (row, c) in cells]
             if not points:
                 continue
             xs, rates = [x for x, _ in points], [r for _, r in points]
             errors = [[r.percent - r.ci_low for r in rates], [r.ci_high - r.percent for r in rates]]
             axis.errorbar(xs, [r.percent for r in rates], yerr=errors, marker="o", capsize=3, label=str(row))
-        axis.set_xticks(positions, [str(c) for c in columns])
-        axis.set_xlabel(study.columns)
+        axis.set_xticks(positions, [str(c) for c in study.columns])
+        axis.set_xlabel(study.spec.columns)
         axis.set_ylabel(headline.title)
         axis.set_title(f"{headline.title} ({headline.suite}), 95% intervals")
-    axes[0][0].legend(title=study.rows, fontsize=8)
+    axes[0][0].legend(title=study.spec.rows, fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -59,7 +59,7 @@ def prepare_data(config: RunConfig, stage: str) -> StageData:
     }
     if alignment and stage != "align":
         prints["alignment_set"] = fingerprint(alignment)
-    calibration = _calibration(config, pools) if stage == "finetune" else []
+    calibration = calibration_examples(config, pools) if stage == "finetune" else []
     if calibration:
         prints["calibration"] = fingerprint(calibration)
     return StageData(train, pools.defender, pools.evaluation, eval_task, pools, alignment, calibration,
@@ -82,7 +82,7 @@ def _alignment_set(config: RunConfig, pools: HarmfulPools) -> list[Example]:
                                config.seed, open_pairs=self_distilled_examples(config))
 
 
-def _calibration(config: RunConfig, pools: HarmfulPools) -> list[Example]:
+def calibration_examples(config: RunConfig, pools: HarmfulPools) -> list[Example]:
     """Antidote's calibration samples when the run's defence prunes after fine-tuning, else none."""
     from panacea_platform.data.pools import calibration_for
     from panacea_platform.training.loop import stage_defence
