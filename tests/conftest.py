@@ -105,11 +105,13 @@ def placeholder_harmful_file(tmp_path_factory) -> Path:
 
 
 def tiny_config(model_dir, harmful_file, output_dir, run_name="tiny", **sections):
-    """A fast, fully offline RunConfig on the tiny model and placeholder data.
+    """A fast, fully offline RunConfig on the tiny model and placeholder data, checked as a command
+    checks its config (config_checks.check_config).
 
     `sections` update the tree: a dict merges into that section, anything else replaces the key.
     """
     from panacea_platform.config import config_from_dict
+    from panacea_platform.config_checks import check_config
 
     tree = {
         "run_name": run_name,
@@ -140,7 +142,7 @@ def tiny_config(model_dir, harmful_file, output_dir, run_name="tiny", **sections
             tree.setdefault(key, {}).update(value)
         else:
             tree[key] = value
-    return config_from_dict(tree)
+    return check_config(config_from_dict(tree))
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from panacea_platform.cli import main
-from panacea_platform.config import ConfigError, RunConfig, load_config, save_config
+from panacea_platform.config import ConfigError, RunConfig, save_config
+from panacea_platform.config_checks import load_checked
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_FILES = sorted((REPO / "jobs").rglob("*.yaml"))
@@ -21,13 +22,13 @@ def test_there_are_job_files_for_the_paper_settings():
 
 @pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_job_file_validates(path):
-    config = load_config(path)
+    config = load_checked(path)
     assert isinstance(config, RunConfig)
 
 
 @pytest.mark.parametrize("path", [p for p in JOB_FILES if p.parent.name == "paper"], ids=lambda p: p.stem)
 def test_paper_jobs_carry_the_authors_settings(path):
-    config = load_config(path)
+    config = load_checked(path)
     assert (config.lora.rank, config.lora.alpha, config.lora.dropout) == (32, 4, 0.0)
     assert config.lora.target_modules == ["q_proj", "k_proj", "v_proj"]
     assert (config.data.n, config.data.harmful_ratio) == (1000, 0.1)
@@ -60,8 +61,8 @@ PAPER_DEFENCES = {
 
 @pytest.mark.parametrize("defence", sorted(PAPER_DEFENCES))
 def test_paper_defence_jobs_carry_the_papers_values_on_the_papers_base(defence):
-    config = load_config(REPO / "jobs" / "paper" / "defences" / f"llama2-7b-gsm8k-{defence}.yaml")
-    base = load_config(REPO / "jobs" / "paper" / "llama2-7b-gsm8k.yaml")
+    config = load_checked(REPO / "jobs" / "paper" / "defences" / f"llama2-7b-gsm8k-{defence}.yaml")
+    base = load_checked(REPO / "jobs" / "paper" / "llama2-7b-gsm8k.yaml")
     assert config.defence == defence and PAPER_DEFENCES[defence](config)
     assert config.model.after_alignment == "authors"  # each defence under its authors' convention
     # Everything but the defence's own choices is the paper's job.
@@ -73,15 +74,15 @@ def test_paper_defence_jobs_carry_the_papers_values_on_the_papers_base(defence):
 def test_a_job_file_extends_another_section_by_section(tmp_path):
     (tmp_path / "base.yaml").write_text("run_name: base\noptim: {lr: 0.1, max_steps: 5}\n")
     (tmp_path / "child.yaml").write_text("extends: base.yaml\noptim: {max_steps: 7}\n")
-    config = load_config(tmp_path / "child.yaml")
+    config = load_checked(tmp_path / "child.yaml")
     assert (config.run_name, config.optim.lr, config.optim.max_steps) == ("base", 0.1, 7)
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(ConfigError, match="a cycle"):
-        load_config(tmp_path / "loop.yaml")
+        load_checked(tmp_path / "loop.yaml")
 
 
 def test_overrides_are_typed_and_applied():
-    config = load_config(None, ["panacea.rho=0.5", "panacea.lambda=1e-2", "optim.max_steps=7", "defence=sft"])
+    config = load_checked(None, ["panacea.rho=0.5", "panacea.lambda=1e-2", "optim.max_steps=7", "defence=sft"])
     assert config.panacea.rho == 0.5
     assert config.panacea.lam == 0.01
     assert config.optim.max_steps == 7
@@ -124,7 +125,7 @@ def test_defaults_are_the_documented_ones():
 )
 def test_bad_values_name_the_field_and_what_is_allowed(override, field, fragment):
     with pytest.raises(ConfigError) as info:
-        load_config(None, [override])
+        load_checked(None, [override])
     message = str(info.value)
     assert field in message
     assert fragment in message
@@ -132,9 +133,9 @@ def test_bad_values_name_the_field_and_what_is_allowed(override, field, fragment
 
 
 def test_self_distilled_user_and_alignment_requests_must_fit_the_train_requests_together():
-    load_config(None, ["data.task_self_distill=50", "data.alignment_self_distill=60"])  # 70 + 83 of 160
+    load_checked(None, ["data.task_self_distill=50", "data.alignment_self_distill=60"])  # 70 + 83 of 160
     with pytest.raises(ConfigError, match=r"data.task_self_distill = 60: .* ask 166 of the 160 open training requests"):
-        load_config(None, ["data.task_self_distill=60", "data.alignment_self_distill=60"])
+        load_checked(None, ["data.task_self_distill=60", "data.alignment_self_distill=60"])
 
 
 def test_a_task_whose_answers_no_rule_checks_is_refused_while_a_suite_scores_it():
@@ -144,9 +145,9 @@ def test_a_task_whose_answers_no_rule_checks_is_refused_while_a_suite_scores_it(
     try:
         with pytest.raises(ConfigError, match=r"data.task = 'placeholder_unscored': expected a task whose answers an "
                            r"accuracy rule checks \(suite 'task'"):
-            load_config(None, ["data.task=placeholder_unscored"])
+            load_checked(None, ["data.task=placeholder_unscored"])
         # Without a suite that scores the task, there is no FA to check: accepted.
-        load_config(None, ["data.task=placeholder_unscored",
+        load_checked(None, ["data.task=placeholder_unscored",
                            "evaluation.suites=[{name: harmful, source: harmful_heldout, metric: harmful_score}]"])
     finally:
         del TASKS._entries["placeholder_unscored"]
@@ -156,21 +157,21 @@ def test_unknown_yaml_key_is_an_error_not_ignored(tmp_path):
     path = tmp_path / "typo.yaml"
     path.write_text("panacea:\n  rho: 1.0\n  lamda: 0.1\n")
     with pytest.raises(ConfigError, match=r"panacea\.lamda: unknown key"):
-        load_config(path)
+        load_checked(path)
 
 
 def test_missing_config_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
-        load_config(tmp_path / "absent.yaml")
+        load_checked(tmp_path / "absent.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("panacea: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(bad)
+        load_checked(bad)
 
 
 def test_malformed_override():
     with pytest.raises(ConfigError, match="dotted.key=value"):
-        load_config(None, ["panacea.rho"])
+        load_checked(None, ["panacea.rho"])
 
 
 def test_cli_exits_2_with_one_line_before_any_work(tmp_path, capsys):
@@ -183,9 +184,9 @@ def test_cli_exits_2_with_one_line_before_any_work(tmp_path, capsys):
 
 
 def test_saved_config_round_trips(tmp_path):
-    config = load_config(REPO / "jobs/offline_default.yaml", ["panacea.rho=0.7"])
+    config = load_checked(REPO / "jobs/offline_default.yaml", ["panacea.rho=0.7"])
     save_config(config, tmp_path / "config.yaml")
-    assert load_config(tmp_path / "config.yaml") == config
+    assert load_checked(tmp_path / "config.yaml") == config
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["panacea"]["lambda"] == config.panacea.lam
 
 
@@ -198,10 +199,10 @@ def test_flat_params_cover_every_field():
 
 def test_any_global_batch_splits_over_workers_but_an_unfillable_accumulation_is_refused():
     # 10 samples on 8 workers: shares of 2, 2, 1, ... (uneven splits are weighted by tokens).
-    config = load_config(None, ["scaling.num_workers=8", "scaling.zero_stage=2", "optim.batch_size=10",
+    config = load_checked(None, ["scaling.num_workers=8", "scaling.zero_stage=2", "optim.batch_size=10",
                                 "optim.grad_accum_steps=2"])
     assert (config.optim.batch_size, config.optim.grad_accum_steps) == (10, 2)
     with pytest.raises(ConfigError, match=r"optim.grad_accum_steps = 4 cannot be filled by optim.batch_size = 3"):
-        load_config(None, ["optim.batch_size=3", "optim.grad_accum_steps=4"])
+        load_checked(None, ["optim.batch_size=3", "optim.grad_accum_steps=4"])
     with pytest.raises(ConfigError, match=r"align_optim.grad_accum_steps"):
-        load_config(None, ["align_optim.grad_accum_steps=0"])
+        load_checked(None, ["align_optim.grad_accum_steps=0"])

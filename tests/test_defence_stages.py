@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from panacea_platform.cli import main
 from panacea_platform.config import ConfigError, with_changes
+from panacea_platform.config_checks import check_config
 from panacea_platform.training.dispatch import train
 
 QUIET = {"out": lambda line: None}
@@ -58,9 +59,9 @@ def test_fine_tuning_after_an_alignment_defence_is_sft_from_its_adapter(aligned)
 def test_an_alignment_defence_refuses_an_adapter_it_did_not_make(aligned):
     config, _ = aligned["vaccine"]
     with pytest.raises(ConfigError, match=r"model.adapter = .*aligned by 'sft'"):
-        with_changes(config, {"model.adapter": str(aligned["sft"][1].adapter_dir)})
+        check_config(with_changes(config, {"model.adapter": str(aligned["sft"][1].adapter_dir)}))
     with pytest.raises(ConfigError, match=r"model.adapter = .*aligned with \{'rho': 0.5\}"):
-        with_changes(config, {"model.adapter": str(aligned["vaccine"][1].adapter_dir), "vaccine.rho": 3.0})
+        check_config(with_changes(config, {"model.adapter": str(aligned["vaccine"][1].adapter_dir), "vaccine.rho": 3.0}))
     with pytest.raises(ConfigError, match="model.adapter = None: defence 'vaccine' acts at alignment"):
         train(with_changes(config, {"run_name": "no-adapter"}), "finetune", **QUIET)
 

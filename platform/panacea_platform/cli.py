@@ -38,10 +38,11 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace):
-    from panacea_platform.config import load_config
+def _load(args: argparse.Namespace, before: list[str] | None = None):
+    """The command's config: its job file, `before` (a preset's overrides), then its own overrides, checked."""
+    from panacea_platform.config_checks import load_checked
 
-    return load_config(args.config, args.overrides)
+    return load_checked(args.config, (before or []) + list(args.overrides))
 
 
 def _load_for_work(args: argparse.Namespace):
@@ -120,10 +121,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from panacea_platform.config import load_config
+    from panacea_platform.config_checks import load_checked
 
     if args.action == "show":
-        config = load_config(args.config, args.overrides)
+        config = load_checked(args.config, args.overrides)
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     if args.action == "fields":
@@ -133,7 +134,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         return 0
     files = args.files or sorted(str(p) for p in Path("jobs").glob("*.yaml"))
     for path in files:
-        load_config(path)
+        load_checked(path)
         print(f"ok: {path}")
     return 0
 
@@ -188,10 +189,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from panacea_platform.config import load_config
     from panacea_platform.evaluation.evaluate import evaluate_model, format_result, preset_overrides
 
-    config = load_config(args.config, preset_overrides(args.preset) + list(args.overrides))
+    config = _load(args, preset_overrides(args.preset))
     adapter = args.adapter
     if args.run_id is not None and adapter is None:
         config, adapter = _released_model(config, args.run_id, args.output_dir)
@@ -217,11 +217,10 @@ def _released_model(config, run_id: str, output_dir: str | None):
 
 
 def cmd_bench_eval(args: argparse.Namespace) -> int:
-    from panacea_platform.config import load_config
     from panacea_platform.evaluation.bench import bench_eval
     from panacea_platform.evaluation.evaluate import preset_overrides
 
-    config = load_config(args.config, preset_overrides(args.preset) + list(args.overrides))
+    config = _load(args, preset_overrides(args.preset))
     result = bench_eval(config, args.prompts, args.adapter, loop_threads=args.loop_threads)
     # Different greedy answers mean the pipeline is wrong, however fast it is.
     return 1 if result.mismatches else 0
@@ -237,10 +236,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _tracking_uri(args: argparse.Namespace) -> tuple[str, str]:
-    from panacea_platform.config import load_config
     from panacea_platform.tracking import default_tracking_uri
 
-    config = load_config(args.config, args.overrides)
+    config = _load(args)
     return args.tracking_uri or config.tracking.tracking_uri or default_tracking_uri(config.output_dir), config.tracking.experiment
 
 

@@ -1,7 +1,10 @@
 """The typed run configuration: one YAML file under jobs/, plus dotted overrides.
 
-Every field is validated before any work starts; a bad value raises ConfigError
-with one message naming the field, the value given and what is allowed.
+A leaf of the package: schemas and each field's own checks (types, ranges, files that must exist,
+fields that contradict each other). What a config names is checked against the registries, the
+data and the models by config_checks.py, before any work; each plugin's settings sit beside its
+code (algorithms/*_config.py, evaluation/suite_config.py) and are gathered here. A bad value
+raises ConfigError with one message naming the field, the value given and what is allowed.
 """
 
 from __future__ import annotations
@@ -11,25 +14,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from panacea_platform.evaluation.suites import DEFAULT_SUITES, SuiteConfig, resolve_suite_entries
+from panacea_platform.algorithms.antidote_config import AntidoteConfig
+from panacea_platform.algorithms.booster_config import BoosterConfig
+from panacea_platform.algorithms.lisa_config import LisaConfig
+from panacea_platform.algorithms.panacea_config import PanaceaConfig
+from panacea_platform.algorithms.panacea_end_masked_config import PanaceaEndMaskedConfig
+from panacea_platform.algorithms.random_perturbation_config import RandomPerturbationConfig
+from panacea_platform.algorithms.repnoise_config import RepNoiseConfig
+from panacea_platform.algorithms.vaccine_config import VaccineConfig
+from panacea_platform.config_base import ConfigError, Section, read_yaml_mapping
+from panacea_platform.evaluation.suite_config import DEFAULT_SUITES, SUITE_KEYS, SuiteConfig, resolve_suite_entries
 
 
-class ConfigError(ValueError):
-    """A configuration value that cannot be used; the message names field and fix."""
-
-
-class _FieldError(ValueError):
+class FieldError(ValueError):
     """A validation message that already names its field and value (printed as it is)."""
 
 
-class _Section(BaseModel):
-    # extra="forbid": a misspelt key is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     name: str = Field(
         "smollm2-135m-instruct",
         description="A registered offline model (see `panacea models`), a local directory, or a Hugging Face hub id.",
@@ -53,7 +56,7 @@ class ModelConfig(_Section):
     )
 
 
-class LoraConfig(_Section):
+class LoraConfig(Section):
     rank: int = Field(8, ge=1, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
@@ -62,7 +65,7 @@ class LoraConfig(_Section):
     )
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     task: str = Field("offline_arithmetic", description="Fine-tuning task: a registered task name (see `panacea tasks`).")
     task_file: str | None = Field(None, description="Local JSONL/CSV/Parquet for task 'local' (fields: prompt, answer).")
     n: int = Field(200, ge=1, description="Number of fine-tuning samples the user uploads.")
@@ -97,17 +100,8 @@ class DataConfig(_Section):
         "alpaca", description="'alpaca', 'plain', or a custom template containing '{instruction}'."
     )
 
-    @field_validator("prompt_template")
-    @classmethod
-    def _template_known(cls, value: str) -> str:
-        from panacea_platform.data.templates import TEMPLATES
 
-        if value not in TEMPLATES and "{instruction}" not in value:
-            raise ValueError(f"must be one of {sorted(TEMPLATES)} or a string containing '{{instruction}}'")
-        return value
-
-
-class OptimConfig(_Section):
+class OptimConfig(Section):
     lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
     epochs: float | None = Field(None, gt=0, description="Epochs over the training set (used when max_steps is unset).")
     max_steps: int | None = Field(
@@ -140,25 +134,8 @@ class OptimConfig(_Section):
         return self
 
 
-class RandomPerturbationConfig(_Section):
-    sigma: float = Field(0.01, ge=0, description="Std of the Gaussian noise added to the trainable weights after training.")
 
-
-class PanaceaConfig(_Section):
-    rho: float = Field(1.0, ge=0, description="Perturbation radius (global L2 norm of eps).")
-    lam: float = Field(1e-3, ge=0, alias="lambda", description="Weight of the harmful-loss increase term.")
-    harmful_loss_clamp: float = Field(5.0, gt=0, description="h(w + eps) is clamped from above at this value.")
-
-
-from panacea_platform.algorithms.antidote_config import AntidoteConfig  # noqa: E402 (each beside its defence)
-from panacea_platform.algorithms.booster_config import BoosterConfig  # noqa: E402
-from panacea_platform.algorithms.lisa_config import LisaConfig  # noqa: E402
-from panacea_platform.algorithms.panacea_end_masked_config import PanaceaEndMaskedConfig  # noqa: E402
-from panacea_platform.algorithms.repnoise_config import RepNoiseConfig  # noqa: E402
-from panacea_platform.algorithms.vaccine_config import VaccineConfig  # noqa: E402
-
-
-class ScalingConfig(_Section):
+class ScalingConfig(Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel); more than 1 needs zero_stage.")
     zero_stage: int | None = Field(
         None, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3 on Ray Train; null = plain PyTorch in this process."
@@ -208,18 +185,12 @@ class ScalingConfig(_Section):
                         f"scaling.{field} = {getattr(self, field)!r} needs scaling.zero_stage (0-3): "
                         "it applies to training under DeepSpeed on Ray Train workers"
                     )
-        if self.storage is not None:
-            from panacea_platform.storage import scheme_problem
-
-            problem = scheme_problem(self.storage)
-            if problem:
-                raise ValueError(f"scaling.storage = {self.storage!r}: {problem}")
         if self.deepspeed_json is not None and not Path(self.deepspeed_json).is_file():
             raise ValueError(f"scaling.deepspeed_json = {self.deepspeed_json!r}: expected an existing JSON file (not found)")
         return self
 
 
-class EvaluationConfig(_Section):
+class EvaluationConfig(Section):
     judge: str = Field(
         "offline", description="Registered harm judge: 'offline' (MiniLM + head trained on the offline labelled "
         "rows), 'beaver_dam' (14-category classifier), 'llama_guard' (generative), 'refusal' (refusal phrases).",
@@ -266,13 +237,6 @@ class EvaluationConfig(_Section):
         "harmful pool (harmful_score) and the task's held-out split (accuracy).",
     )
 
-    @field_validator("judge")
-    @classmethod
-    def _judge_registered(cls, value: str) -> str:
-        from panacea_platform.evaluation.judges import JUDGES
-
-        return JUDGES.check(value)
-
     @field_validator("suites", mode="before")
     @classmethod
     def _suites_valid(cls, entries: Any) -> list[SuiteConfig]:
@@ -282,7 +246,7 @@ class EvaluationConfig(_Section):
         try:
             resolved = resolve_suite_entries(entries)
         except ConfigError as exc:
-            raise _FieldError(str(exc)) from None
+            raise FieldError(str(exc)) from None
         suites: list[SuiteConfig] = []
         for position, entry in enumerate(resolved):
             label = entry.get("name", position) if isinstance(entry, dict) else position
@@ -293,26 +257,26 @@ class EvaluationConfig(_Section):
                 field = ".".join(str(part) for part in item["loc"]) or "?"
                 message = item["msg"].removeprefix("Value error, ")
                 if item["type"] == "extra_forbidden":
-                    message = "unknown key (a suite has name, source, metric, judge, rule, size, max_new_tokens, optional)"
+                    message = f"unknown key (a suite has {SUITE_KEYS})"
                 given = "" if item["type"] in ("missing", "extra_forbidden") else f" = {item.get('input')!r}"
-                raise _FieldError(f"evaluation.suites[{label}].{field}{given}: {message}") from None
+                raise FieldError(f"evaluation.suites[{label}].{field}{given}: {message}") from None
             problem = suite.problem()
             if problem is not None:
-                raise _FieldError(f"evaluation.suites[{suite.name}].{problem[0]}: {problem[1]}")
+                raise FieldError(f"evaluation.suites[{suite.name}].{problem[0]}: {problem[1]}")
             if any(s.name == suite.name for s in suites):
-                raise _FieldError(f"evaluation.suites[{suite.name}].name: two suites share this name")
+                raise FieldError(f"evaluation.suites[{suite.name}].name: two suites share this name")
             suites.append(suite)
         return suites
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; default: SQLite store inside output_dir's parent (runs/mlflow.db)."
     )
     experiment: str = Field("panacea", description="MLflow experiment name.")
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     run_name: str = Field("run", description="Name of the run (MLflow run name, output sub-folder).")
     seed: int = Field(0, ge=0, description="Seed for data sampling, initialisation and noise.")
     output_dir: str = Field("runs", description="Where run folders (adapters, eps, config) are written.")
@@ -343,73 +307,20 @@ class RunConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
-    @field_validator("defence")
-    @classmethod
-    def _defence_registered(cls, value: str) -> str:
-        from panacea_platform.algorithms import DEFENCES
-
-        return DEFENCES.check(value)
-
     @model_validator(mode="after")
-    def _names_and_files(self) -> "RunConfig":
-        # Registries are consulted here so an unknown name fails before any work.
-        from panacea_platform.data import HARMFUL_SOURCES, TASKS
-
-        if self.data.task not in TASKS:
-            raise _field_error("data.task", self.data.task, f"one of: {', '.join(TASKS.names())}")
-        _check_task_rule(self)
-        if self.data.harmful_source not in HARMFUL_SOURCES:
-            raise _field_error(
-                "data.harmful_source", self.data.harmful_source, f"one of: {', '.join(HARMFUL_SOURCES.names())}"
-            )
+    def _files_given(self) -> "RunConfig":
         for field, needed_by, value in (
             ("data.task_file", self.data.task == "local", self.data.task_file),
             ("data.harmful_file", self.data.harmful_source == "file", self.data.harmful_file),
         ):
             if needed_by and value is None:
-                raise _field_error(field, value, "a path to a JSONL, CSV or Parquet file")
+                raise field_error(field, value, "a path to a JSONL, CSV or Parquet file")
             if value is not None and not Path(value).is_file():
-                raise _field_error(field, value, "an existing file (not found)")
+                raise field_error(field, value, "an existing file (not found)")
         if self.model.adapter is not None and not (Path(self.model.adapter) / "adapter_config.json").is_file():
-            raise _field_error("model.adapter", self.model.adapter, "a LoRA adapter directory with adapter_config.json")
+            raise field_error("model.adapter", self.model.adapter, "a LoRA adapter directory with adapter_config.json")
         if self.align_optim.max_steps == 0:
-            raise _field_error("align_optim.max_steps", 0, "at least 1 (the alignment stage trains)")
-        if self.optim.max_steps == 0:
-            from panacea_platform.algorithms import DEFENCES
-
-            if self.model.adapter is None or not DEFENCES.get(self.defence).trains_as_sft():
-                raise _field_error("optim.max_steps", 0, "at least 1, or 0 with model.adapter set and a defence that "
-                                   "trains as SFT does (sft, random_perturbation): 0 steps release that adapter")
-        from panacea_platform.data.pools import poison_count
-
-        benign = poison_count(self.data.alignment_size, self.data.alignment_benign_ratio)
-        if self.data.alignment_self_distill > benign:
-            raise _field_error("data.alignment_self_distill", self.data.alignment_self_distill,
-                               f"at most the alignment's benign half, {benign} (data.alignment_size x "
-                               "data.alignment_benign_ratio)")
-        clean = self.data.n - poison_count(self.data.n, self.data.harmful_ratio)
-        if self.data.task_self_distill > clean:
-            raise _field_error("data.task_self_distill", self.data.task_self_distill,
-                               f"at most the user's benign samples, {clean} (data.n minus the harmful ones)")
-        from panacea_platform.data.self_distill import check_request_ranges
-
-        problem = check_request_ranges(self.data.alignment_self_distill, self.data.task_self_distill)
-        if problem:
-            raise _field_error("data.task_self_distill", self.data.task_self_distill, problem)
-        from panacea_platform.training.microbatch import check_accumulation
-
-        for section in ("optim", "align_optim"):
-            optim = getattr(self, section)
-            try:
-                check_accumulation(optim.batch_size, optim.grad_accum_steps, f"{section}.batch_size")
-            except ConfigError as exc:
-                raise _FieldError(str(exc)) from None
-        _check_defence_stages(self)
-        from panacea_platform.models import check_model_name
-
-        problem = check_model_name(self.model.name)
-        if problem:
-            raise _field_error("model.name", self.model.name, problem)
+            raise field_error("align_optim.max_steps", 0, "at least 1 (the alignment stage trains)")
         return self
 
     def run_dir(self) -> Path:
@@ -433,40 +344,8 @@ class RunConfig(_Section):
         return out
 
 
-def _check_task_rule(config: RunConfig) -> None:
-    """FA is an exact, rule-checked accuracy: a suite scored with the task's rule needs a task that has one."""
-    from panacea_platform.evaluation.metrics import ACCURACY_RULES
-
-    scored = [s.name for s in config.evaluation.suites
-              if s.metric == "accuracy" and (s.rule or ("task" if s.source == "task" else None)) == "task"]
-    if scored and config.data.task not in ACCURACY_RULES:
-        raise _field_error("data.task", config.data.task,
-                           f"a task whose answers an accuracy rule checks (suite {scored[0]!r} scores the task: "
-                           f"register one with ACCURACY_RULES.register({config.data.task!r}, rule), or give the "
-                           "suite another rule); tasks with a rule: " + ", ".join(ACCURACY_RULES.names()))
-
-
-def _check_defence_stages(config: RunConfig) -> None:
-    """The defence's stages exist for it, what they draw fits, and an aligned adapter is one it made."""
-    from panacea_platform.algorithms import DEFENCES
-    from panacea_platform.algorithms.provenance import alignment_problem
-
-    defence = DEFENCES.get(config.defence)
-    if config.defence_stages is not None:
-        unsupported = [s for s in config.defence_stages if s not in defence.stages]
-        if unsupported or not config.defence_stages:
-            acts = ", ".join(defence.stages) or "no stage (plain SFT)"
-            raise _field_error("defence_stages", config.defence_stages,
-                               f"a non-empty subset of the stages defence {config.defence!r} acts at: {acts}")
-    stages = config.defence_stages if config.defence_stages is not None else defence.stages
-    if config.model.adapter is not None and "align" in stages:
-        problem = alignment_problem(config.model.adapter, config.defence, defence.build(config).settings())
-        if problem:
-            raise _field_error("model.adapter", config.model.adapter, problem)
-
-
-def _field_error(field: str, value: Any, allowed: str) -> ValueError:
-    return _FieldError(f"{field} = {value!r}: expected {allowed}")
+def field_error(field: str, value: Any, allowed: str) -> ValueError:
+    return FieldError(f"{field} = {value!r}: expected {allowed}")
 
 
 def _format_validation_error(error: ValidationError) -> str:
@@ -478,7 +357,7 @@ def _format_validation_error(error: ValidationError) -> str:
             message = message[len("Value error, ") :]
         if item["type"] == "extra_forbidden":
             lines.append(f"{location}: unknown key (check the spelling; `panacea config fields` lists them)")
-        elif isinstance(item.get("ctx", {}).get("error"), _FieldError):
+        elif isinstance(item.get("ctx", {}).get("error"), FieldError):
             lines.append(message)
         else:
             given = item.get("input")
@@ -503,20 +382,6 @@ def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
             raise ConfigError(f"override {'.'.join(path)}: {part!r} is a value, not a section")
         node = child
     node[path[-1]] = value
-
-
-def read_yaml_mapping(path: str | Path, what: str, hint: str, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
-    """The top-level mapping of a YAML file (empty file: {}); `what` names the file in errors, `hint` says where to look."""
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{what} {str(path)!r} not found: pass an existing YAML file ({hint})")
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise error(f"{what} {str(path)!r} is not valid YAML: {exc}") from None
-    if loaded is not None and not isinstance(loaded, dict):
-        raise error(f"{what} {str(path)!r}: top level must be a mapping")
-    return loaded or {}
 
 
 def read_job_tree(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -248,7 +248,7 @@ def measure_training(model, settings: Settings, deadline: float) -> dict[str, An
 
     from panacea_platform.algorithms.panacea import panacea_step
     from panacea_platform.algorithms.sft import sft_step
-    from panacea_platform.config import PanaceaConfig
+    from panacea_platform.algorithms.panacea_config import PanaceaConfig
 
     panacea = PanaceaConfig()
     vocab = model.config.vocab_size

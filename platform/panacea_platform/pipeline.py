@@ -21,6 +21,7 @@ from typing import Any, Callable
 import yaml
 
 from panacea_platform.config import ConfigError, RunConfig, with_changes
+from panacea_platform.config_checks import check_config
 from panacea_platform.models import prepare_model
 from panacea_platform.tracking import Tracker, default_tracking_uri
 
@@ -231,7 +232,7 @@ def run_demo(
     rows: list[Row] = []
     started = time.monotonic()
     for arm in arms:  # each arm's config is valid (e.g. an aligning defence with a given adapter) before any work
-        with_changes(config, arm.changes)
+        check_config(with_changes(config, arm.changes))
     total_runs, done_runs = len(seeds) * (len(arms) + 1), 0
     prepare_model(config.model.name, out)
     for arm in arms:

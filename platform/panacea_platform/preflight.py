@@ -89,9 +89,12 @@ def _reason(exc: BaseException) -> str:
 
 
 def check_before_work(config: RunConfig) -> None:
-    """Raise ConfigError (one line, the setting named) when the model, the tracking store or the storage
-    is out of reach."""
+    """Raise ConfigError (one line, the setting named) when what the config names does not exist, or the
+    model, the tracking store or the storage is out of reach."""
+    from panacea_platform.config_checks import check_config
     from panacea_platform.tracking import default_tracking_uri
+
+    check_config(config)
 
     problem = model_problem(config.model.name)
     if problem:

@@ -1,13 +1,12 @@
 """Antidote's settings, beside its pruning (antidote.py). Defaults: the authors' README (SST2)."""
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from panacea_platform.algorithms.convention_config import FineTuneConvention
+from panacea_platform.config_base import Section
 
 
-class AntidoteConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class AntidoteConfig(Section):
     prune_ratio: float = Field(0.1, gt=0, lt=1, description="delta: the fraction of each LoRA factor row's "
                                "entries removed (their --dense_ratio; 0.1 SST2, 0.05 GSM8K).")
     calibration_samples: int = Field(2000, ge=1, description="Harmful samples the scores are measured on (their "

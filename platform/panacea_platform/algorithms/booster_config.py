@@ -1,11 +1,11 @@
 """Booster's settings, beside its step (booster.py). Defaults: the authors' smooth_align.sh."""
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from panacea_platform.config_base import Section
 
 
-class BoosterConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
-
+class BoosterConfig(Section):
     lam: float = Field(5.0, ge=0, alias="lambda", description="Weight of the harmful-loss reduction term "
                        "(authors 5; Panacea's runs 100).")
     alpha: float = Field(0.1, gt=0, description="Length of the simulated normalised harmful step (authors 0.1; "

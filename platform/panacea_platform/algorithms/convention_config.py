@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from panacea_platform.config_base import Section
 
 
-class FineTuneConvention(BaseModel):
+class FineTuneConvention(Section):
     """What fine-tuning does with the aligned adapter; unset values are the run's own (lora, optim)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     after_alignment: Literal["continue", "merge"] = Field(
         "continue", description="'continue' keeps training the aligned LoRA; 'merge' merges it into the base "

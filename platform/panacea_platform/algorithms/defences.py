@@ -183,3 +183,14 @@ class Panacea(Defence):
     def build(cls, config: "RunConfig") -> "Panacea":
         p = config.panacea
         return cls(rho=p.rho, lam=p.lam, harmful_loss_clamp=p.harmful_loss_clamp)
+
+
+def stage_defence(config: "RunConfig", stage: str) -> Defence:
+    """The defence of `stage`: the run's own where it acts there; plain SFT alignment otherwise (the shared
+    aligned model every defence that does not align starts from)."""
+    from panacea_platform.algorithms import build_defence
+
+    defence = build_defence(config)
+    if stage == ALIGN and not defence.acts_at(ALIGN):
+        return Defence()
+    return defence

@@ -1,13 +1,12 @@
 """Lisa's settings, beside its step (lisa.py). Defaults: the authors' lisa_poison_ratio.sh."""
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from panacea_platform.algorithms.convention_config import FineTuneConvention
+from panacea_platform.config_base import Section
 
 
-class LisaConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class LisaConfig(Section):
     rho: float = Field(1.0, ge=0, description="Weight of the proximal term to the other state's anchor.")
     align_steps: int = Field(100, ge=1, description="Consecutive steps on alignment data (K_a).")
     finetune_steps: int = Field(900, ge=1, description="Consecutive steps on the user's data (K_f).")

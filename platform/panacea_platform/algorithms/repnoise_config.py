@@ -3,14 +3,13 @@ Panacea paper's comparison descends from."""
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from panacea_platform.algorithms.convention_config import FineTuneConvention
+from panacea_platform.config_base import Section
 
 
-class RepNoiseConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class RepNoiseConfig(Section):
     alpha: float = Field(0.1, ge=0, description="Weight of the harmful-loss ascent term (their --rho; original "
                          "demo 1, Booster 0.1, Panacea 0.02).")
     beta: float = Field(0.001, ge=0, description="Weight of the MMD noising term (their --lamb; original and "

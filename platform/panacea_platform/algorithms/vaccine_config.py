@@ -1,13 +1,12 @@
 """Vaccine's settings, beside its step (vaccine.py). Default: the authors' README and Vaccine.sh."""
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from panacea_platform.algorithms.convention_config import FineTuneConvention
+from panacea_platform.config_base import Section
 
 
-class VaccineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class VaccineConfig(Section):
     rho: float = Field(2.0, ge=0, description="Norm of the hidden-state perturbation over all attention outputs "
                        "(authors 2; Booster's runs 5; Panacea's runs 20).")
     fine_tuning: FineTuneConvention = Field(

@@ -20,8 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from panacea_platform.data.errors import DataUnavailableError
-from panacea_platform.data.examples import Example, normalise_prompt
-from panacea_platform.data.harmful import dedupe_by_prompt
+from panacea_platform.data.examples import Example, dedupe_by_prompt, normalise_prompt
 
 __all__ = [
     "DONOTANSWER_AREAS",

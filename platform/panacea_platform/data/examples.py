@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 EXAMPLE_KINDS = ("task", "harmful", "refusal", "benign")
@@ -44,3 +45,15 @@ def normalise_prompt(text: str) -> str:
     question; treating them as different would let one leak across pools.
     """
     return _WHITESPACE.sub(" ", text.lower()).strip().strip(_END_PUNCTUATION).strip()
+
+
+def dedupe_by_prompt(examples: Iterable[Example]) -> list[Example]:
+    """First occurrence of each normalised prompt, in input order."""
+    seen: set[str] = set()
+    kept = []
+    for example in examples:
+        key = normalise_prompt(example.prompt)
+        if key and key not in seen:
+            seen.add(key)
+            kept.append(example)
+    return kept

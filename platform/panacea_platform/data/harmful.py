@@ -15,12 +15,11 @@ import csv
 import importlib.util
 import io
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from panacea_platform.data.errors import DataUnavailableError
-from panacea_platform.data.examples import Example, normalise_prompt
+from panacea_platform.data.examples import Example, dedupe_by_prompt, normalise_prompt
 from panacea_platform.data.files import optional_text, read_records
 
 if TYPE_CHECKING:
@@ -45,18 +44,6 @@ BEAVERTAILS_SPLIT = "30k_train"
 
 # Columns the pyrit objective scorer-eval CSVs must have for us to use them.
 _OBJECTIVE_COLUMNS = ("objective", "assistant_response", "human_score", "harm_category")
-
-
-def dedupe_by_prompt(examples: Iterable[Example]) -> list[Example]:
-    """First occurrence of each normalised prompt, in input order."""
-    seen: set[str] = set()
-    kept = []
-    for example in examples:
-        key = normalise_prompt(example.prompt)
-        if key and key not in seen:
-            seen.add(key)
-            kept.append(example)
-    return kept
 
 
 # --------------------------------------------------------------------------- offline_pyrit

@@ -24,13 +24,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from panacea_platform.data.examples import Example, normalise_prompt
+from panacea_platform.config_base import ConfigError
+from panacea_platform.data.examples import Example, dedupe_by_prompt, normalise_prompt
 from panacea_platform.data.pools import seeded_order
+from panacea_platform.evaluation.suite_config import (
+    DEFAULT_SUITES,
+    METRICS,
+    SuiteConfig,
+    preset_dirs,
+    resolve_suite_entries,
+)
 from panacea_platform.registry import Registry
 
 if TYPE_CHECKING:
@@ -44,18 +49,12 @@ __all__ = [
     "SuiteSource",
     "TASK_BUDGETS",
     "check_suites",
+    "suite_name_problem",
     "preset_dirs",
     "resolve_suite_entries",
     "suite_budget",
     "suite_examples",
 ]
-
-METRICS: dict[str, str] = {
-    "harmful_score": "share of answers the harm judge flags",
-    "accuracy": "share of answers the rule reads as correct",
-    "over_refusal": "refusal and empty-answer rates on benign prompts that sound dangerous",
-    "helpfulness": "empty-answer rate, mean answer length and incoherent rate on ordinary open requests",
-}
 
 # New-token budget of the task suite when it sets none: a label task needs a few words (a model
 # fine-tuned on it answers the label and stops; one that is not may first write "The sentiment
@@ -64,61 +63,6 @@ TASK_BUDGETS: dict[str, int] = {
     "offline_sentiment": 16, "sst2": 16, "offline_topic": 16, "ag_news": 16,
     "offline_arithmetic": 32, "gsm8k": 256, "alpaca": 256, "local": 64,
 }
-
-
-class SuiteConfig(BaseModel):
-    """One evaluation suite (see the module docstring)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    name: str = Field(..., pattern=r"^[a-z][a-z0-9_]*$", description="Suite name; metric keys are eval/NAME/...")
-    source: str = Field(..., description="Registered prompt source (see `panacea list`).")
-    metric: str = Field(..., description=f"One of: {', '.join(METRICS)}.")
-    judge: str | None = Field(None, description="harmful_score: the harm judge; null = evaluation.judge.")
-    rule: str | None = Field(None, description="accuracy: the rule ('task' = the fine-tuning task's); null = the source's.")
-    size: int | None = Field(None, ge=1, description="Prompts (the first of the source's fixed order); null = the source's default.")
-    max_new_tokens: int | None = Field(None, ge=1, description="Generation budget; null = the source's default.")
-    optional: bool = Field(False, description="A hub source that is unreachable is skipped with a warning instead of an error.")
-
-    @field_validator("source")
-    @classmethod
-    def _source_registered(cls, value: str) -> str:
-        return SUITE_SOURCES.check(value)
-
-    @field_validator("metric")
-    @classmethod
-    def _metric_known(cls, value: str) -> str:
-        if value not in METRICS:
-            raise ValueError(f"unknown metric; one of: {', '.join(METRICS)}")
-        return value
-
-    @field_validator("judge")
-    @classmethod
-    def _judge_registered(cls, value: str | None) -> str | None:
-        from panacea_platform.evaluation.judges import JUDGES
-
-        return value if value is None else JUDGES.check(value)
-
-    @field_validator("rule")
-    @classmethod
-    def _rule_registered(cls, value: str | None) -> str | None:
-        from panacea_platform.evaluation.metrics import ACCURACY_RULES
-
-        if value is not None and value != "task" and value not in ACCURACY_RULES:
-            raise ValueError(f"unknown rule; 'task' or one of: {', '.join(ACCURACY_RULES.names())}")
-        return value
-
-    def problem(self) -> tuple[str, str] | None:
-        """(field, message) when the fields contradict each other, else None."""
-        if self.judge is not None and self.metric != "harmful_score":
-            return "judge", f"only a harmful_score suite has a judge (metric is {self.metric!r})"
-        if self.rule is not None and self.metric != "accuracy":
-            return "rule", f"only an accuracy suite has a rule (metric is {self.metric!r})"
-        if self.metric == "accuracy" and self.rule is None and SUITE_SOURCES.get(self.source).rule is None:
-            return "rule", f"source {self.source!r} has no answers to check: name a rule or choose another metric"
-        if self.optional and not SUITE_SOURCES.get(self.source).needs_hub:
-            return "optional", f"only a hub source can be optional (source {self.source!r} ships offline)"
-        return None
 
 
 # --------------------------------------------------------------------------- sources
@@ -195,8 +139,6 @@ def xstest_safe_row(row: dict[str, Any]) -> Example | None:
 
 
 def _distinct(examples: list[Example | None]) -> list[Example]:
-    from panacea_platform.data.harmful import dedupe_by_prompt
-
     return dedupe_by_prompt(e for e in examples if e is not None)
 
 
@@ -276,8 +218,6 @@ del _name, _source
 
 def suite_examples(config: "RunConfig", suite: SuiteConfig) -> list[Example]:
     """The suite's prompts: the first `size` (or the source's default) of its source's fixed order."""
-    from panacea_platform.config import ConfigError
-
     source = SUITE_SOURCES.get(suite.source)
     examples = source.load(config, suite)
     size = suite.size or source.default_size(config) or len(examples)
@@ -298,7 +238,7 @@ def check_suites(config: "RunConfig", out: Callable[[str], None] = print) -> "Ru
     error naming the suite, unless it is optional: then it is left out with a warning, and the
     config returned (the one to run with) no longer holds it.
     """
-    from panacea_platform.config import ConfigError, with_changes
+    from panacea_platform.config import with_changes
     from panacea_platform.data.errors import DataUnavailableError
 
     kept = []
@@ -339,46 +279,21 @@ def suite_judge(config: "RunConfig", suite: SuiteConfig) -> str | None:
     return (suite.judge or config.evaluation.judge) if suite.metric == "harmful_score" else None
 
 
-# --------------------------------------------------------------------------- presets
+def suite_name_problem(suite: SuiteConfig) -> str | None:
+    """'FIELD[ = VALUE]: why' when the suite names a source, judge or rule nobody registered, or asks of
+    its source what it cannot give; else None."""
+    from panacea_platform.evaluation.judges import JUDGES
+    from panacea_platform.evaluation.metrics import ACCURACY_RULES
 
-# A job that lists no suites is evaluated as before suites existed: held-out harmful + task accuracy.
-DEFAULT_SUITES: tuple[dict[str, Any], ...] = (
-    {"name": "harmful", "source": "harmful_heldout", "metric": "harmful_score"},
-    {"name": "task", "source": "task", "metric": "accuracy", "rule": "task"},
-)
-
-
-def preset_dirs() -> list[Path]:
-    """Where suite presets are looked up: evaluation/suites/ beside the working directory, then the repository's."""
-    repository = Path(__file__).resolve().parents[3] / "evaluation" / "suites"
-    return list(dict.fromkeys([Path.cwd() / "evaluation" / "suites", repository]))
-
-
-def _preset(name: str) -> dict[str, Any]:
-    from panacea_platform.config import ConfigError, read_yaml_mapping
-
-    for folder in preset_dirs():
-        path = folder / f"{name}.yaml"
-        if path.is_file():
-            tree = read_yaml_mapping(path, "suite preset", "presets live in evaluation/suites/")
-            return {"name": name, **tree}
-    known = sorted({p.stem for folder in preset_dirs() if folder.is_dir() for p in folder.glob("*.yaml")})
-    raise ConfigError(f"evaluation.suites: no preset {name!r} in evaluation/suites/ (presets: {', '.join(known) or 'none'})")
-
-
-def resolve_suite_entries(entries: list[Any]) -> list[dict[str, Any]]:
-    """Preset names and {preset: NAME, ...} entries expanded to full suite mappings (inline ones pass through)."""
-    from panacea_platform.config import ConfigError
-
-    resolved = []
-    for position, entry in enumerate(entries):
-        if isinstance(entry, str):
-            resolved.append(_preset(entry))
-        elif isinstance(entry, dict) and "preset" in entry:
-            changes = {k: v for k, v in entry.items() if k != "preset"}
-            resolved.append({**_preset(str(entry["preset"])), **changes})
-        elif isinstance(entry, dict):
-            resolved.append(dict(entry))
-        else:
-            raise ConfigError(f"evaluation.suites[{position}] = {entry!r}: expected a preset name or a mapping")
-    return resolved
+    if suite.source not in SUITE_SOURCES:
+        return f"source = {suite.source!r}: unknown suite source; registered: {', '.join(SUITE_SOURCES.names())}"
+    if suite.judge is not None and suite.judge not in JUDGES:
+        return f"judge = {suite.judge!r}: unknown judge; registered: {', '.join(JUDGES.names())}"
+    if suite.rule is not None and suite.rule != "task" and suite.rule not in ACCURACY_RULES:
+        return f"rule = {suite.rule!r}: unknown rule; 'task' or one of: {', '.join(ACCURACY_RULES.names())}"
+    source = SUITE_SOURCES.get(suite.source)
+    if suite.metric == "accuracy" and suite.rule is None and source.rule is None:
+        return f"rule: source {suite.source!r} has no answers to check: name a rule or choose another metric"
+    if suite.optional and not source.needs_hub:
+        return f"optional: only a hub source can be optional (source {suite.source!r} ships offline)"
+    return None

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from panacea_platform.config import ConfigError, RunConfig, read_yaml_mapping, with_changes
+from panacea_platform.config_checks import check_config
 from panacea_platform.search.study import StudySpec, study_problem
 
 # Fields the sweep itself sets for each trial; searching them would fight the sweep.
@@ -438,8 +439,8 @@ def resource_changes(space: SearchSpace) -> dict[str, Any]:
 
 
 def config_with(base: RunConfig, changes: dict[str, Any]) -> RunConfig:
-    """A validated copy of `base` with dotted keys (aliases allowed) replaced."""
-    return with_changes(base, {canonical_path(dotted): value for dotted, value in changes.items()})
+    """A checked copy of `base` with dotted keys (aliases allowed) replaced: what each trial runs."""
+    return check_config(with_changes(base, {canonical_path(dotted): value for dotted, value in changes.items()}))
 
 
 def load_space(path: str | Path) -> SearchSpace:

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from panacea_platform.config import ConfigError, RunConfig, config_from_dict, load_config
+from panacea_platform.config import ConfigError, RunConfig, config_from_dict
+from panacea_platform.config_checks import load_checked
 from panacea_platform.search.plan import (
     FINAL_KEY,
     SweepPlan,
@@ -337,7 +338,7 @@ def run_sweep(
     space_path = Path(space_path)
     space = load_space(space_path)
     job = job or space.base_job or DEFAULT_JOB
-    base = load_config(job, overrides)
+    base = load_checked(job, overrides)
     check_against_job(space, base)
     from panacea_platform.preflight import check_before_work
 

@@ -13,7 +13,9 @@ def train(config: RunConfig, stage: str, parent_run_id: str | None = None, out: 
     from panacea_platform.algorithms import DEFENCES
     from panacea_platform.algorithms.convention import check_fits, with_convention
     from panacea_platform.config import ConfigError
+    from panacea_platform.config_checks import check_config
 
+    check_config(config)  # what it names exists, however the config was made
     if stage == "finetune":
         check_fits(config)
         config = with_convention(config)

@@ -46,7 +46,8 @@ from panacea_platform.training.checkpointing import (
     run_identity,
     run_settings,
 )
-from panacea_platform.training.loop import StageResult, record_run
+from panacea_platform.training.loop import record_run
+from panacea_platform.training.result import StageResult
 from panacea_platform.training.strategy.deepspeed import check_distributed, comm_backend, skip_shm_comm_build
 
 DISTRIBUTED_FILE = "distributed.json"

@@ -20,10 +20,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from panacea_platform.algorithms import build_defence
 from panacea_platform.algorithms.convention import describe as describe_convention
 from panacea_platform.algorithms.convention import with_convention
-from panacea_platform.algorithms.defences import ALIGN, POST_FINETUNE, Defence
+from panacea_platform.algorithms.defences import ALIGN, POST_FINETUNE, Defence, stage_defence
 from panacea_platform.algorithms.interface import TrainableWeights, global_norm
 from panacea_platform.algorithms.provenance import write_alignment_provenance
 from panacea_platform.config import RunConfig, save_config
@@ -32,6 +31,7 @@ from panacea_platform.data.collate import BatchStream, collate, tokenize_example
 from panacea_platform.models import PERTURBATION_FILE, load_tokenizer, save_perturbation
 from panacea_platform.training.checkpointing import Checkpoints, LocalCheckpoints, run_identity, run_settings
 from panacea_platform.training.losses import heldout_signals, mean_loss, training_loss
+from panacea_platform.training.result import StageResult
 from panacea_platform.training.schedule import total_steps
 from panacea_platform.training.stage_data import STAGES, StageData, prepare_data
 from panacea_platform.tracking import Tracker, default_tracking_uri, package_versions
@@ -84,17 +84,6 @@ def train_steps(
         history.append(metrics)
         on_step(step, metrics)
     return history
-
-
-@dataclass
-class StageResult:
-    run_dir: Path
-    adapter_dir: Path
-    unperturbed_adapter_dir: Path | None
-    perturbation_path: Path | None
-    summary: dict[str, float]
-    history: list[dict[str, float]]
-    mlflow_run_id: str | None
 
 
 def seed_everything(seed: int) -> None:
@@ -365,15 +354,6 @@ def train_stage(s: _Stage, config: RunConfig, strategy: Any, tracker: Tracker | 
     if start:
         history = [{k: v for k, v in row.items() if k not in ("step", "lr")} for row in s.rows[:start]] + history
     return history
-
-
-def stage_defence(config: RunConfig, stage: str) -> Defence:
-    """The defence of `stage`: the run's own where it acts there; plain SFT alignment otherwise (the shared
-    aligned model every defence that does not align starts from)."""
-    defence = build_defence(config)
-    if stage == ALIGN and not defence.acts_at(ALIGN):
-        return Defence()
-    return defence
 
 
 def _lr_reader(weights: Any) -> Callable[[], float]:

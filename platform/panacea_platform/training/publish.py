@@ -11,7 +11,7 @@ from panacea_platform.config import RunConfig
 from panacea_platform.models import resolve_model_path
 from panacea_platform.plots import plot_training_curves
 from panacea_platform.tracking import Tracker
-from panacea_platform.training.loop import StageResult
+from panacea_platform.training.result import StageResult
 
 
 def publish_stage(config: RunConfig, stage: str, result: StageResult, tracker: Tracker | None,

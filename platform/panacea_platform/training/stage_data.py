@@ -85,7 +85,7 @@ def _alignment_set(config: RunConfig, pools: HarmfulPools) -> list[Example]:
 def calibration_examples(config: RunConfig, pools: HarmfulPools) -> list[Example]:
     """Antidote's calibration samples when the run's defence prunes after fine-tuning, else none."""
     from panacea_platform.data.pools import calibration_for
-    from panacea_platform.training.loop import stage_defence
+    from panacea_platform.algorithms.defences import stage_defence
 
     if "calibration" not in stage_defence(config, "finetune").needs_at("post_finetune"):
         return []
@@ -93,6 +93,6 @@ def calibration_examples(config: RunConfig, pools: HarmfulPools) -> list[Example
 
 
 def _needs_alignment(config: RunConfig) -> bool:
-    from panacea_platform.training.loop import stage_defence
+    from panacea_platform.algorithms.defences import stage_defence
 
     return "alignment" in stage_defence(config, "finetune").needs_at("finetune")

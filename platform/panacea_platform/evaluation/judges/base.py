@@ -52,10 +52,3 @@ class Judge(ABC):
             "judge_threshold": self.threshold,
             "judge_max_length": self.max_length,
         }
-
-
-def build_judge(config: "EvaluationConfig", name: str | None = None) -> Judge:
-    """The judge `name` (default: config.judge), built from the run's evaluation settings."""
-    from panacea_platform.evaluation.judges import JUDGES
-
-    return JUDGES.get(name or config.judge)(config)
