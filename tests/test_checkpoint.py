@@ -51,11 +51,17 @@ KILL_AFTER = 5
 DROPOUT = {"dropout": 0.1}
 
 
-def _config(tiny_llama, harmful_file, output_dir, run_name):
+def _config(tiny_llama, harmful_file, output_dir, run_name, **scaling):
     return tiny_config(
         tiny_llama, harmful_file, output_dir, run_name,
-        optim={"max_steps": STEPS, "schedule": "linear", "warmup_steps": 1}, lora=DROPOUT,
+        optim={"max_steps": STEPS, "schedule": "linear", "warmup_steps": 1}, lora=DROPOUT, scaling=scaling,
     )
+
+
+def _distributed_config(tiny_llama, harmful_file, output_dir, run_name, **scaling):
+    """WORKERS workers under ZeRO-ZERO, a checkpoint every EVERY steps: every scaling setting in the config."""
+    return _config(tiny_llama, harmful_file, output_dir, run_name, num_workers=WORKERS, zero_stage=ZERO,
+                   checkpoint_every=EVERY, **scaling)
 
 
 # -- no Ray needed -------------------------------------------------------------
@@ -118,8 +124,7 @@ def test_resuming_a_checkpoint_of_another_run_shape_is_refused_before_ray_starts
                          scaling={"num_workers": 2, "zero_stage": 2})
     source = _fake_checkpoint(tmp_path / "other", config, **written_with)
     with pytest.raises(CheckpointMismatchError, match=fragment):
-        run_distributed(config, num_workers=2, zero_stage=2, resume_from=source, track=False,
-                        storage_path=tmp_path / "ray")
+        run_distributed(config, resume_from=source, track=False, storage_path=tmp_path / "ray")
     assert not (tmp_path / "runs").exists()
     same = read_checkpoint_state(_fake_checkpoint(tmp_path / "same", config))
     from panacea_platform.training.checkpointing import run_identity
@@ -152,14 +157,12 @@ def runs(ray_session, s3_endpoint, tiny_llama, placeholder_harmful_file, tmp_pat
     # A team's bucket holds the uninterrupted run's checkpoints: checkpoints change no number, so it is
     # still the reference, and the same fit shows a 2-worker run in a bucket (test below).
     storage = f"s3://{new_bucket(s3_endpoint, 'panacea-checkpoint-runs')}/team"
-    plain_config = _config(tiny_llama, placeholder_harmful_file, root, "plain")
-    plain = run_distributed(plain_config, "finetune", num_workers=WORKERS, zero_stage=ZERO, storage_path=storage,
-                            checkpoint_every=EVERY, train_run_name="plain", out=quiet)
+    plain_config = _distributed_config(tiny_llama, placeholder_harmful_file, root, "plain")
+    plain = run_distributed(plain_config, "finetune", storage_path=storage, train_run_name="plain", out=quiet)
     marker = root / "killed-once"
-    config = _config(tiny_llama, placeholder_harmful_file, root, "killed")
+    config = _distributed_config(tiny_llama, placeholder_harmful_file, root, "killed", keep_checkpoints=KEEP)
     killed = run_distributed(
-        config, "finetune", num_workers=WORKERS, zero_stage=ZERO, storage_path=root / "ray-killed",
-        checkpoint_every=EVERY, keep_checkpoints=KEEP, out=quiet,
+        config, "finetune", storage_path=root / "ray-killed", out=quiet,
         step_hook=KillOnce(rank=1, after_step=KILL_AFTER, marker=str(marker)),
     )
     assert marker.exists(), "the worker was never killed: the test tested nothing"
@@ -247,8 +250,8 @@ def test_the_uninterrupted_run_keeps_its_checkpoints_and_run_folder_in_the_bucke
     assert json.loads(read_from_bucket(storage, files[f"{final}/summary.json"])) == plain.summary
 
     shutil.rmtree(config.run_dir())
-    again = run_distributed(config, "finetune", num_workers=WORKERS, zero_stage=ZERO, storage_path=storage,
-                            checkpoint_every=EVERY, train_run_name="plain", track=False, out=lambda line: None)
+    again = run_distributed(config, "finetune", storage_path=storage, train_run_name="plain", track=False,
+                            out=lambda line: None)
     assert again.summary == plain.summary and len(again.history) == STEPS
     assert (config.run_dir() / "adapter" / "adapter_model.safetensors").is_file()
 

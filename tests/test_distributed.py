@@ -126,7 +126,7 @@ def test_bad_split_fails_before_any_worker_starts(tiny_llama, placeholder_harmfu
     config = tiny_config(tiny_llama, placeholder_harmful_file, tmp_path, "bad", optim={"batch_size": 4},
                          scaling={"num_workers": 2, "zero_stage": 2, "deepspeed_json": str(ds_json)})
     with pytest.raises(DeepSpeedConfigError, match=r"train_micro_batch_size_per_gpu \(1\) x num_workers \(2\)"):
-        run_distributed(config, num_workers=2, zero_stage=2, storage_path=tmp_path / "ray")
+        run_distributed(config, storage_path=tmp_path / "ray")
     assert not (tmp_path / "bad").exists()
 
 
@@ -369,17 +369,11 @@ def _reference(tiny_llama, placeholder_harmful_file, runs, zero_stage, **model):
 def _distributed(tiny_llama, placeholder_harmful_file, runs, zero_stage, **model):
     from panacea_platform.training.launch_ray import run_distributed
 
+    scaling = {"num_workers": WORKERS, "zero_stage": zero_stage,
+               "zero_options": ZERO3_OPTIONS if zero_stage == 3 else {}}
     config = tiny_config(tiny_llama, placeholder_harmful_file, runs, f"zero{zero_stage}{'-bf16' if model else ''}",
-                         optim=SPLITS[zero_stage], model=model)
-    return config, run_distributed(
-        config,
-        "finetune",
-        num_workers=WORKERS,
-        zero_stage=zero_stage,
-        storage_path=runs / "ray",
-        zero_options=ZERO3_OPTIONS if zero_stage == 3 else None,
-        out=lambda line: None,
-    )
+                         optim=SPLITS[zero_stage], model=model, scaling=scaling)
+    return config, run_distributed(config, "finetune", storage_path=runs / "ray", out=lambda line: None)
 
 
 def _pair(stage, tiny_llama, placeholder_harmful_file, runs, **model):

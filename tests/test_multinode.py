@@ -216,13 +216,12 @@ def test_a_sweep_runs_two_trials_at_once_on_the_cluster(cluster, tiny_llama, pla
 
     config = tiny_config(tiny_llama, placeholder_harmful_file, tmp_path / "runs", "cluster-sweep",
                          optim={"max_steps": 4, "log_every": 1}, tracking={"experiment": "cluster-sweep"},
-                         scaling={"storage": str(cluster["storage"])})
+                         scaling={"storage": str(cluster["storage"]), "zero_stage": 0, "cpus_per_worker": 0.9})
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(config.to_dict()))
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"parameters": {"panacea.rho": {"grid": [0.1, 0.2]}}, "evaluate": False,
-                                     "max_concurrent_trials": 2, "eval_every": 1,
-                                     "resources": {"cpus_per_worker": 0.9}}))
+                                     "max_concurrent_trials": 2, "eval_every": 1}))
     command = [sys.executable, "-m", "panacea_platform.cli", "sweep", "--space", str(space), "--config", str(job),
                "--name", "on-cluster"]
     result = subprocess.run(command, cwd=tmp_path, env=_driver_env(cluster), capture_output=True, text=True,

@@ -13,6 +13,7 @@ from panacea_platform.search.space import (
     canonical_path,
     check_against_job,
     check_space,
+    check_trial_scaling,
     config_with,
     load_space,
     space_from_dict,
@@ -120,11 +121,31 @@ def test_lambda_is_reachable_by_alias_and_by_name():
     assert config_with(base, {"panacea.lam": 0.5}).panacea.lam == 0.5
 
 
+def test_a_trials_workers_have_one_home_the_configs_scaling():
+    base = load_config(None)  # scaling.zero_stage null: one process
+    space = space_from_dict({"parameters": {"panacea.rho": {"grid": [0.5, 1.0]}},
+                             "fixed": {"scaling.num_workers": 2, "scaling.zero_stage": 2}})
+    check_against_job(space, base)
+    check_trial_scaling(space, base)
+    assert space.resources.trial_cpus == 0.05
+    with pytest.raises(SearchSpaceError, match=r"scaling.zero_stage = None: a sweep's trials train on Ray Train"):
+        check_trial_scaling(space_from_dict({"parameters": {"panacea.rho": {"grid": [0.5, 1.0]}}}), base)
+    # The old copy in resources: names the field to set instead.
+    with pytest.raises(SearchSpaceError, match=r"resources.*num_workers: a trial's workers are the job's scaling "
+                                               r"section; set scaling.num_workers under fixed:"):
+        space_from_dict({"parameters": {"panacea.rho": {"grid": [0.5]}}, "resources": {"num_workers": 2}})
+    with pytest.raises(SearchSpaceError, match=r"set scaling.use_gpu under fixed:"):
+        space_from_dict({"parameters": {"panacea.rho": {"grid": [0.5]}}, "resources": {"gpus_per_worker": 1}})
+    # Sampling the workers per trial stays refused: every trial scales alike.
+    with pytest.raises(SearchSpaceError, match=r"parameters.scaling.num_workers: .*set it under fixed:"):
+        check_space(space_from_dict({"parameters": {"scaling.num_workers": {"grid": [1, 2]}}}))
+
+
 def test_values_are_checked_against_the_base_job_too(tmp_path):
     base = load_config(None)
     # 16 accumulation steps is a valid field value, but the base job's batch of 8 cannot fill them.
     space = space_from_dict({"parameters": {"optim.grad_accum_steps": {"grid": [1, 16]}},
-                             "resources": {"num_workers": 2, "zero_stage": 0}})
+                             "fixed": {"scaling.num_workers": 2, "scaling.zero_stage": 0}})
     with pytest.raises(SearchSpaceError,
                        match=r"parameters.optim.grad_accum_steps = 16 with the base job: .*cannot be filled"):
         check_against_job(space, base)

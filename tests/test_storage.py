@@ -38,12 +38,13 @@ def test_a_sweep_of_an_alignment_defence_keeps_its_state_in_the_bucket_aligns_ea
 
     storage = f"s3://{s3_bucket}/team"
     config = tiny_config(tiny_llama, placeholder_harmful_file, tmp_path / "runs", run_name="bucket-sweep",
-                         tracking={"experiment": "bucket-sweep"}, scaling={"storage": storage})
+                         tracking={"experiment": "bucket-sweep"},
+                         scaling={"storage": storage, "zero_stage": 0, "cpus_per_worker": 0.5})
     save_config(config, tmp_path / "job.yaml")
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"parameters": {"vaccine.rho": {"grid": [0.5, 2.0]}},
                                      "fixed": {"defence": "vaccine"}, "evaluate": False,
-                                     "max_concurrent_trials": 2, "resources": {"cpus_per_worker": 0.5}}))
+                                     "max_concurrent_trials": 2}))
     outcome = run_sweep(space, tmp_path / "job.yaml", name="in-bucket", out=print, progress_every_s=30)
     assert outcome.status == "FINISHED"
 

@@ -55,6 +55,7 @@ def sweep_root(tmp_path_factory, tiny_llama, placeholder_harmful_file):
     config = tiny_config(
         tiny_llama, placeholder_harmful_file, root / "runs", run_name="tiny-sweep",
         optim={"max_steps": 3, "log_every": 1}, tracking={"experiment": "sweep-test"},
+        scaling={"zero_stage": 0, "cpus_per_worker": 0.9},  # two 1-worker trials side by side on 2 cores
     )
     save_config(config, root / "job.yaml")
     return root
@@ -270,7 +271,7 @@ def test_a_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(ray_ses
     trial's start-up on 2 loaded cores outlasted the whole long trial.)"""
     space = write_space(sweep_root, "resume", {
         "parameters": {"optim.max_steps": {"grid": [SHORT_TRIAL_STEPS, STEPS_WITH_CHECKPOINTS]}},
-        "resources": {"checkpoint_every": 4},
+        "fixed": {"scaling.checkpoint_every": 4},
         "evaluate": False,
         "max_concurrent_trials": 1,
     })

@@ -24,6 +24,7 @@ from panacea_platform.search.study import StudySpec, study_problem
 
 # Fields the sweep itself sets for each trial; searching them would fight the sweep.
 RESERVED_PREFIXES = ("run_name", "output_dir", "tracking", "scaling")
+FIXED_RESERVED_PREFIXES = ("run_name", "output_dir", "tracking")  # every trial scales alike: fixed may set scaling.*
 
 # Searchers beyond Ray's built-in ones: name -> (module Ray imports, pip package that provides it).
 OPTIONAL_SEARCHERS: dict[str, tuple[str, str]] = {
@@ -112,21 +113,26 @@ class Objective(_Strict):
     mode: Literal["min", "max"]
 
 
+MOVED_RESOURCES = ("num_workers", "zero_stage", "cpus_per_worker", "gpus_per_worker", "checkpoint_every")
+
+
 class Resources(_Strict):
-    num_workers: int = Field(1, ge=1, description="Ray Train workers per trial.")
-    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage of each trial's workers.")
-    cpus_per_worker: float = Field(
-        0.9, gt=0, description="CPUs per worker; below 1 lets two 1-worker trials share 2 cores with the trial's own request."
-    )
-    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker (>0 turns scaling.use_gpu on).")
+    """What a trial holds besides its Ray Train workers; the workers are the trial config's `scaling`
+    (the job's, changed under `fixed:`), their one home."""
+
     trial_cpus: float = Field(
         0.05, gt=0, description="CPUs the trial's own function holds (it only waits on its workers; Ray refuses 0)."
     )
-    checkpoint_every: int | None = Field(
-        None, ge=0, description="Each trial checkpoints every this many steps; a trial cut short (its sweep's "
-        "driver died) continues from its last checkpoint when the sweep is run again. null = the job's "
-        "scaling.checkpoint_every; 0 = never.",
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scaling_lives_in_the_config(cls, value: Any) -> Any:
+        moved = [key for key in MOVED_RESOURCES if isinstance(value, dict) and key in value]
+        if moved:
+            field = {"gpus_per_worker": "use_gpu"}.get(moved[0], moved[0])
+            raise ValueError(f"{moved[0]}: a trial's workers are the job's scaling section; set scaling.{field} "
+                             "under fixed: (every trial alike) or in the job")
+        return value
 
 
 def default_score() -> dict[str, float]:
@@ -285,12 +291,12 @@ def _takes_floats(info) -> bool:
         return False
 
 
-def check_parameter(path: str, distribution: Distribution) -> None:
+def check_parameter(path: str, distribution: Distribution, reserved: tuple[str, ...] = RESERVED_PREFIXES) -> None:
     """The path names a leaf RunConfig field, and every value the distribution can give fits it."""
-    if path.split(".")[0] in RESERVED_PREFIXES:
+    if path.split(".")[0] in reserved:
         raise SearchSpaceError(
-            f"parameters.{path}: set by the sweep for each trial (run_name, output_dir, tracking.*, scaling.*); "
-            "use resources: for scaling"
+            f"parameters.{path}: set by the sweep for each trial (run_name, output_dir, tracking.*), or, for "
+            "scaling.*, the same for every trial: set it under fixed:"
         )
     info = resolve_field(path)
     if distribution.kind in ("uniform", "loguniform"):
@@ -350,7 +356,7 @@ def check_space(space: SearchSpace) -> None:
         check_parameter(path, distribution)
     for path, value in space.fixed.items():
         try:
-            check_parameter(path, Distribution(grid=[value]))
+            check_parameter(path, Distribution(grid=[value]), FIXED_RESERVED_PREFIXES)
         except SearchSpaceError as exc:
             raise SearchSpaceError(str(exc).replace("parameters.", "fixed.", 1)) from None
     check_searcher_installed(space.searcher)
@@ -369,9 +375,9 @@ def check_searcher_installed(searcher: str) -> None:
 def check_against_job(space: SearchSpace, base: RunConfig) -> None:
     """Every listed value and both bounds of every range give a valid RunConfig with this base job."""
     try:
-        base = config_with(base, {**space.fixed, **resource_changes(space)})
+        base = config_with(base, space.fixed)
     except ConfigError as exc:
-        raise SearchSpaceError(f"fixed / resources with the base job: {exc}") from None
+        raise SearchSpaceError(f"fixed with the base job: {exc}") from None
     for path, distribution in space.parameters.items():
         for value in distribution.values:  # every listed value, or both bounds of a range
             try:
@@ -395,6 +401,13 @@ def check_against_job(space: SearchSpace, base: RunConfig) -> None:
                 f"parameters.panacea.*: the base job's defence is {base.defence!r}, so Panacea's settings change nothing; "
                 "set defence: panacea in the job"
             )
+
+
+def check_trial_scaling(space: SearchSpace, base: RunConfig) -> None:
+    """A sweep's trials train on Ray Train workers: the job with the space's `fixed` names a ZeRO stage."""
+    if config_with(base, space.fixed).scaling.zero_stage is None:
+        raise SearchSpaceError("scaling.zero_stage = None: a sweep's trials train on Ray Train workers under "
+                               "DeepSpeed; set scaling.zero_stage (0-3) under fixed: or in the job")
 
 
 def _check_convention(space: SearchSpace, base: RunConfig) -> None:
@@ -424,18 +437,6 @@ def _check_eval_metrics(space: SearchSpace, base: RunConfig) -> None:
         problem = reported_metric_problem(metric, suites)
         if problem:
             raise SearchSpaceError(f"{where} {metric!r}: {problem}")
-
-
-def resource_changes(space: SearchSpace) -> dict[str, Any]:
-    """The scaling.* values every trial runs with (Ray Train workers per trial)."""
-    resources = space.resources
-    return {
-        "scaling.num_workers": resources.num_workers,
-        "scaling.zero_stage": resources.zero_stage,
-        "scaling.cpus_per_worker": resources.cpus_per_worker,
-        "scaling.use_gpu": resources.gpus_per_worker > 0,
-        **({"scaling.checkpoint_every": resources.checkpoint_every} if resources.checkpoint_every is not None else {}),
-    }
 
 
 def config_with(base: RunConfig, changes: dict[str, Any]) -> RunConfig:

@@ -42,7 +42,7 @@ from panacea_platform.search.plan import (
     summary_line,
 )
 from panacea_platform.search.report import SWEEP_TAG, TRIAL_TAG
-from panacea_platform.search.space import SearchSpace, check_against_job, config_with, load_space, resource_changes
+from panacea_platform.search.space import SearchSpace, check_against_job, check_trial_scaling, config_with, load_space
 from panacea_platform.search.study import STUDY_TAG, study_tag
 from panacea_platform.storage import Storage
 from panacea_platform.tracking import Tracker, code_version, default_tracking_uri, package_versions
@@ -61,7 +61,7 @@ class SweepError(ConfigError):
 
 
 def trial_config(plan: SweepPlan, params: dict[str, Any], trial_id: str) -> RunConfig:
-    """The trial's RunConfig: base job + sampled values, its own run name and folder, the space's resources."""
+    """The trial's RunConfig: base job + fixed and sampled values, its own run name and folder."""
     space = plan.search_space()
     changes: dict[str, Any] = {
         **space.fixed,
@@ -70,7 +70,6 @@ def trial_config(plan: SweepPlan, params: dict[str, Any], trial_id: str) -> RunC
         "output_dir": str(Path(plan.sweep_dir) / "trials"),
         "tracking.tracking_uri": plan.tracking_uri,
         "tracking.experiment": plan.experiment,
-        **resource_changes(space),
     }
     if space.eval_every is not None:
         changes["optim.eval_every"] = space.eval_every
@@ -139,10 +138,7 @@ def run_trial(tune_config: dict[str, Any], plan: SweepPlan) -> None:
         result = run_distributed(
             config,
             "finetune",
-            num_workers=config.scaling.num_workers,
-            zero_stage=config.scaling.zero_stage,
             storage_path=f"{plan.storage}/train",
-            cpus_per_worker=config.scaling.cpus_per_worker,
             report_every=optim.eval_every or optim.log_every,
             callbacks=[ScoredTuneReportCallback(space.score)],
             mlflow_run_id=tracker.run_id,
@@ -182,9 +178,8 @@ def _align_trial(config: RunConfig, plan: SweepPlan, trial_id: str, run_id: str)
     if config.model.adapter is not None or aligning_defence(config) is None:
         return config
     aligned = run_distributed(
-        config_with(config, {"run_name": f"{trial_id}-align"}), "align", num_workers=config.scaling.num_workers,
-        zero_stage=config.scaling.zero_stage, storage_path=f"{plan.storage}/train",
-        cpus_per_worker=config.scaling.cpus_per_worker, parent_run_id=run_id,
+        config_with(config, {"run_name": f"{trial_id}-align"}), "align", storage_path=f"{plan.storage}/train",
+        parent_run_id=run_id,
         train_run_name=f"trial-{trial_id}-align", out=print,
     )
     return config_with(config, {"model.adapter": str(aligned.adapter_dir)})
@@ -340,6 +335,7 @@ def run_sweep(
     job = job or space.base_job or DEFAULT_JOB
     base = load_checked(job, overrides)
     check_against_job(space, base)
+    check_trial_scaling(space, base)
     from panacea_platform.preflight import check_before_work
 
     check_before_work(base)  # the model, the tracking store and the storage, before Ray or the parent run

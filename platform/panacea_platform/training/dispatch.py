@@ -22,20 +22,10 @@ def train(config: RunConfig, stage: str, parent_run_id: str | None = None, out: 
     problem = DEFENCES.get(config.defence).stage_problem(config, stage)
     if problem:
         raise ConfigError(problem)
-    scaling = config.scaling
-    if not scaling.distributed:
+    if not config.scaling.distributed:
         from panacea_platform.training.loop import run_stage
 
         return run_stage(config, stage, parent_run_id=parent_run_id, out=out)
     from panacea_platform.training.launch_ray import run_distributed
 
-    return run_distributed(
-        config,
-        stage,
-        num_workers=scaling.num_workers,
-        zero_stage=scaling.zero_stage,
-        zero_options=scaling.zero_options,
-        cpus_per_worker=scaling.cpus_per_worker,
-        parent_run_id=parent_run_id,
-        out=out,
-    )
+    return run_distributed(config, stage, parent_run_id=parent_run_id, out=out)

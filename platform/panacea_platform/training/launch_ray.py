@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from panacea_platform.config import RunConfig, config_from_dict, save_config, with_changes
+from panacea_platform.config import ConfigError, RunConfig, config_from_dict, save_config, with_changes
 from panacea_platform.ray_instance import connect_ray
 from panacea_platform.storage import Storage
 from panacea_platform.tracking import default_tracking_uri
@@ -297,26 +297,19 @@ def _report_finished_run(checkpoint: Any, config: RunConfig, rank: int) -> None:
 def run_distributed(
     config: RunConfig | dict,
     stage: str = "finetune",
-    num_workers: int = 2,
-    zero_stage: int = 2,
-    storage_path: str | Path | None = None,
     *,
-    zero_options: dict[str, Any] | None = None,
-    cpus_per_worker: float = 1,
+    storage_path: str | Path | None = None,
     report_every: int | None = None,
     parent_run_id: str | None = None,
     track: bool = True,
     out: Callable[[str], None] = print,
-    checkpoint_every: int | None = None,
-    keep_checkpoints: int | None = None,
-    max_failures: int | None = None,
     resume_from: str | Path | None = None,
     callbacks: list[Any] | None = None,
     mlflow_run_id: str | None = None,
     train_run_name: str | None = None,
     step_hook: StepHook | None = None,
 ) -> DistributedResult:
-    """Train one stage on `num_workers` Ray Train workers under DeepSpeed ZeRO-`zero_stage`.
+    """Train one stage on config.scaling's Ray Train workers under its DeepSpeed ZeRO stage.
 
     The global batch is optim.batch_size (align_optim for stage 'align'), split over the workers and
     optim.grad_accum_steps micro-batches each. Ray is RAY_ADDRESS's cluster, else this machine's one Ray
@@ -327,11 +320,12 @@ def run_distributed(
     the same name again resumes that run from its last checkpoint). The driver opens the MLflow run,
     publishes the run after the fit and ends it with its true status; rank 0 logs the step metrics.
 
-    Checkpoints and failures (each defaults to config.scaling's field of the same name): every
-    `checkpoint_every` steps (0/None: never) the workers save a checkpoint; Ray keeps the last
-    `keep_checkpoints` (None: all; the final run-folder checkpoint counts among them). A failed worker
-    restarts the worker group from the latest checkpoint, at most `max_failures` times (default 1
-    when checkpointing, else 0; -1: without limit). `resume_from` is a checkpoint folder of an earlier
+    Every scaling setting is read from config.scaling alone: the workers, the ZeRO stage and its
+    options, the CPUs per worker, and checkpoints and failures: every `checkpoint_every` steps (0:
+    never) the workers save a checkpoint; Ray keeps the last `keep_checkpoints` (null: all; the final
+    run-folder checkpoint counts among them). A failed worker restarts the worker group from the latest
+    checkpoint, at most `max_failures` times (null: 1 when checkpointing, else 0; -1: without limit).
+    `resume_from` is a checkpoint folder of an earlier
     run to start from; it must match this run's world size, ZeRO stage, precision and accumulation,
     and be readable at that path by every worker. `callbacks` are Ray Train callbacks.
     `mlflow_run_id` makes rank 0 log into that existing run (a sweep's child run); its owner ends it.
@@ -343,8 +337,12 @@ def run_distributed(
     config = _as_config(config)
     # Fine-tuning under its convention (algorithms/convention.py) before the batch split is checked.
     config = for_workers(with_convention(config) if stage == "finetune" else config)
-    checkpoint_every, keep_checkpoints, max_failures = _failure_settings(
-        config, checkpoint_every, keep_checkpoints, max_failures)
+    scaling = config.scaling
+    if scaling.zero_stage is None:
+        raise ConfigError("scaling.zero_stage = None: training on Ray Train workers runs under DeepSpeed; "
+                          "set scaling.zero_stage to 0-3 (or train in this process, without run_distributed)")
+    num_workers, zero_stage, zero_options = scaling.num_workers, scaling.zero_stage, scaling.zero_options
+    checkpoint_every, keep_checkpoints, max_failures = _failure_settings(config)
     # Fails here, before any worker starts, on a bad batch split, ZeRO stage, checkpoint or data.
     check_distributed(config, stage, num_workers, zero_stage, zero_options)
     if resume_from is not None:
@@ -368,8 +366,7 @@ def run_distributed(
             "resume_from": str(Path(resume_from).resolve()) if resume_from is not None else None,
         }
         name = train_run_name or f"{config.run_name}-{stage}-zero{zero_stage}-{int(time.time() * 1000)}"
-        result = _fit(config, loop_config, num_workers, cpus_per_worker, storage, name, keep_checkpoints,
-                      max_failures, callbacks, out)
+        result = _fit(config, loop_config, storage, name, keep_checkpoints, max_failures, callbacks, out)
         from panacea_platform.training.publish import publish_stage
 
         # After the last collective, on the driver: no worker waits while it runs.
@@ -381,7 +378,6 @@ def _check_cluster_reaches(config: RunConfig) -> None:
     """Before any worker starts: a cluster of several machines cannot log to one machine's SQLite file."""
     import ray
 
-    from panacea_platform.config import ConfigError
     from panacea_platform.ray_instance import machines_problem
 
     uri = config.tracking.tracking_uri or default_tracking_uri(config.output_dir)
@@ -409,40 +405,32 @@ def _tracker(config: RunConfig, stage: str, mlflow_run_id: str | None, parent_ru
     return tracker, tracker is not None
 
 
-def _failure_settings(config: RunConfig, checkpoint_every, keep_checkpoints, max_failures) -> tuple[int, Any, int]:
+def _failure_settings(config: RunConfig) -> tuple[int, int | None, int]:
+    """(checkpoint_every, keep_checkpoints, max_failures) from config.scaling, with max_failures' default."""
     scaling = config.scaling
-    checkpoint_every = int((scaling.checkpoint_every if checkpoint_every is None else checkpoint_every) or 0)
-    keep_checkpoints = scaling.keep_checkpoints if keep_checkpoints is None else keep_checkpoints
-    max_failures = scaling.max_failures if max_failures is None else max_failures
-    if checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every = {checkpoint_every}: expected 0 (off) or a positive number of steps")
-    if keep_checkpoints is not None and keep_checkpoints < 1:
-        raise ValueError(f"keep_checkpoints = {keep_checkpoints}: expected at least 1, or None to keep all")
+    max_failures = scaling.max_failures
     if max_failures is None:
-        max_failures = 1 if checkpoint_every else 0
-    if max_failures < -1:
-        raise ValueError(f"max_failures = {max_failures}: expected -1 (no limit), 0 or more")
-    return checkpoint_every, keep_checkpoints, max_failures
+        max_failures = 1 if scaling.checkpoint_every else 0
+    return scaling.checkpoint_every, scaling.keep_checkpoints, max_failures
 
 
-def _fit(config: RunConfig, loop_config: dict[str, Any], num_workers: int, cpus_per_worker: float, storage: Storage,
-         name: str, keep_checkpoints: int | None, max_failures: int, callbacks: list[Any] | None,
-         out: Callable[[str], None]) -> DistributedResult:
+def _fit(config: RunConfig, loop_config: dict[str, Any], storage: Storage, name: str, keep_checkpoints: int | None,
+         max_failures: int, callbacks: list[Any] | None, out: Callable[[str], None]) -> DistributedResult:
     from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     start = time.monotonic()
-    stage, zero_stage = loop_config["stage"], loop_config["zero_stage"]
+    stage, scaling = loop_config["stage"], config.scaling
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend=comm_backend(config.scaling.use_gpu)),
         scaling_config=ScalingConfig(
-            num_workers=num_workers,
-            use_gpu=config.scaling.use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if config.scaling.use_gpu else {})},
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
         ),
         run_config=RayRunConfig(
             name=name,
@@ -463,7 +451,7 @@ def _fit(config: RunConfig, loop_config: dict[str, Any], num_workers: int, cpus_
     from panacea_platform.models import PERTURBATION_FILE
 
     eps = run_dir / PERTURBATION_FILE
-    out(f"[distributed] {stage} on {num_workers} workers (ZeRO-{zero_stage}) took {time.monotonic() - start:.0f}s")
+    out(f"[distributed] {stage} on {scaling.num_workers} workers (ZeRO-{scaling.zero_stage}) took {time.monotonic() - start:.0f}s")
     return DistributedResult(
         run_dir=run_dir,
         adapter_dir=run_dir / "adapter",
@@ -471,8 +459,8 @@ def _fit(config: RunConfig, loop_config: dict[str, Any], num_workers: int, cpus_
         perturbation_path=eps if eps.is_file() else None,
         summary=summary,
         history=history,
-        num_workers=num_workers,
-        zero_stage=zero_stage,
+        num_workers=scaling.num_workers,
+        zero_stage=scaling.zero_stage,
         checkpoint_path=result.checkpoint.path if result.checkpoint is not None else None,
         metrics=result.metrics,
         mlflow_run_id=loop_config["mlflow_run_id"],
