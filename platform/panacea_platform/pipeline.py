@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import yaml
 from panacea_platform.config import ConfigError, RunConfig, with_changes
 from panacea_platform.config_checks import check_config
 from panacea_platform.models import prepare_model
-from panacea_platform.tracking import Tracker, default_tracking_uri
+from panacea_platform.tracking import Tracker, default_tracking_uri, runs_page
 
 # Config sections that decide what the alignment stage produces; the aligned
 # adapter is reused when none of them changed. The pools are fixed (data/pools.py):
@@ -222,7 +223,6 @@ def run_demo(
 ) -> list[Row]:
     """Align, fine-tune every arm, evaluate, for each seed; print and save the comparison."""
     from panacea_platform.evaluation.suites import check_suites
-    from panacea_platform.training.dispatch import train
 
     if evaluate:
         config = check_suites(config, out)  # a bad or unreachable suite fails now, before any training
@@ -233,19 +233,11 @@ def run_demo(
     started = time.monotonic()
     for arm in arms:  # each arm's config is valid (e.g. an aligning defence with a given adapter) before any work
         check_config(with_changes(config, arm.changes))
-    total_runs, done_runs = len(seeds) * (len(arms) + 1), 0
     prepare_model(config.model.name, out)
     for arm in arms:
         _check_arm(with_changes(config, arm.changes))
     _check_end_tokens(config, defences, evaluate)
-
-    def progress(label: str) -> None:
-        nonlocal done_runs
-        done_runs += 1
-        elapsed = time.monotonic() - started
-        left = elapsed / done_runs * (total_runs - done_runs)
-        out(f"[demo] {done_runs}/{total_runs} done ({label}) | {_clock(elapsed)} elapsed, ~{_clock(left)} left")
-
+    progress = _progress(len(seeds) * (len(arms) + 1), started, out)
     with Tracker(
         tracking_uri,
         config.tracking.experiment,
@@ -255,30 +247,70 @@ def run_demo(
     ) as parent:
         parent.log_params(config.flat())
         for seed in seeds:
-            seeded = with_changes(config, {"seed": seed})
-            aligned, align_run = ensure_aligned(seeded, parent, out)
-            row = Row(ALIGNED, "Aligned (before attack)", seed, aligned.parent, _summary(aligned.parent),
-                      mlflow_run_id=align_run)
-            if evaluate:
-                row.evaluation, row.samples = _evaluate_aligned(seeded, aligned, align_run, out)
-                _probe(seeded, row, aligned, tracking_uri, out)
-            rows.append(row)
-            progress(f"aligned, seed {seed}")
-            trained: dict[str, Any] = {}
-            for arm in arms:
-                arm_config = arm_config_for(seeded, arm, _aligned_for(seeded, arm, aligned, parent, out), trained, out)
-                result = train(arm_config, "finetune", parent_run_id=parent.run_id, out=out)
-                trained[arm.key] = result
-                row = Row(arm.key, arm.method, seed, result.run_dir, result.summary, mlflow_run_id=result.mlflow_run_id)
-                if evaluate:
-                    row.evaluation, row.samples = _evaluate(arm_config, result.adapter_dir, result.mlflow_run_id, out)
-                    _probe(arm_config, row, result.adapter_dir, tracking_uri, out)
-                rows.append(row)
-                progress(f"{arm.method}, seed {seed}")
+            rows += _run_seed(with_changes(config, {"seed": seed}), arms, parent, evaluate, progress, out)
             # Each finished seed is saved at once: if a later seed fails, --report-only still reads this one.
             _rows_path(config).write_text(json.dumps([r.to_json() for r in rows], indent=2))
         _report(config, rows, parent, tracking_uri, started, out)
     return rows
+
+
+def _progress(total: int, started: float, out: Callable[[str], None]) -> Callable[[str], None]:
+    """A callback that counts finished models and prints the time elapsed and left."""
+    done = 0
+
+    def finished(label: str) -> None:
+        nonlocal done
+        done += 1
+        elapsed = time.monotonic() - started
+        left = elapsed / done * (total - done)
+        out(f"[demo] {done}/{total} done ({label}) | {_clock(elapsed)} elapsed, ~{_clock(left)} left")
+
+    return finished
+
+
+def _run_seed(seeded: RunConfig, arms: list[Arm], parent: Tracker, evaluate: bool,
+              progress: Callable[[str], None], out: Callable[[str], None]) -> list[Row]:
+    """One seed of the main job: the aligned model, then every arm fine-tuned from it, each evaluated."""
+    from panacea_platform.training.dispatch import train
+
+    tracking_uri = seeded.tracking.tracking_uri or default_tracking_uri(seeded.output_dir)
+    aligned, align_run = ensure_aligned(seeded, parent, out)
+    row = Row(ALIGNED, "Aligned (before attack)", seeded.seed, aligned.parent, _summary(aligned.parent),
+              mlflow_run_id=align_run)
+    if evaluate:
+        row.evaluation, row.samples = _evaluate_aligned(seeded, aligned, align_run, out)
+        _probe(seeded, row, aligned, tracking_uri, out)
+    rows = [_headlined(seeded, row, tracking_uri)]
+    progress(f"aligned, seed {seeded.seed}")
+    trained: dict[str, Any] = {}
+    for arm in arms:
+        arm_config = arm_config_for(seeded, arm, _aligned_for(seeded, arm, aligned, parent, out), trained, out)
+        result = train(arm_config, "finetune", parent_run_id=parent.run_id, out=out)
+        trained[arm.key] = result
+        row = Row(arm.key, arm.method, seeded.seed, result.run_dir, result.summary, mlflow_run_id=result.mlflow_run_id)
+        if evaluate:
+            row.evaluation, row.samples = _evaluate(arm_config, result.adapter_dir, result.mlflow_run_id, out)
+            _probe(arm_config, row, result.adapter_dir, tracking_uri, out)
+        rows.append(_headlined(seeded, row, tracking_uri))
+        progress(f"{arm.method}, seed {seeded.seed}")
+    return rows
+
+
+def _headlined(config: RunConfig, row: Row, tracking_uri: str) -> Row:
+    """The row, its headline metrics (HS, FA, ...) logged into its run under names that sort together."""
+    from panacea_platform.run_notes import headline_metrics
+
+    columns = {**paper_columns(config), "answered": _answered_column(config)}
+    headlines = headline_metrics(columns, row.evaluation or {})
+    if headlines and row.mlflow_run_id is not None:
+        Tracker.attach(tracking_uri, row.mlflow_run_id).log_metrics(headlines)
+    return row
+
+
+def _answered_column(config: RunConfig) -> tuple[str, str] | None:
+    """The helpfulness suite's answered rate: whether a method still answers ordinary requests."""
+    suite = next((s.name for s in config.evaluation.suites if s.metric == "helpfulness"), None)
+    return (suite, "answered_rate") if suite else None
 
 
 def _check_arm(config: RunConfig) -> None:
@@ -503,6 +535,7 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
         plots += _comparison_plots(config, comparison, (harm, task), search_trials, folder)
     for path in (*plots, summary_path, rows_path):
         parent.log_artifact(path)
+    parent.describe(_parent_note(rows, text))
     layer_plots = sorted(str(r.run_dir / "layerwise_eps.png") for r in rows if (r.run_dir / "layerwise_eps.png").is_file())
 
     out("")
@@ -517,7 +550,15 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
             "Pareto plots: " + ", ".join(str(p) for p in pareto_plots))
     else:
         out("search: none yet on this aligned model; run  panacea sweep -s search_spaces/offline_default.yaml")
-    out(f"MLflow: mlflow ui --backend-store-uri {tracking_uri}")
+    out(f"MLflow: {runs_page(tracking_uri, parent.experiment_id)}")
+
+
+def _parent_note(rows: list[Row], text: str) -> str:
+    """The main job's run description: the command that ran it, then its report as printed."""
+    command = " ".join(["panacea", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else "run_demo(...) from Python"
+    seeds = ",".join(str(s) for s in sorted({r.seed for r in rows}))
+    return (f"**Main job**: {len({r.key for r in rows})} methods, seeds {seeds}. Command: `{command}`\n\n"
+            f"```\n{text}\n```")
 
 
 def _convention_block(config: RunConfig, rows: list[Row]) -> list[str]:

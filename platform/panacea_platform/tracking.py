@@ -102,6 +102,20 @@ def seed_new_sqlite_store(tracking_uri: str) -> None:
         database.unlink(missing_ok=True)  # no usable cache (read-only home): MLflow migrates the store itself
 
 
+# MLflow's UI shows an experiment of this kind as model training (its runs), not as a GenAI app (traces).
+EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+DESCRIPTION_TAG = "mlflow.note.content"  # the run page's Description (Markdown)
+
+
+def runs_page(tracking_uri: str, experiment_id: str) -> str:
+    """Where a reader sees the experiment's runs. MLflow 3's UI opens an experiment on the GenAI overview
+    in a browser that has not chosen "Model training"; this link names the runs page and the workflow."""
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{page}"
+
+
 class Tracker:
     """One MLflow run. Use as a context manager; the run ends when the block does."""
 
@@ -125,9 +139,14 @@ class Tracker:
             # named here would be one process's disk, out of the team's reach.
             local = artifact_root is not None and not tracking_uri.startswith(("http://", "https://"))
             location = Path(artifact_root).resolve().as_uri() if local else None
-            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            experiment_id = self.client.create_experiment(experiment, artifact_location=location,
+                                                          tags=EXPERIMENT_KIND_TAGS)
         else:
             experiment_id = found.experiment_id
+            for key, value in EXPERIMENT_KIND_TAGS.items():  # experiments made before the tag was set
+                if key not in found.tags:
+                    self.client.set_experiment_tag(experiment_id, key, value)
+        self.experiment_id = experiment_id
         all_tags = {**code_version(), **(tags or {})}
         if parent_run_id is not None:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -142,7 +161,8 @@ class Tracker:
         tracker = cls.__new__(cls)
         tracker.client = MlflowClient(tracking_uri=tracking_uri)
         tracker.tracking_uri = tracking_uri
-        tracker.run_id = tracker.client.get_run(run_id).info.run_id
+        info = tracker.client.get_run(run_id).info
+        tracker.run_id, tracker.experiment_id = info.run_id, info.experiment_id
         tracker._ended = False
         return tracker
 
@@ -175,6 +195,15 @@ class Tracker:
             self.client.log_artifacts(self.run_id, str(path), artifact_path or path.name)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def describe(self, text: str) -> None:
+        """The run's Description in the MLflow UI (Markdown)."""
+        self.set_tags({DESCRIPTION_TAG: text})
+
+    def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
+        """Rows of one shape as an MLflow table (`name` ends in .json): the UI shows it as a table."""
+        if rows:
+            self.client.log_table(self.run_id, {key: [row.get(key) for row in rows] for key in rows[0]}, name)
 
     def log_dict(self, data: dict[str, Any], name: str) -> None:
         self.client.log_text(self.run_id, json.dumps(data, indent=2, default=str), name)

@@ -114,12 +114,15 @@ def _run(command: list[str], what: str) -> None:
 
 
 def start_mlflow_server(backend_uri: str, artifacts: Path, port: int, host: str = "127.0.0.1",
-                        log: Path | None = None, timeout_s: float = 90.0) -> subprocess.Popen:
-    """`mlflow server` with the backend store and proxied artifacts; returns once /health answers."""
+                        log: Path | None = None, timeout_s: float = 90.0, workers: int = 2) -> subprocess.Popen:
+    """`mlflow server` with the backend store and proxied artifacts; returns once /health answers.
+
+    One worker runs in one process; several are supervised by uvicorn, which restarts one that does
+    not answer its health check within seconds (on a loaded machine, while it is still importing)."""
     artifacts = Path(artifacts).resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--serve-artifacts",
-               "--artifacts-destination", artifacts.as_uri(), "--host", host, "--port", str(port), "--workers", "2"]
+               "--artifacts-destination", artifacts.as_uri(), "--host", host, "--port", str(port), "--workers", str(workers)]
     output = open(log, "w") if log is not None else subprocess.DEVNULL
     process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://{host}:{port}"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from panacea_platform.evaluation.results import EvalResult, aggregate, format_result, sample_record
+from panacea_platform.run_notes import answers_rows
 
 if TYPE_CHECKING:
     from panacea_platform.config import RunConfig
@@ -150,6 +151,7 @@ def evaluate_model(
             tracker.set_tags({f"eval.judge.{name}.{key}": str(value) for key, value in identity.items()})
         for path in (result.samples_path, result.summary_path):
             tracker.log_artifact(path, f"eval/{folder.name}")
+        tracker.log_table(answers_rows(records), f"eval/{folder.name}/answers.json")
     return result
 
 

@@ -29,6 +29,7 @@ from panacea_platform.config import RunConfig, save_config
 from panacea_platform.data import Example
 from panacea_platform.data.collate import BatchStream, collate, tokenize_example
 from panacea_platform.models import PERTURBATION_FILE, load_tokenizer, save_perturbation
+from panacea_platform.run_notes import training_note
 from panacea_platform.training.checkpointing import Checkpoints, LocalCheckpoints, run_identity, run_settings
 from panacea_platform.training.losses import heldout_signals, mean_loss, training_loss
 from panacea_platform.training.result import StageResult
@@ -240,6 +241,7 @@ def record_run(config: RunConfig, stage: str, fingerprints: dict[str, str], trac
     tracker.log_params(package_versions())
     if stage == "finetune":
         tracker.set_tags({"fine_tuning_convention": describe_convention(config)})
+    tracker.describe(training_note(config, stage))
     run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
