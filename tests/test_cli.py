@@ -130,6 +130,20 @@ def test_the_paper_comparison_demo_runs_every_defence_at_its_stage_on_the_same_p
     finetunes = {r.data.tags["mlflow.runName"]: r for r in children if r.data.tags["stage"] == "finetune"}
     child_artifacts = {a.path for a in client.list_artifacts(finetunes["demo-paper-sft-s0"].info.run_id)}
     assert {"adapter", "training_curves.png", "config.yaml", "history.jsonl", "eval"} <= child_artifacts
+    # The MLflow UI opens on the result (its browser check: test_mlflow_ui.py): model training, each run's
+    # description, the headlines under one prefix, the answers as a table.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    note = parents[0].data.tags["mlflow.note.content"]
+    assert "Command: `panacea demo --config" in note and "Panacea, p=0.1" in note
+    panacea = finetunes["demo-paper-panacea-s0"]
+    assert panacea.data.tags["mlflow.note.content"].startswith("**Fine-tuning under panacea on")
+    assert "rho" in panacea.data.tags["mlflow.note.content"]
+    assert panacea.data.metrics["headline.HS"] == panacea.data.metrics["eval/harmful/harmful_score"]
+    assert panacea.data.metrics["headline.FA"] == panacea.data.metrics["eval/task/accuracy"]
+    assert panacea.data.metrics["headline.answered"] == panacea.data.metrics["eval/helpfulness/answered_rate"]
+    tables = {a.path for a in client.list_artifacts(panacea.info.run_id, "eval/eval-adapter")}
+    assert "eval/eval-adapter/answers.json" in tables
+    assert f"experiments/{experiment.experiment_id}/runs?workflowType=machine_learning" in out
     # Lineage: a fine-tune started from the adapter its alignment produced, but random perturbation, which
     # changes the SFT run's w_T (0 steps: its training would be SFT's, step for step).
     params = {name: run.data.params for name, run in finetunes.items()}
@@ -237,9 +251,28 @@ def test_unknown_defence_in_demo_list_exits_2(tiny_job, capsys):
 
 def test_config_validate_and_show(capsys):
     assert main(["config", "validate"]) == 0
-    assert "ok: jobs/offline_default.yaml" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # Every job file under jobs/, its sub-folders included.
+    assert "ok: jobs/offline_default.yaml" in out and "ok: jobs/paper/defences/comparison.yaml" in out
+    assert out.count("ok: ") == len(list(Path("jobs").rglob("*.yaml")))
+    assert main(["config", "validate", "jobs/paper/defences", "jobs/offline_default.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "ok: jobs/paper/defences/comparison.yaml" in out and "ok: jobs/offline_default.yaml" in out
+    assert "jobs/paper/llama2-7b-sst2.yaml" not in out
+    assert main(["config", "validate", "jobs/nothing-here"]) == 2
+    assert "config validate 'jobs/nothing-here': no such file or folder" in capsys.readouterr().err
     assert main(["config", "show", "panacea.rho=0.25"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["panacea"]["rho"] == 0.25
+
+
+@pytest.mark.parametrize("argv", [["config", "fields", "--config", "jobs/offline_default.yaml"],
+                                  ["config", "validate", "panacea.rho=0.25", "--config", "x.yaml"],
+                                  ["config", "fields", "panacea.rho=0.25"]])
+def test_an_argument_a_config_action_does_not_use_is_an_error_not_dropped(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
 
 
 def test_console_script_exit_code_on_bad_input():

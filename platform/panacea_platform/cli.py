@@ -132,11 +132,25 @@ def cmd_config(args: argparse.Namespace) -> int:
 
         _print_fields(RunConfig, "")
         return 0
-    files = args.files or sorted(str(p) for p in Path("jobs").glob("*.yaml"))
-    for path in files:
+    for path in _job_files(args.paths):
         load_checked(path)
         print(f"ok: {path}")
     return 0
+
+
+def _job_files(paths: list[str]) -> list[str]:
+    """The given files, and every *.yaml under the given folders, in order."""
+    from panacea_platform.config import ConfigError
+
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(str(p) for p in path.rglob("*.yaml"))
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            raise ConfigError(f"config validate {str(path)!r}: no such file or folder; give job files or folders")
+    return files
 
 
 def _print_fields(model, prefix: str) -> None:
@@ -338,11 +352,15 @@ def _add_demo(sub: Any) -> None:
 
 
 def _add_config(sub: Any) -> None:
+    # One parser per action, each with only its own arguments: an argument an action does not use is an error.
     config = sub.add_parser("config", help="show the resolved configuration, list its fields, or validate job files")
-    config.add_argument("action", choices=["show", "validate", "fields"])
-    config.add_argument("--config", "-c", default=DEFAULT_JOB, help="YAML job file for 'show'")
-    config.add_argument("--files", nargs="*", help="job files for 'validate' (default: jobs/*.yaml)")
-    config.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for 'show'")
+    actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = actions.add_parser("show", help="the resolved configuration of a job file and overrides, as YAML")
+    _add_config_args(show)
+    actions.add_parser("fields", help="every configuration key, its type, default and description")
+    validate = actions.add_parser("validate", help="check job files, and every job file under folders")
+    validate.add_argument("paths", nargs="*", metavar="PATH", default=["jobs"],
+                          help="job files or folders (every *.yaml under them); default: jobs/")
     config.set_defaults(func=cmd_config)
 
 
