@@ -95,12 +95,9 @@ def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print,
     from panacea_platform.algorithms.panacea import panacea_step
     from panacea_platform.algorithms.sft import sft_step
     from panacea_platform.data.collate import collate, tokenize_example
-    from panacea_platform.models import attach_lora, load_base_model, load_tokenizer
+    from panacea_platform.models import load_tokenizer
     from panacea_platform.training.loop import seed_everything
-    from panacea_platform.training.losses import lm_loss
-    from panacea_platform.training.schedule import make_optimizer
     from panacea_platform.training.stage_data import prepare_data
-    from panacea_platform.training.strategy.torch import TorchWeights, training_device
 
     seed_everything(config.seed)
     data = prepare_data(config, "finetune")
@@ -117,14 +114,7 @@ def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print,
 
     finetune_batch = first_batch(data.train, optim.batch_size)
     harmful_batch = first_batch(data.defender_harmful, optim.harmful_batch_size)
-    # Every step is timed on the same weights: the given adapter kept training, whatever the defences' conventions.
-    kept = config.model.model_copy(update={"after_alignment": "continue"})
-    model = attach_lora(load_base_model(kept), config.lora, config.model.adapter).to(training_device())
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable_mb = sum(p.numel() * p.element_size() for p in params) / 2**20
-    optimizer, scheduler = make_optimizer(params, optim, total=warmup + repeats)
-    weights = TorchWeights(model, lm_loss, optimizer, scheduler, optim.max_grad_norm)
+    weights, trainable_mb = _bench_weights(config, total=warmup + repeats)
     p = config.panacea
     out(f"benchmarking on {config.model.name}: batch {optim.batch_size}, harmful batch {optim.harmful_batch_size}, "
         f"both padded to {config.data.max_length} tokens, "
@@ -150,6 +140,28 @@ def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print,
         "extra_memory_in_trainable_copies": max(0.0, panacea.peak_extra_mb - sft.peak_extra_mb) / trainable_mb,
         "trainable_mb": trainable_mb,
     }
+    _print_steps(sft, panacea, others, result, out)
+    return result
+
+
+def _bench_weights(config: RunConfig, total: int):
+    """(TorchWeights, trainable MB) of the job's model and LoRA, with its optimiser for `total` steps."""
+    from panacea_platform.models import attach_lora, load_base_model
+    from panacea_platform.training.losses import lm_loss
+    from panacea_platform.training.schedule import make_optimizer
+    from panacea_platform.training.strategy.torch import TorchWeights, training_device
+
+    # Every step is timed on the same weights: the given adapter kept training, whatever the defences' conventions.
+    kept = config.model.model_copy(update={"after_alignment": "continue"})
+    model = attach_lora(load_base_model(kept), config.lora, config.model.adapter).to(training_device())
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable_mb = sum(p.numel() * p.element_size() for p in params) / 2**20
+    optimizer, scheduler = make_optimizer(params, config.optim, total=total)
+    return TorchWeights(model, lm_loss, optimizer, scheduler, config.optim.max_grad_norm), trainable_mb
+
+
+def _print_steps(sft, panacea, others, result: dict[str, float], out) -> None:
     out(f"{'step':<20}{'median s':>12}{'peak extra MB':>16}")
     for timing in (sft, panacea, *others):
         out(f"{timing.name:<20}{timing.median_s:>12.3f}{timing.peak_extra_mb:>16.1f}")
@@ -157,4 +169,3 @@ def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print,
         out(f"time ratio {timing.name}/sft: {timing.median_s / sft.median_s:.2f}")
     out(f"time ratio panacea/sft: {result['time_ratio']:.2f} (floor 3.0, target <= 3.1)")
     out(f"memory beyond SFT: {result['extra_memory_in_trainable_copies']:.1f} copies of the trainable weights")
-    return result

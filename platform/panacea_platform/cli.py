@@ -114,7 +114,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds {args.seeds!r}: expected a comma list of integers, e.g. 0,1,2") from None
     if seeds is not None and (not seeds or min(seeds) < 0):
         raise ConfigError(f"--seeds {args.seeds!r}: expected non-negative integers")
-    run_demo(config, defences, seeds=seeds, control=not args.no_control, evaluate=not args.no_eval)
+    run_demo(config, defences, seeds=seeds, control=not args.no_control, evaluate=not args.no_eval,
+             command=args.command_line)
     return 0
 
 
@@ -489,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
+    args.command_line = " ".join(["panacea", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
     except _user_errors() as exc:

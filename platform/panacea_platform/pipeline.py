@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,8 +219,10 @@ def run_demo(
     control: bool = True,
     evaluate: bool = True,
     out: Callable[[str], None] = print,
+    command: str = "run_demo(...) from Python",
 ) -> list[Row]:
-    """Align, fine-tune every arm, evaluate, for each seed; print and save the comparison."""
+    """Align, fine-tune every arm, evaluate, for each seed; print and save the comparison. `command` is
+    what the parent run's description says ran it."""
     from panacea_platform.evaluation.suites import check_suites
 
     if evaluate:
@@ -251,6 +252,8 @@ def run_demo(
             # Each finished seed is saved at once: if a later seed fails, --report-only still reads this one.
             _rows_path(config).write_text(json.dumps([r.to_json() for r in rows], indent=2))
         _report(config, rows, parent, tracking_uri, started, out)
+        parent.describe(_parent_note(rows, (Path(config.output_dir) / f"{config.run_name}-summary.txt").read_text(),
+                                     command))
     return rows
 
 
@@ -535,7 +538,6 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
         plots += _comparison_plots(config, comparison, (harm, task), search_trials, folder)
     for path in (*plots, summary_path, rows_path):
         parent.log_artifact(path)
-    parent.describe(_parent_note(rows, text))
     layer_plots = sorted(str(r.run_dir / "layerwise_eps.png") for r in rows if (r.run_dir / "layerwise_eps.png").is_file())
 
     out("")
@@ -553,9 +555,8 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
     out(f"MLflow: {runs_page(tracking_uri, parent.experiment_id)}")
 
 
-def _parent_note(rows: list[Row], text: str) -> str:
+def _parent_note(rows: list[Row], text: str, command: str) -> str:
     """The main job's run description: the command that ran it, then its report as printed."""
-    command = " ".join(["panacea", *sys.argv[1:]]) if sys.argv[1:2] == ["demo"] else "run_demo(...) from Python"
     seeds = ",".join(str(s) for s in sorted({r.seed for r in rows}))
     return (f"**Main job**: {len({r.key for r in rows})} methods, seeds {seeds}. Command: `{command}`\n\n"
             f"```\n{text}\n```")

@@ -27,7 +27,9 @@ def training_note(config: RunConfig, stage: str) -> str:
 
     defence = stage_defence(config, stage)
     data = config.data
-    settings = ", ".join(f"{key} {value}" for key, value in sorted(defence.settings().items())) or "none"
+    section = getattr(config, defence.name, None)  # each defence's settings: its section of the config
+    values = section.model_dump(by_alias=True, exclude={"fine_tuning"}) if section is not None else {}
+    settings = ", ".join(f"{key} {value}" for key, value in values.items()) or "none"
     if stage == "align":
         what = f"Alignment by {defence.name} on {data.alignment_size} refusal and helpful pairs"
     else:

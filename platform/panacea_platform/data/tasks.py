@@ -146,6 +146,8 @@ _VEHICLES = ("car", "train", "bus", "cyclist", "boat", "truck")
 _CONTAINERS = (("box", "boxes"), ("bag", "bags"), ("crate", "crates"), ("jar", "jars"), ("basket", "baskets"), ("pack", "packs"))
 
 
+# Over 60 lines: one branch per kind of problem, read as a table; the order of its rng draws defines the
+# task's data (and every cached result on it), so it is not reshuffled into helpers.
 def _arithmetic_example(rng: random.Random) -> Example:
     """One GSM8K-style word problem whose answer is an exact integer."""
     name, friend = rng.sample(_NAMES, 2)

@@ -102,11 +102,9 @@ def evaluate_model(
     `tracker` or `mlflow_run_id` (attached through config.tracking) names the
     MLflow run being evaluated; with neither, nothing is logged.
     """
-    from panacea_platform.evaluation.pipeline import check_adapter, evaluation_prompts, run_pipeline
-
-    from panacea_platform.evaluation.suites import check_suites
-
     from panacea_platform.algorithms.convention import with_convention
+    from panacea_platform.evaluation.pipeline import check_adapter, evaluation_prompts, run_pipeline
+    from panacea_platform.evaluation.suites import check_suites
 
     # The fine-tuned adapter sits on the base its run trained on: the aligned one merged, or not.
     config = with_convention(config)
@@ -133,6 +131,15 @@ def evaluate_model(
     }
 
     folder = Path(output_dir) if output_dir is not None else default_output_dir(config, adapter, perturbation)
+    _write(result, records, folder, config, adapter, perturbation)
+    if tracker is not None:
+        _log(tracker, result, records, identities, folder)
+    return result
+
+
+def _write(result: EvalResult, records: list[dict[str, Any]], folder: Path, config: "RunConfig",
+           adapter: str | Path | None, perturbation: str | Path | None) -> None:
+    """samples.jsonl and eval_summary.json into `folder`; their paths into `result`."""
     folder.mkdir(parents=True, exist_ok=True)
     result.samples_path, result.summary_path = folder / SAMPLES_FILE, folder / SUMMARY_FILE
     write_samples(records, result.samples_path)
@@ -144,15 +151,18 @@ def evaluate_model(
         "task": config.data.task,
     }
     result.summary_path.write_text(json.dumps(summary, indent=2))
-    if tracker is not None:
-        tracker.log_metrics(result.metrics())
-        tracker.set_tags({f"eval.{key}": str(value) for key, value in result.identity.items()})
-        for name, identity in identities.items():
-            tracker.set_tags({f"eval.judge.{name}.{key}": str(value) for key, value in identity.items()})
-        for path in (result.samples_path, result.summary_path):
-            tracker.log_artifact(path, f"eval/{folder.name}")
-        tracker.log_table(answers_rows(records), f"eval/{folder.name}/answers.json")
-    return result
+
+
+def _log(tracker: "Tracker", result: EvalResult, records: list[dict[str, Any]], identities: dict[str, Any],
+         folder: Path) -> None:
+    """The evaluation into its MLflow run: the metrics, the judges' identities, the files, the answers table."""
+    tracker.log_metrics(result.metrics())
+    tracker.set_tags({f"eval.{key}": str(value) for key, value in result.identity.items()})
+    for name, identity in identities.items():
+        tracker.set_tags({f"eval.judge.{name}.{key}": str(value) for key, value in identity.items()})
+    for path in (result.samples_path, result.summary_path):
+        tracker.log_artifact(path, f"eval/{folder.name}")
+    tracker.log_table(answers_rows(records), f"eval/{folder.name}/answers.json")
 
 
 def preset_overrides(path: str | Path | None) -> list[str]:

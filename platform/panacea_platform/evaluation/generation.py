@@ -199,6 +199,8 @@ def _prefill(model: Any, prefix: Any, own_rows: list[list[int]], shared: int, pa
     return _Prefilled([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], mask, logits)
 
 
+# Over 60 lines: its docstring records each measured saving, and the decoding loop stays in one piece
+# because the cache, the mask, the positions and the rows still decoding change together at every step.
 def _greedy_decode(model: Any, rows: list[list[int]], budgets: list[int], eos_ids: list[int], pad_id: int):
     """Greedy continuations of `rows` (token ids; each ends at its first EOS or after its own budget).
 

@@ -45,7 +45,7 @@ from panacea_platform.search.report import SWEEP_TAG, TRIAL_TAG
 from panacea_platform.search.space import SearchSpace, check_against_job, check_trial_scaling, config_with, load_space
 from panacea_platform.search.study import STUDY_TAG, study_tag
 from panacea_platform.storage import Storage
-from panacea_platform.tracking import Tracker, code_version, default_tracking_uri, package_versions
+from panacea_platform.tracking import Tracker, code_version, default_tracking_uri, package_versions, runs_page
 
 STATE_FILE = "sweep.json"
 DEFAULT_JOB = "jobs/offline_default.yaml"
@@ -325,55 +325,28 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run (or resume) the sweep a search space describes; returns the trials, the front and the plot.
 
-    `job` (default: the space's base_job, else jobs/offline_default.yaml) plus
-    `overrides` is the base RunConfig. `name` defaults to the space file's stem.
-    Rerunning with the same name resumes; `resume=True` insists that there is a
-    sweep to resume; `retry_errored` runs failed trials again (from their last checkpoint, if they wrote one).
-    """
+    `job` (default: the space's base_job, else jobs/offline_default.yaml) plus `overrides` is the base
+    RunConfig; `name` (default: the space file's stem) names the sweep: the same name again resumes it.
+    `resume=True` insists that there is a sweep to resume; `retry_errored` runs failed trials again."""
     space_path = Path(space_path)
     space = load_space(space_path)
     job = job or space.base_job or DEFAULT_JOB
-    base = load_checked(job, overrides)
-    check_against_job(space, base)
-    check_trial_scaling(space, base)
-    from panacea_platform.preflight import check_before_work
-
-    check_before_work(base)  # the model, the tracking store and the storage, before Ray or the parent run
-    if space.evaluate and importlib.util.find_spec("panacea_platform.evaluation.evaluate") is None:
-        raise SweepError("evaluate: true needs panacea_platform.evaluation.evaluate (not installed); set evaluate: false")
-    if space.evaluate:
-        from panacea_platform.evaluation.suites import check_suites
-
-        base = check_suites(base, out)  # a bad or unreachable suite fails now, not after every trial trained
+    base = _checked_base(space, job, overrides, out)
     name = name or space_path.stem
     if not _NAME.match(name):
         raise SweepError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
     sweep_dir = sweep_folder(base, name)
     storage = sweep_storage(base, name)
     fingerprint = sweep_fingerprint(space, base)
-    state = _read_state(storage)
-    if state is not None and state["fingerprint"] != fingerprint:
-        raise SweepMismatchError(
-            f"sweep {name!r} in {storage.uri} was started with another search space or base job "
-            f"(fingerprint {state['fingerprint']} != {fingerprint}): pass another --name, or delete that folder to start over"
-        )
-    if resume and state is None:
-        raise SweepError(f"--resume: there is no sweep {name!r} in {storage.uri} to resume (run without --resume to start it)")
+    state = _existing_state(storage, name, fingerprint, resume)
     tracking_uri = base.tracking.tracking_uri or default_tracking_uri(base.output_dir)
-    init_ray_for_sweep()
-    # Trials report the scheduler's metric only at held-out evaluation steps, not at every step.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # The legacy reporter at verbose=0 prints nothing: ProgressCallback prints the readable lines.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    _start_ray_and_tune()
     parent = _open_parent(state, base, space, name, tracking_uri, space_path, fingerprint)
     if state is None:
-        state = {"name": name, "parent_run_id": parent.run_id, "fingerprint": fingerprint,
-                 "tracking_uri": tracking_uri, "experiment": base.tracking.experiment,
-                 "space": str(space_path), "job": str(job), "overrides": list(overrides)}
-        _write_state(storage, state)
-        out(f"[sweep {name}] started: {storage.uri} (MLflow parent run {parent.run_id})")
-    else:
-        out(f"[sweep {name}] resuming: {storage.uri} (MLflow parent run {parent.run_id})")
+        _write_state(storage, {"name": name, "parent_run_id": parent.run_id, "fingerprint": fingerprint,
+                               "tracking_uri": tracking_uri, "experiment": base.tracking.experiment,
+                               "space": str(space_path), "job": str(job), "overrides": list(overrides)})
+    out(f"[sweep {name}] {'started' if state is None else 'resuming'}: {storage.uri} (MLflow parent run {parent.run_id})")
     start = time.monotonic()
     try:
         aligned = _aligned_base(base, space, parent, out)
@@ -397,9 +370,49 @@ def run_sweep(
         raise
     wall = time.monotonic() - start
     out(summary_line(name, report.trials, status, wall))
-    out(f"MLflow: mlflow ui --backend-store-uri {tracking_uri}")
+    out(f"MLflow: {runs_page(tracking_uri, parent.experiment_id)}")
     return SweepOutcome(name, sweep_dir, parent.run_id, tracking_uri, status, report.trials, report.front,
                         report.plot, wall)
+
+
+def _start_ray_and_tune() -> None:
+    init_ray_for_sweep()
+    # Trials report the scheduler's metric only at held-out evaluation steps, not at every step.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # The legacy reporter at verbose=0 prints nothing: ProgressCallback prints the readable lines.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def _checked_base(space: SearchSpace, job: str | Path, overrides: list[str] | tuple[str, ...],
+                  out: Callable[[str], None]) -> RunConfig:
+    """The base job with its overrides, checked with the space before Ray or the parent run starts: every
+    value the space can give, the trials' scaling, the model, the tracking store, the storage, the suites."""
+    from panacea_platform.preflight import check_before_work
+
+    base = load_checked(job, overrides)
+    check_against_job(space, base)
+    check_trial_scaling(space, base)
+    check_before_work(base)
+    if space.evaluate and importlib.util.find_spec("panacea_platform.evaluation.evaluate") is None:
+        raise SweepError("evaluate: true needs panacea_platform.evaluation.evaluate (not installed); set evaluate: false")
+    if space.evaluate:
+        from panacea_platform.evaluation.suites import check_suites
+
+        base = check_suites(base, out)  # a bad or unreachable suite fails now, not after every trial trained
+    return base
+
+
+def _existing_state(storage: Storage, name: str, fingerprint: str, resume: bool) -> dict[str, Any] | None:
+    """The saved state of the sweep of this name, if any: it must be this space's on this job."""
+    state = _read_state(storage)
+    if state is not None and state["fingerprint"] != fingerprint:
+        raise SweepMismatchError(
+            f"sweep {name!r} in {storage.uri} was started with another search space or base job "
+            f"(fingerprint {state['fingerprint']} != {fingerprint}): pass another --name, or delete that folder to start over"
+        )
+    if resume and state is None:
+        raise SweepError(f"--resume: there is no sweep {name!r} in {storage.uri} to resume (run without --resume to start it)")
+    return state
 
 
 def _tuner(plan: SweepPlan, space: SearchSpace, base: RunConfig, storage: Storage, retry_errored: bool,

@@ -140,7 +140,6 @@ def train_on_rank(
     from panacea_platform.training.loop import execute_stage
     from panacea_platform.training.stage_data import prepare_data
     from panacea_platform.training.strategy.deepspeed import DeepSpeedStrategy
-    from panacea_platform.tracking import Tracker
 
     config = _as_config(config)
     optim = config.optim if stage == "finetune" else config.align_optim
@@ -161,12 +160,7 @@ def train_on_rank(
         # Joins the process group the launcher made (Ray Train: gloo); creates none of its own.
         deepspeed.init_distributed(dist_backend=comm_backend(config.scaling.use_gpu))
         data = prepare_data(config, stage)
-        tracker = None
-        if rank == 0 and mlflow_run_id is not None:
-            tracker = Tracker.attach(config.tracking.tracking_uri or default_tracking_uri(config.output_dir),
-                                     mlflow_run_id)
-            if resumed_from is not None:
-                tracker.set_tags({"resumed_from_step": str(resumed_from)})
+        tracker = _rank_tracker(config, mlflow_run_id, resumed_from) if rank == 0 else None
         try:
             # The driver logged the params: this rank's config may name its node's scratch folder.
             result = execute_stage(config, stage, data, strategy, tracker, out, on_step, checkpoints,
@@ -294,6 +288,18 @@ def _report_finished_run(checkpoint: Any, config: RunConfig, rank: int) -> None:
         ray.train.report(final)
 
 
+def _rank_tracker(config: RunConfig, mlflow_run_id: str | None, resumed_from: int | None):
+    """Rank 0's handle on the run the driver opened (None without one), marked when it resumed."""
+    from panacea_platform.tracking import Tracker
+
+    if mlflow_run_id is None:
+        return None
+    tracker = Tracker.attach(config.tracking.tracking_uri or default_tracking_uri(config.output_dir), mlflow_run_id)
+    if resumed_from is not None:
+        tracker.set_tags({"resumed_from_step": str(resumed_from)})
+    return tracker
+
+
 def run_distributed(
     config: RunConfig | dict,
     stage: str = "finetune",
@@ -312,12 +318,10 @@ def run_distributed(
     """Train one stage on config.scaling's Ray Train workers under its DeepSpeed ZeRO stage.
 
     The global batch is optim.batch_size (align_optim for stage 'align'), split over the workers and
-    optim.grad_accum_steps micro-batches each. Ray is RAY_ADDRESS's cluster, else this machine's one Ray
-    (ray_instance.connect_ray: joined, or started here).
-    Artifacts land in config.run_dir() as with run_stage; Ray's own run records, checkpoints and the
-    final run folder go to `storage_path` (a folder or bucket URI; default: scaling.storage, else
-    <output_dir>/ray) under `train_run_name` (default: a new name per call;
-    the same name again resumes that run from its last checkpoint). The driver opens the MLflow run,
+    optim.grad_accum_steps micro-batches each. Ray is RAY_ADDRESS's cluster, else this machine's one Ray.
+    Artifacts land in config.run_dir() as with run_stage; Ray's run records, checkpoints and the final
+    run folder go to `storage_path` (a folder or bucket URI; default: scaling.storage, else
+    <output_dir>/ray) under `train_run_name` (default: a new name per call; the same name resumes it). The driver opens the MLflow run,
     publishes the run after the fit and ends it with its true status; rank 0 logs the step metrics.
 
     Every scaling setting is read from config.scaling alone: the workers, the ZeRO stage and its
@@ -331,24 +335,11 @@ def run_distributed(
     `mlflow_run_id` makes rank 0 log into that existing run (a sweep's child run); its owner ends it.
     `step_hook(rank, step)` runs on every worker after every step (tests inject failures with it).
     """
-    from panacea_platform.algorithms.convention import with_convention
     from panacea_platform.training.stage_data import prepare_data
 
-    config = _as_config(config)
-    # Fine-tuning under its convention (algorithms/convention.py) before the batch split is checked.
-    config = for_workers(with_convention(config) if stage == "finetune" else config)
-    scaling = config.scaling
-    if scaling.zero_stage is None:
-        raise ConfigError("scaling.zero_stage = None: training on Ray Train workers runs under DeepSpeed; "
-                          "set scaling.zero_stage to 0-3 (or train in this process, without run_distributed)")
-    num_workers, zero_stage, zero_options = scaling.num_workers, scaling.zero_stage, scaling.zero_options
+    config = _checked_for_workers(_as_config(config), stage, resume_from)
+    num_workers, zero_stage = config.scaling.num_workers, config.scaling.zero_stage
     checkpoint_every, keep_checkpoints, max_failures = _failure_settings(config)
-    # Fails here, before any worker starts, on a bad batch split, ZeRO stage, checkpoint or data.
-    check_distributed(config, stage, num_workers, zero_stage, zero_options)
-    if resume_from is not None:
-        state, where = read_checkpoint_state(resume_from), f"the checkpoint {resume_from}"
-        check_resume(state, run_identity(config, stage, num_workers, zero_stage), stage, where=where)
-        check_settings(state, run_settings(config), where)
     data = prepare_data(config, stage)
     storage = run_storage(config, storage_path)
     connect_ray()  # RAY_ADDRESS's cluster, else this machine's one Ray
@@ -359,12 +350,11 @@ def run_distributed(
             tracker.set_tags({"num_workers": str(num_workers), "zero_stage": str(zero_stage)})
             record_run(config, stage, data.fingerprints, tracker)
         loop_config = {
-            "config": config.to_dict(), "stage": stage, "zero_stage": zero_stage, "zero_options": zero_options,
-            "report_every": report_every, "mlflow_run_id": tracker.run_id if tracker is not None else None,
-            "checkpoint_every": checkpoint_every, "step_hook": step_hook,
-            # Ray Train V2 has no resume_from_checkpoint: the workers open it themselves.
-            "resume_from": str(Path(resume_from).resolve()) if resume_from is not None else None,
-        }
+            "config": config.to_dict(), "stage": stage, "zero_stage": zero_stage,
+            "zero_options": config.scaling.zero_options, "report_every": report_every,
+            "mlflow_run_id": tracker.run_id if tracker is not None else None, "checkpoint_every": checkpoint_every,
+            "step_hook": step_hook,  # Ray Train V2 has no resume_from_checkpoint: the workers open it themselves.
+            "resume_from": str(Path(resume_from).resolve()) if resume_from is not None else None}
         name = train_run_name or f"{config.run_name}-{stage}-zero{zero_stage}-{int(time.time() * 1000)}"
         result = _fit(config, loop_config, storage, name, keep_checkpoints, max_failures, callbacks, out)
         from panacea_platform.training.publish import publish_stage
@@ -372,6 +362,24 @@ def run_distributed(
         # After the last collective, on the driver: no worker waits while it runs.
         publish_stage(config, stage, result, tracker, out)
         return result
+
+
+def _checked_for_workers(config: RunConfig, stage: str, resume_from: str | Path | None) -> RunConfig:
+    """The config the workers run (fine-tuning under its convention, algorithms/convention.py), checked
+    before any worker starts: the ZeRO stage, the batch split, and the checkpoint to resume from."""
+    from panacea_platform.algorithms.convention import with_convention
+
+    config = for_workers(with_convention(config) if stage == "finetune" else config)
+    scaling = config.scaling
+    if scaling.zero_stage is None:
+        raise ConfigError("scaling.zero_stage = None: training on Ray Train workers runs under DeepSpeed; "
+                          "set scaling.zero_stage to 0-3 (or train in this process, without run_distributed)")
+    check_distributed(config, stage, scaling.num_workers, scaling.zero_stage, scaling.zero_options)
+    if resume_from is not None:
+        state, where = read_checkpoint_state(resume_from), f"the checkpoint {resume_from}"
+        check_resume(state, run_identity(config, stage, scaling.num_workers, scaling.zero_stage), stage, where=where)
+        check_settings(state, run_settings(config), where)
+    return config
 
 
 def _check_cluster_reaches(config: RunConfig) -> None:
