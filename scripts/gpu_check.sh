@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (platform/panacea_platform/gpu_check.py): Panacea against SFT under DeepSpeed ZeRO-2,
+# The GPU check (platform/panacea_platform/diagnostics/gpu_check.py): Panacea against SFT under DeepSpeed ZeRO-2,
 # and the evaluation decoder against HF generate(), on a random-weight Llama-2-7B, on one GPU.
 #
 #   bash scripts/gpu_check.sh --prepare          here, with PyPI: wheels for the GPU machine -> wheels/gpu
@@ -218,7 +218,7 @@ torch.cuda.is_available() is False): this check needs a GPU"
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
   echo "gpu_check.sh: running the check (budget ${BUDGET_S} s, hard limit ${TIMEOUT_S} s)"
   local status=0
-  timeout --signal=INT --kill-after=20 "$TIMEOUT_S" "$PYTHON" -m panacea_platform.gpu_check --budget-s "$BUDGET_S" "$@" \
+  timeout --signal=INT --kill-after=20 "$TIMEOUT_S" "$PYTHON" -m panacea_platform.diagnostics.gpu_check --budget-s "$BUDGET_S" "$@" \
     || status=$?
   # timeout exits 124 when it stopped the check, 137 when it had to kill it.
   ((status != 124 && status != 137)) \

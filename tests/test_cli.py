@@ -42,10 +42,10 @@ def test_the_paper_comparison_demo_runs_every_defence_at_its_stage_on_the_same_p
     rows; a second run takes the default suite). One run, for the suite's time: every arm's training,
     evaluation and MLflow record; the table's numbers against the samples; lineage; reuse."""
     from panacea_platform.algorithms.provenance import read_alignment_provenance
-    from panacea_platform.comparison import ModelAnswers
+    from panacea_platform.recipes.comparison import ModelAnswers
     from panacea_platform.evaluation.results import read_outcomes
     from panacea_platform.evaluation.stats import paired_difference, wilson_interval
-    from panacea_platform.pipeline import DEMO_SUITES as DEFENCE_SUITES
+    from panacea_platform.recipes.main_job import DEMO_SUITES as DEFENCE_SUITES
 
     config, path = tiny_job
     # The refusal judge keeps this test fast; the harm judges are tested in test_judges.py.
@@ -285,7 +285,7 @@ def test_console_script_exit_code_on_bad_input():
 
 
 def test_bench_step_reports_both_steps_and_ratios(tiny_run_config):
-    from panacea_platform.bench import bench_step
+    from panacea_platform.diagnostics.bench_step import bench_step
 
     lines = []
     result = bench_step(tiny_run_config(), warmup=1, repeats=2, out=lines.append)
@@ -296,13 +296,45 @@ def test_bench_step_reports_both_steps_and_ratios(tiny_run_config):
 
 
 def test_bench_step_times_each_baselines_step_as_a_ratio_to_sft(tiny_run_config):
-    from panacea_platform.bench import bench_step
+    from panacea_platform.diagnostics.bench_step import bench_step
 
     lines = []
     result = bench_step(tiny_run_config(), warmup=1, repeats=2, out=lines.append, baselines=True)
     for name in ("vaccine", "repnoise", "booster", "lisa", "panacea_end_masked"):
         assert result[f"{name}_time_ratio"] == pytest.approx(result[f"{name}_step_s"] / result["sft_step_s"])
         assert any(f"time ratio {name}/sft" in line for line in lines)
+
+
+def test_bench_steps_are_the_registered_defences_steps(tiny_run_config, monkeypatch):
+    """The benchmark asks the registry for each defence, as training does: a defence registered by a user
+    is timed by name, with the streams it declares, at the stage it trains at."""
+    import torch
+
+    from panacea_platform.algorithms import DEFENCES
+    from panacea_platform.algorithms.defences import Defence
+    from panacea_platform.diagnostics.bench_step import _bench_weights, registered_step
+
+    seen = []
+
+    class Counting(Defence):
+        name = "test_counting"
+        stages = ("finetune",)
+        needs = {"finetune": ("harmful",)}
+
+        def step(self, weights, batch, extra):
+            seen.append((batch["input_ids"].shape[0], extra["harmful"]["input_ids"].shape[0]))
+            return {"task_loss": 0.0}
+
+    monkeypatch.setitem(DEFENCES._entries, "test_counting", Counting)  # registered for this test only
+    config = tiny_run_config()
+    weights, _ = _bench_weights(config, total=2)
+    batch = {"input_ids": torch.ones(4, 8, dtype=torch.long), "attention_mask": torch.ones(4, 8, dtype=torch.long),
+             "labels": torch.ones(4, 8, dtype=torch.long)}
+    harmful = {k: v[:3] for k, v in batch.items()}
+    registered_step(config, "test_counting", weights, batch, harmful, steps=2)()
+    assert seen == [(4, 3)]
+    # Lisa's step is its own (the proximal term and its state), not SFT's.
+    assert {"proximal", "alignment_state"} <= set(registered_step(config, "lisa", weights, batch, harmful, 2)())
 
 
 def test_a_deepspeed_json_that_contradicts_the_run_exits_2_before_any_worker(tiny_job, tmp_path, capsys):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from panacea_platform.comparison import ModelAnswers, compare, format_differences, format_judge_notes, format_suite_tables
+from panacea_platform.recipes.comparison import ModelAnswers, compare, format_differences, format_judge_notes, format_suite_tables
 from panacea_platform.evaluation.stats import clustered_rate, paired_difference, wilson_interval
 
 
@@ -85,7 +85,7 @@ def test_compare_files_pairs_any_two_evaluations_and_a_missing_one_is_one_clear_
     import json
 
     from panacea_platform.cli import main
-    from panacea_platform.comparison import compare_files
+    from panacea_platform.recipes.comparison import compare_files
 
     for name, flags in (("sft-s0", SFT[0]), ("trial-a", PANACEA[0])):
         folder = tmp_path / name / "eval"

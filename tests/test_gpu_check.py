@@ -1,4 +1,4 @@
-"""The GPU check (panacea_platform.gpu_check) in its CPU smoke mode, and its shell script's syntax.
+"""The GPU check (panacea_platform.diagnostics.gpu_check) in its CPU smoke mode, and its shell script's syntax.
 
 The smoke run is the GPU run's code on the tiny random Llama, on CPU, in float32: a DeepSpeed ZeRO-2
 engine on a one-process gloo group, SFT and Panacea steps, and the evaluation decoder against HF
@@ -40,7 +40,7 @@ def _run_smoke(model_dir: Path, json_path: Path) -> subprocess.CompletedProcess:
     # One thread: the check is a smoke run here, and the machine is shared.
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "platform"), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "panacea_platform.gpu_check", "--cpu-smoke", "--model", str(model_dir),
+    command = [sys.executable, "-m", "panacea_platform.diagnostics.gpu_check", "--cpu-smoke", "--model", str(model_dir),
                "--json", str(json_path)]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
@@ -82,9 +82,9 @@ def test_cpu_smoke_prints_one_table_with_positive_times_and_full_decoder_agreeme
 def test_the_platform_modules_the_check_imports_load_neither_mlflow_nor_ray():
     """The GPU machine has neither: these imports must not need them (DeepSpeed itself tries mlflow,
     which the check blocks; see gpu_check.block_unwanted_imports)."""
-    modules = ["panacea_platform.gpu_check", "panacea_platform.training.strategy.deepspeed",
+    modules = ["panacea_platform.diagnostics.gpu_check", "panacea_platform.training.strategy.deepspeed",
                "panacea_platform.training.losses", "panacea_platform.training.schedule",
-               "panacea_platform.algorithms.panacea", "panacea_platform.algorithms.sft", "panacea_platform.memory_plan",
+               "panacea_platform.algorithms.panacea", "panacea_platform.algorithms.sft", "panacea_platform.diagnostics.memory_plan",
                "panacea_platform.evaluation.generation", "panacea_platform.config", "panacea_platform.models"]
     code = f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; " \
            "print(sorted(m for m in ('mlflow', 'ray') if m in sys.modules))"

@@ -4,7 +4,7 @@ import json
 
 import yaml
 
-from panacea_platform.pipeline import SweepTrial, sweeps_on
+from panacea_platform.recipes.main_job import SweepTrial, sweeps_on
 
 
 def _sweep(root, name, adapter, trials):
@@ -36,7 +36,7 @@ def test_sweeps_on_keeps_evaluated_trials_of_sweeps_on_the_same_aligned_adapter(
 
 
 def test_the_aligned_evaluation_is_reused_across_n_and_p_but_not_across_prompts(tiny_run_config):
-    from panacea_platform.pipeline import aligned_evaluation_key
+    from panacea_platform.recipes.main_job import aligned_evaluation_key
 
     config = tiny_run_config()
     key = aligned_evaluation_key(config)
@@ -51,7 +51,7 @@ def test_the_aligned_evaluation_is_reused_across_n_and_p_but_not_across_prompts(
 def test_an_edited_prompt_file_is_evaluated_anew(tiny_llama, tmp_path):
     from conftest import tiny_config, write_jsonl
 
-    from panacea_platform.pipeline import aligned_evaluation_key
+    from panacea_platform.recipes.main_job import aligned_evaluation_key
 
     rows = [{"prompt": f"placeholder harmful question {i}", "answer": "placeholder answer"} for i in range(120)]
     harmful = write_jsonl(tmp_path / "harmful.jsonl", rows)

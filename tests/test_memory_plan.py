@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from panacea_platform.cli import main
-from panacea_platform.memory_plan import GB, count_model, plan
+from panacea_platform.diagnostics.memory_plan import GB, count_model, plan
 
 
 def test_llama2_7b_counts_match_the_published_size():
@@ -44,7 +44,7 @@ def test_plan_command_rejects_bad_stage(capsys):
 
 
 def test_the_plan_recommends_zero2_for_lora_and_says_why():
-    from panacea_platform.memory_plan import PlanRow, recommendation
+    from panacea_platform.diagnostics.memory_plan import PlanRow, recommendation
 
     def row(stage, gpus, weights):
         return PlanRow(stage, gpus, 2, weights, 0.1, 0.1, 2.0, 0.3)

@@ -49,7 +49,7 @@ def ui_server(tmp_path_factory):
 def _log_main_job(url: str, config) -> tuple[str, str, dict[str, str]]:
     """A parent run and two methods' child runs, as the main job logs them: (experiment id, parent id,
     method -> child run id)."""
-    from panacea_platform.pipeline import paper_columns
+    from panacea_platform.recipes.main_job import paper_columns
     from panacea_platform.run_notes import answers_rows, headline_metrics
     from panacea_platform.tracking import Tracker
     from panacea_platform.training.loop import record_run

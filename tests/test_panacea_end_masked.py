@@ -157,7 +157,7 @@ def test_first_token_end_probability_is_the_softmax_mass_on_the_end_ids_by_hand(
 def test_a_model_without_an_end_token_stops_the_probe_with_the_field(tiny_run_config, capsys, monkeypatch):
     from panacea_platform import models
     from panacea_platform.config import ConfigError
-    from panacea_platform.pipeline import _check_end_tokens
+    from panacea_platform.recipes.main_job import _check_end_tokens
 
     config = tiny_run_config()
     no_end = SimpleNamespace(eos_token_id=None, all_special_tokens=[], convert_tokens_to_ids=lambda t: None)

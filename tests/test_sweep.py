@@ -147,7 +147,7 @@ def test_a_four_trial_sweep_builds_one_parent_with_four_complete_children(ray_se
 def test_report_and_bench_read_the_sweep_back_from_mlflow(sweep_root, capsys):
     """Uses the 'main' sweep of the test above (same module folder); MLflow is the only source."""
     from panacea_platform.cli import main
-    from panacea_platform.search.bench import bench_sweep
+    from panacea_platform.diagnostics.bench_sweep import bench_sweep
 
     client = client_for(sweep_root)
     uri = f"sqlite:///{(sweep_root / 'runs' / 'mlflow.db').resolve()}"

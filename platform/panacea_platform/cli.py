@@ -78,7 +78,7 @@ def _demo_suffix(defences: list[str]) -> str:
     """'' for the default suite, '-paper' for the paper's comparison, '-d<hash>' for any other list of defences."""
     import hashlib
 
-    from panacea_platform.pipeline import DEMO_SUITES
+    from panacea_platform.recipes.main_job import DEMO_SUITES
 
     if defences == DEMO_SUITES["default"]:
         return ""
@@ -90,7 +90,7 @@ def _demo_suffix(defences: list[str]) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     from panacea_platform.algorithms import DEFENCES
     from panacea_platform.config import ConfigError, with_changes
-    from panacea_platform.pipeline import DEMO_SUITES, report_demo, run_demo
+    from panacea_platform.recipes.main_job import DEMO_SUITES, report_demo, run_demo
 
     config = _load(args)
     if args.suite is not None and args.defences is not None:
@@ -196,7 +196,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from panacea_platform.bench import bench_step
+    from panacea_platform.diagnostics.bench_step import bench_step
 
     config = _load(args)
     bench_step(config, warmup=args.warmup, repeats=args.repeats, baselines=args.baselines)
@@ -232,7 +232,7 @@ def _released_model(config, run_id: str, output_dir: str | None):
 
 
 def cmd_bench_eval(args: argparse.Namespace) -> int:
-    from panacea_platform.evaluation.bench import bench_eval
+    from panacea_platform.diagnostics.bench_eval import bench_eval
     from panacea_platform.evaluation.evaluate import preset_overrides
 
     config = _load(args, preset_overrides(args.preset))
@@ -258,7 +258,7 @@ def _tracking_uri(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from panacea_platform.comparison import compare_files
+    from panacea_platform.recipes.comparison import compare_files
 
     print(compare_files(args.reference, args.others))
     return 0
@@ -273,7 +273,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_sweep(args: argparse.Namespace) -> int:
-    from panacea_platform.search.bench import bench_sweep
+    from panacea_platform.diagnostics.bench_sweep import bench_sweep
 
     uri, experiment = _tracking_uri(args)
     bench_sweep(uri, args.sweep, experiment=experiment)
@@ -294,7 +294,7 @@ def cmd_tracking_server(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from panacea_platform.config import ConfigError
-    from panacea_platform.memory_plan import count_model, format_plan, plan
+    from panacea_platform.diagnostics.memory_plan import count_model, format_plan, plan
 
     config = _load(args)
     try:
@@ -311,7 +311,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(format_plan(counts, rows, optim.batch_size, seq, args.gpu_memory, model.dtype))
     if not args.measure:
         return 0
-    from panacea_platform.memory_check import check_memory, format_check
+    from panacea_platform.diagnostics.memory_check import check_memory, format_check
 
     check = check_memory(config)
     print(format_check(check))

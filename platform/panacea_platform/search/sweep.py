@@ -172,7 +172,7 @@ def run_trial(tune_config: dict[str, Any], plan: SweepPlan) -> None:
 def _align_trial(config: RunConfig, plan: SweepPlan, trial_id: str, run_id: str) -> RunConfig:
     """For an alignment-stage defence, the trial's own alignment (a child run of the trial's), then its
     adapter as the fine-tuning's starting point; other configs as they are."""
-    from panacea_platform.pipeline import aligning_defence
+    from panacea_platform.training.alignment import aligning_defence
     from panacea_platform.training.launch_ray import run_distributed
 
     if config.model.adapter is not None or aligning_defence(config) is None:
@@ -270,7 +270,8 @@ def _scheduler(space: SearchSpace, base: RunConfig):
 def _aligned_base(base: RunConfig, space: SearchSpace, parent: Tracker, out: Callable[[str], None]) -> RunConfig:
     """The base job with an aligned adapter: the given one, the main job's cached one, or one trained now (once).
     A sweep of an alignment-stage defence gets none: each trial aligns with its own values (run_trial)."""
-    from panacea_platform.pipeline import aligning_defence, ensure_aligned, with_changes
+    from panacea_platform.config import with_changes
+    from panacea_platform.training.alignment import aligning_defence, ensure_aligned
 
     if aligning_defence(config_with(base, dict(space.fixed))) is not None:
         out("[sweep] the defence acts at alignment: each trial aligns with its own values, then fine-tunes")

@@ -80,7 +80,7 @@ def step_peak_bytes(step: Callable[[], Any]) -> int:
     allocation between them, and only the second, whose every block is known, is read.
     """
     if torch.cuda.is_available():
-        from panacea_platform.bench import peak_tensor_memory_mb
+        from panacea_platform.diagnostics.bench_step import peak_tensor_memory_mb
 
         step()
         return int(peak_tensor_memory_mb(step) * 2**20)  # the allocator's own peak
@@ -113,7 +113,7 @@ def worst_case_batch(rows: int, seq_len: int, vocab: int, seed: int, device: tor
 def check_memory(config: RunConfig, out: Callable[[str], None] = print) -> MemoryCheck:
     """Measure one Panacea step of config.model under ZeRO-2 on one rank and plan the same step."""
     from panacea_platform.algorithms.panacea import panacea_step
-    from panacea_platform.memory_plan import GB, count_model, plan
+    from panacea_platform.diagnostics.memory_plan import GB, count_model, plan
     from panacea_platform.training.losses import training_loss
     from panacea_platform.training.strategy.deepspeed import (
         DeepSpeedStrategy,

@@ -1,8 +1,8 @@
 """GPU check: the Panacea step against the SFT step under DeepSpeed ZeRO-2 on one GPU, and the
 evaluation decoder against HF generate(), on a model of Llama-2-7B's shape with random weights.
 
-    python -m panacea_platform.gpu_check [--json PATH]            # CUDA, paper sizes
-    python -m panacea_platform.gpu_check --cpu-smoke [--model DIR]  # same code, tiny sizes, CPU
+    python -m panacea_platform.diagnostics.gpu_check [--json PATH]            # CUDA, paper sizes
+    python -m panacea_platform.diagnostics.gpu_check --cpu-smoke [--model DIR]  # same code, tiny sizes, CPU
 
 Only the model's shape is used (weights are always random), so nothing is downloaded. It measures:
 a. median time of a Panacea step and an SFT step (DeepSpeed ZeRO-2, world size 1, bf16 base
@@ -72,7 +72,7 @@ CPU_SMOKE = dict(device="cpu", dtype="float32", compute_dtype="float32", batch=4
 
 def parse_args(argv: list[str] | None = None) -> Settings:
     defaults = Settings()
-    parser = argparse.ArgumentParser(prog="python -m panacea_platform.gpu_check",
+    parser = argparse.ArgumentParser(prog="python -m panacea_platform.diagnostics.gpu_check",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny sizes on CPU in float32 (default model: a built-in tiny Llama)")
@@ -140,7 +140,7 @@ def build_model(settings: Settings):
     from transformers import AutoModelForCausalLM
 
     from panacea_platform.config import LoraConfig
-    from panacea_platform.memory_plan import load_architecture
+    from panacea_platform.diagnostics.memory_plan import load_architecture
     from panacea_platform.models import attach_lora, silence_peft_deprecation
 
     config, source = load_architecture(settings.model)
@@ -285,7 +285,7 @@ def measure_training(model, settings: Settings, deadline: float) -> dict[str, An
 def planned_memory(settings: Settings) -> tuple[float, float]:
     """memory_plan's GiB for one GPU under ZeRO-2: (SFT, Panacea). The plan's micro-batch is the rows
     of one pass (batch / grad_accum); SFT's leaves out Panacea's extra copies of the LoRA weights."""
-    from panacea_platform.memory_plan import count_model, plan
+    from panacea_platform.diagnostics.memory_plan import count_model, plan
 
     counts = count_model(settings.model, settings.lora_targets, settings.lora_rank)
     micro = math.ceil(settings.batch / settings.grad_accum)

@@ -24,15 +24,8 @@ from panacea_platform.config import ConfigError, RunConfig, with_changes
 from panacea_platform.config_checks import check_config
 from panacea_platform.models import prepare_model
 from panacea_platform.tracking import Tracker, default_tracking_uri, runs_page
+from panacea_platform.training.alignment import aligning_defence, ensure_aligned
 
-# Config sections that decide what the alignment stage produces; the aligned
-# adapter is reused when none of them changed. The pools are fixed (data/pools.py):
-# n, p and the defender's size do not move the alignment pool, so they are not here.
-ALIGNMENT_KEYS = ("model", "lora", "align_optim", "seed")
-ALIGNMENT_DATA_KEYS = (
-    "harmful_source", "harmful_file", "alignment_size", "alignment_benign_ratio", "alignment_self_distill", "max_length",
-    "prompt_template", "pool_seed", "eval_harmful_size", "task_eval_size",
-)
 CONTROL = "sft_p0"
 ALIGNED = "aligned"
 # `panacea demo --suite NAME`: the defences each compares (besides the p = 0 control).
@@ -43,56 +36,6 @@ DEMO_SUITES = {
     "paper-comparison": ["sft", "random_perturbation", "vaccine", "repnoise", "booster", "lisa", "antidote", "panacea",
                          "panacea_end_masked"],
 }
-
-
-def alignment_key(config: RunConfig) -> str:
-    tree = config.to_dict()
-    relevant = {k: tree[k] for k in ALIGNMENT_KEYS}
-    relevant["model"] = {k: v for k, v in tree["model"].items() if k != "after_alignment"}  # a fine-tuning choice
-    relevant["data"] = {k: tree["data"][k] for k in ALIGNMENT_DATA_KEYS}
-    relevant["task"] = tree["data"]["task"]  # the task's held-out set is part of the stage's summary
-    defence = aligning_defence(config)
-    if defence is not None:  # a defence that aligns makes its own aligned model, from the harmful pool too
-        relevant["defence"] = {"name": defence.name, "settings": defence.settings(),
-                               "defender_harmful_size": config.data.defender_harmful_size}
-    if config.data.alignment_self_distill:
-        from panacea_platform.data.self_distill import RECIPE_VERSION
-
-        relevant["self_distill_recipe"] = RECIPE_VERSION  # a new recipe makes other benign pairs
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def aligning_defence(config: RunConfig):
-    """The run's defence if it acts at alignment, else None (the shared SFT alignment)."""
-    from panacea_platform.algorithms import build_defence
-
-    defence = build_defence(config)
-    return defence if defence.acts_at("align") else None
-
-
-def ensure_aligned(
-    config: RunConfig, parent: Tracker | None, out: Callable[[str], None] = print
-) -> tuple[Path, str | None]:
-    """(aligned adapter, MLflow run id of the alignment run if trained now): the given, the cached, or a new one."""
-    from panacea_platform.training.dispatch import train
-
-    if config.model.adapter is not None:
-        out(f"[align] skipped: starting from the given adapter {config.model.adapter}")
-        return Path(config.model.adapter), None
-    aligner = aligning_defence(config)
-    align_config = with_changes(config, {"run_name": f"align-{alignment_key(config)}",
-                                         **({} if aligner else {"defence": "sft", "defence_stages": None})})
-    align_dir = align_config.run_dir()
-    adapter = align_dir / "adapter"
-    if (adapter / "adapter_config.json").is_file() and (align_dir / "summary.json").is_file():
-        out(f"[align] reusing the aligned adapter from an earlier run: {adapter}")
-        if parent is not None:
-            parent.set_tags({"reused_alignment": str(adapter.resolve())})
-        return adapter, None
-    how = f"with {aligner.name}" if aligner else "by SFT on refusals"
-    out(f"[align] no aligned adapter {how} for this job yet: aligning once (cached in {align_dir})")
-    result = train(align_config, "align", parent_run_id=parent.run_id if parent is not None else None, out=out)
-    return result.adapter_dir, result.mlflow_run_id
 
 
 @dataclass(frozen=True)
@@ -434,7 +377,7 @@ def format_losses(rows: list[Row]) -> str:
 def comparison_blocks(config: RunConfig, rows: list[Row]):
     """(comparison, printed blocks) of the evaluated rows: the per-suite tables, the paired differences
     against SFT and the judge's notes; (None, []) when nothing was evaluated."""
-    from panacea_platform.comparison import (ModelAnswers, compare, format_differences, format_judge_notes,
+    from panacea_platform.recipes.comparison import (ModelAnswers, compare, format_differences, format_judge_notes,
                                              format_paper_table, format_suite_tables)
 
     evaluated = [r for r in rows if r.samples and Path(r.samples).is_file()]
@@ -451,7 +394,7 @@ def comparison_blocks(config: RunConfig, rows: list[Row]):
 def _against_panacea(answers, suites: dict[str, str]) -> list[str]:
     """Where a variant of Panacea ran beside it, every arm's paired differences against Panacea too: does the
     variant keep Panacea's HS while it answers more?"""
-    from panacea_platform.comparison import compare, format_differences
+    from panacea_platform.recipes.comparison import compare, format_differences
 
     keys = {a.key for a in answers}
     if "panacea" not in keys or not any(k.startswith("panacea_") for k in keys):
@@ -611,7 +554,7 @@ def _comparison_plots(config: RunConfig, comparison, axes: tuple[str | None, str
 
 def _reading(comparison) -> list[str]:
     """For every method (the p=0 control included), what the paired intervals against SFT can and cannot tell apart."""
-    from panacea_platform.comparison import TITLES
+    from panacea_platform.recipes.comparison import TITLES
     from panacea_platform.evaluation.results import HEADLINES
 
     if comparison is None or comparison.reference is None:

@@ -64,36 +64,29 @@ def time_step(name: str, step: Callable[[], None], warmup: int, repeats: int) ->
     return StepTiming(name, statistics.median(times), peak_tensor_memory_mb(step))
 
 
-def baseline_steps(config: RunConfig, weights, batch, harmful) -> dict[str, Callable[[], object]]:
-    """One step of each baseline that steps (Antidote prunes once, after training) and of the Panacea variant,
-    on the same batches."""
-    from panacea_platform.algorithms import DEFENCES
-    from panacea_platform.algorithms.booster import booster_step
-    from panacea_platform.algorithms.lisa import LisaState, lisa_step
-    from panacea_platform.algorithms.panacea import panacea_step
-    from panacea_platform.algorithms.repnoise import RepNoiseObjective, repnoise_step
-    from panacea_platform.algorithms.vaccine import vaccine_step
+BASELINES = ("panacea_end_masked", "vaccine", "repnoise", "booster", "lisa")  # those that step (Antidote prunes once)
 
-    lisa = LisaState(1, 1, config.lisa.rho, warmup_steps=0)
-    rows = min(batch["input_ids"].shape[0], harmful["input_ids"].shape[0])  # RepNoise pairs rows
-    paired = [{k: v[:rows] for k, v in b.items()} for b in (batch, harmful)]
-    variant = DEFENCES.get("panacea_end_masked").build(config)
-    return {
-        "panacea_end_masked": lambda: panacea_step(weights, batch, harmful, variant.rho, variant.lam,
-                                                   variant.harmful_loss_clamp,
-                                                   harmful_objective=variant.harmful_objective),
-        "vaccine": lambda: vaccine_step(weights, batch, config.vaccine.rho),
-        "repnoise": lambda: repnoise_step(weights, *paired, RepNoiseObjective(config.repnoise.alpha,
-                                                                                     config.repnoise.beta)),
-        "booster": lambda: booster_step(weights, batch, harmful, config.booster.lam, config.booster.alpha),
-        "lisa": lambda: lisa_step(weights, lisa, batch, batch),
-    }
+
+def registered_step(config: RunConfig, name: str, weights, batch, harmful, steps: int) -> Callable[[], object]:
+    """One step of the registered defence `name` as the training loop runs it (DEFENCES, its own config
+    section), at the stage it trains at, on `batch` and the streams it draws (`harmful`; `batch` again
+    as Lisa's alignment batch). A defence that pairs harmful rows with its batch gets both cut to one size."""
+    from panacea_platform.algorithms import DEFENCES
+    from panacea_platform.algorithms.defences import ALIGN, FINETUNE
+
+    defence = DEFENCES.get(name).build(config)
+    defence.begin(steps)
+    stage = ALIGN if defence.acts_at(ALIGN) else FINETUNE
+    if defence.pairs_harmful_rows:
+        rows = min(batch["input_ids"].shape[0], harmful["input_ids"].shape[0])
+        batch, harmful = ({k: v[:rows] for k, v in b.items()} for b in (batch, harmful))
+    extra = {stream: {"harmful": harmful, "alignment": batch}[stream] for stream in defence.needs_at(stage)}
+    step = defence.align_step if stage == ALIGN else defence.step
+    return lambda: step(weights, batch, extra)
 
 
 def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print,
                baselines: bool = False) -> dict[str, float]:
-    from panacea_platform.algorithms.panacea import panacea_step
-    from panacea_platform.algorithms.sft import sft_step
     from panacea_platform.data.collate import collate, tokenize_example
     from panacea_platform.models import load_tokenizer
     from panacea_platform.training.loop import seed_everything
@@ -115,20 +108,17 @@ def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print,
     finetune_batch = first_batch(data.train, optim.batch_size)
     harmful_batch = first_batch(data.defender_harmful, optim.harmful_batch_size)
     weights, trainable_mb = _bench_weights(config, total=warmup + repeats)
-    p = config.panacea
     out(f"benchmarking on {config.model.name}: batch {optim.batch_size}, harmful batch {optim.harmful_batch_size}, "
         f"both padded to {config.data.max_length} tokens, "
         f"{warmup} warm-up + {repeats} timed steps each, {trainable_mb:.2f} MB of trainable weights")
-    sft = time_step("sft", lambda: sft_step(weights, finetune_batch), warmup, repeats)
-    panacea = time_step(
-        "panacea",
-        lambda: panacea_step(weights, finetune_batch, harmful_batch, p.rho, p.lam, p.harmful_loss_clamp),
-        warmup,
-        repeats,
-    )
-    others = [time_step(name, step, warmup, repeats)
-              for name, step in (baseline_steps(config, weights, finetune_batch, harmful_batch).items()
-                                 if baselines else ())]
+    total = warmup + repeats
+
+    def timed(name: str):
+        return time_step(name, registered_step(config, name, weights, finetune_batch, harmful_batch, total),
+                         warmup, repeats)
+
+    sft, panacea = timed("sft"), timed("panacea")
+    others = [timed(name) for name in (BASELINES if baselines else ())]
     result = {
         **{f"{t.name}_step_s": t.median_s for t in others},
         **{f"{t.name}_time_ratio": t.median_s / sft.median_s for t in others},
