@@ -201,6 +201,12 @@ def test_demo_over_seeds_reports_mean_and_spread(tiny_job, capsys):
     assert "never-ran-rows.json" in capsys.readouterr().err
 
 
+def test_report_only_refuses_the_flags_it_would_ignore(tiny_job, capsys):
+    _, path = tiny_job
+    assert main(["demo", "--config", str(path), "--report-only", "--seeds", "0,1"]) == 2
+    assert "--report-only trains nothing, so --seeds changes nothing" in capsys.readouterr().err
+
+
 def test_demo_rejects_bad_seeds(tiny_job, capsys):
     _, path = tiny_job
     assert main(["demo", "--config", str(path), "--seeds", "0,x"]) == 2

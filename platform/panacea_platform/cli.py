@@ -95,6 +95,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.suite is not None and args.defences is not None:
         raise ConfigError("--suite and --defences both choose the defences: give one")
+    unused = [flag for flag, given in (("--seeds", args.seeds), ("--no-control", args.no_control),
+                                       ("--no-eval", args.no_eval)) if given]
+    if args.report_only and unused:  # the saved rows decide them: a flag that changes nothing is refused
+        raise ConfigError(f"--report-only trains nothing, so {unused[0]} changes nothing: leave it out")
     chosen = args.defences if args.defences is not None else ",".join(DEMO_SUITES[args.suite or "default"])
     defences = [d.strip() for d in chosen.split(",") if d.strip()]
     # Each choice of defences has its own rows, table and plots: one never overwrites another's.
