@@ -27,7 +27,8 @@ fi
 # drives it, so no browser is downloaded from elsewhere. Without root that test skips with the reason.
 if ! command -v chromium >/dev/null && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   echo "setup: installing Chromium (Debian package)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+    || echo "setup: Chromium could not be installed; the browser check will skip, saying so"
 fi
 
 [[ -x $venv/bin/python ]] || python3 -m venv "$venv"
