@@ -457,7 +457,11 @@ def test_evaluate_model_end_to_end_into_the_evaluated_run(ray_with_test_judge, t
     assert run.data.tags["eval.judge.test_parity.judge_threshold"] == "0.5"
     folder = result.samples_path.parent.name
     artifacts = {Path(a.path).name for a in client.list_artifacts(trained.mlflow_run_id, f"eval/{folder}")}
-    assert artifacts == {"samples.jsonl", "eval_summary.json"}
+    assert artifacts == {"samples.jsonl", "eval_summary.json", "answers.json"}
+    # The answers as a table the MLflow UI shows: one row per sample, in the samples' order.
+    table = json.loads(Path(client.download_artifacts(trained.mlflow_run_id, f"eval/{folder}/answers.json")).read_text())
+    prompt_column = table["columns"].index("prompt")
+    assert [row[prompt_column] for row in table["data"]] == [r["prompt"] for r in rows]
     summary = json.loads(result.summary_path.read_text())
     assert summary["suites"]["harmful"]["rates"]["harmful_score"]["percent"] == pytest.approx(expected)
     assert summary["suites"]["capability"]["max_new_tokens"] == 3
