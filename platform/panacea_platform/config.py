@@ -134,7 +134,6 @@ class OptimConfig(Section):
         return self
 
 
-
 class ScalingConfig(Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel); more than 1 needs zero_stage.")
     zero_stage: int | None = Field(

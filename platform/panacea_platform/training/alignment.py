@@ -23,7 +23,9 @@ ALIGNMENT_DATA_KEYS = (
     "prompt_template", "pool_seed", "eval_harmful_size", "task_eval_size",
 )
 
+
 def alignment_key(config: RunConfig) -> str:
+    """What the aligned model depends on, hashed: the aligned adapter is reused while it is unchanged."""
     tree = config.to_dict()
     relevant = {k: tree[k] for k in ALIGNMENT_KEYS}
     relevant["model"] = {k: v for k, v in tree["model"].items() if k != "after_alignment"}  # a fine-tuning choice
