@@ -200,6 +200,19 @@ def test_demo_over_seeds_reports_mean_and_spread(tiny_job, capsys):
     assert main(["demo", "--config", str(path), "--report-only", "run_name=never-ran"]) == 2
     assert "never-ran-rows.json" in capsys.readouterr().err
 
+    # A seed run later joins the saved seeds of the same job; another job's rows are replaced, not mixed in.
+    assert main(["demo", "--config", str(path), "--defences", "sft", "--no-control", "--no-eval",
+                 "--seeds", "2", "run_name=seeds"]) == 0
+    out = capsys.readouterr().out
+    assert "keeping seeds 0,1 of seeds" in out and "seeds 0,1,2 (mean ± sample std)" in out
+    rows = json.loads((config.run_dir().parent / f"seeds{suffix}-rows.json").read_text())
+    assert [(r["key"], r["seed"]) for r in rows] == [(key, seed) for seed in (0, 1, 2) for key in ("aligned", "sft")]
+    assert main(["demo", "--config", str(path), "--defences", "sft", "--no-control", "--no-eval",
+                 "--seeds", "2", "run_name=seeds", "optim.lr=0.02"]) == 0
+    assert "holds rows of another job or choice of arms" in capsys.readouterr().out
+    rows = json.loads((config.run_dir().parent / f"seeds{suffix}-rows.json").read_text())
+    assert sorted({r["seed"] for r in rows}) == [2]
+
 
 def test_report_only_refuses_the_flags_it_would_ignore(tiny_job, capsys):
     _, path = tiny_job

@@ -173,7 +173,8 @@ def run_demo(
     seeds = seeds if seeds else [config.seed]
     arms = arms_for(config, defences, control)
     tracking_uri = config.tracking.tracking_uri or default_tracking_uri(config.output_dir)
-    rows: list[Row] = []
+    fingerprint = _job_fingerprint(config, defences, control, evaluate)
+    rows = _earlier_rows(config, seeds, fingerprint, out)
     started = time.monotonic()
     for arm in arms:  # each arm's config is valid (e.g. an aligning defence with a given adapter) before any work
         check_config(with_changes(config, arm.changes))
@@ -192,8 +193,10 @@ def run_demo(
         parent.log_params(config.flat())
         for seed in seeds:
             rows += _run_seed(with_changes(config, {"seed": seed}), arms, parent, evaluate, progress, out)
+            rows.sort(key=lambda row: row.seed)  # stable: each seed's rows keep their order
             # Each finished seed is saved at once: if a later seed fails, --report-only still reads this one.
             _rows_path(config).write_text(json.dumps([r.to_json() for r in rows], indent=2))
+            _rows_path(config).with_suffix(".fingerprint").write_text(fingerprint)
         _report(config, rows, parent, tracking_uri, started, out)
         parent.describe(_parent_note(rows, (Path(config.output_dir) / f"{config.run_name}-summary.txt").read_text(),
                                      command))
@@ -310,6 +313,30 @@ def _check_end_tokens(config: RunConfig, defences: list[str], evaluate: bool) ->
 
 def _rows_path(config: RunConfig) -> Path:
     return Path(config.output_dir) / f"{config.run_name}-rows.json"
+
+
+def _job_fingerprint(config: RunConfig, defences: list[str], control: bool, evaluate: bool) -> str:
+    """What a seed's rows depend on besides the seed: the job's config and the demo's choices."""
+    tree = {key: value for key, value in config.to_dict().items() if key != "seed"}
+    choices = {"config": tree, "defences": defences, "control": control, "evaluate": evaluate}
+    return hashlib.sha256(json.dumps(choices, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _earlier_rows(config: RunConfig, seeds: list[int], fingerprint: str, out: Callable[[str], None]) -> list[Row]:
+    """The saved rows of other seeds of this same job (config and choices alike): a seed run later joins
+    them in the table. Rows of another job, or saved before jobs were fingerprinted, are replaced."""
+    path = _rows_path(config)
+    stamp = path.with_suffix(".fingerprint")
+    if not path.is_file():
+        return []
+    if not stamp.is_file() or stamp.read_text().strip() != fingerprint:
+        out(f"[demo] {path.name} holds rows of another job or choice of arms: this run's replace them")
+        return []
+    kept = [Row.from_json(r) for r in json.loads(path.read_text()) if r["seed"] not in seeds]
+    if kept:
+        earlier = ",".join(str(seed) for seed in sorted({row.seed for row in kept}))
+        out(f"[demo] keeping seeds {earlier} of {path.name} (same job): the table is over them and this run's")
+    return kept
 
 
 def _aligned_for(seeded: RunConfig, arm: Arm, shared: Path, parent: Tracker, out: Callable[[str], None]) -> Path:
