@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Any
 from pathlib import Path
@@ -494,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
     args = build_parser().parse_args(argv)
-    args.command_line = " ".join(["panacea", *(sys.argv[1:] if argv is None else argv)])
+    args.command_line = shlex.join(["panacea", *(sys.argv[1:] if argv is None else argv)])  # quoted as typed
     try:
         return args.func(args)
     except _user_errors() as exc:
