@@ -41,8 +41,9 @@ def _registered_names(config: RunConfig) -> str | None:
     for field, value, registry in (("defence", config.defence, DEFENCES), ("data.task", config.data.task, TASKS),
                                    ("data.harmful_source", config.data.harmful_source, HARMFUL_SOURCES),
                                    ("evaluation.judge", config.evaluation.judge, JUDGES)):
-        if value not in registry:
-            return f"{field} = {value!r}: unknown {registry.kind}; registered: {', '.join(registry.names())}"
+        problem = registry.problem(value)
+        if problem:
+            return f"{field} = {value!r}: {problem}"
     return None
 
 

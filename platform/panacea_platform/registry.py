@@ -45,10 +45,15 @@ class Registry(Generic[T]):
             self._entries[name] = target
         return target
 
+    def problem(self, name: str) -> str | None:
+        """None if `name` is registered, else what to say: the registered names."""
+        return None if name in self._entries else f"unknown {self.kind}; registered: {', '.join(self.names())}"
+
     def check(self, name: str) -> str:
         """`name` if registered, else the ValueError a config validator raises (pydantic names the field)."""
-        if name not in self._entries:
-            raise ValueError(f"unknown {self.kind}; registered: {', '.join(self.names())}")
+        problem = self.problem(name)
+        if problem:
+            raise ValueError(problem)
         return name
 
     def names(self) -> list[str]:

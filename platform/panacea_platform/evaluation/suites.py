@@ -285,10 +285,10 @@ def suite_name_problem(suite: SuiteConfig) -> str | None:
     from panacea_platform.evaluation.judges import JUDGES
     from panacea_platform.evaluation.metrics import ACCURACY_RULES
 
-    if suite.source not in SUITE_SOURCES:
-        return f"source = {suite.source!r}: unknown suite source; registered: {', '.join(SUITE_SOURCES.names())}"
-    if suite.judge is not None and suite.judge not in JUDGES:
-        return f"judge = {suite.judge!r}: unknown judge; registered: {', '.join(JUDGES.names())}"
+    for field, value, registry in (("source", suite.source, SUITE_SOURCES), ("judge", suite.judge, JUDGES)):
+        problem = registry.problem(value) if value is not None else None
+        if problem:
+            return f"{field} = {value!r}: {problem}"
     if suite.rule is not None and suite.rule != "task" and suite.rule not in ACCURACY_RULES:
         return f"rule = {suite.rule!r}: unknown rule; 'task' or one of: {', '.join(ACCURACY_RULES.names())}"
     source = SUITE_SOURCES.get(suite.source)

@@ -197,9 +197,8 @@ def run_demo(
             # Each finished seed is saved at once: if a later seed fails, --report-only still reads this one.
             _rows_path(config).write_text(json.dumps([r.to_json() for r in rows], indent=2))
             _rows_path(config).with_suffix(".fingerprint").write_text(fingerprint)
-        _report(config, rows, parent, tracking_uri, started, out)
-        parent.describe(_parent_note(rows, (Path(config.output_dir) / f"{config.run_name}-summary.txt").read_text(),
-                                     command))
+        text = _report(config, rows, parent, tracking_uri, started, out)
+        parent.describe(_parent_note(rows, text, command))
     return rows
 
 
@@ -487,7 +486,7 @@ def sweeps_on(output_dir: Path, aligned_adapters: set[Path], harm: str = "harmfu
 
 
 def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: str, started: float,
-            out: Callable[[str], None]) -> None:
+            out: Callable[[str], None]) -> str:
     from panacea_platform.plots import plot_method_comparison
 
     folder = Path(config.output_dir)
@@ -523,6 +522,7 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
     else:
         out("search: none yet on this aligned model; run  panacea sweep -s search_spaces/offline_default.yaml")
     out(f"MLflow: {runs_page(tracking_uri, parent.experiment_id)}")
+    return text
 
 
 def _parent_note(rows: list[Row], text: str, command: str) -> str:
