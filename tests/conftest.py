@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -221,7 +222,7 @@ def ray_session(tmp_path_factory, s3_endpoint):
 
 def require_postgres() -> None:
     """Skip, with the reason, where PostgreSQL is not installed; in CI (CI=true) that is a failure."""
-    from panacea_platform.tracking_server import postgres_bin
+    from panacea_platform.team_server.postgres import postgres_bin
 
     if postgres_bin("initdb") is None:
         reason = "PostgreSQL is not installed (scripts/setup.sh installs it when run as root)"
@@ -238,27 +239,44 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class TeamServer(NamedTuple):
+    url: str
+    artifacts: Path
+    admin_password: str
+    postgres: Any  # team_server.postgres.Postgres
+
+
 @pytest.fixture(scope="session")
 def team_server():
-    """The team's tracking server, for real: PostgreSQL (Debian's packages) as MLflow's backend store and
-    `mlflow server --serve-artifacts` on localhost; yields (its URL, the artifact folder). Where
-    PostgreSQL cannot run (not installed, and no root to install it) its tests skip with that reason;
-    in CI (CI=true) they must run, and a skip there is a failure."""
-    from panacea_platform.tracking_server import start_mlflow_server, start_postgres, stop_process
+    """The team's tracking server, for real, as `panacea tracking-server` runs it: PostgreSQL (Debian's packages)
+    with a password as MLflow's backend store, `mlflow server --serve-artifacts` behind MLflow's basic-auth app
+    on localhost. While it lives, this process (and every process it starts: Ray nodes, jobs) logs in as its
+    admin through MLflow's own variables, as a team's nodes do. Where PostgreSQL cannot run (not installed,
+    and no root to install it) its tests skip with that reason; in CI (CI=true) they must run, and a skip
+    there is a failure."""
+    from panacea_platform.team_server.auth import ADMIN_USER, auth_server_env
+    from panacea_platform.team_server.credentials import PASSWORD_ENV, USERNAME_ENV
+    from panacea_platform.team_server.mlflow_server import start_mlflow_server, stop_process
+    from panacea_platform.team_server.postgres import AUTH_DB_NAME, start_postgres
 
     require_postgres()
     # PostgreSQL runs as its own user: every folder above its data must be enterable (pytest's are 700).
     root = Path(tempfile.mkdtemp(prefix="panacea-team-"))
     root.chmod(0o755)
     postgres = start_postgres(root / "postgres", free_port())
-    server = None
+    server, saved = None, {name: os.environ.get(name) for name in (USERNAME_ENV, PASSWORD_ENV)}
     try:
+        auth_env, _ = auth_server_env(root, postgres.uri(AUTH_DB_NAME), None)
         port = free_port()
         # Its first start migrates a new database: past 90 s once on a loaded 2-core machine.
-        server = start_mlflow_server(postgres.uri, root / "artifacts", port, log=root / "mlflow-server.log",
-                                     timeout_s=240)
-        yield f"http://127.0.0.1:{port}", root / "artifacts"
+        server = start_mlflow_server(postgres.uri(), root / "artifacts", port, log=root / "mlflow-server.log",
+                                     timeout_s=240, env={**postgres.client_env, **auth_env}, app_name="basic-auth")
+        password = (root / "admin-password").read_text().strip()
+        os.environ.update({USERNAME_ENV: ADMIN_USER, PASSWORD_ENV: password})
+        yield TeamServer(f"http://127.0.0.1:{port}", root / "artifacts", password, postgres)
     finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
         if server is not None:
             stop_process(server)
         postgres.stop()

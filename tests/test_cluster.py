@@ -29,3 +29,16 @@ def test_cluster_setup_installs_this_project_mounts_shared_storage_and_serves_ml
     assert "panacea tracking-server" in head and "--artifacts /mnt/shared/" in head and "--host 0.0.0.0" in head
     assert "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in head
     assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in " ".join(config["worker_setup_commands"])
+
+
+def test_the_cluster_runs_with_rays_token_and_mlflow_credentials_from_files_outside_the_repository():
+    config = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+    mounts = config["file_mounts"]
+    assert mounts["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    assert mounts["/home/ubuntu/.mlflow/credentials"] == "~/.mlflow/credentials"
+    assert all(not source.startswith(".") or source == "." for source in mounts.values()), "a secret in the repo"
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token ray start" in command for command in starts if "ray start" in command)
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+    assert "export RAY_AUTH_MODE=token" in " ".join(config["setup_commands"])
+    assert "--no-auth" not in " ".join(config["head_setup_commands"])

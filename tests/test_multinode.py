@@ -24,19 +24,22 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import free_port, tiny_config
-from panacea_platform.tracking_server import stop_process
+from panacea_platform.team_server.mlflow_server import stop_process
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -44,10 +47,11 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_EVERY = 24, 4  # long enough that a node can be killed between the first checkpoint and the end
 USER_BUCKET = 100_000  # the user's DeepSpeed JSON's reduce_bucket_size, kept over the platform's own
 
-# Every process of this cluster (nodes, drivers): `ray start` turns token authentication on when it
-# finds a token in ~/.ray, and a driver without it is refused; this localhost cluster needs none.
+# Every process of this cluster (nodes, drivers), as ray_cluster.yaml sets them: Ray's token
+# authentication on, the token read from a file outside the repository (mode 0600, written by the
+# cluster fixture: RAY_AUTH_TOKEN_PATH); the MLflow credentials come from the team_server fixture.
 # The project's commands are on each node's PATH, as the cluster's set-up installs them.
-CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+CLUSTER_ENV = {"RAY_AUTH_MODE": "token", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
                "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
 
 
@@ -98,6 +102,9 @@ def cluster(team_server):
     port, dashboard_port = free_port(), free_port()
     from ray._private.services import get_node_ip_address
 
+    from panacea_platform.team_server.secret_files import write_private
+
+    CLUSTER_ENV["RAY_AUTH_TOKEN_PATH"] = str(write_private(root / "ray-auth-token", secrets.token_hex(32)))
     cluster = {"address": f"{get_node_ip_address()}:{port}",  # where Ray binds the head (the machine's address)
                "dashboard": f"http://127.0.0.1:{dashboard_port}", "root": root, "tracking_uri": team_server[0],
                "storage": root / "shared", "nodes": {}}
@@ -159,6 +166,24 @@ def submitted(cluster, tiny_llama, placeholder_harmful_file, tmp_path_factory):
         if "No available agent to submit job" not in result.stderr or time.monotonic() > deadline:
             return config, result
         time.sleep(3)
+
+
+def test_the_dashboard_takes_job_requests_only_with_the_cluster_token(cluster):
+    """Ray's dashboard accepts job submissions, that is, runs code: without the token, or with a wrong one, it
+    refuses; `ray job` without the token is refused by it too."""
+    url = f"{cluster['dashboard']}/api/jobs/"
+    for headers in ({}, {"Authorization": "Bearer not-the-token"}):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30)
+        assert refused.value.code in (401, 403), headers
+    token = Path(CLUSTER_ENV["RAY_AUTH_TOKEN_PATH"]).read_text()
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}),
+                                timeout=30) as answer:
+        assert answer.status == 200
+    without_token = {**os.environ, **CLUSTER_ENV, "RAY_AUTH_MODE": "disabled"}
+    listing = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address",
+                              cluster["dashboard"]], env=without_token, capture_output=True, text=True, timeout=120)
+    assert listing.returncode != 0, listing.stdout
 
 
 def test_a_submitted_job_survives_the_removal_of_every_node_local_folder(cluster, submitted, team_server, tmp_path,

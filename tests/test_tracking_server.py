@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
-from conftest import free_port, require_postgres
+import pytest
+
+from conftest import free_port, one_line_exit_2, require_postgres
 
 def test_the_cli_serves_the_same_pair(tmp_path):
     from panacea_platform.cli import build_parser
@@ -61,6 +65,9 @@ def _serve_until(data: Path, stop: int) -> tuple[int, str]:
     assert any(line.startswith("MLflow tracking server:") for line in lines), "".join(lines)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as answer:
         assert answer.status == 200
+    with pytest.raises(urllib.error.HTTPError) as refused:  # authentication is on by default
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+    assert refused.value.code == 401
     process.send_signal(stop)
     output, _ = process.communicate(timeout=90)
     return process.returncode, "".join(lines) + output
@@ -77,6 +84,9 @@ def test_the_command_stops_both_servers_on_sigterm_and_sigint_and_recovers_a_sta
     try:
         code, output = _serve_until(data, signal.SIGTERM)
         assert code == 0 and "MLflow server and PostgreSQL stopped" in output, output
+        assert f"password from {data / 'admin-password'}" in output
+        for secret in ("admin-password", "postgres.pgpass", "flask-secret-key", "basic_auth.ini"):
+            assert stat.S_IMODE((data / secret).stat().st_mode) == 0o600, secret
         assert _postgres_gone(data / "postgres") and not _processes_using(data)
         # A crash leaves PostgreSQL's lock behind, naming a process that is not PostgreSQL (here: this test).
         (data / "postgres" / "postmaster.pid").write_text(f"{os.getpid()}\n{data / 'postgres'}\n")
@@ -87,3 +97,19 @@ def test_the_command_stops_both_servers_on_sigterm_and_sigint_and_recovers_a_sta
         if _processes_using(data):  # never leave a server behind a failed assertion
             subprocess.run(["pkill", "-f", str(data)], check=False)
         shutil.rmtree(data, ignore_errors=True)
+
+
+def test_an_open_server_beyond_loopback_and_an_exposed_password_file_are_refused_before_anything_starts(tmp_path,
+                                                                                                       capsys):
+    line = one_line_exit_2(["tracking-server", "--data", str(tmp_path / "a"), "--host", "0.0.0.0", "--no-auth"], capsys)
+    assert "--host 0.0.0.0 with --no-auth would let anyone" in line and "leave out --no-auth" in line
+    exposed = tmp_path / "admin.txt"
+    exposed.write_text("a-password\n")
+    exposed.chmod(0o640)
+    line = one_line_exit_2(["tracking-server", "--data", str(tmp_path / "b"), "--admin-password-file", str(exposed)],
+                           capsys)
+    assert f"{exposed} can be read by others (mode 0640): `chmod 600 {exposed}`" in line
+    line = one_line_exit_2(["tracking-server", "--data", str(tmp_path / "c"), "--admin-password-file",
+                            str(tmp_path / "missing.txt")], capsys)
+    assert "missing.txt does not exist" in line
+    assert not any((tmp_path / name).exists() for name in ("a", "b/postgres", "c/postgres")), "something was started"

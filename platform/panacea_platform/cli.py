@@ -17,10 +17,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from panacea_platform.data.errors import DataFileError, DataUnavailableError, NotEnoughDataError, PoolOverlapError
 
     # ConfigError covers DeepSpeedConfigError too.
-    from panacea_platform.tracking_server import TrackingServerError
+    from panacea_platform.team_server.errors import SecretFileError, TrackingServerError
 
     return (ConfigError, DataFileError, DataUnavailableError, NotEnoughDataError, PoolOverlapError, FileNotFoundError,
-            TrackingServerError)
+            TrackingServerError, SecretFileError)
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_JOB) -> None:
@@ -292,9 +292,38 @@ def _add_sweep_lookup_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_tracking_server(args: argparse.Namespace) -> int:
-    from panacea_platform.tracking_server import serve
+    from panacea_platform.team_server.serve import serve
 
-    return serve(Path(args.data), args.port, args.db_port, Path(args.artifacts) if args.artifacts else None, args.host)
+    return serve(Path(args.data), args.port, args.db_port, Path(args.artifacts) if args.artifacts else None, args.host,
+                 auth=not args.no_auth, db_host=args.db_host,
+                 admin_password_file=Path(args.admin_password_file) if args.admin_password_file else None)
+
+
+def cmd_team(args: argparse.Namespace) -> int:
+    import os
+
+    from panacea_platform.config import ConfigError
+    from panacea_platform.preflight import tracking_problem
+    from panacea_platform.team_server.members import add_member, grant
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri or not uri.startswith(("http://", "https://")):
+        raise ConfigError("--tracking-uri: give the team server's URL (http://HOST:PORT), or set MLFLOW_TRACKING_URI")
+    problem = tracking_problem(uri)
+    if problem:
+        raise ConfigError(problem)
+    if args.action == "grant":
+        grant(uri, args.username, args.experiment, args.permission)
+        print(f"{args.username}: {args.permission} on experiment {args.experiment!r}")
+        return 0
+    if (args.experiment is None) != (args.permission is None):
+        raise ConfigError("--experiment and --permission go together: give both, or neither")
+    written = add_member(uri, args.username, Path(args.credentials_out or f"{args.username}.mlflow-credentials"),
+                         args.experiment, args.permission or "READ")
+    granted = f", {args.permission} on experiment {args.experiment!r}" if args.experiment else ""
+    print(f"added {args.username}{granted}; their credentials are in {written} (mode 0600): hand it over privately, "
+          "to be saved as ~/.mlflow/credentials on their machines")
+    return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -384,8 +413,31 @@ def _add_tracking_server(sub: Any) -> None:
     server.add_argument("--artifacts", default=None, help="artifact destination (default DATA/artifacts): shared storage")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a cluster's nodes)")
     server.add_argument("--port", type=int, default=5000, help="the MLflow server's port (default 5000)")
-    server.add_argument("--db-port", type=int, default=5432, help="PostgreSQL's port on 127.0.0.1 (default 5432)")
+    server.add_argument("--db-port", type=int, default=5432, help="PostgreSQL's port (default 5432)")
+    server.add_argument("--db-host", default="127.0.0.1", help="address PostgreSQL listens on (default 127.0.0.1: "
+                        "only this machine; any other needs its password, in DATA/postgres.pgpass)")
+    server.add_argument("--admin-password-file", default=None, help="file (mode 0600) holding the MLflow admin's "
+                        "password for the first start; default $MLFLOW_AUTH_ADMIN_PASSWORD, else one generated into "
+                        "DATA/admin-password")
+    server.add_argument("--no-auth", action="store_true", help="no authentication (refused unless --host is loopback)")
     server.set_defaults(func=cmd_tracking_server)
+
+
+def _add_team(sub: Any) -> None:
+    team = sub.add_parser("team", help="team members on the tracking server: add one, grant READ/EDIT/MANAGE")
+    actions = team.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add-member", help="create a user with a generated password, written to a credentials "
+                             "file for them; optionally grant a permission on an experiment")
+    add.add_argument("--credentials-out", default=None, help="where to write their credentials (mode 0600; default "
+                     "./USERNAME.mlflow-credentials)")
+    change = actions.add_parser("grant", help="grant a member READ, EDIT, MANAGE or NO_PERMISSIONS on an experiment")
+    for parser, required in ((add, False), (change, True)):
+        parser.add_argument("username")
+        parser.add_argument("--experiment", required=required, default=None, help="the experiment's name")
+        parser.add_argument("--permission", required=required, default=None,
+                            choices=("READ", "EDIT", "MANAGE", "NO_PERMISSIONS"), help="what they may do there")
+        parser.add_argument("--tracking-uri", default=None, help="the team server (default $MLFLOW_TRACKING_URI)")
+    team.set_defaults(func=cmd_team)
 
 
 def _add_plan(sub: Any) -> None:
@@ -479,8 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # One function per subcommand, in the order `panacea --help` lists them.
-    for add in (_add_align, _add_finetune, _add_demo, _add_config, _add_list, _add_tracking_server, _add_plan,
-                _add_bench, _add_sweep, _add_report, _add_compare, _add_evaluate):
+    for add in (_add_align, _add_finetune, _add_demo, _add_config, _add_list, _add_tracking_server, _add_team,
+                _add_plan, _add_bench, _add_sweep, _add_report, _add_compare, _add_evaluate):
         add(sub)
     return parser
 

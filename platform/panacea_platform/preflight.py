@@ -62,17 +62,21 @@ def _hub_answer(name: str, not_here: str) -> str | None:
 
 
 def tracking_problem(uri: str) -> str | None:
-    """None when the tracking store can be reached (a file or SQLite store always can); else why not."""
+    """None when the tracking store can be reached (a file or SQLite store always can), and a server takes
+    this machine's credentials; else why not."""
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
+        from panacea_platform.team_server.credentials import login_problem
+
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_SECONDS):
-                return None
+                pass
         except urllib.error.HTTPError as exc:
             return f"the server at {uri} answered /health with HTTP {exc.code}: is it an MLflow server?"
         except (OSError, ValueError) as exc:
             return (f"no MLflow server answered at {uri} within {PROBE_SECONDS:g} s ({_reason(exc)}): start it, "
                     "or point the setting at the team's server")
+        return login_problem(uri, PROBE_SECONDS)
     if parsed.scheme.startswith(("postgresql", "mysql")) and parsed.hostname:
         port = parsed.port or (5432 if parsed.scheme.startswith("postgresql") else 3306)
         try:
