@@ -79,3 +79,13 @@ def crashing(defence: type, after_step: int, marker: Path) -> type:
             return super().align_step(weights, batch, extra)
 
     return Crashing
+
+
+@dataclass(frozen=True)
+class SlowSteps:
+    """Every rank sleeps `seconds` after each step: a fit long enough for something to happen during it."""
+
+    seconds: float
+
+    def __call__(self, rank: int, step: int) -> None:
+        time.sleep(self.seconds)

@@ -550,9 +550,33 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = shlex.join(["panacea", *(sys.argv[1:] if argv is None else argv)])  # quoted as typed
     try:
         return args.func(args)
-    except _user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        found = user_error_in(exc)
+        if found is None:
+            raise
+        print(f"error: {found}", file=sys.stderr)
         return 2
+
+
+def user_error_in(exc: BaseException) -> BaseException | None:
+    """The error a user can act on from its message alone, raised here or inside Ray's wrappers (a worker's
+    error reaches the driver as its cause, or in a Ray Train WorkerGroupError's worker_failures)."""
+    from panacea_platform.tracking import TrackingUnreachableError
+
+    kinds = (*_user_errors(), TrackingUnreachableError)
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kinds) and not type(current).__module__.startswith("ray"):
+            return current
+        # Not __context__: an error raised while another was handled is not caused by it.
+        stack.extend([current.__cause__, getattr(current, "cause", None),
+                      *getattr(current, "worker_failures", {}).values()])
+    return None
 
 
 if __name__ == "__main__":

@@ -116,6 +116,36 @@ def runs_page(tracking_uri: str, experiment_id: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{page}"
 
 
+class TrackingUnreachableError(RuntimeError):
+    """The tracking server stayed out of reach through all of MLflow's retries; the message says what to do."""
+
+
+def retry_budget_s() -> float:
+    """How long MLflow's client keeps retrying one request to a server that does not answer: its
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES retries, back-off doubling from MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR s
+    (capped at 120 s, urllib3's maximum); about 4 minutes by default, so a restart within a minute is ridden out."""
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES
+
+    factor = MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
+    return float(sum(min(factor * 2**attempt, 120) for attempt in range(MLFLOW_HTTP_REQUEST_MAX_RETRIES.get())))
+
+
+@contextlib.contextmanager
+def _reaching(tracking_uri: str, what: str):
+    """Turn MLflow's give-up on an unreachable server into one line (its own message is a page of urllib3)."""
+    started = time.monotonic()
+    try:
+        yield
+    except Exception as exc:
+        if "Max retries exceeded" not in str(exc) and "Connection refused" not in str(exc):
+            raise
+        raise TrackingUnreachableError(
+            f"the tracking server at {tracking_uri} did not answer for {time.monotonic() - started:.0f} s, through "
+            f"MLflow's retries (about {retry_budget_s():.0f} s: MLFLOW_HTTP_REQUEST_MAX_RETRIES and "
+            f"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR set it), while {what}: start the server again and rerun the command"
+        ) from None
+
+
 class Tracker:
     """One MLflow run. Use as a context manager; the run ends when the block does."""
 
@@ -151,6 +181,7 @@ class Tracker:
         if parent_run_id is not None:
             all_tags["mlflow.parentRunId"] = parent_run_id
         self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        self.tracking_uri = tracking_uri
         self._ended = False
 
     @classmethod
@@ -183,7 +214,8 @@ class Tracker:
             if isinstance(v, (int, float)) and math.isfinite(float(v))
         ]
         if items:
-            self.client.log_batch(self.run_id, metrics=items)
+            with _reaching(self.tracking_uri, f"logging step {step}'s metrics"):
+                self.client.log_batch(self.run_id, metrics=items)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
@@ -221,6 +253,8 @@ class Tracker:
             self.end("FINISHED")
         elif issubclass(exc_type, KeyboardInterrupt):
             self.end("KILLED")
+        elif issubclass(exc_type, TrackingUnreachableError):
+            pass  # the run cannot be marked FAILED on a server that does not answer; it stays RUNNING there
         else:
             self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:5000]})
             self.end("FAILED")
