@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 
 from conftest import tiny_config
@@ -178,6 +179,24 @@ def test_a_changed_space_under_the_same_name_is_refused(sweep_root):
         run_sweep(space, sweep_root / "job.yaml", name="main")
 
 
+def _placement_groups_left(groups: set[str], free_cpus: float, within_s: float = 30) -> list[str]:
+    """The placement groups of `groups` not removed, or the CPUs short of `free_cpus`, after `within_s`
+    (Ray Train removes a finished fit's group; a stopped one's goes through Ray Train's
+    PlacementGroupCleaner, which checks for its controller every few seconds); [] when all are back."""
+    assert groups, "no placement group was made: the test tests nothing"
+    deadline = time.monotonic() + within_s
+    while True:
+        table = ray.util.placement_group_table()
+        left = [f"{group[:8]} {table[group]['state']} {table[group]['bundles']}" for group in groups
+                if table[group]["state"] != "REMOVED"]
+        free = ray.available_resources().get("CPU", 0.0)
+        if free != free_cpus:
+            left.append(f"{free:g} CPUs free of {free_cpus:g}")
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
 def test_asha_stops_the_clearly_worse_trial_and_the_finished_one_is_evaluated(ray_session, sweep_root):
     """Designed: ranked by the released model's held-out harmful loss (higher = safer), one trial at a
     time. rho = 1 runs first; rho = 0 releases w itself (eps = 0), whose harmful loss is lower at
@@ -198,13 +217,20 @@ def test_asha_stops_the_clearly_worse_trial_and_the_finished_one_is_evaluated(ra
         "max_concurrent_trials": 1,
     })
     lines: list[str] = []
+    groups_before, free_before = set(ray.util.placement_group_table()), ray.available_resources().get("CPU")
     outcome = run_sweep(space, sweep_root / "job.yaml", name="asha", out=lines.append)
+    # Each trial's Ray Train fit reserved its workers' CPUs in a placement group of its own, scoped to this
+    # process (the sweep's driver), which lives on: the stopped trial's, too, is removed, and every CPU is
+    # back. (Without the driver's removal, the stopped fit's group stayed CREATED, holding 0.9 CPU.)
+    assert _placement_groups_left(set(ray.util.placement_group_table()) - groups_before, free_before) == []
     client = client_for(sweep_root)
     runs = {float(r.data.params["panacea.rho"]): r for r in children(client, outcome.parent_run_id)}
     good, bad = runs[1.0], runs[0.0]
     assert good.info.status == "FINISHED"
     assert steps_of(client, good.info.run_id, "task_loss") == list(range(1, 9))
     assert bad.info.status == "KILLED" and bad.data.tags["stopped_by"] == "asha"
+    # The stopped fit's group, named on its run by its rank 0, was removed by the sweep's driver.
+    assert ray.util.placement_group_table()[bad.data.tags["ray_placement_group"]]["state"] == "REMOVED"
     assert bad.data.tags["stopped_at_step"] == "1" and "sweep_final" not in bad.data.tags
     first = {run: [m.value for m in client.get_metric_history(r.info.run_id, "released_heldout_harmful_loss")
                    if m.step == 1][0] for run, r in runs.items()}

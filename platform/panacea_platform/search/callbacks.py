@@ -95,6 +95,7 @@ class TrialStatusCallback(tune.Callback):
             if run.info.status == "RUNNING":
                 self._client.set_terminated(run.info.run_id, status="FINISHED")
             return
+        release_placement_group(run.data.tags)
         self._client.set_tag(run.info.run_id, "stopped_by", self.scheduler_name)
         if last.get("step") is not None:
             self._client.set_tag(run.info.run_id, "stopped_at_step", str(last["step"]))
@@ -104,9 +105,29 @@ class TrialStatusCallback(tune.Callback):
         run = self._child_run(trial)
         if run is None:
             return
+        release_placement_group(run.data.tags)
         if "error" not in run.data.tags:
             self._client.set_tag(run.info.run_id, "error", trial_error_text(trial))
         self._client.set_terminated(run.info.run_id, status="FAILED")
+
+
+def release_placement_group(tags: dict[str, str]) -> bool:
+    """Remove the placement group of a stopped or failed trial's fit at once; True if one was removed.
+
+    Tune frees the trial's own CPUs, but the fit's workers were placed by Ray Train in a group of their
+    own, which outlives the trial: Ray Train's cleaner removes it only when Ray's state API (the
+    dashboard) answers, and else it held its CPUs until the sweep's driver ended."""
+    import ray.util
+    from ray import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+
+    from panacea_platform.training.launch_ray import PLACEMENT_GROUP_TAG
+
+    group = tags.get(PLACEMENT_GROUP_TAG)
+    if not group or ray.util.placement_group_table().get(group, {}).get("state") in (None, "REMOVED"):
+        return False
+    ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group))))
+    return True
 
 
 class ProgressCallback(tune.Callback):

@@ -51,6 +51,7 @@ from panacea_platform.training.result import StageResult
 from panacea_platform.training.strategy.deepspeed import check_distributed, comm_backend, skip_shm_comm_build
 
 DISTRIBUTED_FILE = "distributed.json"
+PLACEMENT_GROUP_TAG = "ray_placement_group"  # the MLflow tag naming a fit's placement group (hex id)
 StepHook = Callable[[int, int], None]  # (rank, step), called on every worker after every step
 
 
@@ -289,7 +290,10 @@ def _report_finished_run(checkpoint: Any, config: RunConfig, rank: int) -> None:
 
 
 def _rank_tracker(config: RunConfig, mlflow_run_id: str | None, resumed_from: int | None):
-    """Rank 0's handle on the run the driver opened (None without one), marked when it resumed."""
+    """Rank 0's handle on the run the driver opened (None without one), marked when it resumed and with
+    the placement group that holds its workers."""
+    import ray.util
+
     from panacea_platform.tracking import Tracker
 
     if mlflow_run_id is None:
@@ -297,6 +301,10 @@ def _rank_tracker(config: RunConfig, mlflow_run_id: str | None, resumed_from: in
     tracker = Tracker.attach(config.tracking.tracking_uri or default_tracking_uri(config.output_dir), mlflow_run_id)
     if resumed_from is not None:
         tracker.set_tags({"resumed_from_step": str(resumed_from)})
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        # The workers' CPUs: a sweep's driver removes this group when it stops the trial (search/callbacks.py).
+        tracker.set_tags({PLACEMENT_GROUP_TAG: group.id.hex()})
     return tracker
 
 
