@@ -415,3 +415,22 @@ def test_bad_training_input_stops_before_any_work_with_one_line_and_exit_2(case,
                 "checkpoint of another shape": "Set optim.grad_accum_steps to match it"}[case]
     assert len(err) == 1 and expected in err[0], err
     assert not (Path(config.output_dir) / "mlflow.db").exists()
+
+
+def test_a_user_error_is_found_in_what_caused_an_error_not_in_what_was_being_handled():
+    from panacea_platform.config import ConfigError
+    from panacea_platform.user_errors import user_error_in
+
+    bad_input = ConfigError("optim.lr = -1: expected > 0")
+    try:
+        raise RuntimeError("a worker failed") from bad_input
+    except RuntimeError as wrapped:
+        assert user_error_in(wrapped) is bad_input
+    try:
+        try:
+            raise bad_input
+        except ConfigError:
+            raise RuntimeError("a bug while reporting it")  # noqa: B904 - the case under test
+    except RuntimeError as unrelated:
+        assert user_error_in(unrelated) is None  # the bug's traceback must not be hidden behind one line
+        assert user_error_in(unrelated, follow_context=True) is bad_input

@@ -11,18 +11,6 @@ from pathlib import Path
 DEFAULT_JOB = "jobs/offline_default.yaml"
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a user can fix from the message alone: printed in one line, exit 2."""
-    from panacea_platform.config import ConfigError
-    from panacea_platform.data.errors import DataFileError, DataUnavailableError, NotEnoughDataError, PoolOverlapError
-
-    # ConfigError covers DeepSpeedConfigError too.
-    from panacea_platform.team_server.errors import SecretFileError, TrackingServerError
-
-    return (ConfigError, DataFileError, DataUnavailableError, NotEnoughDataError, PoolOverlapError, FileNotFoundError,
-            TrackingServerError, SecretFileError)
-
-
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_JOB) -> None:
     parser.add_argument(
         "--config", "-c", default=default, help=f"YAML job file (default: {default})"
@@ -551,32 +539,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as exc:
+        from panacea_platform.user_errors import user_error_in
+
         found = user_error_in(exc)
         if found is None:
             raise
         print(f"error: {found}", file=sys.stderr)
         return 2
-
-
-def user_error_in(exc: BaseException) -> BaseException | None:
-    """The error a user can act on from its message alone, raised here or inside Ray's wrappers (a worker's
-    error reaches the driver as its cause, or in a Ray Train WorkerGroupError's worker_failures)."""
-    from panacea_platform.tracking import TrackingUnreachableError
-
-    kinds = (*_user_errors(), TrackingUnreachableError)
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, kinds) and not type(current).__module__.startswith("ray"):
-            return current
-        # Not __context__: an error raised while another was handled is not caused by it.
-        stack.extend([current.__cause__, getattr(current, "cause", None),
-                      *getattr(current, "worker_failures", {}).values()])
-    return None
 
 
 if __name__ == "__main__":

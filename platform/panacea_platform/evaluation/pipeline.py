@@ -327,21 +327,6 @@ def check_resources(evaluation: "EvaluationConfig") -> None:
             )
 
 
-def _user_error_in(exc: BaseException) -> BaseException | None:
-    """The user-fixable error (ConfigError, FileNotFoundError) inside Ray's wrappers, if any."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, (ConfigError, FileNotFoundError)) and not type(current).__module__.startswith("ray"):
-            return current
-        stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
-    return None
-
-
 def run_pipeline(
     config: "RunConfig",
     prompts: list[EvalPrompt],
@@ -380,7 +365,9 @@ def run_pipeline(
             rows.extend(_batch_rows(batch))
             _progress(out, len(rows), len(prompts), time.monotonic() - start)
     except Exception as exc:
-        found = _user_error_in(exc)
+        from panacea_platform.user_errors import user_error_in
+
+        found = user_error_in(exc, (ConfigError, FileNotFoundError), follow_context=True)
         if found is not None:
             raise type(found)(str(found)) from None
         raise
