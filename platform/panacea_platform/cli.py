@@ -192,8 +192,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from panacea_platform.diagnostics.bench_step import bench_step
 
     config = _load(args)
-    bench_step(config, warmup=args.warmup, repeats=args.repeats, baselines=args.baselines)
-    return 0
+    result = bench_step(config, warmup=args.warmup, repeats=args.repeats, baselines=args.baselines,
+                        zero_stage=args.zero_stage)
+    return 0 if result["panacea_state_within_bound"] else 1  # a memory regression fails the command
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -453,6 +454,9 @@ def _add_bench(sub: Any) -> None:
     step.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported (default 5)")
     step.add_argument("--baselines", action="store_true",
                       help="also time a step of Vaccine, RepNoise, Booster and Lisa, as ratios to SFT's")
+    step.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
+                      help="run every step on a one-rank DeepSpeed engine at this ZeRO stage "
+                      "(default: in this process)")
     step.set_defaults(func=cmd_bench)
     bench_eval = bench_sub.add_parser(
         "eval", help="evaluation throughput: the Ray Data pipeline against one prompt at a time (same answers)"

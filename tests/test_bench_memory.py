@@ -1,0 +1,38 @@
+"""`panacea bench step`'s memory bound on the tiny model: the Panacea step holds 4 copies of the trainable
+weights beyond its costliest pass (G, H, eps and the saved w), in this process and on a one-rank
+DeepSpeed ZeRO-2 engine; the command exits 0 within the bound (1 past it) and keeps the profiler's
+own lines out of its table."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+
+@pytest.mark.parametrize("zero_stage", [
+    None,
+    # Measured 2026-12-07: 5.00 copies on this job and on the tiny model; the fifth is one flat buffer the
+    # size of all trainable weights, alive through the third pass's backward, whose owner in DeepSpeed's
+    # ZeRO-2 optimiser is not yet found. Strict: this fails once the bound holds, to be turned into a pass.
+    pytest.param(2, marks=pytest.mark.xfail(strict=True, reason="ZeRO-2 holds a fifth copy (open, issue 27)")),
+], ids=["torch", "zero2"])
+def test_the_panacea_step_holds_four_copies_beyond_its_costliest_pass(tiny_run_config, zero_stage):
+    from panacea_platform.diagnostics.bench_step import STATE_BOUND_COPIES, bench_step
+
+    lines: list[str] = []
+    result = bench_step(tiny_run_config(), warmup=1, repeats=1, out=lines.append, zero_stage=zero_stage)
+    assert result["panacea_state_copies"] == pytest.approx(STATE_BOUND_COPIES, abs=0.05), lines
+    assert result["panacea_state_within_bound"] == 1.0
+    assert result["panacea_peak_extra_mb"] >= max(result["task_pass_peak_mb"], result["harmful_pass_peak_mb"])
+    assert any("within the bound of 4" in line for line in lines)
+
+
+def test_the_command_exits_0_within_the_bound_and_prints_no_profiler_lines(tiny_run_config, tmp_path, capfd):
+    from panacea_platform.cli import main
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(tiny_run_config().to_dict()))
+    assert main(["bench", "step", "--config", str(job), "--warmup", "0", "--repeats", "1"]) == 0
+    printed = capfd.readouterr()
+    assert "Panacea's own state beyond its costliest pass" in printed.out
+    assert "USDT" not in printed.out + printed.err and "profiler_start" not in printed.out + printed.err
