@@ -11,10 +11,9 @@ import yaml
 
 @pytest.mark.parametrize("zero_stage", [
     None,
-    # Measured 2026-12-07: 5.00 copies on this job and on the tiny model; the fifth is one flat buffer the
-    # size of all trainable weights, alive through the third pass's backward, whose owner in DeepSpeed's
-    # ZeRO-2 optimiser is not yet found. Strict: this fails once the bound holds, to be turned into a pass.
-    pytest.param(2, marks=pytest.mark.xfail(strict=True, reason="ZeRO-2 holds a fifth copy (open, issue 27)")),
+    # Until 2026-12-07 ZeRO-2 held a fifth copy: its optimiser's flat gradient partition of the last pass,
+    # kept until its step (DeepSpeedWeights now drops it at each pass; the last pass's stays).
+    2,
 ], ids=["torch", "zero2"])
 def test_the_panacea_step_holds_four_copies_beyond_its_costliest_pass(tiny_run_config, zero_stage):
     from panacea_platform.diagnostics.bench_step import STATE_BOUND_COPIES, bench_step

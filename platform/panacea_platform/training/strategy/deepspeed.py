@@ -275,6 +275,15 @@ class DeepSpeedWeights:
             self.engine.optimizer.zero_grad(set_to_none=True)
         else:
             self.engine.zero_grad()
+        if self.stage in (1, 2):
+            # ZeRO-1/2 keep the last pass's flat gradient partition until their optimiser step; every pass's
+            # gradient is cloned out before the next, so a step of several passes (Panacea's three) would
+            # carry a stale copy of all trainable weights through each (measured: a fifth copy in Panacea's
+            # third pass, `panacea bench step --zero-stage 2`). The last pass's stays for apply_update.
+            averaged = getattr(self.engine.optimizer, "averaged_gradients", None)
+            if isinstance(averaged, dict):
+                for group in averaged:
+                    averaged[group] = None
 
     def _count(self, part: Any, objective: Objective | None = None) -> int:
         if not batch_rows(part):
