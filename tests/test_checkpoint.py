@@ -326,17 +326,24 @@ def test_a_single_process_checkpoint_of_another_shape_or_other_settings_is_refus
     other_rho = config().model_copy(update={"panacea": config().panacea.model_copy(update={"rho": 0.25})})
     with pytest.raises(CheckpointMismatchError, match=r"other settings \(panacea.rho = 0.5 there, 0.25 here\)"):
         run_stage(other_rho, "finetune", out=lambda line: None, track=False)
+    other_refresh = config().model_copy(update={"panacea": config().panacea.model_copy(update={"refresh_every": 2})})
+    with pytest.raises(CheckpointMismatchError, match=r"panacea.refresh_every = 1 there, 2 here"):
+        run_stage(other_refresh, "finetune", out=lambda line: None, track=False)
 
 
 @pytest.mark.parametrize("defence, stage, settings", [
     ("lisa", "finetune", {"lisa": {"align_steps": 1, "finetune_steps": 2, "warmup_ratio": 0.2}}),
     ("repnoise", "align", {"repnoise": {"alpha": 0.1, "beta": 0.5}}),
+    # Refreshes at steps 1 and 4: resumed at step 4, its step 5 reuses the kept H, eps and h(w).
+    ("panacea", "finetune",
+     {"panacea": {"rho": 0.5, "lambda": 0.1, "harmful_loss_clamp": 100.0, "refresh_every": 3}}),
 ])
 def test_a_baseline_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_ends(
     tiny_llama, placeholder_harmful_file, tmp_path, defence, stage, settings
 ):
-    """Lisa's anchors and RepNoise's per-step noise are part of the state a checkpoint keeps: killed after
-    step 5 and run again from step 4, each ends bit for bit where an uninterrupted run ends."""
+    """Lisa's anchors, RepNoise's per-step noise and an amortised Panacea's kept H and eps are part of the state
+    a checkpoint keeps: killed after step 5 and run again from step 4, each ends bit for bit where an
+    uninterrupted run ends."""
     from crash_hooks import InjectedCrash, crashing
     from panacea_platform.algorithms import DEFENCES
     from panacea_platform.training.loop import run_stage

@@ -307,11 +307,15 @@ def test_bench_step_reports_both_steps_and_ratios(tiny_run_config):
     from panacea_platform.diagnostics.bench_step import bench_step
 
     lines = []
-    result = bench_step(tiny_run_config(), warmup=1, repeats=2, out=lines.append)
+    result = bench_step(tiny_run_config(), warmup=1, repeats=2, out=lines.append, refresh_every=(2, 4))
     assert result["sft_step_s"] > 0 and result["panacea_step_s"] > 0
     assert result["time_ratio"] == pytest.approx(result["panacea_step_s"] / result["sft_step_s"])
     assert result["panacea_peak_extra_mb"] > 0 and result["trainable_mb"] > 0
     assert any("time ratio panacea/sft" in line for line in lines)
+    for k in (2, 4):  # the amortised step's cost, as a ratio to SFT's
+        ratio = result[f"panacea_k{k}_step_s"] / result["sft_step_s"]
+        assert result[f"panacea_k{k}_time_ratio"] == pytest.approx(ratio)
+        assert any(f"panacea refresh_every={k}:" in line for line in lines)
 
 
 def test_bench_step_times_each_baselines_step_as_a_ratio_to_sft(tiny_run_config):

@@ -247,6 +247,31 @@ def test_backend_protocol_matches_torch_weights_on_one_rank(one_rank_group, tiny
         ds.engine.destroy()
 
 
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_an_amortised_panacea_step_under_zero_matches_one_process(one_rank_group, tiny_llama, zero_stage, monkeypatch):
+    """panacea.refresh_every = 2 on a DeepSpeed engine: the kept H and eps live outside the engine, and the
+    four steps (refresh, kept, refresh, kept) end at the single process's weights and eps."""
+    from panacea_platform.algorithms.defences import Panacea
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    ds, ref = _backends(tiny_llama, zero_stage)
+    try:
+        runs = []
+        for weights in (ds, ref):
+            defence = Panacea(rho=0.5, lam=0.1, harmful_loss_clamp=100.0, refresh_every=2)
+            metrics = [defence.step(weights, _token_batch(1), {"harmful": _token_batch(2)}) for _ in range(4)]
+            runs.append((metrics, defence.last_eps))
+        (ds_metrics, ds_eps), (ref_metrics, ref_eps) = runs
+        assert [m["harmful_refreshed"] for m in ds_metrics] == [1.0, 0.0, 1.0, 0.0]
+        for got, want in zip(ds_metrics, ref_metrics):
+            assert got == pytest.approx(want, rel=1e-5)
+        _close(ds_eps, ref_eps, atol=1e-5)
+        with ds.full_weights() as w:  # the tolerances of the plain step's equivalence test below
+            _close(w, [p.detach() for p in ref.params], atol=5e-4 if zero_stage == 3 else 1e-5)
+    finally:
+        ds.engine.destroy()
+
+
 def test_bf16_compute_on_a_zero0_engine_matches_torch_weights_and_keeps_fp32_gradients(
     one_rank_group, tiny_llama, monkeypatch, tiny_run_config
 ):

@@ -189,11 +189,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from panacea_platform.config import ConfigError
     from panacea_platform.diagnostics.bench_step import bench_step
 
     config = _load(args)
+    try:
+        intervals = tuple(int(k) for k in args.refresh_every.split(",") if k.strip())
+    except ValueError:
+        raise ConfigError(f"--refresh-every {args.refresh_every!r}: expected a comma list of integers, "
+                          "e.g. 2,4") from None
+    if any(k < 1 for k in intervals):
+        raise ConfigError(f"--refresh-every {args.refresh_every!r}: each interval must be >= 1")
     result = bench_step(config, warmup=args.warmup, repeats=args.repeats, baselines=args.baselines,
-                        zero_stage=args.zero_stage)
+                        zero_stage=args.zero_stage, refresh_every=intervals)
     return 0 if result["panacea_state_within_bound"] else 1  # a memory regression fails the command
 
 
@@ -454,6 +462,8 @@ def _add_bench(sub: Any) -> None:
     step.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported (default 5)")
     step.add_argument("--baselines", action="store_true",
                       help="also time a step of Vaccine, RepNoise, Booster and Lisa, as ratios to SFT's")
+    step.add_argument("--refresh-every", default="", metavar="K,K",
+                      help="also time the amortised Panacea step at these panacea.refresh_every values, e.g. 2,4")
     step.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
                       help="run every step on a one-rank DeepSpeed engine at this ZeRO stage "
                       "(default: in this process)")

@@ -143,6 +143,20 @@ def _defence_stages(config: RunConfig) -> str | None:
     return None
 
 
+def _refresh_interval(config: RunConfig) -> str | None:
+    """panacea.refresh_every amortises Panacea's own step: refused for a defence without it."""
+    from panacea_platform.algorithms import DEFENCES
+    from panacea_platform.algorithms.defences import Panacea
+
+    if config.panacea.refresh_every == 1:
+        return None
+    builder = getattr(DEFENCES.get(config.defence), "build", None)
+    if getattr(builder, "__func__", None) is not Panacea.build.__func__:
+        return (f"panacea.refresh_every = {config.panacea.refresh_every}: defence {config.defence!r} does not take "
+                "Panacea's step, so it has no eps to refresh (it applies to defence panacea); leave it at 1")
+    return None
+
+
 def _model_name(config: RunConfig) -> str | None:
     from panacea_platform.models import check_model_name
 
@@ -161,5 +175,5 @@ def _storage(config: RunConfig) -> str | None:
 # In the order a reader fixes them: names first, then what they draw and how they run.
 _CHECKS: tuple[Callable[[RunConfig], str | None], ...] = (
     _registered_names, _template, _suites, _task_rule, _fine_tuning_length, _data_counts, _accumulation,
-    _defence_stages, _model_name, _storage,
+    _defence_stages, _refresh_interval, _model_name, _storage,
 )

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from panacea_platform.algorithms.convention_config import FineTuneConvention
 from panacea_platform.algorithms.interface import Objective, Tensors, TrainableWeights
-from panacea_platform.algorithms.panacea import panacea_step
+from panacea_platform.algorithms.panacea import HarmfulDirection, panacea_step
 from panacea_platform.algorithms.random_perturbation import gaussian_perturbation
 from panacea_platform.algorithms.sft import sft_step
 
@@ -146,25 +146,34 @@ class Panacea(Defence):
     stages = (FINETUNE, POST_FINETUNE)
     needs = {FINETUNE: ("harmful",)}
 
-    def __init__(self, rho: float, lam: float, harmful_loss_clamp: float) -> None:
+    def __init__(self, rho: float, lam: float, harmful_loss_clamp: float, refresh_every: int = 1) -> None:
         super().__init__()
         self.rho, self.lam, self.harmful_loss_clamp = rho, lam, harmful_loss_clamp
+        self.refresh_every = refresh_every
         self.last_eps: Tensors | None = None
+        self.kept: HarmfulDirection | None = None  # H and eps of the last refresh (refresh_every > 1)
+        self.steps_done = 0
         self.harmful_objective: Objective | None = None  # None: the run's loss (a variant brings its own)
 
     def step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
         if not self.acts_at(FINETUNE):
             return _plain(weights, batch)
+        refresh = self.kept is None or self.steps_done % self.refresh_every == 0
         result = panacea_step(weights, batch, extra["harmful"], self.rho, self.lam, self.harmful_loss_clamp,
-                              harmful_objective=self.harmful_objective)
+                              harmful_objective=self.harmful_objective, kept=None if refresh else self.kept)
         self.last_eps = result.eps
-        return {
+        self.steps_done += 1
+        metrics = {
             "task_loss": result.task_loss,
             "harmful_loss": result.harmful_loss,
             "harmful_loss_perturbed": result.harmful_loss_perturbed,
             "eps_norm": result.eps_norm,
             "update_norm": result.update_norm,
         }
+        if self.refresh_every > 1:
+            self.kept = result.harmful
+            metrics["harmful_refreshed"] = float(refresh)  # 0: H, eps and h(w) are the last refresh's
+        return metrics
 
     def final_perturbation(self, weights: TrainableWeights) -> Tensors | None:
         if not self.acts_at(POST_FINETUNE):
@@ -174,15 +183,26 @@ class Panacea(Defence):
         return self.last_eps
 
     def checkpoint_tensors(self) -> Tensors | None:
-        return self.last_eps
+        if self.refresh_every == 1 or self.kept is None:
+            return self.last_eps
+        import torch
+
+        # A resume mid-interval reuses all three: eps, H and h(w), which the kept steps report.
+        return [*self.kept.eps, *self.kept.grad, torch.tensor(self.kept.loss, dtype=torch.float64)]
 
     def restore_tensors(self, tensors: Tensors, step: int) -> None:
-        self.last_eps = tensors or None
+        self.steps_done = step
+        if self.refresh_every == 1 or not tensors:
+            self.last_eps = tensors or None
+            return
+        half = (len(tensors) - 1) // 2
+        self.kept = HarmfulDirection(tensors[-1].item(), list(tensors[half:-1]), list(tensors[:half]))
+        self.last_eps = self.kept.eps
 
     @classmethod
     def build(cls, config: "RunConfig") -> "Panacea":
         p = config.panacea
-        return cls(rho=p.rho, lam=p.lam, harmful_loss_clamp=p.harmful_loss_clamp)
+        return cls(rho=p.rho, lam=p.lam, harmful_loss_clamp=p.harmful_loss_clamp, refresh_every=p.refresh_every)
 
 
 def stage_defence(config: "RunConfig", stage: str) -> Defence:

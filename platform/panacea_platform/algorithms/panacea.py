@@ -15,6 +15,15 @@ NORM_EPSILON = 1e-7
 
 
 @dataclass
+class HarmfulDirection:
+    """h(w), its gradient H and eps = rho H / ||H|| at one w: what an amortised step keeps between refreshes."""
+
+    loss: float
+    grad: Tensors
+    eps: Tensors
+
+
+@dataclass
 class PanaceaStepResult:
     task_loss: float
     harmful_loss: float
@@ -22,6 +31,14 @@ class PanaceaStepResult:
     eps: Tensors
     eps_norm: float
     update_norm: float
+    harmful: HarmfulDirection | None = None
+
+
+def harmful_direction(weights: TrainableWeights, harmful_batch: Any, rho: float,
+                      harmful_objective: Objective | None = None) -> HarmfulDirection:
+    loss, grad = weights.loss_and_gradient(harmful_batch, objective=harmful_objective)
+    scale = rho / (global_norm(grad).item() + NORM_EPSILON)
+    return HarmfulDirection(loss, grad, [scale * h for h in grad])
 
 
 def panacea_step(
@@ -32,13 +49,14 @@ def panacea_step(
     lam: float,
     harmful_loss_clamp: float = 5.0,
     harmful_objective: Objective | None = None,
+    kept: HarmfulDirection | None = None,
 ) -> PanaceaStepResult:
-    """One step; `harmful_objective` replaces the run's loss in both harmful passes (h at w and at w + eps)."""
+    """One step; `harmful_objective` replaces the run's loss in both harmful passes (h at w and at w + eps).
+    With `kept` (an amortised step between refreshes) H and eps are those of an earlier w, and the pass
+    that would compute them is skipped."""
     task_loss, task_grad = weights.loss_and_gradient(finetune_batch)
-    harmful_loss, harmful_grad = weights.loss_and_gradient(harmful_batch, objective=harmful_objective)
-
-    scale = rho / (global_norm(harmful_grad).item() + NORM_EPSILON)
-    eps = [scale * h for h in harmful_grad]
+    harmful = kept if kept is not None else harmful_direction(weights, harmful_batch, rho, harmful_objective)
+    harmful_loss, harmful_grad, eps = harmful.loss, harmful.grad, harmful.eps
 
     # A harmful loss above the clamp contributes no gradient: once the perturbed
     # model is bad enough at harmful answers, stop pushing.
@@ -56,4 +74,5 @@ def panacea_step(
         eps=eps,
         eps_norm=global_norm(eps).item(),
         update_norm=update_norm,
+        harmful=harmful,
     )

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from panacea_platform.config import RunConfig
+from panacea_platform.config import RunConfig, with_changes
 
 
 @dataclass
@@ -115,20 +115,31 @@ def registered_step(config: RunConfig, name: str, weights, batch, harmful, steps
     return lambda: step(weights, batch, extra)
 
 
-def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print,
-               baselines: bool = False, zero_stage: int | None = None) -> dict[str, float]:
+def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print, baselines: bool = False,
+               zero_stage: int | None = None, refresh_every: tuple[int, ...] = ()) -> dict[str, float]:
     """Every step on the same weights and batches: in this process (`zero_stage` None), or on a one-rank
-    DeepSpeed engine at that ZeRO stage, as Ray Train's workers run it."""
+    DeepSpeed engine at that ZeRO stage, as Ray Train's workers run it. Each k of `refresh_every` also
+    times the amortised Panacea step (panacea.refresh_every = k) as a mean over whole intervals."""
     if zero_stage is None:
-        return _bench(config, warmup, repeats, out, baselines, None)
+        return _bench(config, warmup, repeats, out, baselines, None, refresh_every)
     from panacea_platform.training.strategy.deepspeed import single_rank_group
 
     with single_rank_group(use_gpu=torch.cuda.is_available()):
-        return _bench(config, warmup, repeats, out, baselines, zero_stage)
+        return _bench(config, warmup, repeats, out, baselines, zero_stage, refresh_every)
 
 
-def _bench(config: RunConfig, warmup: int, repeats: int, out, baselines: bool,
-           zero_stage: int | None) -> dict[str, float]:
+def mean_step_s(step: Callable[[], object], warmup: int, steps: int) -> float:
+    """Mean wall time of `steps` calls after `warmup`: an amortised step's cost differs from step to step."""
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def _bench(config: RunConfig, warmup: int, repeats: int, out, baselines: bool, zero_stage: int | None,
+           refresh_every: tuple[int, ...]) -> dict[str, float]:
     from panacea_platform.data.collate import collate, tokenize_example
     from panacea_platform.models import load_tokenizer
     from panacea_platform.training.loop import seed_everything
@@ -166,8 +177,16 @@ def _bench(config: RunConfig, warmup: int, repeats: int, out, baselines: bool,
     passes = {name: peak_tensor_memory_mb(lambda b=b: weights.loss_and_gradient(b))
               for name, b in (("task", finetune_batch), ("harmful", harmful_batch))}
     others = [timed(name) for name in (BASELINES if baselines else ())]
+    amortised = {}
+    for k in refresh_every:
+        changed = with_changes(config, {"panacea.refresh_every": k})
+        # Whole intervals, started on a refresh: the mean is the cost per step a run of that k pays.
+        step = registered_step(changed, "panacea", weights, finetune_batch, harmful_batch, k * (1 + repeats))
+        amortised[f"panacea_k{k}_step_s"] = mean_step_s(step, k, k * repeats)
+        amortised[f"panacea_k{k}_time_ratio"] = amortised[f"panacea_k{k}_step_s"] / sft.median_s
     own_state_mb = panacea.peak_extra_mb - max(passes.values())
     result = {
+        **amortised,
         "task_pass_peak_mb": passes["task"],
         "harmful_pass_peak_mb": passes["harmful"],
         "panacea_state_copies": own_state_mb / trainable_mb,
@@ -227,10 +246,15 @@ def _print_steps(sft, panacea, others, result: dict[str, float], out) -> None:
         out(f"{timing.name:<20}{timing.median_s:>12.3f}{timing.peak_extra_mb:>16.1f}")
     for timing in others:
         out(f"time ratio {timing.name}/sft: {timing.median_s / sft.median_s:.2f}")
+    for key in sorted(k for k in result if k.startswith("panacea_k") and k.endswith("_step_s")):
+        k = key[len("panacea_k"):-len("_step_s")]
+        out(f"panacea refresh_every={k}: {result[key]:.3f} s a step (mean over whole intervals), "
+            f"time ratio to sft {result[f'panacea_k{k}_time_ratio']:.2f}")
     out(f"time ratio panacea/sft: {result['time_ratio']:.2f} (floor 3.0, target <= 3.1)")
     out(f"memory beyond SFT: {result['extra_memory_in_trainable_copies']:.1f} copies of the trainable weights")
     out(f"one pass: task batch {result['task_pass_peak_mb']:.1f} MB, harmful batch "
-        f"{result['harmful_pass_peak_mb']:.1f} MB (the loss keeps logits at answer positions: longer answers cost more)")
+        f"{result['harmful_pass_peak_mb']:.1f} MB (the loss keeps logits at answer positions: longer answers "
+        "cost more)")
     verdict = "within" if result["panacea_state_within_bound"] else "OVER"
     out(f"Panacea's own state beyond its costliest pass: {result['panacea_state_copies']:.2f} copies of the "
         f"trainable weights ({verdict} the bound of {STATE_BOUND_COPIES:g}: G, H, eps, saved w)")
