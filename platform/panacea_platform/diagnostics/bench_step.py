@@ -20,7 +20,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -92,8 +92,8 @@ def time_step(name: str, step: Callable[[], None], warmup: int, repeats: int) ->
 
 
 STATE_BOUND_COPIES = 4.0  # G, H, eps and the saved w, held through the third pass
-# Scalars, index tensors and the allocator's rounding add a few KB: a bound in MB, not a bit-exact one.
-STATE_TOLERANCE_MB = 0.5
+# Scalars and index tensors add a few bytes: the bound allows a twentieth of a copy (measured: 4.00 exactly).
+STATE_TOLERANCE_COPIES = 0.05
 
 BASELINES = ("panacea_end_masked", "vaccine", "repnoise", "booster", "lisa")  # those that step (Antidote prunes once)
 
@@ -139,8 +139,9 @@ def mean_step_s(step: Callable[[], object], warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def _bench(config: RunConfig, warmup: int, repeats: int, out, baselines: bool, zero_stage: int | None,
-           refresh_every: tuple[int, ...]) -> dict[str, float]:
+def _bench_batches(config: RunConfig) -> tuple[Any, Any]:
+    """The job's first fine-tuning batch and first harmful batch, both padded to max_length: every pass
+    then costs the same, so the ratio shows the step's overhead beyond its three passes."""
     from panacea_platform.data.collate import collate, tokenize_example
     from panacea_platform.models import load_tokenizer
     from panacea_platform.training.loop import seed_everything
@@ -149,24 +150,38 @@ def _bench(config: RunConfig, warmup: int, repeats: int, out, baselines: bool, z
     seed_everything(config.seed)
     data = prepare_data(config, "finetune")
     tokenizer = load_tokenizer(config.model)
-    optim = config.optim
 
     def first_batch(examples, size):
         features = [
             tokenize_example(tokenizer, config.data.prompt_template, e, config.data.max_length) for e in examples[:size]
         ]
-        # Both batches padded to max_length: every pass then costs the same, so the
-        # ratio shows the step's overhead beyond its three passes.
         return collate(features, tokenizer.pad_token_id, pad_to=config.data.max_length)
 
-    finetune_batch = first_batch(data.train, optim.batch_size)
-    harmful_batch = first_batch(data.defender_harmful, optim.harmful_batch_size)
+    return (first_batch(data.train, config.optim.batch_size),
+            first_batch(data.defender_harmful, config.optim.harmful_batch_size))
+
+
+def _amortised(config: RunConfig, weights, batch, harmful, refresh_every: tuple[int, ...], repeats: int,
+               sft_s: float) -> dict[str, float]:
+    """Each k's cost per step, as a mean over whole intervals started on a refresh: what a run of that k pays."""
+    costs = {}
+    for k in refresh_every:
+        changed = with_changes(config, {"panacea.refresh_every": k})
+        step = registered_step(changed, "panacea", weights, batch, harmful, k * (1 + repeats))
+        costs[f"panacea_k{k}_step_s"] = mean_step_s(step, k, k * repeats)
+        costs[f"panacea_k{k}_time_ratio"] = costs[f"panacea_k{k}_step_s"] / sft_s
+    return costs
+
+
+def _bench(config: RunConfig, warmup: int, repeats: int, out, baselines: bool, zero_stage: int | None,
+           refresh_every: tuple[int, ...]) -> dict[str, float]:
+    optim = config.optim
+    finetune_batch, harmful_batch = _bench_batches(config)
     weights, trainable_mb = (_bench_weights(config, total=warmup + repeats) if zero_stage is None
                              else _deepspeed_weights(config, zero_stage, total=warmup + repeats))
     backend = "this process" if zero_stage is None else f"DeepSpeed ZeRO-{zero_stage}, one rank"
     out(f"benchmarking on {config.model.name} ({backend}): batch {optim.batch_size}, "
-        f"harmful batch {optim.harmful_batch_size}, "
-        f"both padded to {config.data.max_length} tokens, "
+        f"harmful batch {optim.harmful_batch_size}, both padded to {config.data.max_length} tokens, "
         f"{warmup} warm-up + {repeats} timed steps each, {trainable_mb:.2f} MB of trainable weights")
     total = warmup + repeats
 
@@ -180,20 +195,15 @@ def _bench(config: RunConfig, warmup: int, repeats: int, out, baselines: bool, z
     passes = {name: peak_tensor_memory_mb(registered_step(config, "sft", weights, b, harmful_batch, total))
               for name, b in (("task", finetune_batch), ("harmful", harmful_batch))}
     others = [timed(name) for name in (BASELINES if baselines else ())]
-    amortised = {}
-    for k in refresh_every:
-        changed = with_changes(config, {"panacea.refresh_every": k})
-        # Whole intervals, started on a refresh: the mean is the cost per step a run of that k pays.
-        step = registered_step(changed, "panacea", weights, finetune_batch, harmful_batch, k * (1 + repeats))
-        amortised[f"panacea_k{k}_step_s"] = mean_step_s(step, k, k * repeats)
-        amortised[f"panacea_k{k}_time_ratio"] = amortised[f"panacea_k{k}_step_s"] / sft.median_s
+    amortised = _amortised(config, weights, finetune_batch, harmful_batch, refresh_every, repeats, sft.median_s)
     own_state_mb = panacea.peak_extra_mb - max(passes.values())
+    bound_mb = (STATE_BOUND_COPIES + STATE_TOLERANCE_COPIES) * trainable_mb
     result = {
         **amortised,
         "sft_task_batch_peak_mb": passes["task"],
         "sft_harmful_batch_peak_mb": passes["harmful"],
         "panacea_state_copies": own_state_mb / trainable_mb,
-        "panacea_state_within_bound": float(own_state_mb <= STATE_BOUND_COPIES * trainable_mb + STATE_TOLERANCE_MB),
+        "panacea_state_within_bound": float(own_state_mb <= bound_mb),
         **{f"{t.name}_step_s": t.median_s for t in others},
         **{f"{t.name}_time_ratio": t.median_s / sft.median_s for t in others},
         "sft_step_s": sft.median_s,
