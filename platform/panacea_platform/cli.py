@@ -421,6 +421,8 @@ def _add_tracking_server(sub: Any) -> None:
 
 
 def _add_team(sub: Any) -> None:
+    from panacea_platform.team_server.auth import GRANTABLE  # a light module: --help stays instant
+
     team = sub.add_parser("team", help="team members on the tracking server: add one, grant READ/EDIT/MANAGE")
     actions = team.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = actions.add_parser("add-member", help="create a user with a generated password, written to a credentials "
@@ -432,7 +434,7 @@ def _add_team(sub: Any) -> None:
         parser.add_argument("username")
         parser.add_argument("--experiment", required=required, default=None, help="the experiment's name")
         parser.add_argument("--permission", required=required, default=None,
-                            choices=("READ", "EDIT", "MANAGE", "NO_PERMISSIONS"), help="what they may do there")
+                            choices=GRANTABLE, help="what they may do there")
         parser.add_argument("--tracking-uri", default=None, help="the team server (default $MLFLOW_TRACKING_URI)")
     team.set_defaults(func=cmd_team)
 

@@ -9,16 +9,14 @@ mode 0600. Users and passwords live in PostgreSQL beside the runs (database `mlf
 
 from __future__ import annotations
 
-import configparser
-import io
 from pathlib import Path
 
-from panacea_platform.team_server.secret_files import secret_from, write_private
+from panacea_platform.team_server.secret_files import secret_from, write_private_ini
 
 ADMIN_USER = "admin"
 ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
 DEFAULT_PERMISSION = "READ"
-PERMISSIONS = ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")
+GRANTABLE = ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")  # MLflow's permissions on an experiment
 
 
 def auth_server_env(data: Path, auth_database_uri: str, admin_password_file: Path | None) -> tuple[dict[str, str], str]:
@@ -30,13 +28,9 @@ def auth_server_env(data: Path, auth_database_uri: str, admin_password_file: Pat
                                    "the admin password file")
     secret_key, _ = secret_from("MLFLOW_FLASK_SERVER_SECRET_KEY", None, data / "flask-secret-key",
                                 "the server's secret key file")
-    ini = configparser.ConfigParser()
-    ini["mlflow"] = {"default_permission": DEFAULT_PERMISSION, "database_uri": auth_database_uri,
-                     "admin_username": ADMIN_USER,
-                     "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth"}
-    text = io.StringIO()
-    ini.write(text)
-    config = write_private(data / "basic_auth.ini", text.getvalue())
+    config = write_private_ini(data / "basic_auth.ini", "mlflow", {
+        "default_permission": DEFAULT_PERMISSION, "database_uri": auth_database_uri, "admin_username": ADMIN_USER,
+        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth"})
     # MLflow reads the admin password only while its user store is empty: the first start.
     env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), ADMIN_PASSWORD_ENV: password,
            "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key}

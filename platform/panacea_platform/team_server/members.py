@@ -5,15 +5,13 @@ user who manages the experiment), with credentials set as for any command."""
 
 from __future__ import annotations
 
-import configparser
-import io
 from pathlib import Path
 
+from panacea_platform.team_server.auth import GRANTABLE
 from panacea_platform.team_server.credentials import PASSWORD_ENV, USERNAME_ENV
 from panacea_platform.team_server.errors import TrackingServerError
-from panacea_platform.team_server.secret_files import new_secret, write_private
+from panacea_platform.team_server.secret_files import new_secret, write_private_ini
 
-GRANTABLE = ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")
 
 
 def _auth_client(tracking_uri: str):
@@ -39,11 +37,7 @@ def add_member(tracking_uri: str, username: str, credentials_out: Path, experime
         _auth_client(tracking_uri).create_user(username, password)
     except MlflowException as exc:
         raise TrackingServerError(f"could not add {username!r}: {exc.message}") from None
-    ini = configparser.ConfigParser()
-    ini["mlflow"] = {USERNAME_ENV.lower(): username, PASSWORD_ENV.lower(): password}
-    text = io.StringIO()
-    ini.write(text)
-    write_private(credentials_out, text.getvalue())
+    write_private_ini(credentials_out, "mlflow", {USERNAME_ENV.lower(): username, PASSWORD_ENV.lower(): password})
     if experiment is not None:
         grant(tracking_uri, username, experiment, permission)
     return credentials_out

@@ -3,6 +3,8 @@ A file others can read is refused, not used: whoever could read it could act as 
 
 from __future__ import annotations
 
+import configparser
+import io
 import os
 import secrets
 import stat
@@ -24,6 +26,15 @@ def write_private(path: Path, text: str) -> Path:
         handle.write(text)
     path.chmod(0o600)  # an existing file keeps its mode through os.open
     return path
+
+
+def write_private_ini(path: Path, section: str, values: dict[str, str]) -> Path:
+    """An ini file of one section (MLflow's credentials and auth-config format), mode 0600."""
+    ini = configparser.ConfigParser()
+    ini[section] = values
+    text = io.StringIO()
+    ini.write(text)
+    return write_private(path, text.getvalue())
 
 
 def others_can_read(path: Path) -> bool:
