@@ -541,6 +541,57 @@ def test_bench_eval_runs_both_ways_with_identical_answers(ray_session, tiny_run_
     assert re.search(r"speed-up: \d+\.\dx after start-up", printed)
 
 
+def test_bench_eval_decoder_dtypes_prints_ratios_agreement_and_headlines(ray_session, tiny_run_config, tmp_path,
+                                                                         capsys):
+    from panacea_platform.cli import main
+
+    job = _job_file(
+        tiny_run_config(evaluation={"judge": "refusal", "max_new_tokens": 5, "generation_batch_size": 4}),
+        tmp_path / "job.yaml",
+    )
+    # The bench itself refuses a run whose actors decoded in another dtype than asked.
+    assert main(["bench", "eval", "-c", str(job), "--prompts", "7", "--decoder-dtypes", "float32,bfloat16"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"float32\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+\s+1\.00x\s+7/7", printed)
+    assert re.search(r"bfloat16\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+x\s+\d/7", printed)
+    assert re.search(r"bfloat16 \w+: \d/\d answers identical; headline (within|OUTSIDE) float32's interval", printed)
+    assert "decoder bfloat16" in printed and "decoder float32" in printed
+
+    for bad in ("float32", "float32,float32", "float32,float16"):
+        assert main(["bench", "eval", "-c", str(job), "--decoder-dtypes", bad]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "--decoder-dtypes" in error
+
+
+def test_a_bfloat16_decoder_merges_the_adapter_then_casts_once(tiny_llama):
+    """Merged before rounding: each weight is round(W + B A s), bit for bit, not round(W) + round(B A s)."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from panacea_platform.evaluation.pipeline import as_decoder_dtype
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).eval()
+    assert as_decoder_dtype(model, None) is model and as_decoder_dtype(model, "float32") is model
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    expected = (layer.base_layer.weight + layer.get_delta_weight("default")).detach().to(torch.bfloat16)
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        reference = model(ids).logits
+    decoder = as_decoder_dtype(copy.deepcopy(model), "bfloat16")
+    assert not any("lora" in name for name, _ in decoder.named_parameters())
+    assert {p.dtype for p in decoder.parameters()} == {torch.bfloat16}
+    assert torch.equal(decoder.model.layers[0].self_attn.q_proj.weight, expected)
+    with torch.no_grad():
+        logits = decoder(ids).logits.float()
+    # bfloat16 keeps 8 bits of mantissa: logits within a few hundredths of the float32 ones' scale.
+    assert (logits - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
 def test_balanced_order_deals_long_and_short_prompts_evenly_into_full_batches():
     from panacea_platform.evaluation.generation import balanced_order
 

@@ -238,6 +238,11 @@ def cmd_bench_eval(args: argparse.Namespace) -> int:
     from panacea_platform.evaluation.evaluate import preset_overrides
 
     config = _load(args, preset_overrides(args.preset))
+    if args.decoder_dtypes:
+        from panacea_platform.diagnostics.bench_decoder import bench_decoder_dtypes, parse_dtypes
+
+        bench_decoder_dtypes(config, parse_dtypes(args.decoder_dtypes), args.prompts, args.adapter)
+        return 0
     result = bench_eval(config, args.prompts, args.adapter, loop_threads=args.loop_threads)
     # Different greedy answers mean the pipeline is wrong, however fast it is.
     return 1 if result.mismatches else 0
@@ -478,6 +483,11 @@ def _add_bench(sub: Any) -> None:
     bench_eval.add_argument("--prompts", type=int, default=None, help="evaluate the first N prompts (default: all)")
     bench_eval.add_argument(
         "--loop-threads", type=int, default=None, help="torch threads of the one-at-a-time loop (default: torch's)"
+    )
+    bench_eval.add_argument(
+        "--decoder-dtypes", default="", metavar="A,B",
+        help="instead of the loop: the pipeline once per decoder dtype (float32, bfloat16), the first the reference: "
+        "speed ratios, identical answers, every suite's headline and its paired difference",
     )
     bench_eval.set_defaults(func=cmd_bench_eval)
     bench_sweep_parser = bench_sub.add_parser(

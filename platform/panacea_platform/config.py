@@ -215,6 +215,11 @@ class EvaluationConfig(Section):
         0.5, gt=0, description="CPUs Ray reserves for each judge actor (a light judge need not hold a whole core "
         "that generation could use).",
     )
+    decoder_dtype: Literal["float32", "bfloat16"] | None = Field(
+        None, description="dtype the generation actors decode in; null = model.dtype, as loaded. Another dtype merges "
+        "the adapter (and eps) into the base weights in the loaded dtype, then casts the merged model once. bfloat16 "
+        "against float32 on the main job: docs/benchmarks.md (`panacea bench eval --decoder-dtypes float32,bfloat16`).",
+    )
     torch_threads_per_actor: int | None = Field(
         None, ge=1, description="torch threads in each generation actor; null = cpus_per_actor rounded (at least 1).",
     )

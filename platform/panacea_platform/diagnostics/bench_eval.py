@@ -74,7 +74,7 @@ def _loop(config: "RunConfig", prompts, adapter: str | Path | None) -> Side:
 
     start = time.monotonic()
     tokenizer = load_tokenizer(config.model)
-    model = load_eval_model(config.model, adapter)
+    model = load_eval_model(config.model, adapter, decoder_dtype=config.evaluation.decoder_dtype)
     judges = {name: build_judge(config.evaluation, name) for name in {p.judge for p in prompts} | {"refusal"} if name}
     loaded = time.monotonic()
     answers, tokens = [], 0
@@ -92,6 +92,22 @@ def _loop(config: "RunConfig", prompts, adapter: str | Path | None) -> Side:
     return Side(done - loaded, done - start, answers, tokens)
 
 
+def _bench_prompts(config: "RunConfig", n_prompts: int | None):
+    """The run's evaluation prompts (harmful first, then task), the first `n_prompts` of them."""
+    from panacea_platform.config import ConfigError
+    from panacea_platform.evaluation.pipeline import evaluation_prompts
+
+    prompts = evaluation_prompts(config)
+    if n_prompts is not None:
+        if n_prompts < 1 or n_prompts > len(prompts):
+            raise ConfigError(
+                f"--prompts {n_prompts}: expected 1..{len(prompts)} (the run's evaluation suites' prompts, in suite "
+                "order; add suites or raise their sizes for more)"
+            )
+        prompts = prompts[:n_prompts]
+    return prompts
+
+
 def bench_eval(
     config: "RunConfig",
     n_prompts: int | None = None,
@@ -103,20 +119,12 @@ def bench_eval(
     import torch
 
     from panacea_platform.algorithms.convention import with_convention
-    from panacea_platform.config import ConfigError
-    from panacea_platform.evaluation.pipeline import check_adapter, evaluation_prompts, run_pipeline
+    from panacea_platform.evaluation.pipeline import check_adapter, run_pipeline
     from panacea_platform.ray_instance import connect_ray
 
     config = with_convention(config)
     check_adapter(config.model, adapter, None)
-    prompts = evaluation_prompts(config)
-    if n_prompts is not None:
-        if n_prompts < 1 or n_prompts > len(prompts):
-            raise ConfigError(
-                f"--prompts {n_prompts}: expected 1..{len(prompts)} (the run's evaluation suites' prompts, in suite "
-                "order; add suites or raise their sizes for more)"
-            )
-        prompts = prompts[:n_prompts]
+    prompts = _bench_prompts(config, n_prompts)
     connect_ray()  # outside both timings
     budgets = sorted({p.budget for p in prompts})
     out(f"[bench eval] {len(prompts)} prompts, max_new_tokens {', '.join(map(str, budgets))}; pipeline first, then "

@@ -120,7 +120,7 @@ def evaluate_model(
     result = EvalResult(
         suites=aggregate(records, sources, config.evaluation.threshold, identities),
         identity={"judges": ",".join(sorted(identities)), "prompt_template": config.data.prompt_template,
-                  "suites": ",".join(sources)},
+                  "suites": ",".join(sources), "decoder_dtype": ",".join(sorted({row["decoder_dtype"] for row in run.rows}))},
     )
     generated = sum(int(row["new_tokens"]) for row in run.rows)
     result.timings = {

@@ -147,7 +147,8 @@ def check_adapter(model_config: "ModelConfig", adapter: str | Path | None, pertu
         )
 
 
-def load_eval_model(model_config: "ModelConfig", adapter: str | Path | None, perturbation: str | Path | None = None):
+def load_eval_model(model_config: "ModelConfig", adapter: str | Path | None, perturbation: str | Path | None = None,
+                    decoder_dtype: str | None = None):
     """Base model (adapter None) or base + adapter (+ eps), in eval mode; a shape mismatch is a clear error."""
     import torch
 
@@ -167,7 +168,27 @@ def load_eval_model(model_config: "ModelConfig", adapter: str | Path | None, per
                     "model the adapter was trained on"
                 ) from None
             raise
+    model = as_decoder_dtype(model, decoder_dtype)
     return model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def as_decoder_dtype(model: Any, decoder_dtype: str | None) -> Any:
+    """The model to decode with, in `decoder_dtype`; None, or the dtype it was loaded in, leaves it as loaded.
+
+    Another dtype merges the LoRA (and the eps already added to it) into the base weights first, in
+    their loaded dtype, and casts once: B A and eps, each small beside W, are added before rounding
+    to bfloat16's 8 bits of mantissa rather than lost to it, and the decode runs no LoRA side path.
+    """
+    import torch
+
+    if decoder_dtype is None:
+        return model
+    target = {"float32": torch.float32, "bfloat16": torch.bfloat16}[decoder_dtype]
+    if next(model.parameters()).dtype == target:
+        return model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model.to(dtype=target)
 
 
 # ----------------------------------------------------------------------------- actors
@@ -191,7 +212,7 @@ class GeneratorActor:
     row within its own suite's budget."""
 
     def __init__(self, model_config: dict, adapter: str | None, perturbation: str | None,
-                 torch_threads: int, max_batch_tokens: int | None = None) -> None:
+                 torch_threads: int, max_batch_tokens: int | None = None, decoder_dtype: str | None = None) -> None:
         import torch
 
         from panacea_platform.config import ModelConfig
@@ -201,7 +222,8 @@ class GeneratorActor:
         _quiet_transformers()
         config = ModelConfig.model_validate(model_config)
         self.tokenizer = load_tokenizer(config)
-        self.model = load_eval_model(config, adapter, perturbation)
+        self.model = load_eval_model(config, adapter, perturbation, decoder_dtype)
+        self.decoded_in = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.max_batch_tokens = max_batch_tokens
         self.ready_at = time.time()
 
@@ -220,6 +242,7 @@ class GeneratorActor:
             "answer": np.array([a.text for a in answers], dtype=object),
             "truncated": np.array([a.truncated for a in answers], dtype=bool),
             "new_tokens": np.array([a.new_tokens for a in answers], dtype=np.int64),
+            "decoder_dtype": np.full(len(answers), self.decoded_in, dtype=object),
             "generator_ready_at": np.full(len(answers), self.ready_at),
             "generation_seconds": np.full(len(answers), time.time() - started),
         }
@@ -395,6 +418,7 @@ def _dataset(config: "RunConfig", ordered: list[EvalPrompt], adapter: str | Path
                 "perturbation": None if perturbation is None else str(Path(perturbation).resolve()),
                 "torch_threads": torch_threads(evaluation),
                 "max_batch_tokens": evaluation.generation_max_batch_tokens,
+                "decoder_dtype": evaluation.decoder_dtype,
             },
             batch_size=evaluation.generation_batch_size,
             batch_format="numpy",
