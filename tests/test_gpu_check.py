@@ -84,7 +84,7 @@ def test_the_platform_modules_the_check_imports_load_neither_mlflow_nor_ray():
     which the check blocks; see gpu_check.block_unwanted_imports)."""
     modules = ["panacea_platform.diagnostics.gpu_check", "panacea_platform.training.strategy.deepspeed",
                "panacea_platform.training.losses", "panacea_platform.training.schedule",
-               "panacea_platform.algorithms.panacea", "panacea_platform.algorithms.sft", "panacea_platform.diagnostics.memory_plan",
+               "panacea_platform.algorithms", "panacea_platform.diagnostics.steps", "panacea_platform.diagnostics.memory_plan",
                "panacea_platform.evaluation.generation", "panacea_platform.config", "panacea_platform.models"]
     code = f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; " \
            "print(sorted(m for m in ('mlflow', 'ray') if m in sys.modules))"

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from panacea_platform.config import RunConfig, with_changes
+from panacea_platform.diagnostics.steps import registered_step
 
 
 @dataclass
@@ -96,24 +97,6 @@ STATE_BOUND_COPIES = 4.0  # G, H, eps and the saved w, held through the third pa
 STATE_TOLERANCE_COPIES = 0.05
 
 BASELINES = ("panacea_end_masked", "vaccine", "repnoise", "booster", "lisa")  # those that step (Antidote prunes once)
-
-
-def registered_step(config: RunConfig, name: str, weights, batch, harmful, steps: int) -> Callable[[], object]:
-    """One step of the registered defence `name` as the training loop runs it (DEFENCES, its own config
-    section), at the stage it trains at, on `batch` and the streams it draws (`harmful`; `batch` again
-    as Lisa's alignment batch). A defence that pairs harmful rows with its batch gets both cut to one size."""
-    from panacea_platform.algorithms import DEFENCES
-    from panacea_platform.algorithms.defences import ALIGN, FINETUNE
-
-    defence = DEFENCES.get(name).build(config)
-    defence.begin(steps)
-    stage = ALIGN if defence.acts_at(ALIGN) else FINETUNE
-    if defence.pairs_harmful_rows:
-        rows = min(batch["input_ids"].shape[0], harmful["input_ids"].shape[0])
-        batch, harmful = ({k: v[:rows] for k, v in b.items()} for b in (batch, harmful))
-    extra = {stream: {"harmful": harmful, "alignment": batch}[stream] for stream in defence.needs_at(stage)}
-    step = defence.align_step if stage == ALIGN else defence.step
-    return lambda: step(weights, batch, extra)
 
 
 def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print, baselines: bool = False,

@@ -246,11 +246,11 @@ def time_steps(step: Callable[[], float], settings: Settings, deadline: float) -
 def measure_training(model, settings: Settings, deadline: float) -> dict[str, Any]:
     import torch
 
-    from panacea_platform.algorithms.panacea import panacea_step
-    from panacea_platform.algorithms.sft import sft_step
-    from panacea_platform.algorithms.panacea_config import PanaceaConfig
+    from panacea_platform.config import RunConfig
+    from panacea_platform.diagnostics.steps import registered_step
 
-    panacea = PanaceaConfig()
+    config = RunConfig()  # each defence's default settings, as the registry builds it
+    panacea = config.panacea
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(settings.seed)
     batch = random_batch(generator, settings.batch, settings.seq_len, vocab, settings.device)
@@ -261,22 +261,23 @@ def measure_training(model, settings: Settings, deadline: float) -> dict[str, An
     try:
         say(f"SFT: {settings.warmup} warm-up + {settings.timed} timed steps, "
             f"batch {settings.batch} x {settings.seq_len} tokens")
-        sft = time_steps(lambda: sft_step(weights, batch).task_loss, settings, deadline)
+        sft_step = registered_step(config, "sft", weights, batch, harmful, settings.warmup + settings.timed)
+        sft = time_steps(lambda: sft_step()["task_loss"], settings, deadline)
         say(f"SFT median {sft.median:.3f} s")
         say(f"Panacea (rho {panacea.rho}, lambda {panacea.lam}, clamp {panacea.harmful_loss_clamp}): same counts")
-        last: list[Any] = []
+        last: list[dict[str, float]] = []
+        panacea_step = registered_step(config, "panacea", weights, batch, harmful, settings.warmup + settings.timed)
 
         def step() -> float:
-            result = panacea_step(weights, batch, harmful, panacea.rho, panacea.lam, panacea.harmful_loss_clamp)
-            last[:] = [result]
-            return result.task_loss
+            last[:] = [panacea_step()]
+            return last[0]["task_loss"]
 
         pan = time_steps(step, settings, deadline)
         # A random model's harmful loss (about ln vocab) is above the clamp: the third pass then gives a zero
         # gradient, but it is computed all the same, so the timing holds.
         r = last[0]
-        say(f"Panacea median {pan.median:.3f} s; last step: task loss {r.task_loss:.3f}, harmful loss "
-            f"{r.harmful_loss:.3f}, at w + eps {r.harmful_loss_perturbed:.3f}, |eps| {r.eps_norm:.3f}")
+        say(f"Panacea median {pan.median:.3f} s; last step: task loss {r['task_loss']:.3f}, harmful loss "
+            f"{r['harmful_loss']:.3f}, at w + eps {r['harmful_loss_perturbed']:.3f}, |eps| {r['eps_norm']:.3f}")
     finally:
         weights.engine.destroy()
     return {"sft": sft, "panacea": pan, "lora_dtypes": lora_dtypes}

@@ -112,8 +112,8 @@ def worst_case_batch(rows: int, seq_len: int, vocab: int, seed: int, device: tor
 
 def check_memory(config: RunConfig, out: Callable[[str], None] = print) -> MemoryCheck:
     """Measure one Panacea step of config.model under ZeRO-2 on one rank and plan the same step."""
-    from panacea_platform.algorithms.panacea import panacea_step
     from panacea_platform.diagnostics.memory_plan import GB, count_model, plan
+    from panacea_platform.diagnostics.steps import registered_step
     from panacea_platform.training.losses import training_loss
     from panacea_platform.training.strategy.deepspeed import (
         DeepSpeedStrategy,
@@ -122,7 +122,7 @@ def check_memory(config: RunConfig, out: Callable[[str], None] = print) -> Memor
     )
 
     use_gpu = torch.cuda.is_available()
-    optim, p = config.optim, config.panacea
+    optim = config.optim
     seq_len = config.data.max_length
     micro_batch = -(-optim.batch_size // optim.grad_accum_steps)
     with single_rank_group(use_gpu):
@@ -140,9 +140,7 @@ def check_memory(config: RunConfig, out: Callable[[str], None] = print) -> Memor
         batch = worst_case_batch(optim.batch_size, seq_len, vocab, config.seed, device)
         harmful = worst_case_batch(optim.batch_size, seq_len, vocab, config.seed + 1, device)
 
-        def step() -> Any:
-            return panacea_step(weights, batch, harmful, p.rho, p.lam, p.harmful_loss_clamp)
-
+        step = registered_step(config, "panacea", weights, batch, harmful, 2)
         out(f"[memory] {config.model.name}: two Panacea steps, the second measured (the optimiser's states "
             "appear at the first)")
         peak_step = step_peak_bytes(step)
