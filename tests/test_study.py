@@ -1,4 +1,4 @@
-"""A study's table (search/study.py) from trials recorded in a real MLflow store: each cell is the rate of the
+"""A study's table (recipes/study.py) from trials recorded in a real MLflow store: each cell is the rate of the
 trial at its (row, column), with its interval; the average is the row's mean; each paired difference is the one
 its trials' samples give. The grid run end to end on the tiny model is in test_sweep.py."""
 
@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from panacea_platform.evaluation.stats import clustered_rate, paired_difference
-from panacea_platform.search.study import STUDY_TAG, StudySpec, study_table
+from panacea_platform.recipes.study import study_table
+from panacea_platform.search.study_config import STUDY_TAG, StudySpec
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The jobs a user runs: the main job (align, attack and defend, evaluate, report) and its comparison
-tables with paired differences. Studies (the paper's tables as grids of runs) are sweeps and live
-beside them (search/study.py); the eps-per-layer analysis is a component every training run publishes
-(analysis.py)."""
+"""The jobs a user runs: the main job (align, attack and defend, evaluate, report), its comparison
+tables with paired differences, and studies' tables (the paper's tables from a sweep's grid of runs;
+the sweep itself, and a study's spec, are search/'s). The eps-per-layer analysis stays a component
+(analysis.py): every training run publishes it, and no component imports a recipe."""

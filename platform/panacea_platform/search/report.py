@@ -245,8 +245,8 @@ def _short(value: Any) -> str:
 
 def study_report(client: Any, parent_run_id: str, trials: list[TrialRow], folder: Path,
                  out: Callable[[str], None]) -> str | None:
-    """A study's tables and plot (search/study.py), printed and logged on the parent run; None for a plain sweep."""
-    from panacea_platform.search.study import format_study, plot_study, read_study
+    """A study's tables and plot (recipes/study.py), printed and logged on the parent run; None for a plain sweep."""
+    from panacea_platform.recipes.study import format_study, plot_study, read_study
 
     study = read_study(client, parent_run_id, trials)
     if study is None:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from panacea_platform.config import ConfigError, RunConfig, read_yaml_mapping, with_changes
 from panacea_platform.config_checks import check_config
-from panacea_platform.search.study import StudySpec, study_problem
+from panacea_platform.search.study_config import StudySpec, study_problem
 
 # Fields the sweep itself sets for each trial; searching them would fight the sweep.
 RESERVED_PREFIXES = ("run_name", "output_dir", "tracking", "scaling")
@@ -187,7 +187,7 @@ class SearchSpace(_Strict):
     resources: Resources = Field(default_factory=Resources)
     max_concurrent_trials: int | None = Field(None, ge=1, description="At most this many trials at once; null = as resources allow.")
     evaluate: bool = Field(True, description="Run the full evaluation (harmful score, accuracy) on each finished trial.")
-    study: StudySpec | None = Field(None, description="Print the trials as one of the paper's tables (search/study.py): "
+    study: StudySpec | None = Field(None, description="Print the trials as one of the paper's tables (recipes/study.py): "
                                     "rows and columns are two grid parameters, e.g. defence x data.harmful_ratio.")
 
     @model_validator(mode="after")

@@ -43,7 +43,7 @@ from panacea_platform.search.plan import (
 )
 from panacea_platform.search.report import SWEEP_TAG, TRIAL_TAG
 from panacea_platform.search.space import SearchSpace, check_against_job, check_trial_scaling, config_with, load_space
-from panacea_platform.search.study import STUDY_TAG, study_tag
+from panacea_platform.search.study_config import STUDY_TAG, study_tag
 from panacea_platform.storage import Storage
 from panacea_platform.tracking import Tracker, code_version, default_tracking_uri, package_versions, runs_page
 
