@@ -21,6 +21,7 @@ Designed expectations:
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import shutil
@@ -98,6 +99,10 @@ def test_a_four_trial_sweep_builds_one_parent_with_four_complete_children(ray_se
     outcome = run_sweep(space, sweep_root / "job.yaml", name="main", out=lines.append, progress_every_s=5)
     wall = time.monotonic() - started
     print(f"4-trial sweep wall time: {wall:.1f}s")
+
+    # Outside a terminal, one line as each trial ends (Tune's table is for a terminal): its counts and the best.
+    ended = [line for line in lines if re.match(r"\[sweep main\] trial \w+ done \| [1-4]/4 done, ", line)]
+    assert len(ended) == 4, lines
 
     client = client_for(sweep_root)
     parent = client.get_run(outcome.parent_run_id)

@@ -20,6 +20,15 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str | None = DEFA
     )
 
 
+def _add_output_args(parser: argparse.ArgumentParser) -> None:
+    """What a command that runs work prints (console.py)."""
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", "-q", action="store_true",
+                       help="one line per stage instead of progress bars (the default when output is not a terminal)")
+    shown.add_argument("--verbose", "-v", action="store_true",
+                       help="library warnings and Ray's own lines here too, not only in OUTPUT_DIR/logs/RUN_NAME.log")
+
+
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder to evaluate (default: the base model)")
     parser.add_argument(
@@ -29,9 +38,13 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace, before: list[str] | None = None):
     """The command's config: its job file, `before` (a preset's overrides), then its own overrides, checked."""
+    from panacea_platform import console
     from panacea_platform.config_checks import load_checked
 
-    return load_checked(args.config, (before or []) + list(args.overrides))
+    config = load_checked(args.config, (before or []) + list(args.overrides))
+    if hasattr(args, "quiet"):  # a command that runs work: the libraries' output goes to the run's log
+        console.open_run_log(config.output_dir, config.run_name)
+    return config
 
 
 def _load_for_work(args: argparse.Namespace):
@@ -357,6 +370,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _add_align(sub: Any) -> None:
     align = sub.add_parser("align", help="safety-align the base model on refusals; writes the aligned adapter")
     _add_config_args(align)
+    _add_output_args(align)
     align.set_defaults(func=cmd_align)
 
 
@@ -365,6 +379,7 @@ def _add_finetune(sub: Any) -> None:
         "finetune", help="fine-tune on a poisoned task set with a defence (sft, random_perturbation, panacea)"
     )
     _add_config_args(finetune)
+    _add_output_args(finetune)
     finetune.set_defaults(func=cmd_finetune)
 
 
@@ -385,6 +400,7 @@ def _add_demo(sub: Any) -> None:
     demo.add_argument("--no-eval", action="store_true", help="skip generation and judging (held-out losses only)")
     demo.add_argument("--report-only", action="store_true",
                       help="train nothing: rebuild the table and plots from the last run's saved rows (e.g. after a sweep)")
+    _add_output_args(demo)
     demo.set_defaults(func=cmd_demo)
 
 
@@ -457,6 +473,7 @@ def _add_plan(sub: Any) -> None:
     memory.add_argument("--measure", action="store_true",
                         help="also measure one Panacea step of the job's model here (ZeRO-2, one rank) and compare "
                         "it with the plan; exit 1 if they differ by more than 25%%")
+    _add_output_args(memory)
     memory.set_defaults(func=cmd_plan)
 
 
@@ -474,6 +491,7 @@ def _add_bench(sub: Any) -> None:
     step.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
                       help="run every step on a one-rank DeepSpeed engine at this ZeRO stage "
                       "(default: in this process)")
+    _add_output_args(step)
     step.set_defaults(func=cmd_bench)
     bench_eval = bench_sub.add_parser(
         "eval", help="evaluation throughput: the Ray Data pipeline against one prompt at a time (same answers)"
@@ -489,6 +507,7 @@ def _add_bench(sub: Any) -> None:
         help="instead of the loop: the pipeline once per decoder dtype (float32, bfloat16), the first the reference: "
         "speed ratios, identical answers, every suite's headline and its paired difference",
     )
+    _add_output_args(bench_eval)
     bench_eval.set_defaults(func=cmd_bench_eval)
     bench_sweep_parser = bench_sub.add_parser(
         "sweep", help="a sweep's overhead: its wall time against the sum of its trials' training time"
@@ -506,6 +525,7 @@ def _add_sweep(sub: Any) -> None:
     sweep.add_argument("--name", default=None, help="sweep name (default: the space file's name); rerun to resume")
     sweep.add_argument("--resume", action="store_true", help="insist on resuming an existing sweep of this name")
     sweep.add_argument("--retry-errored", action="store_true", help="on resume, run failed trials again (from their last checkpoint, if they wrote one)")
+    _add_output_args(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
 
@@ -536,6 +556,7 @@ def _add_evaluate(sub: Any) -> None:
     evaluate.add_argument("--run-id", default=None, help="MLflow run evaluated: metrics, tags and files are logged "
                           "there; without --adapter its released adapter and base model are downloaded from it")
     evaluate.add_argument("--output-dir", default=None, help="where samples.jsonl and eval_summary.json go")
+    _add_output_args(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
 
@@ -552,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from panacea_platform import console
     from panacea_platform.models import silence_peft_deprecation
 
     silence_peft_deprecation()
@@ -563,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["panacea", *(sys.argv[1:] if argv is None else argv)])  # quoted as typed
     try:
-        return args.func(args)
+        with console.session(getattr(args, "quiet", False), getattr(args, "verbose", False)):
+            return args.func(args)
     except Exception as exc:
         from panacea_platform.user_errors import user_error_in
 

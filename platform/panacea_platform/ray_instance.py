@@ -40,8 +40,19 @@ def connect_ray(*, log_to_driver: bool = True, out: Callable[[str], None] = prin
     """Connect this process to the machine's one Ray (see the module's docstring)."""
     import ray
 
+    from panacea_platform import console
+
+    console.route_library_loggers()  # `import ray` set up Ray's own logger to print
     if ray.is_initialized():
+        console.filter_worker_lines()
         return
+    try:
+        _connect(ray, log_to_driver, out)
+    finally:
+        console.filter_worker_lines()
+
+
+def _connect(ray, log_to_driver: bool, out: Callable[[str], None]) -> None:
     # Ray Train's controller polls every 2 s by default and each report waits for it.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     # Ray Train V2 routes workers' print() through a logger that also reaches the driver, so every

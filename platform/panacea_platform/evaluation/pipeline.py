@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from panacea_platform import console
 from panacea_platform.config import ConfigError
 from panacea_platform.data.templates import render_prompt
 from panacea_platform.evaluation.generation import balanced_order
@@ -371,9 +372,10 @@ def run_pipeline(
         from panacea_platform.evaluation.judges.offline import ensure_offline_judge
 
         ensure_offline_judge()
+    console.route_library_loggers()  # Ray Data's first use set up its own logger to print
     context = ray.data.DataContext.get_current()
-    # Ray Data's progress bars and plan printouts would interleave with ours; one line per batch instead.
-    context.enable_progress_bars = False
+    # Ray Data's own bars show the progress (console.py); its plan and statistics go to the run's log.
+    context.enable_progress_bars = console.bars()
     context.print_on_execution_start = False
     context.enable_auto_log_stats = False
     ordered = [prompts[i] for i in work_order(prompts, evaluation.generation_batch_size)]
@@ -386,7 +388,6 @@ def run_pipeline(
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             rows.extend(_batch_rows(batch))
-            _progress(out, len(rows), len(prompts), time.monotonic() - start)
     except Exception as exc:
         from panacea_platform.user_errors import user_error_in
 
@@ -397,6 +398,8 @@ def run_pipeline(
     wall = time.monotonic() - start
     rows.sort(key=lambda row: row["index"])
     work = max(row["judged_at"] for row in rows) - min(row["generator_ready_at"] for row in rows)
+    out(f"[eval] {len(rows)}/{len(prompts)} answers generated and judged in {console.clock(wall)} "
+        f"({len(rows) / wall:.2f} answers/s)")
     return PipelineRun(rows=rows, wall_seconds=wall, work_seconds=work)
 
 
@@ -466,8 +469,3 @@ def _batch_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
 def _plain(value: Any) -> Any:
     """numpy scalars -> Python values (for JSON)."""
     return value.item() if hasattr(value, "item") else value
-
-
-def _progress(out: Callable[[str], None], done: int, total: int, elapsed: float) -> None:
-    left = elapsed / done * (total - done) if done else 0.0
-    out(f"[eval] {done}/{total} answers generated and judged | {elapsed:.0f}s elapsed, ~{left:.0f}s left")

@@ -131,37 +131,29 @@ def release_placement_group(tags: dict[str, str]) -> bool:
 
 
 class ProgressCallback(tune.Callback):
-    """A readable line every `every_s` seconds and at each trial's end (Tune's own table is off)."""
+    """One line as each trial ends: how it ended, the sweep's counts and best so far (Tune's table, when
+    console.bars(), shows the trials as they run)."""
 
-    def __init__(self, plan: SweepPlan, scheduler_name: str, every_s: float,
-                 out: Callable[[str], None] | None = None) -> None:
-        self.plan, self.scheduler_name, self.every_s = plan, scheduler_name, every_s
+    def __init__(self, plan: SweepPlan, scheduler_name: str, out: Callable[[str], None] | None = None) -> None:
+        self.plan, self.scheduler_name = plan, scheduler_name
         # Some libraries replace builtins.print, which then cannot be pickled: None means print.
         self.out = _print if out is None or _is_print(out) else out
         self.start = time.monotonic()
-        self.last = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
         # `out` may be a test's list.append or print; the clock restarts after a restore.
         out = None if self.out is _print else self.out
-        return {"plan": self.plan, "scheduler_name": self.scheduler_name, "every_s": self.every_s, "out": out}
+        return {"plan": self.plan, "scheduler_name": self.scheduler_name, "out": out}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
 
-    def on_step_end(self, iteration, trials, **info):
-        if time.monotonic() - self.last >= self.every_s:
-            self._line(trials)
-
     def on_trial_complete(self, iteration, trials, trial, **info):
         early = "" if (trial.last_result or {}).get(FINAL_KEY) else f" (stopped early by {self.scheduler_name})"
-        self.out(f"[sweep {self.plan.name}] trial {trial.trial_id} done{early}")
-        self._line(trials)
+        self._line(trials, f"trial {trial.trial_id} done{early}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.out(f"[sweep {self.plan.name}] trial {trial.trial_id} FAILED: {trial_error_text(trial)[:300]}")
-        self._line(trials)
+        self._line(trials, f"trial {trial.trial_id} FAILED: {trial_error_text(trial)[:300]}")
 
-    def _line(self, trials) -> None:
-        self.last = time.monotonic()
-        self.out(progress_line(self.plan, trials, time.monotonic() - self.start))
+    def _line(self, trials, event: str) -> None:
+        self.out(progress_line(self.plan, trials, time.monotonic() - self.start, event))

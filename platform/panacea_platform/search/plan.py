@@ -58,8 +58,8 @@ def find_child_run(client, experiment_id: str, parent_run_id: str, trial_id: str
     return runs[0] if runs else None
 
 
-def progress_line(plan: SweepPlan, trials: list, elapsed_s: float) -> str:
-    """`[sweep NAME] 2/4 done, 1 running, 1 pending, 0 failed | best score=... (trial) | 63s`."""
+def progress_line(plan: SweepPlan, trials: list, elapsed_s: float, event: str = "") -> str:
+    """`[sweep NAME] EVENT | 2/4 done, 1 running, 1 pending, 0 failed | best score=... (trial) | 63s`."""
     space = plan.search_space()
     counts = {"TERMINATED": 0, "RUNNING": 0, "PENDING": 0, "ERROR": 0, "PAUSED": 0}
     for trial in trials:
@@ -78,7 +78,7 @@ def progress_line(plan: SweepPlan, trials: list, elapsed_s: float) -> str:
                             for k, v in (best[1].config or {}).get("params", {}).items())
         shown = f"best {space.metric}={best[0]:.4g} ({best[1].trial_id}: {searched})"
     total = len(trials) + not_created
-    return (f"[sweep {plan.name}] {counts['TERMINATED']}/{total} done, {counts['RUNNING']} running, "
+    return (f"[sweep {plan.name}] {event + ' | ' if event else ''}{counts['TERMINATED']}/{total} done, {counts['RUNNING']} running, "
             f"{counts['PENDING'] + counts['PAUSED'] + not_created} pending, {counts['ERROR']} failed | {shown} | "
             f"{elapsed_s:.0f}s")
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from panacea_platform import console
 from panacea_platform.config import ConfigError, RunConfig, config_from_dict
 from panacea_platform.config_checks import load_checked
 from panacea_platform.search.plan import (
@@ -337,6 +338,7 @@ def run_sweep(
     if not _NAME.match(name):
         raise SweepError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
     sweep_dir = sweep_folder(base, name)
+    console.open_run_log(base.output_dir, f"sweep-{name}", out)
     storage = sweep_storage(base, name)
     fingerprint = sweep_fingerprint(space, base)
     state = _existing_state(storage, name, fingerprint, resume)
@@ -380,7 +382,7 @@ def _start_ray_and_tune() -> None:
     init_ray_for_sweep()
     # Trials report the scheduler's metric only at held-out evaluation steps, not at every step.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # The legacy reporter at verbose=0 prints nothing: ProgressCallback prints the readable lines.
+    # Tune's legacy reporter: its table in bars mode; at verbose=0 nothing, and ProgressCallback's lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
@@ -416,6 +418,14 @@ def _existing_state(storage: Storage, name: str, fingerprint: str, resume: bool)
     return state
 
 
+def _trial_table(space: SearchSpace, every_s: float):
+    """Tune's table, with the searched values and the sweep's metric as its columns."""
+    from ray.tune import CLIReporter
+
+    return CLIReporter(parameter_columns={f"params/{path}": path for path in space.parameters},
+                       metric_columns=[space.metric], max_report_frequency=int(max(1, every_s)))
+
+
 def _tuner(plan: SweepPlan, space: SearchSpace, base: RunConfig, storage: Storage, retry_errored: bool,
            out: Callable[[str], None], progress_every_s: float):
     from ray import tune
@@ -449,8 +459,10 @@ def _tuner(plan: SweepPlan, space: SearchSpace, base: RunConfig, storage: Storag
         run_config=tune.RunConfig(
             name="tune",
             storage_path=storage.uri,
-            callbacks=[TrialStatusCallback(plan, scheduler_name), ProgressCallback(plan, scheduler_name, progress_every_s, out)],
+            callbacks=[TrialStatusCallback(plan, scheduler_name), ProgressCallback(plan, scheduler_name, out)],
             failure_config=tune.FailureConfig(max_failures=0),
-            verbose=0,
+            # Tune's own table shows the trials as they run (console.py); in lines mode, one line per trial.
+            verbose=1 if console.bars() else 0,
+            progress_reporter=_trial_table(space, progress_every_s) if console.bars() else None,
         ),
     )

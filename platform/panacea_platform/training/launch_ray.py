@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from panacea_platform import console
 from panacea_platform.config import ConfigError, RunConfig, config_from_dict, save_config, with_changes
 from panacea_platform.ray_instance import connect_ray
 from panacea_platform.storage import Storage
@@ -454,6 +455,7 @@ def _fit(config: RunConfig, loop_config: dict[str, Any], storage: Storage, name:
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             failure_config=FailureConfig(max_failures=max_failures),
             callbacks=list(callbacks or []),
+            worker_runtime_env={"env_vars": console.worker_env()},
         ),
     )
     result = trainer.fit()

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from panacea_platform import console
 from panacea_platform.algorithms.convention import describe as describe_convention
 from panacea_platform.algorithms.convention import with_convention
 from panacea_platform.algorithms.defences import ALIGN, POST_FINETUNE, Defence, stage_defence
@@ -41,19 +42,50 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 class Progress:
-    """Prints `label step/total metrics, elapsed, time left` at most every `every` steps."""
+    """A stage's progress bar on the rank that prints, with rate and ETA: Ray's tqdm from a Ray worker (the
+    driver draws it), tqdm's in this process. In lines mode (console.py) no bar: the stage's "done" line
+    says how long it took."""
 
-    def __init__(self, label: str, total: int, every: int = 1, out: Callable[[str], None] = print) -> None:
-        self.label, self.total, self.every, self.out = label, total, every, out
-        self.start = time.monotonic()
+    def __init__(self, label: str, total: int, start: int = 0, out: Callable[[str], None] = print) -> None:
+        self.label, self.total, self.out = label, total, out
+        self.started, self.first = time.monotonic(), start
+        self.bar = _progress_bar(f"[{label}]", total, start) if console.bars() and out is not _silent else None
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
-        if step % self.every and step != self.total:
+        if self.bar is None:
             return
-        elapsed = time.monotonic() - self.start
-        left = elapsed / step * (self.total - step) if step else 0.0
-        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        self.out(f"[{self.label}] step {step}/{self.total} {shown} | {elapsed:.0f}s elapsed, ~{left:.0f}s left")
+        self.bar.set_description(f"[{self.label}] " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                                if k in _SHOWN))
+        self.bar.update(1)
+        if step == self.total:
+            self.bar.close()
+
+    def describe(self) -> str:
+        """e.g. "30 steps in 4m25s (0.11 steps/s)"."""
+        elapsed = time.monotonic() - self.started
+        steps = self.total - self.first
+        return f"{steps} steps in {console.clock(elapsed)} ({steps / elapsed if elapsed > 0 else 0.0:.2f} steps/s)"
+
+
+_SHOWN = ("task_loss", "harmful_loss", "loss", "heldout_task_loss")
+
+
+def _silent(line: str) -> None:
+    """The printer of the ranks other than 0."""
+
+
+def _progress_bar(desc: str, total: int, start: int) -> Any:
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+        from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+        bar = ray_tqdm(desc=desc, total=total, unit="step")
+        bar.update(start)
+        return bar
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=desc, total=total, initial=start, unit="step", dynamic_ncols=True)
 
 
 def train_steps(
@@ -195,6 +227,7 @@ class _Stage:
     rows: list[dict[str, Any]]  # history.jsonl lines (step, metrics, lr) of the steps done
     last_step_metrics: dict[str, float] = field(default_factory=dict)  # what the last step logged
     probe: tuple[list[list[int]], tuple[int, ...]] | None = None  # held-out first-token probe (prompts, end ids)
+    progress: "Progress | None" = None  # set when training starts
 
 
 def execute_stage(
@@ -216,7 +249,7 @@ def execute_stage(
     """
     rank0 = strategy.rank == 0
     if not rank0:
-        out, tracker = (lambda line: None), None
+        out, tracker = _silent, None
     resuming = checkpoints is not None and checkpoints.resume_step is not None
     _open_run_folder(config, stage, data.fingerprints, tracker if record_params and not resuming else None, rank0)
     setup = setup_stage(config, stage, data, strategy, checkpoints, out)
@@ -284,8 +317,9 @@ def setup_stage(config: RunConfig, stage: str, data: StageData, strategy: Any, c
             raise ValueError(f"the checkpoint is at step {start} but this stage has only {steps} steps")
     label = f"{stage} {defence.name}" if stage == "finetune" or defence.acts_at(ALIGN) else stage
     trainable = sum(shape.numel() for shape in weights.weight_shapes())
-    out(f"[{label}] {len(data.train)} training samples, {steps} steps of batch {optim.batch_size} "
-        f"{strategy.describe()}, {trainable:,} trainable weights")
+    if console.bars():  # the line above the bar; in lines mode the stage's one line is its "done" line
+        out(f"[{label}] {len(data.train)} training samples, {steps} steps of batch {optim.batch_size} "
+            f"{strategy.describe()}, {trainable:,} trainable weights")
     # Held-out sets are tokenised once; periodic evaluation (optim.eval_every) reuses them.
     return _Stage(label, stage, optim, steps, defence, model, weights, stream, extra_streams,
                   tokenize(data.eval_task), tokenize(data.eval_harmful), pad, start, rows,
@@ -311,7 +345,7 @@ def train_stage(s: _Stage, config: RunConfig, strategy: Any, tracker: Tracker | 
                 on_step: Callable[[int, dict[str, float]], None], checkpoints: Checkpoints | None) -> list[dict]:
     """The steps after the restored one: history.jsonl, MLflow metrics, progress, checkpoints."""
     run_dir, optim, steps, start = config.run_dir(), s.optim, s.steps, s.start
-    progress = Progress(s.label, steps, every=optim.log_every, out=out)
+    progress = s.progress = Progress(s.label, steps, start, out=out)
     history_file = (run_dir / "history.jsonl").open("w") if strategy.rank == 0 else None
     if start:
         out(f"[{s.label}] resumed from the checkpoint at step {start}/{steps}")
@@ -404,7 +438,8 @@ def finalise_stage(s: _Stage, config: RunConfig, strategy: Any, history: list[di
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if s.stage == ALIGN:
             write_alignment_provenance(run_dir, s.defence.name, s.defence.settings())
-        out(f"[{s.label}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+        took = f" ({s.progress.describe()})" if s.progress is not None else ""
+        out(f"[{s.label}] done{took}: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
     if tracker is not None:
         # Held-out losses measured at the last step (optim.eval_every) are these same values: logged once.
         tracker.log_metrics({k: v for k, v in summary.items() if k not in s.last_step_metrics}, s.steps)

@@ -1,0 +1,188 @@
+"""What the terminal shows: the platform's own lines and progress; the rest goes to the run's log file.
+
+Set once per command by the CLI (`--quiet`, `--verbose`) and read by every process of the run from
+the environment, which Ray's workers inherit:
+- progress "bars" (on a terminal, in a job run by `ray job submit`, whose `ray job logs`
+  people follow, or where PANACEA_PROGRESS=bars): a training stage shows Ray's tqdm from its rank 0 worker, the evaluation Ray
+  Data's bars, a sweep Tune's table.
+- progress "lines" (`--quiet`, or output that is not a terminal, like `nohup` or CI): one line
+  per stage when it ends.
+- not verbose (the default): Python warnings, the `ray` and `transformers` loggers' records and
+  every line Ray forwards from its workers that is not one of the platform's ("[stage] ...")
+  are appended to the run's log file, OUTPUT_DIR/logs/RUN_NAME.log. Errors still reach the
+  terminal: Ray raises a worker's failure in this process, and the CLI prints it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+PROGRESS_ENV = "PANACEA_PROGRESS"
+VERBOSE_ENV = "PANACEA_VERBOSE"
+# Lines the platform prints begin with a bracketed lower-case tag: "[align] ...", "[sweep s1] ...".
+PLATFORM_LINE = re.compile(r"^\[[a-z][\w .:/=-]*\] ")
+_LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "transformers", "py.warnings")
+
+_log_path: Path | None = None
+_handler: logging.Handler | None = None
+_saved_loggers: dict[str, tuple[list[logging.Handler], bool]] = {}
+_saved_dispatch: Callable[..., None] | None = None
+_in_session = False
+
+
+@contextlib.contextmanager
+def session(quiet: bool = False, verbose: bool = False) -> Iterator[None]:
+    """One command's output settings; on exit the environment, the loggers and Ray's printer are as before
+    (the tests run many commands in one process)."""
+    global _in_session
+    saved_env = {name: os.environ.get(name) for name in (PROGRESS_ENV, VERBOSE_ENV)}
+    configure(quiet, verbose)
+    _in_session = True
+    try:
+        yield
+    finally:
+        _in_session = False
+        close_run_log()
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def configure(quiet: bool = False, verbose: bool = False) -> None:
+    """Fix this command's progress mode and verbosity, for this process and the Ray workers it starts."""
+    submitted_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    chosen = os.environ.get(PROGRESS_ENV)  # set by the user: their choice, unless --quiet
+    bars = not quiet and (chosen == "bars" if chosen in ("bars", "lines") else sys.stderr.isatty() or submitted_job)
+    os.environ[PROGRESS_ENV] = "bars" if bars else "lines"
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+
+
+def bars() -> bool:
+    """Progress as bars (else one line per stage); without `configure`, bars only on a terminal."""
+    mode = os.environ.get(PROGRESS_ENV)
+    return mode == "bars" if mode else sys.stderr.isatty()
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def log_path() -> Path | None:
+    return _log_path
+
+
+def worker_env() -> dict[str, str]:
+    """The settings a Ray worker reads, for a runtime_env: workers of a Ray this process did not start
+    do not inherit its environment."""
+    return {name: os.environ[name] for name in (PROGRESS_ENV, VERBOSE_ENV) if name in os.environ}
+
+
+def open_run_log(output_dir: str | Path, run_name: str, out: Callable[[str], None] = print) -> Path | None:
+    """Send library warnings, loggers and workers' other lines to OUTPUT_DIR/logs/RUN_NAME.log (not when
+    verbose, and once per command); its path."""
+    global _log_path, _handler
+    if not _in_session or verbose() or _handler is not None:  # a library call leaves logging as it is
+        return _log_path
+    path = Path(output_dir) / "logs" / f"{run_name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {' '.join(sys.argv)}\n")
+    _handler = logging.FileHandler(path)
+    _handler.setLevel(logging.INFO)
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    _log_path = path
+    logging.captureWarnings(True)
+    route_library_loggers()
+    filter_worker_lines()
+    out(f"[log] library warnings and Ray's own lines: {path} (--verbose shows them here)")
+    return path
+
+
+def close_run_log() -> None:
+    """Undo open_run_log: loggers, warnings and Ray's printer as they were."""
+    global _log_path, _handler, _saved_dispatch
+    if _handler is None:
+        return
+    for name, (handlers, propagate) in _saved_loggers.items():
+        logger = logging.getLogger(name)
+        logger.removeHandler(_handler)
+        for handler in handlers:
+            logger.addHandler(handler)
+        logger.propagate = propagate
+    _saved_loggers.clear()
+    logging.captureWarnings(False)
+    if _saved_dispatch is not None:
+        from ray._private import worker as ray_worker
+
+        ray_worker.global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+        ray_worker.global_worker_stdstream_dispatcher.add_handler("ray_print_logs", _saved_dispatch)
+        _saved_dispatch = None
+    _handler.close()
+    _handler, _log_path = None, None
+
+
+def route_library_loggers() -> None:
+    """Point the libraries' loggers at the run's log; called again after a library configures its own
+    (`import ray`, Ray Data's first use), which would print to the terminal once more."""
+    if _handler is None:
+        return
+    for name in _LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        others = [h for h in logger.handlers if h is not _handler]
+        saved = _saved_loggers.setdefault(name, ([], logger.propagate))
+        saved[0].extend(h for h in others if h not in saved[0])
+        for handler in others:
+            logger.removeHandler(handler)
+        if _handler not in logger.handlers:
+            logger.addHandler(_handler)
+        logger.propagate = False
+
+
+def filter_worker_lines() -> None:
+    """Keep the platform's lines and Ray's tqdm on the terminal and send the rest of the workers' lines
+    to the run's log, once Ray runs in this process (connect_ray calls it again after ray.init)."""
+    global _saved_dispatch
+    if _log_path is None or _saved_dispatch is not None or "ray" not in sys.modules:
+        return
+    import ray
+    from ray._private import worker as ray_worker
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    printer = dict(dispatcher.handlers).get("ray_print_logs")  # absent: Ray started with log_to_driver off
+    if not ray.is_initialized() or printer is None:
+        return
+    _saved_dispatch = printer
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", functools.partial(_split_lines, print_lines=_saved_dispatch,
+                                                               log=_log_path))
+
+
+def _split_lines(data: dict[str, Any], print_lines: Callable[[dict[str, Any]], None], log: Path) -> None:
+    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+    lines = data.get("lines", [])
+    kept = [RAY_TQDM_MAGIC in line or bool(PLATFORM_LINE.match(line)) for line in lines]
+    hidden = [line for line, keep in zip(lines, kept) if not keep]
+    if hidden:
+        where = f"{data.get('actor_name') or data.get('task_name') or ''} pid={data.get('pid')}".strip()
+        with log.open("a") as out:
+            out.writelines(f"({where}) {line}\n" for line in hidden)
+    if any(kept):
+        print_lines({**data, "lines": [line for line, keep in zip(lines, kept) if keep]})
+
+
+def clock(seconds: float) -> str:
+    """e.g. 4m25s, or 1h02m."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

@@ -1,0 +1,98 @@
+"""What the terminal shows (console.py): the platform's lines and the libraries' bars; the rest in the run's log."""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from panacea_platform import console
+
+
+@pytest.fixture
+def distributed_job(tiny_run_config, tmp_path):
+    config = tiny_run_config(run_name="watch", scaling={"zero_stage": 0}, optim={"max_steps": 3})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    return config, path
+
+
+def test_the_mode_follows_the_flags_the_terminal_and_ray_job_submit(monkeypatch):
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    with console.session(quiet=False):  # pytest's captured stderr is not a terminal
+        assert not console.bars() and not console.verbose()
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({}))  # a driver that `ray job submit` started
+    with console.session(quiet=False, verbose=True):
+        assert console.bars() and console.verbose()
+        assert console.worker_env() == {console.PROGRESS_ENV: "bars", console.VERBOSE_ENV: "1"}
+    with console.session(quiet=True):
+        assert not console.bars()
+    assert console.PROGRESS_ENV not in __import__("os").environ  # the session leaves the environment as it was
+
+
+def test_workers_lines_are_split_between_terminal_and_log(tmp_path):
+    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+    log, printed = tmp_path / "run.log", []
+    tqdm_line = json.dumps({"__magic_token__": RAY_TQDM_MAGIC, "x": 1})
+    lines = ["[finetune] 3/3 steps in 0m02s", "Reporting training result 1: TrainingReport(...)",
+             "/site-packages/x.py:1: FutureWarning: old", tqdm_line,
+             "[2026-12-07 06:14:49,695 E 1 2] core_worker.cc:1: Actor with class name ...", "[sweep s1] trial a done"]
+    console._split_lines({"lines": lines, "pid": 7, "actor_name": "RayTrainWorker"}, printed.append, log)
+    assert printed == [{"lines": [lines[0], tqdm_line, lines[5]], "pid": 7, "actor_name": "RayTrainWorker"}]
+    assert log.read_text().splitlines() == [f"(RayTrainWorker pid=7) {line}" for line in (lines[1], lines[2], lines[4])]
+
+
+def _panacea(path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The command as a user runs it, in its own process and its own Ray (which forwards the workers' lines;
+    the tests' shared Ray does not)."""
+    environment = {**os.environ, "PANACEA_RAY_REGISTRY": "none", **(env or {})}
+    environment.pop("PANACEA_PROGRESS", None) if env is None or "PANACEA_PROGRESS" not in env else None
+    return subprocess.run([sys.executable, "-m", "panacea_platform.cli", "finetune", "-c", str(path), *args],
+                          capture_output=True, text=True, env=environment, timeout=600)
+
+
+def test_a_quiet_fit_prints_its_lines_and_logs_rays(distributed_job):
+    config, path = distributed_job
+    done = _panacea(path, "--quiet")
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = done.stdout + done.stderr
+    log = Path(config.output_dir) / "logs" / "watch.log"
+    # One line for the stage, its "done" line, with how long it took.
+    assert re.search(r"\[finetune panacea\] done \(3 steps in 0m\d\ds \(\d+\.\d\d steps/s\)\): final_task_loss=",
+                     printed)
+    assert printed.count("[finetune panacea]") == 1
+    assert f"[log] library warnings and Ray's own lines: {log}" in printed
+    for noise in ("Reporting training result", "FutureWarning", "Setting up process group", "core_worker.cc",
+                  "Started a local Ray instance"):
+        assert noise not in printed, noise
+    logged = log.read_text()
+    assert "Reporting training result 3" in logged and "Started a local Ray instance" in logged
+
+
+def test_bars_come_from_rays_tqdm_and_verbose_shows_rays_lines(distributed_job):
+    config, path = distributed_job
+    done = _panacea(path, "--verbose", "run_name=bars", env={"PANACEA_PROGRESS": "bars"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = done.stdout + done.stderr
+    # Ray's tqdm, drawn by the driver from the rank 0 worker's state: the count, a rate and the time left.
+    assert "[finetune panacea] task_loss=" in printed and "3.00/3.00" in printed and "step/s" in printed
+    assert "[finetune panacea] 20 training samples, 3 steps" in printed  # the line above the bar
+    assert "Reporting training result 3" in printed  # --verbose
+    assert not (Path(config.output_dir) / "logs" / "bars.log").exists()
+
+
+def test_a_sweeps_table_is_tunes_with_the_searched_values_and_the_metric():
+    from panacea_platform.search.space import load_space
+    from panacea_platform.search.sweep import _trial_table
+
+    space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "offline_default.yaml")
+    table = _trial_table(space, 15)
+    assert dict(table._parameter_columns) == {f"params/{path}": path for path in space.parameters}
+    assert list(table._metric_columns) == [space.metric]
