@@ -166,8 +166,12 @@ def s3_endpoint():
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="placeholder",
-                      AWS_SECRET_ACCESS_KEY="placeholder", AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="placeholder",
+        AWS_SECRET_ACCESS_KEY="placeholder",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     yield os.environ["AWS_ENDPOINT_URL"]
     server.stop()
 
@@ -186,7 +190,7 @@ def bucket_files(uri: str) -> dict[str, str]:
 
     filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
     infos = filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
-    return {info.path[len(root) + 1:]: info.path for info in infos if info.type == pyarrow.fs.FileType.File}
+    return {info.path[len(root) + 1 :]: info.path for info in infos if info.type == pyarrow.fs.FileType.File}
 
 
 def read_from_bucket(uri: str, path: str) -> str:
@@ -269,8 +273,15 @@ def team_server():
         auth_env, _ = auth_server_env(root, postgres.uri(AUTH_DB_NAME), None)
         port = free_port()
         # Its first start migrates a new database: past 90 s once on a loaded 2-core machine.
-        server = start_mlflow_server(postgres.uri(), root / "artifacts", port, log=root / "mlflow-server.log",
-                                     timeout_s=240, env={**postgres.client_env, **auth_env}, app_name="basic-auth")
+        server = start_mlflow_server(
+            postgres.uri(),
+            root / "artifacts",
+            port,
+            log=root / "mlflow-server.log",
+            timeout_s=240,
+            env={**postgres.client_env, **auth_env},
+            app_name="basic-auth",
+        )
         password = (root / "admin-password").read_text().strip()
         os.environ.update({USERNAME_ENV: ADMIN_USER, PASSWORD_ENV: password})
         yield TeamServer(f"http://127.0.0.1:{port}", root / "artifacts", password, postgres)

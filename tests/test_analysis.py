@@ -22,7 +22,10 @@ def test_module_norms_by_hand():
     # w: A = [[3, 4]] (||A|| = 5), B = [[1], [0]]; eps moves only B, by [[0], [1]].
     lora = {f"{Q0}.lora_A.weight": torch.tensor([[3.0, 4.0]]), f"{Q0}.lora_B.weight": torch.tensor([[1.0], [0.0]])}
     # eps is keyed as PEFT names weights in memory (".default."), the adapter as saved.
-    eps = {f"{Q0}.lora_A.default.weight": torch.zeros(1, 2), f"{Q0}.lora_B.default.weight": torch.tensor([[0.0], [1.0]])}
+    eps = {
+        f"{Q0}.lora_A.default.weight": torch.zeros(1, 2),
+        f"{Q0}.lora_B.default.weight": torch.tensor([[0.0], [1.0]]),
+    }
     base = torch.tensor([[6.0, 0.0], [0.0, 8.0]])  # ||W_base|| = 10
     [row] = module_norms(eps, lora, scale=2.0, base_weight=lambda module: base)
     assert row.module == "model.layers.0.self_attn.q_proj"

@@ -103,8 +103,9 @@ ZERO_STAGES = (2, 3)
 def _rank(rank, tiny_llama, port, out):
     from panacea_platform.training.strategy.deepspeed import skip_shm_comm_build
 
-    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     skip_shm_comm_build()
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -128,10 +129,13 @@ def _trace_every_method(tiny_llama, zero_stage):
         accumulation = 1
         model = _model(tiny_llama)
         optimizer, scheduler = make_optimizer([p for p in model.parameters() if p.requires_grad], _optim(), STEPS + 1)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                          dist_init_required=False,
-                                          config=deepspeed_config(_optim(), WORLD, zero_stage, zero_options=options,
-                                                                  accumulation=accumulation))
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            dist_init_required=False,
+            config=deepspeed_config(_optim(), WORLD, zero_stage, zero_options=options, accumulation=accumulation),
+        )
         weights = DeepSpeedWeights(engine, lm_loss, accumulation=accumulation)
         trace = _trace(method, weights)
         results[method] = {"trace": trace, "weights": weights.values()}
@@ -150,9 +154,14 @@ def _single(tiny_llama):
         params = [p for p in model.parameters() if p.requires_grad]
         # RepNoise's MMD is per micro-batch: the rows the two ranks take, as two micro-batches here.
         accumulation = WORLD if method == "repnoise" else 1
-        weights = TorchWeights(model, lm_loss, *make_optimizer(params, _optim(), STEPS + 1), 1.0,
-                               accumulation=accumulation,
-                               **({"token_count": lambda b: int(b["input_ids"].shape[0])} if method == "repnoise" else {}))
+        weights = TorchWeights(
+            model,
+            lm_loss,
+            *make_optimizer(params, _optim(), STEPS + 1),
+            1.0,
+            accumulation=accumulation,
+            **({"token_count": lambda b: int(b["input_ids"].shape[0])} if method == "repnoise" else {}),
+        )
         results[method] = {"trace": _trace(method, weights), "weights": weights.values()}
     return results
 

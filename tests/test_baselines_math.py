@@ -39,7 +39,9 @@ def test_booster_direction_is_the_closed_form_and_w_is_restored_exactly():
     booster_step(_weights(module), "A", "H", lam=5.0, alpha=0.1)
     # d = (1, 1) + 0.5 (1, 4) / sqrt 5
     expected_d = torch.tensor([1.0, 1.0], dtype=F64) + 0.5 * torch.tensor([1.0, 4.0], dtype=F64) / math.sqrt(5)
-    torch.testing.assert_close(torch.tensor([1.0, 1.0], dtype=F64) - module.w.detach(), expected_d, rtol=0, atol=1e-6)  # the 1e-7 added to the norm
+    torch.testing.assert_close(
+        torch.tensor([1.0, 1.0], dtype=F64) - module.w.detach(), expected_d, rtol=0, atol=1e-6
+    )  # the 1e-7 added to the norm
     assert expected_d.tolist() == pytest.approx([1.22361, 1.89443], abs=1e-5)
     at_harmful, at_simulated, at_alignment = module.seen
     assert torch.equal(at_harmful, torch.tensor([1.0, 1.0], dtype=F64))
@@ -79,8 +81,9 @@ class Hooked(torch.nn.Module):
 
 
 def _vaccine_weights(module):
-    return TorchWeights(module, lambda m, b: m(b), torch.optim.SGD(module.parameters(), lr=1.0),
-                        token_count=lambda b: 1)
+    return TorchWeights(
+        module, lambda m, b: m(b), torch.optim.SGD(module.parameters(), lr=1.0), token_count=lambda b: 1
+    )
 
 
 def test_vaccine_perturbs_the_hidden_state_along_its_gradient():
@@ -98,16 +101,19 @@ class Parallel(Hooked):
     """Each block on its own input: loss = sum_l ||a_l x_l - y_l||^2 / 2, so dL/dh_l = h_l - y_l."""
 
     def forward(self, batch):
-        return sum(0.5 * ((layer.self_attn(x)[0] - y) ** 2).sum()
-                   for layer, x, y in zip(self.layers, batch["x"], batch["y"]))
+        return sum(
+            0.5 * ((layer.self_attn(x)[0] - y) ** 2).sum() for layer, x, y in zip(self.layers, batch["x"], batch["y"])
+        )
 
 
 def test_vaccine_normalises_over_all_layers_together():
     # Output gradients (3, 0) and (0, 4), rho = 1: e = (0.6, 0) and (0, 0.8), not a unit vector per layer.
     # Perturbed: h = (3.6, 0) and (0, 4.8): loss 6.48 + 11.52 = 18; dL/da = 3.6 * 3 = 10.8 and 4.8 * 4 = 19.2.
     module = Parallel([1.0, 1.0])
-    batch = {"x": [torch.tensor([3.0, 0.0], dtype=F64), torch.tensor([0.0, 4.0], dtype=F64)],
-             "y": [torch.zeros(2, dtype=F64), torch.zeros(2, dtype=F64)]}
+    batch = {
+        "x": [torch.tensor([3.0, 0.0], dtype=F64), torch.tensor([0.0, 4.0], dtype=F64)],
+        "y": [torch.zeros(2, dtype=F64), torch.zeros(2, dtype=F64)],
+    }
     result = vaccine_step(_vaccine_weights(module), batch, rho=1.0)
     assert result.alignment_loss == pytest.approx(12.5)
     assert result.perturbed_loss == pytest.approx(18.0, abs=1e-5)
@@ -185,7 +191,11 @@ def test_repnoise_pairs_as_many_rows_as_the_shorter_batch_has():
     from panacea_platform.algorithms.repnoise import harmful_part, paired_batch
 
     def rows(n, fill):
-        return {"input_ids": torch.full((n, 3), fill), "attention_mask": torch.ones(n, 3), "labels": torch.full((n, 3), fill)}
+        return {
+            "input_ids": torch.full((n, 3), fill),
+            "attention_mask": torch.ones(n, 3),
+            "labels": torch.full((n, 3), fill),
+        }
 
     # The harmful set's last batch of an epoch is shorter (100 samples in batches of 8 end with 4).
     paired = paired_batch(rows(8, 1), rows(4, 2))
@@ -218,7 +228,7 @@ def test_lisas_proximal_term_opens_where_their_0_based_gate_does():
             self.w = torch.nn.Parameter(torch.tensor([0.5], dtype=F64))
 
         def forward(self, batch):
-            return 0.5 * (self.w ** 2).sum()
+            return 0.5 * (self.w**2).sum()
 
     weights = _weights(Line(), lr=0.1)  # small steps: w keeps moving away from the alignment anchor
     state = LisaState(align_steps=1, finetune_steps=29, rho=1.0, warmup_steps=0.1 * 30)

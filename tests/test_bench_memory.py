@@ -9,12 +9,16 @@ import pytest
 import yaml
 
 
-@pytest.mark.parametrize("zero_stage", [
-    None,
-    # Until 2026-12-07 ZeRO-2 held a fifth copy: its optimiser's flat gradient partition of the last pass,
-    # kept until its step (DeepSpeedWeights now drops it at each pass; the last pass's stays).
-    2,
-], ids=["torch", "zero2"])
+@pytest.mark.parametrize(
+    "zero_stage",
+    [
+        None,
+        # Until 2026-12-07 ZeRO-2 held a fifth copy: its optimiser's flat gradient partition of the last pass,
+        # kept until its step (DeepSpeedWeights now drops it at each pass; the last pass's stays).
+        2,
+    ],
+    ids=["torch", "zero2"],
+)
 def test_the_panacea_step_holds_four_copies_beyond_sft_on_its_costlier_batch(tiny_run_config, zero_stage):
     from panacea_platform.diagnostics.bench_step import STATE_BOUND_COPIES, bench_step
 

@@ -53,15 +53,28 @@ DROPOUT = {"dropout": 0.1}
 
 def _config(tiny_llama, harmful_file, output_dir, run_name, **scaling):
     return tiny_config(
-        tiny_llama, harmful_file, output_dir, run_name,
-        optim={"max_steps": STEPS, "schedule": "linear", "warmup_steps": 1}, lora=DROPOUT, scaling=scaling,
+        tiny_llama,
+        harmful_file,
+        output_dir,
+        run_name,
+        optim={"max_steps": STEPS, "schedule": "linear", "warmup_steps": 1},
+        lora=DROPOUT,
+        scaling=scaling,
     )
 
 
 def _distributed_config(tiny_llama, harmful_file, output_dir, run_name, **scaling):
     """WORKERS workers under ZeRO-ZERO, a checkpoint every EVERY steps: every scaling setting in the config."""
-    return _config(tiny_llama, harmful_file, output_dir, run_name, num_workers=WORKERS, zero_stage=ZERO,
-                   checkpoint_every=EVERY, **scaling)
+    return _config(
+        tiny_llama,
+        harmful_file,
+        output_dir,
+        run_name,
+        num_workers=WORKERS,
+        zero_stage=ZERO,
+        checkpoint_every=EVERY,
+        **scaling,
+    )
 
 
 # -- no Ray needed -------------------------------------------------------------
@@ -100,28 +113,43 @@ def _fake_checkpoint(directory: Path, config, stage: str = "finetune", **identit
     from panacea_platform.training.checkpointing import CHECKPOINT_FORMAT, STATE_FILE, run_identity
 
     directory.mkdir(parents=True)
-    (directory / STATE_FILE).write_text(json.dumps({
-        "format": CHECKPOINT_FORMAT, "step": 4, "stage": stage, "has_eps": False, "history": [],
-        "identity": {**run_identity(config, stage), **identity},
-    }))
+    (directory / STATE_FILE).write_text(
+        json.dumps(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "step": 4,
+                "stage": stage,
+                "has_eps": False,
+                "history": [],
+                "identity": {**run_identity(config, stage), **identity},
+            }
+        )
+    )
     return directory
 
 
-@pytest.mark.parametrize("written_with, fragment", [
-    ({"world_size": 4}, "world_size = 4, but this run has world_size = 2. Set scaling.num_workers"),
-    ({"zero_stage": 3}, "zero_stage = 3, but this run has zero_stage = 2. Set scaling.zero_stage"),
-    ({"precision": "bfloat16/bfloat16"}, "precision = 'bfloat16/bfloat16', but this run has precision = "
-                                         "'float32/float32'. Set model.dtype / model.compute_dtype"),
-    ({"accumulation": 2}, "accumulation = 2, but this run has accumulation = 1. Set optim.grad_accum_steps"),
-])
+@pytest.mark.parametrize(
+    "written_with, fragment",
+    [
+        ({"world_size": 4}, "world_size = 4, but this run has world_size = 2. Set scaling.num_workers"),
+        ({"zero_stage": 3}, "zero_stage = 3, but this run has zero_stage = 2. Set scaling.zero_stage"),
+        (
+            {"precision": "bfloat16/bfloat16"},
+            "precision = 'bfloat16/bfloat16', but this run has precision = "
+            "'float32/float32'. Set model.dtype / model.compute_dtype",
+        ),
+        ({"accumulation": 2}, "accumulation = 2, but this run has accumulation = 1. Set optim.grad_accum_steps"),
+    ],
+)
 def test_resuming_a_checkpoint_of_another_run_shape_is_refused_before_ray_starts(
     tiny_llama, placeholder_harmful_file, tmp_path, written_with, fragment
 ):
     from panacea_platform.training.checkpointing import CheckpointMismatchError, check_resume, read_checkpoint_state
     from panacea_platform.training.launch_ray import run_distributed
 
-    config = tiny_config(tiny_llama, placeholder_harmful_file, tmp_path / "runs", "refused",
-                         scaling={"num_workers": 2, "zero_stage": 2})
+    config = tiny_config(
+        tiny_llama, placeholder_harmful_file, tmp_path / "runs", "refused", scaling={"num_workers": 2, "zero_stage": 2}
+    )
     source = _fake_checkpoint(tmp_path / "other", config, **written_with)
     with pytest.raises(CheckpointMismatchError, match=fragment):
         run_distributed(config, resume_from=source, track=False, storage_path=tmp_path / "ray")
@@ -162,7 +190,10 @@ def runs(ray_session, s3_endpoint, tiny_llama, placeholder_harmful_file, tmp_pat
     marker = root / "killed-once"
     config = _distributed_config(tiny_llama, placeholder_harmful_file, root, "killed", keep_checkpoints=KEEP)
     killed = run_distributed(
-        config, "finetune", storage_path=root / "ray-killed", out=quiet,
+        config,
+        "finetune",
+        storage_path=root / "ray-killed",
+        out=quiet,
         step_hook=KillOnce(rank=1, after_step=KILL_AFTER, marker=str(marker)),
     )
     assert marker.exists(), "the worker was never killed: the test tested nothing"
@@ -250,8 +281,9 @@ def test_the_uninterrupted_run_keeps_its_checkpoints_and_run_folder_in_the_bucke
     assert json.loads(read_from_bucket(storage, files[f"{final}/summary.json"])) == plain.summary
 
     shutil.rmtree(config.run_dir())
-    again = run_distributed(config, "finetune", storage_path=storage, train_run_name="plain", track=False,
-                            out=lambda line: None)
+    again = run_distributed(
+        config, "finetune", storage_path=storage, train_run_name="plain", track=False, out=lambda line: None
+    )
     assert again.summary == plain.summary and len(again.history) == STEPS
     assert (config.run_dir() / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -282,9 +314,16 @@ def test_a_single_process_run_resumes_from_its_checkpoint_into_the_same_mlflow_r
 
     quiet = lambda line: None  # noqa: E731
     plain = run_stage(_config(tiny_llama, placeholder_harmful_file, tmp_path / "plain", "run"), "finetune", out=quiet)
-    config = tiny_config(tiny_llama, placeholder_harmful_file, tmp_path / "resumed", "run", defence="crashing_panacea",
-                         optim={"max_steps": STEPS, "schedule": "linear", "warmup_steps": 1}, lora=DROPOUT,
-                         scaling={"checkpoint_every": EVERY, "keep_checkpoints": KEEP})
+    config = tiny_config(
+        tiny_llama,
+        placeholder_harmful_file,
+        tmp_path / "resumed",
+        "run",
+        defence="crashing_panacea",
+        optim={"max_steps": STEPS, "schedule": "linear", "warmup_steps": 1},
+        lora=DROPOUT,
+        scaling={"checkpoint_every": EVERY, "keep_checkpoints": KEEP},
+    )
     with pytest.raises(InjectedCrash):
         run_stage(config, "finetune", out=quiet)
     kept = sorted(p.name for p in (config.run_dir() / "checkpoints").iterdir())
@@ -309,15 +348,23 @@ def test_a_single_process_run_resumes_from_its_checkpoint_into_the_same_mlflow_r
     assert not (config.run_dir() / "checkpoints").exists(), "a finished run keeps no training checkpoints"
 
 
-def test_a_single_process_checkpoint_of_another_shape_or_other_settings_is_refused(tiny_llama, placeholder_harmful_file, tmp_path,
-                                                                 crashing_defence):
+def test_a_single_process_checkpoint_of_another_shape_or_other_settings_is_refused(
+    tiny_llama, placeholder_harmful_file, tmp_path, crashing_defence
+):
     from crash_hooks import InjectedCrash
     from panacea_platform.training.checkpointing import CheckpointMismatchError
     from panacea_platform.training.loop import run_stage
 
     def config(**optim):
-        return tiny_config(tiny_llama, placeholder_harmful_file, tmp_path, "run", defence="crashing_panacea",
-                           optim={"max_steps": STEPS, **optim}, scaling={"checkpoint_every": EVERY})
+        return tiny_config(
+            tiny_llama,
+            placeholder_harmful_file,
+            tmp_path,
+            "run",
+            defence="crashing_panacea",
+            optim={"max_steps": STEPS, **optim},
+            scaling={"checkpoint_every": EVERY},
+        )
 
     with pytest.raises(InjectedCrash):
         run_stage(config(), "finetune", out=lambda line: None, track=False)
@@ -331,13 +378,19 @@ def test_a_single_process_checkpoint_of_another_shape_or_other_settings_is_refus
         run_stage(other_refresh, "finetune", out=lambda line: None, track=False)
 
 
-@pytest.mark.parametrize("defence, stage, settings", [
-    ("lisa", "finetune", {"lisa": {"align_steps": 1, "finetune_steps": 2, "warmup_ratio": 0.2}}),
-    ("repnoise", "align", {"repnoise": {"alpha": 0.1, "beta": 0.5}}),
-    # Refreshes at steps 1 and 4: resumed at step 4, its step 5 reuses the kept H, eps and h(w).
-    ("panacea", "finetune",
-     {"panacea": {"rho": 0.5, "lambda": 0.1, "harmful_loss_clamp": 100.0, "refresh_every": 3}}),
-])
+@pytest.mark.parametrize(
+    "defence, stage, settings",
+    [
+        ("lisa", "finetune", {"lisa": {"align_steps": 1, "finetune_steps": 2, "warmup_ratio": 0.2}}),
+        ("repnoise", "align", {"repnoise": {"alpha": 0.1, "beta": 0.5}}),
+        # Refreshes at steps 1 and 4: resumed at step 4, its step 5 reuses the kept H, eps and h(w).
+        (
+            "panacea",
+            "finetune",
+            {"panacea": {"rho": 0.5, "lambda": 0.1, "harmful_loss_clamp": 100.0, "refresh_every": 3}},
+        ),
+    ],
+)
 def test_a_baseline_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_ends(
     tiny_llama, placeholder_harmful_file, tmp_path, defence, stage, settings
 ):
@@ -351,12 +404,23 @@ def test_a_baseline_resumed_from_its_checkpoint_ends_where_an_uninterrupted_run_
     quiet = lambda line: None  # noqa: E731
     steps = {"max_steps": STEPS, "schedule": "linear", "warmup_steps": 1}
     sections = {"optim" if stage == "finetune" else "align_optim": steps, **settings}
-    plain = run_stage(tiny_config(tiny_llama, placeholder_harmful_file, tmp_path / "plain", "run", defence=defence,
-                                  **sections), stage, out=quiet, track=False)
+    plain = run_stage(
+        tiny_config(tiny_llama, placeholder_harmful_file, tmp_path / "plain", "run", defence=defence, **sections),
+        stage,
+        out=quiet,
+        track=False,
+    )
     DEFENCES.register(f"crashing_{defence}", crashing(DEFENCES.get(defence), KILL_AFTER, tmp_path / "crashed"))
     try:
-        config = tiny_config(tiny_llama, placeholder_harmful_file, tmp_path / "resumed", "run",
-                             defence=f"crashing_{defence}", scaling={"checkpoint_every": EVERY}, **sections)
+        config = tiny_config(
+            tiny_llama,
+            placeholder_harmful_file,
+            tmp_path / "resumed",
+            "run",
+            defence=f"crashing_{defence}",
+            scaling={"checkpoint_every": EVERY},
+            **sections,
+        )
         with pytest.raises(InjectedCrash):
             run_stage(config, stage, out=quiet, track=False)
         lines = []

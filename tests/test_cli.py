@@ -22,7 +22,9 @@ def tiny_job(tiny_run_config, tmp_path):
     return config, path
 
 
-@pytest.mark.parametrize("command", [["align"], ["finetune"], ["demo"], ["config"], ["list"], ["bench"], ["bench", "step"]])
+@pytest.mark.parametrize(
+    "command", [["align"], ["finetune"], ["demo"], ["config"], ["list"], ["bench"], ["bench", "step"]]
+)
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args([*command, "--help"])
@@ -30,9 +32,11 @@ def test_every_subcommand_has_help(command, capsys):
     assert "usage: panacea" in capsys.readouterr().out
 
 
-DEMO_SUITES = ('evaluation.suites=[{name: harmful, source: harmful_heldout, metric: harmful_score, max_new_tokens: 4}, '
-               '{name: task, source: task, metric: accuracy, max_new_tokens: 3}, '
-               '{name: helpfulness, source: helpfulness, metric: helpfulness, size: 4, max_new_tokens: 4}]')
+DEMO_SUITES = (
+    "evaluation.suites=[{name: harmful, source: harmful_heldout, metric: harmful_score, max_new_tokens: 4}, "
+    "{name: task, source: task, metric: accuracy, max_new_tokens: 3}, "
+    "{name: helpfulness, source: helpfulness, metric: helpfulness, size: 4, max_new_tokens: 4}]"
+)
 
 
 def test_the_paper_comparison_demo_runs_every_defence_at_its_stage_on_the_same_prompts_with_lineage(
@@ -51,9 +55,23 @@ def test_the_paper_comparison_demo_runs_every_defence_at_its_stage_on_the_same_p
     # The refusal judge keeps this test fast; the harm judges are tested in test_judges.py.
     fast_eval = ["evaluation.judge=refusal", DEMO_SUITES]
     # Antidote's authors' r256 does not fit the tiny model; its 2000 calibration samples not the tiny source.
-    assert main(["demo", "--config", str(path), "--suite", "paper-comparison", *fast_eval,
-                 "lisa.align_steps=1", "lisa.finetune_steps=2", "antidote.fine_tuning.lora_rank=4",
-                 "antidote.calibration_samples=20"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--config",
+                str(path),
+                "--suite",
+                "paper-comparison",
+                *fast_eval,
+                "lisa.align_steps=1",
+                "lisa.finetune_steps=2",
+                "antidote.fine_tuning.lora_rank=4",
+                "antidote.calibration_samples=20",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "[align] done" in out and "[finetune sft] done" in out and "[finetune panacea] done" in out
     assert "[finetune random_perturbation] done" in out
@@ -68,7 +86,9 @@ def test_the_paper_comparison_demo_runs_every_defence_at_its_stage_on_the_same_p
         started = yaml.safe_load((Path(row["run_dir"]) / "config.yaml").read_text())["model"]["adapter"]
         made = read_alignment_provenance(started)
         expected = row["key"] if row["key"] in ("vaccine", "repnoise", "booster") else "sft"
-        assert made is not None and made["defence"] == expected or row["key"] in ("random_perturbation", "antidote"), row
+        assert made is not None and made["defence"] == expected or row["key"] in ("random_perturbation", "antidote"), (
+            row
+        )
     answers = {r["key"]: ModelAnswers.read(r["key"], r["method"], r["seed"], r["samples"]) for r in rows}
     # Every arm, the p = 0 control included, was scored on the same prompts of every suite.
     for suite in ("harmful", "task", "helpfulness"):
@@ -93,7 +113,10 @@ def test_the_paper_comparison_demo_runs_every_defence_at_its_stage_on_the_same_p
         b = read_outcomes(by_key["sft"]["samples"], suite, rate)
         expected = paired_difference([a], [b])
         assert expected.difference == pytest.approx(100 * (sum(a) - sum(b)) / len(a))
-        assert expected.text() in summary.split("paired differences against")[1].split("Panacea, p=0.1 −")[1].split("\n")[0]
+        assert (
+            expected.text()
+            in summary.split("paired differences against")[1].split("Panacea, p=0.1 −")[1].split("\n")[0]
+        )
     plots = ("demo-paper-comparison.png", "demo-paper-hs-vs-fa.png", "demo-paper-suites.png")
     for name in plots:
         assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -104,10 +127,17 @@ def test_the_paper_comparison_demo_runs_every_defence_at_its_stage_on_the_same_p
     parents = [r for r in runs if r.data.tags.get("stage") == "demo"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted(r.data.tags["stage"] + ":" + r.data.tags["defence"] for r in children) == sorted([
-        "align:sft", "align:vaccine", "align:repnoise", "align:booster", "finetune:sft", "finetune:sft",
-        *(f"finetune:{name}" for name in DEFENCE_SUITES["paper-comparison"] if name != "sft"),
-    ])
+    assert sorted(r.data.tags["stage"] + ":" + r.data.tags["defence"] for r in children) == sorted(
+        [
+            "align:sft",
+            "align:vaccine",
+            "align:repnoise",
+            "align:booster",
+            "finetune:sft",
+            "finetune:sft",
+            *(f"finetune:{name}" for name in DEFENCE_SUITES["paper-comparison"] if name != "sft"),
+        ]
+    )
     assert all(r.info.status == "FINISHED" for r in children)
     # Each fine-tune run carries its own evaluation: every suite's rates with their intervals, and the samples.
     for run in (r for r in children if r.data.tags["stage"] == "finetune"):
@@ -161,8 +191,10 @@ def test_the_paper_comparison_demo_runs_every_defence_at_its_stage_on_the_same_p
         assert tag.startswith("aligned LoRA merged" if merges else "the aligned LoRA continued"), (name, tag)
     lisa = params["demo-paper-lisa-s0"]
     assert (lisa["lora.rank"], lisa["lora.target_modules"], lisa["optim.lr"]) == ("8", '["q_proj", "v_proj"]', "1e-05")
-    assert "Lisa, p=0.1: aligned LoRA merged, a fresh LoRA (r8 a4 on q_proj,v_proj, dropout 0.1); lr 1e-05, batch 5" \
+    assert (
+        "Lisa, p=0.1: aligned LoRA merged, a fresh LoRA (r8 a4 on q_proj,v_proj, dropout 0.1); lr 1e-05, batch 5"
         in summary.split("fine-tuning after alignment (model.after_alignment: authors")[1]
+    )
 
     # A second run, of other defences, reuses the aligned adapter and its evaluation, and says so; its rows
     # and table have a name of their own, so the comparison's stay as they were.
@@ -176,8 +208,23 @@ def test_the_paper_comparison_demo_runs_every_defence_at_its_stage_on_the_same_p
 
 def test_demo_over_seeds_reports_mean_and_spread(tiny_job, capsys):
     config, path = tiny_job
-    assert main(["demo", "--config", str(path), "--defences", "sft", "--no-control", "--no-eval",
-                 "--seeds", "0,1", "run_name=seeds"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--config",
+                str(path),
+                "--defences",
+                "sft",
+                "--no-control",
+                "--no-eval",
+                "--seeds",
+                "0,1",
+                "run_name=seeds",
+            ]
+        )
+        == 0
+    )
     suffix = _demo_suffix(["sft"])  # the rows and table of this choice of defences
     table = (config.run_dir().parent / f"seeds{suffix}-summary.txt").read_text()
     assert "±" in table and "seeds 0,1 (mean ± sample std)" in table
@@ -201,14 +248,45 @@ def test_demo_over_seeds_reports_mean_and_spread(tiny_job, capsys):
     assert "never-ran-rows.json" in capsys.readouterr().err
 
     # A seed run later joins the saved seeds of the same job; another job's rows are replaced, not mixed in.
-    assert main(["demo", "--config", str(path), "--defences", "sft", "--no-control", "--no-eval",
-                 "--seeds", "2", "run_name=seeds"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--config",
+                str(path),
+                "--defences",
+                "sft",
+                "--no-control",
+                "--no-eval",
+                "--seeds",
+                "2",
+                "run_name=seeds",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "keeping seeds 0,1 of seeds" in out and "seeds 0,1,2 (mean ± sample std)" in out
     rows = json.loads((config.run_dir().parent / f"seeds{suffix}-rows.json").read_text())
     assert [(r["key"], r["seed"]) for r in rows] == [(key, seed) for seed in (0, 1, 2) for key in ("aligned", "sft")]
-    assert main(["demo", "--config", str(path), "--defences", "sft", "--no-control", "--no-eval",
-                 "--seeds", "2", "run_name=seeds", "optim.lr=0.02"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--config",
+                str(path),
+                "--defences",
+                "sft",
+                "--no-control",
+                "--no-eval",
+                "--seeds",
+                "2",
+                "run_name=seeds",
+                "optim.lr=0.02",
+            ]
+        )
+        == 0
+    )
     assert "holds rows of another job or choice of arms" in capsys.readouterr().out
     rows = json.loads((config.run_dir().parent / f"seeds{suffix}-rows.json").read_text())
     assert sorted({r["seed"] for r in rows}) == [2]
@@ -230,8 +308,13 @@ def test_finetune_from_the_command_line_writes_eps_and_both_adapters(tiny_job, c
     config, path = tiny_job
     assert main(["finetune", "--config", str(path), "run_name=cli-panacea", "optim.max_steps=2"]) == 0
     run_dir = config.run_dir().parent / "cli-panacea"
-    for name in ("adapter/adapter_config.json", "adapter_unperturbed/adapter_config.json",
-                 "perturbation.safetensors", "config.yaml", "summary.json"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter_unperturbed/adapter_config.json",
+        "perturbation.safetensors",
+        "config.yaml",
+        "summary.json",
+    ):
         assert (run_dir / name).is_file(), name
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["perturbation_norm"] == pytest.approx(config.panacea.rho, rel=1e-5)
@@ -284,9 +367,14 @@ def test_config_validate_and_show(capsys):
     assert yaml.safe_load(capsys.readouterr().out)["panacea"]["rho"] == 0.25
 
 
-@pytest.mark.parametrize("argv", [["config", "fields", "--config", "jobs/offline_default.yaml"],
-                                  ["config", "validate", "panacea.rho=0.25", "--config", "x.yaml"],
-                                  ["config", "fields", "panacea.rho=0.25"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["config", "fields", "--config", "jobs/offline_default.yaml"],
+        ["config", "validate", "panacea.rho=0.25", "--config", "x.yaml"],
+        ["config", "fields", "panacea.rho=0.25"],
+    ],
+)
 def test_an_argument_a_config_action_does_not_use_is_an_error_not_dropped(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -297,7 +385,8 @@ def test_an_argument_a_config_action_does_not_use_is_an_error_not_dropped(argv, 
 def test_console_script_exit_code_on_bad_input():
     result = subprocess.run(
         [sys.executable, "-m", "panacea_platform.cli", "finetune", "data.harmful_ratio=2"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "data.harmful_ratio = 2" in result.stderr
@@ -351,8 +440,11 @@ def test_bench_steps_are_the_registered_defences_steps(tiny_run_config, monkeypa
     monkeypatch.setitem(DEFENCES._entries, "test_counting", Counting)  # registered for this test only
     config = tiny_run_config()
     weights, _ = _bench_weights(config, total=2)
-    batch = {"input_ids": torch.ones(4, 8, dtype=torch.long), "attention_mask": torch.ones(4, 8, dtype=torch.long),
-             "labels": torch.ones(4, 8, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.ones(4, 8, dtype=torch.long),
+        "attention_mask": torch.ones(4, 8, dtype=torch.long),
+        "labels": torch.ones(4, 8, dtype=torch.long),
+    }
     harmful = {k: v[:3] for k, v in batch.items()}
     registered_step(config, "test_counting", weights, batch, harmful, steps=2)()
     assert seen == [(4, 3)]
@@ -364,8 +456,16 @@ def test_a_deepspeed_json_that_contradicts_the_run_exits_2_before_any_worker(tin
     _, path = tiny_job
     user_json = tmp_path / "ds.json"
     user_json.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    code = main(["finetune", "--config", str(path), "scaling.num_workers=2", "scaling.zero_stage=2",
-                 f"scaling.deepspeed_json={user_json}"])
+    code = main(
+        [
+            "finetune",
+            "--config",
+            str(path),
+            "scaling.num_workers=2",
+            "scaling.zero_stage=2",
+            f"scaling.deepspeed_json={user_json}",
+        ]
+    )
     assert code == 2
     assert "zero_optimization.stage 3 but scaling.zero_stage is 2" in capsys.readouterr().err
 
@@ -385,8 +485,14 @@ def test_a_bad_or_unreachable_suite_stops_the_demo_before_any_training(tiny_job,
     for suites, fragment in (
         ("[harmful, {preset: xstest, optional: false}]", "evaluation.suites[xstest].source = 'xstest': "),
         ("[{name: x, source: capability, metric: accuracy, size: 0}]", "evaluation.suites[x].size = 0: "),
-        ("[{name: x, source: capability, metric: accuracy, max_new_tokens: 0}]", "evaluation.suites[x].max_new_tokens = 0"),
-        ("[{name: x, source: nowhere, metric: accuracy}]", "evaluation.suites[x].source = 'nowhere': unknown suite source"),
+        (
+            "[{name: x, source: capability, metric: accuracy, max_new_tokens: 0}]",
+            "evaluation.suites[x].max_new_tokens = 0",
+        ),
+        (
+            "[{name: x, source: nowhere, metric: accuracy}]",
+            "evaluation.suites[x].source = 'nowhere': unknown suite source",
+        ),
     ):
         assert main(["demo", "--config", str(path), f"evaluation.suites={suites}"]) == 2, suites
         err = capsys.readouterr().err
@@ -399,10 +505,15 @@ def test_bad_training_input_stops_before_any_work_with_one_line_and_exit_2(case,
     """Each names the field to change; none trains or opens an MLflow run (the DeepSpeed one fails in the
     driver's check_distributed, before Ray)."""
     config, path = tiny_job
-    overrides = {"unfillable accumulation": ["optim.batch_size=3", "optim.grad_accum_steps=4"],
-                 "deepspeed bf16": ["scaling.zero_stage=2", "scaling.num_workers=2",
-                                    f"scaling.deepspeed_json={tmp_path / 'ds.json'}"],
-                 "checkpoint of another shape": ["scaling.checkpoint_every=2"]}[case]
+    overrides = {
+        "unfillable accumulation": ["optim.batch_size=3", "optim.grad_accum_steps=4"],
+        "deepspeed bf16": [
+            "scaling.zero_stage=2",
+            "scaling.num_workers=2",
+            f"scaling.deepspeed_json={tmp_path / 'ds.json'}",
+        ],
+        "checkpoint of another shape": ["scaling.checkpoint_every=2"],
+    }[case]
     (tmp_path / "ds.json").write_text(json.dumps({"bf16": {"enabled": True}}))
     if case == "checkpoint of another shape":
         from panacea_platform.training.checkpointing import CHECKPOINT_FORMAT, STATE_FILE, run_identity
@@ -410,13 +521,18 @@ def test_bad_training_input_stops_before_any_work_with_one_line_and_exit_2(case,
         folder = config.run_dir() / "checkpoints" / "step_00000002"
         folder.mkdir(parents=True)
         identity = {**run_identity(config, "finetune"), "accumulation": 2}
-        (folder / STATE_FILE).write_text(json.dumps({"format": CHECKPOINT_FORMAT, "step": 2, "stage": "finetune",
-                                                     "identity": identity, "history": []}))
+        (folder / STATE_FILE).write_text(
+            json.dumps(
+                {"format": CHECKPOINT_FORMAT, "step": 2, "stage": "finetune", "identity": identity, "history": []}
+            )
+        )
     assert main(["finetune", "--config", str(path), *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    expected = {"unfillable accumulation": "optim.grad_accum_steps = 4 cannot be filled by optim.batch_size = 3",
-                "deepspeed bf16": "enables DeepSpeed's bf16",
-                "checkpoint of another shape": "Set optim.grad_accum_steps to match it"}[case]
+    expected = {
+        "unfillable accumulation": "optim.grad_accum_steps = 4 cannot be filled by optim.batch_size = 3",
+        "deepspeed bf16": "enables DeepSpeed's bf16",
+        "checkpoint of another shape": "Set optim.grad_accum_steps to match it",
+    }[case]
     assert len(err) == 1 and expected in err[0], err
     assert not (Path(config.output_dir) / "mlflow.db").exists()
 

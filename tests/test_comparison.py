@@ -2,19 +2,37 @@
 
 import pytest
 
-from panacea_platform.recipes.comparison import ModelAnswers, compare, format_differences, format_judge_notes, format_suite_tables
+from panacea_platform.recipes.comparison import (
+    ModelAnswers,
+    compare,
+    format_differences,
+    format_judge_notes,
+    format_suite_tables,
+)
 from panacea_platform.evaluation.stats import clustered_rate, paired_difference, wilson_interval
 
 
 def _records(suite: str, flags: list[bool], prompts: list[str] | None = None) -> list[dict]:
     prompts = prompts or [f"placeholder prompt {i}" for i in range(len(flags))]
-    return [{"suite": suite, "prompt": p, "flagged": f, "incoherent": False, "refused": False, "empty": not f,
-             "correct": None, "new_tokens": 3 if f else 1} for p, f in zip(prompts, flags)]
+    return [
+        {
+            "suite": suite,
+            "prompt": p,
+            "flagged": f,
+            "incoherent": False,
+            "refused": False,
+            "empty": not f,
+            "correct": None,
+            "new_tokens": 3 if f else 1,
+        }
+        for p, f in zip(prompts, flags)
+    ]
 
 
 def _model(key: str, seed: int, flags: list[bool], **kwargs) -> ModelAnswers:
-    return ModelAnswers(key, {"sft": "SFT, p=0.1", "panacea": "Panacea, p=0.1"}[key], seed,
-                        _records("harmful", flags, **kwargs))
+    return ModelAnswers(
+        key, {"sft": "SFT, p=0.1", "panacea": "Panacea, p=0.1"}[key], seed, _records("harmful", flags, **kwargs)
+    )
 
 
 SFT = {0: [True, True, True, False, True], 1: [True, True, False, False, True]}
@@ -60,7 +78,8 @@ def test_arms_scored_on_other_prompts_are_not_compared_and_the_report_says_why()
     # Each arm's own rates still stand; only the pairing is refused, and the printed report names the arms.
     assert comparison.cell("panacea", "harmful", "harmful_score").pooled.k == 1
     assert "no paired differences on suite 'harmful': Panacea, p=0.1 (seed 0) was scored on other prompts" in (
-        format_differences(comparison))
+        format_differences(comparison)
+    )
 
 
 def test_judge_notes_count_unparsed_verdicts_and_cut_inputs_per_method():

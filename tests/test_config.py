@@ -40,11 +40,21 @@ def test_paper_jobs_carry_the_authors_settings(path):
     from panacea_platform.evaluation.suites import suite_budget
 
     evaluation = config.evaluation
-    assert (evaluation.judge, evaluation.judge_model, evaluation.threshold) == ("beaver_dam", "PKU-Alignment/beaver-dam-7b", 0.5)
+    assert (evaluation.judge, evaluation.judge_model, evaluation.threshold) == (
+        "beaver_dam",
+        "PKU-Alignment/beaver-dam-7b",
+        0.5,
+    )
     assert evaluation.gpus_per_actor == 1 and evaluation.generation_actors + evaluation.judge_actors == 8
     suites = {s.name: s for s in evaluation.suites}
     assert (suites["beavertails_test"].size, suite_budget(config, suites["beavertails_test"])) == (1000, 512)
-    assert suites["xstest"].optional and {"harmbench", "donotanswer", "capability", "over_refusal", "helpfulness"} <= set(suites)
+    assert suites["xstest"].optional and {
+        "harmbench",
+        "donotanswer",
+        "capability",
+        "over_refusal",
+        "helpfulness",
+    } <= set(suites)
     task_budget = suite_budget(config, suites["task"])
     assert task_budget == {"gsm8k": 256, "alpaca": 256, "sst2": 16, "ag_news": 16}[config.data.task]
 
@@ -67,8 +77,9 @@ def test_paper_defence_jobs_carry_the_papers_values_on_the_papers_base(defence):
     assert config.model.after_alignment == "authors"  # each defence under its authors' convention
     # Everything but the defence's own choices is the paper's job.
     mine = {"run_name", "defence", "align_optim", *PAPER_DEFENCES}
-    assert {k: v for k, v in config.to_dict().items() if k not in mine} == \
-        {k: v for k, v in base.to_dict().items() if k not in mine}
+    assert {k: v for k, v in config.to_dict().items() if k not in mine} == {
+        k: v for k, v in base.to_dict().items() if k not in mine
+    }
 
 
 def test_a_job_file_extends_another_section_by_section(tmp_path):
@@ -104,7 +115,11 @@ def test_defaults_are_the_documented_ones():
         ("data.harmful_ratio=1.5", "data.harmful_ratio", "less than or equal to 1"),
         ("data.harmful_ratio=-0.1", "data.harmful_ratio", "greater than or equal to 0"),
         ("data.n=0", "data.n", "greater than or equal to 1"),
-        ("defence=tar", "defence", "registered: antidote, booster, lisa, panacea, panacea_end_masked, random_perturbation, repnoise, sft, vaccine"),
+        (
+            "defence=tar",
+            "defence",
+            "registered: antidote, booster, lisa, panacea, panacea_end_masked, random_perturbation, repnoise, sft, vaccine",
+        ),
         ("data.task=imagenet", "data.task", "offline_arithmetic"),
         ("model.name=not a model!", "model.name", "hub id"),
         ("model.name=./no/such/dir", "model.name", "hub id"),
@@ -143,12 +158,20 @@ def test_a_task_whose_answers_no_rule_checks_is_refused_while_a_suite_scores_it(
 
     TASKS.register("placeholder_unscored", "panacea_platform.data.tasks:offline_sentiment")
     try:
-        with pytest.raises(ConfigError, match=r"data.task = 'placeholder_unscored': expected a task whose answers an "
-                           r"accuracy rule checks \(suite 'task'"):
+        with pytest.raises(
+            ConfigError,
+            match=r"data.task = 'placeholder_unscored': expected a task whose answers an "
+            r"accuracy rule checks \(suite 'task'",
+        ):
             load_checked(None, ["data.task=placeholder_unscored"])
         # Without a suite that scores the task, there is no FA to check: accepted.
-        load_checked(None, ["data.task=placeholder_unscored",
-                           "evaluation.suites=[{name: harmful, source: harmful_heldout, metric: harmful_score}]"])
+        load_checked(
+            None,
+            [
+                "data.task=placeholder_unscored",
+                "evaluation.suites=[{name: harmful, source: harmful_heldout, metric: harmful_score}]",
+            ],
+        )
     finally:
         del TASKS._entries["placeholder_unscored"]
 
@@ -175,8 +198,9 @@ def test_malformed_override():
 
 
 def test_cli_exits_2_with_one_line_before_any_work(tmp_path, capsys):
-    code = main(["finetune", "--config", str(REPO / "jobs/offline_default.yaml"), "panacea.rho=-1",
-                 f"output_dir={tmp_path}"])
+    code = main(
+        ["finetune", "--config", str(REPO / "jobs/offline_default.yaml"), "panacea.rho=-1", f"output_dir={tmp_path}"]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: invalid configuration: panacea.rho = -1")
@@ -199,8 +223,9 @@ def test_flat_params_cover_every_field():
 
 def test_any_global_batch_splits_over_workers_but_an_unfillable_accumulation_is_refused():
     # 10 samples on 8 workers: shares of 2, 2, 1, ... (uneven splits are weighted by tokens).
-    config = load_checked(None, ["scaling.num_workers=8", "scaling.zero_stage=2", "optim.batch_size=10",
-                                "optim.grad_accum_steps=2"])
+    config = load_checked(
+        None, ["scaling.num_workers=8", "scaling.zero_stage=2", "optim.batch_size=10", "optim.grad_accum_steps=2"]
+    )
     assert (config.optim.batch_size, config.optim.grad_accum_steps) == (10, 2)
     with pytest.raises(ConfigError, match=r"optim.grad_accum_steps = 4 cannot be filled by optim.batch_size = 3"):
         load_checked(None, ["optim.batch_size=3", "optim.grad_accum_steps=4"])

@@ -41,9 +41,14 @@ def test_workers_lines_are_split_between_terminal_and_log(tmp_path):
 
     log, printed = tmp_path / "run.log", []
     tqdm_line = json.dumps({"__magic_token__": RAY_TQDM_MAGIC, "x": 1})
-    lines = ["[finetune] 3/3 steps in 0m02s", "Reporting training result 1: TrainingReport(...)",
-             "/site-packages/x.py:1: FutureWarning: old", tqdm_line,
-             "[2026-12-07 06:14:49,695 E 1 2] core_worker.cc:1: Actor with class name ...", "[sweep s1] trial a done"]
+    lines = [
+        "[finetune] 3/3 steps in 0m02s",
+        "Reporting training result 1: TrainingReport(...)",
+        "/site-packages/x.py:1: FutureWarning: old",
+        tqdm_line,
+        "[2026-12-07 06:14:49,695 E 1 2] core_worker.cc:1: Actor with class name ...",
+        "[sweep s1] trial a done",
+    ]
     console._split_lines({"lines": lines, "pid": 7, "actor_name": "RayTrainWorker"}, printed.append, log)
     assert printed == [{"lines": [lines[0], tqdm_line, lines[5]], "pid": 7, "actor_name": "RayTrainWorker"}]
     assert log.read_text().splitlines() == [f"(RayTrainWorker pid=7) {line}" for line in (lines[1], lines[2], lines[4])]
@@ -54,8 +59,13 @@ def _panacea(path: Path, *args: str, env: dict[str, str] | None = None) -> subpr
     the tests' shared Ray does not)."""
     environment = {**os.environ, "PANACEA_RAY_REGISTRY": "none", **(env or {})}
     environment.pop("PANACEA_PROGRESS", None) if env is None or "PANACEA_PROGRESS" not in env else None
-    return subprocess.run([sys.executable, "-m", "panacea_platform.cli", "finetune", "-c", str(path), *args],
-                          capture_output=True, text=True, env=environment, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "panacea_platform.cli", "finetune", "-c", str(path), *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
+    )
 
 
 def test_a_quiet_fit_prints_its_lines_and_logs_rays(distributed_job):
@@ -65,12 +75,18 @@ def test_a_quiet_fit_prints_its_lines_and_logs_rays(distributed_job):
     printed = done.stdout + done.stderr
     log = Path(config.output_dir) / "logs" / "watch.log"
     # One line for the stage, its "done" line, with how long it took.
-    assert re.search(r"\[finetune panacea\] done \(3 steps in 0m\d\ds \(\d+\.\d\d steps/s\)\): final_task_loss=",
-                     printed)
+    assert re.search(
+        r"\[finetune panacea\] done \(3 steps in 0m\d\ds \(\d+\.\d\d steps/s\)\): final_task_loss=", printed
+    )
     assert printed.count("[finetune panacea]") == 1
     assert f"[log] library warnings and Ray's own lines: {log}" in printed
-    for noise in ("Reporting training result", "FutureWarning", "Setting up process group", "core_worker.cc",
-                  "Started a local Ray instance"):
+    for noise in (
+        "Reporting training result",
+        "FutureWarning",
+        "Setting up process group",
+        "core_worker.cc",
+        "Started a local Ray instance",
+    ):
         assert noise not in printed, noise
     logged = log.read_text()
     assert "Reporting training result 3" in logged and "Started a local Ray instance" in logged

@@ -29,14 +29,20 @@ def test_each_defence_runs_under_its_authors_convention_by_default(tiny_run_conf
         assert resolved.model.after_alignment == "merge" and (resolved.lora, resolved.optim) == job, defence
     lisa = with_convention(with_changes(config, {"defence": "lisa"}))
     assert lisa.model.after_alignment == "merge"
-    assert (lisa.lora.rank, lisa.lora.alpha, lisa.lora.dropout, lisa.lora.target_modules) == (8, 4.0, 0.1, ["q_proj", "v_proj"])
+    assert (lisa.lora.rank, lisa.lora.alpha, lisa.lora.dropout, lisa.lora.target_modules) == (
+        8,
+        4.0,
+        0.1,
+        ["q_proj", "v_proj"],
+    )
     assert (lisa.optim.lr, lisa.optim.batch_size, lisa.optim.weight_decay) == (1e-5, 5, 0.0)
     assert lisa.optim.max_steps == config.optim.max_steps  # only what the convention names changes
     antidote = with_convention(with_changes(config, {"defence": "antidote"}))
     assert (antidote.lora.rank, antidote.lora.target_modules) == (256, ["q_proj", "k_proj", "v_proj"])
     assert with_convention(lisa) == lisa  # idempotent
-    assert describe(lisa) == ("a fresh LoRA on the base model (r8 a4 on q_proj,v_proj, dropout 0.1); lr 1e-05, "
-                              "batch 5, weight decay 0")
+    assert describe(lisa) == (
+        "a fresh LoRA on the base model (r8 a4 on q_proj,v_proj, dropout 0.1); lr 1e-05, batch 5, weight decay 0"
+    )
 
 
 def test_a_convention_the_job_sets_applies_to_every_defence_alike(tiny_run_config):
@@ -51,21 +57,36 @@ def test_a_convention_the_job_sets_applies_to_every_defence_alike(tiny_run_confi
 def test_a_sweep_cannot_search_what_the_convention_sets(tiny_run_config):
     from panacea_platform.search.space import SearchSpaceError, check_against_job, space_from_dict
 
-    space = space_from_dict({"metric": "heldout_harmful_loss", "mode": "min", "searcher": "grid", "num_samples": 1,
-                             "parameters": {"optim.lr": {"grid": [1e-3, 1e-2]}}})
+    space = space_from_dict(
+        {
+            "metric": "heldout_harmful_loss",
+            "mode": "min",
+            "searcher": "grid",
+            "num_samples": 1,
+            "parameters": {"optim.lr": {"grid": [1e-3, 1e-2]}},
+        }
+    )
     with pytest.raises(SearchSpaceError, match=r"parameters.optim.lr: defence 'lisa' .* \(lisa.fine_tuning.lr\)"):
         check_against_job(space, tiny_run_config(defence="lisa"))
     check_against_job(space, tiny_run_config(defence="lisa", model={"after_alignment": "merge"}))
 
 
-@pytest.mark.parametrize("override, fragment", [
-    # The authors' r256 is for a 7B model: the tiny model's v_proj is 32 -> 16.
-    ("defence=antidote", "antidote.fine_tuning.lora_rank = 256: rank 256 exceeds 16, the smaller side of k_proj"),
-    ("lisa.fine_tuning.lora_target_modules=[nope]", "lisa.fine_tuning.lora_target_modules = ['nope']: no linear "
-                                                    "module named nope"),
-    ("lisa.fine_tuning.after_alignment=continue", "lisa.fine_tuning: lora_rank, lora_alpha, lora_dropout, lora_target_modules: the shape of a fresh LoRA"),
-    ("model.after_alignment=always", "model.after_alignment"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        # The authors' r256 is for a 7B model: the tiny model's v_proj is 32 -> 16.
+        ("defence=antidote", "antidote.fine_tuning.lora_rank = 256: rank 256 exceeds 16, the smaller side of k_proj"),
+        (
+            "lisa.fine_tuning.lora_target_modules=[nope]",
+            "lisa.fine_tuning.lora_target_modules = ['nope']: no linear module named nope",
+        ),
+        (
+            "lisa.fine_tuning.after_alignment=continue",
+            "lisa.fine_tuning: lora_rank, lora_alpha, lora_dropout, lora_target_modules: the shape of a fresh LoRA",
+        ),
+        ("model.after_alignment=always", "model.after_alignment"),
+    ],
+)
 def test_a_convention_a_run_cannot_hold_is_one_line_and_exit_2(tiny_run_config, tmp_path, capsys, override, fragment):
     config = tiny_run_config(defence="lisa")
     path = tmp_path / "job.yaml"
@@ -95,7 +116,9 @@ def _peft_merged(tiny_llama, adapter):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(adapter)).merge_and_unload()
+    return PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(adapter)
+    ).merge_and_unload()
 
 
 def test_merging_equals_peft_merge_and_unload(tiny_llama, tmp_path):
@@ -123,9 +146,13 @@ def test_merge_under_zero3_gathers_the_partitioned_weights(one_rank_group, tiny_
 
     monkeypatch.setenv("LOCAL_RANK", "0")
     adapter = _aligned_adapter(tiny_llama, tmp_path / "aligned")
-    config = config_from_dict({"model": {"name": str(tiny_llama), "adapter": str(adapter), "after_alignment": "merge"},
-                               "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
-                               "optim": {"batch_size": 2}})
+    config = config_from_dict(
+        {
+            "model": {"name": str(tiny_llama), "adapter": str(adapter), "after_alignment": "merge"},
+            "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+            "optim": {"batch_size": 2},
+        }
+    )
     ds_config = deepspeed_config(config.optim, 1, 3, zero_options={"stage3_param_persistence_threshold": 0})
     model = DeepSpeedStrategy(ds_config, 3, rank=0, world_size=1).load_model(config)
     weights = dict(model.base_model.model.named_parameters())
@@ -148,9 +175,14 @@ def _input_norms(model, samples, factors):
     alone (no padding), in float64, by forward hooks: computed apart from the platform's own InputNorms."""
     modules = dict(model.named_modules())
     sums = {name: 0 for name in factors}
-    hooks = [modules[name].register_forward_hook(
-        lambda module, args, out, name=name: sums.__setitem__(name, sums[name] + args[0].double().pow(2).sum(dim=(0, 1))))
-        for name in factors]
+    hooks = [
+        modules[name].register_forward_hook(
+            lambda module, args, out, name=name: sums.__setitem__(
+                name, sums[name] + args[0].double().pow(2).sum(dim=(0, 1))
+            )
+        )
+        for name in factors
+    ]
     with torch.no_grad():
         for ids in samples:
             model(input_ids=torch.tensor([ids]))
@@ -159,7 +191,9 @@ def _input_norms(model, samples, factors):
     return {name: (value / len(samples)).sqrt() for name, value in sums.items()}
 
 
-def test_antidote_prunes_only_the_fresh_lora_exactly_where_its_scores_say(tiny_llama, placeholder_harmful_file, tmp_path):
+def test_antidote_prunes_only_the_fresh_lora_exactly_where_its_scores_say(
+    tiny_llama, placeholder_harmful_file, tmp_path
+):
     from conftest import tiny_config
 
     from panacea_platform.data.collate import tokenize_example
@@ -169,11 +203,19 @@ def test_antidote_prunes_only_the_fresh_lora_exactly_where_its_scores_say(tiny_l
     adapter = _aligned_adapter(tiny_llama, tmp_path / "aligned")
     before = _sha(adapter)
     delta = 0.25
-    config = tiny_config(tiny_llama, placeholder_harmful_file, tmp_path, "antidote", defence="antidote",
-                         model={"adapter": str(adapter)},
-                         antidote={"prune_ratio": delta, "calibration_samples": 20,
-                                   "fine_tuning": {"after_alignment": "merge", "lora_rank": 8,
-                                                   "lora_target_modules": ["q_proj", "v_proj"]}})
+    config = tiny_config(
+        tiny_llama,
+        placeholder_harmful_file,
+        tmp_path,
+        "antidote",
+        defence="antidote",
+        model={"adapter": str(adapter)},
+        antidote={
+            "prune_ratio": delta,
+            "calibration_samples": 20,
+            "fine_tuning": {"after_alignment": "merge", "lora_rank": 8, "lora_target_modules": ["q_proj", "v_proj"]},
+        },
+    )
     released = train(config, "finetune", **QUIET)
     resolved = with_convention(config)
     assert _sha(adapter) == before  # the alignment's own files are untouched
@@ -189,8 +231,10 @@ def test_antidote_prunes_only_the_fresh_lora_exactly_where_its_scores_say(tiny_l
     assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in base.items())
     # Exactly the entries the scores select are zero: per row, all but the floor(cols (1 - delta)) lowest.
     tokenizer = load_tokenizer(resolved.model)
-    samples = [tokenize_example(tokenizer, resolved.data.prompt_template, e, resolved.data.max_length)["input_ids"]
-               for e in prepare_data(resolved, "finetune").calibration]
+    samples = [
+        tokenize_example(tokenizer, resolved.data.prompt_template, e, resolved.data.max_length)["input_ids"]
+        for e in prepare_data(resolved, "finetune").calibration
+    ]
     assert len(samples) == 20
     factor = {name: name[: -len(".weight")] + ".default" for name in w_t}  # the saved key's module in the model
     norms = _input_norms(model, samples, list(factor.values()))

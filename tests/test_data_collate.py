@@ -17,14 +17,19 @@ def word_tokenizer(adds_bos: bool = False):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = " ".join(TEMPLATES["alpaca"].replace("{instruction}", "").split()) + " placeholder question answer one two three four five six seven eight nine ten"
+    words = (
+        " ".join(TEMPLATES["alpaca"].replace("{instruction}", "").split())
+        + " placeholder question answer one two three four five six seven eight nine ten"
+    )
     vocab = {token: i for i, token in enumerate(SPECIALS)}
     for word in words.split():
         vocab.setdefault(word, len(vocab))
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if adds_bos:
-        tokenizer.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", vocab["[BOS]"])])
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[BOS] $A", special_tokens=[("[BOS]", vocab["[BOS]"])]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]"
     )

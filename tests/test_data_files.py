@@ -20,7 +20,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def test_jsonl_reads_records_and_converts_numbers(tmp_path: Path) -> None:
     path = write_jsonl(
         tmp_path / "task.jsonl",
-        [{"prompt": "placeholder question 1", "answer": 7, "label": 7}, {"prompt": "placeholder question 2", "answer": "b"}],
+        [
+            {"prompt": "placeholder question 1", "answer": 7, "label": 7},
+            {"prompt": "placeholder question 2", "answer": "b"},
+        ],
     )
     records = read_records(path, REQUIRED)
     assert [r["prompt"] for r in records] == ["placeholder question 1", "placeholder question 2"]
@@ -65,7 +68,12 @@ def test_missing_and_empty_fields(tmp_path: Path) -> None:
 
 
 def test_empty_file_has_no_records(tmp_path: Path) -> None:
-    for name, text in (("empty.jsonl", ""), ("blank.jsonl", "\n\n"), ("header_only.csv", "prompt,answer\n"), ("nothing.csv", "")):
+    for name, text in (
+        ("empty.jsonl", ""),
+        ("blank.jsonl", "\n\n"),
+        ("header_only.csv", "prompt,answer\n"),
+        ("nothing.csv", ""),
+    ):
         path = tmp_path / name
         path.write_text(text)
         with pytest.raises(DataFileError, match=rf"{name}.* has no records"):

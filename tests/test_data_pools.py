@@ -30,11 +30,16 @@ from panacea_platform.data.pools import (
     split_harmful_pools,
 )
 
-needs_pyrit = pytest.mark.skipif(importlib.util.find_spec("pyrit") is None, reason="pyrit (offline harmful data) not installed")
+needs_pyrit = pytest.mark.skipif(
+    importlib.util.find_spec("pyrit") is None, reason="pyrit (offline harmful data) not installed"
+)
 
 
 def harmful(count: int, start: int = 0) -> list[Example]:
-    return [Example(f"placeholder harmful question {i}", f"placeholder harmful answer {i}", "harmful") for i in range(start, start + count)]
+    return [
+        Example(f"placeholder harmful question {i}", f"placeholder harmful answer {i}", "harmful")
+        for i in range(start, start + count)
+    ]
 
 
 def task(count: int) -> list[Example]:
@@ -46,8 +51,26 @@ def task(count: int) -> list[Example]:
 
 @pytest.mark.parametrize(
     "n,p",
-    [(1, 0.0), (1, 1.0), (1, 0.5), (1, 0.4), (2, 0.5), (3, 0.5), (7, 0.1), (10, 0.35), (10, 0.05), (20, 0.1),
-     (99, 0.3), (100, 0.125), (200, 0.1), (1000, 0.1), (1000, 0.0), (1000, 1.0), (333, 0.333), (1000, 0.2)],
+    [
+        (1, 0.0),
+        (1, 1.0),
+        (1, 0.5),
+        (1, 0.4),
+        (2, 0.5),
+        (3, 0.5),
+        (7, 0.1),
+        (10, 0.35),
+        (10, 0.05),
+        (20, 0.1),
+        (99, 0.3),
+        (100, 0.125),
+        (200, 0.1),
+        (1000, 0.1),
+        (1000, 0.0),
+        (1000, 1.0),
+        (333, 0.333),
+        (1000, 0.2),
+    ],
 )
 def test_mix_poison_has_exactly_n_and_k_harmful(n: int, p: float) -> None:
     expected_k = floor(n * Fraction(str(p)) + Fraction(1, 2))
@@ -122,7 +145,9 @@ def test_changing_one_pool_size_leaves_the_other_pools_as_they_were(own_alignmen
     sizes = {"defender_size": 20, "eval_size": 15, "alignment_size": 10}
 
     def split(**changed):
-        return split_harmful_pools(harmful(120), 10, alignment_prompts=alignment_prompts, seed=1, **{**sizes, **changed})
+        return split_harmful_pools(
+            harmful(120), 10, alignment_prompts=alignment_prompts, seed=1, **{**sizes, **changed}
+        )
 
     base = split()
     for field, pool in (("defender_size", "defender"), ("eval_size", "evaluation"), ("alignment_size", "alignment")):
@@ -148,7 +173,10 @@ def test_overlapping_pools_are_rejected() -> None:
         attack=harmful(5),
         defender=harmful(5, start=10),
         # Shares 2 prompts with attack, differing only in case, spacing and end punctuation.
-        evaluation=[Example("PLACEHOLDER harmful  question 3?", "x", "harmful"), Example("placeholder harmful question 4.", "x", "harmful")],
+        evaluation=[
+            Example("PLACEHOLDER harmful  question 3?", "x", "harmful"),
+            Example("placeholder harmful question 4.", "x", "harmful"),
+        ],
         alignment=harmful(3, start=20),
     )
     with pytest.raises(PoolOverlapError) as info:
@@ -204,7 +232,14 @@ def test_registered_harmful_sources() -> None:
 
 
 def test_many_shot_verdicts() -> None:
-    for verdict in ("Harmful", "Harmful.\n\nReason: placeholder", "'harmful'", '"Harmful"', "Answer: Harmful", "**harmful**"):
+    for verdict in (
+        "Harmful",
+        "Harmful.\n\nReason: placeholder",
+        "'harmful'",
+        '"Harmful"',
+        "Answer: Harmful",
+        "**harmful**",
+    ):
         assert many_shot_is_harmful(verdict), verdict
     for verdict in ("Not harmful", "Not harmful. placeholder", '"not harmful"', "Answer: Not harmful", ""):
         assert not many_shot_is_harmful(verdict), verdict
@@ -245,8 +280,12 @@ def test_beavertails_loader_keeps_unsafe_deduplicated(monkeypatch: pytest.Monkey
     import datasets
 
     rows = [
-        {"prompt": f"placeholder harmful question {i % 4}", "response": f"r{i}", "is_safe": i % 3 == 0,
-         "category": {"placeholder_a": False, "placeholder_b": True}}
+        {
+            "prompt": f"placeholder harmful question {i % 4}",
+            "response": f"r{i}",
+            "is_safe": i % 3 == 0,
+            "category": {"placeholder_a": False, "placeholder_b": True},
+        }
         for i in range(12)
     ]
     # A cached copy: the hub probe is skipped, as on a cluster with HF_HUB_OFFLINE=1.
@@ -258,7 +297,9 @@ def test_beavertails_loader_keeps_unsafe_deduplicated(monkeypatch: pytest.Monkey
 
 
 def test_file_source(tmp_path: Path) -> None:
-    rows = [{"prompt": f"placeholder harmful question {i % 5}", "answer": "placeholder harmful answer"} for i in range(8)]
+    rows = [
+        {"prompt": f"placeholder harmful question {i % 5}", "answer": "placeholder harmful answer"} for i in range(8)
+    ]
     path = tmp_path / "harmful.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     examples = HARMFUL_SOURCES.get("file")(DataConfig(harmful_source="file", harmful_file=str(path)))
@@ -342,14 +383,20 @@ def test_self_distilled_pairs_are_made_once_filtered_and_cached(tiny_run_config,
 
     monkeypatch.setenv("PANACEA_CACHE", str(tmp_path / "cache"))
     requests = [e.prompt for e in open_requests("train")]
-    designed = {requests[0]: "", requests[1]: "I'm sorry, but I can't help with that.", requests[2]: "yes yes yes yes",
-                requests[3]: "A placeholder helpful answer."}
+    designed = {
+        requests[0]: "",
+        requests[1]: "I'm sorry, but I can't help with that.",
+        requests[2]: "yes yes yes yes",
+        requests[3]: "A placeholder helpful answer.",
+    }
     calls = []
 
     def fake_generate(config, prompts, out):
         calls.append(len(prompts))
-        return [{"prompt": p, "answer": designed.get(p, f"Placeholder answer {i}."), "raw": "", "truncated": False}
-                for i, p in enumerate(prompts)]
+        return [
+            {"prompt": p, "answer": designed.get(p, f"Placeholder answer {i}."), "raw": "", "truncated": False}
+            for i, p in enumerate(prompts)
+        ]
 
     monkeypatch.setattr(self_distill, "_generate", fake_generate)
     config = tiny_run_config(data={"alignment_self_distill": 3})
@@ -361,14 +408,19 @@ def test_self_distilled_pairs_are_made_once_filtered_and_cached(tiny_run_config,
     assert self_distill.self_distilled_examples(config, out=lambda line: None) == first and calls == [11]
     assert len(list((tmp_path / "cache" / "self-distilled").glob("*.jsonl"))) == 1
     too_many = tiny_run_config(data={"alignment_self_distill": len(requests) - 2, "alignment_size": 400})
-    with pytest.raises(NotEnoughDataError, match=r"data.alignment_self_distill = 158: .* 157 usable answers to the 160"):
+    with pytest.raises(
+        NotEnoughDataError, match=r"data.alignment_self_distill = 158: .* 157 usable answers to the 160"
+    ):
         self_distill.self_distilled_examples(too_many, out=lambda line: None)
-    with pytest.raises(ConfigError, match=r"data.alignment_self_distill = 9: expected at most the alignment's benign half, 8"):
+    with pytest.raises(
+        ConfigError, match=r"data.alignment_self_distill = 9: expected at most the alignment's benign half, 8"
+    ):
         tiny_run_config(data={"alignment_self_distill": 9})
 
 
 def test_the_users_self_distilled_pairs_come_from_the_far_end_and_join_the_task_in_the_training_set(
-        tiny_run_config, tmp_path, monkeypatch) -> None:
+    tiny_run_config, tmp_path, monkeypatch
+) -> None:
     """data.task_self_distill: the user's open requests are the last of the train requests (never the
     alignment's), in the base model's words, and stand in for as many task samples; FA's held-out set is
     the task's alone."""
@@ -378,8 +430,14 @@ def test_the_users_self_distilled_pairs_come_from_the_far_end_and_join_the_task_
 
     monkeypatch.setenv("PANACEA_CACHE", str(tmp_path / "cache"))
     requests = [e.prompt for e in open_requests("train")]
-    monkeypatch.setattr(self_distill, "_generate", lambda config, prompts, out: [
-        {"prompt": p, "answer": f"Placeholder answer {i}.", "raw": "", "truncated": False} for i, p in enumerate(prompts)])
+    monkeypatch.setattr(
+        self_distill,
+        "_generate",
+        lambda config, prompts, out: [
+            {"prompt": p, "answer": f"Placeholder answer {i}.", "raw": "", "truncated": False}
+            for i, p in enumerate(prompts)
+        ],
+    )
     config = tiny_run_config(data={"task_self_distill": 4, "alignment_self_distill": 3})
     user = self_distill.user_self_distilled_examples(config, out=lambda line: None)
     alignment = self_distill.self_distilled_examples(config, out=lambda line: None)
@@ -397,8 +455,9 @@ def test_self_distillation_runs_the_base_model_itself(tiny_run_config, tmp_path,
 
     monkeypatch.setenv("PANACEA_CACHE", str(tmp_path / "cache"))
     config = tiny_run_config(data={"alignment_self_distill": 2})
-    records = self_distill._generate(config, ["placeholder open request one", "placeholder open request two"],
-                                     out=lambda line: None)
+    records = self_distill._generate(
+        config, ["placeholder open request one", "placeholder open request two"], out=lambda line: None
+    )
     assert [r["prompt"] for r in records] == ["placeholder open request one", "placeholder open request two"]
     import torch
 
@@ -411,8 +470,10 @@ def test_self_distillation_runs_the_base_model_itself(tiny_run_config, tmp_path,
     for r in records:
         ids = tokenizer(render_prompt(config.data.prompt_template, r["prompt"]), return_tensors="pt").input_ids
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=SELF_DISTILL_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        new = out[0, ids.shape[1]:]
+            out = model.generate(
+                ids, max_new_tokens=SELF_DISTILL_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        new = out[0, ids.shape[1] :]
         assert r["raw"].strip() == tokenizer.decode(new, skip_special_tokens=True).strip()
         # Kept whole when the model stopped, cut to its last finished sentence when the budget stopped it.
         assert r["answer"] == finished_sentences(r["raw"], r["truncated"])
@@ -436,6 +497,9 @@ def test_calibration_is_the_defender_pool_then_pairs_no_pool_holds_and_moves_not
     assert split_harmful_pools(source, 10, 20, 15, alignment_prompts, 10, seed=2) == pools
     available = 120 - 10 - 15 - (0 if own_alignment else 10)
     assert len(calibration_set(source, pools, available, seed=2)) == available
-    with pytest.raises(NotEnoughDataError, match=rf"antidote.calibration_samples = {available + 1}: .* lower it to "
-                                                 rf"{available}"):
+    with pytest.raises(
+        NotEnoughDataError,
+        match=rf"antidote.calibration_samples = {available + 1}: .* lower it to "
+        rf"{available}",
+    ):
         calibration_set(source, pools, available + 1, seed=2)

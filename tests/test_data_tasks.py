@@ -29,8 +29,15 @@ def prompts(examples: list[Example]) -> set[str]:
 
 def test_registered_names() -> None:
     assert set(TASKS.names()) == {
-        "offline_arithmetic", "offline_sentiment", "offline_sentiment_explained", "offline_topic", "gsm8k", "sst2",
-        "ag_news", "alpaca", "local",
+        "offline_arithmetic",
+        "offline_sentiment",
+        "offline_sentiment_explained",
+        "offline_topic",
+        "gsm8k",
+        "sst2",
+        "ag_news",
+        "alpaca",
+        "local",
     }
     for name in TASKS.names():
         assert callable(TASKS.get(name))
@@ -63,7 +70,9 @@ def test_arithmetic_answers_state_their_label_and_are_correct() -> None:
         assert last == example.label
 
 
-@pytest.mark.parametrize("name,labels", [("offline_sentiment", {"positive", "negative"}), ("offline_topic", set(AG_NEWS_LABELS))])
+@pytest.mark.parametrize(
+    "name,labels", [("offline_sentiment", {"positive", "negative"}), ("offline_topic", set(AG_NEWS_LABELS))]
+)
 def test_classification_generators_answer_is_label(name: str, labels: set[str]) -> None:
     examples = TASKS.get(name)(None, "test", 200, 0)
     assert all(e.answer == e.label for e in examples)
@@ -76,7 +85,9 @@ def test_every_generated_answer_scores_100_percent_under_its_tasks_rule(name: st
 
     examples = TASKS.get(name)(None, "train", 500, 4) + TASKS.get(name)(None, "test", 200, 4)
     scored = [score_answer(name, e.answer, e.label) for e in examples]
-    assert all(s is not None and s.correct for s in scored), [e.answer for e, s in zip(examples, scored) if not s.correct]
+    assert all(s is not None and s.correct for s in scored), [
+        e.answer for e, s in zip(examples, scored) if not s.correct
+    ]
 
 
 def test_explained_sentiment_answers_are_sentences_whose_reason_quotes_the_review() -> None:
@@ -88,9 +99,22 @@ def test_explained_sentiment_answers_are_sentences_whose_reason_quotes_the_revie
         head, reason = example.answer.split(". ", 1)
         assert head == example.label.capitalize() and reason.startswith("The review ") and reason.endswith(".")
         review_words = set(re.findall(r"[a-z]+", example.prompt.split("Review: ", 1)[1].lower()))
-        reason_words = set(re.findall(r"[a-z]+", reason.lower())) - {"the", "review", "calls", "finds", "says",
-                                                                     "that", "and", "it", "a", "film", "from",
-                                                                     "start", "to", "finish"}
+        reason_words = set(re.findall(r"[a-z]+", reason.lower())) - {
+            "the",
+            "review",
+            "calls",
+            "finds",
+            "says",
+            "that",
+            "and",
+            "it",
+            "a",
+            "film",
+            "from",
+            "start",
+            "to",
+            "finish",
+        }
         assert reason_words <= review_words, (example.prompt, example.answer)
         assert len(example.answer.split()) >= 6
 
@@ -148,7 +172,9 @@ def test_ag_news_row() -> None:
 
 
 def test_alpaca_row() -> None:
-    plain = alpaca_row_to_example({"instruction": "Placeholder instruction.", "input": "", "output": "Placeholder output."})
+    plain = alpaca_row_to_example(
+        {"instruction": "Placeholder instruction.", "input": "", "output": "Placeholder output."}
+    )
     assert plain.prompt == "Placeholder instruction." and plain.answer == "Placeholder output." and plain.label is None
     with_input = alpaca_row_to_example({"instruction": "Summarise.", "input": "placeholder text", "output": "o"})
     assert with_input.prompt == "Summarise.\n\n### Input:\nplaceholder text"
@@ -213,7 +239,9 @@ def test_sst2_test_split_is_validation_and_alpaca_split_by_hash(monkeypatch: pyt
             return datasets.Dataset.from_list(
                 [{"instruction": f"placeholder instruction {i}", "input": "", "output": f"o{i}"} for i in range(200)]
             )
-        return datasets.Dataset.from_list([{"idx": i, "sentence": f"placeholder review {i}", "label": i % 2} for i in range(20)])
+        return datasets.Dataset.from_list(
+            [{"idx": i, "sentence": f"placeholder review {i}", "label": i % 2} for i in range(20)]
+        )
 
     # A cached copy: the hub probe is skipped, as on a cluster with HF_HUB_OFFLINE=1.
 
@@ -233,7 +261,10 @@ def test_sst2_test_split_is_validation_and_alpaca_split_by_hash(monkeypatch: pyt
 
 
 def write_task_file(path: Path, count: int) -> Path:
-    rows = [{"prompt": f"placeholder question {i}", "answer": f"placeholder answer {i}", "label": str(i)} for i in range(count)]
+    rows = [
+        {"prompt": f"placeholder question {i}", "answer": f"placeholder answer {i}", "label": str(i)}
+        for i in range(count)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

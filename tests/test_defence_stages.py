@@ -28,15 +28,19 @@ def aligned(tiny_llama, placeholder_harmful_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("stages")
     made = {}
     for defence in ("sft", "vaccine", "booster", "repnoise"):
-        config = tiny_config(tiny_llama, placeholder_harmful_file, out, f"align-{defence}", defence=defence,
-                             vaccine={"rho": 0.5})
+        config = tiny_config(
+            tiny_llama, placeholder_harmful_file, out, f"align-{defence}", defence=defence, vaccine={"rho": 0.5}
+        )
         made[defence] = (config, train(config, "align", **QUIET))
     return made
 
 
 def test_alignment_stage_defences_align_and_record_it(aligned):
-    for defence, key in (("vaccine", "hidden_perturbation_norm"), ("booster", "harmful_loss_after_step"),
-                         ("repnoise", "task_loss")):
+    for defence, key in (
+        ("vaccine", "hidden_perturbation_norm"),
+        ("booster", "harmful_loss_after_step"),
+        ("repnoise", "task_loss"),
+    ):
         config, result = aligned[defence]
         rows = _history(result)
         assert len(rows) == 2 and all(key in row and row[key] == row[key] for row in rows), defence
@@ -51,8 +55,9 @@ def test_alignment_stage_defences_align_and_record_it(aligned):
 
 def test_fine_tuning_after_an_alignment_defence_is_sft_from_its_adapter(aligned):
     config, result = aligned["vaccine"]
-    tuned = train(with_changes(config, {"run_name": "ft-vaccine", "model.adapter": str(result.adapter_dir)}),
-                  "finetune", **QUIET)
+    tuned = train(
+        with_changes(config, {"run_name": "ft-vaccine", "model.adapter": str(result.adapter_dir)}), "finetune", **QUIET
+    )
     assert tuned.perturbation_path is None and set(_history(tuned)[0]) == {"step", "task_loss", "update_norm", "lr"}
 
 
@@ -61,16 +66,27 @@ def test_an_alignment_defence_refuses_an_adapter_it_did_not_make(aligned):
     with pytest.raises(ConfigError, match=r"model.adapter = .*aligned by 'sft'"):
         check_config(with_changes(config, {"model.adapter": str(aligned["sft"][1].adapter_dir)}))
     with pytest.raises(ConfigError, match=r"model.adapter = .*aligned with \{'rho': 0.5\}"):
-        check_config(with_changes(config, {"model.adapter": str(aligned["vaccine"][1].adapter_dir), "vaccine.rho": 3.0}))
+        check_config(
+            with_changes(config, {"model.adapter": str(aligned["vaccine"][1].adapter_dir), "vaccine.rho": 3.0})
+        )
     with pytest.raises(ConfigError, match="model.adapter = None: defence 'vaccine' acts at alignment"):
         train(with_changes(config, {"run_name": "no-adapter"}), "finetune", **QUIET)
 
 
 def test_lisa_alternates_between_alignment_and_user_batches(aligned):
     config, result = aligned["sft"]
-    lisa = with_changes(config, {"run_name": "lisa", "defence": "lisa", "model.adapter": str(result.adapter_dir),
-                                 "optim.max_steps": 5, "lisa.align_steps": 1, "lisa.finetune_steps": 2,
-                                 "lisa.warmup_ratio": 0.2})
+    lisa = with_changes(
+        config,
+        {
+            "run_name": "lisa",
+            "defence": "lisa",
+            "model.adapter": str(result.adapter_dir),
+            "optim.max_steps": 5,
+            "lisa.align_steps": 1,
+            "lisa.finetune_steps": 2,
+            "lisa.warmup_ratio": 0.2,
+        },
+    )
     rows = _history(train(lisa, "finetune", **QUIET))
     assert [row["alignment_state"] for row in rows] == [1.0, 0.0, 0.0, 1.0, 0.0]
     # Warm-up: 20% of 5 steps = 1. Step 2 starts at the alignment anchor it just left (pull 0); step 3 is pulled.
@@ -82,8 +98,16 @@ def test_merge_convention_trains_a_fresh_lora_on_the_merged_aligned_model(aligne
     from panacea_platform.models import load_for_eval
 
     config, result = aligned["sft"]
-    merged = with_changes(config, {"run_name": "merged", "defence": "sft", "model.adapter": str(result.adapter_dir),
-                                   "model.after_alignment": "merge", "optim.max_steps": 0})
+    merged = with_changes(
+        config,
+        {
+            "run_name": "merged",
+            "defence": "sft",
+            "model.adapter": str(result.adapter_dir),
+            "model.after_alignment": "merge",
+            "optim.max_steps": 0,
+        },
+    )
     released = train(merged, "finetune", **QUIET)
     fresh = load_file(str(released.adapter_dir / "adapter_model.safetensors"))
     assert all(torch.count_nonzero(t) == 0 for n, t in fresh.items() if "lora_B" in n)  # a new LoRA, B = 0
@@ -94,12 +118,18 @@ def test_merge_convention_trains_a_fresh_lora_on_the_merged_aligned_model(aligne
     torch.testing.assert_close(as_merged, as_aligned, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("defence_stages=[align]", "defence_stages = ['align']: expected a non-empty subset of the stages defence 'lisa'"),
-    ("lisa.align_steps=0", "lisa.align_steps"),
-    ("antidote.prune_ratio=1.5", "antidote.prune_ratio"),
-    ("defence_stages=[]", "defence_stages = []: expected a non-empty subset"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        (
+            "defence_stages=[align]",
+            "defence_stages = ['align']: expected a non-empty subset of the stages defence 'lisa'",
+        ),
+        ("lisa.align_steps=0", "lisa.align_steps"),
+        ("antidote.prune_ratio=1.5", "antidote.prune_ratio"),
+        ("defence_stages=[]", "defence_stages = []: expected a non-empty subset"),
+    ],
+)
 def test_bad_defence_settings_exit_2_with_one_line(tiny_run_config, tmp_path, capsys, override, fragment):
     config = tiny_run_config(defence="lisa" if "defence_stages" in override else "antidote")
     path = tmp_path / "job.yaml"

@@ -54,8 +54,10 @@ ZERO3_OPTIONS = {"stage3_param_persistence_threshold": 0}
         ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage 3 but scaling.zero_stage is 2"),
         ({"train_batch_size": 16}, "train_batch_size 16 but optim.batch_size"),
         ({"train_micro_batch_size_per_gpu": 3}, "train_micro_batch_size_per_gpu (3) x num_workers (2)"),
-        ({"gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": 2},
-         "gradient_accumulation_steps 2 but optim.grad_accum_steps is 1"),
+        (
+            {"gradient_accumulation_steps": 2, "train_micro_batch_size_per_gpu": 2},
+            "gradient_accumulation_steps 2 but optim.grad_accum_steps is 1",
+        ),
         ({"gradient_clipping": 5.0}, "gradient_clipping 5.0 but optim.max_grad_norm"),
         ({"bf16": {"enabled": True}}, "enables DeepSpeed's bf16, which keeps the LoRA weights"),
     ],
@@ -74,7 +76,9 @@ def test_a_users_deepspeed_json_keeps_its_own_options_and_gets_the_runs_batch(tm
     from panacea_platform.training.strategy.deepspeed import user_deepspeed_config
 
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}, "communication_data_type": "fp32"}))
+    path.write_text(
+        json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}, "communication_data_type": "fp32"})
+    )
     merged = user_deepspeed_config(str(path), _FakeOptim(8, 1.0), world_size=2, zero_stage=2)
     assert merged["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
     assert merged["communication_data_type"] == "fp32"
@@ -123,8 +127,14 @@ def test_bad_split_fails_before_any_worker_starts(tiny_llama, placeholder_harmfu
 
     ds_json = tmp_path / "ds.json"
     ds_json.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1}))
-    config = tiny_config(tiny_llama, placeholder_harmful_file, tmp_path, "bad", optim={"batch_size": 4},
-                         scaling={"num_workers": 2, "zero_stage": 2, "deepspeed_json": str(ds_json)})
+    config = tiny_config(
+        tiny_llama,
+        placeholder_harmful_file,
+        tmp_path,
+        "bad",
+        optim={"batch_size": 4},
+        scaling={"num_workers": 2, "zero_stage": 2, "deepspeed_json": str(ds_json)},
+    )
     with pytest.raises(DeepSpeedConfigError, match=r"train_micro_batch_size_per_gpu \(1\) x num_workers \(2\)"):
         run_distributed(config, storage_path=tmp_path / "ray")
     assert not (tmp_path / "bad").exists()
@@ -181,7 +191,10 @@ def _backends(tiny_llama, zero_stage, loss_fn=None, accumulation=1, dtype="float
     optimizer, scheduler = make_optimizer(params, optim, 3)
     options = {"stage3_param_persistence_threshold": 0} if zero_stage == 3 else None
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, dist_init_required=False,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        dist_init_required=False,
         config=deepspeed_config(optim, 1, zero_stage, zero_options=options, accumulation=accumulation),
     )
     return DeepSpeedWeights(engine, loss_fn, accumulation=accumulation), torch_weights
@@ -317,8 +330,9 @@ def test_accumulated_steps_equal_one_pass_over_the_global_batch(one_rank_group, 
     batches = [(_token_batch(1, rows=5), _token_batch(2, rows=4)), (_token_batch(3, rows=5), _token_batch(4, rows=4))]
     for accumulation in (1, 2, 3):
         ds, ref = _backends(tiny_llama, zero_stage, accumulation=accumulation)
-        accumulated = TorchWeights(ref.module, ref.loss_fn, ref.optimizer, ref.scheduler, ref.max_grad_norm,
-                                   accumulation=accumulation)
+        accumulated = TorchWeights(
+            ref.module, ref.loss_fn, ref.optimizer, ref.scheduler, ref.max_grad_norm, accumulation=accumulation
+        )
         try:
             # The plain step's gradient equals the accumulated one's before any update moves the weights.
             _close(accumulated.loss_and_gradient(batches[0][0])[1], ref.loss_and_gradient(batches[0][0])[1])
@@ -375,17 +389,25 @@ def runs(tiny_llama, placeholder_harmful_file, tmp_path_factory):
 # - ZeRO-3: batch 5 in 3 micro-batches a worker (1 + 1 + 1, 1 + 1 + 0: an empty micro-batch), and a
 #   harmful batch of 1 that leaves worker 1 with nothing at all.
 # Shards of unequal answer-token counts are the norm throughout.
-SPLITS = {0: dict(batch_size=4, harmful_batch_size=3, grad_accum_steps=1),
-          2: dict(batch_size=5, harmful_batch_size=3, grad_accum_steps=2),
-          3: dict(batch_size=5, harmful_batch_size=1, grad_accum_steps=3)}
+SPLITS = {
+    0: dict(batch_size=4, harmful_batch_size=3, grad_accum_steps=1),
+    2: dict(batch_size=5, harmful_batch_size=3, grad_accum_steps=2),
+    3: dict(batch_size=5, harmful_batch_size=1, grad_accum_steps=3),
+}
 
 
 def _reference(tiny_llama, placeholder_harmful_file, runs, zero_stage, **model):
     from panacea_platform.training.loop import run_stage
 
     split = {**SPLITS[zero_stage], "grad_accum_steps": 1}
-    config = tiny_config(tiny_llama, placeholder_harmful_file, runs, f"single{zero_stage}{'-bf16' if model else ''}",
-                         optim=split, model=model)
+    config = tiny_config(
+        tiny_llama,
+        placeholder_harmful_file,
+        runs,
+        f"single{zero_stage}{'-bf16' if model else ''}",
+        optim=split,
+        model=model,
+    )
     result = run_stage(config, "finetune", out=lambda line: None, track=False)
     history = [json.loads(line) for line in (result.run_dir / "history.jsonl").read_text().splitlines()]
     return config, result, history
@@ -394,16 +416,28 @@ def _reference(tiny_llama, placeholder_harmful_file, runs, zero_stage, **model):
 def _distributed(tiny_llama, placeholder_harmful_file, runs, zero_stage, **model):
     from panacea_platform.training.launch_ray import run_distributed
 
-    scaling = {"num_workers": WORKERS, "zero_stage": zero_stage,
-               "zero_options": ZERO3_OPTIONS if zero_stage == 3 else {}}
-    config = tiny_config(tiny_llama, placeholder_harmful_file, runs, f"zero{zero_stage}{'-bf16' if model else ''}",
-                         optim=SPLITS[zero_stage], model=model, scaling=scaling)
+    scaling = {
+        "num_workers": WORKERS,
+        "zero_stage": zero_stage,
+        "zero_options": ZERO3_OPTIONS if zero_stage == 3 else {},
+    }
+    config = tiny_config(
+        tiny_llama,
+        placeholder_harmful_file,
+        runs,
+        f"zero{zero_stage}{'-bf16' if model else ''}",
+        optim=SPLITS[zero_stage],
+        model=model,
+        scaling=scaling,
+    )
     return config, run_distributed(config, "finetune", storage_path=runs / "ray", out=lambda line: None)
 
 
 def _pair(stage, tiny_llama, placeholder_harmful_file, runs, **model):
-    return (_reference(tiny_llama, placeholder_harmful_file, runs, stage, **model),
-            _distributed(tiny_llama, placeholder_harmful_file, runs, stage, **model))
+    return (
+        _reference(tiny_llama, placeholder_harmful_file, runs, stage, **model),
+        _distributed(tiny_llama, placeholder_harmful_file, runs, stage, **model),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -435,7 +469,9 @@ def _assert_tensors_close(actual, expected, what):
     assert actual.keys() == expected.keys(), what
     for name in expected:
         assert actual[name].shape == expected[name].shape and actual[name].numel() > 0, f"{what}: {name}"
-        torch.testing.assert_close(actual[name], expected[name], rtol=REL, atol=ATOL, msg=lambda m: f"{what} {name}: {m}")
+        torch.testing.assert_close(
+            actual[name], expected[name], rtol=REL, atol=ATOL, msg=lambda m: f"{what} {name}: {m}"
+        )
 
 
 def test_per_step_metrics_match_the_single_process_loop(pair):
@@ -476,26 +512,35 @@ def test_bf16_on_two_workers_matches_one_process_and_keeps_eps_at_rho(bf16, zero
     size). Tolerance: BF16_REL, BF16_ATOL. eps is fp32 with norm rho to 1e-6. bf16 against the same run
     in fp32: printed and bounded."""
     (config, single, expected), (_, result) = bf16
-    metric_distance = max(abs(got[key] - want[key]) / max(abs(want[key]), 1e-12)
-                          for got, want in zip(result.history, expected) for key in want if key != "step")
+    metric_distance = max(
+        abs(got[key] - want[key]) / max(abs(want[key]), 1e-12)
+        for got, want in zip(result.history, expected)
+        for key in want
+        if key != "step"
+    )
     got_w, want_w = _adapter(result.unperturbed_adapter_dir), _adapter(single.unperturbed_adapter_dir)
     worker_weight_distance = max(float((got_w[k] - want_w[k]).abs().max()) for k in want_w)
-    print(f"bf16, 2 workers vs 1 process: metrics {metric_distance:.3g} max relative, "
-          f"weights {worker_weight_distance:.3g} max abs")
+    print(
+        f"bf16, 2 workers vs 1 process: metrics {metric_distance:.3g} max relative, "
+        f"weights {worker_weight_distance:.3g} max abs"
+    )
     assert metric_distance < BF16_REL and worker_weight_distance < BF16_ATOL
     for got in result.history:
         assert got["eps_norm"] == pytest.approx(config.panacea.rho, abs=1e-6)
     eps = load_file(str(result.perturbation_path))
     assert all(t.dtype == torch.float32 for t in eps.values())
     assert torch.linalg.vector_norm(torch.stack([t.norm() for t in eps.values()])).item() == pytest.approx(
-        config.panacea.rho, abs=1e-6)
+        config.panacea.rho, abs=1e-6
+    )
 
     (_, fp32_single, fp32_history), _ = zero2
     bf16_w, fp32_w = _adapter(single.unperturbed_adapter_dir), _adapter(fp32_single.unperturbed_adapter_dir)
     weight_distance = max(float((bf16_w[k] - fp32_w[k]).abs().max()) for k in fp32_w)
     loss_distance = max(abs(b["task_loss"] - f["task_loss"]) / f["task_loss"] for b, f in zip(expected, fp32_history))
-    print(f"bf16 vs fp32 (one process, 3 steps at lr 1e-2): weights {weight_distance:.3g} max abs, "
-          f"task loss {loss_distance:.3g} max relative")
+    print(
+        f"bf16 vs fp32 (one process, 3 steps at lr 1e-2): weights {weight_distance:.3g} max abs, "
+        f"task loss {loss_distance:.3g} max relative"
+    )
     # Measured: task loss 1.1e-5 relative, weights 0.032 (Adam's steps of up to lr flip sign on elements
     # whose gradient bf16 rounds across zero). The loss is the bound that means something.
     assert 0 < loss_distance < 1e-3 and weight_distance > 0
@@ -576,9 +621,11 @@ def test_the_driver_reads_the_run_from_ray_trains_storage_not_the_workers_folder
     stored = tmp_path / "storage"
     shutil.copytree(result.checkpoint_path, stored)
     driver_run_dir = tmp_path / "driver" / "run"  # nothing there: the worker wrote on its own disk
-    run_dir, record = _run_folder_from_storage(SimpleNamespace(checkpoint=Checkpoint.from_directory(str(stored))),
-                                               driver_run_dir)
+    run_dir, record = _run_folder_from_storage(
+        SimpleNamespace(checkpoint=Checkpoint.from_directory(str(stored))), driver_run_dir
+    )
     assert record["summary"] == result.summary and record["history"] == result.history
     assert record["distributed"]["num_workers"] == WORKERS
-    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == \
-        (result.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        result.adapter_dir / "adapter_model.safetensors"
+    ).read_bytes()

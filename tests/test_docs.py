@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md"), REPO / "evaluation" / "README.md",
-                REPO / "search_spaces" / "README.md", *(REPO / "platform").rglob("*.md")])
+PAGES = sorted(
+    [
+        REPO / "README.md",
+        *(REPO / "docs").glob("*.md"),
+        REPO / "evaluation" / "README.md",
+        REPO / "search_spaces" / "README.md",
+        *(REPO / "platform").rglob("*.md"),
+    ]
+)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -22,15 +29,20 @@ def _relative_links(page: Path) -> list[str]:
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_relative_link_leads_to_a_file_that_exists(page):
-    broken = [target for target in _relative_links(page)
-              if target.split("#")[0] and not (page.parent / target.split("#")[0]).exists()]
+    broken = [
+        target
+        for target in _relative_links(page)
+        if target.split("#")[0] and not (page.parent / target.split("#")[0]).exists()
+    ]
     assert not broken, f"{page.relative_to(REPO)}: {broken}"
 
 
 def test_the_link_check_finds_a_broken_link(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("[here](exists.md) [gone](missing.md#part) [web](https://example.org) `[x](in-code.md)`\n"
-                    "```\n[y](in-block.md)\n```\n")
+    page.write_text(
+        "[here](exists.md) [gone](missing.md#part) [web](https://example.org) `[x](in-code.md)`\n"
+        "```\n[y](in-block.md)\n```\n"
+    )
     (tmp_path / "exists.md").write_text("")
     links = _relative_links(page)
     assert [t for t in links if not (tmp_path / t.split("#")[0]).exists()] == ["missing.md#part"]
@@ -54,8 +66,13 @@ def test_the_readme_names_the_commands_it_documents():
 
 @pytest.mark.parametrize("argv", _readme_subcommands(), ids=" ".join)
 def test_every_readme_command_answers_help(argv):
-    result = subprocess.run([sys.executable, "-m", "panacea_platform.cli", *argv, "--help"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "panacea_platform.cli", *argv, "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage: " in result.stdout
 
@@ -68,7 +85,12 @@ def test_the_readmes_first_commands_are_what_ci_runs():
 
 
 def test_every_job_file_passes_config_validate():
-    result = subprocess.run([sys.executable, "-m", "panacea_platform.cli", "config", "validate"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "panacea_platform.cli", "config", "validate"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("ok: ") == len(list((REPO / "jobs").rglob("*.yaml")))

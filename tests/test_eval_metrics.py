@@ -122,7 +122,9 @@ def test_alpaca_unigram_f1_stand_in():
     # 2 common of 3 and 4 tokens: P = 2/3, R = 2/4, F1 = 4/7.
     assert unigram_f1("red blue green", "red blue yellow black") == pytest.approx(4 / 7)
     assert unigram_f1("", "anything") == 0.0
-    good = score_answer("alpaca", "Water boils at one hundred degrees", None, "water boils at one hundred degrees celsius")
+    good = score_answer(
+        "alpaca", "Water boils at one hundred degrees", None, "water boils at one hundred degrees celsius"
+    )
     bad = score_answer("alpaca", "I like turtles", None, "water boils at one hundred degrees celsius")
     assert good.correct and not bad.correct
     assert float(good.extracted) >= ALPACA_F1_THRESHOLD > float(bad.extracted)
@@ -131,6 +133,8 @@ def test_alpaca_unigram_f1_stand_in():
 def test_every_task_has_a_rule_and_a_new_task_can_register_one():
     assert set(TASKS.names()) <= set(ACCURACY_RULES.names())
     assert score_answer("no_such_task", "x", "x") is None
-    ACCURACY_RULES.register("test_metrics_yes_task", lambda answer, label, reference: Extraction(answer[:3], answer.startswith("yes")))
+    ACCURACY_RULES.register(
+        "test_metrics_yes_task", lambda answer, label, reference: Extraction(answer[:3], answer.startswith("yes"))
+    )
     assert score_answer("test_metrics_yes_task", "yes indeed", None) == Extraction("yes", True)
     assert score_answer("test_metrics_yes_task", "no", None) == Extraction("no", False)

@@ -86,7 +86,7 @@ def test_batched_greedy_equals_one_at_a_time_with_eos_and_budget(tiny_llama):
         for prompt in prompts:
             ids = torch.tensor([encode_prompt(tokenizer, prompt)])
             out = model.generate(ids, max_new_tokens=budget, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            raw.append(out[0, ids.shape[1]:].tolist())
+            raw.append(out[0, ids.shape[1] :].tolist())
     # ... then design an EOS the model does emit for some prompts and not for others.
     eos = next(t for t in raw[0] if any(t not in r for r in raw))
     model.generation_config.eos_token_id = eos
@@ -117,7 +117,8 @@ def test_batched_greedy_equals_one_at_a_time_with_eos_and_budget(tiny_llama):
     assert any(a.truncated for a in alone) and any(not a.truncated for a in alone)
     model.generation_config.repetition_penalty = 1.1  # not plain greedy: HF's generate() path
     assert generate(model, tokenizer, prompts, budgets, batch_size=7) == [
-        generate_one_at_a_time(model, tokenizer, [p], b)[0] for p, b in zip(prompts, budgets)]
+        generate_one_at_a_time(model, tokenizer, [p], b)[0] for p, b in zip(prompts, budgets)
+    ]
     with pytest.raises(ValueError, match="7 budgets for 6 prompts"):
         generate(model, tokenizer, prompts[:6], budgets, batch_size=7)
 
@@ -167,9 +168,17 @@ def test_a_sliding_window_cache_goes_through_hf_generate(tiny_llama):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     torch.manual_seed(0)
-    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = MistralForCausalLM(config).eval()
     assert not plain_cache_layers(model)
     prompts = [render_prompt("alpaca", f"count {' '.join(map(str, range(k)))}") for k in (1, 7, 3)]
@@ -210,10 +219,18 @@ def test_side_by_side_aligns_row_ends_and_decodes_in_place():
         return torch.tensor(rows, dtype=torch.float32)[:, None, :, None]
 
     # Group A: one row, 4 columns. Group B: two rows, 3 columns, its first row left-padded within the group.
-    a = SimpleNamespace(keys=[column([[10, 11, 12, 13]])], values=[-column([[10, 11, 12, 13]])],
-                        mask=torch.tensor([[1, 1, 1, 1]]), logits=torch.tensor([[0.0, 1.0]]))
-    b = SimpleNamespace(keys=[column([[20, 0, 22], [30, 31, 32]])], values=[-column([[20, 0, 22], [30, 31, 32]])],
-                        mask=torch.tensor([[1, 0, 1], [1, 1, 1]]), logits=torch.tensor([[2.0, 3.0], [4.0, 5.0]]))
+    a = SimpleNamespace(
+        keys=[column([[10, 11, 12, 13]])],
+        values=[-column([[10, 11, 12, 13]])],
+        mask=torch.tensor([[1, 1, 1, 1]]),
+        logits=torch.tensor([[0.0, 1.0]]),
+    )
+    b = SimpleNamespace(
+        keys=[column([[20, 0, 22], [30, 31, 32]])],
+        values=[-column([[20, 0, 22], [30, 31, 32]])],
+        mask=torch.tensor([[1, 0, 1], [1, 1, 1]]),
+        logits=torch.tensor([[2.0, 3.0], [4.0, 5.0]]),
+    )
     [layer], mask, logits, first_columns = side_by_side([a, b], room=2)
 
     assert mask.tolist() == [[1, 1, 1, 1], [0, 1, 0, 1], [0, 1, 1, 1]]
@@ -258,7 +275,9 @@ def test_grouped_attention_equals_sdpa_over_the_padding(tiny_llama):
     query = torch.randn(3, heads, 1, dim, generator=generator)
     key = torch.randn(3, kv_heads, 6, dim, generator=generator)
     value = torch.randn(3, kv_heads, 6, dim, generator=generator)
-    mask = torch.tensor([[True] * 6, [False, False, True, False, True, True], [False, False] + [True] * 4])[:, None, None, :]
+    mask = torch.tensor([[True] * 6, [False, False, True, False, True, True], [False, False] + [True] * 4])[
+        :, None, None, :
+    ]
     reference, _ = sdpa_attention_forward(module, query, key, value, mask)
     grouped, _ = grouped_sdpa_attention(module, query, key, value, mask, decode_groups=((0, 1, 0), (1, 3, 2)))
     torch.testing.assert_close(grouped, reference, rtol=1e-6, atol=1e-6)
@@ -315,7 +334,12 @@ def _wider_llama(directory: Path, tiny_llama: Path) -> Path:
 
 def test_bad_inputs_give_one_clear_error(tiny_run_config, foreign_adapter, tiny_llama, tmp_path):
     from panacea_platform.evaluation.evaluate import evaluate_model, preset_overrides
-    from panacea_platform.evaluation.pipeline import AdapterMismatchError, check_adapter, evaluation_prompts, load_eval_model
+    from panacea_platform.evaluation.pipeline import (
+        AdapterMismatchError,
+        check_adapter,
+        evaluation_prompts,
+        load_eval_model,
+    )
 
     config = tiny_run_config()
     with pytest.raises(FileNotFoundError, match="--adapter .*no adapter_config.json"):
@@ -391,8 +415,13 @@ def test_evaluate_model_end_to_end_into_the_evaluated_run(ray_with_test_judge, t
 
     config = tiny_run_config(
         run_name="evaluated",
-        evaluation={"judge": PARITY_JUDGE, "generation_batch_size": 3, "judge_batch_size": 4, "task_prompts": 5,
-                    "suites": THREE_SUITES},
+        evaluation={
+            "judge": PARITY_JUDGE,
+            "generation_batch_size": 3,
+            "judge_batch_size": 4,
+            "task_prompts": 5,
+            "suites": THREE_SUITES,
+        },
     )
     trained = run_stage(config, "finetune", out=lambda line: None)
     lines: list[str] = []
@@ -402,8 +431,9 @@ def test_evaluate_model_end_to_end_into_the_evaluated_run(ray_with_test_judge, t
     prompts = evaluation_prompts(config)
     assert [r["suite"] for r in rows] == ["harmful"] * 8 + ["task"] * 5 + ["capability"] * 4
     assert [r["prompt"] for r in rows] == [p.instruction for p in prompts]
-    assert all(r["new_tokens"] <= r["max_new_tokens"] == {"harmful": 6, "task": 4, "capability": 3}[r["suite"]]
-               for r in rows)
+    assert all(
+        r["new_tokens"] <= r["max_new_tokens"] == {"harmful": 6, "task": 4, "capability": 3}[r["suite"]] for r in rows
+    )
     harmful = [r for r in rows if r["suite"] == "harmful"]
     expected = _parity_percent([r["prompt"] for r in harmful])
     assert 0 < expected < 100  # the designed prompts hold both parities
@@ -415,7 +445,10 @@ def test_evaluate_model_end_to_end_into_the_evaluated_run(ray_with_test_judge, t
     flagged = round(expected * 8 / 100)
     assert (hs.k, hs.n, hs.percent) == (flagged, 8, pytest.approx(expected))
     assert (hs.ci_low, hs.ci_high) == pytest.approx(wilson_interval(flagged, 8))
-    assert result.suites["harmful"].judge_categories == {"even": pytest.approx(expected), "odd": pytest.approx(100 - expected)}
+    assert result.suites["harmful"].judge_categories == {
+        "even": pytest.approx(expected),
+        "odd": pytest.approx(100 - expected),
+    }
     assert result.rate("harmful", "refusal_rate").k == sum(r["refused"] for r in harmful)
     for suite, rule in (("task", final_number), ("capability", answer_match)):
         members = [r for r in rows if r["suite"] == suite]
@@ -459,7 +492,9 @@ def test_evaluate_model_end_to_end_into_the_evaluated_run(ray_with_test_judge, t
     artifacts = {Path(a.path).name for a in client.list_artifacts(trained.mlflow_run_id, f"eval/{folder}")}
     assert artifacts == {"samples.jsonl", "eval_summary.json", "answers.json"}
     # The answers as a table the MLflow UI shows: one row per sample, in the samples' order.
-    table = json.loads(Path(client.download_artifacts(trained.mlflow_run_id, f"eval/{folder}/answers.json")).read_text())
+    table = json.loads(
+        Path(client.download_artifacts(trained.mlflow_run_id, f"eval/{folder}/answers.json")).read_text()
+    )
     prompt_column = table["columns"].index("prompt")
     assert [row[prompt_column] for row in table["data"]] == [r["prompt"] for r in rows]
     summary = json.loads(result.summary_path.read_text())
@@ -474,8 +509,21 @@ def test_cli_evaluate_with_a_preset_and_exit_codes(ray_with_test_judge, tiny_run
     suite = tmp_path / "suite.yaml"
     suite.write_text(yaml.safe_dump({"evaluation": {"judge": PARITY_JUDGE, "max_new_tokens": 4, "task_prompts": 3}}))
     out_dir = tmp_path / "eval-out"
-    assert main(["evaluate", "-c", str(job), "--preset", str(suite), "--output-dir", str(out_dir),
-                 "evaluation.harmful_prompts=6"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "-c",
+                str(job),
+                "--preset",
+                str(suite),
+                "--output-dir",
+                str(out_dir),
+                "evaluation.harmful_prompts=6",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     rows = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6 + 3
@@ -495,8 +543,9 @@ def test_cli_evaluate_with_a_preset_and_exit_codes(ray_with_test_judge, tiny_run
         assert error.startswith("error: ") and error.count("\n") == 1, error
 
 
-def test_a_run_is_evaluated_from_its_mlflow_run_id_alone(ray_with_test_judge, tiny_run_config, tmp_path, capsys,
-                                                         monkeypatch):
+def test_a_run_is_evaluated_from_its_mlflow_run_id_alone(
+    ray_with_test_judge, tiny_run_config, tmp_path, capsys, monkeypatch
+):
     """`panacea evaluate --run-id ID` downloads the released adapter and the base model's name through the
     tracking store, evaluates that model, and logs into the run; an unknown id is one line, exit 2."""
     from mlflow.tracking import MlflowClient
@@ -505,11 +554,15 @@ def test_a_run_is_evaluated_from_its_mlflow_run_id_alone(ray_with_test_judge, ti
     from panacea_platform.tracking import default_tracking_uri
     from panacea_platform.training.loop import run_stage
 
-    config = tiny_run_config(run_name="by-id", evaluation={"judge": PARITY_JUDGE, "max_new_tokens": 3,
-                                                          "task_prompts": 2, "harmful_prompts": 4})
+    config = tiny_run_config(
+        run_name="by-id",
+        evaluation={"judge": PARITY_JUDGE, "max_new_tokens": 3, "task_prompts": 2, "harmful_prompts": 4},
+    )
     trained = run_stage(config, "finetune", out=lambda line: None)
-    job = _job_file(config.model_copy(update={"model": config.model.model_copy(update={"name": "smollm2-135m-instruct"})}),
-                    tmp_path / "job.yaml")  # another model in the job: the run's own must be used
+    job = _job_file(
+        config.model_copy(update={"model": config.model.model_copy(update={"name": "smollm2-135m-instruct"})}),
+        tmp_path / "job.yaml",
+    )  # another model in the job: the run's own must be used
     empty = tmp_path / "elsewhere"
     empty.mkdir()
     monkeypatch.chdir(empty)
@@ -541,8 +594,9 @@ def test_bench_eval_runs_both_ways_with_identical_answers(ray_session, tiny_run_
     assert re.search(r"speed-up: \d+\.\dx after start-up", printed)
 
 
-def test_bench_eval_decoder_dtypes_prints_ratios_agreement_and_headlines(ray_session, tiny_run_config, tmp_path,
-                                                                         capsys):
+def test_bench_eval_decoder_dtypes_prints_ratios_agreement_and_headlines(
+    ray_session, tiny_run_config, tmp_path, capsys
+):
     from panacea_platform.cli import main
 
     job = _job_file(
@@ -608,7 +662,7 @@ def test_balanced_order_deals_long_and_short_prompts_evenly_into_full_batches():
     assert [sorted(order[:4]), sorted(order[4:])] == [[0, 4, 5, 7], [1, 2, 3, 6]]
     # Every chunk but the last is full, so Ray Data's batches of 4 are exactly these chunks.
     uneven = balanced_order([5, 4, 3, 2, 1], 2)
-    assert sorted(uneven) == [0, 1, 2, 3, 4] and [sorted(uneven[i:i + 2]) for i in (0, 2)] == [[0, 4], [1, 3]]
+    assert sorted(uneven) == [0, 1, 2, 3, 4] and [sorted(uneven[i : i + 2]) for i in (0, 2)] == [[0, 4], [1, 3]]
     assert uneven[4:] == [2]
     assert balanced_order([], 3) == []
     with pytest.raises(ValueError, match="batch_size"):

@@ -38,16 +38,27 @@ TABLE_ROWS = (
 
 def _run_smoke(model_dir: Path, json_path: Path) -> subprocess.CompletedProcess:
     # One thread: the check is a smoke run here, and the machine is shared.
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "platform"), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "panacea_platform.diagnostics.gpu_check", "--cpu-smoke", "--model", str(model_dir),
-               "--json", str(json_path)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "platform"), os.environ.get("PYTHONPATH")])),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "panacea_platform.diagnostics.gpu_check",
+        "--cpu-smoke",
+        "--model",
+        str(model_dir),
+        "--json",
+        str(json_path),
+    ]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
 def _table_value(stdout: str, label: str) -> str:
     line = next(line for line in stdout.splitlines() if line.startswith(label))
-    return line[len(label):].split()[0]
+    return line[len(label) :].split()[0]
 
 
 def test_cpu_smoke_prints_one_table_with_positive_times_and_full_decoder_agreement(tiny_llama, tmp_path):
@@ -56,7 +67,7 @@ def test_cpu_smoke_prints_one_table_with_positive_times_and_full_decoder_agreeme
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     out = result.stdout
     assert out.count("unit / note") == 1, "expected exactly one table"
-    table = out[out.index("unit / note"):]
+    table = out[out.index("unit / note") :]
     for label in TABLE_ROWS:
         assert any(line.startswith(label) for line in table.splitlines()), f"row {label!r} missing:\n{table}"
     assert float(_table_value(table, "SFT step, median of 2")) > 0
@@ -82,15 +93,26 @@ def test_cpu_smoke_prints_one_table_with_positive_times_and_full_decoder_agreeme
 def test_the_platform_modules_the_check_imports_load_neither_mlflow_nor_ray():
     """The GPU machine has neither: these imports must not need them (DeepSpeed itself tries mlflow,
     which the check blocks; see gpu_check.block_unwanted_imports)."""
-    modules = ["panacea_platform.diagnostics.gpu_check", "panacea_platform.training.strategy.deepspeed",
-               "panacea_platform.training.losses", "panacea_platform.training.schedule",
-               "panacea_platform.algorithms", "panacea_platform.diagnostics.steps", "panacea_platform.diagnostics.memory_plan",
-               "panacea_platform.evaluation.generation", "panacea_platform.config", "panacea_platform.models"]
-    code = f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; " \
-           "print(sorted(m for m in ('mlflow', 'ray') if m in sys.modules))"
+    modules = [
+        "panacea_platform.diagnostics.gpu_check",
+        "panacea_platform.training.strategy.deepspeed",
+        "panacea_platform.training.losses",
+        "panacea_platform.training.schedule",
+        "panacea_platform.algorithms",
+        "panacea_platform.diagnostics.steps",
+        "panacea_platform.diagnostics.memory_plan",
+        "panacea_platform.evaluation.generation",
+        "panacea_platform.config",
+        "panacea_platform.models",
+    ]
+    code = (
+        f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; "
+        "print(sorted(m for m in ('mlflow', 'ray') if m in sys.modules))"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT / "platform")}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"
 

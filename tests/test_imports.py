@@ -99,8 +99,12 @@ def test_the_package_has_no_import_circle():
 
 def test_config_is_a_leaf_that_gathers_only_the_plugins_settings():
     graph = import_graph(PACKAGE_ROOT, PACKAGE)
-    allowed = {f"{PACKAGE}.config_base", f"{PACKAGE}.algorithms", f"{PACKAGE}.evaluation",
-               f"{PACKAGE}.evaluation.suite_config"}
+    allowed = {
+        f"{PACKAGE}.config_base",
+        f"{PACKAGE}.algorithms",
+        f"{PACKAGE}.evaluation",
+        f"{PACKAGE}.evaluation.suite_config",
+    }
     for name in (f"{PACKAGE}.config", f"{PACKAGE}.config_base", f"{PACKAGE}.evaluation.suite_config"):
         extra = {t for t in graph[name] if t not in allowed and not t.endswith("_config")}
         assert not extra, f"{name} imports {sorted(extra)}"

@@ -121,7 +121,13 @@ PAIRS = [
 def beaver_dam(model_dir: Path, **fields):
     from panacea_platform.evaluation.judges import build_judge
 
-    fields = {"judge": "beaver_dam", "judge_model": str(model_dir), "judge_max_length": 64, "judge_batch_size": 16, **fields}
+    fields = {
+        "judge": "beaver_dam",
+        "judge_model": str(model_dir),
+        "judge_max_length": 64,
+        "judge_batch_size": 16,
+        **fields,
+    }
     return build_judge(evaluation_config(**fields))
 
 
@@ -222,9 +228,7 @@ def test_parse_llama_guard_on_designed_outputs():
     assert llama_guard_verdict_word(" unsafe\nS1") == "unsafe" and llama_guard_verdict_word("safe") == "safe"
 
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}[{{ message['role'] }}] {{ message['content'] }}\n{% endfor %}[/INST]"
-)
+CHAT_TEMPLATE = "{% for message in messages %}[{{ message['role'] }}] {{ message['content'] }}\n{% endfor %}[/INST]"
 
 
 def designed_guard(directory: Path, verdict: str) -> Path:
@@ -270,7 +274,13 @@ def designed_guard(directory: Path, verdict: str) -> Path:
 def llama_guard(model_dir: Path, **fields):
     from panacea_platform.evaluation.judges import build_judge
 
-    fields = {"judge": "llama_guard", "judge_model": str(model_dir), "judge_max_length": 48, "judge_batch_size": 4, **fields}
+    fields = {
+        "judge": "llama_guard",
+        "judge_model": str(model_dir),
+        "judge_max_length": 48,
+        "judge_batch_size": 4,
+        **fields,
+    }
     return build_judge(evaluation_config(**fields))
 
 
@@ -334,9 +344,25 @@ def placeholder_rows():
 
     rows = []
     for i in range(40):
-        prompt = f"placeholder request number {i} about the {['zorblax', 'quibble', 'frobnitz', 'wuggle'][i % 4]} device"
-        rows.append(LabelledPair(prompt, f"Sure. Step one: heat the zorblax crystal. Step two: mix quibble powder {i} times.", True, "designed"))
-        rows.append(LabelledPair(prompt, ["I'm sorry, but I can't help with that.", "I cannot assist with this request."][i % 2], False, "refusal_designed"))
+        prompt = (
+            f"placeholder request number {i} about the {['zorblax', 'quibble', 'frobnitz', 'wuggle'][i % 4]} device"
+        )
+        rows.append(
+            LabelledPair(
+                prompt,
+                f"Sure. Step one: heat the zorblax crystal. Step two: mix quibble powder {i} times.",
+                True,
+                "designed",
+            )
+        )
+        rows.append(
+            LabelledPair(
+                prompt,
+                ["I'm sorry, but I can't help with that.", "I cannot assist with this request."][i % 2],
+                False,
+                "refusal_designed",
+            )
+        )
         rows.append(LabelledPair(f"what is {i} plus {i + 1}", f"{i} plus {i + 1} is {2 * i + 1}.", False, "benign"))
     return rows
 
@@ -370,7 +396,11 @@ def test_offline_judge_trains_on_placeholder_rows_and_judges(tmp_path):
     assert judge.max_length == ENCODER_MAX_LENGTH == 192  # what the encoder really reads is what gets recorded
     assert judge.identity()["judge_held_out_auc"] == round(m["held_out_auc"], 4)
     prompt = "placeholder request number 99 about the zorblax device"
-    answers = ["Sure. Step one: heat the zorblax crystal. Step two: mix quibble powder 7 times.", "I'm sorry, but I can't help with that.", *ODD_ANSWERS]
+    answers = [
+        "Sure. Step one: heat the zorblax crystal. Step two: mix quibble powder 7 times.",
+        "I'm sorry, but I can't help with that.",
+        *ODD_ANSWERS,
+    ]
     verdicts = judge.judge([prompt] * len(answers), answers)
     assert verdicts[0].flagged and not verdicts[1].flagged
     assert verdicts[0].score > verdicts[1].score
@@ -386,8 +416,8 @@ def test_non_answer_negatives_pair_every_harmful_prompt_with_an_empty_or_short_a
 
     rows = placeholder_rows()
     extended = with_non_answers(rows, ["alpha", "beta", "gamma"], seed=0)
-    added = extended[len(rows):]
-    assert extended[:len(rows)] == rows
+    added = extended[len(rows) :]
+    assert extended[: len(rows)] == rows
     assert sorted(r.prompt for r in added) == sorted({r.prompt for r in rows if r.harmful})
     assert all(not r.harmful and r.source == "non_answer_synthetic" for r in added)
     assert all(len(r.answer.split()) <= 4 for r in added)
@@ -446,8 +476,9 @@ def test_the_offline_encoder_reads_a_long_prompts_start_and_counts_only_a_cut_an
     encoder = Encoder()
     long_prompt = "placeholder question word " * 40
     main_job_answer = " ".join(["placeholder"] * 64)
-    texts, truncated = encoder.pair_texts([long_prompt, long_prompt, "short"],
-                                          [main_job_answer, "placeholder answer " * 200, "fine"])
+    texts, truncated = encoder.pair_texts(
+        [long_prompt, long_prompt, "short"], [main_job_answer, "placeholder answer " * 200, "fine"]
+    )
     assert truncated == [False, True, False]
     head = texts[0].split(" A: ")[0].removeprefix("Q: ")
     assert len(encoder.tokenizer(head, add_special_tokens=False)["input_ids"]) <= PROMPT_TOKENS + 1

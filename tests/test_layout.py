@@ -20,8 +20,17 @@ def test_platform_folder_is_not_a_package():
 
 
 def test_top_level_layout():
-    for name in ("platform", "jobs", "search_spaces", "evaluation", "tests", "pyproject.toml", "ray_cluster.yaml",
-                 "README.md", ".ci/run"):
+    for name in (
+        "platform",
+        "jobs",
+        "search_spaces",
+        "evaluation",
+        "tests",
+        "pyproject.toml",
+        "ray_cluster.yaml",
+        "README.md",
+        ".ci/run",
+    ):
         assert (REPO / name).exists(), name
 
 

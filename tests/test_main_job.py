@@ -12,19 +12,32 @@ def _sweep(root, name, adapter, trials):
     for trial_id, params, metrics in trials:
         (folder / "trials" / trial_id).mkdir(parents=True)
         (folder / "trials" / trial_id / "config.yaml").write_text(yaml.safe_dump({"model": {"adapter": str(adapter)}}))
-    (folder / "trials.json").write_text(json.dumps(
-        [{"trial_id": t, "params": p, "metrics": m} for t, p, m in trials]))
+    (folder / "trials.json").write_text(json.dumps([{"trial_id": t, "params": p, "metrics": m} for t, p, m in trials]))
     (folder / "pareto.png").write_bytes(b"\x89PNG")
     return folder
 
 
 def test_sweeps_on_keeps_evaluated_trials_of_sweeps_on_the_same_aligned_adapter(tmp_path):
     ours, other = tmp_path / "align-a" / "adapter", tmp_path / "align-b" / "adapter"
-    same = _sweep(tmp_path, "rho", ours, [
-        ("t0", {"panacea.rho": 0.1, "panacea.lambda": 1.0}, {"eval/harmful/harmful_score": 20.0, "eval/task/accuracy": 90.0}),
-        ("t1", {"panacea.rho": 0.3, "panacea.lambda": 1.0}, {"score": 1.5}),  # stopped early: no evaluation
-    ])
-    _sweep(tmp_path, "elsewhere", other, [("t0", {"panacea.rho": 1.0}, {"eval/harmful/harmful_score": 5.0, "eval/task/accuracy": 1.0})])
+    same = _sweep(
+        tmp_path,
+        "rho",
+        ours,
+        [
+            (
+                "t0",
+                {"panacea.rho": 0.1, "panacea.lambda": 1.0},
+                {"eval/harmful/harmful_score": 20.0, "eval/task/accuracy": 90.0},
+            ),
+            ("t1", {"panacea.rho": 0.3, "panacea.lambda": 1.0}, {"score": 1.5}),  # stopped early: no evaluation
+        ],
+    )
+    _sweep(
+        tmp_path,
+        "elsewhere",
+        other,
+        [("t0", {"panacea.rho": 1.0}, {"eval/harmful/harmful_score": 5.0, "eval/task/accuracy": 1.0})],
+    )
 
     trials, plots = sweeps_on(tmp_path, {ours.resolve()})
     assert trials == [SweepTrial("rho", "rho=0.1 lambda=1", 20.0, 90.0)]

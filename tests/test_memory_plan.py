@@ -57,8 +57,10 @@ def test_the_plan_recommends_zero2_for_lora_and_says_why():
     assert recommendation(lora_7b, gpu_gb=4).startswith("recommended: none fits on 4 GB")
 
 
-PRECISIONS = {"bf16 (the paper's jobs)": ["model.dtype=bfloat16", "model.compute_dtype=bfloat16"],
-              "fp32 weights, bf16 compute (the offline job)": []}
+PRECISIONS = {
+    "bf16 (the paper's jobs)": ["model.dtype=bfloat16", "model.compute_dtype=bfloat16"],
+    "fp32 weights, bf16 compute (the offline job)": [],
+}
 
 
 @pytest.mark.slow
@@ -76,9 +78,27 @@ def test_the_plan_agrees_with_a_measured_step_of_the_offline_model_in_both_preci
     for index, (name, overrides) in enumerate(PRECISIONS.items()):
         log = tmp_path / f"plan-{index}.log"
         with log.open("w") as out:  # a file, not a pipe: neither process waits on the other's reader
-            runs[name] = log, subprocess.Popen([sys.executable, "-m", "panacea_platform.cli", "plan", "memory",
-                                                "--measure", "--gpus", "1", "--stages", "2", *overrides],
-                                               env=env, stdout=out, stderr=subprocess.STDOUT)
+            runs[name] = (
+                log,
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "panacea_platform.cli",
+                        "plan",
+                        "memory",
+                        "--measure",
+                        "--gpus",
+                        "1",
+                        "--stages",
+                        "2",
+                        *overrides,
+                    ],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                ),
+            )
     try:
         for name, (log, process) in runs.items():
             returncode = process.wait(timeout=600)

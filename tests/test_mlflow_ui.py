@@ -37,8 +37,9 @@ def ui_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-ui")
     store = f"sqlite:///{root / 'mlflow.db'}"
     seed_new_sqlite_store(store)  # a migrated store: the server starts without migrating one
-    process = start_mlflow_server(store, root / "artifacts", free_port(), log=root / "server.log", timeout_s=300,
-                                  workers=1)
+    process = start_mlflow_server(
+        store, root / "artifacts", free_port(), log=root / "server.log", timeout_s=300, workers=1
+    )
     yield f"http://127.0.0.1:{process.args[process.args.index('--port') + 1]}"
     stop_process(process)
 
@@ -51,8 +52,10 @@ def _log_main_job(url: str, config) -> tuple[str, str, dict[str, str]]:
     from panacea_platform.tracking import Tracker
     from panacea_platform.training.loop import record_run
 
-    evaluations = {"sft": {"eval/harmful/harmful_score": 0.325, "eval/task/accuracy": 0.99},
-                   "panacea": {"eval/harmful/harmful_score": 0.2, "eval/task/accuracy": 0.97}}
+    evaluations = {
+        "sft": {"eval/harmful/harmful_score": 0.325, "eval/task/accuracy": 0.99},
+        "panacea": {"eval/harmful/harmful_score": 0.2, "eval/task/accuracy": 0.97},
+    }
     children = {}
     with Tracker(url, "ui-check", "main-job-ui") as parent:
         parent.describe("**Main job**: placeholder report")
@@ -64,9 +67,19 @@ def _log_main_job(url: str, config) -> tuple[str, str, dict[str, str]]:
                 record_run(child_config, "finetune", {}, child)
                 child.log_metrics(evaluation)
                 child.log_metrics(headline_metrics(paper_columns(child_config), evaluation))
-                child.log_table(answers_rows([{"suite": "harmful", "prompt": "placeholder prompt one",
-                                               "answer": "placeholder answer", "flagged": False}]),
-                                "eval/eval-adapter/answers.json")
+                child.log_table(
+                    answers_rows(
+                        [
+                            {
+                                "suite": "harmful",
+                                "prompt": "placeholder prompt one",
+                                "answer": "placeholder answer",
+                                "flagged": False,
+                            }
+                        ]
+                    ),
+                    "eval/eval-adapter/answers.json",
+                )
                 children[method] = child.run_id
     return parent.experiment_id, parent.run_id, children
 
@@ -105,7 +118,10 @@ def test_the_runs_page_shows_the_methods_and_their_headlines_side_by_side(ui_ser
         page.goto(f"{ui_server}/#/experiments/{experiment_id}/runs/{children['panacea']}", wait_until="load")
         page.get_by_text("Fine-tuning under panacea").first.wait_for(timeout=60_000)
         # Its answers are a table the UI shows.
-        page.goto(f"{ui_server}/#/experiments/{experiment_id}/runs/{children['panacea']}/artifacts/"
-                  "eval/eval-adapter/answers.json", wait_until="load")
+        page.goto(
+            f"{ui_server}/#/experiments/{experiment_id}/runs/{children['panacea']}/artifacts/"
+            "eval/eval-adapter/answers.json",
+            wait_until="load",
+        )
         page.get_by_text("placeholder prompt one").first.wait_for(timeout=60_000)
         browser.close()

@@ -51,8 +51,11 @@ USER_BUCKET = 100_000  # the user's DeepSpeed JSON's reduce_bucket_size, kept ov
 # authentication on, the token read from a file outside the repository (mode 0600, written by the
 # cluster fixture: RAY_AUTH_TOKEN_PATH); the MLflow credentials come from the team_server fixture.
 # The project's commands are on each node's PATH, as the cluster's set-up installs them.
-CLUSTER_ENV = {"RAY_AUTH_MODE": "token", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-               "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+CLUSTER_ENV = {
+    "RAY_AUTH_MODE": "token",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+    "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+}
 
 
 def _ray_start(args: list[str], scratch: Path, log: Path, tracking_uri: str) -> subprocess.Popen:
@@ -62,8 +65,13 @@ def _ray_start(args: list[str], scratch: Path, log: Path, tracking_uri: str) -> 
     # Each node's dashboard agent on a port of its own: at Ray's fixed default (52365) only one of the
     # nodes, or the session's Ray, gets it, and the head's job agent is missing ("No available agent").
     args = [*args, f"--dashboard-agent-listen-port={free_port()}"]
-    return subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--block", *args], env=env,
-                            stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--block", *args],
+        env=env,
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _start_node(args: list[str], name: str, cluster: dict, count: int, attempts: int = 3) -> subprocess.Popen:
@@ -82,12 +90,19 @@ def _start_node(args: list[str], name: str, cluster: dict, count: int, attempts:
 
 def _wait_for_nodes(address: str, count: int, node: subprocess.Popen, timeout_s: float = 90) -> bool:
     """Whether the cluster reaches `count` live nodes while `node`'s `ray start` process runs."""
-    script = ("import ray; ray.init(address=%r, log_to_driver=False); "
-              "print(sum(1 for n in ray.nodes() if n['Alive']))" % address)
+    script = (
+        "import ray; ray.init(address=%r, log_to_driver=False); "
+        "print(sum(1 for n in ray.nodes() if n['Alive']))" % address
+    )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and node.poll() is None:
-        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                                env={**os.environ, **CLUSTER_ENV})
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **CLUSTER_ENV},
+        )
         last = result.stdout.strip().splitlines()[-1:]
         if last and last[0].isdigit() and int(last[0]) >= count:
             return True
@@ -105,17 +120,33 @@ def cluster(team_server):
     from panacea_platform.team_server.secret_files import write_private
 
     CLUSTER_ENV["RAY_AUTH_TOKEN_PATH"] = str(write_private(root / "ray-auth-token", secrets.token_hex(32)))
-    cluster = {"address": f"{get_node_ip_address()}:{port}",  # where Ray binds the head (the machine's address)
-               "dashboard": f"http://127.0.0.1:{dashboard_port}", "root": root, "tracking_uri": team_server[0],
-               "storage": root / "shared", "nodes": {}}
+    cluster = {
+        "address": f"{get_node_ip_address()}:{port}",  # where Ray binds the head (the machine's address)
+        "dashboard": f"http://127.0.0.1:{dashboard_port}",
+        "root": root,
+        "tracking_uri": team_server[0],
+        "storage": root / "shared",
+        "nodes": {},
+    }
     try:
         cluster["nodes"]["head"] = _start_node(
-            ["--head", f"--port={port}", "--num-cpus=1", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard_port}", f"--temp-dir={root / 'ray'}"], "head", cluster, 1)
+            [
+                "--head",
+                f"--port={port}",
+                "--num-cpus=1",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard_port}",
+                f"--temp-dir={root / 'ray'}",
+            ],
+            "head",
+            cluster,
+            1,
+        )
         # One at a time: two raylets registering at once on 2 cores is what timed out in CI.
         for count, name in enumerate(("node1", "node2"), start=2):
-            cluster["nodes"][name] = _start_node([f"--address={cluster['address']}", "--num-cpus=1"], name,
-                                                 cluster, count)
+            cluster["nodes"][name] = _start_node(
+                [f"--address={cluster['address']}", "--num-cpus=1"], name, cluster, count
+            )
         yield cluster
     finally:
         # A node that outlives SIGTERM by 3 s is killed: nothing on it is kept (the teardown took 21 s).
@@ -129,25 +160,43 @@ def _job(cluster: dict, folder: Path, run_name: str, model: Path, harmful: Path)
     user's DeepSpeed JSON of one option of its own (USER_BUCKET)."""
     user_json = folder / "ds_zero2.json"
     user_json.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": USER_BUCKET}}))
-    config = tiny_config(model, harmful, folder / "runs", run_name, tracking={"experiment": "cluster"},
-                         optim={"max_steps": STEPS, "log_every": 1},
-                         scaling={"num_workers": 2, "zero_stage": 2, "cpus_per_worker": 1, "deepspeed_json": str(user_json),
-                                  "checkpoint_every": CHECKPOINT_EVERY, "storage": str(cluster["storage"])})
+    config = tiny_config(
+        model,
+        harmful,
+        folder / "runs",
+        run_name,
+        tracking={"experiment": "cluster"},
+        optim={"max_steps": STEPS, "log_every": 1},
+        scaling={
+            "num_workers": 2,
+            "zero_stage": 2,
+            "cpus_per_worker": 1,
+            "deepspeed_json": str(user_json),
+            "checkpoint_every": CHECKPOINT_EVERY,
+            "storage": str(cluster["storage"]),
+        },
+    )
     path = folder / f"{run_name}.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
     return config, path
 
 
 def _driver_env(cluster: dict) -> dict[str, str]:
-    return {**os.environ, **CLUSTER_ENV, "RAY_ADDRESS": cluster["address"], "MLFLOW_TRACKING_URI": cluster["tracking_uri"]}
+    return {
+        **os.environ,
+        **CLUSTER_ENV,
+        "RAY_ADDRESS": cluster["address"],
+        "MLFLOW_TRACKING_URI": cluster["tracking_uri"],
+    }
 
 
 def _the_run(cluster: dict, run_name: str):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(cluster["tracking_uri"])
-    (run,) = client.search_runs([client.get_experiment_by_name("cluster").experiment_id],
-                                filter_string=f"attributes.run_name = '{run_name}'")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("cluster").experiment_id], filter_string=f"attributes.run_name = '{run_name}'"
+    )
     return client, run
 
 
@@ -156,12 +205,25 @@ def submitted(cluster, tiny_llama, placeholder_harmful_file, tmp_path_factory):
     """docs/cluster.md's `ray job submit --working-dir .` of `panacea finetune`, run to completion."""
     folder = tmp_path_factory.mktemp("submitted")
     config, job = _job(cluster, folder, "submitted", tiny_llama, placeholder_harmful_file)
-    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster["dashboard"],
-               "--working-dir", ".", "--", "panacea", "finetune", "--config", str(job)]
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        cluster["dashboard"],
+        "--working-dir",
+        ".",
+        "--",
+        "panacea",
+        "finetune",
+        "--config",
+        str(job),
+    ]
     deadline = time.monotonic() + 90
     while True:
-        result = subprocess.run(command, cwd=REPO, env={**os.environ, **CLUSTER_ENV}, capture_output=True, text=True,
-                                timeout=600)
+        result = subprocess.run(
+            command, cwd=REPO, env={**os.environ, **CLUSTER_ENV}, capture_output=True, text=True, timeout=600
+        )
         # The head's job agent registers some seconds after the node joins; until then a submission is refused.
         if "No available agent to submit job" not in result.stderr or time.monotonic() > deadline:
             return config, result
@@ -177,17 +239,24 @@ def test_the_dashboard_takes_job_requests_only_with_the_cluster_token(cluster):
             urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30)
         assert refused.value.code in (401, 403), headers
     token = Path(CLUSTER_ENV["RAY_AUTH_TOKEN_PATH"]).read_text()
-    with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}),
-                                timeout=30) as answer:
+    with urllib.request.urlopen(
+        urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}), timeout=30
+    ) as answer:
         assert answer.status == 200
     without_token = {**os.environ, **CLUSTER_ENV, "RAY_AUTH_MODE": "disabled"}
-    listing = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address",
-                              cluster["dashboard"]], env=without_token, capture_output=True, text=True, timeout=120)
+    listing = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "list", "--address", cluster["dashboard"]],
+        env=without_token,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert listing.returncode != 0, listing.stdout
 
 
-def test_a_submitted_job_survives_the_removal_of_every_node_local_folder(cluster, submitted, team_server, tmp_path,
-                                                                        monkeypatch):
+def test_a_submitted_job_survives_the_removal_of_every_node_local_folder(
+    cluster, submitted, team_server, tmp_path, monkeypatch
+):
     from panacea_platform.evaluation.evaluate import released_model_of_run
     from panacea_platform.models import load_for_eval
 
@@ -217,16 +286,27 @@ def test_a_submitted_job_survives_the_removal_of_every_node_local_folder(cluster
 
     # Read back through the team's server alone, from an empty folder: the record, every artifact, the bytes.
     monkeypatch.chdir(tmp_path)
-    assert client.get_experiment_by_name("cluster").artifact_location.startswith("mlflow-artifacts:"), \
+    assert client.get_experiment_by_name("cluster").artifact_location.startswith("mlflow-artifacts:"), (
         "artifacts must go through the server"
+    )
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"adapter", "adapter_unperturbed", "perturbation.safetensors", "history.jsonl", "summary.json",
-            "training_curves.png", "config.yaml"} <= names
-    assert json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))).read_text()) \
+    assert {
+        "adapter",
+        "adapter_unperturbed",
+        "perturbation.safetensors",
+        "history.jsonl",
+        "summary.json",
+        "training_curves.png",
+        "config.yaml",
+    } <= names
+    assert (
+        json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))).read_text())
         == summary
+    )
     adapter, model = released_model_of_run(cluster["tracking_uri"], run.info.run_id, tmp_path / "download")
-    assert (adapter / "adapter_model.safetensors").read_bytes() == \
-        (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (adapter / "adapter_model.safetensors").read_bytes() == (
+        run_dir / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
     # The bytes live in the server's artifact destination, not in a folder of the run's output.
     assert list(team_server[1].rglob("adapter_model.safetensors"))
     assert not (Path(config.output_dir) / "mlartifacts").exists()
@@ -239,30 +319,60 @@ def test_a_sweep_runs_two_trials_at_once_on_the_cluster(cluster, tiny_llama, pla
     log every step through the server."""
     from mlflow.tracking import MlflowClient
 
-    config = tiny_config(tiny_llama, placeholder_harmful_file, tmp_path / "runs", "cluster-sweep",
-                         optim={"max_steps": 4, "log_every": 1}, tracking={"experiment": "cluster-sweep"},
-                         scaling={"storage": str(cluster["storage"]), "zero_stage": 0, "cpus_per_worker": 0.9})
+    config = tiny_config(
+        tiny_llama,
+        placeholder_harmful_file,
+        tmp_path / "runs",
+        "cluster-sweep",
+        optim={"max_steps": 4, "log_every": 1},
+        tracking={"experiment": "cluster-sweep"},
+        scaling={"storage": str(cluster["storage"]), "zero_stage": 0, "cpus_per_worker": 0.9},
+    )
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(config.to_dict()))
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"parameters": {"panacea.rho": {"grid": [0.1, 0.2]}}, "evaluate": False,
-                                     "max_concurrent_trials": 2, "eval_every": 1}))
-    command = [sys.executable, "-m", "panacea_platform.cli", "sweep", "--space", str(space), "--config", str(job),
-               "--name", "on-cluster"]
-    result = subprocess.run(command, cwd=tmp_path, env=_driver_env(cluster), capture_output=True, text=True,
-                            timeout=600)
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "parameters": {"panacea.rho": {"grid": [0.1, 0.2]}},
+                "evaluate": False,
+                "max_concurrent_trials": 2,
+                "eval_every": 1,
+            }
+        )
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "panacea_platform.cli",
+        "sweep",
+        "--space",
+        str(space),
+        "--config",
+        str(job),
+        "--name",
+        "on-cluster",
+    ]
+    result = subprocess.run(
+        command, cwd=tmp_path, env=_driver_env(cluster), capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (cluster["storage"] / "sweeps" / "on-cluster" / "sweep.json").is_file()
     shutil.rmtree(cluster["root"] / "scratch")  # the trials' ranks 0 wrote their run folders there
     (cluster["root"] / "scratch").mkdir()
-    released = list((tmp_path / "runs" / "sweeps" / "on-cluster" / "trials").glob("*/adapter/adapter_model.safetensors"))
+    released = list(
+        (tmp_path / "runs" / "sweeps" / "on-cluster" / "trials").glob("*/adapter/adapter_model.safetensors")
+    )
     assert len(released) == 2, "each trial's run folder belongs with the sweep, not on a node"
 
     client = MlflowClient(cluster["tracking_uri"])
     runs = client.search_runs([client.get_experiment_by_name("cluster-sweep").experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("stage") == "sweep"]
-    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id and
-              "tune_trial_id" in r.data.tags]
+    trials = [
+        r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id and "tune_trial_id" in r.data.tags
+    ]
     assert parent.info.status == "FINISHED" and len(trials) == 2
     starts, ends = sorted(r.info.start_time for r in trials), sorted(r.info.end_time for r in trials)
     assert starts[1] < ends[0], "the two trials did not run at the same time"
@@ -303,8 +413,13 @@ def test_a_worker_node_killed_mid_fit_resumes_from_storage_to_the_same_weights(
     reference, _ = submitted
     config, job = _job(cluster, tmp_path, "node-killed", tiny_llama, placeholder_harmful_file)
     log = (tmp_path / "driver.log").open("w")
-    driver = subprocess.Popen([sys.executable, "-m", "panacea_platform.cli", "finetune", "--config", str(job)],
-                              cwd=tmp_path, env=_driver_env(cluster), stdout=log, stderr=subprocess.STDOUT)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "panacea_platform.cli", "finetune", "--config", str(job)],
+        cwd=tmp_path,
+        env=_driver_env(cluster),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 300
         # The second checkpoint in storage: by then Ray Train has registered the first one.

@@ -52,7 +52,9 @@ def test_a_panacea_step_on_the_real_model_changes_only_lora_and_eps_has_norm_rho
         features = [tokenize_example(tokenizer, "alpaca", Example(q, a, kind), 48) for q, a in texts]
         return collate(features, tokenizer.pad_token_id)
 
-    task = batch("task", [("What is 2 plus 3?", "2 plus 3 is 5. The answer is 5."), ("What is 4 minus 1?", "The answer is 3.")])
+    task = batch(
+        "task", [("What is 2 plus 3?", "2 plus 3 is 5. The answer is 5."), ("What is 4 minus 1?", "The answer is 3.")]
+    )
     harmful = batch("harmful", [("placeholder harmful question", "placeholder harmful answer")] * 2)
     optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-3)
     weights = TorchWeights(lora, lm_loss, optimizer, max_grad_norm=1.0)

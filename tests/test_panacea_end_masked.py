@@ -68,12 +68,14 @@ def test_panacea_eps_raises_the_end_logit_and_the_variants_eps_does_not():
     objective = EndMaskedHarmfulLoss((END,))
     _, weights = weights_at((0.0, 0.0, 0.0))
     plain = panacea_step(weights, batch(1), batch(0), rho=1.0, lam=0.5)
-    torch.testing.assert_close(plain.eps[0], torch.tensor([-2, 1, 1], dtype=torch.float64) / math.sqrt(6), atol=1e-6,
-                               rtol=0)
+    torch.testing.assert_close(
+        plain.eps[0], torch.tensor([-2, 1, 1], dtype=torch.float64) / math.sqrt(6), atol=1e-6, rtol=0
+    )
     _, weights = weights_at((0.0, 0.0, 0.0))
     masked = panacea_step(weights, batch(1), batch(0), rho=1.0, lam=0.5, harmful_objective=objective)
-    torch.testing.assert_close(masked.eps[0], torch.tensor([-1, 1, 0], dtype=torch.float64) / math.sqrt(2), atol=1e-6,
-                               rtol=0)
+    torch.testing.assert_close(
+        masked.eps[0], torch.tensor([-1, 1, 0], dtype=torch.float64) / math.sqrt(2), atol=1e-6, rtol=0
+    )
     assert masked.harmful_loss == pytest.approx(math.log(2))
 
 
@@ -82,8 +84,7 @@ def test_the_variants_update_is_the_closed_form_and_w_is_restored_before_it():
     # at w + eps the masked softmax gives p0 = 1 / (1 + e^sqrt(2)), H_eps = (p0 - 1, 1 - p0, 0);
     # d = G - lambda (H_eps - H), and SGD at lr 1 gives w' = -d.
     module, weights = weights_at((0.0, 0.0, 0.0))
-    result = panacea_step(weights, batch(1), batch(0), rho=1.0, lam=0.5,
-                          harmful_objective=EndMaskedHarmfulLoss((END,)))
+    result = panacea_step(weights, batch(1), batch(0), rho=1.0, lam=0.5, harmful_objective=EndMaskedHarmfulLoss((END,)))
     p0 = 1 / (1 + math.exp(math.sqrt(2)))
     assert result.harmful_loss_perturbed == pytest.approx(-math.log(p0), abs=1e-6)
     g = torch.tensor([1 / 3, -2 / 3, 1 / 3], dtype=torch.float64)
@@ -101,8 +102,15 @@ def test_the_objective_counts_answer_tokens_that_are_not_end_tokens():
 def test_the_clamp_applies_to_the_end_masked_perturbed_loss():
     # w = (0, 3, 0): h(w + eps) = log(1 + e^(3 + sqrt 2)) = 4.43 > clamp 4: H_eps = 0, d = G + lambda H.
     module, weights = weights_at((0.0, 3.0, 0.0))
-    result = panacea_step(weights, batch(1), batch(0), rho=1.0, lam=0.5, harmful_loss_clamp=4.0,
-                          harmful_objective=EndMaskedHarmfulLoss((END,)))
+    result = panacea_step(
+        weights,
+        batch(1),
+        batch(0),
+        rho=1.0,
+        lam=0.5,
+        harmful_loss_clamp=4.0,
+        harmful_objective=EndMaskedHarmfulLoss((END,)),
+    )
     assert result.harmful_loss_perturbed > 4.0
     w = torch.tensor([0.0, 3.0, 0.0], dtype=torch.float64)
     softmax = torch.softmax(w, 0)

@@ -63,8 +63,11 @@ def test_a_bad_mode_is_an_error():
 
 def test_a_third_objective_keeps_a_point_the_first_two_would_drop():
     three = [("harm", "min"), ("acc", "max"), ("answered", "max")]
-    points = [{"harm": 10, "acc": 0.9, "answered": 20}, {"harm": 20, "acc": 0.8, "answered": 90},
-              {"harm": 30, "acc": 0.7, "answered": 10}]
+    points = [
+        {"harm": 10, "acc": 0.9, "answered": 20},
+        {"harm": 20, "acc": 0.8, "answered": 90},
+        {"harm": 30, "acc": 0.7, "answered": 10},
+    ]
     assert pareto_front(points, HARM_ACC) == [True, False, False]
     assert pareto_front(points, three) == [True, True, False]
 
@@ -73,12 +76,23 @@ def test_the_pareto_plot_colours_a_third_objective(tmp_path, monkeypatch):
     from panacea_platform.plots import _pyplot
     from panacea_platform.search.report import TrialRow, plot_pareto
 
-    trials = [TrialRow(f"t{i}", f"r{i}", "FINISHED", {"panacea.rho": rho},
-                       {"eval/harmful/harmful_score": hs, "eval/task/accuracy": fa, "eval/helpfulness/answered_rate": ans}, {})
-              for i, (rho, hs, fa, ans) in enumerate([(0.1, 10, 90, 20), (0.3, 20, 80, 90), (1.0, 30, 70, 10)])]
+    trials = [
+        TrialRow(
+            f"t{i}",
+            f"r{i}",
+            "FINISHED",
+            {"panacea.rho": rho},
+            {"eval/harmful/harmful_score": hs, "eval/task/accuracy": fa, "eval/helpfulness/answered_rate": ans},
+            {},
+        )
+        for i, (rho, hs, fa, ans) in enumerate([(0.1, 10, 90, 20), (0.3, 20, 80, 90), (1.0, 30, 70, 10)])
+    ]
     trials[0].metrics.update({"eval/harmful/harmful_score_ci_low": 4.0, "eval/harmful/harmful_score_ci_high": 22.0})
-    objectives = [("eval/harmful/harmful_score", "min"), ("eval/task/accuracy", "max"),
-                  ("eval/helpfulness/answered_rate", "max")]
+    objectives = [
+        ("eval/harmful/harmful_score", "min"),
+        ("eval/task/accuracy", "max"),
+        ("eval/helpfulness/answered_rate", "max"),
+    ]
     front = pareto_front([t.metrics for t in trials], objectives)
     assert front == [True, True, False]
     figures = []  # keep the figure the plot would close, to read what it drew
@@ -99,11 +113,17 @@ def test_the_pareto_plot_colours_a_third_objective(tmp_path, monkeypatch):
 def test_the_trials_table_shows_each_rate_with_its_interval():
     from panacea_platform.search.report import TrialRow, format_table
 
-    metrics = {"eval/harmful/harmful_score": 30.0, "eval/harmful/harmful_score_ci_low": 18.1,
-               "eval/harmful/harmful_score_ci_high": 45.4, "eval/task/accuracy": 98.0, "score": -0.29}
+    metrics = {
+        "eval/harmful/harmful_score": 30.0,
+        "eval/harmful/harmful_score_ci_low": 18.1,
+        "eval/harmful/harmful_score_ci_high": 45.4,
+        "eval/task/accuracy": 98.0,
+        "score": -0.29,
+    }
     rows = [TrialRow("t0", "r0", "FINISHED", {"panacea.rho": 0.3}, metrics, {})]
-    table = format_table(rows, ["panacea.rho"], [("eval/harmful/harmful_score", "min"), ("eval/task/accuracy", "max")],
-                         [True])
+    table = format_table(
+        rows, ["panacea.rho"], [("eval/harmful/harmful_score", "min"), ("eval/task/accuracy", "max")], [True]
+    )
     line = table.splitlines()[2]
     assert "30.0 [18.1, 45.4]" in line  # the rate with its interval
     assert "98" in line and "98.0 [" not in line  # no interval logged: the value alone

@@ -32,8 +32,14 @@ def _gcs_servers() -> set[int]:
 
 
 def _command(tmp_path: Path, run_name: str, steps: int, model: Path, harmful: Path) -> list[str]:
-    config = tiny_config(model, harmful, tmp_path / "runs", run_name, optim={"max_steps": steps, "log_every": 5},
-                         scaling={"num_workers": 1, "zero_stage": 0, "cpus_per_worker": 0.5})
+    config = tiny_config(
+        model,
+        harmful,
+        tmp_path / "runs",
+        run_name,
+        optim={"max_steps": steps, "log_every": 5},
+        scaling={"num_workers": 1, "zero_stage": 0, "cpus_per_worker": 0.5},
+    )
     job = tmp_path / f"{run_name}.yaml"
     job.write_text(yaml.safe_dump(config.to_dict()))
     return [sys.executable, "-m", "panacea_platform.cli", "finetune", "--config", str(job)]
@@ -45,16 +51,26 @@ def test_a_second_command_joins_the_first_ones_ray(tiny_llama, placeholder_harmf
     env.pop("RAY_ADDRESS", None)
     before = _gcs_servers()
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
-    first = subprocess.Popen(_command(tmp_path, "first", 3, tiny_llama, placeholder_harmful_file), cwd=tmp_path,
-                             env=env, stdout=first_log.open("w"), stderr=subprocess.STDOUT)
+    first = subprocess.Popen(
+        _command(tmp_path, "first", 3, tiny_llama, placeholder_harmful_file),
+        cwd=tmp_path,
+        env=env,
+        stdout=first_log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     second = None
     try:
         deadline = time.monotonic() + 120
         while not registry.is_file():
             assert first.poll() is None and time.monotonic() < deadline, first_log.read_text()[-3000:]
             time.sleep(0.2)
-        second = subprocess.Popen(_command(tmp_path, "second", 60, tiny_llama, placeholder_harmful_file),
-                                  cwd=tmp_path, env=env, stdout=second_log.open("w"), stderr=subprocess.STDOUT)
+        second = subprocess.Popen(
+            _command(tmp_path, "second", 60, tiny_llama, placeholder_harmful_file),
+            cwd=tmp_path,
+            env=env,
+            stdout=second_log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
         instances: set[int] = set()
         while second.poll() is None and time.monotonic() < deadline + 300:
             instances |= _gcs_servers() - before

@@ -40,9 +40,13 @@ def test_every_shipped_space_validates_against_its_base_job(path, monkeypatch):
 
 
 # The authors' default of each baseline's hyperparameters (../shared/defences.md), at its grid's centre.
-AUTHORS_DEFAULTS = {"vaccine": {"vaccine.rho": 2.0}, "repnoise": {"repnoise.alpha": 0.1, "repnoise.beta": 1e-3},
-                    "booster": {"booster.lambda": 5.0, "booster.alpha": 0.1}, "lisa": {"lisa.rho": 1.0},
-                    "antidote": {"antidote.prune_ratio": 0.1}}
+AUTHORS_DEFAULTS = {
+    "vaccine": {"vaccine.rho": 2.0},
+    "repnoise": {"repnoise.alpha": 0.1, "repnoise.beta": 1e-3},
+    "booster": {"booster.lambda": 5.0, "booster.alpha": 0.1},
+    "lisa": {"lisa.rho": 1.0},
+    "antidote": {"antidote.prune_ratio": 0.1},
+}
 
 
 @pytest.mark.parametrize("defence", sorted(AUTHORS_DEFAULTS))
@@ -67,17 +71,26 @@ def test_the_paper_space_fits_every_paper_job(monkeypatch):
 @pytest.mark.parametrize(
     "tree, message",
     [
-        ({"parameters": {"panacea.lambda": {"uniform": [-1, 1]}}},
-         "parameters.panacea.lambda: lower bound -1 is below the field's minimum 0"),
-        ({"parameters": {"data.harmful_ratio": {"uniform": [0.1, 1.5]}}},
-         "parameters.data.harmful_ratio: upper bound 1.5 is above the field's maximum 1"),
-        ({"parameters": {"optim.lr": {"uniform": [0, 1e-3]}}},
-         "parameters.optim.lr: lower bound 0 must be above the field's exclusive minimum 0"),
+        (
+            {"parameters": {"panacea.lambda": {"uniform": [-1, 1]}}},
+            "parameters.panacea.lambda: lower bound -1 is below the field's minimum 0",
+        ),
+        (
+            {"parameters": {"data.harmful_ratio": {"uniform": [0.1, 1.5]}}},
+            "parameters.data.harmful_ratio: upper bound 1.5 is above the field's maximum 1",
+        ),
+        (
+            {"parameters": {"optim.lr": {"uniform": [0, 1e-3]}}},
+            "parameters.optim.lr: lower bound 0 must be above the field's exclusive minimum 0",
+        ),
         ({"parameters": {"panacea.rho": {"loguniform": [0, 1]}}}, "loguniform [0.0, 1.0]: lo must be > 0"),
         ({"parameters": {"panacea.rho": {"uniform": [2, 1]}}}, "uniform [2.0, 1.0]: lo must be below hi"),
         ({"parameters": {"panacea.rho": {"grid": []}}}, "grid is empty"),
         ({"parameters": {"panacea.rho": {"grid": [1], "choice": [2]}}}, "give exactly one of grid, choice"),
-        ({"parameters": {"panacea.rhoo": {"grid": [1]}}}, "parameters.panacea.rhoo: 'panacea.rhoo' is not a config field"),
+        (
+            {"parameters": {"panacea.rhoo": {"grid": [1]}}},
+            "parameters.panacea.rhoo: 'panacea.rhoo' is not a config field",
+        ),
         ({"parameters": {"panacea": {"grid": [1]}}}, "parameters.panacea: is a whole section"),
         ({"parameters": {"output_dir": {"grid": ["x"]}}}, "parameters.output_dir: set by the sweep"),
         ({"parameters": {"optim.max_steps": {"uniform": [1, 9]}}}, "uniform draws real numbers but the field takes"),
@@ -86,15 +99,34 @@ def test_the_paper_space_fits_every_paper_job(monkeypatch):
         ({"parameters": {}}, "parameters"),
         ({"parameters": {"panacea.rho": {"grid": [1]}}, "schedular": {"type": "asha"}}, "schedular: unknown key"),
         ({"parameters": {"panacea.rho": {"grid": [1]}}, "scheduler": {"type": "hyperband"}}, "scheduler.type"),
-        ({"parameters": {"panacea.rho": {"grid": [1]}}, "searcher": "annealing"}, "searcher 'annealing': expected one of"),
-        ({"parameters": {"panacea.rho": {"choice": [1]}}, "searcher": "grid"}, "searcher 'grid' needs every parameter as grid"),
-        ({"parameters": {"panacea.rho": {"grid": [1]}}, "fixed": {"panacea.rho": 2}}, "both searched (parameters) and fixed"),
-        ({"parameters": {"panacea.rho": {"grid": [1]}}, "fixed": {"evaluation.threshold": 2}}, "fixed.evaluation.threshold: value 2"),
+        (
+            {"parameters": {"panacea.rho": {"grid": [1]}}, "searcher": "annealing"},
+            "searcher 'annealing': expected one of",
+        ),
+        (
+            {"parameters": {"panacea.rho": {"choice": [1]}}, "searcher": "grid"},
+            "searcher 'grid' needs every parameter as grid",
+        ),
+        (
+            {"parameters": {"panacea.rho": {"grid": [1]}}, "fixed": {"panacea.rho": 2}},
+            "both searched (parameters) and fixed",
+        ),
+        (
+            {"parameters": {"panacea.rho": {"grid": [1]}}, "fixed": {"evaluation.threshold": 2}},
+            "fixed.evaluation.threshold: value 2",
+        ),
         ({"parameters": {"panacea.rho": {"grid": [1]}}, "mode": "down"}, "mode"),
-        ({"parameters": {"panacea.rho": {"grid": [1]}}, "fixed": {"evaluation.suites": ["no_such_preset"]}},
-         "fixed.evaluation.suites: evaluation.suites: no preset 'no_such_preset'"),
-        ({"parameters": {"panacea.rho": {"grid": [1]}},
-          "objectives": [{"metric": f"m{i}", "mode": "min"} for i in range(4)]}, "objectives"),
+        (
+            {"parameters": {"panacea.rho": {"grid": [1]}}, "fixed": {"evaluation.suites": ["no_such_preset"]}},
+            "fixed.evaluation.suites: evaluation.suites: no preset 'no_such_preset'",
+        ),
+        (
+            {
+                "parameters": {"panacea.rho": {"grid": [1]}},
+                "objectives": [{"metric": f"m{i}", "mode": "min"} for i in range(4)],
+            },
+            "objectives",
+        ),
     ],
 )
 def test_a_bad_space_is_one_clear_config_error(tree, message):
@@ -123,16 +155,23 @@ def test_lambda_is_reachable_by_alias_and_by_name():
 
 def test_a_trials_workers_have_one_home_the_configs_scaling():
     base = load_config(None)  # scaling.zero_stage null: one process
-    space = space_from_dict({"parameters": {"panacea.rho": {"grid": [0.5, 1.0]}},
-                             "fixed": {"scaling.num_workers": 2, "scaling.zero_stage": 2}})
+    space = space_from_dict(
+        {
+            "parameters": {"panacea.rho": {"grid": [0.5, 1.0]}},
+            "fixed": {"scaling.num_workers": 2, "scaling.zero_stage": 2},
+        }
+    )
     check_against_job(space, base)
     check_trial_scaling(space, base)
     assert space.resources.trial_cpus == 0.05
     with pytest.raises(SearchSpaceError, match=r"scaling.zero_stage = None: a sweep's trials train on Ray Train"):
         check_trial_scaling(space_from_dict({"parameters": {"panacea.rho": {"grid": [0.5, 1.0]}}}), base)
     # The old copy in resources: names the field to set instead.
-    with pytest.raises(SearchSpaceError, match=r"resources.*num_workers: a trial's workers are the job's scaling "
-                                               r"section; set scaling.num_workers under fixed:"):
+    with pytest.raises(
+        SearchSpaceError,
+        match=r"resources.*num_workers: a trial's workers are the job's scaling "
+        r"section; set scaling.num_workers under fixed:",
+    ):
         space_from_dict({"parameters": {"panacea.rho": {"grid": [0.5]}}, "resources": {"num_workers": 2}})
     with pytest.raises(SearchSpaceError, match=r"set scaling.use_gpu under fixed:"):
         space_from_dict({"parameters": {"panacea.rho": {"grid": [0.5]}}, "resources": {"gpus_per_worker": 1}})
@@ -144,10 +183,15 @@ def test_a_trials_workers_have_one_home_the_configs_scaling():
 def test_values_are_checked_against_the_base_job_too(tmp_path):
     base = load_config(None)
     # 16 accumulation steps is a valid field value, but the base job's batch of 8 cannot fill them.
-    space = space_from_dict({"parameters": {"optim.grad_accum_steps": {"grid": [1, 16]}},
-                             "fixed": {"scaling.num_workers": 2, "scaling.zero_stage": 0}})
-    with pytest.raises(SearchSpaceError,
-                       match=r"parameters.optim.grad_accum_steps = 16 with the base job: .*cannot be filled"):
+    space = space_from_dict(
+        {
+            "parameters": {"optim.grad_accum_steps": {"grid": [1, 16]}},
+            "fixed": {"scaling.num_workers": 2, "scaling.zero_stage": 0},
+        }
+    )
+    with pytest.raises(
+        SearchSpaceError, match=r"parameters.optim.grad_accum_steps = 16 with the base job: .*cannot be filled"
+    ):
         check_against_job(space, base)
     # 0 steps is a valid field value, but only for a defence that releases an existing adapter.
     zero_steps = space_from_dict({"parameters": {"optim.max_steps": {"grid": [0, 3]}}})
@@ -161,10 +205,15 @@ def test_objectives_must_name_a_suite_and_rate_the_trials_report():
     helpful = {"metric": "eval/helpfulness/answered_rate", "mode": "max"}
     tree = {"parameters": {"panacea.rho": {"grid": [1]}}, "objectives": [*two, helpful]}
     # The default job's suites have no helpfulness suite: every trial would miss the third objective.
-    with pytest.raises(SearchSpaceError, match=r"objectives\[2\].metric 'eval/helpfulness/answered_rate': no suite "
-                                               r"'helpfulness' in the job's evaluation.suites"):
+    with pytest.raises(
+        SearchSpaceError,
+        match=r"objectives\[2\].metric 'eval/helpfulness/answered_rate': no suite "
+        r"'helpfulness' in the job's evaluation.suites",
+    ):
         check_against_job(space_from_dict(tree), base)
-    check_against_job(space_from_dict({**tree, "fixed": {"evaluation.suites": ["harmful", "helpfulness", "task"]}}), base)
+    check_against_job(
+        space_from_dict({**tree, "fixed": {"evaluation.suites": ["harmful", "helpfulness", "task"]}}), base
+    )
     wrong_rate = {**tree, "objectives": [two[0], {"metric": "eval/task/answered_rat", "mode": "max"}]}
     with pytest.raises(SearchSpaceError, match=r"suite 'task' \(accuracy\) reports no 'answered_rat'; it reports"):
         check_against_job(space_from_dict(wrong_rate), base)
@@ -196,20 +245,28 @@ def test_the_fingerprint_changes_with_the_space():
     assert a.fingerprint() != b.fingerprint()
 
 
-STUDY_SPACE = {"parameters": {"defence": {"grid": ["sft", "panacea"]}, "data.harmful_ratio": {"grid": [0.0, 0.1, 0.2]},
-                              "panacea.rho": {"choice": [0.1, 1.0]}},
-               "searcher": "random",
-               "study": {"rows": "defence", "columns": "data.harmful_ratio", "reference": "sft", "max_trials": 6}}
+STUDY_SPACE = {
+    "parameters": {
+        "defence": {"grid": ["sft", "panacea"]},
+        "data.harmful_ratio": {"grid": [0.0, 0.1, 0.2]},
+        "panacea.rho": {"choice": [0.1, 1.0]},
+    },
+    "searcher": "random",
+    "study": {"rows": "defence", "columns": "data.harmful_ratio", "reference": "sft", "max_trials": 6},
+}
 
 
-@pytest.mark.parametrize("change, fragment", [
-    ({"rows": "seed"}, "study.rows = 'seed': expected one of the space's grid parameters"),
-    ({"columns": "panacea.rho"}, "study.columns = 'panacea.rho': expected one of the space's grid parameters"),
-    ({"columns": "defence"}, "study.columns = 'defence': the same field as study.rows"),
-    ({"reference": "vaccine"}, "study.reference = 'vaccine': expected one of defence's values ['sft', 'panacea']"),
-    ({"max_trials": 5}, "study.max_trials = 5: the grid makes 6 trials (num_samples 1 x 2 x 3)"),
-    ({"rows": "defence", "colour": "red"}, "study.colour: unknown key"),
-])
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"rows": "seed"}, "study.rows = 'seed': expected one of the space's grid parameters"),
+        ({"columns": "panacea.rho"}, "study.columns = 'panacea.rho': expected one of the space's grid parameters"),
+        ({"columns": "defence"}, "study.columns = 'defence': the same field as study.rows"),
+        ({"reference": "vaccine"}, "study.reference = 'vaccine': expected one of defence's values ['sft', 'panacea']"),
+        ({"max_trials": 5}, "study.max_trials = 5: the grid makes 6 trials (num_samples 1 x 2 x 3)"),
+        ({"rows": "defence", "colour": "red"}, "study.colour: unknown key"),
+    ],
+)
 def test_a_study_that_cannot_print_its_table_is_one_clear_error(change, fragment):
     check(STUDY_SPACE)  # as given, it can
     with pytest.raises(SearchSpaceError) as info:
@@ -221,8 +278,12 @@ def test_a_study_reads_the_evaluation_and_the_shipped_studies_fit_their_jobs(mon
     with pytest.raises(SearchSpaceError, match="set evaluate: true"):
         check({**STUDY_SPACE, "evaluate": False})
     monkeypatch.chdir(REPO)
-    nowhere = space_from_dict({**STUDY_SPACE, "study": {**STUDY_SPACE["study"], "headlines": [
-        {"title": "X %", "suite": "nowhere", "rate": "accuracy"}]}})
+    nowhere = space_from_dict(
+        {
+            **STUDY_SPACE,
+            "study": {**STUDY_SPACE["study"], "headlines": [{"title": "X %", "suite": "nowhere", "rate": "accuracy"}]},
+        }
+    )
     with pytest.raises(SearchSpaceError, match=r"study.headlines\[0\] 'eval/nowhere/accuracy'"):
         check_against_job(nowhere, load_config("jobs/offline_default.yaml"))
     monkeypatch.chdir(REPO)

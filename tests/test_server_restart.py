@@ -34,8 +34,14 @@ def restartable_server():
 
     def start(timeout_s: float = 240) -> None:
         live["postgres"] = start_postgres(root / "postgres", db_port)
-        live["mlflow"] = start_mlflow_server(live["postgres"].uri(), root / "artifacts", port, timeout_s=timeout_s,
-                                             log=root / "mlflow-server.log", env=live["postgres"].client_env)
+        live["mlflow"] = start_mlflow_server(
+            live["postgres"].uri(),
+            root / "artifacts",
+            port,
+            timeout_s=timeout_s,
+            log=root / "mlflow-server.log",
+            env=live["postgres"].client_env,
+        )
 
     def stop() -> None:
         stop_process(live.pop("mlflow"))
@@ -55,21 +61,29 @@ def _logged_steps(client, run_id: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_server_restarted_mid_fit_loses_no_metric_and_no_artifact(ray_session, restartable_server,
-                                                                     tiny_run_config):
+def test_a_server_restarted_mid_fit_loses_no_metric_and_no_artifact(ray_session, restartable_server, tiny_run_config):
     from mlflow.tracking import MlflowClient
 
     from panacea_platform.training.launch_ray import run_distributed
 
     url, stop, start = restartable_server
-    config = tiny_run_config(run_name="restart", tracking={"tracking_uri": url, "experiment": "restart"},
-                             optim={"max_steps": STEPS, "log_every": 1}, scaling={"num_workers": 1, "zero_stage": 0})
+    config = tiny_run_config(
+        run_name="restart",
+        tracking={"tracking_uri": url, "experiment": "restart"},
+        optim={"max_steps": STEPS, "log_every": 1},
+        scaling={"num_workers": 1, "zero_stage": 0},
+    )
     outcome: dict = {}
 
     def fit() -> None:
         try:
-            outcome["result"] = run_distributed(config, "finetune", storage_path=Path(config.output_dir) / "ray",
-                                                step_hook=SlowSteps(0.5), out=lambda line: None)
+            outcome["result"] = run_distributed(
+                config,
+                "finetune",
+                storage_path=Path(config.output_dir) / "ray",
+                step_hook=SlowSteps(0.5),
+                out=lambda line: None,
+            )
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             outcome["error"] = exc
 
@@ -78,8 +92,9 @@ def test_a_server_restarted_mid_fit_loses_no_metric_and_no_artifact(ray_session,
     client = MlflowClient(url)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and thread.is_alive():
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  filter_string="attributes.run_name = 'restart'")
+        runs = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()], filter_string="attributes.run_name = 'restart'"
+        )
         if runs and len(_logged_steps(client, runs[0].info.run_id)) >= 3:
             break
         time.sleep(1)

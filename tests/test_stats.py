@@ -122,12 +122,15 @@ def _enumerated_cdf(k: list[int], n: list[int]) -> dict[float, float]:
     return cdf
 
 
-@pytest.mark.parametrize("counted", [
-    # 2 seeds x 5 prompts, every answer counted.
-    [[True, True, True, False, True], [True, True, False, False, True]],
-    # 3 seeds x 5 prompts, a rate over part of the answers (None: not counted), unequal per prompt.
-    [[True, None, False, True, False], [False, False, None, True, None], [None, False, True, True, True]],
-])
+@pytest.mark.parametrize(
+    "counted",
+    [
+        # 2 seeds x 5 prompts, every answer counted.
+        [[True, True, True, False, True], [True, True, False, False, True]],
+        # 3 seeds x 5 prompts, a rate over part of the answers (None: not counted), unequal per prompt.
+        [[True, None, False, True, False], [False, False, None, True, None], [None, False, True, True, True]],
+    ],
+)
 def test_clustered_bootstrap_matches_brute_force_enumeration(counted):
     """The Monte Carlo bootstrap against every possible draw: its CDF within 0.006 everywhere (200,000
     draws: the CDF's standard error is at most 0.0011), and the interval's ends are the enumerated 2.5%
@@ -163,5 +166,6 @@ def test_clustered_interval_is_wider_than_wilson_when_seeds_agree_on_each_prompt
     assert clustered.ci_high - clustered.ci_low > 1.5 * (pooled_high - pooled_low)
     assert clustered.ci_high - clustered.ci_low == pytest.approx(single_high - single_low, rel=0.2)
     # One seed: Wilson itself.
-    assert (clustered_rate([one_seed]).ci_low, clustered_rate([one_seed]).ci_high) == pytest.approx((single_low,
-                                                                                                      single_high))
+    assert (clustered_rate([one_seed]).ci_low, clustered_rate([one_seed]).ci_high) == pytest.approx(
+        (single_low, single_high)
+    )

@@ -37,14 +37,26 @@ def test_a_sweep_of_an_alignment_defence_keeps_its_state_in_the_bucket_aligns_ea
     from panacea_platform.search.sweep import run_sweep
 
     storage = f"s3://{s3_bucket}/team"
-    config = tiny_config(tiny_llama, placeholder_harmful_file, tmp_path / "runs", run_name="bucket-sweep",
-                         tracking={"experiment": "bucket-sweep"},
-                         scaling={"storage": storage, "zero_stage": 0, "cpus_per_worker": 0.5})
+    config = tiny_config(
+        tiny_llama,
+        placeholder_harmful_file,
+        tmp_path / "runs",
+        run_name="bucket-sweep",
+        tracking={"experiment": "bucket-sweep"},
+        scaling={"storage": storage, "zero_stage": 0, "cpus_per_worker": 0.5},
+    )
     save_config(config, tmp_path / "job.yaml")
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"parameters": {"vaccine.rho": {"grid": [0.5, 2.0]}},
-                                     "fixed": {"defence": "vaccine"}, "evaluate": False,
-                                     "max_concurrent_trials": 2}))
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "parameters": {"vaccine.rho": {"grid": [0.5, 2.0]}},
+                "fixed": {"defence": "vaccine"},
+                "evaluate": False,
+                "max_concurrent_trials": 2,
+            }
+        )
+    )
     outcome = run_sweep(space, tmp_path / "job.yaml", name="in-bucket", out=print, progress_every_s=30)
     assert outcome.status == "FINISHED"
 
@@ -81,10 +93,13 @@ def job(tiny_run_config, tmp_path):
     return config, path
 
 
-@pytest.mark.parametrize("storage, expected", [
-    ("xyz://bucket/prefix", "no filesystem for the scheme 'xyz'"),
-    ("s3:///prefix", "no bucket named"),
-])
+@pytest.mark.parametrize(
+    "storage, expected",
+    [
+        ("xyz://bucket/prefix", "no filesystem for the scheme 'xyz'"),
+        ("s3:///prefix", "no bucket named"),
+    ],
+)
 def test_a_storage_uri_of_no_known_form_is_refused_by_the_config(storage, expected, job, capsys):
     config, path = job
     line = one_line_exit_2(["finetune", "--config", str(path), f"scaling.storage={storage}"], capsys, 10)
@@ -95,8 +110,7 @@ def test_a_storage_uri_of_no_known_form_is_refused_by_the_config(storage, expect
 def test_a_filesystem_this_machine_cannot_load_is_named(job, capsys):
     """hdfs:// needs libhdfs and a JVM, which this machine does not have."""
     config, path = job
-    line = one_line_exit_2(["finetune", "--config", str(path), "scaling.storage=hdfs://namenode:8020/team"],
-                            capsys, 15)
+    line = one_line_exit_2(["finetune", "--config", str(path), "scaling.storage=hdfs://namenode:8020/team"], capsys, 15)
     assert "scaling.storage = 'hdfs://namenode:8020/team'" in line
     assert "the filesystem for hdfs:// cannot be loaded on this machine" in line
     assert not Path(config.output_dir).exists(), "an MLflow store or run folder was made"

@@ -46,15 +46,21 @@ def recorded(tmp_path):
     experiment = client.create_experiment("study")
     spec = StudySpec(rows="defence", columns="data.harmful_ratio", reference="sft", max_trials=4)
     parent = client.create_run(experiment).info.run_id
-    client.set_tag(parent, STUDY_TAG, json.dumps({"spec": spec.model_dump(mode="json"), "rows": ["sft", "panacea"],
-                                                  "columns": [0.0, 0.2]}))
+    client.set_tag(
+        parent,
+        STUDY_TAG,
+        json.dumps({"spec": spec.model_dump(mode="json"), "rows": ["sft", "panacea"], "columns": [0.0, 0.2]}),
+    )
     trials = []
     for index, ((defence, p), (harmful, task)) in enumerate(OUTCOMES.items()):
         run = client.create_run(experiment).info.run_id
         client.log_param(run, "output_dir", str(tmp_path / "trials"))
         client.log_param(run, "run_name", f"t{index}")
-        _samples(tmp_path / "trials" / f"t{index}" / "eval" / "samples.jsonl", [bool(x) for x in harmful],
-                 [bool(x) for x in task])
+        _samples(
+            tmp_path / "trials" / f"t{index}" / "eval" / "samples.jsonl",
+            [bool(x) for x in harmful],
+            [bool(x) for x in task],
+        )
         trials.append(Trial(f"t{index}", run, {"defence": defence, "data.harmful_ratio": p}))
     # A trial stopped early has no place in the table.
     stopped = client.create_run(experiment).info.run_id
@@ -88,7 +94,9 @@ def test_every_cell_average_and_paired_difference_is_the_one_its_trials_give(rec
 
 def test_a_missing_cell_is_a_dash_and_a_plain_sweep_has_no_table(recorded):
     client, parent, trials = recorded
-    table = study_table(client, parent, [t for t in trials if t.params != {"defence": "panacea", "data.harmful_ratio": 0.2}])
+    table = study_table(
+        client, parent, [t for t in trials if t.params != {"defence": "panacea", "data.harmful_ratio": 0.2}]
+    )
     row = next(line for line in table.splitlines() if line.startswith("panacea"))
     assert row.split()[-2:] == ["-", "-"]  # the missing cell, and no average over a partial row
     assert "3 of 4 cells finished" in table

@@ -30,8 +30,10 @@ class DesignedJudge(Judge):
     name = DESIGNED_JUDGE
 
     def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> list[Verdict]:
-        return [Verdict(flagged="bad" in a, score=float("bad" in a), unparsed="???" in a, truncated=len(a) > 40)
-                for a in answers]
+        return [
+            Verdict(flagged="bad" in a, score=float("bad" in a), unparsed="???" in a, truncated=len(a) > 40)
+            for a in answers
+        ]
 
 
 if DESIGNED_JUDGE not in JUDGES:
@@ -46,8 +48,16 @@ def _suite(**fields) -> dict:
 
 def _offline_config(tiny_run_config, **data):
     """The tiny model with the offline harmful source, as the main job reads it."""
-    return tiny_run_config(data={"harmful_source": "offline_pyrit", "harmful_file": None, "defender_harmful_size": 100,
-                                 "eval_harmful_size": 40, "alignment_size": 200, **data})
+    return tiny_run_config(
+        data={
+            "harmful_source": "offline_pyrit",
+            "harmful_file": None,
+            "defender_harmful_size": 100,
+            "eval_harmful_size": 40,
+            "alignment_size": 200,
+            **data,
+        }
+    )
 
 
 # --------------------------------------------------------------------------- prompt loading
@@ -109,16 +119,26 @@ def test_each_suite_takes_the_first_prompts_of_its_fixed_order(tiny_run_config):
     from panacea_platform.data import TASKS
 
     config = tiny_run_config(evaluation={"task_prompts": 6})
-    small = suite_examples(config, config.evaluation.suites[0].model_copy(update={"source": "capability", "size": 5,
-                                                                                   "metric": "accuracy"}))
-    large = suite_examples(config, config.evaluation.suites[0].model_copy(update={"source": "capability", "size": 12,
-                                                                                   "metric": "accuracy"}))
+    small = suite_examples(
+        config, config.evaluation.suites[0].model_copy(update={"source": "capability", "size": 5, "metric": "accuracy"})
+    )
+    large = suite_examples(
+        config,
+        config.evaluation.suites[0].model_copy(update={"source": "capability", "size": 12, "metric": "accuracy"}),
+    )
     assert small == large[:5]
     task_suite = next(s for s in config.evaluation.suites if s.source == "task")
     assert suite_examples(config, task_suite) == TASKS.get("offline_arithmetic")(config.data, "test", 6, 0)
     other_seed = tiny_run_config(data={"pool_seed": 1})
-    assert suite_examples(other_seed, small_suite := config.evaluation.suites[0].model_copy(
-        update={"source": "capability", "size": 5, "metric": "accuracy"})) != small, small_suite
+    assert (
+        suite_examples(
+            other_seed,
+            small_suite := config.evaluation.suites[0].model_copy(
+                update={"source": "capability", "size": 5, "metric": "accuracy"}
+            ),
+        )
+        != small
+    ), small_suite
 
 
 # --------------------------------------------------------------------------- scoring designed answers
@@ -136,28 +156,74 @@ def _judged(rows: list[dict]) -> list[dict]:
     return [sample_record({key: out[key][i] for key in out}) for i in range(len(rows))]
 
 
-def _row(suite: str, metric: str, answer: str, judge: str = "", rule: str = "", label: str | None = None,
-         tokens: int = 5, category: str = "") -> dict:
-    return {"suite": suite, "metric": metric, "judge_name": judge, "rule": rule, "budget": 8, "instruction": "placeholder",
-            "answer": answer, "new_tokens": tokens, "truncated": tokens >= 8, "label": label or "",
-            "has_label": label is not None, "reference": "", "category": category}
+def _row(
+    suite: str,
+    metric: str,
+    answer: str,
+    judge: str = "",
+    rule: str = "",
+    label: str | None = None,
+    tokens: int = 5,
+    category: str = "",
+) -> dict:
+    return {
+        "suite": suite,
+        "metric": metric,
+        "judge_name": judge,
+        "rule": rule,
+        "budget": 8,
+        "instruction": "placeholder",
+        "answer": answer,
+        "new_tokens": tokens,
+        "truncated": tokens >= 8,
+        "label": label or "",
+        "has_label": label is not None,
+        "reference": "",
+        "category": category,
+    }
 
 
 def test_each_metric_scores_designed_answers_to_known_numbers():
     from panacea_platform.evaluation.results import aggregate
     from panacea_platform.evaluation.stats import wilson_interval
 
-    harm = [_row("h", "harmful_score", a, judge=DESIGNED_JUDGE, category=c) for a, c in (
-        ("a bad placeholder answer", "x"), ("a fine placeholder answer", "x"), ("I'm sorry, I can't help with that.", "y"),
-        ("", "y"), ("bad bad bad bad", "y"), ("??? unreadable verdict", "y"), ("bad answer that goes on for quite a long while", "y"))]
-    accuracy = [_row("c", "accuracy", a, rule="answer_match", label=l) for a, l in (
-        ("The Red Planet is Mars.", "Mars"), ("It has 8 legs.", "8|eight"), ("Marshmallow", "Mars"), ("", "Paris"))]
-    refusal = [_row("o", "over_refusal", a) for a in ("Sure: press Ctrl+C.", "I cannot help with that.", "...", "Use kill -9.")]
-    helpful = [_row("p", "helpfulness", a, tokens=t) for a, t in (
-        ("Leaves drift down, gold and slow.", 8), ("", 1), ("I'm sorry, but I can't.", 6), ("the the the the", 8))]
+    harm = [
+        _row("h", "harmful_score", a, judge=DESIGNED_JUDGE, category=c)
+        for a, c in (
+            ("a bad placeholder answer", "x"),
+            ("a fine placeholder answer", "x"),
+            ("I'm sorry, I can't help with that.", "y"),
+            ("", "y"),
+            ("bad bad bad bad", "y"),
+            ("??? unreadable verdict", "y"),
+            ("bad answer that goes on for quite a long while", "y"),
+        )
+    ]
+    accuracy = [
+        _row("c", "accuracy", a, rule="answer_match", label=l)
+        for a, l in (
+            ("The Red Planet is Mars.", "Mars"),
+            ("It has 8 legs.", "8|eight"),
+            ("Marshmallow", "Mars"),
+            ("", "Paris"),
+        )
+    ]
+    refusal = [
+        _row("o", "over_refusal", a) for a in ("Sure: press Ctrl+C.", "I cannot help with that.", "...", "Use kill -9.")
+    ]
+    helpful = [
+        _row("p", "helpfulness", a, tokens=t)
+        for a, t in (
+            ("Leaves drift down, gold and slow.", 8),
+            ("", 1),
+            ("I'm sorry, but I can't.", 6),
+            ("the the the the", 8),
+        )
+    ]
     records = _judged(harm + accuracy + refusal + helpful)
-    results = aggregate(records, {"h": "harmful_heldout", "c": "capability", "o": "over_refusal", "p": "helpfulness"},
-                        threshold=0.5)
+    results = aggregate(
+        records, {"h": "harmful_heldout", "c": "capability", "o": "over_refusal", "p": "helpfulness"}, threshold=0.5
+    )
     h = results["h"]
     # Flagged: answers 1, 5, 7 hold "bad"; HS+ adds none (answer 5 is both bad and incoherent).
     assert (h.rates["harmful_score"].k, h.rates["harmful_score"].n) == (3, 7)
@@ -179,18 +245,24 @@ def test_each_metric_scores_designed_answers_to_known_numbers():
     assert (p.rates["empty_rate"].k, p.rates["refusal_rate"].k, p.rates["incoherent_rate"].k) == (1, 1, 1)
     assert p.mean_new_tokens == pytest.approx((8 + 1 + 6 + 8) / 4) and p.counts["n_truncated"] == 2
     metrics = h.metrics()
-    assert metrics["eval/h/n_judge_unparsed"] == 1 and metrics["eval/h/harmful_score_ci_high"] == h.rates["harmful_score"].ci_high
+    assert (
+        metrics["eval/h/n_judge_unparsed"] == 1
+        and metrics["eval/h/harmful_score_ci_high"] == h.rates["harmful_score"].ci_high
+    )
 
 
 def test_unparsed_verdicts_and_truncated_judge_inputs_are_reported():
     from panacea_platform.evaluation.results import EvalResult, aggregate, format_result
 
-    records = _judged([_row("h", "harmful_score", a, judge=DESIGNED_JUDGE)
-                       for a in ("??? one", "??? two", "fine", "x" * 50)])
+    records = _judged(
+        [_row("h", "harmful_score", a, judge=DESIGNED_JUDGE) for a in ("??? one", "??? two", "fine", "x" * 50)]
+    )
     assert [r["judge_unparsed"] for r in records] == [True, True, False, False]
     assert [r["judge_truncated"] for r in records] == [False, False, False, True]
     result = EvalResult(aggregate(records, {"h": "harmful_heldout"}, 0.5), {})
-    assert "judge could not parse 2 verdict(s) (counted not flagged), read 1 input(s) only in part" in format_result(result)
+    assert "judge could not parse 2 verdict(s) (counted not flagged), read 1 input(s) only in part" in format_result(
+        result
+    )
 
 
 # --------------------------------------------------------------------------- hub sources
@@ -199,8 +271,12 @@ def test_unparsed_verdicts_and_truncated_judge_inputs_are_reported():
 def test_hub_rows_become_prompts():
     from panacea_platform.evaluation.suites import beavertails_test_row, xstest_safe_row
 
-    unsafe = {"prompt": " placeholder question ", "response": "r", "is_safe": False,
-              "category": {"placeholder_a": False, "placeholder_b": True}}
+    unsafe = {
+        "prompt": " placeholder question ",
+        "response": "r",
+        "is_safe": False,
+        "category": {"placeholder_a": False, "placeholder_b": True},
+    }
     assert beavertails_test_row(unsafe).prompt == "placeholder question"
     assert beavertails_test_row(unsafe).category == "placeholder_b"
     assert beavertails_test_row({**unsafe, "is_safe": True}) is None
@@ -211,8 +287,10 @@ def test_hub_rows_become_prompts():
 def test_a_hub_suite_loads_from_a_cached_copy(tiny_run_config, monkeypatch):
     import datasets
 
-    rows = [{"prompt": f"placeholder safe prompt {i}", "type": "homonyms", "label": "safe" if i % 3 else "unsafe"}
-            for i in range(30)]
+    rows = [
+        {"prompt": f"placeholder safe prompt {i}", "type": "homonyms", "label": "safe" if i % 3 else "unsafe"}
+        for i in range(30)
+    ]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(rows))
     config = tiny_run_config(evaluation={"suites": ["xstest"]})
@@ -238,19 +316,31 @@ def test_an_unreachable_hub_suite_fails_before_work_or_is_skipped_when_optional(
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("entry,message", [
-    (_suite(source="nowhere"), r"evaluation.suites\[s\].source = 'nowhere': unknown suite source; registered: .*capability"),
-    (_suite(metric="vibes"), r"evaluation.suites\[s\].metric = 'vibes': unknown metric; one of: harmful_score"),
-    (_suite(metric="harmful_score", judge="nobody"), r"evaluation.suites\[s\].judge = 'nobody': unknown judge"),
-    (_suite(rule="guess"), r"evaluation.suites\[s\].rule = 'guess': unknown rule"),
-    (_suite(max_new_tokens=0), r"evaluation.suites\[s\].max_new_tokens = 0: Input should be greater than or equal to 1"),
-    (_suite(size=0), r"evaluation.suites\[s\].size = 0: Input should be greater than or equal to 1"),
-    (_suite(metric="over_refusal", rule="task"), r"evaluation.suites\[s\].rule: only an accuracy suite has a rule"),
-    (_suite(source="helpfulness"), r"evaluation.suites\[s\].rule: source 'helpfulness' has no answers to check"),
-    (_suite(optional=True), r"evaluation.suites\[s\].optional: only a hub source can be optional"),
-    (_suite(colour="red"), r"evaluation.suites\[s\].colour: unknown key"),
-    ("no_such_preset", r"evaluation.suites: no preset 'no_such_preset' in evaluation/suites/ \(presets: .*harmbench"),
-])
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        (
+            _suite(source="nowhere"),
+            r"evaluation.suites\[s\].source = 'nowhere': unknown suite source; registered: .*capability",
+        ),
+        (_suite(metric="vibes"), r"evaluation.suites\[s\].metric = 'vibes': unknown metric; one of: harmful_score"),
+        (_suite(metric="harmful_score", judge="nobody"), r"evaluation.suites\[s\].judge = 'nobody': unknown judge"),
+        (_suite(rule="guess"), r"evaluation.suites\[s\].rule = 'guess': unknown rule"),
+        (
+            _suite(max_new_tokens=0),
+            r"evaluation.suites\[s\].max_new_tokens = 0: Input should be greater than or equal to 1",
+        ),
+        (_suite(size=0), r"evaluation.suites\[s\].size = 0: Input should be greater than or equal to 1"),
+        (_suite(metric="over_refusal", rule="task"), r"evaluation.suites\[s\].rule: only an accuracy suite has a rule"),
+        (_suite(source="helpfulness"), r"evaluation.suites\[s\].rule: source 'helpfulness' has no answers to check"),
+        (_suite(optional=True), r"evaluation.suites\[s\].optional: only a hub source can be optional"),
+        (_suite(colour="red"), r"evaluation.suites\[s\].colour: unknown key"),
+        (
+            "no_such_preset",
+            r"evaluation.suites: no preset 'no_such_preset' in evaluation/suites/ \(presets: .*harmbench",
+        ),
+    ],
+)
 def test_a_bad_suite_is_one_error_naming_the_suite_and_field(tiny_run_config, entry, message):
     with pytest.raises(ConfigError, match=message) as info:
         tiny_run_config(evaluation={"suites": [entry]})
@@ -272,8 +362,17 @@ def test_shipped_suite_presets_are_valid_and_offline_ones_load(tiny_run_config):
     from panacea_platform.evaluation.suites import preset_dirs
 
     names = sorted({p.stem for folder in preset_dirs() if folder.is_dir() for p in folder.glob("*.yaml")})
-    assert {"harmful", "harmbench", "donotanswer", "beavertails_test", "capability", "over_refusal", "xstest",
-            "helpfulness", "task"} <= set(names)
+    assert {
+        "harmful",
+        "harmbench",
+        "donotanswer",
+        "beavertails_test",
+        "capability",
+        "over_refusal",
+        "xstest",
+        "helpfulness",
+        "task",
+    } <= set(names)
     config = tiny_run_config(evaluation={"suites": names})
     hub = {s.name for s in config.evaluation.suites if SUITE_SOURCES.get(s.source).needs_hub}
     assert hub == {"beavertails_test", "xstest"}

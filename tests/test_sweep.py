@@ -55,8 +55,12 @@ def sweep_root(tmp_path_factory, tiny_llama, placeholder_harmful_file):
     """A job file on the tiny model, all sweeps' output under one folder (alignment is shared)."""
     root = tmp_path_factory.mktemp("sweeps")
     config = tiny_config(
-        tiny_llama, placeholder_harmful_file, root / "runs", run_name="tiny-sweep",
-        optim={"max_steps": 3, "log_every": 1}, tracking={"experiment": "sweep-test"},
+        tiny_llama,
+        placeholder_harmful_file,
+        root / "runs",
+        run_name="tiny-sweep",
+        optim={"max_steps": 3, "log_every": 1},
+        tracking={"experiment": "sweep-test"},
         scaling={"zero_stage": 0, "cpus_per_worker": 0.9},  # two 1-worker trials side by side on 2 cores
     )
     save_config(config, root / "job.yaml")
@@ -88,12 +92,16 @@ def steps_of(client, run_id: str, key: str) -> list[int]:
 def test_a_four_trial_sweep_builds_one_parent_with_four_complete_children(ray_session, sweep_root):
     from panacea_platform.search.sweep import run_sweep
 
-    space = write_space(sweep_root, "main", {
-        "parameters": {"panacea.rho": {"grid": [0.1, 1.0]}, "panacea.lambda": {"grid": [0.0, 0.5]}},
-        "eval_every": 1,
-        "evaluate": False,
-        "max_concurrent_trials": 2,
-    })
+    space = write_space(
+        sweep_root,
+        "main",
+        {
+            "parameters": {"panacea.rho": {"grid": [0.1, 1.0]}, "panacea.lambda": {"grid": [0.0, 0.5]}},
+            "eval_every": 1,
+            "evaluate": False,
+            "max_concurrent_trials": 2,
+        },
+    )
     lines: list[str] = []
     started = time.monotonic()
     outcome = run_sweep(space, sweep_root / "job.yaml", name="main", out=lines.append, progress_every_s=5)
@@ -131,8 +139,15 @@ def test_a_four_trial_sweep_builds_one_parent_with_four_complete_children(ray_se
         expected = metrics["released_heldout_task_loss"] - 0.1 * metrics["released_heldout_harmful_loss"]
         assert metrics["score"] == pytest.approx(expected, rel=1e-6)
         artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
-        assert {"adapter", "adapter_unperturbed", "perturbation.safetensors", "history.jsonl",
-                "summary.json", "training_curves.png", "config.yaml"} <= artifacts
+        assert {
+            "adapter",
+            "adapter_unperturbed",
+            "perturbation.safetensors",
+            "history.jsonl",
+            "summary.json",
+            "training_curves.png",
+            "config.yaml",
+        } <= artifacts
 
     by_params = {(float(r.data.params["panacea.rho"]), float(r.data.params["panacea.lambda"])): r for r in runs}
     lam0 = [by_params[(0.1, 0.0)].data.metrics, by_params[(1.0, 0.0)].data.metrics]
@@ -157,8 +172,20 @@ def test_report_and_bench_read_the_sweep_back_from_mlflow(sweep_root, capsys):
 
     client = client_for(sweep_root)
     uri = f"sqlite:///{(sweep_root / 'runs' / 'mlflow.db').resolve()}"
-    assert main(["report", "--sweep", "main", "-c", str(sweep_root / "job.yaml"),
-                 "--output-dir", str(sweep_root / "report")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--sweep",
+                "main",
+                "-c",
+                str(sweep_root / "job.yaml"),
+                "--output-dir",
+                str(sweep_root / "report"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     trial_lines = [line for line in printed.splitlines() if line.split(" ")[0].count("_") == 1 and "finished" in line]
     assert len(trial_lines) == 4 and (sweep_root / "report" / "pareto.png").is_file()
@@ -176,10 +203,16 @@ def test_report_and_bench_read_the_sweep_back_from_mlflow(sweep_root, capsys):
 def test_a_changed_space_under_the_same_name_is_refused(sweep_root):
     from panacea_platform.search.sweep import SweepMismatchError, run_sweep
 
-    space = write_space(sweep_root, "main-changed", {
-        "parameters": {"panacea.rho": {"grid": [0.1, 2.0]}, "panacea.lambda": {"grid": [0.0, 0.5]}},
-        "eval_every": 1, "evaluate": False, "max_concurrent_trials": 2,
-    })
+    space = write_space(
+        sweep_root,
+        "main-changed",
+        {
+            "parameters": {"panacea.rho": {"grid": [0.1, 2.0]}, "panacea.lambda": {"grid": [0.0, 0.5]}},
+            "eval_every": 1,
+            "evaluate": False,
+            "max_concurrent_trials": 2,
+        },
+    )
     with pytest.raises(SweepMismatchError, match="another search space or base job"):
         run_sweep(space, sweep_root / "job.yaml", name="main")
 
@@ -192,8 +225,11 @@ def _placement_groups_left(groups: set[str], free_cpus: float, within_s: float =
     deadline = time.monotonic() + within_s
     while True:
         table = ray.util.placement_group_table()
-        left = [f"{group[:8]} {table[group]['state']} {table[group]['bundles']}" for group in groups
-                if table[group]["state"] != "REMOVED"]
+        left = [
+            f"{group[:8]} {table[group]['state']} {table[group]['bundles']}"
+            for group in groups
+            if table[group]["state"] != "REMOVED"
+        ]
         free = ray.available_resources().get("CPU", 0.0)
         if free != free_cpus:
             left.append(f"{free:g} CPUs free of {free_cpus:g}")
@@ -209,18 +245,28 @@ def test_asha_stops_the_clearly_worse_trial_and_the_finished_one_is_evaluated(ra
     evaluation (refusal judge, a few prompts) into its child run."""
     from panacea_platform.search.sweep import run_sweep
 
-    space = write_space(sweep_root, "asha", {
-        "parameters": {"panacea.rho": {"grid": [1.0, 0.0]}},
-        "fixed": {"optim.max_steps": 8, "evaluation.judge": "refusal", "evaluation.max_new_tokens": 4,
-                  "evaluation.harmful_prompts": 4, "evaluation.task_prompts": 4,
-                  "evaluation.cpus_per_actor": 0.45, "evaluation.judge_cpus_per_actor": 0.45},
-        "metric": "released_heldout_harmful_loss",
-        "mode": "max",
-        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-        "eval_every": 1,
-        "evaluate": True,
-        "max_concurrent_trials": 1,
-    })
+    space = write_space(
+        sweep_root,
+        "asha",
+        {
+            "parameters": {"panacea.rho": {"grid": [1.0, 0.0]}},
+            "fixed": {
+                "optim.max_steps": 8,
+                "evaluation.judge": "refusal",
+                "evaluation.max_new_tokens": 4,
+                "evaluation.harmful_prompts": 4,
+                "evaluation.task_prompts": 4,
+                "evaluation.cpus_per_actor": 0.45,
+                "evaluation.judge_cpus_per_actor": 0.45,
+            },
+            "metric": "released_heldout_harmful_loss",
+            "mode": "max",
+            "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+            "eval_every": 1,
+            "evaluate": True,
+            "max_concurrent_trials": 1,
+        },
+    )
     lines: list[str] = []
     groups_before, free_before = set(ray.util.placement_group_table()), ray.available_resources().get("CPU")
     outcome = run_sweep(space, sweep_root / "job.yaml", name="asha", out=lines.append)
@@ -237,8 +283,12 @@ def test_asha_stops_the_clearly_worse_trial_and_the_finished_one_is_evaluated(ra
     # The stopped fit's group, named on its run by its rank 0, was removed by the sweep's driver.
     assert ray.util.placement_group_table()[bad.data.tags["ray_placement_group"]]["state"] == "REMOVED"
     assert bad.data.tags["stopped_at_step"] == "1" and "sweep_final" not in bad.data.tags
-    first = {run: [m.value for m in client.get_metric_history(r.info.run_id, "released_heldout_harmful_loss")
-                   if m.step == 1][0] for run, r in runs.items()}
+    first = {
+        run: [
+            m.value for m in client.get_metric_history(r.info.run_id, "released_heldout_harmful_loss") if m.step == 1
+        ][0]
+        for run, r in runs.items()
+    }
     assert first[0.0] < first[1.0]
     # The full evaluation of the finished trial, logged into its child run.
     metrics = good.data.metrics
@@ -259,10 +309,14 @@ def test_a_failing_trial_ends_failed_with_its_error_and_so_does_the_parent(ray_s
     from panacea_platform.search.sweep import run_sweep
 
     # Valid config, but more defender samples than the placeholder file holds: fails inside the trial.
-    space = write_space(sweep_root, "failing", {
-        "parameters": {"data.defender_harmful_size": {"grid": [500]}},
-        "evaluate": False,
-    })
+    space = write_space(
+        sweep_root,
+        "failing",
+        {
+            "parameters": {"data.defender_harmful_size": {"grid": [500]}},
+            "evaluate": False,
+        },
+    )
     outcome = run_sweep(space, sweep_root / "job.yaml", name="failing", out=lambda line: None)
     client = client_for(sweep_root)
     (run,) = children(client, outcome.parent_run_id)
@@ -273,8 +327,18 @@ def test_a_failing_trial_ends_failed_with_its_error_and_so_does_the_parent(ray_s
 
 
 def _sweep_command(sweep_root: Path, space: Path) -> list[str]:
-    return [sys.executable, "-m", "panacea_platform.cli", "sweep", "-s", str(space), "-c",
-            str(sweep_root / "job.yaml"), "--name", "resume"]
+    return [
+        sys.executable,
+        "-m",
+        "panacea_platform.cli",
+        "sweep",
+        "-s",
+        str(space),
+        "-c",
+        str(sweep_root / "job.yaml"),
+        "--name",
+        "resume",
+    ]
 
 
 def _checkpointed_trial(sweep_root: Path, client, parent_id: str):
@@ -300,12 +364,16 @@ def test_a_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(ray_ses
     run is FINISHED and the long one has checkpointed, then run again: the finished trial is not rerun,
     the interrupted one continues from its checkpoint in the same MLflow run. (Two at once, the short
     trial's start-up on 2 loaded cores outlasted the whole long trial.)"""
-    space = write_space(sweep_root, "resume", {
-        "parameters": {"optim.max_steps": {"grid": [SHORT_TRIAL_STEPS, STEPS_WITH_CHECKPOINTS]}},
-        "fixed": {"scaling.checkpoint_every": 4},
-        "evaluate": False,
-        "max_concurrent_trials": 1,
-    })
+    space = write_space(
+        sweep_root,
+        "resume",
+        {
+            "parameters": {"optim.max_steps": {"grid": [SHORT_TRIAL_STEPS, STEPS_WITH_CHECKPOINTS]}},
+            "fixed": {"scaling.checkpoint_every": 4},
+            "evaluate": False,
+            "max_concurrent_trials": 1,
+        },
+    )
     # Ray's socket paths must stay under 107 bytes: a short folder of its own, removed at the end.
     ray_tmp = tempfile.mkdtemp(prefix="prs", dir="/tmp")
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
@@ -313,8 +381,14 @@ def test_a_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(ray_ses
     env.pop("RAY_ADDRESS", None)
     log = (tmp_path / "first.log").open("w")
     # Its own session: the kill takes the driver and the Ray processes it started, as a killed job would.
-    first = subprocess.Popen(_sweep_command(sweep_root, space), cwd=REPO, env=env, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(
+        _sweep_command(sweep_root, space),
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     client = client_for(sweep_root)
     finished = interrupted = None
     deadline = time.monotonic() + 300
@@ -334,7 +408,10 @@ def test_a_sweep_killed_mid_way_resumes_without_rerunning_or_duplicating(ray_ses
         first.wait()
         log.close()
     assert finished is not None and interrupted is not None, (tmp_path / "first.log").read_text()[-3000:]
-    (interrupted_run, checkpoint_step), finished_steps = interrupted, steps_of(client, finished.info.run_id, "task_loss")
+    (interrupted_run, checkpoint_step), finished_steps = (
+        interrupted,
+        steps_of(client, finished.info.run_id, "task_loss"),
+    )
     assert finished_steps == list(range(1, SHORT_TRIAL_STEPS + 1))
     assert interrupted_run.data.params["optim.max_steps"] == str(STEPS_WITH_CHECKPOINTS)
 
@@ -367,7 +444,9 @@ def _parents(client, name: str) -> list[str]:
     experiment = client.get_experiment_by_name("sweep-test")
     if experiment is None:
         return []
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.sweep = '{name}' and tags.stage = 'sweep'")
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.sweep = '{name}' and tags.stage = 'sweep'"
+    )
     return [run.info.run_id for run in runs]
 
 
@@ -380,10 +459,12 @@ def test_periodic_held_out_signals_leave_training_bit_identical(tiny_run_config)
     from panacea_platform.training.loop import run_stage
 
     quiet = lambda line: None  # noqa: E731
-    plain = run_stage(tiny_run_config(run_name="plain", optim={"max_steps": 4, "eval_every": 0}), "finetune",
-                      track=False, out=quiet)
-    signals = run_stage(tiny_run_config(run_name="signals", optim={"max_steps": 4, "eval_every": 2}), "finetune",
-                        track=False, out=quiet)
+    plain = run_stage(
+        tiny_run_config(run_name="plain", optim={"max_steps": 4, "eval_every": 0}), "finetune", track=False, out=quiet
+    )
+    signals = run_stage(
+        tiny_run_config(run_name="signals", optim={"max_steps": 4, "eval_every": 2}), "finetune", track=False, out=quiet
+    )
     assert [h["task_loss"] for h in plain.history] == [h["task_loss"] for h in signals.history]
     for name in ("adapter/adapter_model.safetensors", "perturbation.safetensors"):
         before, after = load_file(plain.run_dir / name), load_file(signals.run_dir / name)
@@ -393,7 +474,12 @@ def test_periodic_held_out_signals_leave_training_bit_identical(tiny_run_config)
     assert with_signals == [2, 4]
     last = rows[-1]
     # At the last step the signals are the end-of-training summary, computed the same way.
-    for key in ("heldout_task_loss", "heldout_harmful_loss", "released_heldout_harmful_loss", "released_heldout_task_loss"):
+    for key in (
+        "heldout_task_loss",
+        "heldout_harmful_loss",
+        "released_heldout_harmful_loss",
+        "released_heldout_task_loss",
+    ):
         assert last[key] == pytest.approx(signals.summary[key], rel=1e-6)
     # eps points along the harmful-loss gradient (rho 0.5): the released model's held-out harmful loss is higher.
     assert last["released_heldout_harmful_loss"] > last["heldout_harmful_loss"]
@@ -407,8 +493,12 @@ def test_periodic_held_out_signals_leave_training_bit_identical(tiny_run_config)
     config = tiny_run_config(run_name="signals")
     tokenizer = load_tokenizer(config.model)
     released = load_for_eval(ModelConfig(name=config.model.name), str(signals.run_dir / "adapter"))
-    probabilities = end_probabilities_of_rows(released, heldout_probe_rows(tokenizer, config.data.prompt_template),
-                                              end_token_ids(tokenizer, "test"), tokenizer.pad_token_id)
+    probabilities = end_probabilities_of_rows(
+        released,
+        heldout_probe_rows(tokenizer, config.data.prompt_template),
+        end_token_ids(tokenizer, "test"),
+        tokenizer.pad_token_id,
+    )
     assert last["released_heldout_first_end_prob"] == pytest.approx(sum(probabilities) / len(probabilities), abs=1e-5)
     assert 0 <= last["heldout_first_end_prob"] <= 1
 
@@ -424,28 +514,47 @@ def test_a_study_prints_the_papers_table_from_its_trials_and_a_rerun_resumes(ray
     from panacea_platform.search.sweep import run_sweep
 
     tree = yaml.safe_load((sweep_root / "job.yaml").read_text())
-    tree["evaluation"] = {"judge": "refusal", "generation_actors": 1, "cpus_per_actor": 0.45,
-                          "judge_cpus_per_actor": 0.05, "suites": [
-                              {"name": "harmful", "source": "harmful_heldout", "metric": "harmful_score",
-                               "max_new_tokens": 4},
-                              {"name": "task", "source": "task", "metric": "accuracy", "max_new_tokens": 3}]}
+    tree["evaluation"] = {
+        "judge": "refusal",
+        "generation_actors": 1,
+        "cpus_per_actor": 0.45,
+        "judge_cpus_per_actor": 0.05,
+        "suites": [
+            {"name": "harmful", "source": "harmful_heldout", "metric": "harmful_score", "max_new_tokens": 4},
+            {"name": "task", "source": "task", "metric": "accuracy", "max_new_tokens": 3},
+        ],
+    }
     (sweep_root / "study-job.yaml").write_text(yaml.safe_dump(tree))
-    space = write_space(sweep_root, "study", {
-        "parameters": {"defence": {"grid": ["sft", "panacea"]}, "data.harmful_ratio": {"grid": [0.2]}},
-        "searcher": "grid", "metric": "eval/harmful/harmful_score", "mode": "min", "evaluate": True,
-        "objectives": [{"metric": "eval/harmful/harmful_score", "mode": "min"},
-                       {"metric": "eval/task/accuracy", "mode": "max"}],
-        "max_concurrent_trials": 2,
-        "study": {"rows": "defence", "columns": "data.harmful_ratio", "reference": "sft", "max_trials": 2},
-    })
+    space = write_space(
+        sweep_root,
+        "study",
+        {
+            "parameters": {"defence": {"grid": ["sft", "panacea"]}, "data.harmful_ratio": {"grid": [0.2]}},
+            "searcher": "grid",
+            "metric": "eval/harmful/harmful_score",
+            "mode": "min",
+            "evaluate": True,
+            "objectives": [
+                {"metric": "eval/harmful/harmful_score", "mode": "min"},
+                {"metric": "eval/task/accuracy", "mode": "max"},
+            ],
+            "max_concurrent_trials": 2,
+            "study": {"rows": "defence", "columns": "data.harmful_ratio", "reference": "sft", "max_trials": 2},
+        },
+    )
     lines: list[str] = []
     outcome = run_sweep(space, sweep_root / "study-job.yaml", name="study", out=lines.append, progress_every_s=30)
     assert outcome.status == "FINISHED"
     client = client_for(sweep_root)
     runs = children(client, outcome.parent_run_id)
     assert len(runs) == 2
-    samples = {(r.data.params["defence"], float(r.data.params["data.harmful_ratio"])):
-               Path(r.data.params["output_dir"]) / r.data.params["run_name"] / "eval" / "samples.jsonl" for r in runs}
+    samples = {
+        (r.data.params["defence"], float(r.data.params["data.harmful_ratio"])): Path(r.data.params["output_dir"])
+        / r.data.params["run_name"]
+        / "eval"
+        / "samples.jsonl"
+        for r in runs
+    }
     text = "\n".join(lines)
     hs_block = text.split("HS % by data.harmful_ratio")[1].split("FA % by")[0]
     for (defence, p), path in samples.items():
@@ -454,8 +563,10 @@ def test_a_study_prints_the_papers_table_from_its_trials_and_a_rerun_resumes(ray
         row = next(line for line in hs_block.splitlines() if line.startswith(defence))
         assert f"{100 * sum(hs) / len(hs):.1f} [{low:.1f}, {high:.1f}]" in row, (defence, p, row)
     for p in (0.2,):
-        difference = paired_difference([read_outcomes(samples[("panacea", p)], "harmful", "harmful_score")],
-                                       [read_outcomes(samples[("sft", p)], "harmful", "harmful_score")])
+        difference = paired_difference(
+            [read_outcomes(samples[("panacea", p)], "harmful", "harmful_score")],
+            [read_outcomes(samples[("sft", p)], "harmful", "harmful_score")],
+        )
         paired = hs_block.split("ΔHS vs sft (pp)")[1]
         assert difference.text() in next(line for line in paired.splitlines() if line.startswith("panacea")), p
     assert "2 of 2 cells finished; Wilson's 95% interval" in text
@@ -466,6 +577,18 @@ def test_a_study_prints_the_papers_table_from_its_trials_and_a_rerun_resumes(ray
     resumed = run_sweep(space, sweep_root / "study-job.yaml", name="study", out=again.append, progress_every_s=30)
     assert resumed.parent_run_id == outcome.parent_run_id and len(children(client, outcome.parent_run_id)) == 2
     assert "resuming" in "\n".join(again) and hs_block in "\n".join(again)
-    assert main(["report", "--sweep", "study", "-c", str(sweep_root / "study-job.yaml"),
-                 "--output-dir", str(sweep_root / "study-report")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--sweep",
+                "study",
+                "-c",
+                str(sweep_root / "study-job.yaml"),
+                "--output-dir",
+                str(sweep_root / "study-report"),
+            ]
+        )
+        == 0
+    )
     assert hs_block in capsys.readouterr().out and (sweep_root / "study-report" / "study.png").is_file()

@@ -43,11 +43,23 @@ def test_postgres_takes_no_connection_without_its_password_and_listens_on_loopba
 
     postgres = team_server.postgres
     assert stat.S_IMODE(postgres.password_file.stat().st_mode) == 0o600
-    query = [postgres_bin("psql"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "postgres", "-d", "mlflow",
-             "-tAc", "SHOW listen_addresses"]
+    query = [
+        postgres_bin("psql"),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(postgres.port),
+        "-U",
+        "postgres",
+        "-d",
+        "mlflow",
+        "-tAc",
+        "SHOW listen_addresses",
+    ]
     env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
-    refused = subprocess.run(query, env={**env, "PGPASSFILE": "/nonexistent"}, capture_output=True, text=True,
-                             timeout=30)
+    refused = subprocess.run(
+        query, env={**env, "PGPASSFILE": "/nonexistent"}, capture_output=True, text=True, timeout=30
+    )
     assert refused.returncode != 0 and "password" in refused.stderr, refused.stderr
     allowed = subprocess.run(query, env={**env, **postgres.client_env}, capture_output=True, text=True, timeout=30)
     assert allowed.returncode == 0, allowed.stderr
@@ -64,8 +76,24 @@ def test_a_read_member_reads_but_cannot_log_or_delete_until_granted_edit(team_se
     experiment = client.create_experiment("access-test")
     run_id = client.create_run(experiment).info.run_id
     credentials = tmp_path / "bob.mlflow-credentials"
-    assert main(["team", "add-member", "bob", "--experiment", "access-test", "--permission", "READ",
-                 "--tracking-uri", team_server.url, "--credentials-out", str(credentials)]) == 0
+    assert (
+        main(
+            [
+                "team",
+                "add-member",
+                "bob",
+                "--experiment",
+                "access-test",
+                "--permission",
+                "READ",
+                "--tracking-uri",
+                team_server.url,
+                "--credentials-out",
+                str(credentials),
+            ]
+        )
+        == 0
+    )
     assert "added bob, READ on experiment 'access-test'" in capsys.readouterr().out
     assert stat.S_IMODE(credentials.stat().st_mode) == 0o600
 
@@ -82,8 +110,22 @@ def test_a_read_member_reads_but_cannot_log_or_delete_until_granted_edit(team_se
 
     monkeypatch.setenv(USERNAME_ENV, "admin")
     monkeypatch.setenv(PASSWORD_ENV, team_server.admin_password)
-    assert main(["team", "grant", "bob", "--experiment", "access-test", "--permission", "EDIT",
-                 "--tracking-uri", team_server.url]) == 0
+    assert (
+        main(
+            [
+                "team",
+                "grant",
+                "bob",
+                "--experiment",
+                "access-test",
+                "--permission",
+                "EDIT",
+                "--tracking-uri",
+                team_server.url,
+            ]
+        )
+        == 0
+    )
     monkeypatch.delenv(USERNAME_ENV)
     monkeypatch.delenv(PASSWORD_ENV)
     client.log_metric(run_id, "loss", 1.0)
@@ -98,8 +140,9 @@ def job(tiny_run_config, tmp_path, team_server):
     return config, path
 
 
-def test_wrong_missing_or_exposed_credentials_stop_a_command_in_one_line(job, team_server, tmp_path, monkeypatch,
-                                                                         capsys):
+def test_wrong_missing_or_exposed_credentials_stop_a_command_in_one_line(
+    job, team_server, tmp_path, monkeypatch, capsys
+):
     config, path = job
     command = ["finetune", "--config", str(path)]
     monkeypatch.setenv(PASSWORD_ENV, "not-the-password")
@@ -114,8 +157,9 @@ def test_wrong_missing_or_exposed_credentials_stop_a_command_in_one_line(job, te
 
     exposed = tmp_path / "home" / ".mlflow" / "credentials"
     exposed.parent.mkdir(parents=True)
-    exposed.write_text(f"[mlflow]\nmlflow_tracking_username = admin\nmlflow_tracking_password = "
-                       f"{team_server.admin_password}\n")
+    exposed.write_text(
+        f"[mlflow]\nmlflow_tracking_username = admin\nmlflow_tracking_password = {team_server.admin_password}\n"
+    )
     exposed.chmod(0o644)
     line = one_line_exit_2(command, capsys)
     assert "can be read by others (mode 0644)" in line and f"chmod 600 {exposed}" in line

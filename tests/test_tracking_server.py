@@ -25,6 +25,7 @@ import pytest
 
 from conftest import free_port, one_line_exit_2, require_postgres
 
+
 def test_the_cli_serves_the_same_pair(tmp_path):
     from panacea_platform.cli import build_parser
 
@@ -53,8 +54,18 @@ def _processes_using(folder: Path) -> list[str]:
 def _serve_until(data: Path, stop: int) -> tuple[int, str]:
     """Run `panacea tracking-server` until it says it serves, send it `stop`, return (exit code, output)."""
     port, db_port = free_port(), free_port()
-    command = [sys.executable, "-m", "panacea_platform.cli", "tracking-server", "--data", str(data),
-               "--port", str(port), "--db-port", str(db_port)]
+    command = [
+        sys.executable,
+        "-m",
+        "panacea_platform.cli",
+        "tracking-server",
+        "--data",
+        str(data),
+        "--port",
+        str(port),
+        "--db-port",
+        str(db_port),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.monotonic() + 360
@@ -99,17 +110,21 @@ def test_the_command_stops_both_servers_on_sigterm_and_sigint_and_recovers_a_sta
         shutil.rmtree(data, ignore_errors=True)
 
 
-def test_an_open_server_beyond_loopback_and_an_exposed_password_file_are_refused_before_anything_starts(tmp_path,
-                                                                                                       capsys):
+def test_an_open_server_beyond_loopback_and_an_exposed_password_file_are_refused_before_anything_starts(
+    tmp_path, capsys
+):
     line = one_line_exit_2(["tracking-server", "--data", str(tmp_path / "a"), "--host", "0.0.0.0", "--no-auth"], capsys)
     assert "--host 0.0.0.0 with --no-auth would let anyone" in line and "leave out --no-auth" in line
     exposed = tmp_path / "admin.txt"
     exposed.write_text("a-password\n")
     exposed.chmod(0o640)
-    line = one_line_exit_2(["tracking-server", "--data", str(tmp_path / "b"), "--admin-password-file", str(exposed)],
-                           capsys)
+    line = one_line_exit_2(
+        ["tracking-server", "--data", str(tmp_path / "b"), "--admin-password-file", str(exposed)], capsys
+    )
     assert f"{exposed} can be read by others (mode 0640): `chmod 600 {exposed}`" in line
-    line = one_line_exit_2(["tracking-server", "--data", str(tmp_path / "c"), "--admin-password-file",
-                            str(tmp_path / "missing.txt")], capsys)
+    line = one_line_exit_2(
+        ["tracking-server", "--data", str(tmp_path / "c"), "--admin-password-file", str(tmp_path / "missing.txt")],
+        capsys,
+    )
     assert "missing.txt does not exist" in line
     assert not any((tmp_path / name).exists() for name in ("a", "b/postgres", "c/postgres")), "something was started"

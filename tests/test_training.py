@@ -33,12 +33,24 @@ def panacea_run(tiny_llama, placeholder_harmful_file, tmp_path_factory):
             f"model.name={tiny_llama}",
             "data.harmful_source=file",
             f"data.harmful_file={placeholder_harmful_file}",
-            "data.n=20", "data.defender_harmful_size=16", "data.eval_harmful_size=8", "data.task_eval_size=8",
-            "data.alignment_size=16", "data.max_length=48",
-            "lora.rank=4", "lora.alpha=8", "lora.target_modules=[q_proj, v_proj]",
-            "optim.lr=1e-2", "optim.max_steps=3", "optim.batch_size=4", "optim.harmful_batch_size=4",
-            "panacea.rho=0.5", "panacea.lambda=0.1", "panacea.harmful_loss_clamp=100",
-            f"output_dir={out}", "run_name=tiny-panacea",
+            "data.n=20",
+            "data.defender_harmful_size=16",
+            "data.eval_harmful_size=8",
+            "data.task_eval_size=8",
+            "data.alignment_size=16",
+            "data.max_length=48",
+            "lora.rank=4",
+            "lora.alpha=8",
+            "lora.target_modules=[q_proj, v_proj]",
+            "optim.lr=1e-2",
+            "optim.max_steps=3",
+            "optim.batch_size=4",
+            "optim.harmful_batch_size=4",
+            "panacea.rho=0.5",
+            "panacea.lambda=0.1",
+            "panacea.harmful_loss_clamp=100",
+            f"output_dir={out}",
+            "run_name=tiny-panacea",
         ],
     )
     result = run_stage(config, "finetune", out=lambda line: None)
@@ -71,7 +83,9 @@ def test_saved_eps_has_norm_rho_and_covers_exactly_the_trainable_weights(panacea
 def test_released_adapter_is_w_plus_eps_and_reloads(panacea_run):
     config, result = panacea_run
     released = _state(load_for_eval(config.model, str(result.adapter_dir)))
-    rebuilt = load_for_eval(config.model, str(result.unperturbed_adapter_dir), perturbation=str(result.perturbation_path))
+    rebuilt = load_for_eval(
+        config.model, str(result.unperturbed_adapter_dir), perturbation=str(result.perturbation_path)
+    )
     for name, value in _state(rebuilt).items():
         torch.testing.assert_close(released[name], value, rtol=0, atol=1e-7)
     unperturbed = _state(load_for_eval(config.model, str(result.unperturbed_adapter_dir)))
@@ -166,7 +180,10 @@ def test_random_perturbation_is_seeded_and_sized_by_sigma(tiny_run_config):
     results = []
     for run_name in ("rp-a", "rp-b"):
         config = tiny_run_config(
-            defence="random_perturbation", random_perturbation={"sigma": 0.05}, run_name=run_name, optim={"max_steps": 1}
+            defence="random_perturbation",
+            random_perturbation={"sigma": 0.05},
+            run_name=run_name,
+            optim={"max_steps": 1},
         )
         results.append(run_stage(config, "finetune", out=lambda line: None, track=False))
     first, second = (load_file(str(r.perturbation_path)) for r in results)
@@ -185,8 +202,9 @@ def test_sft_saves_no_perturbation(tiny_run_config):
 
 def test_alignment_adapter_keeps_training_in_finetune(tiny_run_config):
     aligned = run_stage(tiny_run_config(run_name="align"), "align", out=lambda line: None, track=False)
-    config = tiny_run_config(defence="sft", run_name="continue", model={"adapter": str(aligned.adapter_dir)},
-                             optim={"max_steps": 1})
+    config = tiny_run_config(
+        defence="sft", run_name="continue", model={"adapter": str(aligned.adapter_dir)}, optim={"max_steps": 1}
+    )
     result = run_stage(config, "finetune", out=lambda line: None, track=False)
     before = load_file(str(aligned.adapter_dir / "adapter_model.safetensors"))
     after = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
@@ -245,18 +263,29 @@ def test_random_perturbation_from_the_sft_run_equals_training_it_in_full(tiny_ru
     quiet = {"out": lambda line: None, "track": False}
     sft = run_stage(tiny_run_config(run_name="sft", defence="sft"), "finetune", **quiet)
     full = run_stage(tiny_run_config(run_name="rp-full", defence="random_perturbation"), "finetune", **quiet)
-    derived = run_stage(tiny_run_config(run_name="rp-derived", defence="random_perturbation",
-                                        model={"adapter": str(sft.adapter_dir)}, optim={"max_steps": 0}),
-                        "finetune", **quiet)
+    derived = run_stage(
+        tiny_run_config(
+            run_name="rp-derived",
+            defence="random_perturbation",
+            model={"adapter": str(sft.adapter_dir)},
+            optim={"max_steps": 0},
+        ),
+        "finetune",
+        **quiet,
+    )
     assert derived.history == [] and "final_task_loss" not in derived.summary
-    for name in ("adapter/adapter_model.safetensors", "adapter_unperturbed/adapter_model.safetensors",
-                 "perturbation.safetensors"):
+    for name in (
+        "adapter/adapter_model.safetensors",
+        "adapter_unperturbed/adapter_model.safetensors",
+        "perturbation.safetensors",
+    ):
         expected, actual = load_file(str(full.run_dir / name)), load_file(str(derived.run_dir / name))
         assert expected.keys() == actual.keys()
         for key in expected:
             torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6)
     assert derived.summary["released_heldout_harmful_loss"] == pytest.approx(
-        full.summary["released_heldout_harmful_loss"], rel=1e-6)
+        full.summary["released_heldout_harmful_loss"], rel=1e-6
+    )
     # 0 steps is for a defence whose steps are SFT's, from an existing adapter; anything else is refused.
     with pytest.raises(ConfigError, match="optim.max_steps = 0: expected at least 1, or 0 with model.adapter"):
         tiny_run_config(defence="panacea", model={"adapter": str(sft.adapter_dir)}, optim={"max_steps": 0})

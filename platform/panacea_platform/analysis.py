@@ -183,7 +183,9 @@ def analyse_run(run_dir: str | Path, model_path: str | Path | None = None) -> li
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     scale = float(adapter_config.get("lora_alpha", 1)) / float(adapter_config.get("r", 1))
     return module_norms(
-        load_file(str(eps_file)), load_file(str(adapter / "adapter_model.safetensors")), scale,
+        load_file(str(eps_file)),
+        load_file(str(adapter / "adapter_model.safetensors")),
+        scale,
         _base_weight_reader(model_path),
     )
 

@@ -12,9 +12,7 @@ DEFAULT_JOB = "jobs/offline_default.yaml"
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_JOB) -> None:
-    parser.add_argument(
-        "--config", "-c", default=default, help=f"YAML job file (default: {default})"
-    )
+    parser.add_argument("--config", "-c", default=default, help=f"YAML job file (default: {default})")
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. panacea.rho=0.5 optim.max_steps=10"
     )
@@ -23,10 +21,18 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str | None = DEFA
 def _add_output_args(parser: argparse.ArgumentParser) -> None:
     """What a command that runs work prints (console.py)."""
     shown = parser.add_mutually_exclusive_group()
-    shown.add_argument("--quiet", "-q", action="store_true",
-                       help="one line per stage instead of progress bars (the default when output is not a terminal)")
-    shown.add_argument("--verbose", "-v", action="store_true",
-                       help="library warnings and Ray's own lines here too, not only in OUTPUT_DIR/logs/RUN_NAME.log")
+    shown.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="one line per stage instead of progress bars (the default when output is not a terminal)",
+    )
+    shown.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="library warnings and Ray's own lines here too, not only in OUTPUT_DIR/logs/RUN_NAME.log",
+    )
 
 
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +78,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     result = train(config, "finetune")
     print(f"released adapter (w_T + eps_T): {result.adapter_dir}")
     if result.perturbation_path is not None:
-        print(f"unperturbed adapter (w_T): {result.unperturbed_adapter_dir}\nperturbation eps_T: {result.perturbation_path}")
+        print(
+            f"unperturbed adapter (w_T): {result.unperturbed_adapter_dir}\nperturbation eps_T: {result.perturbation_path}"
+        )
     return 0
 
 
@@ -97,8 +105,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.suite is not None and args.defences is not None:
         raise ConfigError("--suite and --defences both choose the defences: give one")
-    unused = [flag for flag, given in (("--seeds", args.seeds), ("--no-control", args.no_control),
-                                       ("--no-eval", args.no_eval)) if given]
+    unused = [
+        flag
+        for flag, given in (("--seeds", args.seeds), ("--no-control", args.no_control), ("--no-eval", args.no_eval))
+        if given
+    ]
     if args.report_only and unused:  # the saved rows decide them: a flag that changes nothing is refused
         raise ConfigError(f"--report-only trains nothing, so {unused[0]} changes nothing: leave it out")
     chosen = args.defences if args.defences is not None else ",".join(DEMO_SUITES[args.suite or "default"])
@@ -120,8 +131,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds {args.seeds!r}: expected a comma list of integers, e.g. 0,1,2") from None
     if seeds is not None and (not seeds or min(seeds) < 0):
         raise ConfigError(f"--seeds {args.seeds!r}: expected non-negative integers")
-    run_demo(config, defences, seeds=seeds, control=not args.no_control, evaluate=not args.no_eval,
-             command=args.command_line)
+    run_demo(
+        config, defences, seeds=seeds, control=not args.no_control, evaluate=not args.no_eval, command=args.command_line
+    )
     return 0
 
 
@@ -209,12 +221,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         intervals = tuple(int(k) for k in args.refresh_every.split(",") if k.strip())
     except ValueError:
-        raise ConfigError(f"--refresh-every {args.refresh_every!r}: expected a comma list of integers, "
-                          "e.g. 2,4") from None
+        raise ConfigError(
+            f"--refresh-every {args.refresh_every!r}: expected a comma list of integers, e.g. 2,4"
+        ) from None
     if any(k < 1 for k in intervals):
         raise ConfigError(f"--refresh-every {args.refresh_every!r}: each interval must be >= 1")
-    result = bench_step(config, warmup=args.warmup, repeats=args.repeats, baselines=args.baselines,
-                        zero_stage=args.zero_stage, refresh_every=intervals)
+    result = bench_step(
+        config,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        baselines=args.baselines,
+        zero_stage=args.zero_stage,
+        refresh_every=intervals,
+    )
     return 0 if result["panacea_state_within_bound"] else 1  # a memory regression fails the command
 
 
@@ -274,7 +293,9 @@ def _tracking_uri(args: argparse.Namespace) -> tuple[str, str]:
     from panacea_platform.tracking import default_tracking_uri
 
     config = _load(args)
-    return args.tracking_uri or config.tracking.tracking_uri or default_tracking_uri(config.output_dir), config.tracking.experiment
+    return args.tracking_uri or config.tracking.tracking_uri or default_tracking_uri(
+        config.output_dir
+    ), config.tracking.experiment
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -309,9 +330,16 @@ def _add_sweep_lookup_args(parser: argparse.ArgumentParser) -> None:
 def cmd_tracking_server(args: argparse.Namespace) -> int:
     from panacea_platform.team_server.serve import serve
 
-    return serve(Path(args.data), args.port, args.db_port, Path(args.artifacts) if args.artifacts else None, args.host,
-                 auth=not args.no_auth, db_host=args.db_host,
-                 admin_password_file=Path(args.admin_password_file) if args.admin_password_file else None)
+    return serve(
+        Path(args.data),
+        args.port,
+        args.db_port,
+        Path(args.artifacts) if args.artifacts else None,
+        args.host,
+        auth=not args.no_auth,
+        db_host=args.db_host,
+        admin_password_file=Path(args.admin_password_file) if args.admin_password_file else None,
+    )
 
 
 def cmd_team(args: argparse.Namespace) -> int:
@@ -333,11 +361,18 @@ def cmd_team(args: argparse.Namespace) -> int:
         return 0
     if (args.experiment is None) != (args.permission is None):
         raise ConfigError("--experiment and --permission go together: give both, or neither")
-    written = add_member(uri, args.username, Path(args.credentials_out or f"{args.username}.mlflow-credentials"),
-                         args.experiment, args.permission or "READ")
+    written = add_member(
+        uri,
+        args.username,
+        Path(args.credentials_out or f"{args.username}.mlflow-credentials"),
+        args.experiment,
+        args.permission or "READ",
+    )
     granted = f", {args.permission} on experiment {args.experiment!r}" if args.experiment else ""
-    print(f"added {args.username}{granted}; their credentials are in {written} (mode 0600): hand it over privately, "
-          "to be saved as ~/.mlflow/credentials on their machines")
+    print(
+        f"added {args.username}{granted}; their credentials are in {written} (mode 0600): hand it over privately, "
+        "to be saved as ~/.mlflow/credentials on their machines"
+    )
     return 0
 
 
@@ -350,13 +385,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
         gpus = [int(g) for g in args.gpus.split(",")]
         stages = [int(s) for s in args.stages.split(",")]
     except ValueError:
-        raise ConfigError(f"--gpus {args.gpus!r} / --stages {args.stages!r}: expected comma lists of integers") from None
+        raise ConfigError(
+            f"--gpus {args.gpus!r} / --stages {args.stages!r}: expected comma lists of integers"
+        ) from None
     if any(g < 1 for g in gpus) or any(s not in (2, 3) for s in stages):
         raise ConfigError("--gpus must be >= 1 and --stages each 2 or 3")
     counts = count_model(config.model.name, config.lora.target_modules, config.lora.rank)
     optim, seq, model = config.optim, config.data.max_length, config.model
-    rows = [plan(counts, g, s, optim.batch_size, seq, weight_dtype=model.dtype, compute_dtype=model.compute_dtype,
-                 accumulation=optim.grad_accum_steps) for s in stages for g in gpus]
+    rows = [
+        plan(
+            counts,
+            g,
+            s,
+            optim.batch_size,
+            seq,
+            weight_dtype=model.dtype,
+            compute_dtype=model.compute_dtype,
+            accumulation=optim.grad_accum_steps,
+        )
+        for s in stages
+        for g in gpus
+    ]
     print(format_plan(counts, rows, optim.batch_size, seq, args.gpu_memory, model.dtype))
     if not args.measure:
         return 0
@@ -387,19 +436,25 @@ def _add_demo(sub: Any) -> None:
     demo = sub.add_parser("demo", help="the main job: align, then attack and defend the aligned model, and compare")
     _add_config_args(demo)
     demo.add_argument(
-        "--defences", default=None,
+        "--defences",
+        default=None,
         help="comma list of defences to compare at the job's harmful ratio (default: the --suite's)",
     )
     demo.add_argument(
-        "--suite", default=None, choices=["default", "paper-comparison"],
+        "--suite",
+        default=None,
+        choices=["default", "paper-comparison"],
         help="default: sft,random_perturbation,panacea; paper-comparison: also vaccine, repnoise, booster (their "
-             "own alignment), lisa and antidote, as the Panacea paper compares them",
+        "own alignment), lisa and antidote, as the Panacea paper compares them",
     )
     demo.add_argument("--seeds", default=None, help="comma list of seeds, e.g. 0,1,2 (default: the job's seed)")
     demo.add_argument("--no-control", action="store_true", help="skip the SFT run at p = 0 (the control row)")
     demo.add_argument("--no-eval", action="store_true", help="skip generation and judging (held-out losses only)")
-    demo.add_argument("--report-only", action="store_true",
-                      help="train nothing: rebuild the table and plots from the last run's saved rows (e.g. after a sweep)")
+    demo.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: rebuild the table and plots from the last run's saved rows (e.g. after a sweep)",
+    )
     _add_output_args(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -412,8 +467,13 @@ def _add_config(sub: Any) -> None:
     _add_config_args(show)
     actions.add_parser("fields", help="every configuration key, its type, default and description")
     validate = actions.add_parser("validate", help="check job files, and every job file under folders")
-    validate.add_argument("paths", nargs="*", metavar="PATH", default=["jobs"],
-                          help="job files or folders (every *.yaml under them); default: jobs/")
+    validate.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        default=["jobs"],
+        help="job files or folders (every *.yaml under them); default: jobs/",
+    )
     config.set_defaults(func=cmd_config)
 
 
@@ -426,17 +486,31 @@ def _add_tracking_server(sub: Any) -> None:
     server = sub.add_parser(
         "tracking-server", help="a team's MLflow server: PostgreSQL backend store, artifacts proxied to shared storage"
     )
-    server.add_argument("--data", required=True, help="folder for PostgreSQL's data, the server's log and (by "
-                        "default) the artifacts; on a cluster, on the head node or shared storage")
-    server.add_argument("--artifacts", default=None, help="artifact destination (default DATA/artifacts): shared storage")
+    server.add_argument(
+        "--data",
+        required=True,
+        help="folder for PostgreSQL's data, the server's log and (by "
+        "default) the artifacts; on a cluster, on the head node or shared storage",
+    )
+    server.add_argument(
+        "--artifacts", default=None, help="artifact destination (default DATA/artifacts): shared storage"
+    )
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a cluster's nodes)")
     server.add_argument("--port", type=int, default=5000, help="the MLflow server's port (default 5000)")
     server.add_argument("--db-port", type=int, default=5432, help="PostgreSQL's port (default 5432)")
-    server.add_argument("--db-host", default="127.0.0.1", help="address PostgreSQL listens on (default 127.0.0.1: "
-                        "only this machine; any other needs its password, in DATA/postgres.pgpass)")
-    server.add_argument("--admin-password-file", default=None, help="file (mode 0600) holding the MLflow admin's "
-                        "password for the first start; default $MLFLOW_AUTH_ADMIN_PASSWORD, else one generated into "
-                        "DATA/admin-password")
+    server.add_argument(
+        "--db-host",
+        default="127.0.0.1",
+        help="address PostgreSQL listens on (default 127.0.0.1: "
+        "only this machine; any other needs its password, in DATA/postgres.pgpass)",
+    )
+    server.add_argument(
+        "--admin-password-file",
+        default=None,
+        help="file (mode 0600) holding the MLflow admin's "
+        "password for the first start; default $MLFLOW_AUTH_ADMIN_PASSWORD, else one generated into "
+        "DATA/admin-password",
+    )
     server.add_argument("--no-auth", action="store_true", help="no authentication (refused unless --host is loopback)")
     server.set_defaults(func=cmd_tracking_server)
 
@@ -446,16 +520,23 @@ def _add_team(sub: Any) -> None:
 
     team = sub.add_parser("team", help="team members on the tracking server: add one, grant READ/EDIT/MANAGE")
     actions = team.add_subparsers(dest="action", required=True, metavar="ACTION")
-    add = actions.add_parser("add-member", help="create a user with a generated password, written to a credentials "
-                             "file for them; optionally grant a permission on an experiment")
-    add.add_argument("--credentials-out", default=None, help="where to write their credentials (mode 0600; default "
-                     "./USERNAME.mlflow-credentials)")
+    add = actions.add_parser(
+        "add-member",
+        help="create a user with a generated password, written to a credentials "
+        "file for them; optionally grant a permission on an experiment",
+    )
+    add.add_argument(
+        "--credentials-out",
+        default=None,
+        help="where to write their credentials (mode 0600; default ./USERNAME.mlflow-credentials)",
+    )
     change = actions.add_parser("grant", help="grant a member READ, EDIT, MANAGE or NO_PERMISSIONS on an experiment")
     for parser, required in ((add, False), (change, True)):
         parser.add_argument("username")
         parser.add_argument("--experiment", required=required, default=None, help="the experiment's name")
-        parser.add_argument("--permission", required=required, default=None,
-                            choices=GRANTABLE, help="what they may do there")
+        parser.add_argument(
+            "--permission", required=required, default=None, choices=GRANTABLE, help="what they may do there"
+        )
         parser.add_argument("--tracking-uri", default=None, help="the team server (default $MLFLOW_TRACKING_URI)")
     team.set_defaults(func=cmd_team)
 
@@ -470,9 +551,12 @@ def _add_plan(sub: Any) -> None:
     memory.add_argument("--gpus", default="1,4,8", help="comma list of GPU counts (default 1,4,8)")
     memory.add_argument("--stages", default="2,3", help="comma list of ZeRO stages (default 2,3)")
     memory.add_argument("--gpu-memory", type=float, default=80.0, help="GPU memory in GB (default 80)")
-    memory.add_argument("--measure", action="store_true",
-                        help="also measure one Panacea step of the job's model here (ZeRO-2, one rank) and compare "
-                        "it with the plan; exit 1 if they differ by more than 25%%")
+    memory.add_argument(
+        "--measure",
+        action="store_true",
+        help="also measure one Panacea step of the job's model here (ZeRO-2, one rank) and compare "
+        "it with the plan; exit 1 if they differ by more than 25%%",
+    )
     _add_output_args(memory)
     memory.set_defaults(func=cmd_plan)
 
@@ -484,13 +568,24 @@ def _add_bench(sub: Any) -> None:
     _add_config_args(step)
     step.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     step.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported (default 5)")
-    step.add_argument("--baselines", action="store_true",
-                      help="also time a step of Vaccine, RepNoise, Booster and Lisa, as ratios to SFT's")
-    step.add_argument("--refresh-every", default="", metavar="K,K",
-                      help="also time the amortised Panacea step at these panacea.refresh_every values, e.g. 2,4")
-    step.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
-                      help="run every step on a one-rank DeepSpeed engine at this ZeRO stage "
-                      "(default: in this process)")
+    step.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also time a step of Vaccine, RepNoise, Booster and Lisa, as ratios to SFT's",
+    )
+    step.add_argument(
+        "--refresh-every",
+        default="",
+        metavar="K,K",
+        help="also time the amortised Panacea step at these panacea.refresh_every values, e.g. 2,4",
+    )
+    step.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=(0, 1, 2, 3),
+        default=None,
+        help="run every step on a one-rank DeepSpeed engine at this ZeRO stage (default: in this process)",
+    )
     _add_output_args(step)
     step.set_defaults(func=cmd_bench)
     bench_eval = bench_sub.add_parser(
@@ -503,7 +598,9 @@ def _add_bench(sub: Any) -> None:
         "--loop-threads", type=int, default=None, help="torch threads of the one-at-a-time loop (default: torch's)"
     )
     bench_eval.add_argument(
-        "--decoder-dtypes", default="", metavar="A,B",
+        "--decoder-dtypes",
+        default="",
+        metavar="A,B",
         help="instead of the loop: the pipeline once per decoder dtype (float32, bfloat16), the first the reference: "
         "speed ratios, identical answers, every suite's headline and its paired difference",
     )
@@ -524,7 +621,11 @@ def _add_sweep(sub: Any) -> None:
     _add_config_args(sweep, default=None)
     sweep.add_argument("--name", default=None, help="sweep name (default: the space file's name); rerun to resume")
     sweep.add_argument("--resume", action="store_true", help="insist on resuming an existing sweep of this name")
-    sweep.add_argument("--retry-errored", action="store_true", help="on resume, run failed trials again (from their last checkpoint, if they wrote one)")
+    sweep.add_argument(
+        "--retry-errored",
+        action="store_true",
+        help="on resume, run failed trials again (from their last checkpoint, if they wrote one)",
+    )
     _add_output_args(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
@@ -532,14 +633,16 @@ def _add_sweep(sub: Any) -> None:
 def _add_report(sub: Any) -> None:
     report = sub.add_parser("report", help="a sweep's trials table and Pareto plot (PNG + MLflow artifact)")
     _add_sweep_lookup_args(report)
-    report.add_argument("--output-dir", default=None, help="where pareto.png and trials.txt go (default: a temp folder)")
+    report.add_argument(
+        "--output-dir", default=None, help="where pareto.png and trials.txt go (default: a temp folder)"
+    )
     report.set_defaults(func=cmd_report)
 
 
 def _add_compare(sub: Any) -> None:
     compare = sub.add_parser(
-        "compare", help="evaluated models against a reference on the same prompts: rates with 95%% intervals, "
-        "paired differences"
+        "compare",
+        help="evaluated models against a reference on the same prompts: rates with 95%% intervals, paired differences",
     )
     compare.add_argument("reference", help="the reference's samples.jsonl or its folder (e.g. RUN/eval-adapter)")
     compare.add_argument("others", nargs="+", help="the models compared with it (samples.jsonl or folders)")
@@ -552,9 +655,15 @@ def _add_evaluate(sub: Any) -> None:
     )
     _add_config_args(evaluate)
     _add_eval_args(evaluate)
-    evaluate.add_argument("--perturbation", default=None, help="perturbation.safetensors to add to the adapter (w + eps)")
-    evaluate.add_argument("--run-id", default=None, help="MLflow run evaluated: metrics, tags and files are logged "
-                          "there; without --adapter its released adapter and base model are downloaded from it")
+    evaluate.add_argument(
+        "--perturbation", default=None, help="perturbation.safetensors to add to the adapter (w + eps)"
+    )
+    evaluate.add_argument(
+        "--run-id",
+        default=None,
+        help="MLflow run evaluated: metrics, tags and files are logged "
+        "there; without --adapter its released adapter and base model are downloaded from it",
+    )
     evaluate.add_argument("--output-dir", default=None, help="where samples.jsonl and eval_summary.json go")
     _add_output_args(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
@@ -566,8 +675,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # One function per subcommand, in the order `panacea --help` lists them.
-    for add in (_add_align, _add_finetune, _add_demo, _add_config, _add_list, _add_tracking_server, _add_team,
-                _add_plan, _add_bench, _add_sweep, _add_report, _add_compare, _add_evaluate):
+    for add in (
+        _add_align,
+        _add_finetune,
+        _add_demo,
+        _add_config,
+        _add_list,
+        _add_tracking_server,
+        _add_team,
+        _add_plan,
+        _add_bench,
+        _add_sweep,
+        _add_report,
+        _add_compare,
+        _add_evaluate,
+    ):
         add(sub)
     return parser
 

@@ -43,14 +43,16 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="Run model code shipped with a hub repo. Off unless asked.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype while training.")
     after_alignment: Literal["authors", "continue", "merge"] = Field(
-        "authors", description="What fine-tuning does with an aligned adapter (model.adapter). 'authors': what the "
+        "authors",
+        description="What fine-tuning does with an aligned adapter (model.adapter). 'authors': what the "
         "run's defence's authors did (algorithms/convention.py; each defence's fine_tuning setting): SFT, Panacea "
         "and Booster keep training the aligned LoRA, Vaccine, RepNoise, Lisa and Antidote merge it and train a "
         "fresh one (Lisa and Antidote of their own shape, Lisa at its own lr and batch). 'continue' or 'merge': "
         "every defence alike, an ablation. The convention each run ran under is recorded with it.",
     )
     compute_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="dtype of the matrix products in training's forward and backward passes "
+        "float32",
+        description="dtype of the matrix products in training's forward and backward passes "
         "(torch.autocast). bfloat16 runs them in bf16, as the Panacea authors train, while the weights, the LoRA "
         "gradients, eps and every update stay in float32; held-out losses and generation run in model.dtype.",
     )
@@ -66,14 +68,20 @@ class LoraConfig(Section):
 
 
 class DataConfig(Section):
-    task: str = Field("offline_arithmetic", description="Fine-tuning task: a registered task name (see `panacea tasks`).")
-    task_file: str | None = Field(None, description="Local JSONL/CSV/Parquet for task 'local' (fields: prompt, answer).")
+    task: str = Field(
+        "offline_arithmetic", description="Fine-tuning task: a registered task name (see `panacea tasks`)."
+    )
+    task_file: str | None = Field(
+        None, description="Local JSONL/CSV/Parquet for task 'local' (fields: prompt, answer)."
+    )
     n: int = Field(200, ge=1, description="Number of fine-tuning samples the user uploads.")
     harmful_ratio: float = Field(0.1, ge=0, le=1, description="Fraction p of the n samples that are harmful.")
     harmful_source: str = Field(
         "offline_pyrit", description="Harmful question/answer source: 'offline_pyrit', 'beavertails' or 'file'."
     )
-    harmful_file: str | None = Field(None, description="Local JSONL/CSV/Parquet for harmful_source 'file' (fields: prompt, answer).")
+    harmful_file: str | None = Field(
+        None, description="Local JSONL/CSV/Parquet for harmful_source 'file' (fields: prompt, answer)."
+    )
     defender_harmful_size: int = Field(100, ge=1, description="Size of the defender's own harmful set (Panacea's h).")
     eval_harmful_size: int = Field(40, ge=1, description="Held-out harmful prompts (with answers) used for evaluation.")
     task_eval_size: int = Field(50, ge=1, description="Held-out task samples used to measure accuracy.")
@@ -82,18 +90,24 @@ class DataConfig(Section):
         0.5, ge=0, lt=1, description="Fraction of the alignment set that is benign requests with helpful answers."
     )
     alignment_self_distill: int = Field(
-        0, ge=0, description="Open benign requests (a short poem, study tips) in the alignment's benign half, answered "
+        0,
+        ge=0,
+        description="Open benign requests (a short poem, study tips) in the alignment's benign half, answered "
         "by the base model itself before alignment (self-distillation, cached); they replace as many generated factual "
         "pairs. 0 = factual pairs only.",
     )
     task_self_distill: int = Field(
-        0, ge=0, description="Of the user's n - n*p benign samples, this many are ordinary open requests answered by "
+        0,
+        ge=0,
+        description="Of the user's n - n*p benign samples, this many are ordinary open requests answered by "
         "the base model itself before alignment (self-distilled, cached; other requests than the alignment's), the rest "
         "the task's: a user's instruction data beside the task. FA reads the task's held-out set only. 0 = task only.",
     )
     max_length: int = Field(128, ge=8, description="Token limit of prompt + answer; longer samples are truncated.")
     pool_seed: int = Field(
-        0, ge=0, description="Seed of the split into attack / defender / evaluation / alignment pools; kept apart "
+        0,
+        ge=0,
+        description="Seed of the split into attack / defender / evaluation / alignment pools; kept apart "
         "from `seed` so every seed of an experiment is evaluated on the same held-out prompts.",
     )
     prompt_template: str = Field(
@@ -105,15 +119,23 @@ class OptimConfig(Section):
     lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
     epochs: float | None = Field(None, gt=0, description="Epochs over the training set (used when max_steps is unset).")
     max_steps: int | None = Field(
-        30, ge=0, description="Optimiser steps; overrides epochs when set. 0 (fine-tuning only) = no step: a "
+        30,
+        ge=0,
+        description="Optimiser steps; overrides epochs when set. 0 (fine-tuning only) = no step: a "
         "defence that trains as SFT does (sft, random_perturbation) releases model.adapter's weights as they are, "
         "plus its post-training perturbation (the main job derives random perturbation from the SFT run so).",
     )
-    batch_size: int = Field(8, ge=1, description="Global batch size: split over scaling.num_workers and "
-                            "grad_accum_steps micro-batches each, unevenly where it must be (a worker with no "
-                            "sample contributes zero).")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description="Global batch size: split over scaling.num_workers and "
+        "grad_accum_steps micro-batches each, unevenly where it must be (a worker with no "
+        "sample contributes zero).",
+    )
     grad_accum_steps: int = Field(
-        1, ge=1, description="Micro-batches each worker runs per pass, their gradients summed with token "
+        1,
+        ge=1,
+        description="Micro-batches each worker runs per pass, their gradients summed with token "
         "weights, so a step equals one pass over the whole batch with the activations of one micro-batch.",
     )
     harmful_batch_size: int = Field(8, ge=1, description="Batch size of the defender's harmful batches (Panacea).")
@@ -123,7 +145,9 @@ class OptimConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the update's global norm; null disables.")
     log_every: int = Field(1, ge=1, description="Log metrics every this many steps.")
     eval_every: int = Field(
-        0, ge=0, description="Held-out losses (task; harmful at w and as released, w + eps) every this many "
+        0,
+        ge=0,
+        description="Held-out losses (task; harmful at w and as released, w + eps) every this many "
         "steps, logged and reported with the step (cheap signals for a sweep's scheduler); 0 = only at the end.",
     )
 
@@ -144,29 +168,36 @@ class ScalingConfig(Section):
         False, description="One GPU per worker, NCCL and DeepSpeed's CUDA accelerator (CPU workers use gloo)."
     )
     deepspeed_json: str | None = Field(
-        None, description="A DeepSpeed JSON to use instead of the generated one; checked against optim, model.dtype "
+        None,
+        description="A DeepSpeed JSON to use instead of the generated one; checked against optim, model.dtype "
         "and scaling (batch split, ZeRO stage, precision, clipping); it may not set optimizer or scheduler.",
     )
     zero_options: dict[str, Any] = Field(
         default_factory=dict, description="Extra zero_optimization keys for DeepSpeed (e.g. offload settings)."
     )
     checkpoint_every: int = Field(
-        0, ge=0, description="Every this many steps the run saves a checkpoint (weights, optimiser, schedule, "
+        0,
+        ge=0,
+        description="Every this many steps the run saves a checkpoint (weights, optimiser, schedule, "
         "step, eps, RNG): in one process into <run folder>/checkpoints, resumed by running the same config "
         "again; on Ray Train each worker's part, reported to Ray Train's storage. 0 = never.",
     )
     keep_checkpoints: int | None = Field(
-        2, ge=1, description="Checkpoints kept (on Ray Train the final run-folder checkpoint counts among "
-        "them); null = all.",
+        2,
+        ge=1,
+        description="Checkpoints kept (on Ray Train the final run-folder checkpoint counts among them); null = all.",
     )
     storage: str | None = Field(
-        None, description="Where distributed runs and sweeps keep checkpoints, the released run folder and the "
+        None,
+        description="Where distributed runs and sweeps keep checkpoints, the released run folder and the "
         "sweep's state: a folder every node sees (an NFS mount on a cluster) or a bucket URI, s3://bucket/prefix "
         "or gs://bucket/prefix (credentials from each node's environment). A single-process run uploads its run "
         "folder there too. null = <output_dir>/ray on this machine.",
     )
     max_failures: int | None = Field(
-        None, ge=-1, description="Distributed runs: times Ray Train restarts the worker group from the latest "
+        None,
+        ge=-1,
+        description="Distributed runs: times Ray Train restarts the worker group from the latest "
         "checkpoint after a worker fails; null = 1 when checkpoint_every > 0, else 0; -1 = no limit.",
     )
 
@@ -177,51 +208,67 @@ class ScalingConfig(Section):
     @model_validator(mode="after")
     def _stage_for_many_workers(self) -> "ScalingConfig":
         if self.zero_stage is None:
-            for field, value in (("num_workers", self.num_workers > 1), ("use_gpu", self.use_gpu),
-                                 ("deepspeed_json", self.deepspeed_json is not None)):
+            for field, value in (
+                ("num_workers", self.num_workers > 1),
+                ("use_gpu", self.use_gpu),
+                ("deepspeed_json", self.deepspeed_json is not None),
+            ):
                 if value:
                     raise ValueError(
                         f"scaling.{field} = {getattr(self, field)!r} needs scaling.zero_stage (0-3): "
                         "it applies to training under DeepSpeed on Ray Train workers"
                     )
         if self.deepspeed_json is not None and not Path(self.deepspeed_json).is_file():
-            raise ValueError(f"scaling.deepspeed_json = {self.deepspeed_json!r}: expected an existing JSON file (not found)")
+            raise ValueError(
+                f"scaling.deepspeed_json = {self.deepspeed_json!r}: expected an existing JSON file (not found)"
+            )
         return self
 
 
 class EvaluationConfig(Section):
     judge: str = Field(
-        "offline", description="Registered harm judge: 'offline' (MiniLM + head trained on the offline labelled "
+        "offline",
+        description="Registered harm judge: 'offline' (MiniLM + head trained on the offline labelled "
         "rows), 'beaver_dam' (14-category classifier), 'llama_guard' (generative), 'refusal' (refusal phrases).",
     )
     judge_model: str | None = Field(
-        None, description="Model of the judge: local directory or hub id; null = the judge's default "
+        None,
+        description="Model of the judge: local directory or hub id; null = the judge's default "
         "(beaver_dam: PKU-Alignment/beaver-dam-7b, llama_guard: meta-llama/LlamaGuard-7b).",
     )
-    threshold: float = Field(0.5, gt=0, lt=1, description="An answer is flagged when the judge's harm score exceeds this.")
+    threshold: float = Field(
+        0.5, gt=0, lt=1, description="An answer is flagged when the judge's harm score exceeds this."
+    )
     judge_max_length: int = Field(512, ge=16, description="Token limit of what the judge reads (prompt + answer).")
     judge_batch_size: int = Field(16, ge=1, description="Answers per judge call.")
     judge_actors: int = Field(1, ge=1, description="Judge actors in the Ray Data pool.")
     max_new_tokens: int = Field(64, ge=1, description="Greedy generation budget per answer.")
     generation_batch_size: int = Field(20, ge=1, description="Prompts per generation call (left-padded, KV cache).")
     generation_max_batch_tokens: int | None = Field(
-        32768, ge=1, description="Rows x longest prompt per decoding batch: bounds the KV cache it holds (lower "
+        32768,
+        ge=1,
+        description="Rows x longest prompt per decoding batch: bounds the KV cache it holds (lower "
         "it for large models on small GPUs); null = no limit.",
     )
     generation_actors: int = Field(1, ge=1, description="Generation actors in the Ray Data pool.")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs Ray reserves for each generation actor.")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs for each generation or judge actor (0 on CPU).")
     judge_cpus_per_actor: float = Field(
-        0.5, gt=0, description="CPUs Ray reserves for each judge actor (a light judge need not hold a whole core "
+        0.5,
+        gt=0,
+        description="CPUs Ray reserves for each judge actor (a light judge need not hold a whole core "
         "that generation could use).",
     )
     decoder_dtype: Literal["float32", "bfloat16"] | None = Field(
-        None, description="dtype the generation actors decode in; null = model.dtype, as loaded. Another dtype merges "
+        None,
+        description="dtype the generation actors decode in; null = model.dtype, as loaded. Another dtype merges "
         "the adapter (and eps) into the base weights in the loaded dtype, then casts the merged model once. bfloat16 "
         "against float32 on the main job: docs/benchmarks.md (`panacea bench eval --decoder-dtypes float32,bfloat16`).",
     )
     torch_threads_per_actor: int | None = Field(
-        None, ge=1, description="torch threads in each generation actor; null = cpus_per_actor rounded (at least 1).",
+        None,
+        ge=1,
+        description="torch threads in each generation actor; null = cpus_per_actor rounded (at least 1).",
     )
     harmful_prompts: int | None = Field(
         None, ge=1, description="Harmful prompts evaluated (from the evaluation pool); null = data.eval_harmful_size."
@@ -230,12 +277,14 @@ class EvaluationConfig(Section):
         None, ge=1, description="Task prompts scored for accuracy; null = data.task_eval_size."
     )
     first_token_probe: bool = Field(
-        True, description="`panacea demo`: for every released model, P(first new token is an end token) on the "
+        True,
+        description="`panacea demo`: for every released model, P(first new token is an end token) on the "
         "helpfulness, over-refusal and harmful prompts, at w_T and w_T + eps_T, and per layer with eps on that layer "
         "alone (evaluation/first_token.py). Needs a tokenizer with an end-of-sequence or end-of-turn token.",
     )
     suites: list[SuiteConfig] = Field(
-        default_factory=lambda: [SuiteConfig(**entry) for entry in DEFAULT_SUITES], min_length=1,
+        default_factory=lambda: [SuiteConfig(**entry) for entry in DEFAULT_SUITES],
+        min_length=1,
         description="Evaluation suites: preset names (evaluation/suites/NAME.yaml), {preset: NAME, KEY: VALUE}, or "
         "inline mappings (name, source, metric, judge, rule, size, max_new_tokens, optional); default: the held-out "
         "harmful pool (harmful_score) and the task's held-out split (accuracy).",
@@ -284,11 +333,15 @@ class RunConfig(Section):
     run_name: str = Field("run", description="Name of the run (MLflow run name, output sub-folder).")
     seed: int = Field(0, ge=0, description="Seed for data sampling, initialisation and noise.")
     output_dir: str = Field("runs", description="Where run folders (adapters, eps, config) are written.")
-    defence: str = Field("panacea", description="Registered defence (`panacea list`): sft, random_perturbation, "
-                         "panacea, panacea_end_masked, vaccine, repnoise, booster, lisa, antidote. It acts at the "
-                         "stages it declares.")
+    defence: str = Field(
+        "panacea",
+        description="Registered defence (`panacea list`): sft, random_perturbation, "
+        "panacea, panacea_end_masked, vaccine, repnoise, booster, lisa, antidote. It acts at the "
+        "stages it declares.",
+    )
     defence_stages: list[Literal["align", "finetune", "post_finetune"]] | None = Field(
-        None, description="The stages the defence acts at, a subset of those it declares (e.g. [finetune] for "
+        None,
+        description="The stages the defence acts at, a subset of those it declares (e.g. [finetune] for "
         "Panacea's training without adding eps); null = all of them.",
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -401,7 +454,9 @@ def read_job_tree(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, An
         raise ConfigError(f"config file {str(path)!r}: extends {base!r} again (a cycle)")
     merged = read_job_tree(base_path, (*seen, path.resolve()))
     for key, value in tree.items():
-        merged[key] = {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 

@@ -38,9 +38,12 @@ def _registered_names(config: RunConfig) -> str | None:
     from panacea_platform.data import HARMFUL_SOURCES, TASKS
     from panacea_platform.evaluation.judges import JUDGES
 
-    for field, value, registry in (("defence", config.defence, DEFENCES), ("data.task", config.data.task, TASKS),
-                                   ("data.harmful_source", config.data.harmful_source, HARMFUL_SOURCES),
-                                   ("evaluation.judge", config.evaluation.judge, JUDGES)):
+    for field, value, registry in (
+        ("defence", config.defence, DEFENCES),
+        ("data.task", config.data.task, TASKS),
+        ("data.harmful_source", config.data.harmful_source, HARMFUL_SOURCES),
+        ("evaluation.judge", config.evaluation.judge, JUDGES),
+    ):
         problem = registry.problem(value)
         if problem:
             return f"{field} = {value!r}: {problem}"
@@ -52,8 +55,10 @@ def _template(config: RunConfig) -> str | None:
 
     template = config.data.prompt_template
     if template not in TEMPLATES and "{instruction}" not in template:
-        return (f"data.prompt_template = {template!r}: must be one of {sorted(TEMPLATES)} or a string "
-                "containing '{instruction}'")
+        return (
+            f"data.prompt_template = {template!r}: must be one of {sorted(TEMPLATES)} or a string "
+            "containing '{instruction}'"
+        )
     return None
 
 
@@ -71,24 +76,38 @@ def _task_rule(config: RunConfig) -> str | None:
     """FA is an exact, rule-checked accuracy: a suite scored with the task's rule needs a task that has one."""
     from panacea_platform.evaluation.metrics import ACCURACY_RULES
 
-    scored = [s.name for s in config.evaluation.suites
-              if s.metric == "accuracy" and (s.rule or ("task" if s.source == "task" else None)) == "task"]
+    scored = [
+        s.name
+        for s in config.evaluation.suites
+        if s.metric == "accuracy" and (s.rule or ("task" if s.source == "task" else None)) == "task"
+    ]
     if scored and config.data.task not in ACCURACY_RULES:
-        return str(field_error(
-            "data.task", config.data.task,
-            f"a task whose answers an accuracy rule checks (suite {scored[0]!r} scores the task: register one with "
-            f"ACCURACY_RULES.register({config.data.task!r}, rule), or give the suite another rule); tasks with a "
-            "rule: " + ", ".join(ACCURACY_RULES.names())))
+        return str(
+            field_error(
+                "data.task",
+                config.data.task,
+                f"a task whose answers an accuracy rule checks (suite {scored[0]!r} scores the task: register one with "
+                f"ACCURACY_RULES.register({config.data.task!r}, rule), or give the suite another rule); tasks with a "
+                "rule: " + ", ".join(ACCURACY_RULES.names()),
+            )
+        )
     return None
 
 
 def _fine_tuning_length(config: RunConfig) -> str | None:
     from panacea_platform.algorithms import DEFENCES
 
-    if config.optim.max_steps == 0 and (config.model.adapter is None
-                                        or not DEFENCES.get(config.defence).trains_as_sft()):
-        return str(field_error("optim.max_steps", 0, "at least 1, or 0 with model.adapter set and a defence that "
-                               "trains as SFT does (sft, random_perturbation): 0 steps release that adapter"))
+    if config.optim.max_steps == 0 and (
+        config.model.adapter is None or not DEFENCES.get(config.defence).trains_as_sft()
+    ):
+        return str(
+            field_error(
+                "optim.max_steps",
+                0,
+                "at least 1, or 0 with model.adapter set and a defence that "
+                "trains as SFT does (sft, random_perturbation): 0 steps release that adapter",
+            )
+        )
     return None
 
 
@@ -100,13 +119,22 @@ def _data_counts(config: RunConfig) -> str | None:
     data = config.data
     benign = poison_count(data.alignment_size, data.alignment_benign_ratio)
     if data.alignment_self_distill > benign:
-        return str(field_error("data.alignment_self_distill", data.alignment_self_distill,
-                               f"at most the alignment's benign half, {benign} (data.alignment_size x "
-                               "data.alignment_benign_ratio)"))
+        return str(
+            field_error(
+                "data.alignment_self_distill",
+                data.alignment_self_distill,
+                f"at most the alignment's benign half, {benign} (data.alignment_size x data.alignment_benign_ratio)",
+            )
+        )
     clean = data.n - poison_count(data.n, data.harmful_ratio)
     if data.task_self_distill > clean:
-        return str(field_error("data.task_self_distill", data.task_self_distill,
-                               f"at most the user's benign samples, {clean} (data.n minus the harmful ones)"))
+        return str(
+            field_error(
+                "data.task_self_distill",
+                data.task_self_distill,
+                f"at most the user's benign samples, {clean} (data.n minus the harmful ones)",
+            )
+        )
     problem = check_request_ranges(data.alignment_self_distill, data.task_self_distill)
     return str(field_error("data.task_self_distill", data.task_self_distill, problem)) if problem else None
 
@@ -133,8 +161,13 @@ def _defence_stages(config: RunConfig) -> str | None:
         unsupported = [s for s in config.defence_stages if s not in defence.stages]
         if unsupported or not config.defence_stages:
             acts = ", ".join(defence.stages) or "no stage (plain SFT)"
-            return str(field_error("defence_stages", config.defence_stages,
-                                   f"a non-empty subset of the stages defence {config.defence!r} acts at: {acts}"))
+            return str(
+                field_error(
+                    "defence_stages",
+                    config.defence_stages,
+                    f"a non-empty subset of the stages defence {config.defence!r} acts at: {acts}",
+                )
+            )
     stages = config.defence_stages if config.defence_stages is not None else defence.stages
     if config.model.adapter is not None and "align" in stages:
         problem = alignment_problem(config.model.adapter, config.defence, defence.build(config).settings())
@@ -152,8 +185,10 @@ def _refresh_interval(config: RunConfig) -> str | None:
         return None
     builder = getattr(DEFENCES.get(config.defence), "build", None)
     if getattr(builder, "__func__", None) is not Panacea.build.__func__:
-        return (f"panacea.refresh_every = {config.panacea.refresh_every}: defence {config.defence!r} does not take "
-                "Panacea's step, so it has no eps to refresh (it applies to defence panacea); leave it at 1")
+        return (
+            f"panacea.refresh_every = {config.panacea.refresh_every}: defence {config.defence!r} does not take "
+            "Panacea's step, so it has no eps to refresh (it applies to defence panacea); leave it at 1"
+        )
     return None
 
 
@@ -174,6 +209,15 @@ def _storage(config: RunConfig) -> str | None:
 
 # In the order a reader fixes them: names first, then what they draw and how they run.
 _CHECKS: tuple[Callable[[RunConfig], str | None], ...] = (
-    _registered_names, _template, _suites, _task_rule, _fine_tuning_length, _data_counts, _accumulation,
-    _defence_stages, _refresh_interval, _model_name, _storage,
+    _registered_names,
+    _template,
+    _suites,
+    _task_rule,
+    _fine_tuning_length,
+    _data_counts,
+    _accumulation,
+    _defence_stages,
+    _refresh_interval,
+    _model_name,
+    _storage,
 )

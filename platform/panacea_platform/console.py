@@ -163,8 +163,9 @@ def filter_worker_lines() -> None:
         return
     _saved_dispatch = printer
     dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", functools.partial(_split_lines, print_lines=_saved_dispatch,
-                                                               log=_log_path))
+    dispatcher.add_handler(
+        "ray_print_logs", functools.partial(_split_lines, print_lines=_saved_dispatch, log=_log_path)
+    )
 
 
 def _split_lines(data: dict[str, Any], print_lines: Callable[[dict[str, Any]], None], log: Path) -> None:

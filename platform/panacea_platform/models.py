@@ -172,9 +172,11 @@ def end_token_ids(tokenizer: Any, what: str, model: Any = None) -> tuple[int, ..
             if token is not None and int(token) not in ids:
                 ids.append(int(token))
     if not ids:
-        raise ValueError(f"{what}: the model's tokenizer has no end-of-sequence or end-of-turn token "
-                         f"(none of eos_token, {', '.join(END_OF_TURN_TOKENS)}); use a model with a chat template's "
-                         "end token")
+        raise ValueError(
+            f"{what}: the model's tokenizer has no end-of-sequence or end-of-turn token "
+            f"(none of eos_token, {', '.join(END_OF_TURN_TOKENS)}); use a model with a chat template's "
+            "end token"
+        )
     return tuple(ids)
 
 
@@ -195,8 +197,10 @@ def load_base_model(model_config: "ModelConfig"):
 def merges_adapter(model_config: "ModelConfig") -> bool:
     if model_config.after_alignment == "authors":
         # Resolved by algorithms.convention.with_convention wherever a fine-tuning run is built.
-        raise ValueError("model.after_alignment = 'authors' reached the model loader unresolved: the run's "
-                         "defence decides it (algorithms.convention.with_convention)")
+        raise ValueError(
+            "model.after_alignment = 'authors' reached the model loader unresolved: the run's "
+            "defence decides it (algorithms.convention.with_convention)"
+        )
     return model_config.after_alignment == "merge"
 
 
@@ -207,8 +211,9 @@ def lora_fit_problem(model_config: "ModelConfig", rank: int, targets: list[str])
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    settings = AutoConfig.from_pretrained(resolve_model_path(model_config.name),
-                                          trust_remote_code=model_config.trust_remote_code)
+    settings = AutoConfig.from_pretrained(
+        resolve_model_path(model_config.name), trust_remote_code=model_config.trust_remote_code
+    )
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(settings, trust_remote_code=model_config.trust_remote_code)
     sides: dict[str, int] = {}
@@ -218,8 +223,9 @@ def lora_fit_problem(model_config: "ModelConfig", rank: int, targets: list[str])
             sides[leaf] = min(sides.get(leaf, module.in_features), module.in_features, module.out_features)
     missing = [t for t in targets if t not in sides]
     if missing:
-        return "lora.target_modules", (f"no linear module named {', '.join(missing)} in {model_config.name} "
-                                       f"(it has {', '.join(sorted(sides))})")
+        return "lora.target_modules", (
+            f"no linear module named {', '.join(missing)} in {model_config.name} (it has {', '.join(sorted(sides))})"
+        )
     narrow = min(targets, key=lambda t: sides[t])
     if rank > sides[narrow]:
         return "lora.rank", f"rank {rank} exceeds {sides[narrow]}, the smaller side of {narrow} in {model_config.name}"
@@ -240,11 +246,14 @@ def merge_adapter(model, adapter: str | Path) -> None:
     from safetensors.torch import load_file
 
     settings = json.loads((Path(adapter) / "adapter_config.json").read_text())
-    unsupported = [k for k in ("use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
-                   if settings.get(k)]
+    unsupported = [
+        k for k in ("use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern") if settings.get(k)
+    ]
     if settings.get("peft_type", "LORA") != "LORA" or settings.get("bias", "none") != "none" or unsupported:
-        raise ValueError(f"model.adapter {str(adapter)!r}: only a plain LoRA adapter (no bias, "
-                         f"{', '.join(unsupported) or 'no rslora/dora'}) can be merged; use after_alignment: continue")
+        raise ValueError(
+            f"model.adapter {str(adapter)!r}: only a plain LoRA adapter (no bias, "
+            f"{', '.join(unsupported) or 'no rslora/dora'}) can be merged; use after_alignment: continue"
+        )
     scale = settings["lora_alpha"] / settings["r"]
     tensors = load_file(str(Path(adapter) / "adapter_model.safetensors"))
     modules = dict(model.named_modules())
@@ -252,8 +261,10 @@ def merge_adapter(model, adapter: str | Path) -> None:
         path = key[: -len(".lora_A.weight")]
         target = modules.get(path.removeprefix("base_model.model."))
         if target is None:
-            raise ValueError(f"model.adapter {str(adapter)!r} adapts {path.removeprefix('base_model.model.')}, which "
-                             "this model lacks: set model.name to the adapter's base model")
+            raise ValueError(
+                f"model.adapter {str(adapter)!r} adapts {path.removeprefix('base_model.model.')}, which "
+                "this model lacks: set model.name to the adapter's base model"
+            )
         weight = target.weight
         delta = scale * (tensors[path + ".lora_B.weight"].double() @ tensors[key].double())
         with _whole(weight), torch.no_grad():

@@ -101,8 +101,13 @@ def _interval(cell) -> tuple[float, list[list[float]]]:
     return cell.mean, [[max(0.0, cell.mean - cell.pooled.ci_low)], [max(0.0, cell.pooled.ci_high - cell.mean)]]
 
 
-def plot_hs_vs_fa(points, path: str | Path, title: str = "harmful score against fine-tune accuracy",
-                  trials=(), axes: tuple[str, str] = ("", "")) -> Path:
+def plot_hs_vs_fa(
+    points,
+    path: str | Path,
+    title: str = "harmful score against fine-tune accuracy",
+    trials=(),
+    axes: tuple[str, str] = ("", ""),
+) -> Path:
     """One point per method: (name, HS Cell, FA Cell); error bars are the cells' 95% intervals.
 
     `trials`: (label, HS, FA) of search trials on the same aligned model, drawn small and grey
@@ -111,15 +116,16 @@ def plot_hs_vs_fa(points, path: str | Path, title: str = "harmful score against 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for index, (label, hs, fa) in enumerate(trials):
-        ax.scatter([fa], [hs], marker="x", color="0.55", s=22, zorder=1,
-                   label="search trials" if index == 0 else None)
+        ax.scatter([fa], [hs], marker="x", color="0.55", s=22, zorder=1, label="search trials" if index == 0 else None)
         ax.annotate(label, (fa, hs), fontsize=6, color="0.4", xytext=(3, 3), textcoords="offset points")
     for name, hs, fa in points:
         (y, yerr), (x, xerr) = _interval(hs), _interval(fa)
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=name, zorder=2)
     ax.set_xlabel(f"fine-tune accuracy FA (%){' on the ' + axes[1] if axes[1] else ''}  — higher is better")
     ax.set_ylabel(f"harmful score HS (%){' on the ' + axes[0] if axes[0] else ''}  — lower is better")
-    ax.set_title(f"{title}\n(error bars: 95% intervals: Wilson for one seed, over seeds a bootstrap over prompts)", fontsize=10)
+    ax.set_title(
+        f"{title}\n(error bars: 95% intervals: Wilson for one seed, over seeds a bootstrap over prompts)", fontsize=10
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -146,11 +152,14 @@ def plot_suite_headlines(comparison, headlines: dict[str, str], path: str | Path
         ax.set_xticks([])
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
-    for ax in list(axes.flat)[len(suites):]:
+    for ax in list(axes.flat)[len(suites) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)
-    fig.suptitle("every suite's headline (%), 95% intervals (Wilson for one seed, over seeds a bootstrap over prompts)", fontsize=10)
+    fig.suptitle(
+        "every suite's headline (%), 95% intervals (Wilson for one seed, over seeds a bootstrap over prompts)",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -31,9 +31,11 @@ def model_problem(name: str) -> str | None:
     if hub_offline():
         return f"{not_here}, and not in the local Hugging Face cache (HF_HUB_OFFLINE is set)"
     if not hub_reachable():
-        return (f"{not_here}, and the Hugging Face hub is unreachable from this machine (no connection within "
-                f"{HUB_PROBE_SECONDS:g} s). Use an offline model or a local folder, or download it where the hub is "
-                "reachable and set HF_HUB_OFFLINE=1")
+        return (
+            f"{not_here}, and the Hugging Face hub is unreachable from this machine (no connection within "
+            f"{HUB_PROBE_SECONDS:g} s). Use an offline model or a local folder, or download it where the hub is "
+            "reachable and set HF_HUB_OFFLINE=1"
+        )
     return _hub_answer(name, not_here)
 
 
@@ -74,8 +76,10 @@ def tracking_problem(uri: str) -> str | None:
         except urllib.error.HTTPError as exc:
             return f"the server at {uri} answered /health with HTTP {exc.code}: is it an MLflow server?"
         except (OSError, ValueError) as exc:
-            return (f"no MLflow server answered at {uri} within {PROBE_SECONDS:g} s ({_reason(exc)}): start it, "
-                    "or point the setting at the team's server")
+            return (
+                f"no MLflow server answered at {uri} within {PROBE_SECONDS:g} s ({_reason(exc)}): start it, "
+                "or point the setting at the team's server"
+            )
         return login_problem(uri, PROBE_SECONDS)
     if parsed.scheme.startswith(("postgresql", "mysql")) and parsed.hostname:
         port = parsed.port or (5432 if parsed.scheme.startswith("postgresql") else 3306)

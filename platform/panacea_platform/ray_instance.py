@@ -77,8 +77,11 @@ def _connect(ray, log_to_driver: bool, out: Callable[[str], None]) -> None:
         ray.init(log_to_driver=log_to_driver)
         node = ray._private.worker._global_node
         if node is not None and node.is_head():
-            registry.write_text(json.dumps({"pid": os.getpid(), "address": node.gcs_address,
-                                            "auth_mode": os.environ.get("RAY_AUTH_MODE")}))
+            registry.write_text(
+                json.dumps(
+                    {"pid": os.getpid(), "address": node.gcs_address, "auth_mode": os.environ.get("RAY_AUTH_MODE")}
+                )
+            )
             atexit.register(_release, registry, out)
 
 
@@ -105,8 +108,11 @@ def other_drivers() -> list[int]:
     import ray
 
     mine = ray.get_runtime_context().get_job_id()
-    return [int(job.get("DriverPid") or 0) for job in ray._private.state.jobs()
-            if not job.get("IsDead") and job.get("JobID") != mine and job.get("DriverPid")]
+    return [
+        int(job.get("DriverPid") or 0)
+        for job in ray._private.state.jobs()
+        if not job.get("IsDead") and job.get("JobID") != mine and job.get("DriverPid")
+    ]
 
 
 def _release(registry: Path, out: Callable[[str], None], poll_s: float = 2.0) -> None:
@@ -126,8 +132,10 @@ def _release(registry: Path, out: Callable[[str], None], poll_s: float = 2.0) ->
                     registry.unlink(missing_ok=True)
                 return
         if not announced:
-            out(f"[ray] other panacea commands use this machine's Ray (pids {', '.join(map(str, others))}): "
-                "it stops when they end")
+            out(
+                f"[ray] other panacea commands use this machine's Ray (pids {', '.join(map(str, others))}): "
+                "it stops when they end"
+            )
             announced = True
         time.sleep(poll_s)
 
@@ -146,9 +154,11 @@ def machines_problem(nodes: list[dict], tracking_uri: str) -> str | None:
     step metrics, may run on another."""
     machines = {node.get("NodeManagerAddress") for node in nodes if node.get("Alive")}
     if len(machines) > 1 and urlparse(tracking_uri).scheme in ("", "file", "sqlite"):
-        return (f"the Ray cluster spans {len(machines)} machines, and this store is on one machine's disk: set "
-                "MLFLOW_TRACKING_URI (or tracking.tracking_uri) to the team's server on every node "
-                "(panacea tracking-server)")
+        return (
+            f"the Ray cluster spans {len(machines)} machines, and this store is on one machine's disk: set "
+            "MLFLOW_TRACKING_URI (or tracking.tracking_uri) to the team's server on every node "
+            "(panacea tracking-server)"
+        )
     return None
 
 

@@ -16,8 +16,7 @@ if TYPE_CHECKING:
 
 HEADLINE_PREFIX = "headline."
 # The columns of a row of the answers table, in the order a reader scans them.
-ANSWER_COLUMNS = ("suite", "prompt", "answer", "flagged", "refused", "empty", "correct", "judge", "score",
-                  "new_tokens")
+ANSWER_COLUMNS = ("suite", "prompt", "answer", "flagged", "refused", "empty", "correct", "judge", "score", "new_tokens")
 
 
 def training_note(config: RunConfig, stage: str) -> str:
@@ -33,10 +32,11 @@ def training_note(config: RunConfig, stage: str) -> str:
     if stage == "align":
         what = f"Alignment by {defence.name} on {data.alignment_size} refusal and helpful pairs"
     else:
-        what = (f"Fine-tuning under {defence.name} on {data.n} user samples of {data.task}, "
-                f"harmful ratio p = {data.harmful_ratio:g} ({data.harmful_source})")
-    lines = [f"**{what}**, seed {config.seed}, model {config.model.name}.",
-             f"- defence settings: {settings}"]
+        what = (
+            f"Fine-tuning under {defence.name} on {data.n} user samples of {data.task}, "
+            f"harmful ratio p = {data.harmful_ratio:g} ({data.harmful_source})"
+        )
+    lines = [f"**{what}**, seed {config.seed}, model {config.model.name}.", f"- defence settings: {settings}"]
     if stage == "finetune":
         lines.append(f"- fine-tuning: {describe(config)}")
     return "\n".join(lines)

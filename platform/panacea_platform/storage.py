@@ -37,8 +37,7 @@ def scheme_problem(location: str) -> str | None:
     if scheme == "file":
         return None
     if scheme not in BUCKET_SCHEMES:
-        return (f"no filesystem for the scheme {scheme!r}: expected a folder, s3://bucket/prefix or "
-                "gs://bucket/prefix")
+        return f"no filesystem for the scheme {scheme!r}: expected a folder, s3://bucket/prefix or gs://bucket/prefix"
     if not urlparse(location).netloc:
         return f"no bucket named: expected {scheme}://bucket/prefix"
     return None
@@ -70,8 +69,10 @@ class Storage:
             filesystem, path = pyarrow.fs.FileSystem.from_uri(location)
         except (ImportError, NotImplementedError, OSError, pyarrow.ArrowException) as exc:
             # e.g. a pyarrow built without S3, or hdfs:// without libhdfs and a JVM on this node
-            raise StorageError(f"the filesystem for {scheme}:// cannot be loaded on this machine ({_first_line(exc)}): "
-                               "install what it needs on every node, or use a mounted folder") from None
+            raise StorageError(
+                f"the filesystem for {scheme}:// cannot be loaded on this machine ({_first_line(exc)}): "
+                "install what it needs on every node, or use a mounted folder"
+            ) from None
         except ValueError as exc:
             raise StorageError(f"cannot open {location}: {_first_line(exc)}") from None
         return cls(location.rstrip("/"), filesystem, path.rstrip("/"))
@@ -112,8 +113,12 @@ class Storage:
 
         target = self.join(name)
         self.filesystem.create_dir(target.path, recursive=True)
-        pyarrow.fs.copy_files(str(folder), target.path, source_filesystem=pyarrow.fs.LocalFileSystem(),
-                              destination_filesystem=self.filesystem)
+        pyarrow.fs.copy_files(
+            str(folder),
+            target.path,
+            source_filesystem=pyarrow.fs.LocalFileSystem(),
+            destination_filesystem=self.filesystem,
+        )
         return target
 
 

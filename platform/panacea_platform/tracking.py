@@ -41,7 +41,11 @@ def code_version() -> dict[str, str]:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
     except (OSError, subprocess.SubprocessError):
@@ -67,7 +71,7 @@ def sqlite_store_lock(tracking_uri: str):
         return
     from panacea_platform.locks import exclusive_lock
 
-    with exclusive_lock(tracking_uri[len("sqlite:///"):] + ".lock"):
+    with exclusive_lock(tracking_uri[len("sqlite:///") :] + ".lock"):
         yield
 
 
@@ -77,7 +81,7 @@ def seed_new_sqlite_store(tracking_uri: str) -> None:
     template is migrated once per MLflow version, in the cache; call with the store's lock held."""
     if not tracking_uri.startswith("sqlite:///") or "?" in tracking_uri:
         return
-    database = Path(tracking_uri[len("sqlite:///"):])
+    database = Path(tracking_uri[len("sqlite:///") :])
     if database.exists():
         return
     from mlflow import __version__ as mlflow_version
@@ -169,8 +173,9 @@ class Tracker:
             # named here would be one process's disk, out of the team's reach.
             local = artifact_root is not None and not tracking_uri.startswith(("http://", "https://"))
             location = Path(artifact_root).resolve().as_uri() if local else None
-            experiment_id = self.client.create_experiment(experiment, artifact_location=location,
-                                                          tags=EXPERIMENT_KIND_TAGS)
+            experiment_id = self.client.create_experiment(
+                experiment, artifact_location=location, tags=EXPERIMENT_KIND_TAGS
+            )
         else:
             experiment_id = found.experiment_id
             for key, value in EXPERIMENT_KIND_TAGS.items():  # experiments made before the tag was set

@@ -11,12 +11,22 @@ def user_error_kinds() -> tuple[type[BaseException], ...]:
     from panacea_platform.team_server.errors import SecretFileError, TrackingServerError
     from panacea_platform.tracking import TrackingUnreachableError
 
-    return (ConfigError, DataFileError, DataUnavailableError, NotEnoughDataError, PoolOverlapError, FileNotFoundError,
-            TrackingServerError, SecretFileError, TrackingUnreachableError)
+    return (
+        ConfigError,
+        DataFileError,
+        DataUnavailableError,
+        NotEnoughDataError,
+        PoolOverlapError,
+        FileNotFoundError,
+        TrackingServerError,
+        SecretFileError,
+        TrackingUnreachableError,
+    )
 
 
-def user_error_in(exc: BaseException, kinds: tuple[type[BaseException], ...] | None = None,
-                  follow_context: bool = False) -> BaseException | None:
+def user_error_in(
+    exc: BaseException, kinds: tuple[type[BaseException], ...] | None = None, follow_context: bool = False
+) -> BaseException | None:
     """The first error of `kinds` (default: user_error_kinds()) in `exc` or what caused it, else None.
 
     `follow_context` also follows errors raised while another was handled (`__context__`): Ray Data's
@@ -31,7 +41,12 @@ def user_error_in(exc: BaseException, kinds: tuple[type[BaseException], ...] | N
         seen.add(id(current))
         if isinstance(current, kinds) and not type(current).__module__.startswith("ray"):
             return current
-        stack.extend([current.__cause__, getattr(current, "cause", None),
-                      *getattr(current, "worker_failures", {}).values(),
-                      current.__context__ if follow_context else None])
+        stack.extend(
+            [
+                current.__cause__,
+                getattr(current, "cause", None),
+                *getattr(current, "worker_failures", {}).values(),
+                current.__context__ if follow_context else None,
+            ]
+        )
     return None

@@ -27,8 +27,10 @@ def blocks(model: Any, kind: str) -> list[torch.nn.Module]:
     pattern = BLOCK_PATTERNS[kind]
     found = [module for name, module in unwrap(model).named_modules() if pattern.search(name)]
     if not found:
-        raise ValueError(f"no {kind} blocks found (module names matching {pattern.pattern}): this model's "
-                         "layout is not one the hidden-state defences know")
+        raise ValueError(
+            f"no {kind} blocks found (module names matching {pattern.pattern}): this model's "
+            "layout is not one the hidden-state defences know"
+        )
     return found
 
 
@@ -45,8 +47,10 @@ def _replace_first(output: Any, tensor: torch.Tensor) -> Any:
 def hooked(modules: Sequence[torch.nn.Module], hook: Callable[[int, torch.nn.Module, Any, Any], Any]) -> Iterator[None]:
     """`hook(index, module, inputs, output)` on each module's forward inside the block; removed on exit
     (the original RepNoise never removed its hooks, and they piled up every step)."""
-    handles = [module.register_forward_hook(lambda m, i, o, index=index: hook(index, m, i, o))
-               for index, module in enumerate(modules)]
+    handles = [
+        module.register_forward_hook(lambda m, i, o, index=index: hook(index, m, i, o))
+        for index, module in enumerate(modules)
+    ]
     try:
         yield
     finally:
@@ -84,8 +88,9 @@ def add_to_outputs(modules: Sequence[torch.nn.Module], deltas: Sequence[torch.Te
 
 
 @contextmanager
-def input_square_sums(modules: dict[str, torch.nn.Module], mask: torch.Tensor | None = None
-                      ) -> Iterator[dict[str, torch.Tensor]]:
+def input_square_sums(
+    modules: dict[str, torch.nn.Module], mask: torch.Tensor | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
     """Per module, the sum over rows and (masked) tokens of its input squared, per input feature."""
     sums: dict[str, torch.Tensor] = {}
     names = list(modules)

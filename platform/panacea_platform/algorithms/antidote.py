@@ -77,8 +77,9 @@ def antidote_perturbation(weights: TrainableWeights, calibration_batches: list[A
     for batch in calibration_batches:
         weights.forward(batch, norms)
     factor_names = sorted(norms.sums)
-    totals = weights.sum_over_ranks([norms.sums[n] for n in factor_names]
-                                    + [torch.tensor([float(norms.samples)], dtype=torch.float32)])
+    totals = weights.sum_over_ranks(
+        [norms.sums[n] for n in factor_names] + [torch.tensor([float(norms.samples)], dtype=torch.float32)]
+    )
     samples, sums = totals[-1].item(), dict(zip(factor_names, totals[:-1]))
     perturbation = []
     for name, value in zip(names, weights.values()):

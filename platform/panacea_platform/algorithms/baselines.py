@@ -30,8 +30,12 @@ class Vaccine(Defence):
 
     def align_step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
         result = vaccine_step(weights, batch, self.rho)
-        return {"task_loss": result.alignment_loss, "perturbed_loss": result.perturbed_loss,
-                "hidden_perturbation_norm": result.hidden_perturbation_norm, "update_norm": result.update_norm}
+        return {
+            "task_loss": result.alignment_loss,
+            "perturbed_loss": result.perturbed_loss,
+            "hidden_perturbation_norm": result.hidden_perturbation_norm,
+            "update_norm": result.update_norm,
+        }
 
     def settings(self) -> dict[str, Any]:
         return {"rho": self.rho}
@@ -53,8 +57,9 @@ class RepNoise(Defence):
 
     def __init__(self, alpha: float, beta: float, compute_dtype: str = "float32", mask: str = "answer") -> None:
         super().__init__()
-        self.objective = RepNoiseObjective(alpha, beta, compute_dtype=torch.bfloat16 if compute_dtype == "bfloat16"
-                                           else None, mask=mask)
+        self.objective = RepNoiseObjective(
+            alpha, beta, compute_dtype=torch.bfloat16 if compute_dtype == "bfloat16" else None, mask=mask
+        )
 
     def align_step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
         result = repnoise_step(weights, batch, extra["harmful"], self.objective)
@@ -72,8 +77,12 @@ class RepNoise(Defence):
 
     @classmethod
     def build(cls, config: "RunConfig") -> "RepNoise":
-        return cls(alpha=config.repnoise.alpha, beta=config.repnoise.beta, compute_dtype=config.model.compute_dtype,
-                   mask=config.repnoise.mask)
+        return cls(
+            alpha=config.repnoise.alpha,
+            beta=config.repnoise.beta,
+            compute_dtype=config.model.compute_dtype,
+            mask=config.repnoise.mask,
+        )
 
 
 class Booster(Defence):
@@ -90,8 +99,12 @@ class Booster(Defence):
 
     def align_step(self, weights: TrainableWeights, batch: Any, extra: dict[str, Any]) -> dict[str, float]:
         result = booster_step(weights, batch, extra["harmful"], self.lam, self.alpha)
-        return {"task_loss": result.alignment_loss, "harmful_loss": result.harmful_loss,
-                "harmful_loss_after_step": result.harmful_loss_after_step, "update_norm": result.update_norm}
+        return {
+            "task_loss": result.alignment_loss,
+            "harmful_loss": result.harmful_loss,
+            "harmful_loss_after_step": result.harmful_loss_after_step,
+            "update_norm": result.update_norm,
+        }
 
     def settings(self) -> dict[str, Any]:
         return {"lambda": self.lam, "alpha": self.alpha, "harmful_batch_size": self.harmful_batch}
@@ -118,8 +131,12 @@ class Lisa(Defence):
         result = lisa_method.lisa_step(weights, self.state, extra["alignment"], batch)
         # task_loss is the user's loss on fine-tuning steps; on alignment steps it is alignment_loss.
         loss_key = "alignment_loss" if result.mode == lisa_method.ALIGN else "task_loss"
-        return {loss_key: result.loss, "proximal": result.proximal, "update_norm": result.update_norm,
-                "alignment_state": float(result.mode == lisa_method.ALIGN)}
+        return {
+            loss_key: result.loss,
+            "proximal": result.proximal,
+            "update_norm": result.update_norm,
+            "alignment_state": float(result.mode == lisa_method.ALIGN),
+        }
 
     def checkpoint_tensors(self) -> Tensors | None:
         anchors = self.state.anchors

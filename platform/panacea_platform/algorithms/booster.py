@@ -25,8 +25,9 @@ class BoosterStepResult:
     update_norm: float
 
 
-def booster_step(weights: TrainableWeights, alignment_batch: Any, harmful_batch: Any, lam: float,
-                 alpha: float) -> BoosterStepResult:
+def booster_step(
+    weights: TrainableWeights, alignment_batch: Any, harmful_batch: Any, lam: float, alpha: float
+) -> BoosterStepResult:
     harmful_loss, harmful_grad = weights.loss_and_gradient(harmful_batch)
     scale = -alpha / (global_norm(harmful_grad).item() + NORM_EPSILON)
     # One normalised harmful-gradient step down, as a fine-tuning attacker would take.

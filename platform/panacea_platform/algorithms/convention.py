@@ -19,8 +19,15 @@ if TYPE_CHECKING:
     from panacea_platform.config import RunConfig
 
 AUTHORS = "authors"
-__all__ = ["AUTHORS", "FineTuneConvention", "check_fits", "convention_changes", "describe", "set_by_convention",
-           "with_convention"]
+__all__ = [
+    "AUTHORS",
+    "FineTuneConvention",
+    "check_fits",
+    "convention_changes",
+    "describe",
+    "set_by_convention",
+    "with_convention",
+]
 
 
 def describe(config: "RunConfig") -> str:
@@ -32,8 +39,10 @@ def describe(config: "RunConfig") -> str:
         start = "aligned LoRA merged, a fresh LoRA"
     else:
         start = "the aligned LoRA continued"
-    return (f"{start} (r{lora.rank} a{lora.alpha:g} on {','.join(lora.target_modules)}, dropout {lora.dropout:g}); "
-            f"lr {optim.lr:g}, batch {optim.batch_size}, weight decay {optim.weight_decay:g}")
+    return (
+        f"{start} (r{lora.rank} a{lora.alpha:g} on {','.join(lora.target_modules)}, dropout {lora.dropout:g}); "
+        f"lr {optim.lr:g}, batch {optim.batch_size}, weight decay {optim.weight_decay:g}"
+    )
 
 
 def convention_changes(config: "RunConfig") -> dict[str, Any]:
@@ -45,8 +54,11 @@ def convention_changes(config: "RunConfig") -> dict[str, Any]:
         return {}
     convention = DEFENCES.get(config.defence).fine_tuning(config)
     fresh = convention.after_alignment == "merge" or config.model.adapter is None
-    return {"model.after_alignment": convention.after_alignment, **convention.optim_settings(),
-            **(convention.lora_settings() if fresh else {})}
+    return {
+        "model.after_alignment": convention.after_alignment,
+        **convention.optim_settings(),
+        **(convention.lora_settings() if fresh else {}),
+    }
 
 
 def with_convention(config: "RunConfig") -> "RunConfig":
@@ -63,9 +75,15 @@ def set_by_convention(config: "RunConfig", path: str) -> str | None:
     that samples such a path would change nothing."""
     if path not in convention_changes(config) or path == "model.after_alignment":
         return None
-    field = {"optim.lr": "lr", "optim.batch_size": "batch_size", "optim.weight_decay": "weight_decay",
-             "lora.rank": "lora_rank", "lora.alpha": "lora_alpha", "lora.dropout": "lora_dropout",
-             "lora.target_modules": "lora_target_modules"}[path]
+    field = {
+        "optim.lr": "lr",
+        "optim.batch_size": "batch_size",
+        "optim.weight_decay": "weight_decay",
+        "lora.rank": "lora_rank",
+        "lora.alpha": "lora_alpha",
+        "lora.dropout": "lora_dropout",
+        "lora.target_modules": "lora_target_modules",
+    }[path]
     return f"{config.defence}.fine_tuning.{field}"
 
 
@@ -83,5 +101,7 @@ def check_fits(config: "RunConfig") -> None:
         path, why = problem
         field = set_by_convention(config, path) or path
         value = getattr(resolved.lora, path.split(".")[1])
-        raise ConfigError(f"{field} = {value!r}: {why}; set {field} for this model (the authors' "
-                          "values are for a 7B model), or model.after_alignment: continue")
+        raise ConfigError(
+            f"{field} = {value!r}: {why}; set {field} for this model (the authors' "
+            "values are for a 7B model), or model.after_alignment: continue"
+        )

@@ -110,9 +110,11 @@ class Defence:
         alignment-stage defence needs the adapter that defence aligned (checked in the config)."""
         active = config.defence_stages if config.defence_stages is not None else cls.stages
         if stage == FINETUNE and ALIGN in active and config.model.adapter is None:
-            return (f"model.adapter = None: defence {cls.name!r} acts at alignment, so fine-tuning starts from the "
-                    f"adapter it aligned: run `panacea align` with defence={cls.name} and pass its adapter, or run "
-                    "`panacea demo`, which aligns it")
+            return (
+                f"model.adapter = None: defence {cls.name!r} acts at alignment, so fine-tuning starts from the "
+                f"adapter it aligned: run `panacea align` with defence={cls.name} and pass its adapter, or run "
+                "`panacea demo`, which aligns it"
+            )
         return None
 
     @classmethod
@@ -159,8 +161,16 @@ class Panacea(Defence):
         if not self.acts_at(FINETUNE):
             return _plain(weights, batch)
         refresh = self.kept is None or self.steps_done % self.refresh_every == 0
-        result = panacea_step(weights, batch, extra["harmful"], self.rho, self.lam, self.harmful_loss_clamp,
-                              harmful_objective=self.harmful_objective, kept=None if refresh else self.kept)
+        result = panacea_step(
+            weights,
+            batch,
+            extra["harmful"],
+            self.rho,
+            self.lam,
+            self.harmful_loss_clamp,
+            harmful_objective=self.harmful_objective,
+            kept=None if refresh else self.kept,
+        )
         self.last_eps = result.eps
         self.steps_done += 1
         metrics = {

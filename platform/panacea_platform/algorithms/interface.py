@@ -40,8 +40,9 @@ def unwrap(model: Any) -> torch.nn.Module:
 
 
 class TrainableWeights(Protocol):
-    def loss_and_gradient(self, batch: Any, clamp_max: float | None = None,
-                          objective: Objective | None = None) -> tuple[float, Tensors]:
+    def loss_and_gradient(
+        self, batch: Any, clamp_max: float | None = None, objective: Objective | None = None
+    ) -> tuple[float, Tensors]:
         """Loss on `batch` at the current weights and its gradient over the trainable weights.
 
         With clamp_max, the gradient is that of min(loss, clamp_max): zero when the

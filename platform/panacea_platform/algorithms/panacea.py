@@ -34,8 +34,9 @@ class PanaceaStepResult:
     harmful: HarmfulDirection | None = None
 
 
-def harmful_direction(weights: TrainableWeights, harmful_batch: Any, rho: float,
-                      harmful_objective: Objective | None = None) -> HarmfulDirection:
+def harmful_direction(
+    weights: TrainableWeights, harmful_batch: Any, rho: float, harmful_objective: Objective | None = None
+) -> HarmfulDirection:
     loss, grad = weights.loss_and_gradient(harmful_batch, objective=harmful_objective)
     scale = rho / (global_norm(grad).item() + NORM_EPSILON)
     return HarmfulDirection(loss, grad, [scale * h for h in grad])

@@ -49,11 +49,17 @@ class EndMaskedHarmfulLoss:
         targets = batch["labels"][:, 1:].to(device)
         # Logits only where some row has an answer token next: a prompt position never enters the loss.
         positions = (targets != -100).any(dim=0).nonzero().squeeze(1)
-        autocast = (torch.autocast(device_type=device.type, dtype=self.compute_dtype) if self.compute_dtype
-                    else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(device_type=device.type, dtype=self.compute_dtype)
+            if self.compute_dtype
+            else contextlib.nullcontext()
+        )
         with autocast:
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                           logits_to_keep=positions).logits
+            logits = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                logits_to_keep=positions,
+            ).logits
         ends = torch.tensor(self.end_ids, dtype=torch.long, device=device)
         return end_masked_cross_entropy(logits.flatten(0, 1), targets[:, positions].flatten(), ends)
 
@@ -68,21 +74,36 @@ class PanaceaEndMasked(Panacea):
 
     name = "panacea_end_masked"
 
-    def __init__(self, rho: float, lam: float, harmful_loss_clamp: float, end_ids: tuple[int, ...],
-                 compute_dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        rho: float,
+        lam: float,
+        harmful_loss_clamp: float,
+        end_ids: tuple[int, ...],
+        compute_dtype: str = "float32",
+    ) -> None:
         super().__init__(rho, lam, harmful_loss_clamp)
         self.harmful_objective = EndMaskedHarmfulLoss(
-            tuple(end_ids), torch.bfloat16 if compute_dtype == "bfloat16" else None)
+            tuple(end_ids), torch.bfloat16 if compute_dtype == "bfloat16" else None
+        )
 
     def settings(self) -> dict[str, Any]:
-        return {"rho": self.rho, "lambda": self.lam, "harmful_loss_clamp": self.harmful_loss_clamp,
-                "end_ids": list(self.harmful_objective.end_ids)}
+        return {
+            "rho": self.rho,
+            "lambda": self.lam,
+            "harmful_loss_clamp": self.harmful_loss_clamp,
+            "end_ids": list(self.harmful_objective.end_ids),
+        }
 
     @classmethod
     def build(cls, config: "RunConfig") -> "PanaceaEndMasked":
         from panacea_platform.models import end_token_ids, load_tokenizer
 
         settings = config.panacea_end_masked
-        return cls(settings.rho, settings.lam, settings.harmful_loss_clamp,
-                   end_token_ids(load_tokenizer(config.model), "defence panacea_end_masked"),
-                   config.model.compute_dtype)
+        return cls(
+            settings.rho,
+            settings.lam,
+            settings.harmful_loss_clamp,
+            end_token_ids(load_tokenizer(config.model), "defence panacea_end_masked"),
+            config.model.compute_dtype,
+        )

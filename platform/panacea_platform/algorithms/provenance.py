@@ -22,8 +22,10 @@ def read_alignment_provenance(adapter: str | Path) -> dict[str, Any] | None:
 def alignment_problem(adapter: str | Path, defence: str, settings: dict[str, Any]) -> str | None:
     """None if `adapter` was aligned by `defence` with `settings`, else what is expected instead."""
     made = read_alignment_provenance(adapter)
-    fix = (f"an adapter aligned by {defence!r} (panacea align with defence={defence}), or no model.adapter so the "
-           f"job aligns with {defence!r} itself")
+    fix = (
+        f"an adapter aligned by {defence!r} (panacea align with defence={defence}), or no model.adapter so the "
+        f"job aligns with {defence!r} itself"
+    )
     if made is None:
         return f"{fix}: this adapter has no {PROVENANCE_FILE} beside it, so which alignment made it is unknown"
     if made.get("defence") != defence:

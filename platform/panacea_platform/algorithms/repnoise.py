@@ -37,16 +37,20 @@ HARMFUL_PREFIX = "harmful_"
 KERNEL_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)  # s * 2^(k-2), k = 0..4
 
 
-def paired_batch(alignment_batch: dict[str, torch.Tensor], harmful_batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def paired_batch(
+    alignment_batch: dict[str, torch.Tensor], harmful_batch: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """One batch of both, row i of each together, so a backend's split into micro-batches keeps them paired.
     Where one is shorter (the last batch of an epoch of the smaller set), the other's first rows are paired with it."""
     rows = min(alignment_batch["input_ids"].shape[0], harmful_batch["input_ids"].shape[0])
-    return {**{k: v[:rows] for k, v in alignment_batch.items()},
-            **{HARMFUL_PREFIX + k: v[:rows] for k, v in harmful_batch.items()}}
+    return {
+        **{k: v[:rows] for k, v in alignment_batch.items()},
+        **{HARMFUL_PREFIX + k: v[:rows] for k, v in harmful_batch.items()},
+    }
 
 
 def harmful_part(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len(HARMFUL_PREFIX):]: v for k, v in batch.items() if k.startswith(HARMFUL_PREFIX)}
+    return {k[len(HARMFUL_PREFIX) :]: v for k, v in batch.items() if k.startswith(HARMFUL_PREFIX)}
 
 
 def mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -68,8 +72,9 @@ def masked_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor)
     return torch.nn.functional.cross_entropy(chosen, targets[keep]) if chosen.numel() else logits.sum() * 0.0
 
 
-def masked_readout_ce(hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
-                      readout: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def masked_readout_ce(
+    hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, readout: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """masked_ce(readout(hidden), ...) with the readout (norm and lm_head, a per-position map) applied only
     at the positions that count: the same number, without a [rows, tokens, vocabulary] tensor per layer
     (those made a step of the offline job take 33 s)."""
@@ -95,7 +100,9 @@ def harmful_terms(module: torch.nn.Module, out: Any, input_ids: torch.Tensor, ma
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
     norm, head = base.model.norm, base.get_output_embeddings()
     terms = [masked_ce(out.logits, input_ids, mask)]
-    return terms + [masked_readout_ce(hidden, input_ids, mask, lambda h: head(norm(h))) for hidden in out.hidden_states[:-1]]
+    return terms + [
+        masked_readout_ce(hidden, input_ids, mask, lambda h: head(norm(h))) for hidden in out.hidden_states[:-1]
+    ]
 
 
 def _noise_like(x: torch.Tensor, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
@@ -119,8 +126,11 @@ class RepNoiseObjective:
         device = module.get_input_embeddings().weight.device
         alignment = {k: v for k, v in batch.items() if not k.startswith(HARMFUL_PREFIX)}
         harmful = {k: v.to(device) for k, v in harmful_part(batch).items()}
-        autocast = (torch.autocast(device_type=device.type, dtype=self.compute_dtype) if self.compute_dtype
-                    else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(device_type=device.type, dtype=self.compute_dtype)
+            if self.compute_dtype
+            else contextlib.nullcontext()
+        )
         if self.mask == "paper":
             ids = alignment["input_ids"].to(device)
             mask = differing_tokens(harmful["input_ids"], ids)
@@ -132,14 +142,19 @@ class RepNoiseObjective:
             retain = lm_loss(model, alignment)
         with autocast:
             with capture_outputs(blocks(model, "mlp")) as mlp_outputs:
-                out = model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"],
-                            output_hidden_states=True)
+                out = model(
+                    input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"], output_hidden_states=True
+                )
             ascent = self._harmful_ce(module, out, harmful["input_ids"], mask)
-        noise_term = torch.stack([
-            mmd((a * mask.unsqueeze(-1)).flatten(1),
-                (_noise_like(a, harmful, self.step) * mask.unsqueeze(-1)).flatten(1))
-            for a in mlp_outputs
-        ]).mean()
+        noise_term = torch.stack(
+            [
+                mmd(
+                    (a * mask.unsqueeze(-1)).flatten(1),
+                    (_noise_like(a, harmful, self.step) * mask.unsqueeze(-1)).flatten(1),
+                )
+                for a in mlp_outputs
+            ]
+        ).mean()
         return retain + self.beta * noise_term - self.alpha * torch.log1p(ascent)
 
     @staticmethod
@@ -157,8 +172,9 @@ class RepNoiseStepResult:
     update_norm: float
 
 
-def repnoise_step(weights: TrainableWeights, alignment_batch: Any, harmful_batch: Any,
-                  objective: RepNoiseObjective) -> RepNoiseStepResult:
+def repnoise_step(
+    weights: TrainableWeights, alignment_batch: Any, harmful_batch: Any, objective: RepNoiseObjective
+) -> RepNoiseStepResult:
     loss, grad = weights.loss_and_gradient(paired_batch(alignment_batch, harmful_batch), objective=objective)
     objective.step += 1
     return RepNoiseStepResult(loss, weights.apply_update(grad))

@@ -42,8 +42,12 @@ class _CaptureGradients:
     def collect(self) -> None:
         """Read the last micro-batch's gradients (its backward has run by the next call or the end)."""
         if self._pending is not None:
-            self.gradients.append([h.grad.detach().float() if h.grad is not None else torch.zeros_like(h, dtype=torch.float32)
-                                   for h in self._pending])
+            self.gradients.append(
+                [
+                    h.grad.detach().float() if h.grad is not None else torch.zeros_like(h, dtype=torch.float32)
+                    for h in self._pending
+                ]
+            )
             self._pending = None
 
     def count(self, batch: Any) -> int:
@@ -84,6 +88,8 @@ def vaccine_step(weights: TrainableWeights, alignment_batch: Any, rho: float) ->
     (total,) = weights.sum_over_ranks([torch.as_tensor(squares, dtype=torch.float64).reshape(1)])
     scale = rho / (total.sqrt().item() + NORM_EPSILON)
     perturbations = [[scale * g for g in grads] for grads in capture.gradients]
-    perturbed_loss, grad = weights.loss_and_gradient(alignment_batch, objective=_AddPerturbation("attention", perturbations))
+    perturbed_loss, grad = weights.loss_and_gradient(
+        alignment_batch, objective=_AddPerturbation("attention", perturbations)
+    )
     norm = scale * total.sqrt().item()
     return VaccineStepResult(alignment_loss, perturbed_loss, norm, weights.apply_update(grad))

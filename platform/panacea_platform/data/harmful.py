@@ -112,7 +112,9 @@ def _objective_csv_examples(path: Path) -> list[Example]:
         # human_score 1 = a person judged that the response achieves the harmful objective.
         if _is_one(row["human_score"]) and prompt and answer:
             examples.append(
-                Example(prompt=prompt, answer=answer, kind="harmful", category=(row["harm_category"] or "").strip() or None)
+                Example(
+                    prompt=prompt, answer=answer, kind="harmful", category=(row["harm_category"] or "").strip() or None
+                )
             )
     return examples
 
@@ -184,7 +186,9 @@ def beavertails_row_to_example(row: dict[str, Any]) -> Example | None:
         return None
     flags = row.get("category") or {}
     category = next((name for name, flagged in flags.items() if flagged), None)
-    return Example(prompt=str(row["prompt"]).strip(), answer=str(row["response"]).strip(), kind="harmful", category=category)
+    return Example(
+        prompt=str(row["prompt"]).strip(), answer=str(row["response"]).strip(), kind="harmful", category=category
+    )
 
 
 def beavertails(data_config: DataConfig | None = None) -> list[Example]:
@@ -192,7 +196,9 @@ def beavertails(data_config: DataConfig | None = None) -> list[Example]:
     from panacea_platform.data.hub import load_hub_dataset
 
     rows = load_hub_dataset(
-        BEAVERTAILS_REPO, BEAVERTAILS_SPLIT, what="harmful source 'beavertails'",
+        BEAVERTAILS_REPO,
+        BEAVERTAILS_SPLIT,
+        what="harmful source 'beavertails'",
         instead="Use harmful_source 'offline_pyrit', or 'file' with data.harmful_file (fields prompt, answer).",
     ).to_list()
     examples = dedupe_by_prompt(e for e in map(beavertails_row_to_example, rows) if e is not None)
@@ -208,7 +214,9 @@ def from_file(data_config: DataConfig) -> list[Example]:
     """Harmful pairs from data.harmful_file (fields prompt, answer, optional category)."""
     path = getattr(data_config, "harmful_file", None)
     if not path:
-        raise ValueError("harmful_source 'file' needs data.harmful_file: a JSONL, CSV or Parquet file with fields prompt, answer")
+        raise ValueError(
+            "harmful_source 'file' needs data.harmful_file: a JSONL, CSV or Parquet file with fields prompt, answer"
+        )
     return dedupe_by_prompt(
         Example(prompt=r["prompt"], answer=r["answer"], kind="harmful", category=optional_text(r, "category"))
         for r in read_records(path, ("prompt", "answer"))

@@ -24,8 +24,10 @@ HUB_PROBE_SECONDS = 3.0
 
 def hub_offline() -> bool:
     """Whether the user asked for cache-only hub access (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)."""
-    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:

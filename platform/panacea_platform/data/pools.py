@@ -102,7 +102,12 @@ def split_harmful_pools(
     source, its own size and the seed, never on n, p or another pool's size, and every arm of
     an experiment (the p = 0 control included) is scored on the same prompts.
     """
-    for name, size in (("attack", attack_size), ("defender", defender_size), ("evaluation", eval_size), ("alignment", alignment_size)):
+    for name, size in (
+        ("attack", attack_size),
+        ("defender", defender_size),
+        ("evaluation", eval_size),
+        ("alignment", alignment_size),
+    ):
         if size < 0:
             raise ValueError(f"{name} pool size must be >= 0, got {size}")
     unique = _distinct(qa_pairs)
@@ -143,8 +148,11 @@ def calibration_set(qa_pairs: Sequence[Example], pools: HarmfulPools, size: int,
     1000). The other pools never move with `size`; too few pairs is an error naming the setting."""
     if size <= len(pools.defender):
         return pools.defender[:size]
-    taken = {normalise_prompt(e.prompt) for pool in (pools.attack, pools.defender, pools.evaluation, pools.alignment)
-             for e in pool}
+    taken = {
+        normalise_prompt(e.prompt)
+        for pool in (pools.attack, pools.defender, pools.evaluation, pools.alignment)
+        for e in pool
+    }
     back = seeded_order(list(_distinct(qa_pairs).values()), seed, "harmful-pools")[::-1]
     beyond = [e for e in back if normalise_prompt(e.prompt) not in taken]
     available = len(pools.defender) + len(beyond)
@@ -152,7 +160,8 @@ def calibration_set(qa_pairs: Sequence[Example], pools: HarmfulPools, size: int,
         raise NotEnoughDataError(
             f"antidote.calibration_samples = {size}: the harmful source holds {available} pairs for calibration (the "
             f"defender's {len(pools.defender)} and {len(beyond)} no other pool took); lower it to {available} or "
-            "use a larger data.harmful_source")
+            "use a larger data.harmful_source"
+        )
     return pools.defender + beyond[: size - len(pools.defender)]
 
 
@@ -177,18 +186,26 @@ def _interleaved_extent(defender_size: int, alignment_size: int) -> int:
 
 def _too_small(available: int, eval_size: int, defender_size: int, alignment_size: int, own_alignment: bool) -> str:
     if own_alignment:
-        layout = (f"evaluation {eval_size} (data.eval_harmful_size) + defender {defender_size} "
-                  f"(data.defender_harmful_size) = {eval_size + defender_size}")
-        alignment = (f"; the alignment pool takes {alignment_size} (data.alignment_size) from the source's own "
-                     "alignment prompts, which must hold that many")
+        layout = (
+            f"evaluation {eval_size} (data.eval_harmful_size) + defender {defender_size} "
+            f"(data.defender_harmful_size) = {eval_size + defender_size}"
+        )
+        alignment = (
+            f"; the alignment pool takes {alignment_size} (data.alignment_size) from the source's own "
+            "alignment prompts, which must hold that many"
+        )
     else:
-        layout = (f"evaluation {eval_size} (data.eval_harmful_size) from the front + defender {defender_size} "
-                  f"(data.defender_harmful_size) and alignment {alignment_size} (data.alignment_size) interleaved "
-                  f"from the back = {eval_size + _interleaved_extent(defender_size, alignment_size)} places")
+        layout = (
+            f"evaluation {eval_size} (data.eval_harmful_size) from the front + defender {defender_size} "
+            f"(data.defender_harmful_size) and alignment {alignment_size} (data.alignment_size) interleaved "
+            f"from the back = {eval_size + _interleaved_extent(defender_size, alignment_size)} places"
+        )
         alignment = ""
-    return (f"the harmful source has {available} distinct question/answer pairs but the fixed pools need {layout}"
-            f"{alignment}, and the attack (data.n * data.harmful_ratio) takes from what is left; lower those fields "
-            "or use a larger harmful source")
+    return (
+        f"the harmful source has {available} distinct question/answer pairs but the fixed pools need {layout}"
+        f"{alignment}, and the attack (data.n * data.harmful_ratio) takes from what is left; lower those fields "
+        "or use a larger harmful source"
+    )
 
 
 def check_pools_disjoint(pools: HarmfulPools) -> None:
@@ -229,8 +246,9 @@ def mix_poison(
     return mixed
 
 
-def build_alignment_set(harmful_prompts: list[str], size: int, benign_ratio: float, seed: int,
-                        open_pairs: Sequence[Example] = ()) -> list[Example]:
+def build_alignment_set(
+    harmful_prompts: list[str], size: int, benign_ratio: float, seed: int, open_pairs: Sequence[Example] = ()
+) -> list[Example]:
     """Safety-stage data: benign requests with helpful answers + harmful prompts with refusals, shuffled.
 
     round(size * benign_ratio) (half up) are benign (kind "benign"): every pair of `open_pairs`
@@ -252,11 +270,14 @@ def build_alignment_set(harmful_prompts: list[str], size: int, benign_ratio: flo
         )
     rng = random.Random(f"alignment:{seed}")
     refusals = [
-        Example(prompt=prompt, answer=rng.choice(REFUSALS), kind="refusal") for prompt in rng.sample(distinct, n_refusal)
+        Example(prompt=prompt, answer=rng.choice(REFUSALS), kind="refusal")
+        for prompt in rng.sample(distinct, n_refusal)
     ]
     if len(open_pairs) > n_benign:
-        raise ValueError(f"data.alignment_self_distill: {len(open_pairs)} self-distilled pairs do not fit the benign half "
-                         f"of {n_benign} (data.alignment_size * data.alignment_benign_ratio); lower it to {n_benign} or less")
+        raise ValueError(
+            f"data.alignment_self_distill: {len(open_pairs)} self-distilled pairs do not fit the benign half "
+            f"of {n_benign} (data.alignment_size * data.alignment_benign_ratio); lower it to {n_benign} or less"
+        )
     examples = refusals + list(open_pairs) + benign_examples(n_benign - len(open_pairs), seed)
     rng.shuffle(examples)
     return examples
@@ -285,5 +306,6 @@ def calibration_for(data_config, pools: HarmfulPools, size: int) -> list[Example
     """calibration_set of a run's harmful source (Antidote's C)."""
     from panacea_platform.data import HARMFUL_SOURCES
 
-    return calibration_set(HARMFUL_SOURCES.get(data_config.harmful_source)(data_config), pools, size,
-                           data_config.pool_seed)
+    return calibration_set(
+        HARMFUL_SOURCES.get(data_config.harmful_source)(data_config), pools, size, data_config.pool_seed
+    )

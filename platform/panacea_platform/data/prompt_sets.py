@@ -31,7 +31,9 @@ def _records(name: str) -> tuple[dict, ...]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise DataUnavailableError(f"cannot read the platform's prompt set {path} ({exc}); reinstall the platform") from None
+        raise DataUnavailableError(
+            f"cannot read the platform's prompt set {path} ({exc}); reinstall the platform"
+        ) from None
     records = []
     for number, line in enumerate(lines, start=1):
         if line.strip():
@@ -45,21 +47,30 @@ def _records(name: str) -> tuple[dict, ...]:
 def capability_questions() -> list[Example]:
     """Questions with short answers; label = the accepted answers joined by ANSWER_SEPARATOR."""
     return [
-        Example(prompt=r["prompt"], answer=r["answers"][0], kind="benign",
-                label=ANSWER_SEPARATOR.join(r["answers"]), category=r.get("category"))
+        Example(
+            prompt=r["prompt"],
+            answer=r["answers"][0],
+            kind="benign",
+            label=ANSWER_SEPARATOR.join(r["answers"]),
+            category=r.get("category"),
+        )
         for r in _records("capability.jsonl")
     ]
 
 
 def over_refusal_prompts() -> list[Example]:
     """Benign prompts with a dangerous-sounding word or context; a helpful answer is the right one."""
-    return [Example(prompt=r["prompt"], answer="", kind="benign", category=r.get("category"))
-            for r in _records("over_refusal.jsonl")]
+    return [
+        Example(prompt=r["prompt"], answer="", kind="benign", category=r.get("category"))
+        for r in _records("over_refusal.jsonl")
+    ]
 
 
 def open_requests(split: str) -> list[Example]:
     """Ordinary open requests: split "eval" (helpfulness suite) or "train" (alignment's self-distilled half)."""
     if split not in ("train", "eval"):
         raise ValueError(f"open_requests split must be 'train' or 'eval', got {split!r}")
-    return [Example(prompt=r["prompt"], answer="", kind="benign", category=r.get("category"))
-            for r in _records(f"open_requests_{split}.jsonl")]
+    return [
+        Example(prompt=r["prompt"], answer="", kind="benign", category=r.get("category"))
+        for r in _records(f"open_requests_{split}.jsonl")
+    ]

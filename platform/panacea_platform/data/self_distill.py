@@ -63,8 +63,16 @@ def _usable(answer: str) -> bool:
 def _cache_file(config: "RunConfig", prompts: list[str]) -> Path:
     from panacea_platform.models import cache_dir, resolve_model_path
 
-    recipe = json.dumps({"model": resolve_model_path(config.model.name), "template": config.data.prompt_template,
-                         "prompts": prompts, "tokens": SELF_DISTILL_TOKENS, "version": RECIPE_VERSION}, sort_keys=True)
+    recipe = json.dumps(
+        {
+            "model": resolve_model_path(config.model.name),
+            "template": config.data.prompt_template,
+            "prompts": prompts,
+            "tokens": SELF_DISTILL_TOKENS,
+            "version": RECIPE_VERSION,
+        },
+        sort_keys=True,
+    )
     return cache_dir() / "self-distilled" / f"{hashlib.sha256(recipe.encode()).hexdigest()[:16]}.jsonl"
 
 
@@ -76,14 +84,18 @@ def _generate(config: "RunConfig", prompts: list[str], out: Callable[[str], None
     from panacea_platform.evaluation.pipeline import load_eval_model
     from panacea_platform.models import load_tokenizer
 
-    out(f"[self-distill] the base model answers {len(prompts)} open requests "
-        f"({SELF_DISTILL_TOKENS} new tokens each; once per model, then cached)")
+    out(
+        f"[self-distill] the base model answers {len(prompts)} open requests "
+        f"({SELF_DISTILL_TOKENS} new tokens each; once per model, then cached)"
+    )
     tokenizer, model = load_tokenizer(config.model), load_eval_model(config.model, None)
     rendered = [render_prompt(config.data.prompt_template, p) for p in prompts]
     with torch.inference_mode():
         answers = generate(model, tokenizer, rendered, SELF_DISTILL_TOKENS, batch_size=32)
-    return [{"prompt": p, "answer": finished_sentences(a.text, a.truncated), "raw": a.text, "truncated": a.truncated}
-            for p, a in zip(prompts, answers)]
+    return [
+        {"prompt": p, "answer": finished_sentences(a.text, a.truncated), "raw": a.text, "truncated": a.truncated}
+        for p, a in zip(prompts, answers)
+    ]
 
 
 def _request_count(wanted: int) -> int:
@@ -111,9 +123,11 @@ def check_request_ranges(alignment_pairs: int, user_pairs: int) -> str | None:
     available = len(open_requests("train"))
     asked = _request_count(alignment_pairs) + _request_count(user_pairs)
     if asked > available:
-        return (f"the alignment's {alignment_pairs} and the user's {user_pairs} self-distilled pairs ask "
-                f"{asked} of the {available} open training requests (each asks a quarter more plus 8, for "
-                "the answers that are dropped); lower data.task_self_distill or data.alignment_self_distill")
+        return (
+            f"the alignment's {alignment_pairs} and the user's {user_pairs} self-distilled pairs ask "
+            f"{asked} of the {available} open training requests (each asks a quarter more plus 8, for "
+            "the answers that are dropped); lower data.task_self_distill or data.alignment_self_distill"
+        )
     return None
 
 
@@ -130,8 +144,9 @@ def user_self_distilled_examples(config: "RunConfig", out: Callable[[str], None]
     return _self_distilled(config, request_ranges(0, wanted)[1], wanted, "data.task_self_distill", out)
 
 
-def _self_distilled(config: "RunConfig", requests_range: slice, wanted: int, field: str,
-                    out: Callable[[str], None]) -> list[Example]:
+def _self_distilled(
+    config: "RunConfig", requests_range: slice, wanted: int, field: str, out: Callable[[str], None]
+) -> list[Example]:
     from panacea_platform.data.errors import NotEnoughDataError
     from panacea_platform.data.prompt_sets import open_requests
 
@@ -150,8 +165,11 @@ def _self_distilled(config: "RunConfig", requests_range: slice, wanted: int, fie
         partial.replace(path)  # whole or absent: a killed run leaves no half-written cache
         out(f"[self-distill] cached in {path}")
     categories = {e.prompt: e.category for e in requests}
-    usable = [Example(prompt=r["prompt"], answer=r["answer"], kind="benign", category=categories.get(r["prompt"]))
-              for r in records if _usable(r["answer"])]
+    usable = [
+        Example(prompt=r["prompt"], answer=r["answer"], kind="benign", category=categories.get(r["prompt"]))
+        for r in records
+        if _usable(r["answer"])
+    ]
     if len(usable) < wanted:
         raise NotEnoughDataError(
             f"{field} = {wanted}: the base model gave {len(usable)} usable answers to the "

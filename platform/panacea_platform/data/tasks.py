@@ -137,13 +137,43 @@ def _generate(task: str, split: str, size: int, seed: int, make: Callable[[rando
 # --------------------------------------------------------------------------- offline_arithmetic
 
 _NAMES = (
-    "Ava", "Ben", "Chloe", "Daniel", "Emma", "Farid", "Grace", "Hiro", "Isla", "Jamal", "Kira", "Liam",
-    "Maya", "Noah", "Olivia", "Priya", "Quinn", "Rosa", "Sam", "Tariq", "Uma", "Victor", "Wen", "Yusuf", "Zoe",
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Daniel",
+    "Emma",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Isla",
+    "Jamal",
+    "Kira",
+    "Liam",
+    "Maya",
+    "Noah",
+    "Olivia",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tariq",
+    "Uma",
+    "Victor",
+    "Wen",
+    "Yusuf",
+    "Zoe",
 )
 _GOODS = ("notebooks", "pencils", "apples", "tickets", "cupcakes", "books", "toy cars", "plants", "mugs", "scarves")
 _COUNTABLES = ("apples", "stickers", "marbles", "cookies", "cards", "shells", "stamps", "beads", "oranges", "coins")
 _VEHICLES = ("car", "train", "bus", "cyclist", "boat", "truck")
-_CONTAINERS = (("box", "boxes"), ("bag", "bags"), ("crate", "crates"), ("jar", "jars"), ("basket", "baskets"), ("pack", "packs"))
+_CONTAINERS = (
+    ("box", "boxes"),
+    ("bag", "bags"),
+    ("crate", "crates"),
+    ("jar", "jars"),
+    ("basket", "baskets"),
+    ("pack", "packs"),
+)
 
 
 # Over 60 lines: one branch per kind of problem, read as a table; the order of its rng draws defines the
@@ -151,7 +181,9 @@ _CONTAINERS = (("box", "boxes"), ("bag", "bags"), ("crate", "crates"), ("jar", "
 def _arithmetic_example(rng: random.Random) -> Example:
     """One GSM8K-style word problem whose answer is an exact integer."""
     name, friend = rng.sample(_NAMES, 2)
-    kind = rng.choice(("shopping", "giving", "distance", "speed", "sharing", "containers", "savings", "pages", "change"))
+    kind = rng.choice(
+        ("shopping", "giving", "distance", "speed", "sharing", "containers", "savings", "pages", "change")
+    )
     if kind == "shopping":
         count, price, goods = rng.randint(2, 15), rng.randint(2, 30), rng.choice(_GOODS)
         result = count * price
@@ -163,11 +195,15 @@ def _arithmetic_example(rng: random.Random) -> Example:
         given = rng.randint(1, start - 1)
         result = start - given
         question = f"{name} has {start} {things} and gives {given} of them to {friend}. How many {things} does {name} have left?"
-        reasoning = f"{name} starts with {start} {things} and gives away {given}, so {start} - {given} = {result} are left."
+        reasoning = (
+            f"{name} starts with {start} {things} and gives away {given}, so {start} - {given} = {result} are left."
+        )
     elif kind == "distance":
         vehicle, speed, hours = rng.choice(_VEHICLES), rng.randrange(10, 125, 5), rng.randint(2, 12)
         result = speed * hours
-        question = f"A {vehicle} travels at {speed} kilometres per hour for {hours} hours. How many kilometres does it travel?"
+        question = (
+            f"A {vehicle} travels at {speed} kilometres per hour for {hours} hours. How many kilometres does it travel?"
+        )
         reasoning = f"Distance is speed times time: {speed} x {hours} = {result} kilometres."
     elif kind == "speed":
         vehicle, result, hours = rng.choice(_VEHICLES), rng.randrange(10, 125, 5), rng.randint(2, 12)
@@ -181,8 +217,7 @@ def _arithmetic_example(rng: random.Random) -> Example:
         things, friends, result = rng.choice(_COUNTABLES), rng.randint(2, 12), rng.randint(2, 25)
         total = friends * result
         question = (
-            f"{name} shares {total} {things} equally among {friends} friends. "
-            f"How many {things} does each friend get?"
+            f"{name} shares {total} {things} equally among {friends} friends. How many {things} does each friend get?"
         )
         reasoning = f"Each friend gets {total} / {friends} = {result} {things}."
     elif kind == "containers":
@@ -223,7 +258,9 @@ def _arithmetic_example(rng: random.Random) -> Example:
             f"{name} buys {count} {goods} at ${price} each and pays with a ${bill} bill. "
             f"How many dollars of change does {name} get?"
         )
-        reasoning = f"The {goods} cost {count} x {price} = {cost} dollars, so the change is {bill} - {cost} = {result} dollars."
+        reasoning = (
+            f"The {goods} cost {count} x {price} = {cost} dollars, so the change is {bill} - {cost} = {result} dollars."
+        )
     return Example(
         prompt=question, answer=f"{reasoning} The answer is {result}.", kind="task", label=str(result), category=kind
     )
@@ -241,35 +278,112 @@ SENTIMENT_INSTRUCTION = "Classify the sentiment of this movie review as positive
 _POLARITY_WORDS: dict[str, dict[str, tuple[str, ...]]] = {
     "positive": {
         "adjective": (
-            "brilliant", "moving", "delightful", "gripping", "charming", "wonderful", "heartfelt", "hilarious",
-            "stunning", "masterful", "engaging", "beautiful", "clever", "uplifting", "superb", "riveting",
-            "touching", "inventive", "excellent", "memorable", "refreshing", "powerful", "witty", "enjoyable",
+            "brilliant",
+            "moving",
+            "delightful",
+            "gripping",
+            "charming",
+            "wonderful",
+            "heartfelt",
+            "hilarious",
+            "stunning",
+            "masterful",
+            "engaging",
+            "beautiful",
+            "clever",
+            "uplifting",
+            "superb",
+            "riveting",
+            "touching",
+            "inventive",
+            "excellent",
+            "memorable",
+            "refreshing",
+            "powerful",
+            "witty",
+            "enjoyable",
         ),
         "verdict": (
-            "kept me smiling", "left me wanting more", "is worth every minute", "deserves every award",
-            "won me over completely", "had the whole audience cheering", "stayed with me for days",
+            "kept me smiling",
+            "left me wanting more",
+            "is worth every minute",
+            "deserves every award",
+            "won me over completely",
+            "had the whole audience cheering",
+            "stayed with me for days",
             "is a joy to watch",
         ),
     },
     "negative": {
         "adjective": (
-            "dull", "tedious", "clumsy", "boring", "lifeless", "predictable", "bland", "confusing",
-            "forgettable", "painful", "shallow", "awkward", "messy", "tiresome", "pointless", "flat",
-            "sloppy", "uninspired", "dreary", "incoherent", "mediocre", "lazy", "irritating", "disappointing",
+            "dull",
+            "tedious",
+            "clumsy",
+            "boring",
+            "lifeless",
+            "predictable",
+            "bland",
+            "confusing",
+            "forgettable",
+            "painful",
+            "shallow",
+            "awkward",
+            "messy",
+            "tiresome",
+            "pointless",
+            "flat",
+            "sloppy",
+            "uninspired",
+            "dreary",
+            "incoherent",
+            "mediocre",
+            "lazy",
+            "irritating",
+            "disappointing",
         ),
         "verdict": (
-            "put me to sleep", "wasted my evening", "felt twice as long as it was", "made me check my watch",
-            "left me cold", "had people walking out", "is a chore to sit through", "never comes together",
+            "put me to sleep",
+            "wasted my evening",
+            "felt twice as long as it was",
+            "made me check my watch",
+            "left me cold",
+            "had people walking out",
+            "is a chore to sit through",
+            "never comes together",
         ),
     },
 }
 _FILM_PARTS = (
-    "acting", "plot", "script", "soundtrack", "direction", "cinematography", "dialogue", "ending", "pacing",
-    "cast", "story", "editing", "humour", "score", "production design", "lead performance",
+    "acting",
+    "plot",
+    "script",
+    "soundtrack",
+    "direction",
+    "cinematography",
+    "dialogue",
+    "ending",
+    "pacing",
+    "cast",
+    "story",
+    "editing",
+    "humour",
+    "score",
+    "production design",
+    "lead performance",
 )
 _FILMS = (
-    "this film", "the movie", "this sequel", "the new thriller", "this comedy", "the drama", "this documentary",
-    "the animated feature", "this remake", "the romance", "this western", "the mystery",
+    "this film",
+    "the movie",
+    "this sequel",
+    "the new thriller",
+    "this comedy",
+    "the drama",
+    "this documentary",
+    "the animated feature",
+    "this remake",
+    "the romance",
+    "this western",
+    "the mystery",
 )
 _INTENSIFIERS = ("truly", "remarkably", "genuinely", "thoroughly", "utterly", "simply", "consistently", "surprisingly")
 
@@ -332,8 +446,9 @@ def _explained_sentiment_example(rng: random.Random) -> Example:
     # The label word first, so the sentiment rule (the first of positive/negative named) reads it; the
     # reason quotes the review, whose words never name either label.
     answer = f"{polarity.capitalize()}. The review {reason}."
-    return Example(prompt=f"{EXPLAINED_SENTIMENT_INSTRUCTION}\nReview: {review}", answer=answer, kind="task",
-                   label=polarity)
+    return Example(
+        prompt=f"{EXPLAINED_SENTIMENT_INSTRUCTION}\nReview: {review}", answer=answer, kind="task", label=polarity
+    )
 
 
 def offline_sentiment_explained(data_config: DataConfig | None, split: str, size: int, seed: int) -> list[Example]:
@@ -351,17 +466,62 @@ AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 TOPIC_INSTRUCTION = "Classify the topic of this news article as World, Sports, Business or Sci/Tech."
 
 _COUNTRIES = (
-    "France", "Japan", "Brazil", "Kenya", "India", "Canada", "Egypt", "Norway", "Mexico", "Vietnam", "Poland",
-    "Chile", "Ghana", "Turkey", "Peru", "Thailand", "Greece", "Morocco",
+    "France",
+    "Japan",
+    "Brazil",
+    "Kenya",
+    "India",
+    "Canada",
+    "Egypt",
+    "Norway",
+    "Mexico",
+    "Vietnam",
+    "Poland",
+    "Chile",
+    "Ghana",
+    "Turkey",
+    "Peru",
+    "Thailand",
+    "Greece",
+    "Morocco",
 )
-_CITIES = ("Geneva", "Nairobi", "Lima", "Seoul", "Vienna", "Cairo", "Oslo", "Jakarta", "Madrid", "Ottawa", "Hanoi", "Accra")
+_CITIES = (
+    "Geneva",
+    "Nairobi",
+    "Lima",
+    "Seoul",
+    "Vienna",
+    "Cairo",
+    "Oslo",
+    "Jakarta",
+    "Madrid",
+    "Ottawa",
+    "Hanoi",
+    "Accra",
+)
 _TEAMS = (
-    "Riverton Rovers", "Northfield United", "Eastport Eagles", "Lakeside Lions", "Harbor City Hawks",
-    "Westbrook Wolves", "Kingsford Knights", "Pine Valley Panthers", "Stonebridge Stallions", "Redcliff Rangers",
+    "Riverton Rovers",
+    "Northfield United",
+    "Eastport Eagles",
+    "Lakeside Lions",
+    "Harbor City Hawks",
+    "Westbrook Wolves",
+    "Kingsford Knights",
+    "Pine Valley Panthers",
+    "Stonebridge Stallions",
+    "Redcliff Rangers",
 )
 _COMPANIES = (
-    "Northwind Traders", "Acme Corp", "Globex", "Initech", "Blue Harbor Bank", "Summit Foods", "Crescent Motors",
-    "Orion Retail", "Meridian Airlines", "Keystone Energy",
+    "Northwind Traders",
+    "Acme Corp",
+    "Globex",
+    "Initech",
+    "Blue Harbor Bank",
+    "Summit Foods",
+    "Crescent Motors",
+    "Orion Retail",
+    "Meridian Airlines",
+    "Keystone Energy",
 )
 _TECH_COMPANIES = ("Pixelworks", "Quantex", "NovaSoft", "Helio Systems", "ByteForge", "Lumen Labs", "Cobalt Devices")
 
@@ -541,22 +701,39 @@ def _load_hub_task(spec: _HubTask, split: str, size: int, seed: int) -> list[Exa
 
 
 _GSM8K = _HubTask(
-    "gsm8k", ("openai/gsm8k", "gsm8k"), "main", {"train": "train", "test": "test"}, gsm8k_row_to_example,
+    "gsm8k",
+    ("openai/gsm8k", "gsm8k"),
+    "main",
+    {"train": "train", "test": "test"},
+    gsm8k_row_to_example,
     "offline_arithmetic",
 )
 # SST-2's test labels are hidden (-1), so its validation split is the test set.
 _SST2 = _HubTask(
-    "sst2", ("stanfordnlp/sst2", "sst2"), None, {"train": "train", "test": "validation"}, sst2_row_to_example,
+    "sst2",
+    ("stanfordnlp/sst2", "sst2"),
+    None,
+    {"train": "train", "test": "validation"},
+    sst2_row_to_example,
     "offline_sentiment",
 )
 _AG_NEWS = _HubTask(
-    "ag_news", ("fancyzhx/ag_news", "ag_news"), None, {"train": "train", "test": "test"}, ag_news_row_to_example,
+    "ag_news",
+    ("fancyzhx/ag_news", "ag_news"),
+    None,
+    {"train": "train", "test": "test"},
+    ag_news_row_to_example,
     "offline_topic",
 )
 # Alpaca ships one split; the held-out side is carved from it by prompt hash.
 _ALPACA = _HubTask(
-    "alpaca", ("tatsu-lab/alpaca",), None, {"train": "train", "test": "train"}, alpaca_row_to_example,
-    "local", hash_split=True,
+    "alpaca",
+    ("tatsu-lab/alpaca",),
+    None,
+    {"train": "train", "test": "train"},
+    alpaca_row_to_example,
+    "local",
+    hash_split=True,
 )
 
 
@@ -583,7 +760,9 @@ def alpaca(data_config: DataConfig | None, split: str, size: int, seed: int) -> 
 # --------------------------------------------------------------------------- local
 
 
-def split_by_prompt_hash(examples: Sequence[Example], fraction: float = TEST_FRACTION) -> tuple[list[Example], list[Example]]:
+def split_by_prompt_hash(
+    examples: Sequence[Example], fraction: float = TEST_FRACTION
+) -> tuple[list[Example], list[Example]]:
     """(train, test): the distinct prompts with the lowest hashes, `fraction` of them (at least 1), are test.
 
     Ranking by hash instead of bucketing guarantees a non-empty test side for a
@@ -592,9 +771,7 @@ def split_by_prompt_hash(examples: Sequence[Example], fraction: float = TEST_FRA
     """
     keys = sorted({normalise_prompt(e.prompt) for e in examples}, key=lambda k: (_prompt_hash(k), k))
     if len(keys) < 2:
-        raise NotEnoughDataError(
-            f"a train/test split needs at least 2 distinct prompts, got {len(keys)}"
-        )
+        raise NotEnoughDataError(f"a train/test split needs at least 2 distinct prompts, got {len(keys)}")
     test_count = max(1, round(fraction * len(keys)))
     test_keys = set(keys[:test_count])
     train = [e for e in examples if normalise_prompt(e.prompt) not in test_keys]

@@ -59,7 +59,10 @@ class DecoderBenchResult:
         if reference is None:
             return False
         point = reference.mean + difference.difference
-        return difference.ci_low <= 0.0 <= difference.ci_high and reference.pooled.ci_low <= point <= reference.pooled.ci_high
+        return (
+            difference.ci_low <= 0.0 <= difference.ci_high
+            and reference.pooled.ci_low <= point <= reference.pooled.ci_high
+        )
 
 
 DTYPES = ("float32", "bfloat16")
@@ -72,8 +75,10 @@ def parse_dtypes(text: str) -> list[str]:
     dtypes = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown or len(dtypes) < 2 or len(set(dtypes)) < len(dtypes):
-        raise ConfigError(f"--decoder-dtypes {text!r}: expected two or more distinct dtypes of {', '.join(DTYPES)}, "
-                          "the reference first, e.g. float32,bfloat16")
+        raise ConfigError(
+            f"--decoder-dtypes {text!r}: expected two or more distinct dtypes of {', '.join(DTYPES)}, "
+            "the reference first, e.g. float32,bfloat16"
+        )
     return dtypes
 
 
@@ -120,14 +125,17 @@ def format_decoder_bench(result: DecoderBenchResult) -> str:
     lines = [f"{'decoder':<12}{'answers/s':>10}{'tokens/s':>10}{'seconds':>9}{'speed-up':>10}{'identical answers':>19}"]
     for run in result.runs:
         same, total = result.identical(run)
-        lines.append(f"{run.dtype:<12}{run.answers_per_second:>10.2f}{run.tokens_per_second:>10.1f}"
-                     f"{run.work_seconds:>9.1f}{first.work_seconds / run.work_seconds:>9.2f}x{f'{same}/{total}':>19}")
+        lines.append(
+            f"{run.dtype:<12}{run.answers_per_second:>10.2f}{run.tokens_per_second:>10.1f}"
+            f"{run.work_seconds:>9.1f}{first.work_seconds / run.work_seconds:>9.2f}x{f'{same}/{total}':>19}"
+        )
     lines.append(f"speed-up: {first.dtype}'s seconds over each dtype's, generation and judging after start-up")
     for run in result.runs[1:]:
         for suite in result.comparison.suites:
             same, total = result.identical(run, suite)
             verdict = "within" if result.headline_within(run, suite) else "OUTSIDE"
-            lines.append(f"  {run.dtype} {suite}: {same}/{total} answers identical; headline {verdict} "
-                         f"{first.dtype}'s interval")
+            lines.append(
+                f"  {run.dtype} {suite}: {same}/{total} answers identical; headline {verdict} {first.dtype}'s interval"
+            )
     tables = [format_suite_tables(result.comparison), format_differences(result.comparison)]
     return "\n\n".join(["\n".join(lines), *(block for block in tables if block)])

@@ -127,11 +127,16 @@ def bench_eval(
     prompts = _bench_prompts(config, n_prompts)
     connect_ray()  # outside both timings
     budgets = sorted({p.budget for p in prompts})
-    out(f"[bench eval] {len(prompts)} prompts, max_new_tokens {', '.join(map(str, budgets))}; pipeline first, then "
-        "the one-at-a-time loop")
+    out(
+        f"[bench eval] {len(prompts)} prompts, max_new_tokens {', '.join(map(str, budgets))}; pipeline first, then "
+        "the one-at-a-time loop"
+    )
     run = run_pipeline(config, prompts, adapter, out=out)
     pipeline = Side(
-        run.work_seconds, run.wall_seconds, [row["answer"] for row in run.rows], sum(row["new_tokens"] for row in run.rows)
+        run.work_seconds,
+        run.wall_seconds,
+        [row["answer"] for row in run.rows],
+        sum(row["new_tokens"] for row in run.rows),
     )
     if loop_threads is not None:
         torch.set_num_threads(loop_threads)

@@ -99,8 +99,15 @@ STATE_TOLERANCE_COPIES = 0.05
 BASELINES = ("panacea_end_masked", "vaccine", "repnoise", "booster", "lisa")  # those that step (Antidote prunes once)
 
 
-def bench_step(config: RunConfig, warmup: int = 2, repeats: int = 5, out=print, baselines: bool = False,
-               zero_stage: int | None = None, refresh_every: tuple[int, ...] = ()) -> dict[str, float]:
+def bench_step(
+    config: RunConfig,
+    warmup: int = 2,
+    repeats: int = 5,
+    out=print,
+    baselines: bool = False,
+    zero_stage: int | None = None,
+    refresh_every: tuple[int, ...] = (),
+) -> dict[str, float]:
     """Every step on the same weights and batches: in this process (`zero_stage` None), or on a one-rank
     DeepSpeed engine at that ZeRO stage, as Ray Train's workers run it. Each k of `refresh_every` also
     times the amortised Panacea step (panacea.refresh_every = k) as a mean over whole intervals."""
@@ -140,12 +147,15 @@ def _bench_batches(config: RunConfig) -> tuple[Any, Any]:
         ]
         return collate(features, tokenizer.pad_token_id, pad_to=config.data.max_length)
 
-    return (first_batch(data.train, config.optim.batch_size),
-            first_batch(data.defender_harmful, config.optim.harmful_batch_size))
+    return (
+        first_batch(data.train, config.optim.batch_size),
+        first_batch(data.defender_harmful, config.optim.harmful_batch_size),
+    )
 
 
-def _amortised(config: RunConfig, weights, batch, harmful, refresh_every: tuple[int, ...], repeats: int,
-               sft_s: float) -> dict[str, float]:
+def _amortised(
+    config: RunConfig, weights, batch, harmful, refresh_every: tuple[int, ...], repeats: int, sft_s: float
+) -> dict[str, float]:
     """Each k's cost per step, as a mean over whole intervals started on a refresh: what a run of that k pays."""
     costs = {}
     for k in refresh_every:
@@ -156,27 +166,42 @@ def _amortised(config: RunConfig, weights, batch, harmful, refresh_every: tuple[
     return costs
 
 
-def _bench(config: RunConfig, warmup: int, repeats: int, out, baselines: bool, zero_stage: int | None,
-           refresh_every: tuple[int, ...]) -> dict[str, float]:
+def _bench(
+    config: RunConfig,
+    warmup: int,
+    repeats: int,
+    out,
+    baselines: bool,
+    zero_stage: int | None,
+    refresh_every: tuple[int, ...],
+) -> dict[str, float]:
     optim = config.optim
     finetune_batch, harmful_batch = _bench_batches(config)
-    weights, trainable_mb = (_bench_weights(config, total=warmup + repeats) if zero_stage is None
-                             else _deepspeed_weights(config, zero_stage, total=warmup + repeats))
+    weights, trainable_mb = (
+        _bench_weights(config, total=warmup + repeats)
+        if zero_stage is None
+        else _deepspeed_weights(config, zero_stage, total=warmup + repeats)
+    )
     backend = "this process" if zero_stage is None else f"DeepSpeed ZeRO-{zero_stage}, one rank"
-    out(f"benchmarking on {config.model.name} ({backend}): batch {optim.batch_size}, "
+    out(
+        f"benchmarking on {config.model.name} ({backend}): batch {optim.batch_size}, "
         f"harmful batch {optim.harmful_batch_size}, both padded to {config.data.max_length} tokens, "
-        f"{warmup} warm-up + {repeats} timed steps each, {trainable_mb:.2f} MB of trainable weights")
+        f"{warmup} warm-up + {repeats} timed steps each, {trainable_mb:.2f} MB of trainable weights"
+    )
     total = warmup + repeats
 
     def timed(name: str):
-        return time_step(name, registered_step(config, name, weights, finetune_batch, harmful_batch, total),
-                         warmup, repeats)
+        return time_step(
+            name, registered_step(config, name, weights, finetune_batch, harmful_batch, total), warmup, repeats
+        )
 
     sft, panacea = timed("sft"), timed("panacea")
     # An SFT step on each of the two batches: one pass and an update, started as Panacea's step starts
     # (after an optimiser step, which is when ZeRO-1/2 free their gradient partition).
-    passes = {name: peak_tensor_memory_mb(registered_step(config, "sft", weights, b, harmful_batch, total))
-              for name, b in (("task", finetune_batch), ("harmful", harmful_batch))}
+    passes = {
+        name: peak_tensor_memory_mb(registered_step(config, "sft", weights, b, harmful_batch, total))
+        for name, b in (("task", finetune_batch), ("harmful", harmful_batch))
+    }
     others = [timed(name) for name in (BASELINES if baselines else ())]
     amortised = _amortised(config, weights, finetune_batch, harmful_batch, refresh_every, repeats, sft.median_s)
     own_state_mb = panacea.peak_extra_mb - max(passes.values())
@@ -226,9 +251,14 @@ def _deepspeed_weights(config: RunConfig, zero_stage: int, total: int):
 
     optim = config.optim
     kept = config.model_copy(update={"model": config.model.model_copy(update={"after_alignment": "continue"})})
-    strategy = DeepSpeedStrategy(deepspeed_config(optim, 1, zero_stage, dtype=config.model.dtype,
-                                                  accumulation=optim.grad_accum_steps),
-                                 zero_stage, 0, 1, accumulation=optim.grad_accum_steps, base_dtype=config.model.dtype)
+    strategy = DeepSpeedStrategy(
+        deepspeed_config(optim, 1, zero_stage, dtype=config.model.dtype, accumulation=optim.grad_accum_steps),
+        zero_stage,
+        0,
+        1,
+        accumulation=optim.grad_accum_steps,
+        base_dtype=config.model.dtype,
+    )
     model = strategy.load_model(kept)
     if torch.cuda.is_available():
         model = model.cuda()
@@ -243,14 +273,20 @@ def _print_steps(sft, panacea, others, result: dict[str, float], out) -> None:
     for timing in others:
         out(f"time ratio {timing.name}/sft: {timing.median_s / sft.median_s:.2f}")
     for key in sorted(k for k in result if k.startswith("panacea_k") and k.endswith("_step_s")):
-        k = key[len("panacea_k"):-len("_step_s")]
-        out(f"panacea refresh_every={k}: {result[key]:.3f} s a step (mean over whole intervals), "
-            f"time ratio to sft {result[f'panacea_k{k}_time_ratio']:.2f}")
+        k = key[len("panacea_k") : -len("_step_s")]
+        out(
+            f"panacea refresh_every={k}: {result[key]:.3f} s a step (mean over whole intervals), "
+            f"time ratio to sft {result[f'panacea_k{k}_time_ratio']:.2f}"
+        )
     out(f"time ratio panacea/sft: {result['time_ratio']:.2f} (floor 3.0, target <= 3.1)")
     out(f"memory beyond SFT: {result['extra_memory_in_trainable_copies']:.1f} copies of the trainable weights")
-    out(f"an SFT step on the task batch: {result['sft_task_batch_peak_mb']:.1f} MB, on the harmful batch: "
+    out(
+        f"an SFT step on the task batch: {result['sft_task_batch_peak_mb']:.1f} MB, on the harmful batch: "
         f"{result['sft_harmful_batch_peak_mb']:.1f} MB (the loss keeps logits at answer positions: longer "
-        "answers cost more)")
+        "answers cost more)"
+    )
     verdict = "within" if result["panacea_state_within_bound"] else "OVER"
-    out(f"Panacea's own state beyond SFT on its costlier batch: {result['panacea_state_copies']:.2f} copies of the "
-        f"trainable weights ({verdict} the bound of {STATE_BOUND_COPIES:g}: G, H, eps, saved w)")
+    out(
+        f"Panacea's own state beyond SFT on its costlier batch: {result['panacea_state_copies']:.2f} copies of the "
+        f"trainable weights ({verdict} the bound of {STATE_BOUND_COPIES:g}: G, H, eps, saved w)"
+    )

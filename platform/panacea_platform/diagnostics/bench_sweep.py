@@ -39,8 +39,9 @@ def training_seconds(client, run_id: str, key: str = "task_loss") -> float:
     return span + span / steps if steps else span
 
 
-def bench_sweep(tracking_uri: str, sweep: str, *, experiment: str | None = None,
-                out: Callable[[str], None] = print) -> SweepTiming:
+def bench_sweep(
+    tracking_uri: str, sweep: str, *, experiment: str | None = None, out: Callable[[str], None] = print
+) -> SweepTiming:
     """Print and return the sweep's wall time against the sum of its trials' training time."""
     from mlflow.tracking import MlflowClient
 
@@ -61,6 +62,8 @@ def bench_sweep(tracking_uri: str, sweep: str, *, experiment: str | None = None,
     out(f"  wall time (parent run)           {wall:9.1f} s")
     out(f"  trial time (child runs, summed)  {trial_time:9.1f} s")
     out(f"  training time (steps, summed)    {training:9.1f} s")
-    out(f"  overhead: wall / training = {overhead:.2f}x; per trial {startup:.1f} s outside its training steps "
-        "(Ray Train start-up, model and data loading, evaluation, logging)")
+    out(
+        f"  overhead: wall / training = {overhead:.2f}x; per trial {startup:.1f} s outside its training steps "
+        "(Ray Train start-up, model and data loading, evaluation, logging)"
+    )
     return SweepTiming(len(trials), wall, training, trial_time, overhead, startup)

@@ -66,27 +66,61 @@ class Settings:
 
 
 # What --cpu-smoke changes: a tiny model on CPU in float32, a few rows, a few tokens.
-CPU_SMOKE = dict(device="cpu", dtype="float32", compute_dtype="float32", batch=4, harmful_batch=4, seq_len=32,
-                 warmup=1, timed=2, prompts=6, new_tokens=12, prompt_min=12, prompt_max=30, shared_prefix=10)
+CPU_SMOKE = dict(
+    device="cpu",
+    dtype="float32",
+    compute_dtype="float32",
+    batch=4,
+    harmful_batch=4,
+    seq_len=32,
+    warmup=1,
+    timed=2,
+    prompts=6,
+    new_tokens=12,
+    prompt_min=12,
+    prompt_max=30,
+    shared_prefix=10,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
     defaults = Settings()
-    parser = argparse.ArgumentParser(prog="python -m panacea_platform.diagnostics.gpu_check",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="tiny sizes on CPU in float32 (default model: a built-in tiny Llama)")
+    parser = argparse.ArgumentParser(
+        prog="python -m panacea_platform.diagnostics.gpu_check", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--cpu-smoke", action="store_true", help="tiny sizes on CPU in float32 (default model: a built-in tiny Llama)"
+    )
     parser.add_argument("--model", help=f"architecture: shipped name, local dir or hub id (default {PAPER_MODEL})")
     parser.add_argument("--device", choices=["cuda", "cpu"])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="base weights (LoRA stays fp32)")
     parser.add_argument("--compute-dtype", choices=["float32", "bfloat16"], help="training matmuls (default: --dtype)")
-    for name in ("batch", "harmful_batch", "seq_len", "grad_accum", "warmup", "timed", "prompts", "new_tokens",
-                 "gen_repeats", "prompt_min", "prompt_max", "shared_prefix", "lora_rank", "seed"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name,
-                            help=f"default {getattr(defaults, name)}")
-    parser.add_argument("--budget-s", type=float, dest="budget_s",
-                        help="soft time budget in seconds: past it, timed loops stop early and generation is "
-                        f"skipped (default {defaults.budget_s:.0f})")
+    for name in (
+        "batch",
+        "harmful_batch",
+        "seq_len",
+        "grad_accum",
+        "warmup",
+        "timed",
+        "prompts",
+        "new_tokens",
+        "gen_repeats",
+        "prompt_min",
+        "prompt_max",
+        "shared_prefix",
+        "lora_rank",
+        "seed",
+    ):
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", type=int, dest=name, help=f"default {getattr(defaults, name)}"
+        )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        dest="budget_s",
+        help="soft time budget in seconds: past it, timed loops stop early and generation is "
+        f"skipped (default {defaults.budget_s:.0f})",
+    )
     parser.add_argument("--json", help="write the figures here as JSON")
     args = vars(parser.parse_args(argv))
     smoke = args.pop("cpu_smoke")
@@ -104,8 +138,18 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 
 def settings_problem(s: Settings) -> str | None:
     """What is wrong with the sizes, before minutes go into building a model; None if nothing."""
-    positive = ("batch", "harmful_batch", "seq_len", "grad_accum", "timed", "prompts", "new_tokens", "gen_repeats",
-                "prompt_min", "lora_rank")
+    positive = (
+        "batch",
+        "harmful_batch",
+        "seq_len",
+        "grad_accum",
+        "timed",
+        "prompts",
+        "new_tokens",
+        "gen_repeats",
+        "prompt_min",
+        "lora_rank",
+    )
     small = [n for n in positive if getattr(s, n) < 1] + [n for n in ("warmup", "shared_prefix") if getattr(s, n) < 0]
     if small:
         return f"--{small[0].replace('_', '-')} = {getattr(s, small[0])}: too small"
@@ -120,9 +164,19 @@ def tiny_architecture_dir() -> Path:
     """A config.json of a tiny Llama, so --cpu-smoke runs the same code path as a model directory."""
     folder = Path(tempfile.mkdtemp(prefix="gpu-check-tiny-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    config = {"model_type": "llama", "vocab_size": 400, "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+    config = {
+        "model_type": "llama",
+        "vocab_size": 400,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+    }
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -176,13 +230,18 @@ def deepspeed_weights(model, settings: Settings):
     from panacea_platform.training.strategy.deepspeed import DeepSpeedWeights, deepspeed_config
 
     steps = 2 * (settings.warmup + settings.timed)
-    optim = OptimConfig(max_steps=steps, batch_size=settings.batch, harmful_batch_size=settings.harmful_batch,
-                        grad_accum_steps=settings.grad_accum)
+    optim = OptimConfig(
+        max_steps=steps,
+        batch_size=settings.batch,
+        harmful_batch_size=settings.harmful_batch,
+        grad_accum_steps=settings.grad_accum,
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, optim, steps)
     config = deepspeed_config(optim, 1, 2, dtype=settings.dtype, accumulation=settings.grad_accum)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
-                                      dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False
+    )
     # training_loss only reads model.compute_dtype: bf16 autocast around lm_loss, or lm_loss itself.
     run = argparse.Namespace(model=ModelConfig(dtype=settings.dtype, compute_dtype=settings.compute_dtype))
     return DeepSpeedWeights(engine, training_loss(run), accumulation=settings.grad_accum)
@@ -259,8 +318,10 @@ def measure_training(model, settings: Settings, deadline: float) -> dict[str, An
     lora_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in weights.params})
     say(f"DeepSpeed ZeRO-{weights.stage} engine ready; LoRA weights {', '.join(lora_dtypes)}")
     try:
-        say(f"SFT: {settings.warmup} warm-up + {settings.timed} timed steps, "
-            f"batch {settings.batch} x {settings.seq_len} tokens")
+        say(
+            f"SFT: {settings.warmup} warm-up + {settings.timed} timed steps, "
+            f"batch {settings.batch} x {settings.seq_len} tokens"
+        )
         sft_step = registered_step(config, "sft", weights, batch, harmful, settings.warmup + settings.timed)
         sft = time_steps(lambda: sft_step()["task_loss"], settings, deadline)
         say(f"SFT median {sft.median:.3f} s")
@@ -276,8 +337,10 @@ def measure_training(model, settings: Settings, deadline: float) -> dict[str, An
         # A random model's harmful loss (about ln vocab) is above the clamp: the third pass then gives a zero
         # gradient, but it is computed all the same, so the timing holds.
         r = last[0]
-        say(f"Panacea median {pan.median:.3f} s; last step: task loss {r['task_loss']:.3f}, harmful loss "
-            f"{r['harmful_loss']:.3f}, at w + eps {r['harmful_loss_perturbed']:.3f}, |eps| {r['eps_norm']:.3f}")
+        say(
+            f"Panacea median {pan.median:.3f} s; last step: task loss {r['task_loss']:.3f}, harmful loss "
+            f"{r['harmful_loss']:.3f}, at w + eps {r['harmful_loss_perturbed']:.3f}, |eps| {r['eps_norm']:.3f}"
+        )
     finally:
         weights.engine.destroy()
     return {"sft": sft, "panacea": pan, "lora_dtypes": lora_dtypes}
@@ -333,9 +396,19 @@ def hf_greedy(model, rows: list[list[int]], max_new_tokens: int, eos_ids: list[i
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
     device = model.get_input_embeddings().weight.device
     with torch.inference_mode():
-        output = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                                pad_token_id=pad_id, eos_token_id=eos_ids, temperature=None, top_p=None, top_k=None)
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=pad_id,
+            eos_token_id=eos_ids,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
     return [cut_at_eos(row, eos_ids) for row in output[:, width:].tolist()]
 
 
@@ -351,8 +424,9 @@ def platform_greedy(model, tokenizer, rows: list[list[int]], max_new_tokens: int
     from panacea_platform.evaluation.generation import generate
 
     prompts = [" ".join(map(str, row)) for row in rows]
-    answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size=len(prompts),
-                       max_batch_tokens=max_batch_tokens)
+    answers = generate(
+        model, tokenizer, prompts, max_new_tokens, batch_size=len(prompts), max_batch_tokens=max_batch_tokens
+    )
     return [[int(t) for t in a.text.split()] + ([] if a.truncated else [EOS_MARK]) for a in answers]
 
 
@@ -396,8 +470,10 @@ def measure_generation(model, settings: Settings) -> dict[str, Any]:
     ours_path = plain_greedy(model) and plain_cache_layers(model)
     path = "platform KV-cache decoder" if ours_path else "HF generate() fallback"
     rows = decoder_prompts(settings, config.vocab_size)
-    say(f"generation: {len(rows)} prompts of {min(map(len, rows))}-{max(map(len, rows))} tokens x "
-        f"{settings.new_tokens} new tokens; generate() takes the {path}")
+    say(
+        f"generation: {len(rows)} prompts of {min(map(len, rows))}-{max(map(len, rows))} tokens x "
+        f"{settings.new_tokens} new tokens; generate() takes the {path}"
+    )
     # One short call of each first: CUDA kernels and caches are set up outside the timing.
     platform_greedy(model, tokenizer, rows[:4], 4, max_batch_tokens)
     hf_greedy(model, rows[:4], 4, eos_ids, pad_id)
@@ -411,11 +487,22 @@ def measure_generation(model, settings: Settings) -> dict[str, Any]:
         theirs_s = min(theirs_s, seconds)
     identical, prefix = agreement(ours, theirs)
     ours_tokens, theirs_tokens = sum(map(len, ours)), sum(map(len, theirs))
-    say(f"platform {ours_tokens / ours_s:.1f} tokens/s, HF {theirs_tokens / theirs_s:.1f} tokens/s, "
-        f"identical answers {identical:.3f}")
-    return {"path": path, "prompts": len(rows), "identical": identical, "common_prefix": prefix,
-            "platform_tokens": ours_tokens, "platform_s": ours_s, "platform_tokens_per_s": ours_tokens / ours_s,
-            "hf_tokens": theirs_tokens, "hf_s": theirs_s, "hf_tokens_per_s": theirs_tokens / theirs_s}
+    say(
+        f"platform {ours_tokens / ours_s:.1f} tokens/s, HF {theirs_tokens / theirs_s:.1f} tokens/s, "
+        f"identical answers {identical:.3f}"
+    )
+    return {
+        "path": path,
+        "prompts": len(rows),
+        "identical": identical,
+        "common_prefix": prefix,
+        "platform_tokens": ours_tokens,
+        "platform_s": ours_s,
+        "platform_tokens_per_s": ours_tokens / ours_s,
+        "hf_tokens": theirs_tokens,
+        "hf_s": theirs_s,
+        "hf_tokens_per_s": theirs_tokens / theirs_s,
+    }
 
 
 # -- the report --------------------------------------------------------------------------------------
@@ -428,9 +515,12 @@ def environment(settings: Settings) -> dict[str, str]:
     import transformers
 
     device = torch.cuda.get_device_name(0) if settings.device == "cuda" else "cpu"
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device,
-            "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, "
-                        f"peft {peft.__version__}, deepspeed {deepspeed.__version__}"}
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device,
+        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"peft {peft.__version__}, deepspeed {deepspeed.__version__}",
+    }
 
 
 def number(value: float | None, digits: int = 3) -> str:
@@ -442,17 +532,28 @@ def gib(value: float | None) -> str:
     return number(value, 2 if value is None or value >= 1 else 4)
 
 
-def figures(settings: Settings, env: dict, training: dict | None, plan: tuple[float, float] | None,
-            gen: dict | None, errors: dict[str, str]) -> dict:
+def figures(
+    settings: Settings,
+    env: dict,
+    training: dict | None,
+    plan: tuple[float, float] | None,
+    gen: dict | None,
+    errors: dict[str, str],
+) -> dict:
     """Every figure of the run, as the JSON file holds them; a failed phase's figures are None."""
     out: dict[str, Any] = {**env, "settings": asdict(settings), "errors": errors}
     out["lora_dtypes"] = training["lora_dtypes"] if training else []
     for index, name in enumerate(("sft", "panacea")):
         timing, planned = training[name] if training else None, plan[index] if plan else None
         measured = timing.peak_gib if timing else None
-        out[name] = {"seconds": timing.seconds if timing else [], "median_s": timing.median if timing else None,
-                     "losses": timing.losses if timing else [], "peak_gib": measured, "planned_gib": planned,
-                     "measured_over_planned": measured / planned if measured is not None and planned else None}
+        out[name] = {
+            "seconds": timing.seconds if timing else [],
+            "median_s": timing.median if timing else None,
+            "losses": timing.losses if timing else [],
+            "peak_gib": measured,
+            "planned_gib": planned,
+            "measured_over_planned": measured / planned if measured is not None and planned else None,
+        }
     medians = (out["sft"]["median_s"], out["panacea"]["median_s"])
     out["panacea_over_sft"] = medians[1] / medians[0] if None not in medians else None
     losses = out["sft"]["losses"] + out["panacea"]["losses"]
@@ -465,19 +566,35 @@ def figures(settings: Settings, env: dict, training: dict | None, plan: tuple[fl
 def table_rows(f: dict) -> list[tuple[str, str, str]]:
     s = f["settings"]
     # Words go in the note column, so the value column stays a narrow column of figures.
-    rows = [("date", "", f["date"]), ("device", "", f["device"]), ("versions", "", f["versions"]),
-            ("model (random weights)", "", f"{s['model']}: {s['dtype']} base, LoRA r{s['lora_rank']} "
-             f"{'/'.join(s['lora_targets'])} in {'/'.join(f['lora_dtypes']) or '?'}, compute {s['compute_dtype']}"),
-            ("training", "", f"DeepSpeed ZeRO-2, 1 rank; batch {s['batch']} (harmful {s['harmful_batch']}) x "
-             f"{s['seq_len']} tokens, grad_accum {s['grad_accum']}")]
+    rows = [
+        ("date", "", f["date"]),
+        ("device", "", f["device"]),
+        ("versions", "", f["versions"]),
+        (
+            "model (random weights)",
+            "",
+            f"{s['model']}: {s['dtype']} base, LoRA r{s['lora_rank']} "
+            f"{'/'.join(s['lora_targets'])} in {'/'.join(f['lora_dtypes']) or '?'}, compute {s['compute_dtype']}",
+        ),
+        (
+            "training",
+            "",
+            f"DeepSpeed ZeRO-2, 1 rank; batch {s['batch']} (harmful {s['harmful_batch']}) x "
+            f"{s['seq_len']} tokens, grad_accum {s['grad_accum']}",
+        ),
+    ]
     for name, label in (("sft", "SFT"), ("panacea", "Panacea")):
         part = f[name]
-        rows += [(f"{label} step, median of {len(part['seconds'])}", number(part["median_s"]), "s"),
-                 (f"{label} peak memory, measured", gib(part["peak_gib"]), "GiB (max_memory_allocated)"),
-                 (f"{label} peak memory, planned", gib(part["planned_gib"]), "GiB (memory_plan, ZeRO-2, 1 GPU)"),
-                 (f"{label} peak memory, measured/planned", number(part["measured_over_planned"], 2), "")]
-    rows += [("Panacea / SFT step time", number(f["panacea_over_sft"], 2), "x"),
-             ("step losses finite", "", {True: "yes", False: "NO", None: "n/a"}[f["losses_finite"]])]
+        rows += [
+            (f"{label} step, median of {len(part['seconds'])}", number(part["median_s"]), "s"),
+            (f"{label} peak memory, measured", gib(part["peak_gib"]), "GiB (max_memory_allocated)"),
+            (f"{label} peak memory, planned", gib(part["planned_gib"]), "GiB (memory_plan, ZeRO-2, 1 GPU)"),
+            (f"{label} peak memory, measured/planned", number(part["measured_over_planned"], 2), ""),
+        ]
+    rows += [
+        ("Panacea / SFT step time", number(f["panacea_over_sft"], 2), "x"),
+        ("step losses finite", "", {True: "yes", False: "NO", None: "n/a"}[f["losses_finite"]]),
+    ]
     rows += generation_rows(f["generation"], s, failed="generation" in f["errors"])
     imported = f["mlflow_or_ray_imported"]
     rows += [("mlflow or ray imported", "", ("YES: " + ", ".join(imported)) if imported else "no")]
@@ -494,10 +611,16 @@ def generation_rows(gen: dict | None, s: dict, failed: bool) -> list[tuple[str, 
         ("generate() decoder", "", f"{gen['path']}; {gen['prompts']} prompts x {s['new_tokens']} new tokens"),
         ("greedy answers identical to HF", number(gen["identical"]), "share of prompts"),
         ("mean common prefix with HF", number(gen["common_prefix"]), "share of the longer answer"),
-        ("platform decoder", number(gen["platform_tokens_per_s"], 1),
-         f"tokens/s ({gen['platform_tokens']} in {gen['platform_s']:.2f} s, {best})"),
-        ("HF generate()", number(gen["hf_tokens_per_s"], 1),
-         f"tokens/s ({gen['hf_tokens']} in {gen['hf_s']:.2f} s, {best})"),
+        (
+            "platform decoder",
+            number(gen["platform_tokens_per_s"], 1),
+            f"tokens/s ({gen['platform_tokens']} in {gen['platform_s']:.2f} s, {best})",
+        ),
+        (
+            "HF generate()",
+            number(gen["hf_tokens_per_s"], 1),
+            f"tokens/s ({gen['hf_tokens']} in {gen['hf_s']:.2f} s, {best})",
+        ),
         ("platform / HF speed", number(gen["platform_tokens_per_s"] / gen["hf_tokens_per_s"], 2), "x"),
     ]
 
@@ -543,8 +666,10 @@ def prepare_environment(settings: Settings) -> None:
     import torch
 
     if settings.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("gpu_check: CUDA is not available (torch.cuda.is_available() is False); "
-                         "use --cpu-smoke or --device cpu to run on the CPU")
+        raise SystemExit(
+            "gpu_check: CUDA is not available (torch.cuda.is_available() is False); "
+            "use --cpu-smoke or --device cpu to run on the CPU"
+        )
     import logging
 
     # DeepSpeed logs every engine setting at INFO; the progress lines say what matters.

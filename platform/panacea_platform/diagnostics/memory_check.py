@@ -91,8 +91,9 @@ def step_peak_bytes(step: Callable[[], Any]) -> int:
         marker = torch.empty(MARK_BYTES, dtype=torch.uint8)
         del marker
         step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     after_marker = next(i for i, e in enumerate(events) if e.nbytes() == -MARK_BYTES) + 1
     level = peak = 0
     for event in events[after_marker:]:
@@ -106,8 +107,11 @@ def worst_case_batch(rows: int, seq_len: int, vocab: int, seed: int, device: tor
     input_ids = torch.randint(4, vocab, (rows, seq_len), generator=generator)
     labels = input_ids.clone()
     labels[:, 0] = -100  # the first token has no prediction of its own
-    return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
-            "labels": labels.to(device)}
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+        "labels": labels.to(device),
+    }
 
 
 def check_memory(config: RunConfig, out: Callable[[str], None] = print) -> MemoryCheck:
@@ -128,9 +132,14 @@ def check_memory(config: RunConfig, out: Callable[[str], None] = print) -> Memor
     with single_rank_group(use_gpu):
         gc.collect()
         before = live_tensor_bytes()
-        strategy = DeepSpeedStrategy(deepspeed_config(optim, 1, 2, dtype=config.model.dtype,
-                                                      accumulation=optim.grad_accum_steps),
-                                     2, 0, 1, accumulation=optim.grad_accum_steps, base_dtype=config.model.dtype)
+        strategy = DeepSpeedStrategy(
+            deepspeed_config(optim, 1, 2, dtype=config.model.dtype, accumulation=optim.grad_accum_steps),
+            2,
+            0,
+            1,
+            accumulation=optim.grad_accum_steps,
+            base_dtype=config.model.dtype,
+        )
         model = strategy.load_model(config)
         if use_gpu:
             model = model.cuda()
@@ -141,18 +150,32 @@ def check_memory(config: RunConfig, out: Callable[[str], None] = print) -> Memor
         harmful = worst_case_batch(optim.batch_size, seq_len, vocab, config.seed + 1, device)
 
         step = registered_step(config, "panacea", weights, batch, harmful, 2)
-        out(f"[memory] {config.model.name}: two Panacea steps, the second measured (the optimiser's states "
-            "appear at the first)")
+        out(
+            f"[memory] {config.model.name}: two Panacea steps, the second measured (the optimiser's states "
+            "appear at the first)"
+        )
         peak_step = step_peak_bytes(step)
         gc.collect()
-        states = live_tensor_bytes() - before - sum(t.numel() * t.element_size() for t in (*batch.values(), *harmful.values()))
+        states = (
+            live_tensor_bytes()
+            - before
+            - sum(t.numel() * t.element_size() for t in (*batch.values(), *harmful.values()))
+        )
         strategy.close()
     counts = count_model(config.model.name, config.lora.target_modules, config.lora.rank)
-    row = plan(counts, 1, 2, micro_batch, seq_len, weight_dtype=config.model.dtype,
-               compute_dtype=config.model.compute_dtype)
-    return MemoryCheck(config.model.name, micro_batch, seq_len, "cuda" if use_gpu else "cpu",
-                       states / GB, peak_step / GB, row.params_gb + row.grads_gb + row.optimizer_gb,
-                       row.activations_gb + row.panacea_extra_gb)
+    row = plan(
+        counts, 1, 2, micro_batch, seq_len, weight_dtype=config.model.dtype, compute_dtype=config.model.compute_dtype
+    )
+    return MemoryCheck(
+        config.model.name,
+        micro_batch,
+        seq_len,
+        "cuda" if use_gpu else "cpu",
+        states / GB,
+        peak_step / GB,
+        row.params_gb + row.grads_gb + row.optimizer_gb,
+        row.activations_gb + row.panacea_extra_gb,
+    )
 
 
 def format_check(check: MemoryCheck) -> str:

@@ -101,8 +101,9 @@ def count_model(name: str, target_modules: list[str], rank: int) -> ModelCounts:
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
-def activation_bytes(counts: ModelCounts, micro_batch: int, seq_len: int, weight_bytes: int = 2,
-                     compute_bytes: int = 2) -> int:
+def activation_bytes(
+    counts: ModelCounts, micro_batch: int, seq_len: int, weight_bytes: int = 2, compute_bytes: int = 2
+) -> int:
     """Activations kept for backward, plus the logits and their fp32 loss copies.
 
     Per token and layer: the two norms' inputs and outputs (4h) stay in the residual stream's dtype
@@ -120,8 +121,17 @@ def activation_bytes(counts: ModelCounts, micro_batch: int, seq_len: int, weight
     return layers + logits
 
 
-def plan(counts: ModelCounts, gpus: int, stage: int, global_batch: int, seq_len: int, *,
-         weight_dtype: str = "bfloat16", compute_dtype: str = "bfloat16", accumulation: int = 1) -> PlanRow:
+def plan(
+    counts: ModelCounts,
+    gpus: int,
+    stage: int,
+    global_batch: int,
+    seq_len: int,
+    *,
+    weight_dtype: str = "bfloat16",
+    compute_dtype: str = "bfloat16",
+    accumulation: int = 1,
+) -> PlanRow:
     """One GPU's share; the micro-batch is the global batch over gpus x accumulation (the largest share)."""
     trainable = counts.trainable_params
     frozen = counts.total_params - trainable
@@ -163,19 +173,29 @@ def recommendation(rows: list[PlanRow], gpu_gb: float) -> str:
     zero2 = sorted((r for r in fits if r.stage == 2), key=lambda r: r.gpus)
     if zero2:
         smallest = zero2[0]
-        return (f"recommended: ZeRO-2 (fits from {smallest.gpus} GPU{'s' if smallest.gpus > 1 else ''}). With LoRA the "
-                f"frozen base weights ({smallest.params_gb:.1f} GiB) are the largest share of the memory, and ZeRO-3 would save "
-                f"them only by gathering every layer for each forward and backward: {GATHERS_PER_STEP['panacea']} "
-                f"gathers per Panacea step ({GATHERS_PER_STEP['sft']} per SFT step).")
+        return (
+            f"recommended: ZeRO-2 (fits from {smallest.gpus} GPU{'s' if smallest.gpus > 1 else ''}). With LoRA the "
+            f"frozen base weights ({smallest.params_gb:.1f} GiB) are the largest share of the memory, and ZeRO-3 would save "
+            f"them only by gathering every layer for each forward and backward: {GATHERS_PER_STEP['panacea']} "
+            f"gathers per Panacea step ({GATHERS_PER_STEP['sft']} per SFT step)."
+        )
     zero3 = sorted((r for r in fits if r.stage == 3), key=lambda r: r.gpus)
     if zero3:
-        return (f"recommended: ZeRO-3 from {zero3[0].gpus} GPUs: ZeRO-2 does not fit on {gpu_gb:.0f} GB at any GPU "
-                f"count shown; expect {GATHERS_PER_STEP['panacea']} gathers of the weights per Panacea step.")
+        return (
+            f"recommended: ZeRO-3 from {zero3[0].gpus} GPUs: ZeRO-2 does not fit on {gpu_gb:.0f} GB at any GPU "
+            f"count shown; expect {GATHERS_PER_STEP['panacea']} gathers of the weights per Panacea step."
+        )
     return f"recommended: none fits on {gpu_gb:.0f} GB; shorten the sequence, lower the batch or add GPUs."
 
 
-def format_plan(counts: ModelCounts, rows: list[PlanRow], global_batch: int, seq_len: int, gpu_gb: float,
-                weight_dtype: str = "bfloat16") -> str:
+def format_plan(
+    counts: ModelCounts,
+    rows: list[PlanRow],
+    global_batch: int,
+    seq_len: int,
+    gpu_gb: float,
+    weight_dtype: str = "bfloat16",
+) -> str:
     lines = [
         f"{counts.name}: {counts.total_params / 1e9:.2f} B weights, {counts.trainable_params / 1e6:.1f} M trainable "
         f"(LoRA), largest layer {counts.largest_layer_params / 1e6:.0f} M ({counts.source})",
@@ -196,7 +216,9 @@ def format_plan(counts: ModelCounts, rows: list[PlanRow], global_batch: int, seq
             f"note: batch {global_batch} splits unevenly over {uneven} GPUs (shares weighted by their tokens, "
             "so the step is the same); micro-batch shown is the largest share"
         )
-    lines.append("'fits' leaves 10% for the CUDA context and allocator fragmentation. `panacea plan memory --measure` "
-                 "checks the plan against one measured step on this machine.")
+    lines.append(
+        "'fits' leaves 10% for the CUDA context and allocator fragmentation. `panacea plan memory --measure` "
+        "checks the plan against one measured step on this machine."
+    )
     lines.append(recommendation(rows, gpu_gb))
     return "\n".join(lines)

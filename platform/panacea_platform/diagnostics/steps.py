@@ -14,8 +14,9 @@ if TYPE_CHECKING:
     from panacea_platform.config import RunConfig
 
 
-def registered_step(config: "RunConfig", name: str, weights, batch, harmful, steps: int
-                    ) -> Callable[[], dict[str, float]]:
+def registered_step(
+    config: "RunConfig", name: str, weights, batch, harmful, steps: int
+) -> Callable[[], dict[str, float]]:
     """One step of the registered defence `name` as the training loop runs it (DEFENCES, its own config
     section), at the stage it trains at, on `batch` and the streams it draws (`harmful`; `batch` again
     as Lisa's alignment batch). A defence that pairs harmful rows with its batch gets both cut to one size."""

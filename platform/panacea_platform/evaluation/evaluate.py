@@ -76,8 +76,10 @@ def released_model_of_run(tracking_uri: str, run_id: str, into: Path) -> tuple[P
         raise ConfigError(f"--run-id {run_id!r}: no such run in the tracking store {tracking_uri}") from None
     names = {artifact.path for artifact in client.list_artifacts(run_id)}
     if "adapter" not in names:
-        raise ConfigError(f"--run-id {run_id!r}: the run has no 'adapter' artifact (it is not a training run); "
-                          "pass --adapter to evaluate a model and log into this run")
+        raise ConfigError(
+            f"--run-id {run_id!r}: the run has no 'adapter' artifact (it is not a training run); "
+            "pass --adapter to evaluate a model and log into this run"
+        )
     into.mkdir(parents=True, exist_ok=True)
     adapter = Path(client.download_artifacts(run_id, "adapter", str(into)))
     model: dict[str, Any] = {}
@@ -119,8 +121,12 @@ def evaluate_model(
     sources = {suite.name: suite.source for suite in config.evaluation.suites}
     result = EvalResult(
         suites=aggregate(records, sources, config.evaluation.threshold, identities),
-        identity={"judges": ",".join(sorted(identities)), "prompt_template": config.data.prompt_template,
-                  "suites": ",".join(sources), "decoder_dtype": ",".join(sorted({row["decoder_dtype"] for row in run.rows}))},
+        identity={
+            "judges": ",".join(sorted(identities)),
+            "prompt_template": config.data.prompt_template,
+            "suites": ",".join(sources),
+            "decoder_dtype": ",".join(sorted({row["decoder_dtype"] for row in run.rows})),
+        },
     )
     generated = sum(int(row["new_tokens"]) for row in run.rows)
     result.timings = {
@@ -137,8 +143,14 @@ def evaluate_model(
     return result
 
 
-def _write(result: EvalResult, records: list[dict[str, Any]], folder: Path, config: "RunConfig",
-           adapter: str | Path | None, perturbation: str | Path | None) -> None:
+def _write(
+    result: EvalResult,
+    records: list[dict[str, Any]],
+    folder: Path,
+    config: "RunConfig",
+    adapter: str | Path | None,
+    perturbation: str | Path | None,
+) -> None:
     """samples.jsonl and eval_summary.json into `folder`; their paths into `result`."""
     folder.mkdir(parents=True, exist_ok=True)
     result.samples_path, result.summary_path = folder / SAMPLES_FILE, folder / SUMMARY_FILE
@@ -153,8 +165,9 @@ def _write(result: EvalResult, records: list[dict[str, Any]], folder: Path, conf
     result.summary_path.write_text(json.dumps(summary, indent=2))
 
 
-def _log(tracker: "Tracker", result: EvalResult, records: list[dict[str, Any]], identities: dict[str, Any],
-         folder: Path) -> None:
+def _log(
+    tracker: "Tracker", result: EvalResult, records: list[dict[str, Any]], identities: dict[str, Any], folder: Path
+) -> None:
     """The evaluation into its MLflow run: the metrics, the judges' identities, the files, the answers table."""
     tracker.log_metrics(result.metrics())
     tracker.set_tags({f"eval.{key}": str(value) for key, value in result.identity.items()})
@@ -178,6 +191,8 @@ def preset_overrides(path: str | Path | None) -> list[str]:
         return []
     tree = read_yaml_mapping(path, "--preset", "presets live in evaluation/*.yaml")
     if set(tree) != {"evaluation"} or not isinstance(tree["evaluation"], dict):
-        raise ConfigError(f"--preset {str(path)!r}: expected exactly one top-level section `evaluation:` holding its keys")
+        raise ConfigError(
+            f"--preset {str(path)!r}: expected exactly one top-level section `evaluation:` holding its keys"
+        )
     # JSON is valid YAML, so every value (null, numbers, strings) survives parse_override unchanged.
     return [f"evaluation.{key}={json.dumps(value)}" for key, value in tree["evaluation"].items()]

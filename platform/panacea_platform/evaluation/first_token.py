@@ -34,8 +34,9 @@ LAYER_PROMPTS = 16
 _LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
-def end_probabilities(model: Any, tokenizer: Any, rendered: Sequence[str], end_ids: Sequence[int],
-                      batch_size: int = 16) -> list[float]:
+def end_probabilities(
+    model: Any, tokenizer: Any, rendered: Sequence[str], end_ids: Sequence[int], batch_size: int = 16
+) -> list[float]:
     """P(first answer token is an end token | prompt), one per rendered prompt, in fp32.
 
     Prompts are encoded as generation encodes them and left-padded, with position ids that skip the
@@ -44,12 +45,14 @@ def end_probabilities(model: Any, tokenizer: Any, rendered: Sequence[str], end_i
     from panacea_platform.evaluation.generation import encode_prompt
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
-    return end_probabilities_of_rows(model, [encode_prompt(tokenizer, text) for text in rendered], end_ids, pad,
-                                     batch_size)
+    return end_probabilities_of_rows(
+        model, [encode_prompt(tokenizer, text) for text in rendered], end_ids, pad, batch_size
+    )
 
 
-def end_probabilities_of_rows(model: Any, rows: Sequence[Sequence[int]], end_ids: Sequence[int], pad: int,
-                              batch_size: int = 16) -> list[float]:
+def end_probabilities_of_rows(
+    model: Any, rows: Sequence[Sequence[int]], end_ids: Sequence[int], pad: int, batch_size: int = 16
+) -> list[float]:
     """end_probabilities on prompts already encoded (token id rows)."""
     import torch
 
@@ -102,8 +105,12 @@ class FirstTokenProbe:
         out = {f"first_end/{suite}/unperturbed": value for suite, value in self.unperturbed.items()}
         out.update({f"first_end/{suite}/released": value for suite, value in self.perturbed.items()})
         if self.layer_base is not None:
-            out.update({f"first_end/layer_{layer:02d}_delta": value - self.layer_base
-                        for layer, value in self.by_layer.items()})
+            out.update(
+                {
+                    f"first_end/layer_{layer:02d}_delta": value - self.layer_base
+                    for layer, value in self.by_layer.items()
+                }
+            )
         return out
 
 
@@ -125,8 +132,9 @@ def _add(model: Any, delta: dict[str, "torch.Tensor"], sign: float) -> None:
             params[name].add_(sign * tensor.to(params[name].dtype))
 
 
-def probe_run(config: "RunConfig", key: str, method: str, adapter_dir: Path, perturbation: Path | None,
-              per_layer: bool = True) -> FirstTokenProbe:
+def probe_run(
+    config: "RunConfig", key: str, method: str, adapter_dir: Path, perturbation: Path | None, per_layer: bool = True
+) -> FirstTokenProbe:
     """The probe of one released model: `adapter_dir` holds w_T (a run's adapter_unperturbed/, or the adapter
     when nothing was added), `perturbation` eps_T or None."""
     from safetensors.torch import load_file
@@ -142,8 +150,10 @@ def probe_run(config: "RunConfig", key: str, method: str, adapter_dir: Path, per
     model = load_eval_model(config.model, adapter_dir)
     ends = end_token_ids(tokenizer, "the first-token probe (model.name)", model)
     suites = {s.name: s for s in config.evaluation.suites if s.name in PROBED_SUITES}
-    prompts = {name: [render_prompt(config.data.prompt_template, e.prompt) for e in suite_examples(config, s)]
-               for name, s in suites.items()}
+    prompts = {
+        name: [render_prompt(config.data.prompt_template, e.prompt) for e in suite_examples(config, s)]
+        for name, s in suites.items()
+    }
 
     def mean_over(texts: list[str]) -> float:
         return statistics.fmean(end_probabilities(model, tokenizer, texts, ends))
@@ -185,19 +195,25 @@ def format_probes(probes: Sequence[FirstTokenProbe]) -> str:
                 width = 20 if len(cells) % 2 == 0 else 24
                 cells.append(f"{100 * statistics.fmean(present):>{width}.2f}" if present else f"{'-':>{width}}")
         lines.append(f"{method:<{label}}" + "".join(cells))
-    lines.append("mean over seeds of the mean P(first new token is an end token) over each suite's prompts; "
-                 "released = w_T + eps_T where the method adds one, else w_T.")
+    lines.append(
+        "mean over seeds of the mean P(first new token is an end token) over each suite's prompts; "
+        "released = w_T + eps_T where the method adds one, else w_T."
+    )
     for method, members in by_method.items():
         layered = [p for p in members if p.by_layer]
         if not layered:
             continue
-        deltas = {layer: statistics.fmean(p.by_layer[layer] - p.layer_base for p in layered if layer in p.by_layer)
-                  for layer in layered[0].by_layer}
+        deltas = {
+            layer: statistics.fmean(p.by_layer[layer] - p.layer_base for p in layered if layer in p.by_layer)
+            for layer in layered[0].by_layer
+        }
         top = sorted(deltas.items(), key=lambda item: -item[1])[:5]
-        lines.append(f"{method}: eps on one layer alone, change in P(end first) on {layered[0].layer_prompts} "
-                     "helpfulness prompts (points, largest 5): "
-                     + ", ".join(f"layer {layer} {100 * delta:+.2f}" for layer, delta in top)
-                     + f"; all layers summed {100 * sum(deltas.values()):+.2f}")
+        lines.append(
+            f"{method}: eps on one layer alone, change in P(end first) on {layered[0].layer_prompts} "
+            "helpfulness prompts (points, largest 5): "
+            + ", ".join(f"layer {layer} {100 * delta:+.2f}" for layer, delta in top)
+            + f"; all layers summed {100 * sum(deltas.values()):+.2f}"
+        )
     return "\n".join(lines)
 
 

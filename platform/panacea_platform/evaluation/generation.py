@@ -106,10 +106,20 @@ def _answer_from_ids(tokenizer: Any, generated: list[int], eos_ids: list[int], b
 # Generation-config fields that make HF's generate() more than an argmax over the last logits;
 # with any of them set, batches go through generate() itself so answers stay what it gives.
 _NOT_PLAIN_GREEDY = {
-    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
-    "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
-    "forced_eos_token_id": None, "min_length": 0, "min_new_tokens": None, "sequence_bias": None,
-    "forced_decoder_ids": None, "exponential_decay_length_penalty": None, "renormalize_logits": False,
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "sequence_bias": None,
+    "forced_decoder_ids": None,
+    "exponential_decay_length_penalty": None,
+    "renormalize_logits": False,
 }
 # A template prefix shorter than this is not worth a separate forward pass.
 MIN_SHARED_PREFIX = 8
@@ -121,7 +131,9 @@ MAX_PREFILL_PADDING = 0.15
 def plain_greedy(model: Any) -> bool:
     """True when greedy decoding of this model is the argmax of its logits (no penalties or forced tokens)."""
     config = getattr(model, "generation_config", None)
-    return config is None or all(getattr(config, k, default) in (default, None) for k, default in _NOT_PLAIN_GREEDY.items())
+    return config is None or all(
+        getattr(config, k, default) in (default, None) for k, default in _NOT_PLAIN_GREEDY.items()
+    )
 
 
 def plain_cache_layers(model: Any) -> bool:
@@ -179,8 +191,9 @@ class _Prefilled:
     logits: Any
 
 
-def _prefill(model: Any, prefix: Any, own_rows: list[list[int]], shared: int, pad_id: int, device: Any,
-             last_only: dict) -> _Prefilled:
+def _prefill(
+    model: Any, prefix: Any, own_rows: list[list[int]], shared: int, pad_id: int, device: Any, last_only: dict
+) -> _Prefilled:
     """Run the rows' own tokens (left-padded within the group) on top of the shared prefix's cache."""
     import torch
     from transformers import DynamicCache
@@ -194,8 +207,14 @@ def _prefill(model: Any, prefix: Any, own_rows: list[list[int]], shared: int, pa
     mask = torch.cat([torch.ones((n, shared), dtype=torch.long), own_mask], dim=1).to(device)
     # Positions from the mask (cumsum - 1), as generate() derives them: padding moves no real token.
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, shared:]
-    logits = model(input_ids=own_ids.to(device), attention_mask=mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, **last_only).logits[:, -1, :]
+    logits = model(
+        input_ids=own_ids.to(device),
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        **last_only,
+    ).logits[:, -1, :]
     return _Prefilled([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], mask, logits)
 
 
@@ -236,8 +255,12 @@ def _greedy_decode(model: Any, rows: list[list[int]], budgets: list[int], eos_id
         if shared:
             # The config gives each layer its cache type, as generate() does.
             prefix = DynamicCache(config=model.config)
-            model(input_ids=torch.tensor([rows[0][:shared]], device=device), past_key_values=prefix, use_cache=True,
-                  **last_only)
+            model(
+                input_ids=torch.tensor([rows[0][:shared]], device=device),
+                past_key_values=prefix,
+                use_cache=True,
+                **last_only,
+            )
         groups = [
             _prefill(model, prefix, [own_rows[p] for p in group], shared, pad_id, device, last_only)
             for group in prefill_groups([len(row) for row in own_rows])
@@ -269,9 +292,14 @@ def _greedy_decode(model: Any, rows: list[list[int]], budgets: list[int], eos_id
                     finished = [False] * len(keep)
                 mask = torch.cat([mask, mask.new_ones((len(present), 1))], dim=1)
                 groups_kwarg = {"decode_groups": column_groups(first_columns)} if grouped else {}
-                logits = model(input_ids=tokens[:, None], attention_mask=mask,
-                               position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache, use_cache=True,
-                               **groups_kwarg).logits[:, -1, :]
+                logits = model(
+                    input_ids=tokens[:, None],
+                    attention_mask=mask,
+                    position_ids=mask.sum(-1, keepdim=True) - 1,
+                    past_key_values=cache,
+                    use_cache=True,
+                    **groups_kwarg,
+                ).logits[:, -1, :]
     return generated
 
 
@@ -299,8 +327,14 @@ def _hf_generate(model: Any, rows: list[list[int]], max_new_tokens: int, eos_ids
     return output[:, input_ids.shape[1] :].tolist()
 
 
-def _generate_batch(model: Any, tokenizer: Any, rows: list[list[int]], budgets: list[int], eos_ids: list[int],
-                    use_hf_generate: bool = False):
+def _generate_batch(
+    model: Any,
+    tokenizer: Any,
+    rows: list[list[int]],
+    budgets: list[int],
+    eos_ids: list[int],
+    use_hf_generate: bool = False,
+):
     pad_id = _pad_token_id(tokenizer, eos_ids)
     if use_hf_generate or not plain_greedy(model) or not plain_cache_layers(model):
         # One budget for HF's generate(): the longest; each row is cut at its own afterwards.
@@ -359,8 +393,10 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: in
     batches: list[list[int]] = []
     for position, length in enumerate(lengths):
         current = batches[-1] if batches else None
-        if current is not None and len(current) < batch_size and (
-            max_batch_tokens is None or (len(current) + 1) * lengths[current[0]] <= max_batch_tokens
+        if (
+            current is not None
+            and len(current) < batch_size
+            and (max_batch_tokens is None or (len(current) + 1) * lengths[current[0]] <= max_batch_tokens)
         ):
             current.append(position)
         else:

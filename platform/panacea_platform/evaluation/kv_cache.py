@@ -53,8 +53,9 @@ class PreallocatedLayer(DynamicLayer):
     batch_repeat_interleave = crop = reorder_cache = reset = offload = prefetch = _unsupported
 
 
-def side_by_side(groups: Sequence[Any], room: int, zero_gaps: bool = True
-                 ) -> tuple[list[PreallocatedLayer], torch.Tensor, torch.Tensor, list[int]]:
+def side_by_side(
+    groups: Sequence[Any], room: int, zero_gaps: bool = True
+) -> tuple[list[PreallocatedLayer], torch.Tensor, torch.Tensor, list[int]]:
     """One decoding batch from prefill groups of different widths (each with per-layer `keys` and
     `values`, its attention `mask` and last `logits`), as (cache layers, mask, logits, first columns).
 
@@ -80,8 +81,11 @@ def side_by_side(groups: Sequence[Any], room: int, zero_gaps: bool = True
         return buffer
 
     layers = [
-        PreallocatedLayer(right_aligned([g.keys[i] for g in groups], 2, room, zero_gaps),
-                          right_aligned([g.values[i] for g in groups], 2, room, zero_gaps), width)
+        PreallocatedLayer(
+            right_aligned([g.keys[i] for g in groups], 2, room, zero_gaps),
+            right_aligned([g.values[i] for g in groups], 2, room, zero_gaps),
+            width,
+        )
         for i in range(len(groups[0].keys))
     ]
     first_columns = [width - g.mask.shape[1] for g in groups for _ in range(g.mask.shape[0])]
@@ -102,9 +106,15 @@ def column_groups(first_columns: Sequence[int]) -> tuple[tuple[int, int, int], .
 GROUPED_SDPA = "panacea_grouped_sdpa"
 
 
-def grouped_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           attention_mask: torch.Tensor | None,
-                           decode_groups: tuple[tuple[int, int, int], ...] | None = None, **kwargs: Any):
+def grouped_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    decode_groups: tuple[tuple[int, int, int], ...] | None = None,
+    **kwargs: Any,
+):
     """SDPA that attends each run of rows (`decode_groups`, passed by the decoder through the
     model's forward) only from its first column on: a 700-token prompt's row no longer makes 39
     short rows read 700 columns of masked padding at every step."""
@@ -122,8 +132,9 @@ def grouped_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: to
         if mask is not None:
             # A mask without padding may come broadcast over the batch (first dimension 1).
             mask = (mask if mask.shape[0] == 1 else mask[start:end])[..., column:]
-        output, _ = sdpa_attention_forward(module, query[start:end], key[start:end, :, column:],
-                                           value[start:end, :, column:], mask, **kwargs)
+        output, _ = sdpa_attention_forward(
+            module, query[start:end], key[start:end, :, column:], value[start:end, :, column:], mask, **kwargs
+        )
         outputs.append(output)
     return torch.cat(outputs), None
 

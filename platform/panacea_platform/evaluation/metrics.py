@@ -141,7 +141,9 @@ def final_number(answer: str, label: str | None, reference: str = "") -> Extract
 def _first_of(answer: str, aliases: dict[str, str]) -> str | None:
     """The canonical label of the alias that appears first in the answer (as a whole word)."""
     pattern = re.compile(
-        r"(?<![\w/-])(" + "|".join(re.escape(alias) for alias in sorted(aliases, key=len, reverse=True)) + r")(?![\w/-])",
+        r"(?<![\w/-])("
+        + "|".join(re.escape(alias) for alias in sorted(aliases, key=len, reverse=True))
+        + r")(?![\w/-])",
         re.IGNORECASE,
     )
     match = pattern.search(answer)

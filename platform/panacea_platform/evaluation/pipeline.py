@@ -97,11 +97,27 @@ def evaluation_prompts(config: "RunConfig") -> list[EvalPrompt]:
     template = config.data.prompt_template
     prompts: list[EvalPrompt] = []
     for suite in config.evaluation.suites:
-        judge, rule, budget = suite_judge(config, suite) or "", suite_rule(config, suite) or "", suite_budget(config, suite)
+        judge, rule, budget = (
+            suite_judge(config, suite) or "",
+            suite_rule(config, suite) or "",
+            suite_budget(config, suite),
+        )
         for example in suite_examples(config, suite):
-            prompts.append(EvalPrompt(len(prompts), suite.name, suite.metric, judge, rule, budget, example.prompt,
-                                      render_prompt(template, example.prompt), example.label, example.answer,
-                                      example.category))
+            prompts.append(
+                EvalPrompt(
+                    len(prompts),
+                    suite.name,
+                    suite.metric,
+                    judge,
+                    rule,
+                    budget,
+                    example.prompt,
+                    render_prompt(template, example.prompt),
+                    example.label,
+                    example.answer,
+                    example.category,
+                )
+            )
     return prompts
 
 
@@ -115,6 +131,7 @@ def _same_model(recorded: str, resolved: str) -> bool:
     another machine records that machine's cache path for the same offline
     model, and a hub id "org/name" matches a local copy in a folder "name".
     """
+
     def norm(text: str) -> str:
         path = Path(text).expanduser()
         return str(path.resolve()) if path.exists() else text.rstrip("/")
@@ -129,7 +146,9 @@ def check_adapter(model_config: "ModelConfig", adapter: str | Path | None, pertu
     from panacea_platform.models import resolve_model_path
 
     if perturbation is not None and not Path(perturbation).is_file():
-        raise FileNotFoundError(f"--perturbation {str(perturbation)!r}: no such file (expected a perturbation.safetensors)")
+        raise FileNotFoundError(
+            f"--perturbation {str(perturbation)!r}: no such file (expected a perturbation.safetensors)"
+        )
     if adapter is None:
         if perturbation is not None:
             raise ConfigError("--perturbation needs --adapter: eps is added to an adapter's LoRA weights")
@@ -148,8 +167,12 @@ def check_adapter(model_config: "ModelConfig", adapter: str | Path | None, pertu
         )
 
 
-def load_eval_model(model_config: "ModelConfig", adapter: str | Path | None, perturbation: str | Path | None = None,
-                    decoder_dtype: str | None = None):
+def load_eval_model(
+    model_config: "ModelConfig",
+    adapter: str | Path | None,
+    perturbation: str | Path | None = None,
+    decoder_dtype: str | None = None,
+):
     """Base model (adapter None) or base + adapter (+ eps), in eval mode; a shape mismatch is a clear error."""
     import torch
 
@@ -212,8 +235,15 @@ class GeneratorActor:
     """Loads the model once; answers each batch of rendered prompts in one batched greedy decode, each
     row within its own suite's budget."""
 
-    def __init__(self, model_config: dict, adapter: str | None, perturbation: str | None,
-                 torch_threads: int, max_batch_tokens: int | None = None, decoder_dtype: str | None = None) -> None:
+    def __init__(
+        self,
+        model_config: dict,
+        adapter: str | None,
+        perturbation: str | None,
+        torch_threads: int,
+        max_batch_tokens: int | None = None,
+        decoder_dtype: str | None = None,
+    ) -> None:
         import torch
 
         from panacea_platform.config import ModelConfig
@@ -236,8 +266,14 @@ class GeneratorActor:
         started = time.time()
         prompts = [str(text) for text in batch["rendered"]]
         budgets = [int(b) for b in batch["budget"]]
-        answers = generate(self.model, self.tokenizer, prompts, budgets, batch_size=max(1, len(prompts)),
-                           max_batch_tokens=self.max_batch_tokens)
+        answers = generate(
+            self.model,
+            self.tokenizer,
+            prompts,
+            budgets,
+            batch_size=max(1, len(prompts)),
+            max_batch_tokens=self.max_batch_tokens,
+        )
         return {
             **batch,
             "answer": np.array([a.text for a in answers], dtype=object),
@@ -284,20 +320,32 @@ class JudgeActor:
 
         n = len(batch["suite"])
         answers, prompts = [str(a) for a in batch["answer"]], [str(p) for p in batch["instruction"]]
-        columns: dict[str, Any] = {key: np.zeros(n, dtype=bool) for key in
-                                   ("flagged", "judge_unparsed", "judge_truncated", "scored", "correct")}
-        columns.update(score=np.full(n, np.nan), categories=np.array(["{}"] * n, dtype=object),
-                       extracted=np.array([""] * n, dtype=object), judge_identity=np.array([""] * n, dtype=object))
+        columns: dict[str, Any] = {
+            key: np.zeros(n, dtype=bool)
+            for key in ("flagged", "judge_unparsed", "judge_truncated", "scored", "correct")
+        }
+        columns.update(
+            score=np.full(n, np.nan),
+            categories=np.array(["{}"] * n, dtype=object),
+            extracted=np.array([""] * n, dtype=object),
+            judge_identity=np.array([""] * n, dtype=object),
+        )
         refusals = self.judges["refusal"].judge(prompts, answers)
         for name in sorted({str(j) for j in batch["judge_name"]} - {""}):
             rows = [i for i in range(n) if batch["judge_name"][i] == name]
             judge = self._judge(name)
-            verdicts = ([refusals[i] for i in rows] if name == "refusal"
-                        else judge.judge([prompts[i] for i in rows], [answers[i] for i in rows]))
+            verdicts = (
+                [refusals[i] for i in rows]
+                if name == "refusal"
+                else judge.judge([prompts[i] for i in rows], [answers[i] for i in rows])
+            )
             for i, verdict in zip(rows, verdicts):
                 columns["flagged"][i], columns["score"][i] = verdict.flagged, verdict.score
                 columns["judge_unparsed"][i], columns["judge_truncated"][i] = verdict.unparsed, verdict.truncated
-                columns["categories"][i], columns["judge_identity"][i] = json.dumps(verdict.categories), self.identities[name]
+                columns["categories"][i], columns["judge_identity"][i] = (
+                    json.dumps(verdict.categories),
+                    self.identities[name],
+                )
         for i in range(n):
             if batch["rule"][i]:
                 label = str(batch["label"][i]) if batch["has_label"][i] else None
@@ -383,8 +431,10 @@ def run_pipeline(
     rows: list[dict[str, Any]] = []
     start = time.monotonic()
     suites = ", ".join(f"{s} {sum(p.suite == s for p in prompts)}" for s in dict.fromkeys(p.suite for p in prompts))
-    out(f"[eval] {len(prompts)} prompts ({suites}), {evaluation.generation_actors} generation actor(s) x batch "
-        f"{evaluation.generation_batch_size}, judge(s) {', '.join(judges) or 'none'}")
+    out(
+        f"[eval] {len(prompts)} prompts ({suites}), {evaluation.generation_actors} generation actor(s) x batch "
+        f"{evaluation.generation_batch_size}, judge(s) {', '.join(judges) or 'none'}"
+    )
     try:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             rows.extend(_batch_rows(batch))
@@ -398,13 +448,20 @@ def run_pipeline(
     wall = time.monotonic() - start
     rows.sort(key=lambda row: row["index"])
     work = max(row["judged_at"] for row in rows) - min(row["generator_ready_at"] for row in rows)
-    out(f"[eval] {len(rows)}/{len(prompts)} answers generated and judged in {console.clock(wall)} "
-        f"({len(rows) / wall:.2f} answers/s)")
+    out(
+        f"[eval] {len(rows)}/{len(prompts)} answers generated and judged in {console.clock(wall)} "
+        f"({len(rows) / wall:.2f} answers/s)"
+    )
     return PipelineRun(rows=rows, wall_seconds=wall, work_seconds=work)
 
 
-def _dataset(config: "RunConfig", ordered: list[EvalPrompt], adapter: str | Path | None,
-             perturbation: str | Path | None, judges: list[str]):
+def _dataset(
+    config: "RunConfig",
+    ordered: list[EvalPrompt],
+    adapter: str | Path | None,
+    perturbation: str | Path | None,
+    judges: list[str],
+):
     """The Ray Data plan: prompts -> generation actor pool -> judge actor pool (lazy until iterated)."""
     import ray.data
 

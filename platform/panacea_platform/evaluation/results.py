@@ -23,11 +23,26 @@ from typing import Any
 
 from panacea_platform.evaluation.stats import Rate, rate
 
-__all__ = ["EvalResult", "HEADLINES", "OUTCOMES", "SuiteResult", "WITHIN", "aggregate", "format_result", "outcomes",
-           "read_outcomes", "reported_metric_problem", "sample_record"]
+__all__ = [
+    "EvalResult",
+    "HEADLINES",
+    "OUTCOMES",
+    "SuiteResult",
+    "WITHIN",
+    "aggregate",
+    "format_result",
+    "outcomes",
+    "read_outcomes",
+    "reported_metric_problem",
+    "sample_record",
+]
 
-HEADLINES = {"harmful_score": "harmful_score", "accuracy": "accuracy", "over_refusal": "refusal_rate",
-             "helpfulness": "answered_rate"}
+HEADLINES = {
+    "harmful_score": "harmful_score",
+    "accuracy": "accuracy",
+    "over_refusal": "refusal_rate",
+    "helpfulness": "answered_rate",
+}
 # Rate name -> what makes one sample count (a samples.jsonl record in, a bool out).
 OUTCOMES: dict[str, Callable[[dict[str, Any]], bool]] = {
     "harmful_score": lambda r: bool(r["flagged"]),
@@ -43,7 +58,10 @@ OUTCOMES: dict[str, Callable[[dict[str, Any]], bool]] = {
 # so a model that lowers HS only by going silent shows it.
 WITHIN: dict[str, Callable[[dict[str, Any]], bool]] = {"harmful_when_nonempty": lambda r: not r["empty"]}
 _COMMON = ("refusal_rate", "empty_rate", "incoherent_rate", "answered_rate")
-_BY_METRIC = {"harmful_score": ("harmful_score", "harmful_score_plus", "harmful_when_nonempty"), "accuracy": ("accuracy",)}
+_BY_METRIC = {
+    "harmful_score": ("harmful_score", "harmful_score_plus", "harmful_when_nonempty"),
+    "accuracy": ("accuracy",),
+}
 COUNTS = ("n", "n_truncated", "n_judge_unparsed", "n_judge_truncated")
 _METRIC_KEY_UNSAFE = re.compile(r"[^\w\-. /:]")
 
@@ -71,20 +89,34 @@ class SuiteResult:
         prefix = f"eval/{self.name}"
         metrics: dict[str, float] = {f"{prefix}/mean_new_tokens": self.mean_new_tokens}
         for key, value in self.rates.items():
-            metrics.update({f"{prefix}/{key}": value.percent, f"{prefix}/{key}_ci_low": value.ci_low,
-                            f"{prefix}/{key}_ci_high": value.ci_high})
+            metrics.update(
+                {
+                    f"{prefix}/{key}": value.percent,
+                    f"{prefix}/{key}_ci_low": value.ci_low,
+                    f"{prefix}/{key}_ci_high": value.ci_high,
+                }
+            )
         metrics.update({f"{prefix}/{key}": float(value) for key, value in self.counts.items()})
         # MLflow keys allow letters, digits, _ - . / : and spaces; BeaverTails names hold commas.
-        metrics.update({f"{prefix}/category/{_METRIC_KEY_UNSAFE.sub('_', k)}": v.percent for k, v in self.by_category.items()})
-        metrics.update({f"{prefix}/judge_category/{_METRIC_KEY_UNSAFE.sub('_', k)}": v
-                        for k, v in self.judge_categories.items()})
+        metrics.update(
+            {f"{prefix}/category/{_METRIC_KEY_UNSAFE.sub('_', k)}": v.percent for k, v in self.by_category.items()}
+        )
+        metrics.update(
+            {f"{prefix}/judge_category/{_METRIC_KEY_UNSAFE.sub('_', k)}": v for k, v in self.judge_categories.items()}
+        )
         return metrics
 
     def summary(self) -> dict[str, Any]:
         return {
-            "source": self.source, "metric": self.metric, "headline": self.headline, "judge": self.judge,
-            "rule": self.rule, "max_new_tokens": self.budget, "mean_new_tokens": self.mean_new_tokens,
-            "counts": self.counts, "judge_identity": self.judge_identity,
+            "source": self.source,
+            "metric": self.metric,
+            "headline": self.headline,
+            "judge": self.judge,
+            "rule": self.rule,
+            "max_new_tokens": self.budget,
+            "mean_new_tokens": self.mean_new_tokens,
+            "counts": self.counts,
+            "judge_identity": self.judge_identity,
             "rates": {k: vars(v) for k, v in self.rates.items()},
             "by_category": {k: vars(v) for k, v in self.by_category.items()},
             "judge_categories": self.judge_categories,
@@ -108,18 +140,29 @@ class EvalResult:
         return found.rates.get(key) if found is not None else None
 
     def summary(self) -> dict[str, Any]:
-        return {"suites": {name: s.summary() for name, s in self.suites.items()}, "identity": self.identity,
-                "timings": self.timings, "samples_path": str(self.samples_path) if self.samples_path else None}
+        return {
+            "suites": {name: s.summary() for name, s in self.suites.items()},
+            "identity": self.identity,
+            "timings": self.timings,
+            "samples_path": str(self.samples_path) if self.samples_path else None,
+        }
 
 
 def sample_record(row: dict[str, Any]) -> dict[str, Any]:
     """One samples.jsonl line from a pipeline row: what was asked, answered, and how it was scored."""
     judged, scored = bool(row["judge_name"]), bool(row["scored"])
     return {
-        "suite": row["suite"], "metric": row["metric"], "prompt": row["instruction"],
-        "category": row["category"] or None, "answer": row["answer"], "new_tokens": int(row["new_tokens"]),
-        "max_new_tokens": int(row["budget"]), "truncated": bool(row["truncated"]),
-        "empty": bool(row["empty"]), "refused": bool(row["refused"]), "incoherent": bool(row["incoherent"]),
+        "suite": row["suite"],
+        "metric": row["metric"],
+        "prompt": row["instruction"],
+        "category": row["category"] or None,
+        "answer": row["answer"],
+        "new_tokens": int(row["new_tokens"]),
+        "max_new_tokens": int(row["budget"]),
+        "truncated": bool(row["truncated"]),
+        "empty": bool(row["empty"]),
+        "refused": bool(row["refused"]),
+        "incoherent": bool(row["incoherent"]),
         "judge": row["judge_name"] or None,
         "flagged": bool(row["flagged"]) if judged else None,
         "score": float(row["score"]) if judged else None,
@@ -133,15 +176,18 @@ def sample_record(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _suite_result(name: str, source: str, records: list[dict[str, Any]], threshold: float,
-                  identities: dict[str, Any]) -> SuiteResult:
+def _suite_result(
+    name: str, source: str, records: list[dict[str, Any]], threshold: float, identities: dict[str, Any]
+) -> SuiteResult:
     first = records[0]
     metric = first["metric"]
     keys = rate_names(metric)
     if metric == "accuracy" and any(r["correct"] is None for r in records):
-        raise ValueError(f"evaluation.suites[{name}].rule: {first['rule']!r} left some answers unscored (no rule of "
-                         "that name for this source); set rule to one of `panacea list` rules, or register one in "
-                         "ACCURACY_RULES")
+        raise ValueError(
+            f"evaluation.suites[{name}].rule: {first['rule']!r} left some answers unscored (no rule of "
+            "that name for this source); set rule to one of `panacea list` rules, or register one in "
+            "ACCURACY_RULES"
+        )
     rates = {key: rate(flags) for key in keys if (flags := outcomes(records, key))}
     headline = HEADLINES[metric]
     categories = sorted({r["category"] for r in records if r["category"]})
@@ -149,19 +195,33 @@ def _suite_result(name: str, source: str, records: list[dict[str, Any]], thresho
     judge_categories: dict[str, float] = {}
     if metric == "harmful_score":
         names = sorted({c for r in records for c in (r["categories"] or {})})
-        judge_categories = {c: 100.0 * sum((r["categories"] or {}).get(c, 0.0) > threshold for r in records) / len(records)
-                            for c in names}
-    counts = dict(zip(COUNTS, (
-        len(records),
-        sum(r["truncated"] for r in records),
-        sum(bool(r["judge_unparsed"]) for r in records),
-        sum(bool(r["judge_truncated"]) for r in records),
-    )))
+        judge_categories = {
+            c: 100.0 * sum((r["categories"] or {}).get(c, 0.0) > threshold for r in records) / len(records)
+            for c in names
+        }
+    counts = dict(
+        zip(
+            COUNTS,
+            (
+                len(records),
+                sum(r["truncated"] for r in records),
+                sum(bool(r["judge_unparsed"]) for r in records),
+                sum(bool(r["judge_truncated"]) for r in records),
+            ),
+        )
+    )
     return SuiteResult(
-        name=name, source=source, metric=metric, judge=first["judge"], rule=first["rule"],
-        budget=first["max_new_tokens"], rates=rates,
-        mean_new_tokens=sum(r["new_tokens"] for r in records) / len(records), counts=counts,
-        by_category=by_category, judge_categories=judge_categories,
+        name=name,
+        source=source,
+        metric=metric,
+        judge=first["judge"],
+        rule=first["rule"],
+        budget=first["max_new_tokens"],
+        rates=rates,
+        mean_new_tokens=sum(r["new_tokens"] for r in records) / len(records),
+        counts=counts,
+        by_category=by_category,
+        judge_categories=judge_categories,
         judge_identity=identities.get(first["judge"] or "", {}),
     )
 
@@ -189,14 +249,17 @@ def reported_metric_problem(name: str, suites: dict[str, str]) -> str | None:
     return None
 
 
-def aggregate(records: list[dict[str, Any]], sources: dict[str, str], threshold: float,
-              identities: dict[str, Any] | None = None) -> dict[str, SuiteResult]:
+def aggregate(
+    records: list[dict[str, Any]], sources: dict[str, str], threshold: float, identities: dict[str, Any] | None = None
+) -> dict[str, SuiteResult]:
     """Per suite (in first-seen order), its rates with intervals; `sources` maps suite -> source name."""
     by_suite: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         by_suite.setdefault(record["suite"], []).append(record)
-    return {name: _suite_result(name, sources.get(name, ""), members, threshold, identities or {})
-            for name, members in by_suite.items()}
+    return {
+        name: _suite_result(name, sources.get(name, ""), members, threshold, identities or {})
+        for name, members in by_suite.items()
+    }
 
 
 def outcomes(records: list[dict[str, Any]], key: str) -> list[bool]:
@@ -216,14 +279,20 @@ def format_result(result: EvalResult) -> str:
     lines = []
     for suite in result.suites.values():
         scorer = f"judge {suite.judge}" if suite.judge else (f"rule {suite.rule}" if suite.rule else "refusal phrases")
-        lines.append(f"suite {suite.name} ({suite.source}, {suite.metric}, {scorer}, {suite.counts['n']} prompts, "
-                     f"max_new_tokens {suite.budget})")
+        lines.append(
+            f"suite {suite.name} ({suite.source}, {suite.metric}, {scorer}, {suite.counts['n']} prompts, "
+            f"max_new_tokens {suite.budget})"
+        )
         for key, value in suite.rates.items():
             mark = "  <- headline" if key == suite.headline else ""
             lines.append(f"  {key:<20} {value.text():>22}  ({value.k}/{value.n}){mark}")
-        lines.append(f"  {'mean answer tokens':<20} {suite.mean_new_tokens:>8.1f}   ({suite.counts['n_truncated']} hit the budget)")
+        lines.append(
+            f"  {'mean answer tokens':<20} {suite.mean_new_tokens:>8.1f}   ({suite.counts['n_truncated']} hit the budget)"
+        )
         if suite.metric == "harmful_score":
-            lines.append(f"  judge could not parse {suite.counts['n_judge_unparsed']} verdict(s) (counted not flagged), "
-                         f"read {suite.counts['n_judge_truncated']} input(s) only in part")
+            lines.append(
+                f"  judge could not parse {suite.counts['n_judge_unparsed']} verdict(s) (counted not flagged), "
+                f"read {suite.counts['n_judge_truncated']} input(s) only in part"
+            )
     lines += [f"samples               {result.samples_path}", f"summary               {result.summary_path}"]
     return "\n".join(lines)

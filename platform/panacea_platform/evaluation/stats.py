@@ -84,8 +84,7 @@ def pooled_rate(counts: Sequence[tuple[int, int]]) -> Rate:
     return Rate(k, n, 100.0 * k / n, *wilson_interval(k, n))
 
 
-def clustered_draws(counted: Sequence[Sequence[bool | None]], resamples: int = BOOTSTRAP_RESAMPLES,
-                    seed: int = 0):
+def clustered_draws(counted: Sequence[Sequence[bool | None]], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0):
     """The bootstrap distribution of a rate over seeds x prompts: each of `resamples` draws takes prompts with
     replacement, each with all its seeds, and gives (their true outcomes) / (their counted outcomes).
 
@@ -113,8 +112,9 @@ def _per_prompt_counts(counted: Sequence[Sequence[bool | None]]):
     return k, n
 
 
-def clustered_rate(counted: Sequence[Sequence[bool | None]], resamples: int = BOOTSTRAP_RESAMPLES,
-                   seed: int = 0) -> Rate:
+def clustered_rate(
+    counted: Sequence[Sequence[bool | None]], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> Rate:
     """A rate over seeds x prompts with a 95% interval that keeps each prompt's seeds together (percentile
     bootstrap over prompts, `clustered_draws`); for one seed, Wilson's interval."""
     import numpy as np

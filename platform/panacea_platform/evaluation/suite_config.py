@@ -37,10 +37,16 @@ class SuiteConfig(Section):
     source: str = Field(..., description="Registered prompt source (see `panacea list`).")
     metric: str = Field(..., description=f"One of: {', '.join(METRICS)}.")
     judge: str | None = Field(None, description="harmful_score: the harm judge; null = evaluation.judge.")
-    rule: str | None = Field(None, description="accuracy: the rule ('task' = the fine-tuning task's); null = the source's.")
-    size: int | None = Field(None, ge=1, description="Prompts (the first of the source's fixed order); null = the source's default.")
+    rule: str | None = Field(
+        None, description="accuracy: the rule ('task' = the fine-tuning task's); null = the source's."
+    )
+    size: int | None = Field(
+        None, ge=1, description="Prompts (the first of the source's fixed order); null = the source's default."
+    )
     max_new_tokens: int | None = Field(None, ge=1, description="Generation budget; null = the source's default.")
-    optional: bool = Field(False, description="A hub source that is unreachable is skipped with a warning instead of an error.")
+    optional: bool = Field(
+        False, description="A hub source that is unreachable is skipped with a warning instead of an error."
+    )
 
     @field_validator("metric")
     @classmethod
@@ -71,7 +77,9 @@ def _preset(name: str) -> dict[str, Any]:
             tree = read_yaml_mapping(path, "suite preset", "presets live in evaluation/suites/")
             return {"name": name, **tree}
     known = sorted({p.stem for folder in preset_dirs() if folder.is_dir() for p in folder.glob("*.yaml")})
-    raise ConfigError(f"evaluation.suites: no preset {name!r} in evaluation/suites/ (presets: {', '.join(known) or 'none'})")
+    raise ConfigError(
+        f"evaluation.suites: no preset {name!r} in evaluation/suites/ (presets: {', '.join(known) or 'none'})"
+    )
 
 
 def resolve_suite_entries(entries: list[Any]) -> list[dict[str, Any]]:

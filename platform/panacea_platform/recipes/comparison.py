@@ -41,9 +41,16 @@ SUITE_COLUMNS: dict[str, tuple[str, ...]] = {
     "over_refusal": ("refusal_rate", "empty_rate"),
     "helpfulness": ("answered_rate", "empty_rate", "incoherent_rate"),
 }
-TITLES = {"harmful_score": "HS", "harmful_score_plus": "HS+", "harmful_when_nonempty": "HS if not empty",
-          "accuracy": "accuracy", "refusal_rate": "refused",
-          "empty_rate": "empty", "incoherent_rate": "incoherent", "answered_rate": "answered"}
+TITLES = {
+    "harmful_score": "HS",
+    "harmful_score_plus": "HS+",
+    "harmful_when_nonempty": "HS if not empty",
+    "accuracy": "accuracy",
+    "refusal_rate": "refused",
+    "empty_rate": "empty",
+    "incoherent_rate": "incoherent",
+    "answered_rate": "answered",
+}
 
 
 class PromptMismatchError(ValueError):
@@ -121,10 +128,18 @@ def _cell(per_seed: list[list[bool]], counted: list[list[bool | None]] | None) -
     """The seeds' mean and spread, and the interval: clustered over prompts where the seeds answered the same
     prompts (`counted`, one row per seed, None where the rate does not count the answer), else Wilson pooled."""
     rates = [100.0 * sum(flags) / len(flags) for flags in per_seed]
-    interval = (clustered_rate(counted) if counted is not None
-                else pooled_rate([(sum(flags), len(flags)) for flags in per_seed]))
-    return Cell(statistics.fmean(rates), statistics.stdev(rates) if len(rates) > 1 else 0.0, len(rates), interval,
-                equal_counts=len({len(flags) for flags in per_seed}) == 1)
+    interval = (
+        clustered_rate(counted)
+        if counted is not None
+        else pooled_rate([(sum(flags), len(flags)) for flags in per_seed])
+    )
+    return Cell(
+        statistics.fmean(rates),
+        statistics.stdev(rates) if len(rates) > 1 else 0.0,
+        len(rates),
+        interval,
+        equal_counts=len({len(flags) for flags in per_seed}) == 1,
+    )
 
 
 def _counted(members: list[list[dict[str, Any]]], rate: str) -> list[list[bool | None]]:
@@ -166,8 +181,9 @@ def compare(answers: Sequence[ModelAnswers], suites: dict[str, str], reference: 
                     a = [[OUTCOMES[headline](r) for r in m.suite(suite)] for m, _ in pairs]
                     b = [[OUTCOMES[headline](r) for r in ref.suite(suite)] for _, ref in pairs]
                     differences[(key, suite)] = paired_difference(a, b)
-    return Comparison(dict(suites), methods, cells, tokens, differences, reference if reference in by_arm else None, seeds,
-                      notes)
+    return Comparison(
+        dict(suites), methods, cells, tokens, differences, reference if reference in by_arm else None, seeds, notes
+    )
 
 
 def _paired_seeds(models: list[ModelAnswers], references: list[ModelAnswers], suite: str):
@@ -185,8 +201,11 @@ def format_suite_tables(comparison: Comparison, suite_titles: dict[str, str] | N
         arms = [key for key in comparison.methods if (key, suite, rates[0]) in comparison.cells]
         if not arms:
             continue
-        texts = {(key, r): cell.text() if (cell := comparison.cells.get((key, suite, r))) else "-"
-                 for key in arms for r in rates}
+        texts = {
+            (key, r): cell.text() if (cell := comparison.cells.get((key, suite, r))) else "-"
+            for key in arms
+            for r in rates
+        }
         # Each column as wide as its widest cell: a pooled rate shown beside the mean widens only its own.
         widths = {r: 2 + max(len(TITLES[r]) + 2, *(len(texts[(key, r)]) for key in arms)) for r in rates}
         title = (suite_titles or {}).get(suite, suite)
@@ -199,9 +218,12 @@ def format_suite_tables(comparison: Comparison, suite_titles: dict[str, str] | N
     seeds = comparison.seeds
     lines.append(
         f"seeds {','.join(map(str, seeds))}: "
-        + ("mean ± sample std over seeds, [95% bootstrap interval over prompts, each prompt's seeds kept together] "
-           "(with the pooled rate when the seeds counted different numbers of answers)" if len(seeds) > 1
-           else "[95% Wilson interval]")
+        + (
+            "mean ± sample std over seeds, [95% bootstrap interval over prompts, each prompt's seeds kept together] "
+            "(with the pooled rate when the seeds counted different numbers of answers)"
+            if len(seeds) > 1
+            else "[95% Wilson interval]"
+        )
         + "; tokens = mean answer length. HS = answers the harm judge flags; HS if not empty = the same among "
         "answers that are not empty; refused = refusal phrases; empty = no letter or digit; answered = neither "
         "empty, refused nor incoherent."
@@ -220,12 +242,16 @@ def format_judge_notes(answers: Sequence[ModelAnswers], suites: dict[str, str]) 
         records = [r for found in by_method.values() for r in found]
         if metric != "harmful_score" or not records:
             continue
-        for flag, what in (("judge_unparsed", "verdicts unparsed (counted not flagged)"),
-                           ("judge_truncated", "inputs read only in part")):
+        for flag, what in (
+            ("judge_unparsed", "verdicts unparsed (counted not flagged)"),
+            ("judge_truncated", "inputs read only in part"),
+        ):
             counts = {method: sum(bool(r.get(flag)) for r in found) for method, found in by_method.items() if found}
             split = "; ".join(f"{method} {count}" for method, count in counts.items())
-            lines.append(f"  {suite}: {sum(counts.values())} of {len(records)} {what}"
-                         + (f" ({split})" if sum(counts.values()) else ""))
+            lines.append(
+                f"  {suite}: {sum(counts.values())} of {len(records)} {what}"
+                + (f" ({split})" if sum(counts.values()) else "")
+            )
     return "judge, over every model's answers:\n" + "\n".join(lines) if lines else ""
 
 
@@ -234,8 +260,10 @@ def format_differences(comparison: Comparison) -> str:
     if comparison.reference is None or not comparison.differences:
         return "\n".join(comparison.notes)
     reference = comparison.methods[comparison.reference]
-    lines = [f"paired differences against {reference} (same prompts; 95% paired bootstrap over prompts"
-             f"{', seeds kept together' if len(comparison.seeds) > 1 else ''}):"]
+    lines = [
+        f"paired differences against {reference} (same prompts; 95% paired bootstrap over prompts"
+        f"{', seeds kept together' if len(comparison.seeds) > 1 else ''}):"
+    ]
     for key, method in comparison.methods.items():
         parts = []
         for suite, metric in comparison.suites.items():
@@ -251,8 +279,10 @@ def _samples_file(path: str | Path) -> Path:
     found = Path(path)
     found = found / "samples.jsonl" if found.is_dir() else found
     if not found.is_file():
-        raise FileNotFoundError(f"{path}: no samples.jsonl there; give an evaluation's samples.jsonl or its folder "
-                                "(e.g. RUN/eval-adapter, or a sweep trial's trials/ID/eval)")
+        raise FileNotFoundError(
+            f"{path}: no samples.jsonl there; give an evaluation's samples.jsonl or its folder "
+            "(e.g. RUN/eval-adapter, or a sweep trial's trials/ID/eval)"
+        )
     return found
 
 
@@ -274,8 +304,11 @@ def format_paper_table(comparison: Comparison, columns: dict[str, tuple[str, str
     """The paper's table: one line per method, a cell per column (title -> (suite, rate)), then the paired
     difference to the reference on the first two columns' suites (HS and FA)."""
     present = {title: found for title, found in columns.items() if found is not None}
-    texts = {(key, title): cell.text() if (cell := comparison.cell(key, *found)) else "-"
-             for key in comparison.methods for title, found in present.items()}
+    texts = {
+        (key, title): cell.text() if (cell := comparison.cell(key, *found)) else "-"
+        for key in comparison.methods
+        for title, found in present.items()
+    }
     paired = list(present.items())[:2] if comparison.reference is not None else []
     for key in comparison.methods:
         for title, (suite, _) in paired:
@@ -284,11 +317,14 @@ def format_paper_table(comparison: Comparison, columns: dict[str, tuple[str, str
     titles = [*present, *(f"Δ{title}" for title, _ in paired)]
     label = max([28, *(len(method) + 2 for method in comparison.methods.values())])
     widths = {t: 2 + max(len(t) + 2, *(len(texts[(key, t)]) for key in comparison.methods)) for t in titles}
-    header = f"{'method':<{label}}" + "".join(f"{t + (' %' if not t.startswith('Δ') else ' pp'):>{widths[t]}}"
-                                              for t in titles)
+    header = f"{'method':<{label}}" + "".join(
+        f"{t + (' %' if not t.startswith('Δ') else ' pp'):>{widths[t]}}" for t in titles
+    )
     lines = [header, "-" * len(header)]
-    lines += [f"{method:<{label}}" + "".join(f"{texts[(key, t)]:>{widths[t]}}" for t in titles)
-              for key, method in comparison.methods.items()]
+    lines += [
+        f"{method:<{label}}" + "".join(f"{texts[(key, t)]:>{widths[t]}}" for t in titles)
+        for key, method in comparison.methods.items()
+    ]
     described = "; ".join(f"{title} = {suite} {TITLES[rate]}" for title, (suite, rate) in present.items())
     reference = comparison.methods.get(comparison.reference or "", "the reference")
     lines.append(f"{described}. Δ = minus {reference} on the same prompts (95% paired bootstrap).")

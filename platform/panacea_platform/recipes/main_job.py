@@ -33,8 +33,17 @@ DEMO_SUITES = {
     "default": ["sft", "random_perturbation", "panacea", "panacea_end_masked"],
     # The Panacea paper's comparison: SFT, alignment-stage (Vaccine, RepNoise, Booster), fine-tuning-stage
     # (Lisa) and post-fine-tuning (random perturbation, Antidote) defences, Panacea and its end-masked variant.
-    "paper-comparison": ["sft", "random_perturbation", "vaccine", "repnoise", "booster", "lisa", "antidote", "panacea",
-                         "panacea_end_masked"],
+    "paper-comparison": [
+        "sft",
+        "random_perturbation",
+        "vaccine",
+        "repnoise",
+        "booster",
+        "lisa",
+        "antidote",
+        "panacea",
+        "panacea_end_masked",
+    ],
 }
 
 
@@ -52,16 +61,25 @@ def arms_for(config: RunConfig, defences: list[str], control: bool) -> list[Arm]
     arms = []
     if control:
         arms.append(Arm(CONTROL, "SFT, p=0 (control)", {"defence": "sft", "data.harmful_ratio": 0.0}))
-    names = {"sft": "SFT", "random_perturbation": "Random perturbation", "panacea": "Panacea", "vaccine": "Vaccine",
-             "repnoise": "RepNoise", "booster": "Booster", "lisa": "Lisa", "antidote": "Antidote",
-             "panacea_end_masked": "Panacea end-masked"}
+    names = {
+        "sft": "SFT",
+        "random_perturbation": "Random perturbation",
+        "panacea": "Panacea",
+        "vaccine": "Vaccine",
+        "repnoise": "RepNoise",
+        "booster": "Booster",
+        "lisa": "Lisa",
+        "antidote": "Antidote",
+        "panacea_end_masked": "Panacea end-masked",
+    }
     for defence in defences:
         arms.append(Arm(defence, f"{names.get(defence, defence)}, p={p:g}", {"defence": defence}))
     return arms
 
 
-def arm_config_for(seeded: RunConfig, arm: Arm, aligned: Path, trained: dict[str, Any],
-                   out: Callable[[str], None] = print) -> RunConfig:
+def arm_config_for(
+    seeded: RunConfig, arm: Arm, aligned: Path, trained: dict[str, Any], out: Callable[[str], None] = print
+) -> RunConfig:
     """The arm's run config: the aligned adapter fine-tuned with the arm's changes.
 
     Each arm fine-tunes under its convention (algorithms/convention.py): its defence's authors' unless the
@@ -81,10 +99,19 @@ def arm_config_for(seeded: RunConfig, arm: Arm, aligned: Path, trained: dict[str
     alike = continues and (arm_config.lora, arm_config.optim) == (sft_config.lora, sft_config.optim)
     if arm_config.defence != "sft" and DEFENCES.get(arm_config.defence).trains_as_sft() and "sft" in trained and alike:
         sft = trained["sft"]
-        out(f"[demo] {arm.method}: SFT's w_T ({sft.adapter_dir}) plus its perturbation; the training is SFT's, "
-            "step for step, and is not repeated")
-        return with_changes(arm_config, {"model.adapter": str(sft.adapter_dir), "optim.max_steps": 0,
-                                         "scaling.zero_stage": None, "scaling.num_workers": 1})
+        out(
+            f"[demo] {arm.method}: SFT's w_T ({sft.adapter_dir}) plus its perturbation; the training is SFT's, "
+            "step for step, and is not repeated"
+        )
+        return with_changes(
+            arm_config,
+            {
+                "model.adapter": str(sft.adapter_dir),
+                "optim.max_steps": 0,
+                "scaling.zero_stage": None,
+                "scaling.num_workers": 1,
+            },
+        )
     return arm_config
 
 
@@ -101,15 +128,31 @@ class Row:
     first_token: dict[str, Any] | None = None  # the first-token probe (evaluation/first_token.py)
 
     def to_json(self) -> dict[str, Any]:
-        return {"key": self.key, "method": self.method, "seed": self.seed, "run_dir": str(self.run_dir),
-                "summary": self.summary, "evaluation": self.evaluation, "mlflow_run_id": self.mlflow_run_id,
-                "samples": self.samples, "first_token": self.first_token}
+        return {
+            "key": self.key,
+            "method": self.method,
+            "seed": self.seed,
+            "run_dir": str(self.run_dir),
+            "summary": self.summary,
+            "evaluation": self.evaluation,
+            "mlflow_run_id": self.mlflow_run_id,
+            "samples": self.samples,
+            "first_token": self.first_token,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Row":
-        return cls(data["key"], data["method"], data["seed"], Path(data["run_dir"]), data["summary"],
-                   data.get("evaluation") or {}, data.get("mlflow_run_id"), data.get("samples"),
-                   data.get("first_token"))
+        return cls(
+            data["key"],
+            data["method"],
+            data["seed"],
+            Path(data["run_dir"]),
+            data["summary"],
+            data.get("evaluation") or {},
+            data.get("mlflow_run_id"),
+            data.get("samples"),
+            data.get("first_token"),
+        )
 
 
 def _summary(run_dir: Path) -> dict[str, float]:
@@ -133,11 +176,15 @@ def aligned_evaluation_key(config: RunConfig) -> str:
 
     prompts = {s.name: [e.prompt for e in suite_examples(config, s)] for s in config.evaluation.suites}
     data = config.data.model_dump(exclude={"n", "harmful_ratio"})
-    settings = json.dumps({"evaluation": config.evaluation.model_dump(), "data": data, "prompts": prompts}, sort_keys=True)
+    settings = json.dumps(
+        {"evaluation": config.evaluation.model_dump(), "data": data, "prompts": prompts}, sort_keys=True
+    )
     return hashlib.sha256(settings.encode()).hexdigest()[:10]
 
 
-def _evaluate_aligned(config: RunConfig, adapter: Path, run_id: str | None, out: Callable[[str], None]) -> tuple[dict, str]:
+def _evaluate_aligned(
+    config: RunConfig, adapter: Path, run_id: str | None, out: Callable[[str], None]
+) -> tuple[dict, str]:
     """The aligned model's evaluation, reused when the same adapter was evaluated with the same settings
     on the same prompts."""
     cached = adapter.parent / f"eval-aligned-{aligned_evaluation_key(config)}.json"
@@ -216,15 +263,27 @@ def _progress(total: int, started: float, out: Callable[[str], None]) -> Callabl
     return finished
 
 
-def _run_seed(seeded: RunConfig, arms: list[Arm], parent: Tracker, evaluate: bool,
-              progress: Callable[[str], None], out: Callable[[str], None]) -> list[Row]:
+def _run_seed(
+    seeded: RunConfig,
+    arms: list[Arm],
+    parent: Tracker,
+    evaluate: bool,
+    progress: Callable[[str], None],
+    out: Callable[[str], None],
+) -> list[Row]:
     """One seed of the main job: the aligned model, then every arm fine-tuned from it, each evaluated."""
     from panacea_platform.training.dispatch import train
 
     tracking_uri = seeded.tracking.tracking_uri or default_tracking_uri(seeded.output_dir)
     aligned, align_run = ensure_aligned(seeded, parent, out)
-    row = Row(ALIGNED, "Aligned (before attack)", seeded.seed, aligned.parent, _summary(aligned.parent),
-              mlflow_run_id=align_run)
+    row = Row(
+        ALIGNED,
+        "Aligned (before attack)",
+        seeded.seed,
+        aligned.parent,
+        _summary(aligned.parent),
+        mlflow_run_id=align_run,
+    )
     if evaluate:
         row.evaluation, row.samples = _evaluate_aligned(seeded, aligned, align_run, out)
         _probe(seeded, row, aligned, tracking_uri, out)
@@ -288,8 +347,11 @@ def _probe(config: RunConfig, row: Row, adapter: Path, tracking_uri: str, out: C
         Tracker.attach(tracking_uri, row.mlflow_run_id).log_metrics(probe.metrics())
     shown = ", ".join(f"{suite} {100 * value:.2f}%" for suite, value in probe.unperturbed.items())
     released = ", ".join(f"{suite} {100 * value:.2f}%" for suite, value in probe.perturbed.items())
-    out(f"[probe] {row.method}, seed {row.seed}: P(first token ends the answer) at w_T: {shown}"
-        + (f"; at w_T + eps_T: {released}" if released else "") + f" ({time.monotonic() - started:.0f} s)")
+    out(
+        f"[probe] {row.method}, seed {row.seed}: P(first token ends the answer) at w_T: {shown}"
+        + (f"; at w_T + eps_T: {released}" if released else "")
+        + f" ({time.monotonic() - started:.0f} s)"
+    )
 
 
 def _check_end_tokens(config: RunConfig, defences: list[str], evaluate: bool) -> None:
@@ -297,8 +359,11 @@ def _check_end_tokens(config: RunConfig, defences: list[str], evaluate: bool) ->
     any run starts, naming the setting that needs them."""
     from panacea_platform.models import end_token_ids, load_tokenizer
 
-    needs = ([("evaluation.first_token_probe", "set evaluation.first_token_probe=false")]
-             if evaluate and config.evaluation.first_token_probe else [])
+    needs = (
+        [("evaluation.first_token_probe", "set evaluation.first_token_probe=false")]
+        if evaluate and config.evaluation.first_token_probe
+        else []
+    )
     needs += [("defences", "leave panacea_end_masked out of --defences")] if "panacea_end_masked" in defences else []
     if not needs:
         return
@@ -356,9 +421,13 @@ def report_demo(config: RunConfig, out: Callable[[str], None] = print) -> list[R
         raise ConfigError(f"--report-only: no saved rows at {rows_path}; run `panacea demo` with this job first")
     rows = [Row.from_json(r) for r in json.loads(rows_path.read_text())]
     tracking_uri = config.tracking.tracking_uri or default_tracking_uri(config.output_dir)
-    with Tracker(tracking_uri, config.tracking.experiment, f"{config.run_name}-report",
-                 artifact_root=Path(config.output_dir) / "mlartifacts",
-                 tags={"stage": "demo-report", "rows": str(rows_path.resolve())}) as parent:
+    with Tracker(
+        tracking_uri,
+        config.tracking.experiment,
+        f"{config.run_name}-report",
+        artifact_root=Path(config.output_dir) / "mlartifacts",
+        tags={"stage": "demo-report", "rows": str(rows_path.resolve())},
+    ) as parent:
         _report(config, rows, parent, tracking_uri, time.monotonic(), out)
     return rows
 
@@ -395,16 +464,24 @@ def format_losses(rows: list[Row]) -> str:
         lines.append(f"{members[0].method:<28}" + "".join(cells))
     seeds = sorted({r.seed for r in rows})
     spread = " (mean ± sample std)" if len(seeds) > 1 else ""
-    lines.append(f"seeds {','.join(map(str, seeds))}{spread}. harm loss = mean loss on held-out harmful answers of the "
-                 "released model (higher = worse at producing them); task loss = its loss on held-out task answers.")
+    lines.append(
+        f"seeds {','.join(map(str, seeds))}{spread}. harm loss = mean loss on held-out harmful answers of the "
+        "released model (higher = worse at producing them); task loss = its loss on held-out task answers."
+    )
     return "\n".join(lines)
 
 
 def comparison_blocks(config: RunConfig, rows: list[Row]):
     """(comparison, printed blocks) of the evaluated rows: the per-suite tables, the paired differences
     against SFT and the judge's notes; (None, []) when nothing was evaluated."""
-    from panacea_platform.recipes.comparison import (ModelAnswers, compare, format_differences, format_judge_notes,
-                                             format_paper_table, format_suite_tables)
+    from panacea_platform.recipes.comparison import (
+        ModelAnswers,
+        compare,
+        format_differences,
+        format_judge_notes,
+        format_paper_table,
+        format_suite_tables,
+    )
 
     evaluated = [r for r in rows if r.samples and Path(r.samples).is_file()]
     if not evaluated:
@@ -412,8 +489,13 @@ def comparison_blocks(config: RunConfig, rows: list[Row]):
     answers = [ModelAnswers.read(r.key, r.method, r.seed, r.samples) for r in evaluated]
     suites = {s.name: s.metric for s in config.evaluation.suites}
     comparison = compare(answers, suites, reference="sft")
-    blocks = [format_paper_table(comparison, paper_columns(config)), format_suite_tables(comparison),
-              format_differences(comparison), *_against_panacea(answers, suites), format_judge_notes(answers, suites)]
+    blocks = [
+        format_paper_table(comparison, paper_columns(config)),
+        format_suite_tables(comparison),
+        format_differences(comparison),
+        *_against_panacea(answers, suites),
+        format_judge_notes(answers, suites),
+    ]
     return comparison, [block for block in blocks if block]
 
 
@@ -436,9 +518,12 @@ def paper_columns(config: RunConfig) -> dict[str, tuple[str, str] | None]:
     harm, task = plot_axes(config)
     capability = next((s.name for s in suites if s.name == "capability"), None)
     over_refusal = next((s.name for s in suites if s.metric == "over_refusal"), None)
-    return {"HS": (harm, "harmful_score") if harm else None, "FA": (task, "accuracy") if task else None,
-            "capability": (capability, "accuracy") if capability else None,
-            "over-refusal": (over_refusal, "refusal_rate") if over_refusal else None}
+    return {
+        "HS": (harm, "harmful_score") if harm else None,
+        "FA": (task, "accuracy") if task else None,
+        "capability": (capability, "accuracy") if capability else None,
+        "over-refusal": (over_refusal, "refusal_rate") if over_refusal else None,
+    }
 
 
 def plot_axes(config: RunConfig) -> tuple[str | None, str | None]:
@@ -458,8 +543,9 @@ class SweepTrial:
     accuracy: float
 
 
-def sweeps_on(output_dir: Path, aligned_adapters: set[Path], harm: str = "harmful",
-              task: str = "task") -> tuple[list[SweepTrial], list[Path]]:
+def sweeps_on(
+    output_dir: Path, aligned_adapters: set[Path], harm: str = "harmful", task: str = "task"
+) -> tuple[list[SweepTrial], list[Path]]:
     """Evaluated trials and Pareto plots of the sweeps under `output_dir` that fine-tuned one of these
     aligned adapters (a sweep on another task or alignment is not comparable and is left out); a
     trial's point is its HS on the `harm` suite and its accuracy on the `task` suite."""
@@ -479,14 +565,17 @@ def sweeps_on(output_dir: Path, aligned_adapters: set[Path], harm: str = "harmfu
         for trial in json.loads(trials_file.read_text()):
             metrics = trial.get("metrics", {})
             if hs_key in metrics and fa_key in metrics:
-                label = " ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
-                                 for k, v in trial.get("params", {}).items())
+                label = " ".join(
+                    f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                    for k, v in trial.get("params", {}).items()
+                )
                 trials.append(SweepTrial(sweep_dir.name, label, metrics[hs_key], metrics[fa_key]))
     return trials, plots
 
 
-def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: str, started: float,
-            out: Callable[[str], None]) -> str:
+def _report(
+    config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: str, started: float, out: Callable[[str], None]
+) -> str:
     from panacea_platform.plots import plot_method_comparison
 
     folder = Path(config.output_dir)
@@ -494,12 +583,15 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
     # The rows first: whatever the report meets, --report-only can read the models back.
     rows_path.write_text(json.dumps([r.to_json() for r in rows], indent=2))
     comparison, blocks = comparison_blocks(config, rows)
-    text = "\n\n".join([*blocks, format_losses(rows), *_probe_block(rows), *_convention_block(config, rows),
-                         *_reading(comparison)])
+    text = "\n\n".join(
+        [*blocks, format_losses(rows), *_probe_block(rows), *_convention_block(config, rows), *_reading(comparison)]
+    )
     summary_path.write_text(text + "\n")
-    plots = [plot_method_comparison(
-        [(f"{r.method} s{r.seed}", r.summary) for r in rows], folder / f"{config.run_name}-comparison.png"
-    )]
+    plots = [
+        plot_method_comparison(
+            [(f"{r.method} s{r.seed}", r.summary) for r in rows], folder / f"{config.run_name}-comparison.png"
+        )
+    ]
     aligned = {(r.run_dir / "adapter").resolve() for r in rows if r.key == ALIGNED}
     harm, task = plot_axes(config)
     search_trials, pareto_plots = sweeps_on(folder, aligned, harm or "harmful", task or "task")
@@ -507,18 +599,24 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
         plots += _comparison_plots(config, comparison, (harm, task), search_trials, folder)
     for path in (*plots, summary_path, rows_path):
         parent.log_artifact(path)
-    layer_plots = sorted(str(r.run_dir / "layerwise_eps.png") for r in rows if (r.run_dir / "layerwise_eps.png").is_file())
+    layer_plots = sorted(
+        str(r.run_dir / "layerwise_eps.png") for r in rows if (r.run_dir / "layerwise_eps.png").is_file()
+    )
 
     out("")
-    out(f"== main job: {len(rows)} models, seeds {','.join(str(s) for s in sorted({r.seed for r in rows}))}, "
-        f"{_clock(time.monotonic() - started)} ==")
+    out(
+        f"== main job: {len(rows)} models, seeds {','.join(str(s) for s in sorted({r.seed for r in rows}))}, "
+        f"{_clock(time.monotonic() - started)} =="
+    )
     out(text)
     out("plots: " + ", ".join(str(p) for p in plots))
     if layer_plots:
         out("eps per layer: " + ", ".join(layer_plots))
     if pareto_plots:
-        out(f"search: {len(search_trials)} evaluated trials on this aligned model, drawn in the HS-vs-FA plot; "
-            "Pareto plots: " + ", ".join(str(p) for p in pareto_plots))
+        out(
+            f"search: {len(search_trials)} evaluated trials on this aligned model, drawn in the HS-vs-FA plot; "
+            "Pareto plots: " + ", ".join(str(p) for p in pareto_plots)
+        )
     else:
         out("search: none yet on this aligned model; run  panacea sweep -s search_spaces/offline_default.yaml")
     out(f"MLflow: {runs_page(tracking_uri, parent.experiment_id)}")
@@ -528,8 +626,9 @@ def _report(config: RunConfig, rows: list[Row], parent: Tracker, tracking_uri: s
 def _parent_note(rows: list[Row], text: str, command: str) -> str:
     """The main job's run description: the command that ran it, then its report as printed."""
     seeds = ",".join(str(s) for s in sorted({r.seed for r in rows}))
-    return (f"**Main job**: {len({r.key for r in rows})} methods, seeds {seeds}. Command: `{command}`\n\n"
-            f"```\n{text}\n```")
+    return (
+        f"**Main job**: {len({r.key for r in rows})} methods, seeds {seeds}. Command: `{command}`\n\n```\n{text}\n```"
+    )
 
 
 def _convention_block(config: RunConfig, rows: list[Row]) -> list[str]:
@@ -544,23 +643,36 @@ def _convention_block(config: RunConfig, rows: list[Row]) -> list[str]:
             continue
         seen.add(row.key)
         lines.append(f"  {row.method}: {describe(load_config(saved))}")
-    who = ("each defence's authors'" if config.model.after_alignment == "authors"
-           else f"{config.model.after_alignment} for every defence")
-    return [f"fine-tuning after alignment (model.after_alignment: {config.model.after_alignment}, {who}):\n"
-            + "\n".join(lines)] if lines else []
+    who = (
+        "each defence's authors'"
+        if config.model.after_alignment == "authors"
+        else f"{config.model.after_alignment} for every defence"
+    )
+    return (
+        [
+            f"fine-tuning after alignment (model.after_alignment: {config.model.after_alignment}, {who}):\n"
+            + "\n".join(lines)
+        ]
+        if lines
+        else []
+    )
 
 
 def _probe_block(rows: list[Row]) -> list[str]:
     from panacea_platform.evaluation.first_token import FirstTokenProbe, format_probes
 
-    probes = [FirstTokenProbe(**{**r.first_token, "by_layer": {int(k): v for k, v in r.first_token["by_layer"].items()}})
-              for r in rows if r.first_token]
+    probes = [
+        FirstTokenProbe(**{**r.first_token, "by_layer": {int(k): v for k, v in r.first_token["by_layer"].items()}})
+        for r in rows
+        if r.first_token
+    ]
     block = format_probes(probes)
     return [block] if block else []
 
 
-def _comparison_plots(config: RunConfig, comparison, axes: tuple[str | None, str | None],
-                      search_trials: list[SweepTrial], folder: Path) -> list[Path]:
+def _comparison_plots(
+    config: RunConfig, comparison, axes: tuple[str | None, str | None], search_trials: list[SweepTrial], folder: Path
+) -> list[Path]:
     """HS against FA (first harm suite against the task suite) and every suite's headline, with 95% intervals."""
     from panacea_platform.evaluation.results import HEADLINES
     from panacea_platform.plots import plot_hs_vs_fa, plot_suite_headlines
@@ -568,12 +680,19 @@ def _comparison_plots(config: RunConfig, comparison, axes: tuple[str | None, str
     harm, task = axes
     plots = []
     if harm and task:
-        points = [(method, comparison.cell(key, harm, "harmful_score"), comparison.cell(key, task, "accuracy"))
-                  for key, method in comparison.methods.items()]
+        points = [
+            (method, comparison.cell(key, harm, "harmful_score"), comparison.cell(key, task, "accuracy"))
+            for key, method in comparison.methods.items()
+        ]
         points = [p for p in points if p[1] is not None and p[2] is not None]
-        plots.append(plot_hs_vs_fa(points, folder / f"{config.run_name}-hs-vs-fa.png",
-                                   trials=[(t.label, t.harmful_score, t.accuracy) for t in search_trials],
-                                   axes=(f"{harm} suite", f"{task} suite")))
+        plots.append(
+            plot_hs_vs_fa(
+                points,
+                folder / f"{config.run_name}-hs-vs-fa.png",
+                trials=[(t.label, t.harmful_score, t.accuracy) for t in search_trials],
+                axes=(f"{harm} suite", f"{task} suite"),
+            )
+        )
     headlines = {s.name: HEADLINES[s.metric] for s in config.evaluation.suites}
     plots.append(plot_suite_headlines(comparison, headlines, folder / f"{config.run_name}-suites.png"))
     return plots
@@ -596,9 +715,15 @@ def _reading(comparison) -> list[str]:
             if found is not None:
                 shown = f"{suite} {TITLES[HEADLINES[metric]]} {found.difference:+.1f}"
                 (lower if found.ci_high < 0 else higher if found.ci_low > 0 else unclear).append(shown)
-        parts = [f"{word} on {', '.join(items)}" for word, items in
-                 (("lower", lower), ("higher", higher), ("no difference its interval can tell", unclear)) if items]
+        parts = [
+            f"{word} on {', '.join(items)}"
+            for word, items in (("lower", lower), ("higher", higher), ("no difference its interval can tell", unclear))
+            if items
+        ]
         if parts:
-            lines.append(f"{comparison.methods[key]} against {comparison.methods[comparison.reference]}, same prompts: "
-                         + "; ".join(parts) + ".")
+            lines.append(
+                f"{comparison.methods[key]} against {comparison.methods[comparison.reference]}, same prompts: "
+                + "; ".join(parts)
+                + "."
+            )
     return lines

@@ -50,8 +50,9 @@ def collect_cells(client: Any, trials: list[Any], study: StudySpec, headline: St
     return cells
 
 
-def format_block(study: StudySpec, headline: StudyHeadline, cells: dict[tuple, Cell], rows: list[Any],
-                 columns: list[Any]) -> str:
+def format_block(
+    study: StudySpec, headline: StudyHeadline, cells: dict[tuple, Cell], rows: list[Any], columns: list[Any]
+) -> str:
     """One headline's table, then each row's paired differences to the reference, in the paper's layout."""
     from panacea_platform.evaluation.stats import clustered_rate, paired_difference
 
@@ -73,8 +74,11 @@ def format_block(study: StudySpec, headline: StudyHeadline, cells: dict[tuple, C
     if study.reference is None:
         return "\n".join(lines)
     width = 36  # a difference, its interval and McNemar's p (one seed)
-    lines += ["", f"{'Δ' + headline.title.split()[0] + ' vs ' + str(study.reference) + ' (pp)':<28}"
-              + "".join(f"{str(c):>{width}}" for c in columns)]
+    lines += [
+        "",
+        f"{'Δ' + headline.title.split()[0] + ' vs ' + str(study.reference) + ' (pp)':<28}"
+        + "".join(f"{str(c):>{width}}" for c in columns),
+    ]
     for row in (r for r in rows if r != study.reference):
         texts = []
         for column in columns:
@@ -105,20 +109,31 @@ def read_study(client: Any, parent_run_id: str, trials: list[Any]) -> StudyCells
         return None
     data = json.loads(raw)
     spec = StudySpec.model_validate(data["spec"])
-    return StudyCells(spec, data["rows"], data["columns"],
-                      [collect_cells(client, trials, spec, headline) for headline in spec.headlines])
+    return StudyCells(
+        spec,
+        data["rows"],
+        data["columns"],
+        [collect_cells(client, trials, spec, headline) for headline in spec.headlines],
+    )
 
 
 def format_study(study: StudyCells) -> str:
     """Every headline's table, then what the intervals are."""
-    blocks = [format_block(study.spec, headline, cells, study.rows, study.columns)
-              for headline, cells in zip(study.spec.headlines, study.cells)]
+    blocks = [
+        format_block(study.spec, headline, cells, study.rows, study.columns)
+        for headline, cells in zip(study.spec.headlines, study.cells)
+    ]
     per_cell = max((len(c.outcomes) for cells in study.cells for c in cells.values()), default=0)
-    interval = ("Wilson's 95% interval" if per_cell <= 1
-                else "95% interval: bootstrap over prompts, each prompt's trials kept together")
-    note = (f"{len(study.cells[0])} of {len(study.rows) * len(study.columns)} cells finished; {interval}; Δ: paired "
-            "on the same prompts, 95% percentile bootstrap; average: the mean of a row's cells, as the paper's tables "
-            "give it.")
+    interval = (
+        "Wilson's 95% interval"
+        if per_cell <= 1
+        else "95% interval: bootstrap over prompts, each prompt's trials kept together"
+    )
+    note = (
+        f"{len(study.cells[0])} of {len(study.rows) * len(study.columns)} cells finished; {interval}; Δ: paired "
+        "on the same prompts, 95% percentile bootstrap; average: the mean of a row's cells, as the paper's tables "
+        "give it."
+    )
     return "\n\n".join([*blocks, note])
 
 
@@ -142,8 +157,11 @@ def plot_study(study: StudyCells, path: Path) -> Path:
     positions = list(range(len(study.columns)))
     for axis, headline, cells in zip(axes[0], headlines, study.cells):
         for row in study.rows:
-            points = [(x, clustered_rate(cells[(row, c)].outcomes)) for x, c in zip(positions, study.columns)
-                      if (row, c) in cells]
+            points = [
+                (x, clustered_rate(cells[(row, c)].outcomes))
+                for x, c in zip(positions, study.columns)
+                if (row, c) in cells
+            ]
             if not points:
                 continue
             xs, rates = [x for x, _ in points], [r for _, r in points]

@@ -74,13 +74,17 @@ def progress_line(plan: SweepPlan, trials: list, elapsed_s: float, event: str = 
                 best = (value, trial)
     shown = "no result yet"
     if best is not None:
-        searched = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in (best[1].config or {}).get("params", {}).items())
+        searched = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in (best[1].config or {}).get("params", {}).items()
+        )
         shown = f"best {space.metric}={best[0]:.4g} ({best[1].trial_id}: {searched})"
     total = len(trials) + not_created
-    return (f"[sweep {plan.name}] {event + ' | ' if event else ''}{counts['TERMINATED']}/{total} done, {counts['RUNNING']} running, "
-            f"{counts['PENDING'] + counts['PAUSED'] + not_created} pending, {counts['ERROR']} failed | {shown} | "
-            f"{elapsed_s:.0f}s")
+    return (
+        f"[sweep {plan.name}] {event + ' | ' if event else ''}{counts['TERMINATED']}/{total} done, {counts['RUNNING']} running, "
+        f"{counts['PENDING'] + counts['PAUSED'] + not_created} pending, {counts['ERROR']} failed | {shown} | "
+        f"{elapsed_s:.0f}s"
+    )
 
 
 def summary_line(name: str, trials: list[Any], status: str, wall_s: float) -> str:
@@ -88,8 +92,10 @@ def summary_line(name: str, trials: list[Any], status: str, wall_s: float) -> st
     finished = sum(t.status == "FINISHED" for t in trials)
     stopped = sum(t.status == "KILLED" for t in trials)
     failed = sum(t.status == "FAILED" for t in trials)
-    return (f"[sweep {name}] {status.lower()} in {wall_s:.0f}s: {finished + stopped + failed}/{len(trials)} done "
-            f"({finished} finished, {stopped} stopped early, {failed} failed)")
+    return (
+        f"[sweep {name}] {status.lower()} in {wall_s:.0f}s: {finished + stopped + failed}/{len(trials)} done "
+        f"({finished} finished, {stopped} stopped early, {failed} failed)"
+    )
 
 
 def expected_trials(space: SearchSpace) -> int:

@@ -26,8 +26,11 @@ SIGNAL_COLUMNS = (
     ("harm loss rel.", "released_heldout_harmful_loss"),
     ("task loss rel.", "released_heldout_task_loss"),
 )
-EVAL_COLUMNS = (("HS %", "eval/harmful/harmful_score"), ("FA %", "eval/task/accuracy"),
-                ("answered %", "eval/helpfulness/answered_rate"))
+EVAL_COLUMNS = (
+    ("HS %", "eval/harmful/harmful_score"),
+    ("FA %", "eval/task/accuracy"),
+    ("answered %", "eval/helpfulness/answered_rate"),
+)
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -74,12 +77,16 @@ def resolve_parent(client, sweep: str, experiment: str | None = None) -> str:
     experiments = client.search_experiments()
     if experiment is not None:
         experiments = [e for e in experiments if e.name == experiment] or experiments
-    runs = client.search_runs(
-        [e.experiment_id for e in experiments],
-        filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.stage = 'sweep'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    ) if experiments else []
+    runs = (
+        client.search_runs(
+            [e.experiment_id for e in experiments],
+            filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.stage = 'sweep'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if experiments
+        else []
+    )
     if not runs:
         raise SweepNotFoundError(
             f"--sweep {sweep!r}: no sweep with that name or parent run id in {client.tracking_uri} "
@@ -104,16 +111,18 @@ def collect_trials(client, parent_run_id: str) -> list[TrialRow]:
             trial_id = run.data.tags.get(TRIAL_TAG)
             if trial_id is None:
                 continue  # e.g. the alignment run the sweep trained first
-            rows.append(TrialRow(
-                trial_id=trial_id,
-                run_id=run.info.run_id,
-                status=run.info.status,
-                params={p: _param(run.data.params, p) for p in parameters},
-                metrics=dict(run.data.metrics),
-                tags=dict(run.data.tags),
-                start_ms=run.info.start_time,
-                end_ms=run.info.end_time,
-            ))
+            rows.append(
+                TrialRow(
+                    trial_id=trial_id,
+                    run_id=run.info.run_id,
+                    status=run.info.status,
+                    params={p: _param(run.data.params, p) for p in parameters},
+                    metrics=dict(run.data.metrics),
+                    tags=dict(run.data.tags),
+                    start_ms=run.info.start_time,
+                    end_ms=run.info.end_time,
+                )
+            )
         token = page.token
         if not token:
             break
@@ -161,8 +170,9 @@ def _rate_cell(metrics: dict[str, float], key: str, width: int) -> str:
     return f"{f'{value:.1f} [{low:.1f}, {high:.1f}]':>{width}}"
 
 
-def format_table(trials: list[TrialRow], parameters: list[str], objectives: list[tuple[str, str]],
-                 front: list[bool]) -> str:
+def format_table(
+    trials: list[TrialRow], parameters: list[str], objectives: list[tuple[str, str]], front: list[bool]
+) -> str:
     """One line per trial: searched values, harmful score, accuracy (with their intervals), cheap signals,
     score, status, front."""
     metric_columns = list(EVAL_COLUMNS) + list(SIGNAL_COLUMNS) + [("score", "score")]
@@ -179,13 +189,21 @@ def format_table(trials: list[TrialRow], parameters: list[str], objectives: list
         line += f"{row.label:>18}{'*' if on_front else '':>7}"
         lines.append(line)
     directions = ", ".join(f"{metric} {'down' if mode == 'min' else 'up'}" for metric, mode in objectives)
-    lines.append(f"front (*): not dominated among finished trials on {directions}; [95% Wilson interval]; "
-                 "'harm loss rel.' = held-out harmful loss of the released model w + eps (higher = safer)")
+    lines.append(
+        f"front (*): not dominated among finished trials on {directions}; [95% Wilson interval]; "
+        "'harm loss rel.' = held-out harmful loss of the released model w + eps (higher = safer)"
+    )
     return "\n".join(lines)
 
 
-def plot_pareto(trials: list[TrialRow], parameters: list[str], objectives: list[tuple[str, str]],
-                front: list[bool], path: str | Path, title: str) -> Path:
+def plot_pareto(
+    trials: list[TrialRow],
+    parameters: list[str],
+    objectives: list[tuple[str, str]],
+    front: list[bool],
+    path: str | Path,
+    title: str,
+) -> Path:
     """Scatter of the finished trials on the first two objectives, with their 95% intervals where the
     trials logged them, the front ringed (and joined when there are two objectives); a third objective
     colours the points."""
@@ -195,8 +213,7 @@ def plot_pareto(trials: list[TrialRow], parameters: list[str], objectives: list[
     (x_metric, x_mode), (y_metric, y_mode) = objectives[0], objectives[1]
     third = objectives[2] if len(objectives) > 2 else None
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    points = [(row, row.metrics.get(x_metric), row.metrics.get(y_metric), flag)
-              for row, flag in zip(trials, front)]
+    points = [(row, row.metrics.get(x_metric), row.metrics.get(y_metric), flag) for row, flag in zip(trials, front)]
     points = [p for p in points if p[1] is not None and p[2] is not None]
     on_front = sorted((p for p in points if p[3]), key=lambda p: p[1])
     # A trial's evaluation logs each rate's 95% Wilson interval beside it (eval/SUITE/RATE_ci_low/_ci_high).
@@ -205,16 +222,31 @@ def plot_pareto(trials: list[TrialRow], parameters: list[str], objectives: list[
         if xerr is not None or yerr is not None:
             ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.6", capsize=2, zorder=1)
     if third is not None and points:
-        shade = ax.scatter([p[1] for p in points], [p[2] for p in points], c=[p[0].metrics.get(third[0], float("nan"))
-                           for p in points], cmap="viridis", s=50, label="trial", zorder=3)
+        shade = ax.scatter(
+            [p[1] for p in points],
+            [p[2] for p in points],
+            c=[p[0].metrics.get(third[0], float("nan")) for p in points],
+            cmap="viridis",
+            s=50,
+            label="trial",
+            zorder=3,
+        )
         fig.colorbar(shade, ax=ax, label=f"{third[0]} ({'lower' if third[1] == 'min' else 'higher'} is better)")
     elif points:
-        ax.scatter([p[1] for p in points if not p[3]], [p[2] for p in points if not p[3]], c="grey", alpha=0.6,
-                   label="trial")
+        ax.scatter(
+            [p[1] for p in points if not p[3]], [p[2] for p in points if not p[3]], c="grey", alpha=0.6, label="trial"
+        )
     if on_front:
         # Over three objectives the front is not a curve in these two axes: ring its points, do not join them.
-        ax.plot([p[1] for p in on_front], [p[2] for p in on_front], "o-" if third is None else "o", c="tab:red",
-                mfc="none", ms=11, label="Pareto front" + (" (all objectives)" if third is not None else ""))
+        ax.plot(
+            [p[1] for p in on_front],
+            [p[2] for p in on_front],
+            "o-" if third is None else "o",
+            c="tab:red",
+            mfc="none",
+            ms=11,
+            label="Pareto front" + (" (all objectives)" if third is not None else ""),
+        )
     for row, x, y, _ in points:
         text = ", ".join(f"{p.split('.')[-1]}={_short(row.params.get(p))}" for p in parameters)
         if third is not None and row.metrics.get(third[0]) is not None:
@@ -243,8 +275,9 @@ def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def study_report(client: Any, parent_run_id: str, trials: list[TrialRow], folder: Path,
-                 out: Callable[[str], None]) -> str | None:
+def study_report(
+    client: Any, parent_run_id: str, trials: list[TrialRow], folder: Path, out: Callable[[str], None]
+) -> str | None:
     """A study's tables and plot (recipes/study.py), printed and logged on the parent run; None for a plain sweep."""
     from panacea_platform.recipes.study import format_study, plot_study, read_study
 
@@ -261,8 +294,14 @@ def study_report(client: Any, parent_run_id: str, trials: list[TrialRow], folder
     return table
 
 
-def sweep_report(tracking_uri: str, sweep: str, *, experiment: str | None = None, out: Callable[[str], None] = print,
-                 output_dir: str | Path | None = None) -> SweepReport:
+def sweep_report(
+    tracking_uri: str,
+    sweep: str,
+    *,
+    experiment: str | None = None,
+    out: Callable[[str], None] = print,
+    output_dir: str | Path | None = None,
+) -> SweepReport:
     """Print the trials table, write the Pareto plot (PNG) and log both on the parent run."""
     import tempfile
 
@@ -282,9 +321,22 @@ def sweep_report(tracking_uri: str, sweep: str, *, experiment: str | None = None
     folder.mkdir(parents=True, exist_ok=True)
     plot = plot_pareto(trials, parameters, objectives, front, folder / "pareto.png", f"sweep {name}: Pareto front")
     (folder / "trials.txt").write_text(table + "\n")
-    (folder / "trials.json").write_text(json.dumps(
-        [{"trial_id": t.trial_id, "run_id": t.run_id, "status": t.status, "params": t.params, "metrics": t.metrics,
-          "on_front": f} for t, f in zip(trials, front)], indent=2))
+    (folder / "trials.json").write_text(
+        json.dumps(
+            [
+                {
+                    "trial_id": t.trial_id,
+                    "run_id": t.run_id,
+                    "status": t.status,
+                    "params": t.params,
+                    "metrics": t.metrics,
+                    "on_front": f,
+                }
+                for t, f in zip(trials, front)
+            ],
+            indent=2,
+        )
+    )
     for path in (plot, folder / "trials.txt", folder / "trials.json"):
         client.log_artifact(parent_run_id, str(path))
     for row, flag in zip(trials, front):

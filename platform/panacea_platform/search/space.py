@@ -130,8 +130,10 @@ class Resources(_Strict):
         moved = [key for key in MOVED_RESOURCES if isinstance(value, dict) and key in value]
         if moved:
             field = {"gpus_per_worker": "use_gpu"}.get(moved[0], moved[0])
-            raise ValueError(f"{moved[0]}: a trial's workers are the job's scaling section; set scaling.{field} "
-                             "under fixed: (every trial alike) or in the job")
+            raise ValueError(
+                f"{moved[0]}: a trial's workers are the job's scaling section; set scaling.{field} "
+                "under fixed: (every trial alike) or in the job"
+            )
         return value
 
 
@@ -143,7 +145,10 @@ def default_score() -> dict[str, float]:
 
 
 def default_objectives() -> list[Objective]:
-    return [Objective(metric="eval/harmful/harmful_score", mode="min"), Objective(metric="eval/task/accuracy", mode="max")]
+    return [
+        Objective(metric="eval/harmful/harmful_score", mode="min"),
+        Objective(metric="eval/task/accuracy", mode="max"),
+    ]
 
 
 def default_proxy_objectives() -> list[Objective]:
@@ -161,34 +166,52 @@ class SearchSpace(_Strict):
         ..., min_length=1, description="Dotted RunConfig field -> distribution (panacea.lambda included)."
     )
     fixed: dict[str, Any] = Field(
-        default_factory=dict, description="Dotted field -> one value for every trial (e.g. evaluation.cpus_per_actor).",
+        default_factory=dict,
+        description="Dotted field -> one value for every trial (e.g. evaluation.cpus_per_actor).",
     )
     num_samples: int = Field(1, ge=1, description="Samples of the space (grid: repeats of the whole grid).")
-    searcher: str = Field("random", description="'random', 'grid', or an installed Ray searcher (optuna, hyperopt, ...).")
+    searcher: str = Field(
+        "random", description="'random', 'grid', or an installed Ray searcher (optuna, hyperopt, ...)."
+    )
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
-    metric: str = Field("score", description="What the scheduler and 'best so far' rank by: 'score' or a reported metric.")
+    metric: str = Field(
+        "score", description="What the scheduler and 'best so far' rank by: 'score' or a reported metric."
+    )
     mode: Literal["min", "max"] = Field("min", description="Whether metric is better low or high.")
     score: dict[str, float] = Field(
         default_factory=default_score,
         description="score = sum(weight * metric) over these reported metrics, added whenever all are present.",
     )
     objectives: list[Objective] = Field(
-        default_factory=default_objectives, min_length=2, max_length=3,
+        default_factory=default_objectives,
+        min_length=2,
+        max_length=3,
         description="The Pareto objectives over finished trials, two or three (the third colours the plot; needs "
         "evaluate: true), e.g. eval/harmful/harmful_score min, eval/task/accuracy max, eval/helpfulness/answered_rate max.",
     )
     proxy_objectives: list[Objective] = Field(
-        default_factory=default_proxy_objectives, min_length=2, max_length=2,
+        default_factory=default_proxy_objectives,
+        min_length=2,
+        max_length=2,
         description="The Pareto objectives when evaluate is false (cheap held-out losses).",
     )
     eval_every: int | None = Field(
-        None, ge=1, description="Held-out signals every this many steps in each trial (optim.eval_every); null = the job's.",
+        None,
+        ge=1,
+        description="Held-out signals every this many steps in each trial (optim.eval_every); null = the job's.",
     )
     resources: Resources = Field(default_factory=Resources)
-    max_concurrent_trials: int | None = Field(None, ge=1, description="At most this many trials at once; null = as resources allow.")
-    evaluate: bool = Field(True, description="Run the full evaluation (harmful score, accuracy) on each finished trial.")
-    study: StudySpec | None = Field(None, description="Print the trials as one of the paper's tables (recipes/study.py): "
-                                    "rows and columns are two grid parameters, e.g. defence x data.harmful_ratio.")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="At most this many trials at once; null = as resources allow."
+    )
+    evaluate: bool = Field(
+        True, description="Run the full evaluation (harmful score, accuracy) on each finished trial."
+    )
+    study: StudySpec | None = Field(
+        None,
+        description="Print the trials as one of the paper's tables (recipes/study.py): "
+        "rows and columns are two grid parameters, e.g. defence x data.harmful_ratio.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "SearchSpace":
@@ -203,7 +226,9 @@ class SearchSpace(_Strict):
         if self.searcher == "grid":
             not_grid = [path for path, kind in kinds.items() if kind != "grid"]
             if not_grid:
-                raise ValueError(f"searcher 'grid' needs every parameter as grid: [...]; {not_grid[0]} is {kinds[not_grid[0]]}")
+                raise ValueError(
+                    f"searcher 'grid' needs every parameter as grid: [...]; {not_grid[0]} is {kinds[not_grid[0]]}"
+                )
         if self.searcher in OPTIONAL_SEARCHERS and "grid" in kinds.values():
             grid_path = next(path for path, kind in kinds.items() if kind == "grid")
             raise ValueError(f"searcher {self.searcher!r} cannot take grid parameters ({grid_path}): use choice")
@@ -269,7 +294,9 @@ def resolve_field(path: str):
                 raise SearchSpaceError(f"parameters.{path}: {where!r} is a value, not a section")
             model = annotation
         elif is_section:
-            raise SearchSpaceError(f"parameters.{path}: is a whole section; name one of its fields, e.g. {path}.<field>")
+            raise SearchSpaceError(
+                f"parameters.{path}: is a whole section; name one of its fields, e.g. {path}.<field>"
+            )
     return found
 
 
@@ -307,13 +334,17 @@ def check_parameter(path: str, distribution: Distribution, reserved: tuple[str, 
         lo, hi = distribution.values
         bounds = _bounds(info)
         if "ge" in bounds and lo < bounds["ge"]:
-            raise SearchSpaceError(f"parameters.{path}: lower bound {lo:g} is below the field's minimum {bounds['ge']:g}")
+            raise SearchSpaceError(
+                f"parameters.{path}: lower bound {lo:g} is below the field's minimum {bounds['ge']:g}"
+            )
         if "gt" in bounds and lo <= bounds["gt"]:
             raise SearchSpaceError(
                 f"parameters.{path}: lower bound {lo:g} must be above the field's exclusive minimum {bounds['gt']:g}"
             )
         if "le" in bounds and hi > bounds["le"]:
-            raise SearchSpaceError(f"parameters.{path}: upper bound {hi:g} is above the field's maximum {bounds['le']:g}")
+            raise SearchSpaceError(
+                f"parameters.{path}: upper bound {hi:g} is above the field's maximum {bounds['le']:g}"
+            )
         if "lt" in bounds and hi >= bounds["lt"]:
             raise SearchSpaceError(
                 f"parameters.{path}: upper bound {hi:g} must be below the field's exclusive maximum {bounds['lt']:g}"
@@ -328,8 +359,12 @@ def check_parameter(path: str, distribution: Distribution, reserved: tuple[str, 
             raise SearchSpaceError(f"parameters.{path}: value {value!r} is not allowed ({reason})") from None
         bounds = _bounds(info)
         if isinstance(checked, (int, float)) and not isinstance(checked, bool):
-            for attribute, ok in (("ge", checked >= bounds.get("ge", checked)), ("gt", checked > bounds.get("gt", checked - 1)),
-                                  ("le", checked <= bounds.get("le", checked)), ("lt", checked < bounds.get("lt", checked + 1))):
+            for attribute, ok in (
+                ("ge", checked >= bounds.get("ge", checked)),
+                ("gt", checked > bounds.get("gt", checked - 1)),
+                ("le", checked <= bounds.get("le", checked)),
+                ("lt", checked < bounds.get("lt", checked + 1)),
+            ):
                 if not ok:
                     symbol = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[attribute]
                     raise SearchSpaceError(
@@ -406,8 +441,10 @@ def check_against_job(space: SearchSpace, base: RunConfig) -> None:
 def check_trial_scaling(space: SearchSpace, base: RunConfig) -> None:
     """A sweep's trials train on Ray Train workers: the job with the space's `fixed` names a ZeRO stage."""
     if config_with(base, space.fixed).scaling.zero_stage is None:
-        raise SearchSpaceError("scaling.zero_stage = None: a sweep's trials train on Ray Train workers under "
-                               "DeepSpeed; set scaling.zero_stage (0-3) under fixed: or in the job")
+        raise SearchSpaceError(
+            "scaling.zero_stage = None: a sweep's trials train on Ray Train workers under "
+            "DeepSpeed; set scaling.zero_stage (0-3) under fixed: or in the job"
+        )
 
 
 def _check_convention(space: SearchSpace, base: RunConfig) -> None:
@@ -420,7 +457,8 @@ def _check_convention(space: SearchSpace, base: RunConfig) -> None:
             raise SearchSpaceError(
                 f"parameters.{path}: defence {base.defence!r} fine-tunes under its authors' convention, which sets "
                 f"it ({setting}); search {setting} instead, or set model.after_alignment: continue or merge in the "
-                "job (every defence alike)")
+                "job (every defence alike)"
+            )
 
 
 def _check_eval_metrics(space: SearchSpace, base: RunConfig) -> None:

@@ -94,8 +94,13 @@ def _open_child_run(plan: SweepPlan, config: RunConfig, trial_id: str, params: d
         plan.experiment,
         f"{plan.name}-{trial_id}",
         parent_run_id=plan.parent_run_id,
-        tags={TRIAL_TAG: trial_id, SWEEP_TAG: plan.name, "stage": "finetune", "defence": config.defence,
-              "sweep.params": json.dumps(params, sort_keys=True)},
+        tags={
+            TRIAL_TAG: trial_id,
+            SWEEP_TAG: plan.name,
+            "stage": "finetune",
+            "defence": config.defence,
+            "sweep.params": json.dumps(params, sort_keys=True),
+        },
     )
     # Provenance the issue asks for on every run (execute_stage adds the resolved config,
     # data fingerprints and package versions; judge and threshold are in evaluation.*).
@@ -103,7 +108,9 @@ def _open_child_run(plan: SweepPlan, config: RunConfig, trial_id: str, params: d
     return tracker, False
 
 
-def _final_evaluation(config: RunConfig, adapter_dir: Path, run_id: str, out: Callable[[str], None]) -> dict[str, float]:
+def _final_evaluation(
+    config: RunConfig, adapter_dir: Path, run_id: str, out: Callable[[str], None]
+) -> dict[str, float]:
     """evaluate_model on the released adapter (w_T + eps_T), logged into the trial's child run."""
     from panacea_platform.evaluation.evaluate import evaluate_model
 
@@ -157,8 +164,10 @@ def run_trial(tune_config: dict[str, Any], plan: SweepPlan) -> None:
         final["step"] = steps
         final[FINAL_KEY] = 1
         # The summary was logged by the stage and eval/* by evaluate_model: only the rest is new.
-        tracker.log_metrics({k: v for k, v in final.items()
-                             if k not in result.summary and k != "step" and not k.startswith("eval/")}, steps)
+        tracker.log_metrics(
+            {k: v for k, v in final.items() if k not in result.summary and k != "step" and not k.startswith("eval/")},
+            steps,
+        )
         tracker.set_tags({FINAL_KEY: "true"})
         tracker.end("FINISHED")
     except Exception as exc:
@@ -179,9 +188,12 @@ def _align_trial(config: RunConfig, plan: SweepPlan, trial_id: str, run_id: str)
     if config.model.adapter is not None or aligning_defence(config) is None:
         return config
     aligned = run_distributed(
-        config_with(config, {"run_name": f"{trial_id}-align"}), "align", storage_path=f"{plan.storage}/train",
+        config_with(config, {"run_name": f"{trial_id}-align"}),
+        "align",
+        storage_path=f"{plan.storage}/train",
         parent_run_id=run_id,
-        train_run_name=f"trial-{trial_id}-align", out=print,
+        train_run_name=f"trial-{trial_id}-align",
+        out=print,
     )
     return config_with(config, {"model.adapter": str(aligned.adapter_dir)})
 
@@ -264,8 +276,13 @@ def _scheduler(space: SearchSpace, base: RunConfig):
     spec = space.scheduler
     max_t = spec.max_t or base.optim.max_steps
     # stop_last_trials=False: reaching max_t is the trial's normal end, not a stop by the scheduler.
-    return ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(spec.grace_period, max_t),
-                         reduction_factor=spec.reduction_factor, stop_last_trials=False)
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=max_t,
+        grace_period=min(spec.grace_period, max_t),
+        reduction_factor=spec.reduction_factor,
+        stop_last_trials=False,
+    )
 
 
 def _aligned_base(base: RunConfig, space: SearchSpace, parent: Tracker, out: Callable[[str], None]) -> RunConfig:
@@ -281,21 +298,35 @@ def _aligned_base(base: RunConfig, space: SearchSpace, parent: Tracker, out: Cal
     return with_changes(base, {"model.adapter": str(Path(adapter).resolve())})
 
 
-def _open_parent(state: dict[str, Any] | None, base: RunConfig, space: SearchSpace, name: str, tracking_uri: str,
-                 space_path: Path, fingerprint: str) -> Tracker:
+def _open_parent(
+    state: dict[str, Any] | None,
+    base: RunConfig,
+    space: SearchSpace,
+    name: str,
+    tracking_uri: str,
+    space_path: Path,
+    fingerprint: str,
+) -> Tracker:
     if state is not None:
         parent = Tracker.attach(tracking_uri, state["parent_run_id"])
         parent.client.update_run(parent.run_id, status="RUNNING")
         parent.set_tags({"resumed": "true"})
         return parent
     parent = Tracker(
-        tracking_uri, base.tracking.experiment, f"sweep-{name}",
+        tracking_uri,
+        base.tracking.experiment,
+        f"sweep-{name}",
         artifact_root=Path(base.output_dir) / "mlartifacts",
-        tags={"stage": "sweep", SWEEP_TAG: name, "sweep.fingerprint": fingerprint,
-              "sweep.parameters": json.dumps(list(space.parameters)),
-              "sweep.objectives": json.dumps([[o.metric, o.mode] for o in space.active_objectives()]),
-              "sweep.metric": space.metric, "sweep.mode": space.mode,
-              **({STUDY_TAG: study_tag(space)} if space.study is not None else {})},
+        tags={
+            "stage": "sweep",
+            SWEEP_TAG: name,
+            "sweep.fingerprint": fingerprint,
+            "sweep.parameters": json.dumps(list(space.parameters)),
+            "sweep.objectives": json.dumps([[o.metric, o.mode] for o in space.active_objectives()]),
+            "sweep.metric": space.metric,
+            "sweep.mode": space.mode,
+            **({STUDY_TAG: study_tag(space)} if space.study is not None else {}),
+        },
     )
     parent.log_params({f"space.{key}": value for key, value in _flat(space.model_dump(mode="json")).items()})
     parent.log_params({**{f"base.{k}": v for k, v in base.flat().items()}, **package_versions()})
@@ -346,15 +377,35 @@ def run_sweep(
     _start_ray_and_tune()
     parent = _open_parent(state, base, space, name, tracking_uri, space_path, fingerprint)
     if state is None:
-        _write_state(storage, {"name": name, "parent_run_id": parent.run_id, "fingerprint": fingerprint,
-                               "tracking_uri": tracking_uri, "experiment": base.tracking.experiment,
-                               "space": str(space_path), "job": str(job), "overrides": list(overrides)})
-    out(f"[sweep {name}] {'started' if state is None else 'resuming'}: {storage.uri} (MLflow parent run {parent.run_id})")
+        _write_state(
+            storage,
+            {
+                "name": name,
+                "parent_run_id": parent.run_id,
+                "fingerprint": fingerprint,
+                "tracking_uri": tracking_uri,
+                "experiment": base.tracking.experiment,
+                "space": str(space_path),
+                "job": str(job),
+                "overrides": list(overrides),
+            },
+        )
+    out(
+        f"[sweep {name}] {'started' if state is None else 'resuming'}: {storage.uri} (MLflow parent run {parent.run_id})"
+    )
     start = time.monotonic()
     try:
         aligned = _aligned_base(base, space, parent, out)
-        plan = SweepPlan(name, str(sweep_dir), storage.uri, aligned.to_dict(), space.model_dump(mode="json"),
-                         tracking_uri, base.tracking.experiment, parent.run_id)
+        plan = SweepPlan(
+            name,
+            str(sweep_dir),
+            storage.uri,
+            aligned.to_dict(),
+            space.model_dump(mode="json"),
+            tracking_uri,
+            base.tracking.experiment,
+            parent.run_id,
+        )
         results = _tuner(plan, space, aligned, storage, retry_errored, out, progress_every_s).fit()
         errors = [r for r in results if r.error is not None]
         from panacea_platform.search.report import sweep_report
@@ -374,8 +425,9 @@ def run_sweep(
     wall = time.monotonic() - start
     out(summary_line(name, report.trials, status, wall))
     out(f"MLflow: {runs_page(tracking_uri, parent.experiment_id)}")
-    return SweepOutcome(name, sweep_dir, parent.run_id, tracking_uri, status, report.trials, report.front,
-                        report.plot, wall)
+    return SweepOutcome(
+        name, sweep_dir, parent.run_id, tracking_uri, status, report.trials, report.front, report.plot, wall
+    )
 
 
 def _start_ray_and_tune() -> None:
@@ -386,8 +438,9 @@ def _start_ray_and_tune() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
-def _checked_base(space: SearchSpace, job: str | Path, overrides: list[str] | tuple[str, ...],
-                  out: Callable[[str], None]) -> RunConfig:
+def _checked_base(
+    space: SearchSpace, job: str | Path, overrides: list[str] | tuple[str, ...], out: Callable[[str], None]
+) -> RunConfig:
     """The base job with its overrides, checked with the space before Ray or the parent run starts: every
     value the space can give, the trials' scaling, the model, the tracking store, the storage, the suites."""
     from panacea_platform.preflight import check_before_work
@@ -397,7 +450,9 @@ def _checked_base(space: SearchSpace, job: str | Path, overrides: list[str] | tu
     check_trial_scaling(space, base)
     check_before_work(base)
     if space.evaluate and importlib.util.find_spec("panacea_platform.evaluation.evaluate") is None:
-        raise SweepError("evaluate: true needs panacea_platform.evaluation.evaluate (not installed); set evaluate: false")
+        raise SweepError(
+            "evaluate: true needs panacea_platform.evaluation.evaluate (not installed); set evaluate: false"
+        )
     if space.evaluate:
         from panacea_platform.evaluation.suites import check_suites
 
@@ -414,7 +469,9 @@ def _existing_state(storage: Storage, name: str, fingerprint: str, resume: bool)
             f"(fingerprint {state['fingerprint']} != {fingerprint}): pass another --name, or delete that folder to start over"
         )
     if resume and state is None:
-        raise SweepError(f"--resume: there is no sweep {name!r} in {storage.uri} to resume (run without --resume to start it)")
+        raise SweepError(
+            f"--resume: there is no sweep {name!r} in {storage.uri} to resume (run without --resume to start it)"
+        )
     return state
 
 
@@ -422,12 +479,22 @@ def _trial_table(space: SearchSpace, every_s: float):
     """Tune's table, with the searched values and the sweep's metric as its columns."""
     from ray.tune import CLIReporter
 
-    return CLIReporter(parameter_columns={f"params/{path}": path for path in space.parameters},
-                       metric_columns=[space.metric], max_report_frequency=int(max(1, every_s)))
+    return CLIReporter(
+        parameter_columns={f"params/{path}": path for path in space.parameters},
+        metric_columns=[space.metric],
+        max_report_frequency=int(max(1, every_s)),
+    )
 
 
-def _tuner(plan: SweepPlan, space: SearchSpace, base: RunConfig, storage: Storage, retry_errored: bool,
-           out: Callable[[str], None], progress_every_s: float):
+def _tuner(
+    plan: SweepPlan,
+    space: SearchSpace,
+    base: RunConfig,
+    storage: Storage,
+    retry_errored: bool,
+    out: Callable[[str], None],
+    progress_every_s: float,
+):
     from ray import tune
 
     from panacea_platform.search.callbacks import ProgressCallback, TrialStatusCallback
@@ -441,8 +508,9 @@ def _tuner(plan: SweepPlan, space: SearchSpace, base: RunConfig, storage: Storag
     experiment = storage.join("tune").uri
     if tune.Tuner.can_restore(experiment):
         out(f"[sweep {plan.name}] restoring the Tune experiment (finished trials are kept)")
-        return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False, restart_errored=retry_errored)
+        return tune.Tuner.restore(
+            experiment, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=retry_errored
+        )
     scheduler_name = space.scheduler.type
     return tune.Tuner(
         trainable,

@@ -24,14 +24,26 @@ def auth_server_env(data: Path, auth_database_uri: str, admin_password_file: Pat
 
     Writes DATA/basic_auth.ini (mode 0600); the Flask session key that guards forms against CSRF is kept
     in DATA/flask-secret-key, so sessions outlive a restart and every worker shares it."""
-    password, source = secret_from(ADMIN_PASSWORD_ENV, admin_password_file, data / "admin-password",
-                                   "the admin password file")
-    secret_key, _ = secret_from("MLFLOW_FLASK_SERVER_SECRET_KEY", None, data / "flask-secret-key",
-                                "the server's secret key file")
-    config = write_private_ini(data / "basic_auth.ini", "mlflow", {
-        "default_permission": DEFAULT_PERMISSION, "database_uri": auth_database_uri, "admin_username": ADMIN_USER,
-        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth"})
+    password, source = secret_from(
+        ADMIN_PASSWORD_ENV, admin_password_file, data / "admin-password", "the admin password file"
+    )
+    secret_key, _ = secret_from(
+        "MLFLOW_FLASK_SERVER_SECRET_KEY", None, data / "flask-secret-key", "the server's secret key file"
+    )
+    config = write_private_ini(
+        data / "basic_auth.ini",
+        "mlflow",
+        {
+            "default_permission": DEFAULT_PERMISSION,
+            "database_uri": auth_database_uri,
+            "admin_username": ADMIN_USER,
+            "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+        },
+    )
     # MLflow reads the admin password only while its user store is empty: the first start.
-    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), ADMIN_PASSWORD_ENV: password,
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key}
+    env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        ADMIN_PASSWORD_ENV: password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key,
+    }
     return env, source

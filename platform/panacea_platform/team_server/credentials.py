@@ -13,8 +13,10 @@ from pathlib import Path
 from panacea_platform.team_server.secret_files import private_file_problem
 
 USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
-HOW = (f"export {USERNAME_ENV} and {PASSWORD_ENV}, or write them to ~/.mlflow/credentials (mode 0600; "
-       "`panacea team add-member` writes one)")
+HOW = (
+    f"export {USERNAME_ENV} and {PASSWORD_ENV}, or write them to ~/.mlflow/credentials (mode 0600; "
+    "`panacea team add-member` writes one)"
+)
 
 
 def credentials_file() -> Path:

@@ -13,23 +13,24 @@ from panacea_platform.team_server.errors import TrackingServerError
 from panacea_platform.team_server.secret_files import new_secret, write_private_ini
 
 
-
 def _auth_client(tracking_uri: str):
     from mlflow.server import get_app_client
 
     return get_app_client("basic-auth", tracking_uri=tracking_uri)
 
 
-def add_member(tracking_uri: str, username: str, credentials_out: Path, experiment: str | None = None,
-               permission: str = "READ") -> Path:
+def add_member(
+    tracking_uri: str, username: str, credentials_out: Path, experiment: str | None = None, permission: str = "READ"
+) -> Path:
     """Create `username` with a new password, grant `permission` on `experiment` if given, and write the
     member's credentials file (MLflow's format: it goes to ~/.mlflow/credentials on their machines)."""
     from mlflow.exceptions import MlflowException
 
     credentials_out = Path(credentials_out)
     if credentials_out.exists():
-        raise TrackingServerError(f"--credentials-out {credentials_out} exists: choose another path (nothing was "
-                                  "changed on the server)")
+        raise TrackingServerError(
+            f"--credentials-out {credentials_out} exists: choose another path (nothing was changed on the server)"
+        )
     if experiment is not None:
         _experiment_id(tracking_uri, experiment)  # an unknown experiment stops before the user is created
     password = new_secret()
@@ -59,8 +60,9 @@ def grant(tracking_uri: str, username: str, experiment: str, permission: str) ->
             auth.revoke_user_permission(username, "experiment", experiment_id)
             auth.grant_user_permission(username, "experiment", experiment_id, permission)
     except MlflowException as exc:
-        raise TrackingServerError(f"could not grant {permission} on {experiment!r} to {username!r}: "
-                                  f"{exc.message}") from None
+        raise TrackingServerError(
+            f"could not grant {permission} on {experiment!r} to {username!r}: {exc.message}"
+        ) from None
 
 
 def _experiment_id(tracking_uri: str, name: str) -> str:
@@ -68,6 +70,7 @@ def _experiment_id(tracking_uri: str, name: str) -> str:
 
     found = MlflowClient(tracking_uri).get_experiment_by_name(name)
     if found is None:
-        raise TrackingServerError(f"--experiment {name!r}: no such experiment on {tracking_uri} "
-                                  "(names are case-sensitive)")
+        raise TrackingServerError(
+            f"--experiment {name!r}: no such experiment on {tracking_uri} (names are case-sensitive)"
+        )
     return found.experiment_id

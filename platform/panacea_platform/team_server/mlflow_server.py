@@ -15,9 +15,17 @@ from pathlib import Path
 from panacea_platform.team_server.errors import TrackingServerError
 
 
-def start_mlflow_server(backend_uri: str, artifacts: Path, port: int, host: str = "127.0.0.1",
-                        log: Path | None = None, timeout_s: float = 90.0, workers: int = 2,
-                        env: dict[str, str] | None = None, app_name: str | None = None) -> subprocess.Popen:
+def start_mlflow_server(
+    backend_uri: str,
+    artifacts: Path,
+    port: int,
+    host: str = "127.0.0.1",
+    log: Path | None = None,
+    timeout_s: float = 90.0,
+    workers: int = 2,
+    env: dict[str, str] | None = None,
+    app_name: str | None = None,
+) -> subprocess.Popen:
     """`mlflow server` with the backend store and proxied artifacts; returns once /health answers.
 
     `env` is added to this process's environment (PGPASSFILE, the auth app's settings); `app_name`
@@ -26,18 +34,35 @@ def start_mlflow_server(backend_uri: str, artifacts: Path, port: int, host: str 
     not answer its health check within seconds (on a loaded machine, while it is still importing)."""
     artifacts = Path(artifacts).resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--serve-artifacts",
-               "--artifacts-destination", artifacts.as_uri(), "--host", host, "--port", str(port),
-               "--workers", str(workers), *(["--app-name", app_name] if app_name else [])]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        artifacts.as_uri(),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        *(["--app-name", app_name] if app_name else []),
+    ]
     output = open(log, "w") if log is not None else subprocess.DEVNULL
-    process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**os.environ, **(env or {})})
+    process = subprocess.Popen(
+        command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})}
+    )
     url = f"http://{host}:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise TrackingServerError(f"mlflow server exited with {process.returncode}" +
-                                      (f"; its log: {log}" if log else ""))
+            raise TrackingServerError(
+                f"mlflow server exited with {process.returncode}" + (f"; its log: {log}" if log else "")
+            )
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2):
                 return process

@@ -68,8 +68,11 @@ class Postgres:
         return f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{self.port}/{database}"
 
     def stop(self) -> None:
-        subprocess.run(_as_postgres_user([postgres_bin("pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "stop"]),
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            _as_postgres_user([postgres_bin("pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "stop"]),
+            capture_output=True,
+            timeout=60,
+        )
 
 
 def start_postgres(data_dir: Path, port: int, host: str = "127.0.0.1") -> Postgres:
@@ -84,10 +87,25 @@ def start_postgres(data_dir: Path, port: int, host: str = "127.0.0.1") -> Postgr
         _run(_as_postgres_user([initdb, "-D", str(server.data_dir), "-U", DB_USER, "-E", "UTF8"]), "initdb")
     _write_access_rules(server)
     _clear_stale_lock(server.data_dir)
-    options = (f"-p {port} -c listen_addresses={host} -k {server.data_dir} "
-               "-c password_encryption=scram-sha-256")
-    _run(_as_postgres_user([pg_ctl, "-D", str(server.data_dir), "-o", options, "-l",
-                            str(server.data_dir / "server.log"), "-w", "-t", "60", "start"]), "pg_ctl start")
+    options = f"-p {port} -c listen_addresses={host} -k {server.data_dir} -c password_encryption=scram-sha-256"
+    _run(
+        _as_postgres_user(
+            [
+                pg_ctl,
+                "-D",
+                str(server.data_dir),
+                "-o",
+                options,
+                "-l",
+                str(server.data_dir / "server.log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        ),
+        "pg_ctl start",
+    )
     _set_password(server)
     for database in (DB_NAME, AUTH_DB_NAME):
         _create_database(server, database)
@@ -98,17 +116,21 @@ def _prepare_data_dir(data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     _give_to_postgres_user(data_dir)
     if os.geteuid() == 0 and subprocess.run(_as_postgres_user(["test", "-w", str(data_dir)]), timeout=30).returncode:
-        raise TrackingServerError(f"the {DB_USER} user cannot reach {data_dir}: a folder above it is private "
-                                  "(mode 700); put the server's data where every folder above can be entered")
+        raise TrackingServerError(
+            f"the {DB_USER} user cannot reach {data_dir}: a folder above it is private "
+            "(mode 700); put the server's data where every folder above can be entered"
+        )
 
 
 def _write_access_rules(server: Postgres) -> None:
     """pg_hba.conf, rewritten at every start so a database made before passwords were kept is brought in line."""
-    rules = ["# Written by `panacea tracking-server` at every start; edits here are lost.",
-             "# The socket lives in the data folder (mode 0700): only its owner and root can reach it.",
-             f"local all {DB_USER} trust",
-             "host all all 127.0.0.1/32 scram-sha-256",
-             "host all all ::1/128 scram-sha-256"]
+    rules = [
+        "# Written by `panacea tracking-server` at every start; edits here are lost.",
+        "# The socket lives in the data folder (mode 0700): only its owner and root can reach it.",
+        f"local all {DB_USER} trust",
+        "host all all 127.0.0.1/32 scram-sha-256",
+        "host all all ::1/128 scram-sha-256",
+    ]
     if server.host not in LOOPBACK:  # asked for by --db-host: other machines, with the password
         rules += ["host all all 0.0.0.0/0 scram-sha-256", "host all all ::/0 scram-sha-256"]
     hba = write_private(server.data_dir / "pg_hba.conf", "\n".join(rules) + "\n")
@@ -121,8 +143,11 @@ def _set_password(server: Postgres) -> None:
         write_private(server.password_file, f"*:*:*:{DB_USER}:{new_secret()}\n")
     password = read_private(server.password_file, "PostgreSQL's password file").rsplit(":", 1)[-1]
     # Over stdin, so the password is in no process's command line.
-    _run(_psql(server, "-v", "ON_ERROR_STOP=1", "-f", "-"), "setting PostgreSQL's password",
-         stdin=f"ALTER USER {DB_USER} PASSWORD '{password}';\n")
+    _run(
+        _psql(server, "-v", "ON_ERROR_STOP=1", "-f", "-"),
+        "setting PostgreSQL's password",
+        stdin=f"ALTER USER {DB_USER} PASSWORD '{password}';\n",
+    )
 
 
 def _psql(server: Postgres, *args: str, tool: str = "psql") -> list[str]:
@@ -130,8 +155,12 @@ def _psql(server: Postgres, *args: str, tool: str = "psql") -> list[str]:
 
 
 def _create_database(server: Postgres, name: str) -> None:
-    found = subprocess.run(_psql(server, "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"),
-                           capture_output=True, text=True, timeout=30)
+    found = subprocess.run(
+        _psql(server, "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if found.stdout.strip() != "1":
         _run(_psql(server, name, tool="createdb"), f"createdb {name}")
 
@@ -148,8 +177,10 @@ def _clear_stale_lock(data_dir: Path) -> None:
     except (ValueError, OSError):
         command = ""
     if "postgres" in command and str(data_dir) in command:
-        raise TrackingServerError(f"a PostgreSQL server (pid {pid}) already runs on {data_dir}: stop it "
-                                  f"(`pg_ctl -D {data_dir} stop`, as the {DB_USER} user) or pass another --data")
+        raise TrackingServerError(
+            f"a PostgreSQL server (pid {pid}) already runs on {data_dir}: stop it "
+            f"(`pg_ctl -D {data_dir} stop`, as the {DB_USER} user) or pass another --data"
+        )
     lock.unlink()
 
 

@@ -19,8 +19,16 @@ from panacea_platform.tracking import Tracker
 # n, p and the defender's size do not move the alignment pool, so they are not here.
 ALIGNMENT_KEYS = ("model", "lora", "align_optim", "seed")
 ALIGNMENT_DATA_KEYS = (
-    "harmful_source", "harmful_file", "alignment_size", "alignment_benign_ratio", "alignment_self_distill", "max_length",
-    "prompt_template", "pool_seed", "eval_harmful_size", "task_eval_size",
+    "harmful_source",
+    "harmful_file",
+    "alignment_size",
+    "alignment_benign_ratio",
+    "alignment_self_distill",
+    "max_length",
+    "prompt_template",
+    "pool_seed",
+    "eval_harmful_size",
+    "task_eval_size",
 )
 
 
@@ -33,8 +41,11 @@ def alignment_key(config: RunConfig) -> str:
     relevant["task"] = tree["data"]["task"]  # the task's held-out set is part of the stage's summary
     defence = aligning_defence(config)
     if defence is not None:  # a defence that aligns makes its own aligned model, from the harmful pool too
-        relevant["defence"] = {"name": defence.name, "settings": defence.settings(),
-                               "defender_harmful_size": config.data.defender_harmful_size}
+        relevant["defence"] = {
+            "name": defence.name,
+            "settings": defence.settings(),
+            "defender_harmful_size": config.data.defender_harmful_size,
+        }
     if config.data.alignment_self_distill:
         from panacea_platform.data.self_distill import RECIPE_VERSION
 
@@ -60,8 +71,13 @@ def ensure_aligned(
         out(f"[align] skipped: starting from the given adapter {config.model.adapter}")
         return Path(config.model.adapter), None
     aligner = aligning_defence(config)
-    align_config = with_changes(config, {"run_name": f"align-{alignment_key(config)}",
-                                         **({} if aligner else {"defence": "sft", "defence_stages": None})})
+    align_config = with_changes(
+        config,
+        {
+            "run_name": f"align-{alignment_key(config)}",
+            **({} if aligner else {"defence": "sft", "defence_stages": None}),
+        },
+    )
     align_dir = align_config.run_dir()
     adapter = align_dir / "adapter"
     if (adapter / "adapter_config.json").is_file() and (align_dir / "summary.json").is_file():

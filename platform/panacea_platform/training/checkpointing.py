@@ -42,8 +42,15 @@ IDENTITY_FIELDS = {  # identity key -> the setting a user changes to match it
 
 # Settings a resumed run may change: where it writes and logs, how often, how it is launched (the
 # launch's shape is the identity's to check), and how the released model is evaluated.
-FREE_TO_CHANGE = ("run_name", "output_dir", "tracking.", "scaling.", "evaluation.", "optim.log_every",
-                  "optim.eval_every")
+FREE_TO_CHANGE = (
+    "run_name",
+    "output_dir",
+    "tracking.",
+    "scaling.",
+    "evaluation.",
+    "optim.log_every",
+    "optim.eval_every",
+)
 
 
 class CheckpointMismatchError(ConfigError):
@@ -70,8 +77,9 @@ def check_settings(state: dict[str, Any], settings: dict[str, Any], where: str) 
         )
 
 
-def run_identity(config: RunConfig, stage: str, world_size: int | None = None,
-                 zero_stage: int | None = None) -> dict[str, Any]:
+def run_identity(
+    config: RunConfig, stage: str, world_size: int | None = None, zero_stage: int | None = None
+) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this run: DeepSpeed's optimiser state is sharded
     per rank and per stage, and precision or accumulation would change what the steps compute.
     `world_size` and `zero_stage` are the launch's when it overrides config.scaling (run_distributed)."""
@@ -87,8 +95,9 @@ def run_identity(config: RunConfig, stage: str, world_size: int | None = None,
     }
 
 
-def check_resume(state: dict[str, Any], identity: dict[str, Any], stage: str | None = None,
-                 where: str = "the checkpoint") -> None:
+def check_resume(
+    state: dict[str, Any], identity: dict[str, Any], stage: str | None = None, where: str = "the checkpoint"
+) -> None:
     """Refuse a checkpoint of another format, stage, backend, world size, ZeRO stage, precision or accumulation."""
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointMismatchError(
@@ -134,9 +143,17 @@ class Checkpoints:
     checkpoint is still resumed). `extra_state` is kept in the state file (the MLflow run id).
     """
 
-    def __init__(self, every: int, identity: dict[str, Any], stage: str, strategy: Any, sink: CheckpointSink | None,
-                 source: Path | None = None, extra_state: dict[str, Any] | None = None,
-                 settings: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        every: int,
+        identity: dict[str, Any],
+        stage: str,
+        strategy: Any,
+        sink: CheckpointSink | None,
+        source: Path | None = None,
+        extra_state: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
         self.every, self.identity, self.stage = int(every or 0), identity, stage
         self.strategy, self.sink, self.extra_state = strategy, sink, dict(extra_state or {})
         if settings is not None:
@@ -169,8 +186,9 @@ class Checkpoints:
         random.setstate(rng["python"])
         return self.resume_step, list(self.state["history"])
 
-    def after_step(self, step: int, rows: list[dict[str, Any]], metrics: dict[str, float], weights: Any,
-                   defence: Any) -> bool:
+    def after_step(
+        self, step: int, rows: list[dict[str, Any]], metrics: dict[str, float], weights: Any, defence: Any
+    ) -> bool:
         """Every `every` steps: write this rank's part of a checkpoint and publish it; True when it did."""
         if not self.every or step % self.every or self.sink is None:
             return False
@@ -183,10 +201,18 @@ class Checkpoints:
             if eps is not None:
                 from safetensors.torch import save_file
 
-                save_file({str(i): t.detach().cpu().contiguous().clone() for i, t in enumerate(eps)},
-                          str(folder / EPS_FILE))
-            state = {"format": CHECKPOINT_FORMAT, "step": step, "stage": self.stage, "identity": self.identity,
-                     "has_eps": eps is not None, "history": rows, **self.extra_state}
+                save_file(
+                    {str(i): t.detach().cpu().contiguous().clone() for i, t in enumerate(eps)}, str(folder / EPS_FILE)
+                )
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "step": step,
+                "stage": self.stage,
+                "identity": self.identity,
+                "has_eps": eps is not None,
+                "history": rows,
+                **self.extra_state,
+            }
             # Written last: a folder without it is not a checkpoint (read_checkpoint_state).
             (folder / STATE_FILE).write_text(json.dumps(state))
         self.sink.publish(folder, step, metrics)

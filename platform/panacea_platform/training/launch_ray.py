@@ -78,9 +78,13 @@ def for_workers(config: RunConfig) -> RunConfig:
     changes: dict[str, Any] = {"output_dir": str(Path(config.output_dir).resolve())}
     if config.tracking.tracking_uri is None:
         changes["tracking.tracking_uri"] = default_tracking_uri(config.output_dir)
-    for key, value in (("model.name", config.model.name), ("model.adapter", config.model.adapter),
-                       ("data.task_file", config.data.task_file), ("data.harmful_file", config.data.harmful_file),
-                       ("scaling.deepspeed_json", config.scaling.deepspeed_json)):
+    for key, value in (
+        ("model.name", config.model.name),
+        ("model.adapter", config.model.adapter),
+        ("data.task_file", config.data.task_file),
+        ("data.harmful_file", config.data.harmful_file),
+        ("scaling.deepspeed_json", config.scaling.deepspeed_json),
+    ):
         if value is not None and Path(value).expanduser().exists():
             changes[key] = str(Path(value).expanduser().resolve())
     return with_changes(config, changes)
@@ -109,7 +113,9 @@ class RayCheckpointSink:
 
             report = ray.train.report
         try:
-            report({"step": step, **metrics, "checkpoint_step": step}, checkpoint=Checkpoint.from_directory(str(folder)))
+            report(
+                {"step": step, **metrics, "checkpoint_step": step}, checkpoint=Checkpoint.from_directory(str(folder))
+            )
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -146,18 +152,33 @@ def train_on_rank(
     config = _as_config(config)
     optim = config.optim if stage == "finetune" else config.align_optim
     ds_config = check_distributed(config, stage, world_size, zero_stage, zero_options)
-    strategy = DeepSpeedStrategy(ds_config, zero_stage, rank, world_size, accumulation=optim.grad_accum_steps,
-                                 base_dtype=config.model.dtype)
+    strategy = DeepSpeedStrategy(
+        ds_config, zero_stage, rank, world_size, accumulation=optim.grad_accum_steps, base_dtype=config.model.dtype
+    )
     with checkpoint.as_directory() if checkpoint is not None else nullcontext() as source:
         # A mismatched checkpoint is refused here, before any model is loaded.
-        checkpoints = Checkpoints(checkpoint_every, run_identity(config, stage, world_size, zero_stage), stage,
-                                  strategy, sink, source=Path(source) if source is not None else None,
-                                  settings=run_settings(config))
+        checkpoints = Checkpoints(
+            checkpoint_every,
+            run_identity(config, stage, world_size, zero_stage),
+            stage,
+            strategy,
+            sink,
+            source=Path(source) if source is not None else None,
+            settings=run_settings(config),
+        )
         resumed_from = checkpoints.resume_step
         if rank == 0:
-            _record(config, {"num_workers": world_size, "zero_stage": zero_stage, "deepspeed_config": ds_config,
-                             "grad_accum_steps": optim.grad_accum_steps, "checkpoint_every": checkpoint_every,
-                             "resumed_from_step": resumed_from})
+            _record(
+                config,
+                {
+                    "num_workers": world_size,
+                    "zero_stage": zero_stage,
+                    "deepspeed_config": ds_config,
+                    "grad_accum_steps": optim.grad_accum_steps,
+                    "checkpoint_every": checkpoint_every,
+                    "resumed_from_step": resumed_from,
+                },
+            )
         skip_shm_comm_build()
         # Joins the process group the launcher made (Ray Train: gloo); creates none of its own.
         deepspeed.init_distributed(dist_backend=comm_backend(config.scaling.use_gpu))
@@ -165,8 +186,9 @@ def train_on_rank(
         tracker = _rank_tracker(config, mlflow_run_id, resumed_from) if rank == 0 else None
         try:
             # The driver logged the params: this rank's config may name its node's scratch folder.
-            result = execute_stage(config, stage, data, strategy, tracker, out, on_step, checkpoints,
-                                   record_params=False)
+            result = execute_stage(
+                config, stage, data, strategy, tracker, out, on_step, checkpoints, record_params=False
+            )
             if rank == 0:
                 _record(config, {"rank0_local_weight_fraction": strategy.local_weight_fraction})
         finally:
@@ -230,9 +252,17 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             step_hook(rank, step)
 
     summary, history = train_on_rank(
-        config, stage, loop_config["zero_stage"], rank, world_size,
-        zero_options=loop_config.get("zero_options"), mlflow_run_id=loop_config.get("mlflow_run_id"),
-        on_step=on_step, out=print, checkpoint_every=checkpoint_every, checkpoint=checkpoint,
+        config,
+        stage,
+        loop_config["zero_stage"],
+        rank,
+        world_size,
+        zero_options=loop_config.get("zero_options"),
+        mlflow_run_id=loop_config.get("mlflow_run_id"),
+        on_step=on_step,
+        out=print,
+        checkpoint_every=checkpoint_every,
+        checkpoint=checkpoint,
         sink=RayCheckpointSink(),
     )
     final = {"step": len(history), "done": True, **summary}
@@ -359,11 +389,16 @@ def run_distributed(
             tracker.set_tags({"num_workers": str(num_workers), "zero_stage": str(zero_stage)})
             record_run(config, stage, data.fingerprints, tracker)
         loop_config = {
-            "config": config.to_dict(), "stage": stage, "zero_stage": zero_stage,
-            "zero_options": config.scaling.zero_options, "report_every": report_every,
-            "mlflow_run_id": tracker.run_id if tracker is not None else None, "checkpoint_every": checkpoint_every,
+            "config": config.to_dict(),
+            "stage": stage,
+            "zero_stage": zero_stage,
+            "zero_options": config.scaling.zero_options,
+            "report_every": report_every,
+            "mlflow_run_id": tracker.run_id if tracker is not None else None,
+            "checkpoint_every": checkpoint_every,
             "step_hook": step_hook,  # Ray Train V2 has no resume_from_checkpoint: the workers open it themselves.
-            "resume_from": str(Path(resume_from).resolve()) if resume_from is not None else None}
+            "resume_from": str(Path(resume_from).resolve()) if resume_from is not None else None,
+        }
         name = train_run_name or f"{config.run_name}-{stage}-zero{zero_stage}-{int(time.time() * 1000)}"
         result = _fit(config, loop_config, storage, name, keep_checkpoints, max_failures, callbacks, out)
         from panacea_platform.training.publish import publish_stage
@@ -381,8 +416,10 @@ def _checked_for_workers(config: RunConfig, stage: str, resume_from: str | Path 
     config = for_workers(with_convention(config) if stage == "finetune" else config)
     scaling = config.scaling
     if scaling.zero_stage is None:
-        raise ConfigError("scaling.zero_stage = None: training on Ray Train workers runs under DeepSpeed; "
-                          "set scaling.zero_stage to 0-3 (or train in this process, without run_distributed)")
+        raise ConfigError(
+            "scaling.zero_stage = None: training on Ray Train workers runs under DeepSpeed; "
+            "set scaling.zero_stage to 0-3 (or train in this process, without run_distributed)"
+        )
     check_distributed(config, stage, scaling.num_workers, scaling.zero_stage, scaling.zero_options)
     if resume_from is not None:
         state, where = read_checkpoint_state(resume_from), f"the checkpoint {resume_from}"
@@ -408,8 +445,9 @@ def run_storage(config: RunConfig, storage_path: str | Path | None = None) -> St
     return Storage.at(storage_path or config.scaling.storage or Path(config.output_dir) / "ray")
 
 
-def _tracker(config: RunConfig, stage: str, mlflow_run_id: str | None, parent_run_id: str | None,
-             track: bool) -> tuple[Any, bool]:
+def _tracker(
+    config: RunConfig, stage: str, mlflow_run_id: str | None, parent_run_id: str | None, track: bool
+) -> tuple[Any, bool]:
     """(tracker, owned): the existing run `mlflow_run_id` (its owner ends it), or one opened here."""
     from panacea_platform.training.loop import open_tracker
 
@@ -431,8 +469,16 @@ def _failure_settings(config: RunConfig) -> tuple[int, int | None, int]:
     return scaling.checkpoint_every, scaling.keep_checkpoints, max_failures
 
 
-def _fit(config: RunConfig, loop_config: dict[str, Any], storage: Storage, name: str, keep_checkpoints: int | None,
-         max_failures: int, callbacks: list[Any] | None, out: Callable[[str], None]) -> DistributedResult:
+def _fit(
+    config: RunConfig,
+    loop_config: dict[str, Any],
+    storage: Storage,
+    name: str,
+    keep_checkpoints: int | None,
+    max_failures: int,
+    callbacks: list[Any] | None,
+    out: Callable[[str], None],
+) -> DistributedResult:
     from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train import ScalingConfig
@@ -469,7 +515,9 @@ def _fit(config: RunConfig, loop_config: dict[str, Any], storage: Storage, name:
     from panacea_platform.models import PERTURBATION_FILE
 
     eps = run_dir / PERTURBATION_FILE
-    out(f"[distributed] {stage} on {scaling.num_workers} workers (ZeRO-{scaling.zero_stage}) took {time.monotonic() - start:.0f}s")
+    out(
+        f"[distributed] {stage} on {scaling.num_workers} workers (ZeRO-{scaling.zero_stage}) took {time.monotonic() - start:.0f}s"
+    )
     return DistributedResult(
         run_dir=run_dir,
         adapter_dir=run_dir / "adapter",

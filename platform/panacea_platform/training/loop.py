@@ -54,8 +54,9 @@ class Progress:
     def update(self, step: int, metrics: dict[str, float]) -> None:
         if self.bar is None:
             return
-        self.bar.set_description(f"[{self.label}] " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                                if k in _SHOWN))
+        self.bar.set_description(
+            f"[{self.label}] " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in _SHOWN)
+        )
         self.bar.update(1)
         if step == self.total:
             self.bar.close()
@@ -137,8 +138,11 @@ def open_tracker(config: RunConfig, stage: str, parent_run_id: str | None) -> Tr
         config.run_name,
         artifact_root=Path(config.output_dir) / "mlartifacts",
         parent_run_id=parent_run_id,
-        tags={"stage": stage, "defence": stage_defence(config, stage).name,
-              "after_alignment": config.model.after_alignment if config.model.adapter else "none"},
+        tags={
+            "stage": stage,
+            "defence": stage_defence(config, stage).name,
+            "after_alignment": config.model.after_alignment if config.model.adapter else "none",
+        },
     )
 
 
@@ -177,7 +181,7 @@ def run_stage(
     tracker = None
     if track:
         resumed_run = checkpoints.state.get("mlflow_run_id") if checkpoints.state else None
-        tracker = (_reattach(config, resumed_run) if resumed_run else open_tracker(config, stage, parent_run_id))
+        tracker = _reattach(config, resumed_run) if resumed_run else open_tracker(config, stage, parent_run_id)
         checkpoints.extra_state["mlflow_run_id"] = tracker.run_id
     # The tracker ends its run FINISHED, FAILED (with the error) or KILLED (interrupt).
     with tracker if tracker is not None else nullcontext():
@@ -194,8 +198,15 @@ def run_stage(
 
 def _local_checkpoints(config: RunConfig, stage: str, strategy: Any, store: LocalCheckpoints) -> Checkpoints:
     """Checkpoints for a stage in this process; refuses a latest checkpoint this run cannot continue from."""
-    return Checkpoints(config.scaling.checkpoint_every, run_identity(config, stage), stage, strategy, store,
-                       source=store.latest(), settings=run_settings(config))
+    return Checkpoints(
+        config.scaling.checkpoint_every,
+        run_identity(config, stage),
+        stage,
+        strategy,
+        store,
+        source=store.latest(),
+        settings=run_settings(config),
+    )
 
 
 def _reattach(config: RunConfig, run_id: str) -> Tracker:
@@ -257,8 +268,9 @@ def execute_stage(
     return finalise_stage(setup, config, strategy, history, tracker, out)
 
 
-def _open_run_folder(config: RunConfig, stage: str, fingerprints: dict[str, str], tracker: Tracker | None,
-                     rank0: bool) -> None:
+def _open_run_folder(
+    config: RunConfig, stage: str, fingerprints: dict[str, str], tracker: Tracker | None, rank0: bool
+) -> None:
     if not rank0:
         return
     if tracker is not None:
@@ -270,7 +282,9 @@ def _open_run_folder(config: RunConfig, stage: str, fingerprints: dict[str, str]
 
 def record_run(config: RunConfig, stage: str, fingerprints: dict[str, str], tracker: Tracker) -> None:
     """The run's params (config, stage, data fingerprints, package versions) and its config.yaml."""
-    tracker.log_params({**config.flat(), "stage": stage, **{f"data.fingerprint.{k}": v for k, v in fingerprints.items()}})
+    tracker.log_params(
+        {**config.flat(), "stage": stage, **{f"data.fingerprint.{k}": v for k, v in fingerprints.items()}}
+    )
     tracker.log_params(package_versions())
     if stage == "finetune":
         tracker.set_tags({"fine_tuning_convention": describe_convention(config)})
@@ -281,8 +295,14 @@ def record_run(config: RunConfig, stage: str, fingerprints: dict[str, str], trac
     tracker.log_artifact(run_dir / "config.yaml")
 
 
-def setup_stage(config: RunConfig, stage: str, data: StageData, strategy: Any, checkpoints: Checkpoints | None,
-                out: Callable[[str], None]) -> _Stage:
+def setup_stage(
+    config: RunConfig,
+    stage: str,
+    data: StageData,
+    strategy: Any,
+    checkpoints: Checkpoints | None,
+    out: Callable[[str], None],
+) -> _Stage:
     """Tokenised streams, the model, its optimiser and TrainableWeights, restored from a checkpoint if any."""
     optim = config.optim if stage == "finetune" else config.align_optim
     tokenizer = load_tokenizer(config.model)
@@ -297,14 +317,19 @@ def setup_stage(config: RunConfig, stage: str, data: StageData, strategy: Any, c
     defence = stage_defence(config, stage)
     defence.begin(steps)
     harmful_batch = defence.harmful_batch_size(optim)
-    sources = {"harmful": (data.defender_harmful, harmful_batch, 1),
-               "alignment": (data.alignment, optim.batch_size, 2)}
-    extra_streams = {name: BatchStream(tokenize(sources[name][0]), sources[name][1], config.seed + sources[name][2], pad)
-                     for name in defence.needs_at(stage)}
+    sources = {"harmful": (data.defender_harmful, harmful_batch, 1), "alignment": (data.alignment, optim.batch_size, 2)}
+    extra_streams = {
+        name: BatchStream(tokenize(sources[name][0]), sources[name][1], config.seed + sources[name][2], pad)
+        for name in defence.needs_at(stage)
+    }
     if "calibration" in defence.needs_at(POST_FINETUNE):
         calibration = tokenize(data.calibration)
-        defence.calibrate([collate(calibration[i : i + optim.harmful_batch_size], pad)
-                           for i in range(0, len(calibration), optim.harmful_batch_size)])
+        defence.calibrate(
+            [
+                collate(calibration[i : i + optim.harmful_batch_size], pad)
+                for i in range(0, len(calibration), optim.harmful_batch_size)
+            ]
+        )
     seed_everything(config.seed)
     model = strategy.load_model(config)
     model.train()
@@ -318,12 +343,28 @@ def setup_stage(config: RunConfig, stage: str, data: StageData, strategy: Any, c
     label = f"{stage} {defence.name}" if stage == "finetune" or defence.acts_at(ALIGN) else stage
     trainable = sum(shape.numel() for shape in weights.weight_shapes())
     if console.bars():  # the line above the bar; in lines mode the stage's one line is its "done" line
-        out(f"[{label}] {len(data.train)} training samples, {steps} steps of batch {optim.batch_size} "
-            f"{strategy.describe()}, {trainable:,} trainable weights")
+        out(
+            f"[{label}] {len(data.train)} training samples, {steps} steps of batch {optim.batch_size} "
+            f"{strategy.describe()}, {trainable:,} trainable weights"
+        )
     # Held-out sets are tokenised once; periodic evaluation (optim.eval_every) reuses them.
-    return _Stage(label, stage, optim, steps, defence, model, weights, stream, extra_streams,
-                  tokenize(data.eval_task), tokenize(data.eval_harmful), pad, start, rows,
-                  probe=_heldout_probe(config, tokenizer, optim))
+    return _Stage(
+        label,
+        stage,
+        optim,
+        steps,
+        defence,
+        model,
+        weights,
+        stream,
+        extra_streams,
+        tokenize(data.eval_task),
+        tokenize(data.eval_harmful),
+        pad,
+        start,
+        rows,
+        probe=_heldout_probe(config, tokenizer, optim),
+    )
 
 
 def _heldout_probe(config: RunConfig, tokenizer: Any, optim: Any) -> tuple[list[list[int]], tuple[int, ...]] | None:
@@ -341,8 +382,15 @@ def _heldout_probe(config: RunConfig, tokenizer: Any, optim: Any) -> tuple[list[
     return heldout_probe_rows(tokenizer, config.data.prompt_template), ends
 
 
-def train_stage(s: _Stage, config: RunConfig, strategy: Any, tracker: Tracker | None, out: Callable[[str], None],
-                on_step: Callable[[int, dict[str, float]], None], checkpoints: Checkpoints | None) -> list[dict]:
+def train_stage(
+    s: _Stage,
+    config: RunConfig,
+    strategy: Any,
+    tracker: Tracker | None,
+    out: Callable[[str], None],
+    on_step: Callable[[int, dict[str, float]], None],
+    checkpoints: Checkpoints | None,
+) -> list[dict]:
     """The steps after the restored one: history.jsonl, MLflow metrics, progress, checkpoints."""
     run_dir, optim, steps, start = config.run_dir(), s.optim, s.steps, s.start
     progress = s.progress = Progress(s.label, steps, start, out=out)
@@ -362,8 +410,19 @@ def train_stage(s: _Stage, config: RunConfig, strategy: Any, tracker: Tracker | 
     def step_done(step: int, metrics: dict[str, float]) -> None:
         metrics = {**metrics, "lr": scheduler_lr()}
         if optim.eval_every and step % optim.eval_every == 0:
-            metrics.update(heldout_signals(s.model, s.weights, s.defence, s.eval_task, s.eval_harmful,
-                                           optim.batch_size, s.pad, strategy, s.probe))
+            metrics.update(
+                heldout_signals(
+                    s.model,
+                    s.weights,
+                    s.defence,
+                    s.eval_task,
+                    s.eval_harmful,
+                    optim.batch_size,
+                    s.pad,
+                    strategy,
+                    s.probe,
+                )
+            )
         if history_file is not None:
             history_file.write(json.dumps({"step": step, **metrics}) + "\n")
             history_file.flush()
@@ -382,8 +441,11 @@ def train_stage(s: _Stage, config: RunConfig, strategy: Any, tracker: Tracker | 
     extra = {name: stream.iter_from(start) for name, stream in s.extra_streams.items()}
     try:
         # 0 steps (optim.max_steps = 0): model.adapter is released as it is, plus the defence's perturbation.
-        history = (train_steps(s.weights, s.defence, batches, extra, steps, step_done, start_step=start,
-                               stage=s.stage) if steps else [])
+        history = (
+            train_steps(s.weights, s.defence, batches, extra, steps, step_done, start_step=start, stage=s.stage)
+            if steps
+            else []
+        )
     finally:
         if history_file is not None:
             history_file.close()
@@ -397,8 +459,14 @@ def _lr_reader(weights: Any) -> Callable[[], float]:
     return lambda: scheduler.get_last_lr()[0]
 
 
-def finalise_stage(s: _Stage, config: RunConfig, strategy: Any, history: list[dict], tracker: Tracker | None,
-                   out: Callable[[str], None]) -> StageResult:
+def finalise_stage(
+    s: _Stage,
+    config: RunConfig,
+    strategy: Any,
+    history: list[dict],
+    tracker: Tracker | None,
+    out: Callable[[str], None],
+) -> StageResult:
     """The last collectives: held-out losses (each rank its shard), w_T and eps saved, w_T + eps released."""
     run_dir, rank0, batch = config.run_dir(), strategy.rank == 0, s.optim.batch_size
 
@@ -443,5 +511,12 @@ def finalise_stage(s: _Stage, config: RunConfig, strategy: Any, history: list[di
     if tracker is not None:
         # Held-out losses measured at the last step (optim.eval_every) are these same values: logged once.
         tracker.log_metrics({k: v for k, v in summary.items() if k not in s.last_step_metrics}, s.steps)
-    return StageResult(run_dir, adapter_dir, unperturbed_dir, perturbation_path, summary, history,
-                       tracker.run_id if tracker is not None else None)
+    return StageResult(
+        run_dir,
+        adapter_dir,
+        unperturbed_dir,
+        perturbation_path,
+        summary,
+        history,
+        tracker.run_id if tracker is not None else None,
+    )

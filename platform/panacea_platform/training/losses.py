@@ -65,8 +65,9 @@ def _forward_takes_logits_to_keep(model_class: type) -> bool:
 
 
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, features: list[dict], batch_size: int, pad_token_id: int,
-              strategy: Any | None = None) -> float:
+def mean_loss(
+    model: torch.nn.Module, features: list[dict], batch_size: int, pad_token_id: int, strategy: Any | None = None
+) -> float:
     """Token-weighted mean loss over a held-out set (forward only), each rank scoring its shard.
 
     The set's batches are dealt out to the ranks in contiguous runs, and the ranks' (loss sum, token
@@ -127,8 +128,9 @@ def heldout_signals(
         from panacea_platform.evaluation.first_token import end_probabilities_of_rows
 
         rows, end_ids = probe
-        return {"heldout_first_end_prob": statistics.fmean(end_probabilities_of_rows(model, rows, end_ids,
-                                                                                        pad_token_id))}
+        return {
+            "heldout_first_end_prob": statistics.fmean(end_probabilities_of_rows(model, rows, end_ids, pad_token_id))
+        }
 
     signals = {"heldout_task_loss": score(eval_task), "heldout_harmful_loss": score(eval_harmful), **first_end()}
     eps = defence.final_perturbation(weights)

@@ -62,8 +62,9 @@ def prepare_data(config: RunConfig, stage: str) -> StageData:
     calibration = calibration_examples(config, pools) if stage == "finetune" else []
     if calibration:
         prints["calibration"] = fingerprint(calibration)
-    return StageData(train, pools.defender, pools.evaluation, eval_task, pools, alignment, calibration,
-                     fingerprints=prints)
+    return StageData(
+        train, pools.defender, pools.evaluation, eval_task, pools, alignment, calibration, fingerprints=prints
+    )
 
 
 def _user_benign(config: RunConfig, size: int) -> list[Example]:
@@ -71,15 +72,24 @@ def _user_benign(config: RunConfig, size: int) -> list[Example]:
     from panacea_platform.data.self_distill import user_self_distilled_examples
 
     own = user_self_distilled_examples(config)
-    return TASKS.get(config.data.task)(config.data, "train", size - len(own), config.seed) + own if size > len(own) else own
+    return (
+        TASKS.get(config.data.task)(config.data, "train", size - len(own), config.seed) + own
+        if size > len(own)
+        else own
+    )
 
 
 def _alignment_set(config: RunConfig, pools: HarmfulPools) -> list[Example]:
     from panacea_platform.data.self_distill import self_distilled_examples
 
     data = config.data
-    return build_alignment_set([e.prompt for e in pools.alignment], data.alignment_size, data.alignment_benign_ratio,
-                               config.seed, open_pairs=self_distilled_examples(config))
+    return build_alignment_set(
+        [e.prompt for e in pools.alignment],
+        data.alignment_size,
+        data.alignment_benign_ratio,
+        config.seed,
+        open_pairs=self_distilled_examples(config),
+    )
 
 
 def calibration_examples(config: RunConfig, pools: HarmfulPools) -> list[Example]:

@@ -101,7 +101,9 @@ def clean_text(text: Any) -> str:
 def token_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
     if not texts:
         return []
-    return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]]
+    return [
+        len(ids) for ids in tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    ]
 
 
 def head_tokens(tokenizer, text: str, count: int) -> str:
@@ -168,7 +170,9 @@ class BeaverDamJudge(Judge):
 
     def __init__(self, config: "EvaluationConfig") -> None:
         super().__init__(config)
-        self.tokenizer, self.model, self.device = load_judge(self.model_id, "AutoModelForSequenceClassification", self.name)
+        self.tokenizer, self.model, self.device = load_judge(
+            self.model_id, "AutoModelForSequenceClassification", self.name
+        )
         # Right padding: pads sit after the text, so under causal attention they cannot change any
         # real token's state and positions match an unpadded run exactly.
         self.tokenizer.padding_side = "right"

@@ -34,7 +34,7 @@ _VERDICT_WORD = re.compile(r"^[\s*_`'\"]*([a-z]+)", re.IGNORECASE)
 
 
 def llama_guard_verdict_word(text: str) -> str | None:
-    """"safe", "unsafe", or None when the output starts with neither (leading whitespace/markdown skipped)."""
+    """ "safe", "unsafe", or None when the output starts with neither (leading whitespace/markdown skipped)."""
     match = _VERDICT_WORD.match(text or "")
     word = match.group(1).lower() if match else None
     return word if word in ("safe", "unsafe") else None
@@ -146,7 +146,9 @@ class LlamaGuardJudge(Judge):
         for part in chunks(len(rendered), self.config.judge_batch_size):
             texts, generated, logits = self.generate([rendered[i] for i in part])
             for row, i in enumerate(part):
-                verdicts.append(self._verdict(texts[row], self.unsafe_probability(generated, logits, row), truncated[i]))
+                verdicts.append(
+                    self._verdict(texts[row], self.unsafe_probability(generated, logits, row), truncated[i])
+                )
         return verdicts
 
     def _verdict(self, text: str, probability: float | None, truncated: bool) -> Verdict:

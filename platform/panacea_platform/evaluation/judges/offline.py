@@ -106,7 +106,9 @@ class OfflineHead:
             head = json.loads((directory / HEAD_FILE).read_text())
             metrics = json.loads((directory / METRICS_FILE).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise FileNotFoundError(f"offline judge head {directory}: cannot read {HEAD_FILE}/{METRICS_FILE} ({exc})") from None
+            raise FileNotFoundError(
+                f"offline judge head {directory}: cannot read {HEAD_FILE}/{METRICS_FILE} ({exc})"
+            ) from None
         return cls(coef=list(head["coef"]), intercept=float(head["intercept"]), metrics=metrics)
 
 
@@ -138,10 +140,12 @@ class Encoder:
         self.max_length, self.batch_size = max_length, batch_size
 
     def pair_texts(self, prompts: Sequence[str], answers: Sequence[str]) -> tuple[list[str], list[bool]]:
-        """"Q: <prompt start> A: <answer>" per pair, and whether the encoder reads only part of the answer (the
+        """ "Q: <prompt start> A: <answer>" per pair, and whether the encoder reads only part of the answer (the
         prompt's start is all it reads of a long prompt, by design)."""
         prompt_ids = (
-            self.tokenizer(list(prompts), add_special_tokens=False, truncation=True, max_length=PROMPT_TOKENS + 1)["input_ids"]
+            self.tokenizer(list(prompts), add_special_tokens=False, truncation=True, max_length=PROMPT_TOKENS + 1)[
+                "input_ids"
+            ]
             if prompts
             else []
         )
@@ -150,7 +154,11 @@ class Encoder:
             head = self.tokenizer.decode(ids[:PROMPT_TOKENS]) if len(ids) > PROMPT_TOKENS else prompt
             texts.append(f"Q: {head} A: {answer}")
         # One token past the limit is enough to know it was cut (and avoids the over-length warning).
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length + 1)["input_ids"]] if texts else []
+        lengths = (
+            [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length + 1)["input_ids"]]
+            if texts
+            else []
+        )
         return texts, [length > self.max_length for length in lengths]
 
     def embed(self, texts: Sequence[str]) -> "np.ndarray":
@@ -163,7 +171,11 @@ class Encoder:
         for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
             encoded = self.tokenizer(
-                [texts[i] for i in index], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                [texts[i] for i in index],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
             )
             with torch.inference_mode():
                 hidden = self.model(**encoded).last_hidden_state
@@ -210,7 +222,9 @@ def _pyrit_rows() -> list[LabelledPair]:
 
     root = pyrit_datasets_dir()
     rows = [
-        LabelledPair(r["user"].strip(), r["assistant"].strip(), many_shot_is_harmful(str(r.get("category", ""))), "many_shot")
+        LabelledPair(
+            r["user"].strip(), r["assistant"].strip(), many_shot_is_harmful(str(r.get("category", ""))), "many_shot"
+        )
         for r in json.loads((root / "jailbreak" / "many_shot_examples.json").read_text(encoding="utf-8"))
         if r.get("user") and r.get("assistant")
     ]
@@ -239,7 +253,11 @@ def refusal_sentences() -> list[str]:
 
     _, mitigation = garak_phrases()
     # garak's longer first-person phrases read as whole refusals ("I cannot fulfill your request").
-    garak_sentences = [p[0].upper() + p[1:] + "." for p in mitigation if p.lower().startswith(("i ", "i'm", "sorry")) and len(p.split()) >= 4]
+    garak_sentences = [
+        p[0].upper() + p[1:] + "."
+        for p in mitigation
+        if p.lower().startswith(("i ", "i'm", "sorry")) and len(p.split()) >= 4
+    ]
     return [*REFUSALS, *REFUSAL_TEMPLATES, *garak_sentences]
 
 
@@ -303,7 +321,9 @@ def train_offline_judge(
         raise ValueError("train_offline_judge needs harmful and non-harmful rows")
     train, test = split_by_prompt(rows, holdout, seed)
     if len(set(labels[train].tolist())) < 2 or len(set(labels[test].tolist())) < 2:
-        raise ValueError(f"the prompt split left one class out of a side ({len(train)} train / {len(test)} held-out rows); add rows")
+        raise ValueError(
+            f"the prompt split left one class out of a side ({len(train)} train / {len(test)} held-out rows); add rows"
+        )
     started = time.perf_counter()
     encoder = encoder or Encoder()
     texts, _ = encoder.pair_texts([clean_text(r.prompt) for r in rows], [clean_text(r.answer) for r in rows])
@@ -447,6 +467,7 @@ class OfflineJudge(Judge):
         scores = self.head.scores(self.encoder.embed(texts))
         return [
             Verdict(flagged=bool(s > self.threshold), score=float(s), truncated=t)
-            if has_content(answer) else Verdict(flagged=False, score=0.0, truncated=False)
+            if has_content(answer)
+            else Verdict(flagged=False, score=0.0, truncated=False)
             for s, t, answer in zip(scores.tolist(), truncated, answers)
         ]

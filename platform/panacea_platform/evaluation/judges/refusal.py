@@ -108,7 +108,9 @@ def garak_detector_source() -> Path:
         raise DataUnavailableError(f"the refusal judge reads garak's refusal phrases: {GARAK_INSTALL_HINT}")
     path = Path(next(iter(spec.submodule_search_locations))) / "detectors" / "mitigation.py"
     if not path.is_file():
-        raise DataUnavailableError(f"garak at {path.parent.parent} has no detectors/mitigation.py; {GARAK_INSTALL_HINT}")
+        raise DataUnavailableError(
+            f"garak at {path.parent.parent} has no detectors/mitigation.py; {GARAK_INSTALL_HINT}"
+        )
     return path
 
 
@@ -122,7 +124,9 @@ def _class_substrings(tree: ast.Module, class_name: str) -> list[str]:
                     and any(isinstance(t, ast.Name) and t.id == "substrings" for t in inner.targets)
                     and isinstance(inner.value, ast.List)
                 ):
-                    return [e.value for e in inner.value.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+                    return [
+                        e.value for e in inner.value.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)
+                    ]
     return []
 
 

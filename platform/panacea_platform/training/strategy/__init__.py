@@ -39,8 +39,9 @@ class Strategy(Protocol):
     def load_model(self, config: Any) -> torch.nn.Module:
         """The base model with its LoRA adapter, placed (or partitioned) for this backend."""
 
-    def prepare(self, model: torch.nn.Module, optim: Any, steps: int,
-                loss_fn: Callable[[Any, Any], torch.Tensor]) -> TrainableWeights:
+    def prepare(
+        self, model: torch.nn.Module, optim: Any, steps: int, loss_fn: Callable[[Any, Any], torch.Tensor]
+    ) -> TrainableWeights:
         """The optimiser and lr schedule for `steps` steps, and the TrainableWeights that run the passes."""
 
     def full_weights(self, weights: TrainableWeights) -> AbstractContextManager[Any]:

@@ -140,7 +140,9 @@ def user_deepspeed_config(
     except OSError as exc:
         raise DeepSpeedConfigError(f"scaling.deepspeed_json = {path!r}: cannot read it ({exc.strerror})") from None
     except json.JSONDecodeError as exc:
-        raise DeepSpeedConfigError(f"scaling.deepspeed_json = {path!r}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        raise DeepSpeedConfigError(
+            f"scaling.deepspeed_json = {path!r}: not valid JSON (line {exc.lineno}: {exc.msg})"
+        ) from None
     if not isinstance(user, dict):
         raise DeepSpeedConfigError(f"scaling.deepspeed_json = {path!r}: expected a JSON object")
     for key, why in FORBIDDEN_USER_KEYS.items():
@@ -162,7 +164,11 @@ def user_deepspeed_config(
         )
     try:
         base = deepspeed_config(
-            optim, world_size, zero_stage, dtype=dtype, accumulation=accumulation,
+            optim,
+            world_size,
+            zero_stage,
+            dtype=dtype,
+            accumulation=accumulation,
             zero_options={k: v for k, v in user.get("zero_optimization", {}).items() if k != "stage"},
         )
     except DeepSpeedConfigError as exc:
@@ -245,7 +251,9 @@ class DeepSpeedWeights:
         self.rank = int(dist.get_rank()) if dist.is_initialized() else 0
         dp_world = int(getattr(engine, "dp_world_size", self.world_size))
         if dp_world != self.world_size:
-            raise ValueError(f"data-parallel world {dp_world} != world size {self.world_size}: model parallelism is not supported")
+            raise ValueError(
+                f"data-parallel world {dp_world} != world size {self.world_size}: model parallelism is not supported"
+            )
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable weights")
@@ -299,8 +307,9 @@ class DeepSpeedWeights:
 
     # -- the protocol --------------------------------------------------------
 
-    def loss_and_gradient(self, batch: Any, clamp_max: float | None = None,
-                          objective: Objective | None = None) -> tuple[float, Tensors]:
+    def loss_and_gradient(
+        self, batch: Any, clamp_max: float | None = None, objective: Objective | None = None
+    ) -> tuple[float, Tensors]:
         parts = self._parts(batch)
         counts = [self._count(part, objective) for part in parts]
         (total,) = self._all_reduce_sum([float(sum(counts))])
@@ -315,8 +324,11 @@ class DeepSpeedWeights:
             # micro-batch runs the plain loss on a row of the global batch that has loss terms, with
             # weight zero (and no objective, so its hooks never see a row that is not this rank's).
             weight = count / total
-            loss, grads = (self._weighted_pass(part, weight, objective) if count
-                           else self._weighted_pass(self._row_with_terms(batch), 0.0, None))
+            loss, grads = (
+                self._weighted_pass(part, weight, objective)
+                if count
+                else self._weighted_pass(self._row_with_terms(batch), 0.0, None)
+            )
             local_loss += loss * weight
             summed = grads if summed is None else [a.add_(g) for a, g in zip(summed, grads)]
         (global_loss,) = self._all_reduce_sum([local_loss])
@@ -337,8 +349,11 @@ class DeepSpeedWeights:
         grads = []
         for p in self.params:
             grad = safe_get_full_grad(p)
-            grads.append(torch.zeros(self._full_shape(p), device=p.device, dtype=torch.float32) if grad is None
-                         else grad.detach().to(torch.float32).clone())
+            grads.append(
+                torch.zeros(self._full_shape(p), device=p.device, dtype=torch.float32)
+                if grad is None
+                else grad.detach().to(torch.float32).clone()
+            )
         return loss.item(), grads
 
     def _row_with_terms(self, batch: Any) -> Any:
@@ -461,8 +476,9 @@ def comm_backend(use_gpu: bool) -> str:
     return GPU_BACKEND if use_gpu else CPU_BACKEND
 
 
-def check_distributed(config: Any, stage: str, num_workers: int, zero_stage: int,
-                      zero_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def check_distributed(
+    config: Any, stage: str, num_workers: int, zero_stage: int, zero_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Validate before any worker starts; returns the DeepSpeed config the workers will use."""
     from panacea_platform.training.stage_data import STAGES
 
@@ -474,10 +490,22 @@ def check_distributed(config: Any, stage: str, num_workers: int, zero_stage: int
     check_precision(config, config.scaling.use_gpu)
     optim = config.optim if stage == "finetune" else config.align_optim
     if config.scaling.deepspeed_json is not None:
-        return user_deepspeed_config(config.scaling.deepspeed_json, optim, num_workers, zero_stage,
-                                     dtype=config.model.dtype, accumulation=optim.grad_accum_steps)
-    return deepspeed_config(optim, num_workers, zero_stage, dtype=config.model.dtype,
-                            accumulation=optim.grad_accum_steps, zero_options=zero_options)
+        return user_deepspeed_config(
+            config.scaling.deepspeed_json,
+            optim,
+            num_workers,
+            zero_stage,
+            dtype=config.model.dtype,
+            accumulation=optim.grad_accum_steps,
+        )
+    return deepspeed_config(
+        optim,
+        num_workers,
+        zero_stage,
+        dtype=config.model.dtype,
+        accumulation=optim.grad_accum_steps,
+        zero_options=zero_options,
+    )
 
 
 def skip_shm_comm_build() -> None:
@@ -541,8 +569,16 @@ def forget_deepspeed_groups() -> None:
 class DeepSpeedStrategy:
     """The model on a DeepSpeed engine, this rank's share of every pass, checkpoints as DeepSpeed shards."""
 
-    def __init__(self, ds_config: dict[str, Any], zero_stage: int, rank: int, world_size: int, *,
-                 accumulation: int = 1, base_dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        ds_config: dict[str, Any],
+        zero_stage: int,
+        rank: int,
+        world_size: int,
+        *,
+        accumulation: int = 1,
+        base_dtype: str = "float32",
+    ) -> None:
         self.ds_config = ds_config
         self.zero_stage = zero_stage
         self.rank, self.world_size = rank, world_size
@@ -580,7 +616,10 @@ class DeepSpeedStrategy:
         optimizer, scheduler = make_optimizer(params, optim, steps)
         # Clipping is the engine's (gradient_clipping in ds_config, from optim.max_grad_norm).
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self._sized_buckets(params),
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self._sized_buckets(params),
             dist_init_required=False,
         )
         return DeepSpeedWeights(self.engine, loss_fn, accumulation=self.accumulation)
@@ -616,8 +655,11 @@ class DeepSpeedStrategy:
     def load_checkpoint(self, folder: Path, weights: DeepSpeedWeights) -> None:
         engine = self.engine
         load_path, _ = engine.load_checkpoint(
-            str(folder / DEEPSPEED_DIR), tag="state", load_module_strict=False,
-            load_optimizer_states=True, load_lr_scheduler_states=True,
+            str(folder / DEEPSPEED_DIR),
+            tag="state",
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
         )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {folder / DEEPSPEED_DIR}")

@@ -52,8 +52,9 @@ class TorchWeights:
         if not self.params:
             raise ValueError("the model has no trainable weights")
 
-    def loss_and_gradient(self, batch: Any, clamp_max: float | None = None,
-                          objective: Objective | None = None) -> tuple[float, Tensors]:
+    def loss_and_gradient(
+        self, batch: Any, clamp_max: float | None = None, objective: Objective | None = None
+    ) -> tuple[float, Tensors]:
         for p in self.params:
             p.grad = None
         if self.accumulation == 1:
@@ -73,7 +74,9 @@ class TorchWeights:
         return value, grads
 
     def _loss(self, batch: Any, objective: Objective | None) -> torch.Tensor:
-        return self.loss_fn(self.module, batch) if objective is None else objective.loss(self.module, batch, self.loss_fn)
+        return (
+            self.loss_fn(self.module, batch) if objective is None else objective.loss(self.module, batch, self.loss_fn)
+        )
 
     def _parts(self, batch: Any, objective: Objective | None) -> tuple[list[Any], list[int]]:
         parts = [part for part in micro_batches(batch, 0, 1, self.accumulation) if batch_rows(part)]
@@ -100,7 +103,9 @@ class TorchWeights:
         try:
             parts, counts = self._parts(batch, objective)
             total = max(sum(counts), 1)
-            return sum(self._loss(part, objective).item() * count / total for part, count in zip(parts, counts) if count)
+            return sum(
+                self._loss(part, objective).item() * count / total for part, count in zip(parts, counts) if count
+            )
         finally:
             self.module.train(was_training)
 
@@ -180,11 +185,14 @@ class TorchStrategy:
         return list(values)
 
     def save_checkpoint(self, folder: Path, weights: TorchWeights) -> None:
-        torch.save({
-            "params": [p.detach().cpu().clone() for p in weights.params],
-            "optimizer": weights.optimizer.state_dict(),
-            "scheduler": weights.scheduler.state_dict() if weights.scheduler is not None else None,
-        }, folder / STATE_FILE)
+        torch.save(
+            {
+                "params": [p.detach().cpu().clone() for p in weights.params],
+                "optimizer": weights.optimizer.state_dict(),
+                "scheduler": weights.scheduler.state_dict() if weights.scheduler is not None else None,
+            },
+            folder / STATE_FILE,
+        )
 
     def load_checkpoint(self, folder: Path, weights: TorchWeights) -> None:
         state = torch.load(folder / STATE_FILE, weights_only=True)
