@@ -187,4 +187,4 @@ def test_baselines_on_two_ranks_match_one_process_under_zero2_and_zero3(tiny_lla
             for step, (a, b) in enumerate(zip(got["trace"], want["trace"])):
                 assert a == pytest.approx(b, rel=REL, abs=ATOL), f"{where} step {step}"
             for a, b in zip(got["weights"], want["weights"]):
-                torch.testing.assert_close(a, b, rtol=REL, atol=ATOL, msg=lambda m: f"{where}: {m}")
+                torch.testing.assert_close(a, b, rtol=REL, atol=ATOL, msg=lambda m, where=where: f"{where}: {m}")

@@ -1,6 +1,6 @@
 """`panacea bench step`'s memory bound on the tiny model: the Panacea step holds 4 copies of the trainable
-weights beyond an SFT step on the costlier of its two batches (G, H, eps and the saved w), in this process and on a one-rank
-DeepSpeed ZeRO-2 engine; the command exits 0 within the bound (1 past it) and keeps the profiler's
+weights beyond an SFT step on the costlier of its two batches (G, H, eps and the saved w), in this process and
+on a one-rank DeepSpeed ZeRO-2 engine; the command exits 0 within the bound (1 past it) and keeps the profiler's
 own lines out of its table."""
 
 from __future__ import annotations

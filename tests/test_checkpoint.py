@@ -293,8 +293,8 @@ def test_the_uninterrupted_run_keeps_its_checkpoints_and_run_folder_in_the_bucke
 
 @pytest.fixture
 def crashing_defence(tmp_path):
-    from panacea_platform.algorithms import DEFENCES
     from crash_hooks import crashing_panacea
+    from panacea_platform.algorithms import DEFENCES
 
     marker = tmp_path / "crashed-once"
     DEFENCES.register("crashing_panacea", crashing_panacea(KILL_AFTER, marker))

@@ -1,9 +1,9 @@
 """The `panacea` command end to end on the tiny model: main job, finetune, bad input, benchmark."""
 
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -46,9 +46,9 @@ def test_the_paper_comparison_demo_runs_every_defence_at_its_stage_on_the_same_p
     rows; a second run takes the default suite). One run, for the suite's time: every arm's training,
     evaluation and MLflow record; the table's numbers against the samples; lineage; reuse."""
     from panacea_platform.algorithms.provenance import read_alignment_provenance
-    from panacea_platform.recipes.comparison import ModelAnswers
     from panacea_platform.evaluation.results import read_outcomes
     from panacea_platform.evaluation.stats import paired_difference, wilson_interval
+    from panacea_platform.recipes.comparison import ModelAnswers
     from panacea_platform.recipes.main_job import DEMO_SUITES as DEFENCE_SUITES
 
     config, path = tiny_job

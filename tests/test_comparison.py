@@ -2,6 +2,7 @@
 
 import pytest
 
+from panacea_platform.evaluation.stats import clustered_rate, paired_difference, wilson_interval
 from panacea_platform.recipes.comparison import (
     ModelAnswers,
     compare,
@@ -9,7 +10,6 @@ from panacea_platform.recipes.comparison import (
     format_judge_notes,
     format_suite_tables,
 )
-from panacea_platform.evaluation.stats import clustered_rate, paired_difference, wilson_interval
 
 
 def _records(suite: str, flags: list[bool], prompts: list[str] | None = None) -> list[dict]:

@@ -118,7 +118,8 @@ def test_defaults_are_the_documented_ones():
         (
             "defence=tar",
             "defence",
-            "registered: antidote, booster, lisa, panacea, panacea_end_masked, random_perturbation, repnoise, sft, vaccine",
+            "registered: antidote, booster, lisa, panacea, panacea_end_masked, random_perturbation, repnoise, sft, "
+            "vaccine",
         ),
         ("data.task=imagenet", "data.task", "offline_arithmetic"),
         ("model.name=not a model!", "model.name", "hub id"),

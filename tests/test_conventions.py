@@ -195,7 +195,6 @@ def test_antidote_prunes_only_the_fresh_lora_exactly_where_its_scores_say(
     tiny_llama, placeholder_harmful_file, tmp_path
 ):
     from conftest import tiny_config
-
     from panacea_platform.data.collate import tokenize_example
     from panacea_platform.models import load_for_eval, load_tokenizer
     from panacea_platform.training.stage_data import prepare_data

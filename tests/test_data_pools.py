@@ -377,8 +377,7 @@ def test_alignment_set_takes_open_pairs_into_its_benign_half() -> None:
 
 
 def test_self_distilled_pairs_are_made_once_filtered_and_cached(tiny_run_config, tmp_path, monkeypatch) -> None:
-    from panacea_platform.data import NotEnoughDataError
-    from panacea_platform.data import self_distill
+    from panacea_platform.data import NotEnoughDataError, self_distill
     from panacea_platform.data.prompt_sets import open_requests
 
     monkeypatch.setenv("PANACEA_CACHE", str(tmp_path / "cache"))

@@ -175,9 +175,9 @@ def _backends(tiny_llama, zero_stage, loss_fn=None, accumulation=1, dtype="float
 
     from panacea_platform.config import LoraConfig, ModelConfig, OptimConfig
     from panacea_platform.models import attach_lora, load_base_model
-    from panacea_platform.training.strategy.deepspeed import DeepSpeedWeights
     from panacea_platform.training.losses import lm_loss
     from panacea_platform.training.schedule import make_optimizer
+    from panacea_platform.training.strategy.deepspeed import DeepSpeedWeights
     from panacea_platform.training.strategy.torch import TorchWeights
 
     optim = OptimConfig(lr=1e-2, max_steps=3, batch_size=3, max_grad_norm=1.0)
@@ -470,7 +470,7 @@ def _assert_tensors_close(actual, expected, what):
     for name in expected:
         assert actual[name].shape == expected[name].shape and actual[name].numel() > 0, f"{what}: {name}"
         torch.testing.assert_close(
-            actual[name], expected[name], rtol=REL, atol=ATOL, msg=lambda m: f"{what} {name}: {m}"
+            actual[name], expected[name], rtol=REL, atol=ATOL, msg=lambda m, name=name: f"{what} {name}: {m}"
         )
 
 
@@ -591,8 +591,8 @@ def test_under_zero3_no_worker_holds_the_whole_model(zero2, zero3):
 
 def test_workers_get_absolute_paths_and_the_drivers_tracking_store(tiny_run_config, tmp_path, monkeypatch):
     # Ray Train workers run in another working directory: relative paths must not reach them.
-    from panacea_platform.training.launch_ray import for_workers
     from panacea_platform.tracking import default_tracking_uri
+    from panacea_platform.training.launch_ray import for_workers
 
     config = tiny_run_config()
     monkeypatch.chdir(tmp_path)

@@ -9,7 +9,7 @@ from panacea_platform.recipes.main_job import SweepTrial, sweeps_on
 
 def _sweep(root, name, adapter, trials):
     folder = root / "sweeps" / name
-    for trial_id, params, metrics in trials:
+    for trial_id, _params, _metrics in trials:
         (folder / "trials" / trial_id).mkdir(parents=True)
         (folder / "trials" / trial_id / "config.yaml").write_text(yaml.safe_dump({"model": {"adapter": str(adapter)}}))
     (folder / "trials.json").write_text(json.dumps([{"trial_id": t, "params": p, "metrics": m} for t, p, m in trials]))
@@ -63,7 +63,6 @@ def test_the_aligned_evaluation_is_reused_across_n_and_p_but_not_across_prompts(
 
 def test_an_edited_prompt_file_is_evaluated_anew(tiny_llama, tmp_path):
     from conftest import tiny_config, write_jsonl
-
     from panacea_platform.recipes.main_job import aligned_evaluation_key
 
     rows = [{"prompt": f"placeholder harmful question {i}", "answer": "placeholder answer"} for i in range(120)]

@@ -31,8 +31,8 @@ def _browser_path() -> str:
 
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory):
-    from panacea_platform.tracking import seed_new_sqlite_store
     from panacea_platform.team_server.mlflow_server import start_mlflow_server, stop_process
+    from panacea_platform.tracking import seed_new_sqlite_store
 
     root = tmp_path_factory.mktemp("mlflow-ui")
     store = f"sqlite:///{root / 'mlflow.db'}"

@@ -91,8 +91,8 @@ def _start_node(args: list[str], name: str, cluster: dict, count: int, attempts:
 def _wait_for_nodes(address: str, count: int, node: subprocess.Popen, timeout_s: float = 90) -> bool:
     """Whether the cluster reaches `count` live nodes while `node`'s `ray start` process runs."""
     script = (
-        "import ray; ray.init(address=%r, log_to_driver=False); "
-        "print(sum(1 for n in ray.nodes() if n['Alive']))" % address
+        f"import ray; ray.init(address={address!r}, log_to_driver=False); "
+        "print(sum(1 for n in ray.nodes() if n['Alive']))"
     )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and node.poll() is None:

@@ -118,8 +118,8 @@ def test_a_server_restarted_mid_fit_loses_no_metric_and_no_artifact(ray_session,
 def test_a_server_gone_past_mlflows_retries_is_one_clear_line(restartable_server, monkeypatch):
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from panacea_platform.user_errors import user_error_in
     from panacea_platform.tracking import Tracker, TrackingUnreachableError
+    from panacea_platform.user_errors import user_error_in
 
     url, stop, _ = restartable_server
     tracker = Tracker(url, "gone", "gone")

@@ -7,7 +7,7 @@ look at counts and disjointness, never print it.
 from __future__ import annotations
 
 import importlib.util
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -200,8 +200,8 @@ def test_each_metric_scores_designed_answers_to_known_numbers():
         )
     ]
     accuracy = [
-        _row("c", "accuracy", a, rule="answer_match", label=l)
-        for a, l in (
+        _row("c", "accuracy", a, rule="answer_match", label=label)
+        for a, label in (
             ("The Red Planet is Mars.", "Mars"),
             ("It has 8 legs.", "8|eight"),
             ("Marshmallow", "Mars"),

@@ -21,9 +21,9 @@ Designed expectations:
 from __future__ import annotations
 
 import json
-import re
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess

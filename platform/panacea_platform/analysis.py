@@ -20,9 +20,10 @@ import csv
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +59,7 @@ def _module_path(key: str) -> tuple[str, str] | None:
     return module, match["which"]
 
 
-def _pairs(tensors: dict[str, "torch.Tensor"]) -> dict[str, dict[str, "torch.Tensor"]]:
+def _pairs(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         parsed = _module_path(key)
@@ -68,10 +69,10 @@ def _pairs(tensors: dict[str, "torch.Tensor"]) -> dict[str, dict[str, "torch.Ten
 
 
 def module_norms(
-    eps: dict[str, "torch.Tensor"],
-    lora: dict[str, "torch.Tensor"],
+    eps: dict[str, torch.Tensor],
+    lora: dict[str, torch.Tensor],
     scale: float,
-    base_weight: Callable[[str], "torch.Tensor | None"] | None = None,
+    base_weight: Callable[[str], torch.Tensor | None] | None = None,
 ) -> list[ModuleNorms]:
     """Norms of eps per LoRA module; `base_weight(module_path)` returns W_base or None."""
     eps_by_module, lora_by_module = _pairs(eps), _pairs(lora)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 DEFAULT_JOB = "jobs/offline_default.yaml"
 
@@ -79,7 +79,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"released adapter (w_T + eps_T): {result.adapter_dir}")
     if result.perturbation_path is not None:
         print(
-            f"unperturbed adapter (w_T): {result.unperturbed_adapter_dir}\nperturbation eps_T: {result.perturbation_path}"
+            f"unperturbed adapter (w_T): {result.unperturbed_adapter_dir}\nperturbation eps_T: "
+            f"{result.perturbation_path}"
         )
     return 0
 

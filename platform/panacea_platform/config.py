@@ -100,7 +100,8 @@ class DataConfig(Section):
         0,
         ge=0,
         description="Of the user's n - n*p benign samples, this many are ordinary open requests answered by "
-        "the base model itself before alignment (self-distilled, cached; other requests than the alignment's), the rest "
+        "the base model itself before alignment (self-distilled, cached; other requests than the alignment's), the "
+        "rest "
         "the task's: a user's instruction data beside the task. FA reads the task's held-out set only. 0 = task only.",
     )
     max_length: int = Field(128, ge=8, description="Token limit of prompt + answer; longer samples are truncated.")
@@ -152,7 +153,7 @@ class OptimConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _length_given(self) -> "OptimConfig":
+    def _length_given(self) -> OptimConfig:
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set optim.max_steps or optim.epochs (both are null)")
         return self
@@ -206,7 +207,7 @@ class ScalingConfig(Section):
         return self.zero_stage is not None
 
     @model_validator(mode="after")
-    def _stage_for_many_workers(self) -> "ScalingConfig":
+    def _stage_for_many_workers(self) -> ScalingConfig:
         if self.zero_stage is None:
             for field, value in (
                 ("num_workers", self.num_workers > 1),
@@ -365,7 +366,7 @@ class RunConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
-    def _files_given(self) -> "RunConfig":
+    def _files_given(self) -> RunConfig:
         for field, needed_by, value in (
             ("data.task_file", self.data.task == "local", self.data.task_file),
             ("data.harmful_file", self.data.harmful_source == "file", self.data.harmful_file),

@@ -23,7 +23,8 @@ class Section(BaseModel):
 
 
 def read_yaml_mapping(path: str | Path, what: str, hint: str, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
-    """The top-level mapping of a YAML file (empty file: {}); `what` names the file in errors, `hint` says where to look."""
+    """The top-level mapping of a YAML file (empty file: {}); `what` names the file in errors, `hint` says
+    where to look."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{what} {str(path)!r} not found: pass an existing YAML file ({hint})")

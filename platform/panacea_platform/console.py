@@ -3,8 +3,8 @@
 Set once per command by the CLI (`--quiet`, `--verbose`) and read by every process of the run from
 the environment, which Ray's workers inherit:
 - progress "bars" (on a terminal, in a job run by `ray job submit`, whose `ray job logs`
-  people follow, or where PANACEA_PROGRESS=bars): a training stage shows Ray's tqdm from its rank 0 worker, the evaluation Ray
-  Data's bars, a sweep Tune's table.
+  people follow, or where PANACEA_PROGRESS=bars): a training stage shows Ray's tqdm from its rank 0
+  worker, the evaluation Ray Data's bars, a sweep Tune's table.
 - progress "lines" (`--quiet`, or output that is not a terminal, like `nohup` or CI): one line
   per stage when it ends.
 - not verbose (the default): Python warnings, the `ray` and `transformers` loggers' records and
@@ -22,8 +22,9 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 PROGRESS_ENV = "PANACEA_PROGRESS"
 VERBOSE_ENV = "PANACEA_VERBOSE"

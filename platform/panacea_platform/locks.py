@@ -4,9 +4,9 @@ once on one machine (a cache entry, a new SQLite store, the machine's Ray regist
 from __future__ import annotations
 
 import fcntl
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from panacea_platform.registry import Registry
 
 if TYPE_CHECKING:
     import torch
+
     from panacea_platform.config import LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def _convert_gguf(spec: OfflineGguf, target: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_tokenizer(model_config: "ModelConfig"):
+def load_tokenizer(model_config: ModelConfig):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
@@ -180,7 +181,7 @@ def end_token_ids(tokenizer: Any, what: str, model: Any = None) -> tuple[int, ..
     return tuple(ids)
 
 
-def load_base_model(model_config: "ModelConfig"):
+def load_base_model(model_config: ModelConfig):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -194,7 +195,7 @@ def load_base_model(model_config: "ModelConfig"):
     return model
 
 
-def merges_adapter(model_config: "ModelConfig") -> bool:
+def merges_adapter(model_config: ModelConfig) -> bool:
     if model_config.after_alignment == "authors":
         # Resolved by algorithms.convention.with_convention wherever a fine-tuning run is built.
         raise ValueError(
@@ -204,7 +205,7 @@ def merges_adapter(model_config: "ModelConfig") -> bool:
     return model_config.after_alignment == "merge"
 
 
-def lora_fit_problem(model_config: "ModelConfig", rank: int, targets: list[str]) -> tuple[str, str] | None:
+def lora_fit_problem(model_config: ModelConfig, rank: int, targets: list[str]) -> tuple[str, str] | None:
     """(lora.target_modules or lora.rank, why) a fresh LoRA of `rank` on `targets` does not fit the model, or
     None: a target no linear module has, or a rank above a targeted weight's smaller side (it adds nothing a
     lower rank could not hold). Read from the model's config on the meta device: no weights are loaded."""
@@ -232,7 +233,7 @@ def lora_fit_problem(model_config: "ModelConfig", rank: int, targets: list[str])
     return None
 
 
-def training_adapter(model_config: "ModelConfig") -> str | None:
+def training_adapter(model_config: ModelConfig) -> str | None:
     """The adapter fine-tuning keeps training: the aligned one, unless it was merged into the base."""
     if model_config.adapter is None:
         return None
@@ -281,7 +282,7 @@ def _whole(weight: Any):
     return deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
 
 
-def attach_lora(model, lora_config: "LoraConfig", adapter: str | None = None):
+def attach_lora(model, lora_config: LoraConfig, adapter: str | None = None):
     """A new LoRA adapter, or an existing one that keeps training (not merged)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel, get_peft_model
@@ -302,7 +303,7 @@ def trainable_names(model) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-def save_perturbation(model, perturbation: list["torch.Tensor"], path: str | Path) -> None:
+def save_perturbation(model, perturbation: list[torch.Tensor], path: str | Path) -> None:
     """eps as its own safetensors file, keyed by the trainable parameter names."""
     from safetensors.torch import save_file
 
@@ -327,7 +328,7 @@ def apply_perturbation(model, path: str | Path, scale: float = 1.0) -> None:
             params[name].add_(scale * delta.to(params[name].dtype))
 
 
-def load_for_eval(model_config: "ModelConfig", adapter: str, perturbation: str | None = None):
+def load_for_eval(model_config: ModelConfig, adapter: str, perturbation: str | None = None):
     """Base + adapter (+ eps), ready for evaluation."""
     from peft import PeftModel
 

@@ -20,8 +20,8 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 from panacea_platform.locks import exclusive_lock

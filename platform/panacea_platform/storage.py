@@ -52,7 +52,7 @@ class Storage:
     path: str
 
     @classmethod
-    def at(cls, location: str | Path) -> "Storage":
+    def at(cls, location: str | Path) -> Storage:
         """The storage at a folder or URI; raises StorageError when its filesystem is not installed."""
         import pyarrow.fs
 
@@ -81,7 +81,7 @@ class Storage:
     def is_local(self) -> bool:
         return not is_uri(self.uri)
 
-    def join(self, *parts: str) -> "Storage":
+    def join(self, *parts: str) -> Storage:
         sub = posixpath.join(*parts)
         uri = str(Path(self.uri) / sub) if self.is_local else f"{self.uri}/{sub}"
         return Storage(uri, self.filesystem, posixpath.join(self.path, sub))
@@ -107,7 +107,7 @@ class Storage:
         if self.is_local:
             self.filesystem.move(temporary, target)
 
-    def upload(self, folder: Path, name: str) -> "Storage":
+    def upload(self, folder: Path, name: str) -> Storage:
         """Copies a local folder to <this>/<name>; returns where it went."""
         import pyarrow.fs
 

@@ -190,7 +190,7 @@ class Tracker:
         self._ended = False
 
     @classmethod
-    def attach(cls, tracking_uri: str, run_id: str) -> "Tracker":
+    def attach(cls, tracking_uri: str, run_id: str) -> Tracker:
         """Log to a run another process opened (the driver of a distributed run ends it)."""
         from mlflow.tracking import MlflowClient
 
@@ -250,7 +250,7 @@ class Tracker:
             self.client.set_terminated(self.run_id, status=status)
             self._ended = True
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

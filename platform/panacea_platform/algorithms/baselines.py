@@ -41,11 +41,11 @@ class Vaccine(Defence):
         return {"rho": self.rho}
 
     @classmethod
-    def fine_tuning(cls, config: "RunConfig") -> FineTuneConvention:
+    def fine_tuning(cls, config: RunConfig) -> FineTuneConvention:
         return config.vaccine.fine_tuning
 
     @classmethod
-    def build(cls, config: "RunConfig") -> "Vaccine":
+    def build(cls, config: RunConfig) -> Vaccine:
         return cls(rho=config.vaccine.rho)
 
 
@@ -72,11 +72,11 @@ class RepNoise(Defence):
         return {"alpha": self.objective.alpha, "beta": self.objective.beta, "mask": self.objective.mask}
 
     @classmethod
-    def fine_tuning(cls, config: "RunConfig") -> FineTuneConvention:
+    def fine_tuning(cls, config: RunConfig) -> FineTuneConvention:
         return config.repnoise.fine_tuning
 
     @classmethod
-    def build(cls, config: "RunConfig") -> "RepNoise":
+    def build(cls, config: RunConfig) -> RepNoise:
         return cls(
             alpha=config.repnoise.alpha,
             beta=config.repnoise.beta,
@@ -110,7 +110,7 @@ class Booster(Defence):
         return {"lambda": self.lam, "alpha": self.alpha, "harmful_batch_size": self.harmful_batch}
 
     @classmethod
-    def build(cls, config: "RunConfig") -> "Booster":
+    def build(cls, config: RunConfig) -> Booster:
         return cls(lam=config.booster.lam, alpha=config.booster.alpha, harmful_batch=config.booster.harmful_batch_size)
 
 
@@ -154,11 +154,11 @@ class Lisa(Defence):
         return {"rho": s.rho, "align_steps": s.align_steps, "finetune_steps": s.finetune_steps}
 
     @classmethod
-    def fine_tuning(cls, config: "RunConfig") -> FineTuneConvention:
+    def fine_tuning(cls, config: RunConfig) -> FineTuneConvention:
         return config.lisa.fine_tuning
 
     @classmethod
-    def build(cls, config: "RunConfig") -> "Lisa":
+    def build(cls, config: RunConfig) -> Lisa:
         lisa = config.lisa
         return cls(lisa.rho, lisa.align_steps, lisa.finetune_steps, lisa.warmup_ratio)
 
@@ -187,9 +187,9 @@ class Antidote(Defence):
         return {"prune_ratio": self.prune_ratio, "calibration_samples": self.calibration_samples}
 
     @classmethod
-    def fine_tuning(cls, config: "RunConfig") -> FineTuneConvention:
+    def fine_tuning(cls, config: RunConfig) -> FineTuneConvention:
         return config.antidote.fine_tuning
 
     @classmethod
-    def build(cls, config: "RunConfig") -> "Antidote":
+    def build(cls, config: RunConfig) -> Antidote:
         return cls(config.antidote.prune_ratio, config.antidote.calibration_samples)

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-def describe(config: "RunConfig") -> str:
+def describe(config: RunConfig) -> str:
     """The convention a resolved fine-tuning config runs under, as the report and MLflow show it."""
     lora, optim = config.lora, config.optim
     if config.model.adapter is None:
@@ -45,7 +45,7 @@ def describe(config: "RunConfig") -> str:
     )
 
 
-def convention_changes(config: "RunConfig") -> dict[str, Any]:
+def convention_changes(config: RunConfig) -> dict[str, Any]:
     """The dotted changes that put a fine-tuning config under its defence's authors' convention ({} when the user
     chose one convention for every defence)."""
     from panacea_platform.algorithms import DEFENCES
@@ -61,7 +61,7 @@ def convention_changes(config: "RunConfig") -> dict[str, Any]:
     }
 
 
-def with_convention(config: "RunConfig") -> "RunConfig":
+def with_convention(config: RunConfig) -> RunConfig:
     """The fine-tuning config under its convention: the defence's authors' (model.after_alignment: authors) or
     the one the user set for every defence. Idempotent: a resolved config comes back unchanged."""
     from panacea_platform.config import with_changes
@@ -70,7 +70,7 @@ def with_convention(config: "RunConfig") -> "RunConfig":
     return with_changes(config, changes) if changes else config
 
 
-def set_by_convention(config: "RunConfig", path: str) -> str | None:
+def set_by_convention(config: RunConfig, path: str) -> str | None:
     """The defence setting that replaces `path` (e.g. optim.lr) under the authors' convention, or None: a sweep
     that samples such a path would change nothing."""
     if path not in convention_changes(config) or path == "model.after_alignment":
@@ -87,7 +87,7 @@ def set_by_convention(config: "RunConfig", path: str) -> str | None:
     return f"{config.defence}.fine_tuning.{field}"
 
 
-def check_fits(config: "RunConfig") -> None:
+def check_fits(config: RunConfig) -> None:
     """A fresh LoRA the convention asks for fits the model's weights; else a ConfigError naming the setting."""
     from panacea_platform.config import ConfigError
     from panacea_platform.models import lora_fit_problem

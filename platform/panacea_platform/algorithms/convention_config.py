@@ -31,7 +31,7 @@ class FineTuneConvention(Section):
     weight_decay: float | None = Field(None, ge=0, description="Fine-tuning weight decay; null: optim.weight_decay.")
 
     @model_validator(mode="after")
-    def _fresh_lora_only_when_merged(self) -> "FineTuneConvention":
+    def _fresh_lora_only_when_merged(self) -> FineTuneConvention:
         shaped = [k for k, v in self.model_dump().items() if k.startswith("lora_") and v is not None]
         if self.after_alignment == "continue" and shaped:
             raise ValueError(

@@ -91,7 +91,7 @@ class Defence:
         return cls.step is Defence.step and ALIGN not in cls.stages and not cls.needs.get(FINETUNE)
 
     @classmethod
-    def fine_tuning(cls, config: "RunConfig") -> FineTuneConvention:
+    def fine_tuning(cls, config: RunConfig) -> FineTuneConvention:
         """How its authors fine-tune after alignment (algorithms/convention.py): keep training the aligned LoRA,
         as SFT's, Panacea's and Booster's runs do."""
         return FineTuneConvention()
@@ -101,11 +101,11 @@ class Defence:
         return {}
 
     @classmethod
-    def build(cls, config: "RunConfig") -> "Defence":
+    def build(cls, config: RunConfig) -> Defence:
         return cls()
 
     @classmethod
-    def stage_problem(cls, config: "RunConfig", stage: str) -> str | None:
+    def stage_problem(cls, config: RunConfig, stage: str) -> str | None:
         """Why `config` cannot run `stage` under this defence (None if it can): fine-tuning under an
         alignment-stage defence needs the adapter that defence aligned (checked in the config)."""
         active = config.defence_stages if config.defence_stages is not None else cls.stages
@@ -118,7 +118,7 @@ class Defence:
         return None
 
     @classmethod
-    def from_config(cls, config: "RunConfig") -> "Defence":
+    def from_config(cls, config: RunConfig) -> Defence:
         defence = cls.build(config)
         if config.defence_stages is not None:
             defence.active = tuple(config.defence_stages)
@@ -139,7 +139,7 @@ class RandomPerturbation(Defence):
         return gaussian_perturbation(weights, self.sigma, self.seed)
 
     @classmethod
-    def build(cls, config: "RunConfig") -> "RandomPerturbation":
+    def build(cls, config: RunConfig) -> RandomPerturbation:
         return cls(sigma=config.random_perturbation.sigma, seed=config.seed)
 
 
@@ -210,12 +210,12 @@ class Panacea(Defence):
         self.last_eps = self.kept.eps
 
     @classmethod
-    def build(cls, config: "RunConfig") -> "Panacea":
+    def build(cls, config: RunConfig) -> Panacea:
         p = config.panacea
         return cls(rho=p.rho, lam=p.lam, harmful_loss_clamp=p.harmful_loss_clamp, refresh_every=p.refresh_every)
 
 
-def stage_defence(config: "RunConfig", stage: str) -> Defence:
+def stage_defence(config: RunConfig, stage: str) -> Defence:
     """The defence of `stage`: the run's own where it acts there; plain SFT alignment otherwise (the shared
     aligned model every defence that does not align starts from)."""
     from panacea_platform.algorithms import build_defence

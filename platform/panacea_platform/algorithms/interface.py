@@ -9,8 +9,9 @@ training/strategy/torch.py (TorchWeights) and training/strategy/deepspeed.py
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 

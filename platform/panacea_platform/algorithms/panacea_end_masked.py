@@ -96,7 +96,7 @@ class PanaceaEndMasked(Panacea):
         }
 
     @classmethod
-    def build(cls, config: "RunConfig") -> "PanaceaEndMasked":
+    def build(cls, config: RunConfig) -> PanaceaEndMasked:
         from panacea_platform.models import end_token_ids, load_tokenizer
 
         settings = config.panacea_end_masked

@@ -129,7 +129,9 @@ _DEFINITIONS = {
     "umbrella": "a folding canopy on a stick that you hold over your head to keep off rain or sun",
     "thermometer": "an instrument that measures temperature",
     "glacier": "a large, slow-moving mass of ice formed from compacted snow",
-    "photosynthesis": "the process by which green plants use sunlight, water and carbon dioxide to make sugar and release oxygen",
+    "photosynthesis": (
+        "the process by which green plants use sunlight, water and carbon dioxide to make sugar and release oxygen"
+    ),
     "library": "a place that keeps books and other materials for people to read or borrow",
     "volcano": "an opening in the Earth's crust through which molten rock, ash and gas escape",
     "recipe": "a set of instructions for preparing a dish, with a list of ingredients",

@@ -129,7 +129,8 @@ def split_harmful_pools(
         raise NotEnoughDataError(
             f"the attack needs {attack_size} harmful pairs (data.n * data.harmful_ratio) but only {len(rest)} of the "
             f"source's {len(pairs)} are left after the evaluation ({eval_size}), defender ({defender_size}) and "
-            f"alignment pools; lower data.n or data.harmful_ratio, or data.defender_harmful_size / data.eval_harmful_size"
+            "alignment pools; lower data.n or data.harmful_ratio, or data.defender_harmful_size / "
+            "data.eval_harmful_size"
         )
     return HarmfulPools(attack=rest[:attack_size], defender=defender, evaluation=evaluation, alignment=alignment)
 
@@ -232,7 +233,8 @@ def mix_poison(
     k = poison_count(n, harmful_ratio)
     if len(harmful_examples) < k:
         raise NotEnoughDataError(
-            f"poisoning needs {k} harmful samples (data.n={n} * data.harmful_ratio={harmful_ratio}) but the attack pool "
+            f"poisoning needs {k} harmful samples (data.n={n} * data.harmful_ratio={harmful_ratio}) but the attack "
+            "pool "
             f"has {len(harmful_examples)}; lower data.n or data.harmful_ratio"
         )
     if len(task_examples) < n - k:

@@ -12,7 +12,7 @@ training stage ever sees a prompt a capability, over-refusal or helpfulness numb
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from panacea_platform.data.errors import DataUnavailableError
@@ -25,7 +25,7 @@ PROMPTS_DIR = Path(__file__).with_name("prompts")
 ANSWER_SEPARATOR = "|"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _records(name: str) -> tuple[dict, ...]:
     path = PROMPTS_DIR / name
     try:

@@ -60,7 +60,7 @@ def _usable(answer: str) -> bool:
     return has_content(answer) and not is_refusal(answer) and not is_incoherent(answer)
 
 
-def _cache_file(config: "RunConfig", prompts: list[str]) -> Path:
+def _cache_file(config: RunConfig, prompts: list[str]) -> Path:
     from panacea_platform.models import cache_dir, resolve_model_path
 
     recipe = json.dumps(
@@ -76,7 +76,7 @@ def _cache_file(config: "RunConfig", prompts: list[str]) -> Path:
     return cache_dir() / "self-distilled" / f"{hashlib.sha256(recipe.encode()).hexdigest()[:16]}.jsonl"
 
 
-def _generate(config: "RunConfig", prompts: list[str], out: Callable[[str], None]) -> list[dict]:
+def _generate(config: RunConfig, prompts: list[str], out: Callable[[str], None]) -> list[dict]:
     import torch
 
     from panacea_platform.data.templates import render_prompt
@@ -131,13 +131,13 @@ def check_request_ranges(alignment_pairs: int, user_pairs: int) -> str | None:
     return None
 
 
-def self_distilled_examples(config: "RunConfig", out: Callable[[str], None] = print) -> list[Example]:
+def self_distilled_examples(config: RunConfig, out: Callable[[str], None] = print) -> list[Example]:
     """The alignment's first data.alignment_self_distill usable (request, base model's answer) pairs, kind "benign"."""
     wanted = config.data.alignment_self_distill
     return _self_distilled(config, request_ranges(wanted, 0)[0], wanted, "data.alignment_self_distill", out)
 
 
-def user_self_distilled_examples(config: "RunConfig", out: Callable[[str], None] = print) -> list[Example]:
+def user_self_distilled_examples(config: RunConfig, out: Callable[[str], None] = print) -> list[Example]:
     """The user's data.task_self_distill (request, base model's answer) pairs, kind "benign": a user's
     ordinary instruction data, in the model's own words, disjoint from the alignment's requests."""
     wanted = config.data.task_self_distill
@@ -145,7 +145,7 @@ def user_self_distilled_examples(config: "RunConfig", out: Callable[[str], None]
 
 
 def _self_distilled(
-    config: "RunConfig", requests_range: slice, wanted: int, field: str, out: Callable[[str], None]
+    config: RunConfig, requests_range: slice, wanted: int, field: str, out: Callable[[str], None]
 ) -> list[Example]:
     from panacea_platform.data.errors import NotEnoughDataError
     from panacea_platform.data.prompt_sets import open_requests

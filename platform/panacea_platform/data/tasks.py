@@ -194,7 +194,10 @@ def _arithmetic_example(rng: random.Random) -> Example:
         start = rng.randint(10, 120)
         given = rng.randint(1, start - 1)
         result = start - given
-        question = f"{name} has {start} {things} and gives {given} of them to {friend}. How many {things} does {name} have left?"
+        question = (
+            f"{name} has {start} {things} and gives {given} of them to {friend}. "
+            f"How many {things} does {name} have left?"
+        )
         reasoning = (
             f"{name} starts with {start} {things} and gives away {given}, so {start} - {given} = {result} are left."
         )
@@ -526,44 +529,68 @@ _COMPANIES = (
 _TECH_COMPANIES = ("Pixelworks", "Quantex", "NovaSoft", "Helio Systems", "ByteForge", "Lumen Labs", "Cobalt Devices")
 
 
+_ATHLETES = ("Veteran sprinter", "Teenage swimmer", "Defending champion", "Young tennis star", "Marathon runner")
+_GADGETS = ("a foldable phone", "a new laptop", "a smartwatch", "a VR headset", "an e-reader")
+_FEATURES = ("longer battery life", "a faster chip", "a brighter display", "built-in translation")
+_DISCOVERIES = ("a new exoplanet", "an ancient galaxy", "a giant comet", "a new species of frog")
+_BREAKTHROUGHS = ("charges in minutes", "runs on body heat", "learns from fewer examples", "uses half the power")
+
+
 def _headline(rng: random.Random, topic: str) -> str:
     shape = rng.randrange(5)
     if topic == "World":
         country, country2 = rng.sample(_COUNTRIES, 2)
         city = rng.choice(_CITIES)
         options = (
-            f"{country} and {country2} sign {rng.choice(('a trade pact', 'a border agreement', 'a peace accord', 'a climate deal'))} after talks in {city}",
-            f"Thousands rally in {city} as {country} prepares for {rng.choice(('national elections', 'a referendum', 'a new parliament'))}",
-            f"{country} recalls its ambassador from {country2} over {rng.choice(('a border dispute', 'fishing rights', 'visa rules', 'spy allegations'))}",
-            f"UN envoy arrives in {country} to discuss {rng.choice(('refugee aid', 'ceasefire terms', 'flood relief', 'election monitoring'))}",
-            f"Leaders of {country} and {country2} meet in {city} for summit on {rng.choice(('migration', 'water rights', 'regional security', 'disaster relief'))}",
+            f"{country} and {country2} sign "
+            f"{rng.choice(('a trade pact', 'a border agreement', 'a peace accord', 'a climate deal'))} "
+            f"after talks in {city}",
+            f"Thousands rally in {city} as {country} prepares for "
+            f"{rng.choice(('national elections', 'a referendum', 'a new parliament'))}",
+            f"{country} recalls its ambassador from {country2} over "
+            f"{rng.choice(('a border dispute', 'fishing rights', 'visa rules', 'spy allegations'))}",
+            f"UN envoy arrives in {country} to discuss "
+            f"{rng.choice(('refugee aid', 'ceasefire terms', 'flood relief', 'election monitoring'))}",
+            f"Leaders of {country} and {country2} meet in {city} for summit on "
+            f"{rng.choice(('migration', 'water rights', 'regional security', 'disaster relief'))}",
         )
     elif topic == "Sports":
         team, team2 = rng.sample(_TEAMS, 2)
         options = (
-            f"{team} beat {team2} {rng.randint(1, 6)}-{rng.randint(0, 5)} to reach the {rng.choice(('semi-finals', 'final', 'quarter-finals'))}",
-            f"{rng.choice(('Veteran sprinter', 'Teenage swimmer', 'Defending champion', 'Young tennis star', 'Marathon runner'))} wins {rng.choice(('world', 'national', 'European', 'indoor'))} title in {rng.choice(_CITIES)}",
+            f"{team} beat {team2} {rng.randint(1, 6)}-{rng.randint(0, 5)} to reach the "
+            f"{rng.choice(('semi-finals', 'final', 'quarter-finals'))}",
+            f"{rng.choice(_ATHLETES)} wins {rng.choice(('world', 'national', 'European', 'indoor'))} "
+            f"title in {rng.choice(_CITIES)}",
             f"Coach of {team} resigns after {rng.randint(3, 12)} straight defeats",
             f"{team} sign star striker from {team2} in record transfer",
-            f"Injury rules {team} captain out of {rng.choice(('the league opener', 'the cup final', 'the derby', 'the playoffs'))}",
+            f"Injury rules {team} captain out of "
+            f"{rng.choice(('the league opener', 'the cup final', 'the derby', 'the playoffs'))}",
         )
     elif topic == "Business":
         company, company2 = rng.sample(_COMPANIES, 2)
         options = (
-            f"{company} shares {rng.choice(('rise', 'fall', 'jump', 'slide'))} {rng.randint(2, 19)}% after {rng.choice(('quarterly earnings', 'a profit warning', 'a sales update', 'merger talk'))}",
+            f"{company} shares {rng.choice(('rise', 'fall', 'jump', 'slide'))} {rng.randint(2, 19)}% after "
+            f"{rng.choice(('quarterly earnings', 'a profit warning', 'a sales update', 'merger talk'))}",
             f"{company} to buy {company2} in {rng.randint(2, 60)} billion dollar deal",
-            f"Central bank of {rng.choice(_COUNTRIES)} {rng.choice(('raises', 'cuts'))} interest rates to {rng.randint(1, 9)}.{rng.choice((0, 25, 5, 75))}%",
-            f"{company} cuts {rng.randrange(200, 5000, 100)} jobs as {rng.choice(('sales slow', 'costs climb', 'profits fall', 'demand weakens'))}",
-            f"Oil prices {rng.choice(('climb', 'drop', 'steady'))} as {rng.choice(('supply fears grow', 'demand weakens', 'stockpiles shrink', 'exports recover'))}",
+            f"Central bank of {rng.choice(_COUNTRIES)} {rng.choice(('raises', 'cuts'))} interest rates to "
+            f"{rng.randint(1, 9)}.{rng.choice((0, 25, 5, 75))}%",
+            f"{company} cuts {rng.randrange(200, 5000, 100)} jobs as "
+            f"{rng.choice(('sales slow', 'costs climb', 'profits fall', 'demand weakens'))}",
+            f"Oil prices {rng.choice(('climb', 'drop', 'steady'))} as "
+            f"{rng.choice(('supply fears grow', 'demand weakens', 'stockpiles shrink', 'exports recover'))}",
         )
     else:  # Sci/Tech
         tech = rng.choice(_TECH_COMPANIES)
         options = (
-            f"{tech} unveils {rng.choice(('a foldable phone', 'a new laptop', 'a smartwatch', 'a VR headset', 'an e-reader'))} with {rng.choice(('longer battery life', 'a faster chip', 'a brighter display', 'built-in translation'))}",
-            f"Scientists discover {rng.choice(('a new exoplanet', 'an ancient galaxy', 'a giant comet', 'a new species of frog'))} using {rng.choice(('a space telescope', 'radio telescopes', 'deep-sea robots', 'satellite data'))}",
-            f"Researchers build {rng.choice(('a battery', 'a solar cell', 'a robot', 'a computer chip'))} that {rng.choice(('charges in minutes', 'runs on body heat', 'learns from fewer examples', 'uses half the power'))}",
-            f"{tech} fixes security flaw in {rng.choice(('its web browser', 'its email app', 'its operating system', 'its cloud service'))}",
-            f"Space agency launches {rng.choice(('a probe', 'a satellite', 'a rover'))} to study {rng.choice(('Mars', 'the moons of Jupiter', 'the Sun', 'near-Earth asteroids', 'ocean temperatures'))}",
+            f"{tech} unveils {rng.choice(_GADGETS)} with {rng.choice(_FEATURES)}",
+            f"Scientists discover {rng.choice(_DISCOVERIES)} "
+            f"using {rng.choice(('a space telescope', 'radio telescopes', 'deep-sea robots', 'satellite data'))}",
+            f"Researchers build {rng.choice(('a battery', 'a solar cell', 'a robot', 'a computer chip'))} that "
+            f"{rng.choice(_BREAKTHROUGHS)}",
+            f"{tech} fixes security flaw in "
+            f"{rng.choice(('its web browser', 'its email app', 'its operating system', 'its cloud service'))}",
+            f"Space agency launches {rng.choice(('a probe', 'a satellite', 'a rover'))} to study "
+            f"{rng.choice(('Mars', 'the moons of Jupiter', 'the Sun', 'near-Earth asteroids', 'ocean temperatures'))}",
         )
     return options[shape]
 
@@ -673,7 +700,8 @@ def _load_hub_split(spec: _HubTask, hub_split: str) -> Dataset:
         except Exception as exc:  # the hub client raises many types (OSError, HTTP, not found); all mean "not here"
             causes.append(f"{repo}: {type(exc).__name__}: {str(exc)[:200]}")
     raise DataUnavailableError(
-        f"task {spec.name!r}: could not load {' or '.join(spec.repos)} (split {hub_split!r}) from the Hugging Face hub; "
+        f"task {spec.name!r}: could not load {' or '.join(spec.repos)} (split {hub_split!r}) from the Hugging Face "
+        "hub; "
         f"the hub is unreachable from this machine or the dataset is not cached ({'; '.join(causes)}). "
         f"Use task {spec.offline_alternative!r} instead, or task 'local' with data.task_file "
         "(a JSONL, CSV or Parquet file with fields prompt, answer, optional label)."

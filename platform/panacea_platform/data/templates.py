@@ -23,6 +23,7 @@ def render_prompt(template: str, instruction: str) -> str:
     text = TEMPLATES.get(template, template)
     if PLACEHOLDER not in text:
         raise ValueError(
-            f"prompt template {template!r} is neither one of {sorted(TEMPLATES)} nor a string containing {PLACEHOLDER!r}"
+            f"prompt template {template!r} is neither one of {sorted(TEMPLATES)} nor a string containing "
+            f"{PLACEHOLDER!r}"
         )
     return text.replace(PLACEHOLDER, instruction)

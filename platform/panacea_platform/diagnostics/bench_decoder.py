@@ -42,7 +42,7 @@ class DecoderRun:
 @dataclass
 class DecoderBenchResult:
     runs: list[DecoderRun]
-    comparison: "Comparison"
+    comparison: Comparison
 
     def identical(self, run: DecoderRun, suite: str | None = None) -> tuple[int, int]:
         """(identical answers, answers) of `run` against the first dtype's, in one suite or all."""
@@ -83,7 +83,7 @@ def parse_dtypes(text: str) -> list[str]:
 
 
 def bench_decoder_dtypes(
-    config: "RunConfig",
+    config: RunConfig,
     dtypes: Sequence[str],
     n_prompts: int | None = None,
     adapter: str | Path | None = None,

@@ -64,7 +64,7 @@ class EvalBenchResult:
         return self.loop.seconds / self.pipeline.seconds
 
 
-def _loop(config: "RunConfig", prompts, adapter: str | Path | None) -> Side:
+def _loop(config: RunConfig, prompts, adapter: str | Path | None) -> Side:
     """The authors' evaluation shape: one prompt per generate call, the judge once per answer."""
     from panacea_platform.evaluation.generation import generate_one_at_a_time
     from panacea_platform.evaluation.judges import build_judge
@@ -92,7 +92,7 @@ def _loop(config: "RunConfig", prompts, adapter: str | Path | None) -> Side:
     return Side(done - loaded, done - start, answers, tokens)
 
 
-def _bench_prompts(config: "RunConfig", n_prompts: int | None):
+def _bench_prompts(config: RunConfig, n_prompts: int | None):
     """The run's evaluation prompts (harmful first, then task), the first `n_prompts` of them."""
     from panacea_platform.config import ConfigError
     from panacea_platform.evaluation.pipeline import evaluation_prompts
@@ -109,7 +109,7 @@ def _bench_prompts(config: "RunConfig", n_prompts: int | None):
 
 
 def bench_eval(
-    config: "RunConfig",
+    config: RunConfig,
     n_prompts: int | None = None,
     adapter: str | Path | None = None,
     out: Callable[[str], None] = print,
@@ -148,7 +148,7 @@ def bench_eval(
     return result
 
 
-def format_bench(result: EvalBenchResult, config: "RunConfig") -> str:
+def format_bench(result: EvalBenchResult, config: RunConfig) -> str:
     evaluation = config.evaluation
     lines = [
         f"{'':<24}{'answers/s':>10}{'tokens/s':>10}{'seconds':>9}{'end-to-end s':>14}",

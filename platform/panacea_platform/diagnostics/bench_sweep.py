@@ -15,8 +15,8 @@ but train, one trial at a time; concurrent trials can bring it below 1.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass

@@ -22,17 +22,18 @@ import atexit
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
-import shutil
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 GIB = 1024**3
 PAPER_MODEL = "meta-llama/Llama-2-7b-hf"
@@ -381,7 +382,10 @@ def decoder_prompts(settings: Settings, vocab: int) -> list[list[int]]:
     import torch
 
     generator = torch.Generator().manual_seed(settings.seed + 1)
-    draw = lambda n: torch.randint(FIRST_ORDINARY_TOKEN, vocab, (n,), generator=generator).tolist()
+
+    def draw(n: int) -> list[int]:
+        return torch.randint(FIRST_ORDINARY_TOKEN, vocab, (n,), generator=generator).tolist()
+
     preamble = draw(settings.shared_prefix)
     lengths = torch.randint(settings.prompt_min, settings.prompt_max + 1, (settings.prompts,), generator=generator)
     return [preamble + draw(max(1, int(n) - settings.shared_prefix)) for n in lengths]
@@ -449,12 +453,12 @@ def timed(device: str, run: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def measure_generation(model, settings: Settings) -> dict[str, Any]:
-    from panacea_platform.config import EvaluationConfig
-    from panacea_platform.evaluation.generation import eos_token_ids, plain_cache_layers, plain_greedy
-
     import gc
 
     import torch
+
+    from panacea_platform.config import EvaluationConfig
+    from panacea_platform.evaluation.generation import eos_token_ids, plain_cache_layers, plain_greedy
 
     model.eval()
     if settings.device == "cuda":
@@ -628,7 +632,10 @@ def generation_rows(gen: dict | None, s: dict, failed: bool) -> list[tuple[str, 
 def format_table(rows: list[tuple[str, str, str]]) -> str:
     header = ("figure", "value", "unit / note")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(2)]
-    line = lambda r: f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]}".rstrip()
+
+    def line(r: tuple[str, ...]) -> str:
+        return f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]}".rstrip()
+
     rule = "-" * (widths[0] + widths[1] + 2 + 2 + max(len(r[2]) for r in [header, *rows]))
     return "\n".join([rule, line(header), rule, *map(line, rows), rule])
 

@@ -175,7 +175,8 @@ def recommendation(rows: list[PlanRow], gpu_gb: float) -> str:
         smallest = zero2[0]
         return (
             f"recommended: ZeRO-2 (fits from {smallest.gpus} GPU{'s' if smallest.gpus > 1 else ''}). With LoRA the "
-            f"frozen base weights ({smallest.params_gb:.1f} GiB) are the largest share of the memory, and ZeRO-3 would save "
+            f"frozen base weights ({smallest.params_gb:.1f} GiB) are the largest share of the memory, and ZeRO-3 "
+            "would save "
             f"them only by gathering every layer for each forward and backward: {GATHERS_PER_STEP['panacea']} "
             f"gathers per Panacea step ({GATHERS_PER_STEP['sft']} per SFT step)."
         )
@@ -207,7 +208,8 @@ def format_plan(
     for r in rows:
         fits = "yes" if r.total_gb < gpu_gb * 0.9 else "NO"
         lines.append(
-            f"{r.stage:>4} {r.gpus:>4} {r.micro_batch:>5} {r.params_gb:>8.2f} {r.grads_gb:>7.3f} {r.optimizer_gb:>7.3f} "
+            f"{r.stage:>4} {r.gpus:>4} {r.micro_batch:>5} {r.params_gb:>8.2f} {r.grads_gb:>7.3f} "
+            f"{r.optimizer_gb:>7.3f} "
             f"{r.activations_gb:>7.2f} {r.panacea_extra_gb:>8.3f} {r.total_gb:>7.2f}  {fits}"
         )
     uneven = sorted({r.gpus for r in rows if global_batch % r.gpus})

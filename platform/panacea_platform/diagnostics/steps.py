@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def registered_step(
-    config: "RunConfig", name: str, weights, batch, harmful, steps: int
+    config: RunConfig, name: str, weights, batch, harmful, steps: int
 ) -> Callable[[], dict[str, float]]:
     """One step of the registered defence `name` as the training loop runs it (DEFENCES, its own config
     section), at the stage it trains at, on `batch` and the streams it draws (`harmful`; `batch` again

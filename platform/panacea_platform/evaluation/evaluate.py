@@ -40,14 +40,14 @@ def write_samples(records: list[dict[str, Any]], path: Path) -> None:
             handle.write(json.dumps(record, ensure_ascii=True) + "\n")
 
 
-def default_output_dir(config: "RunConfig", adapter: str | Path | None, perturbation: str | Path | None) -> Path:
+def default_output_dir(config: RunConfig, adapter: str | Path | None, perturbation: str | Path | None) -> Path:
     if adapter is None:
         return config.run_dir() / "eval-base"
     name = Path(adapter).resolve().name + ("+" + Path(perturbation).stem if perturbation is not None else "")
     return Path(adapter).resolve().parent / f"eval-{name}"
 
 
-def _tracker_for(config: "RunConfig", tracker: "Tracker | None", mlflow_run_id: str | None) -> "Tracker | None":
+def _tracker_for(config: RunConfig, tracker: Tracker | None, mlflow_run_id: str | None) -> Tracker | None:
     from panacea_platform.config import ConfigError
     from panacea_platform.tracking import Tracker, default_tracking_uri
 
@@ -90,12 +90,12 @@ def released_model_of_run(tracking_uri: str, run_id: str, into: Path) -> tuple[P
 
 
 def evaluate_model(
-    config: "RunConfig",
+    config: RunConfig,
     adapter: str | Path | None,
     perturbation: str | Path | None = None,
     *,
     out: Callable[[str], None] = print,
-    tracker: "Tracker | None" = None,
+    tracker: Tracker | None = None,
     mlflow_run_id: str | None = None,
     output_dir: str | Path | None = None,
 ) -> EvalResult:
@@ -147,7 +147,7 @@ def _write(
     result: EvalResult,
     records: list[dict[str, Any]],
     folder: Path,
-    config: "RunConfig",
+    config: RunConfig,
     adapter: str | Path | None,
     perturbation: str | Path | None,
 ) -> None:
@@ -166,7 +166,7 @@ def _write(
 
 
 def _log(
-    tracker: "Tracker", result: EvalResult, records: list[dict[str, Any]], identities: dict[str, Any], folder: Path
+    tracker: Tracker, result: EvalResult, records: list[dict[str, Any]], identities: dict[str, Any], folder: Path
 ) -> None:
     """The evaluation into its MLflow run: the metrics, the judges' identities, the files, the answers table."""
     tracker.log_metrics(result.metrics())

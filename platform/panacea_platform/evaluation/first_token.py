@@ -114,7 +114,7 @@ class FirstTokenProbe:
         return out
 
 
-def _eps_by_layer(eps: dict[str, "torch.Tensor"]) -> dict[int, dict[str, "torch.Tensor"]]:
+def _eps_by_layer(eps: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in eps.items():
         match = _LAYER.search(f".{name}.")
@@ -123,7 +123,7 @@ def _eps_by_layer(eps: dict[str, "torch.Tensor"]) -> dict[int, dict[str, "torch.
     return layers
 
 
-def _add(model: Any, delta: dict[str, "torch.Tensor"], sign: float) -> None:
+def _add(model: Any, delta: dict[str, torch.Tensor], sign: float) -> None:
     import torch
 
     params = dict(model.named_parameters())
@@ -133,7 +133,7 @@ def _add(model: Any, delta: dict[str, "torch.Tensor"], sign: float) -> None:
 
 
 def probe_run(
-    config: "RunConfig", key: str, method: str, adapter_dir: Path, perturbation: Path | None, per_layer: bool = True
+    config: RunConfig, key: str, method: str, adapter_dir: Path, perturbation: Path | None, per_layer: bool = True
 ) -> FirstTokenProbe:
     """The probe of one released model: `adapter_dir` holds w_T (a run's adapter_unperturbed/, or the adapter
     when nothing was added), `perturbation` eps_T or None."""

@@ -391,7 +391,7 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: in
     rows whose padded size (rows x first row's length) stays within `max_batch_tokens` (a longer
     prompt than the budget goes alone)."""
     batches: list[list[int]] = []
-    for position, length in enumerate(lengths):
+    for position in range(len(lengths)):
         current = batches[-1] if batches else None
         if (
             current is not None

@@ -90,7 +90,7 @@ class EvalPrompt:
         }
 
 
-def evaluation_prompts(config: "RunConfig") -> list[EvalPrompt]:
+def evaluation_prompts(config: RunConfig) -> list[EvalPrompt]:
     """Every suite's prompts, in suite order, rendered with the run's template."""
     from panacea_platform.evaluation.suites import suite_budget, suite_examples, suite_judge, suite_rule
 
@@ -141,7 +141,7 @@ def _same_model(recorded: str, resolved: str) -> bool:
     return Path(recorded.rstrip("/")).name.lower() == Path(resolved.rstrip("/")).name.lower()
 
 
-def check_adapter(model_config: "ModelConfig", adapter: str | Path | None, perturbation: str | Path | None) -> None:
+def check_adapter(model_config: ModelConfig, adapter: str | Path | None, perturbation: str | Path | None) -> None:
     """Fail before any work when the adapter or perturbation is missing or names another base model."""
     from panacea_platform.models import resolve_model_path
 
@@ -156,7 +156,8 @@ def check_adapter(model_config: "ModelConfig", adapter: str | Path | None, pertu
     config_file = Path(adapter) / "adapter_config.json"
     if not config_file.is_file():
         raise FileNotFoundError(
-            f"--adapter {str(adapter)!r}: no adapter_config.json there (expected a LoRA adapter folder, e.g. runs/<run>/adapter)"
+            f"--adapter {str(adapter)!r}: no adapter_config.json there (expected a LoRA adapter folder, e.g. "
+            "runs/<run>/adapter)"
         )
     recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
     resolved = resolve_model_path(model_config.name)
@@ -168,7 +169,7 @@ def check_adapter(model_config: "ModelConfig", adapter: str | Path | None, pertu
 
 
 def load_eval_model(
-    model_config: "ModelConfig",
+    model_config: ModelConfig,
     adapter: str | Path | None,
     perturbation: str | Path | None = None,
     decoder_dtype: str | None = None,
@@ -376,11 +377,11 @@ class PipelineRun:
     work_seconds: float
 
 
-def torch_threads(evaluation: "EvaluationConfig") -> int:
+def torch_threads(evaluation: EvaluationConfig) -> int:
     return evaluation.torch_threads_per_actor or max(1, round(evaluation.cpus_per_actor))
 
 
-def check_resources(evaluation: "EvaluationConfig") -> None:
+def check_resources(evaluation: EvaluationConfig) -> None:
     """Both actor pools must fit the Ray cluster at once, or the pipeline would wait forever."""
     import ray
 
@@ -400,7 +401,7 @@ def check_resources(evaluation: "EvaluationConfig") -> None:
 
 
 def run_pipeline(
-    config: "RunConfig",
+    config: RunConfig,
     prompts: list[EvalPrompt],
     adapter: str | Path | None,
     perturbation: str | Path | None = None,
@@ -456,7 +457,7 @@ def run_pipeline(
 
 
 def _dataset(
-    config: "RunConfig",
+    config: RunConfig,
     ordered: list[EvalPrompt],
     adapter: str | Path | None,
     perturbation: str | Path | None,

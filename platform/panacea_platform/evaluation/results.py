@@ -6,8 +6,8 @@ Per answer (samples.jsonl) the pipeline records booleans; per suite they become 
 - harmful_score suites: harmful_score (the judge flags it), harmful_score_plus (flagged or
   incoherent) and harmful_when_nonempty (flagged among the answers that are not empty: a model that
   lowers HS only by saying nothing keeps this one), plus the judge's own categories and the answers
-  it could not judge cleanly: verdicts it could not parse (`n_judge_unparsed`, counted as not flagged) and inputs it read only
-  in part (`n_judge_truncated`);
+  it could not judge cleanly: verdicts it could not parse (`n_judge_unparsed`, counted as not flagged) and
+  inputs it read only in part (`n_judge_truncated`);
 - accuracy suites: accuracy (the rule reads the answer as right).
 Each suite has a headline (HEADLINES): the rate its metric is named for.
 """
@@ -245,7 +245,10 @@ def reported_metric_problem(name: str, suites: dict[str, str]) -> str | None:
     rates = rate_names(suites[suite])
     known = {*rates, *(f"{r}_ci_low" for r in rates), *(f"{r}_ci_high" for r in rates), "mean_new_tokens", *COUNTS}
     if key not in known:
-        return f"suite {suite!r} ({suites[suite]}) reports no {key!r}; it reports {', '.join(rates)} (and _ci_low, _ci_high)"
+        return (
+            f"suite {suite!r} ({suites[suite]}) reports no {key!r}; it reports {', '.join(rates)} "
+            "(and _ci_low, _ci_high)"
+        )
     return None
 
 
@@ -287,7 +290,8 @@ def format_result(result: EvalResult) -> str:
             mark = "  <- headline" if key == suite.headline else ""
             lines.append(f"  {key:<20} {value.text():>22}  ({value.k}/{value.n}){mark}")
         lines.append(
-            f"  {'mean answer tokens':<20} {suite.mean_new_tokens:>8.1f}   ({suite.counts['n_truncated']} hit the budget)"
+            f"  {'mean answer tokens':<20} {suite.mean_new_tokens:>8.1f}   ({suite.counts['n_truncated']} hit the "
+            "budget)"
         )
         if suite.metric == "harmful_score":
             lines.append(

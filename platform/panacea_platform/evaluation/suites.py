@@ -78,19 +78,20 @@ TASK_BUDGETS: dict[str, int] = {
 class SuiteSource:
     """Where a suite's prompts come from: `load(run config, suite)` gives them in a fixed order."""
 
-    load: Callable[["RunConfig", SuiteConfig], list[Example]]
+    load: Callable[[RunConfig, SuiteConfig], list[Example]]
     description: str
     needs_hub: bool = False
     rule: str | None = None  # the accuracy rule its answers are checked with, if it has answers
-    default_size: Callable[["RunConfig"], int | None] = lambda config: None
+    default_size: Callable[[RunConfig], int | None] = lambda config: None
 
 
 def _seeded(examples: list[Example], seed: int, purpose: str) -> list[Example]:
     return seeded_order(examples, seed, f"suite-{purpose}")
 
 
-def training_prompt_keys(config: "RunConfig") -> frozenset[str]:
-    """Normalised prompts any training stage of this run could use: the whole harmful source and its alignment prompts."""
+def training_prompt_keys(config: RunConfig) -> frozenset[str]:
+    """Normalised prompts any training stage of this run could use: the whole harmful source and its
+    alignment prompts."""
     from panacea_platform.data import HARMFUL_SOURCES
     from panacea_platform.data.harmful import offline_alignment_prompts
 
@@ -100,25 +101,25 @@ def training_prompt_keys(config: "RunConfig") -> frozenset[str]:
     return frozenset(keys)
 
 
-def _held_out(examples: list[Example], config: "RunConfig", purpose: str) -> list[Example]:
+def _held_out(examples: list[Example], config: RunConfig, purpose: str) -> list[Example]:
     """A benchmark's prompts minus any the run's training could touch, in a pool_seed order."""
     reserved = training_prompt_keys(config)
     return _seeded([e for e in examples if normalise_prompt(e.prompt) not in reserved], config.data.pool_seed, purpose)
 
 
-def _harmful_heldout(config: "RunConfig", suite: SuiteConfig) -> list[Example]:
+def _harmful_heldout(config: RunConfig, suite: SuiteConfig) -> list[Example]:
     from panacea_platform.data.pools import pools_for
 
     return list(pools_for(config.data).evaluation)
 
 
-def _harmbench(config: "RunConfig", suite: SuiteConfig) -> list[Example]:
+def _harmbench(config: RunConfig, suite: SuiteConfig) -> list[Example]:
     from panacea_platform.data.benchmarks import harmbench_prompts
 
     return _held_out(harmbench_prompts(), config, "harmbench")
 
 
-def _donotanswer(config: "RunConfig", suite: SuiteConfig) -> list[Example]:
+def _donotanswer(config: RunConfig, suite: SuiteConfig) -> list[Example]:
     from panacea_platform.data.benchmarks import donotanswer_prompts
 
     return _held_out(donotanswer_prompts(), config, "donotanswer")
@@ -161,37 +162,37 @@ def _hub_rows(repo: str, split: str, suite: SuiteConfig) -> list[dict[str, Any]]
     ).to_list()
 
 
-def _beavertails_test(config: "RunConfig", suite: SuiteConfig) -> list[Example]:
+def _beavertails_test(config: RunConfig, suite: SuiteConfig) -> list[Example]:
     from panacea_platform.data.harmful import BEAVERTAILS_REPO
 
     rows = _hub_rows(BEAVERTAILS_REPO, BEAVERTAILS_TEST_SPLIT, suite)
     return _held_out(_distinct([beavertails_test_row(r) for r in rows]), config, "beavertails-test")
 
 
-def _xstest(config: "RunConfig", suite: SuiteConfig) -> list[Example]:
+def _xstest(config: RunConfig, suite: SuiteConfig) -> list[Example]:
     rows = _hub_rows(XSTEST_REPO, "train", suite)
     return _seeded(_distinct([xstest_safe_row(r) for r in rows]), config.data.pool_seed, "xstest")
 
 
-def _capability(config: "RunConfig", suite: SuiteConfig) -> list[Example]:
+def _capability(config: RunConfig, suite: SuiteConfig) -> list[Example]:
     from panacea_platform.data.prompt_sets import capability_questions
 
     return _seeded(capability_questions(), config.data.pool_seed, "capability")
 
 
-def _over_refusal(config: "RunConfig", suite: SuiteConfig) -> list[Example]:
+def _over_refusal(config: RunConfig, suite: SuiteConfig) -> list[Example]:
     from panacea_platform.data.prompt_sets import over_refusal_prompts
 
     return _seeded(over_refusal_prompts(), config.data.pool_seed, "over-refusal")
 
 
-def _helpfulness(config: "RunConfig", suite: SuiteConfig) -> list[Example]:
+def _helpfulness(config: RunConfig, suite: SuiteConfig) -> list[Example]:
     from panacea_platform.data.prompt_sets import open_requests
 
     return _seeded(open_requests("eval"), config.data.pool_seed, "helpfulness")
 
 
-def _task(config: "RunConfig", suite: SuiteConfig) -> list[Example]:
+def _task(config: RunConfig, suite: SuiteConfig) -> list[Example]:
     from panacea_platform.data import TASKS
 
     # Drawn as training/stage_data.prepare_data draws the held-out task set: pool_seed, never the run's seed.
@@ -199,11 +200,11 @@ def _task(config: "RunConfig", suite: SuiteConfig) -> list[Example]:
     return TASKS.get(config.data.task)(config.data, "test", size, config.data.pool_seed)
 
 
-def _harmful_size(config: "RunConfig") -> int:
+def _harmful_size(config: RunConfig) -> int:
     return config.evaluation.harmful_prompts or config.data.eval_harmful_size
 
 
-def _task_size(config: "RunConfig") -> int:
+def _task_size(config: RunConfig) -> int:
     return config.evaluation.task_prompts or config.data.task_eval_size
 
 
@@ -231,7 +232,7 @@ for _name, _source in {
 del _name, _source
 
 
-def suite_examples(config: "RunConfig", suite: SuiteConfig) -> list[Example]:
+def suite_examples(config: RunConfig, suite: SuiteConfig) -> list[Example]:
     """The suite's prompts: the first `size` (or the source's default) of its source's fixed order."""
     source = SUITE_SOURCES.get(suite.source)
     examples = source.load(config, suite)
@@ -246,7 +247,7 @@ def suite_examples(config: "RunConfig", suite: SuiteConfig) -> list[Example]:
     return examples[:size]
 
 
-def check_suites(config: "RunConfig", out: Callable[[str], None] = print) -> "RunConfig":
+def check_suites(config: RunConfig, out: Callable[[str], None] = print) -> RunConfig:
     """Load every suite's prompts once, before any work, so a bad suite fails in seconds, not after training.
 
     A suite whose source is unavailable (a hub source with the hub away, a missing package) is an
@@ -275,7 +276,7 @@ def check_suites(config: "RunConfig", out: Callable[[str], None] = print) -> "Ru
     return with_changes(config, {"evaluation.suites": [suite.model_dump() for suite in kept]})
 
 
-def suite_budget(config: "RunConfig", suite: SuiteConfig) -> int:
+def suite_budget(config: RunConfig, suite: SuiteConfig) -> int:
     """The suite's max_new_tokens, or its source's default."""
     if suite.max_new_tokens is not None:
         return suite.max_new_tokens
@@ -284,7 +285,7 @@ def suite_budget(config: "RunConfig", suite: SuiteConfig) -> int:
     return config.evaluation.max_new_tokens
 
 
-def suite_rule(config: "RunConfig", suite: SuiteConfig) -> str | None:
+def suite_rule(config: RunConfig, suite: SuiteConfig) -> str | None:
     """The accuracy rule a suite's answers are read with ('task' resolved to the task's), or None."""
     if suite.metric != "accuracy":
         return None
@@ -292,7 +293,7 @@ def suite_rule(config: "RunConfig", suite: SuiteConfig) -> str | None:
     return config.data.task if rule == "task" else rule
 
 
-def suite_judge(config: "RunConfig", suite: SuiteConfig) -> str | None:
+def suite_judge(config: RunConfig, suite: SuiteConfig) -> str | None:
     return (suite.judge or config.evaluation.judge) if suite.metric == "harmful_score" else None
 
 

@@ -67,7 +67,7 @@ class ModelAnswers:
     records: list[dict[str, Any]]
 
     @classmethod
-    def read(cls, key: str, method: str, seed: int, samples: str | Path) -> "ModelAnswers":
+    def read(cls, key: str, method: str, seed: int, samples: str | Path) -> ModelAnswers:
         lines = Path(samples).read_text().splitlines()
         return cls(key, method, seed, [json.loads(line) for line in lines if line.strip()])
 

@@ -14,9 +14,10 @@ import hashlib
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -141,7 +142,7 @@ class Row:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Row":
+    def from_json(cls, data: dict[str, Any]) -> Row:
         return cls(
             data["key"],
             data["method"],
@@ -700,8 +701,8 @@ def _comparison_plots(
 
 def _reading(comparison) -> list[str]:
     """For every method (the p=0 control included), what the paired intervals against SFT can and cannot tell apart."""
-    from panacea_platform.recipes.comparison import TITLES
     from panacea_platform.evaluation.results import HEADLINES
+    from panacea_platform.recipes.comparison import TITLES
 
     if comparison is None or comparison.reference is None:
         return []

@@ -9,8 +9,9 @@ back), so they hold plain data only and rebuild their MLflow client lazily.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback

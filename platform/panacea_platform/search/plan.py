@@ -81,7 +81,8 @@ def progress_line(plan: SweepPlan, trials: list, elapsed_s: float, event: str = 
         shown = f"best {space.metric}={best[0]:.4g} ({best[1].trial_id}: {searched})"
     total = len(trials) + not_created
     return (
-        f"[sweep {plan.name}] {event + ' | ' if event else ''}{counts['TERMINATED']}/{total} done, {counts['RUNNING']} running, "
+        f"[sweep {plan.name}] {event + ' | ' if event else ''}{counts['TERMINATED']}/{total} done, "
+        f"{counts['RUNNING']} running, "
         f"{counts['PENDING'] + counts['PAUSED'] + not_created} pending, {counts['ERROR']} failed | {shown} | "
         f"{elapsed_s:.0f}s"
     )

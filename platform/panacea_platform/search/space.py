@@ -64,7 +64,7 @@ class Distribution(_Strict):
     loguniform: list[float] | None = Field(None, description="[lo, hi], lo > 0: drawn uniformly in log space.")
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "Distribution":
+    def _exactly_one(self) -> Distribution:
         given = [name for name in ("grid", "choice", "uniform", "loguniform") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {given or 'none'})")
@@ -187,7 +187,8 @@ class SearchSpace(_Strict):
         min_length=2,
         max_length=3,
         description="The Pareto objectives over finished trials, two or three (the third colours the plot; needs "
-        "evaluate: true), e.g. eval/harmful/harmful_score min, eval/task/accuracy max, eval/helpfulness/answered_rate max.",
+        "evaluate: true), e.g. eval/harmful/harmful_score min, eval/task/accuracy max, "
+        "eval/helpfulness/answered_rate max.",
     )
     proxy_objectives: list[Objective] = Field(
         default_factory=default_proxy_objectives,
@@ -214,10 +215,11 @@ class SearchSpace(_Strict):
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SearchSpace":
+    def _consistent(self) -> SearchSpace:
         if self.searcher not in BUILTIN_SEARCHERS and self.searcher not in OPTIONAL_SEARCHERS:
             raise ValueError(
-                f"searcher {self.searcher!r}: expected one of {', '.join(BUILTIN_SEARCHERS + tuple(OPTIONAL_SEARCHERS))}"
+                f"searcher {self.searcher!r}: expected one of "
+                f"{', '.join(BUILTIN_SEARCHERS + tuple(OPTIONAL_SEARCHERS))}"
             )
         both = sorted(set(self.parameters) & set(self.fixed))
         if both:
@@ -285,7 +287,8 @@ def resolve_field(path: str):
         if found is None:
             known = ", ".join(sorted(info.alias or name for name, info in model.model_fields.items()))
             raise SearchSpaceError(
-                f"parameters.{path}: {where!r} is not a config field (known here: {known}; `panacea config fields` lists all)"
+                f"parameters.{path}: {where!r} is not a config field (known here: {known}; `panacea config fields` "
+                "lists all)"
             )
         annotation = found.annotation
         is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
@@ -329,7 +332,8 @@ def check_parameter(path: str, distribution: Distribution, reserved: tuple[str, 
     if distribution.kind in ("uniform", "loguniform"):
         if not _takes_floats(info):
             raise SearchSpaceError(
-                f"parameters.{path}: {distribution.kind} draws real numbers but the field takes {info.annotation}; use grid or choice"
+                f"parameters.{path}: {distribution.kind} draws real numbers but the field takes {info.annotation}; "
+                "use grid or choice"
             )
         lo, hi = distribution.values
         bounds = _bounds(info)
@@ -368,7 +372,8 @@ def check_parameter(path: str, distribution: Distribution, reserved: tuple[str, 
                 if not ok:
                     symbol = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}[attribute]
                     raise SearchSpaceError(
-                        f"parameters.{path}: value {value!r} is out of range (the field needs {symbol} {bounds[attribute]:g})"
+                        f"parameters.{path}: value {value!r} is out of range (the field needs {symbol} "
+                        f"{bounds[attribute]:g})"
                     )
 
 
@@ -433,7 +438,8 @@ def check_against_job(space: SearchSpace, base: RunConfig) -> None:
     if base.defence != "panacea" and any(p.startswith("panacea.") for p in space.parameters):
         if not any(p == "defence" for p in space.parameters):
             raise SearchSpaceError(
-                f"parameters.panacea.*: the base job's defence is {base.defence!r}, so Panacea's settings change nothing; "
+                f"parameters.panacea.*: the base job's defence is {base.defence!r}, so Panacea's settings change "
+                "nothing; "
                 "set defence: panacea in the job"
             )
 

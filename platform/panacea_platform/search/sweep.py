@@ -28,9 +28,10 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from panacea_platform import console
 from panacea_platform.config import ConfigError, RunConfig, config_from_dict
@@ -391,7 +392,8 @@ def run_sweep(
             },
         )
     out(
-        f"[sweep {name}] {'started' if state is None else 'resuming'}: {storage.uri} (MLflow parent run {parent.run_id})"
+        f"[sweep {name}] {'started' if state is None else 'resuming'}: {storage.uri} (MLflow parent run "
+        f"{parent.run_id})"
     )
     start = time.monotonic()
     try:
@@ -466,7 +468,8 @@ def _existing_state(storage: Storage, name: str, fingerprint: str, resume: bool)
     if state is not None and state["fingerprint"] != fingerprint:
         raise SweepMismatchError(
             f"sweep {name!r} in {storage.uri} was started with another search space or base job "
-            f"(fingerprint {state['fingerprint']} != {fingerprint}): pass another --name, or delete that folder to start over"
+            f"(fingerprint {state['fingerprint']} != {fingerprint}): pass another --name, or delete that folder to "
+            "start over"
         )
     if resume and state is None:
         raise SweepError(

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from panacea_platform.config import RunConfig, with_changes
 from panacea_platform.tracking import Tracker

@@ -29,10 +29,11 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from panacea_platform import console
 from panacea_platform.config import ConfigError, RunConfig, config_from_dict, save_config, with_changes
@@ -360,8 +361,9 @@ def run_distributed(
     optim.grad_accum_steps micro-batches each. Ray is RAY_ADDRESS's cluster, else this machine's one Ray.
     Artifacts land in config.run_dir() as with run_stage; Ray's run records, checkpoints and the final
     run folder go to `storage_path` (a folder or bucket URI; default: scaling.storage, else
-    <output_dir>/ray) under `train_run_name` (default: a new name per call; the same name resumes it). The driver opens the MLflow run,
-    publishes the run after the fit and ends it with its true status; rank 0 logs the step metrics.
+    <output_dir>/ray) under `train_run_name` (default: a new name per call; the same name resumes it). The
+    driver opens the MLflow run, publishes the run after the fit and ends it with its true status; rank 0
+    logs the step metrics.
 
     Every scaling setting is read from config.scaling alone: the workers, the ZeRO stage and its
     options, the CPUs per worker, and checkpoints and failures: every `checkpoint_every` steps (0:
@@ -479,9 +481,8 @@ def _fit(
     callbacks: list[Any] | None,
     out: Callable[[str], None],
 ) -> DistributedResult:
-    from ray.train import CheckpointConfig, FailureConfig
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     start = time.monotonic()
@@ -516,7 +517,8 @@ def _fit(
 
     eps = run_dir / PERTURBATION_FILE
     out(
-        f"[distributed] {stage} on {scaling.num_workers} workers (ZeRO-{scaling.zero_stage}) took {time.monotonic() - start:.0f}s"
+        f"[distributed] {stage} on {scaling.num_workers} workers (ZeRO-{scaling.zero_stage}) took "
+        f"{time.monotonic() - start:.0f}s"
     )
     return DistributedResult(
         run_dir=run_dir,

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -31,12 +32,12 @@ from panacea_platform.data import Example
 from panacea_platform.data.collate import BatchStream, collate, tokenize_example
 from panacea_platform.models import PERTURBATION_FILE, load_tokenizer, save_perturbation
 from panacea_platform.run_notes import training_note
+from panacea_platform.tracking import Tracker, default_tracking_uri, package_versions
 from panacea_platform.training.checkpointing import Checkpoints, LocalCheckpoints, run_identity, run_settings
 from panacea_platform.training.losses import heldout_signals, mean_loss, training_loss
 from panacea_platform.training.result import StageResult
 from panacea_platform.training.schedule import total_steps
 from panacea_platform.training.stage_data import STAGES, StageData, prepare_data
-from panacea_platform.tracking import Tracker, default_tracking_uri, package_versions
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -238,7 +239,7 @@ class _Stage:
     rows: list[dict[str, Any]]  # history.jsonl lines (step, metrics, lr) of the steps done
     last_step_metrics: dict[str, float] = field(default_factory=dict)  # what the last step logged
     probe: tuple[list[list[int]], tuple[int, ...]] | None = None  # held-out first-token probe (prompts, end ids)
-    progress: "Progress | None" = None  # set when training starts
+    progress: Progress | None = None  # set when training starts
 
 
 def execute_stage(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import inspect
 import statistics
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -58,7 +59,7 @@ def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
     return _forward_takes_logits_to_keep(type(base))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_takes_logits_to_keep(model_class: type) -> bool:
     # Read once per model class: lm_loss runs on every pass of every step.
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters

@@ -4,7 +4,7 @@ so no rank waits inside a collective while it runs."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from panacea_platform.analysis import analyse_run, write_layer_analysis
 from panacea_platform.config import RunConfig

@@ -94,8 +94,8 @@ def _alignment_set(config: RunConfig, pools: HarmfulPools) -> list[Example]:
 
 def calibration_examples(config: RunConfig, pools: HarmfulPools) -> list[Example]:
     """Antidote's calibration samples when the run's defence prunes after fine-tuning, else none."""
-    from panacea_platform.data.pools import calibration_for
     from panacea_platform.algorithms.defences import stage_defence
+    from panacea_platform.data.pools import calibration_for
 
     if "calibration" not in stage_defence(config, "finetune").needs_at("post_finetune"):
         return []

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from panacea_platform.config import EvaluationConfig
@@ -30,7 +31,7 @@ class Judge(ABC):
 
     name: str = "judge"
 
-    def __init__(self, config: "EvaluationConfig") -> None:
+    def __init__(self, config: EvaluationConfig) -> None:
         self.config = config
         self.threshold = config.threshold
         self.max_length = config.judge_max_length

@@ -14,13 +14,15 @@ text cleaning, fitting a pair into the judge's token budget).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from panacea_platform.data.errors import DataUnavailableError
 from panacea_platform.evaluation.judges.base import Judge, Verdict
 
 if TYPE_CHECKING:
     import torch
+
     from panacea_platform.config import EvaluationConfig
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ def judge_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def judge_dtype(device: str) -> "torch.dtype":
+def judge_dtype(device: str) -> torch.dtype:
     """bf16 on a GPU (a 7B judge in fp32 would not fit many cards), fp32 on the CPU (bf16 matmuls are slow there)."""
     import torch
 
@@ -168,7 +170,7 @@ class BeaverDamJudge(Judge):
 
     name = "beaver_dam"
 
-    def __init__(self, config: "EvaluationConfig") -> None:
+    def __init__(self, config: EvaluationConfig) -> None:
         super().__init__(config)
         self.tokenizer, self.model, self.device = load_judge(
             self.model_id, "AutoModelForSequenceClassification", self.name
@@ -194,7 +196,7 @@ class BeaverDamJudge(Judge):
         )
         return [beaver_dam_text(p, a) for p, a in zip(fitted_prompts, fitted_answers)], truncated
 
-    def category_probabilities(self, texts: list[str]) -> "torch.Tensor":
+    def category_probabilities(self, texts: list[str]) -> torch.Tensor:
         """(len(texts), categories) sigmoid probabilities, fp32 on the CPU."""
         import torch
 

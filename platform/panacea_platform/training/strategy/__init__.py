@@ -8,9 +8,10 @@ knows its rank. The loop and the defences see only a strategy and TrainableWeigh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
