@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from panacea_platform import console  # the standard library only: --help stays instant
+
 DEFAULT_JOB = "jobs/offline_default.yaml"
 
 
@@ -44,12 +46,11 @@ def _add_eval_args(parser: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace, before: list[str] | None = None):
     """The command's config: its job file, `before` (a preset's overrides), then its own overrides, checked."""
-    from panacea_platform import console
     from panacea_platform.config_checks import load_checked
 
     config = load_checked(args.config, (before or []) + list(args.overrides))
-    if hasattr(args, "quiet"):  # a command that runs work: the libraries' output goes to the run's log
-        console.open_run_log(config.output_dir, config.run_name)
+    if hasattr(args, "quiet"):  # a command that runs work: the libraries' output will go to the run's log
+        console.plan_run_log(config.output_dir, config.run_name)
     return config
 
 
@@ -59,6 +60,7 @@ def _load_for_work(args: argparse.Namespace):
 
     config = _load(args)
     check_before_work(config)
+    console.open_run_log()
     return config
 
 
@@ -219,6 +221,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from panacea_platform.diagnostics.bench_step import bench_step
 
     config = _load(args)
+    console.open_run_log()
     try:
         intervals = tuple(int(k) for k in args.refresh_every.split(",") if k.strip())
     except ValueError:
@@ -382,6 +385,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from panacea_platform.diagnostics.memory_plan import count_model, format_plan, plan
 
     config = _load(args)
+    console.open_run_log()
     try:
         gpus = [int(g) for g in args.gpus.split(",")]
         stages = [int(s) for s in args.stages.split(",")]
@@ -696,7 +700,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from panacea_platform import console
     from panacea_platform.models import silence_peft_deprecation
 
     silence_peft_deprecation()

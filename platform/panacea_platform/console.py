@@ -37,20 +37,21 @@ _handler: logging.Handler | None = None
 _saved_loggers: dict[str, tuple[list[logging.Handler], bool]] = {}
 _saved_dispatch: Callable[..., None] | None = None
 _in_session = False
+_planned: tuple[Path, str] | None = None
 
 
 @contextlib.contextmanager
 def session(quiet: bool = False, verbose: bool = False) -> Iterator[None]:
     """One command's output settings; on exit the environment, the loggers and Ray's printer are as before
     (the tests run many commands in one process)."""
-    global _in_session
+    global _in_session, _planned
     saved_env = {name: os.environ.get(name) for name in (PROGRESS_ENV, VERBOSE_ENV)}
     configure(quiet, verbose)
     _in_session = True
     try:
         yield
     finally:
-        _in_session = False
+        _in_session, _planned = False, None
         close_run_log()
         for name, value in saved_env.items():
             if value is None:
@@ -88,12 +89,26 @@ def worker_env() -> dict[str, str]:
     return {name: os.environ[name] for name in (PROGRESS_ENV, VERBOSE_ENV) if name in os.environ}
 
 
-def open_run_log(output_dir: str | Path, run_name: str, out: Callable[[str], None] = print) -> Path | None:
-    """Send library warnings, loggers and workers' other lines to OUTPUT_DIR/logs/RUN_NAME.log (not when
-    verbose, and once per command); its path."""
+def plan_run_log(output_dir: str | Path, run_name: str) -> None:
+    """Name the run's log once the command's config is loaded; it opens when the work starts (open_run_log),
+    after the checks, so that bad input leaves no folder behind."""
+    global _planned
+    if _in_session:
+        _planned = (Path(output_dir), run_name)
+
+
+def open_run_log(
+    output_dir: str | Path | None = None, run_name: str | None = None, out: Callable[[str], None] = print
+) -> Path | None:
+    """Send library warnings, loggers and workers' other lines to OUTPUT_DIR/logs/RUN_NAME.log (the planned
+    one when none is given; not when verbose; once per command); its path."""
     global _log_path, _handler
     if not _in_session or verbose() or _handler is not None:  # a library call leaves logging as it is
         return _log_path
+    if output_dir is None or run_name is None:
+        if _planned is None:
+            return None
+        output_dir, run_name = _planned
     path = Path(output_dir) / "logs" / f"{run_name}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as log:

@@ -42,6 +42,7 @@ def connect_ray(*, log_to_driver: bool = True, out: Callable[[str], None] = prin
 
     from panacea_platform import console
 
+    console.open_run_log()  # the command's work starts here, after its checks
     console.route_library_loggers()  # `import ray` set up Ray's own logger to print
     if ray.is_initialized():
         console.filter_worker_lines()
