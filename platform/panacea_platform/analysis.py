@@ -138,10 +138,12 @@ def aggregate(rows: list[ModuleNorms], by: str) -> list[GroupNorms]:
         eps = math.sqrt(sum(r.eps_norm**2 for r in members))
         lora = math.sqrt(sum(r.lora_norm**2 for r in members))
         base = None
-        if all(r.relative_to_base is not None for r in members):
+        measured = [(r.merged_change, r.relative_to_base) for r in members]
+        if all(change is not None and ratio is not None for change, ratio in measured):
             # Group ratio ||dW|| / ||W_base|| over the group's matrices together.
-            changes = math.sqrt(sum(r.merged_change**2 for r in members))
-            bases = math.sqrt(sum((r.merged_change / r.relative_to_base) ** 2 for r in members if r.relative_to_base))
+            pairs = [(float(change or 0.0), float(ratio or 0.0)) for change, ratio in measured]
+            changes = math.sqrt(sum(change**2 for change, _ in pairs))
+            bases = math.sqrt(sum((change / ratio) ** 2 for change, ratio in pairs if ratio))
             base = changes / bases if bases else 0.0
         label = f"layer {key}" if by == "layer" and key is not None else str(key if key is not None else "other")
         out.append(GroupNorms(label, eps, eps / max(lora, 1e-12), base))

@@ -184,7 +184,7 @@ def _refresh_interval(config: RunConfig) -> str | None:
     if config.panacea.refresh_every == 1:
         return None
     builder = getattr(DEFENCES.get(config.defence), "build", None)
-    if getattr(builder, "__func__", None) is not Panacea.build.__func__:
+    if getattr(builder, "__func__", None) is not getattr(Panacea.build, "__func__", None):
         return (
             f"panacea.refresh_every = {config.panacea.refresh_every}: defence {config.defence!r} does not take "
             "Panacea's step, so it has no eps to refresh (it applies to defence panacea); leave it at 1"

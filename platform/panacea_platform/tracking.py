@@ -172,7 +172,7 @@ class Tracker:
             # A tracking server decides where artifacts go (proxied, --serve-artifacts): a local folder
             # named here would be one process's disk, out of the team's reach.
             local = artifact_root is not None and not tracking_uri.startswith(("http://", "https://"))
-            location = Path(artifact_root).resolve().as_uri() if local else None
+            location = Path(artifact_root).resolve().as_uri() if local and artifact_root is not None else None
             experiment_id = self.client.create_experiment(
                 experiment, artifact_location=location, tags=EXPERIMENT_KIND_TAGS
             )
@@ -253,7 +253,7 @@ class Tracker:
     def __enter__(self) -> Tracker:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:  # never swallows the exception
         if exc_type is None:
             self.end("FINISHED")
         elif issubclass(exc_type, KeyboardInterrupt):
@@ -263,4 +263,3 @@ class Tracker:
         else:
             self.set_tags({"error": f"{exc_type.__name__}: {exc}"[:5000]})
             self.end("FAILED")
-        return False

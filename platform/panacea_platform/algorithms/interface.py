@@ -35,8 +35,9 @@ class Objective(Protocol):
     def count(self, batch: Any) -> int: ...
 
 
-def unwrap(model: Any) -> torch.nn.Module:
-    """The module a backend runs: a DeepSpeed engine holds it as .module."""
+def unwrap(model: Any) -> Any:
+    """The module a backend runs: a DeepSpeed engine holds it as .module. Typed Any: it is a Hugging Face
+    causal LM (PEFT-wrapped or not), whose methods torch.nn.Module's annotations would make `Tensor | Module`."""
     return getattr(model, "module", model)
 
 

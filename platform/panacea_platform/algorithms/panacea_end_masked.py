@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -92,7 +92,7 @@ class PanaceaEndMasked(Panacea):
             "rho": self.rho,
             "lambda": self.lam,
             "harmful_loss_clamp": self.harmful_loss_clamp,
-            "end_ids": list(self.harmful_objective.end_ids),
+            "end_ids": list(cast(EndMaskedHarmfulLoss, self.harmful_objective).end_ids),
         }
 
     @classmethod

@@ -24,7 +24,9 @@ theirs is per device): the MMD is over a micro-batch's rows.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +63,8 @@ def mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     distances = torch.cdist(z, z).pow(2)
     # Clamped: rows with no answer token give all-zero distances (then MMD = 0, not NaN).
     scale = (distances.detach().sum() / (n * n - n)).clamp_min(1e-12)
-    kernel = sum(torch.exp(-distances / (scale * factor)) for factor in KERNEL_SCALES)
+    kernels = [torch.exp(-distances / (scale * factor)) for factor in KERNEL_SCALES]
+    kernel = functools.reduce(operator.add, kernels)  # summed in order, as sum() did, without its int start
     b = x.shape[0]
     return (kernel[:b, :b] + kernel[b:, b:] - kernel[:b, b:] - kernel[b:, :b]).mean()
 
@@ -94,7 +97,7 @@ def differing_tokens(ids: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return (ids != adapted).to(torch.float32)
 
 
-def harmful_terms(module: torch.nn.Module, out: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+def harmful_terms(module: Any, out: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
     """The harmful CE terms, K + 1 for K layers: the model's own (its last hidden state is already final-normed,
     so it is not normed again) and that of each layer's input hs_0 .. hs_{K-1} read out through the final norm
     and lm_head."""

@@ -36,7 +36,7 @@ class StepTiming:
     peak_extra_mb: float
 
 
-def peak_tensor_memory_mb(step: Callable[[], None]) -> float:
+def peak_tensor_memory_mb(step: Callable[[], object]) -> float:
     """Peak of tensor memory allocated during one call of `step`, above the level at its start.
 
     CUDA: the allocator's own peak. CPU: torch's profiler records every tensor
@@ -81,7 +81,7 @@ def _native_output_hidden():
                 os.close(copy)
 
 
-def time_step(name: str, step: Callable[[], None], warmup: int, repeats: int) -> StepTiming:
+def time_step(name: str, step: Callable[[], object], warmup: int, repeats: int) -> StepTiming:
     for _ in range(warmup):
         step()
     times = []

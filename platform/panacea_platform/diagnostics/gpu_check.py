@@ -225,7 +225,7 @@ def deepspeed_weights(model, settings: Settings):
     """DeepSpeedWeights on a ZeRO-2 engine, built as DeepSpeedStrategy.prepare builds it."""
     import deepspeed
 
-    from panacea_platform.config import ModelConfig, OptimConfig
+    from panacea_platform.config import ModelConfig, OptimConfig, RunConfig
     from panacea_platform.training.losses import training_loss
     from panacea_platform.training.schedule import make_optimizer
     from panacea_platform.training.strategy.deepspeed import DeepSpeedWeights, deepspeed_config
@@ -243,8 +243,8 @@ def deepspeed_weights(model, settings: Settings):
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False
     )
-    # training_loss only reads model.compute_dtype: bf16 autocast around lm_loss, or lm_loss itself.
-    run = argparse.Namespace(model=ModelConfig(dtype=settings.dtype, compute_dtype=settings.compute_dtype))
+    # training_loss reads model.compute_dtype: bf16 autocast around lm_loss, or lm_loss itself.
+    run = RunConfig(model=ModelConfig(dtype=settings.dtype, compute_dtype=settings.compute_dtype))
     return DeepSpeedWeights(engine, training_loss(run), accumulation=settings.grad_accum)
 
 
@@ -656,7 +656,7 @@ def block_unwanted_imports() -> None:
     and an unconditional import of them on this check's path fails loudly instead of passing unseen.
     """
     for name in UNWANTED_MODULES:
-        sys.modules.setdefault(name, None)  # None in sys.modules: import raises ImportError
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]  # None in sys.modules: import raises ImportError
 
 
 def unwanted_imported() -> list[str]:

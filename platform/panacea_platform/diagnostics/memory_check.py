@@ -141,7 +141,7 @@ def check_memory(config: RunConfig, out: Callable[[str], None] = print) -> Memor
             accumulation=optim.grad_accum_steps,
             base_dtype=config.model.dtype,
         )
-        model = strategy.load_model(config)
+        model: Any = strategy.load_model(config)  # a Hugging Face causal LM
         if use_gpu:
             model = model.cuda()
         weights = strategy.prepare(model, optim, 3, training_loss(config))

@@ -137,6 +137,8 @@ def plan(
     frozen = counts.total_params - trainable
     micro_batch = math.ceil(global_batch / (gpus * accumulation))
     weight = DTYPE_BYTES[weight_dtype]
+    params: float
+    grads: float
     if stage == 2:
         params = weight * frozen + 4 * trainable  # every weight on every GPU
         grads = 4 * trainable  # a full gradient before it is reduced into this GPU's partition

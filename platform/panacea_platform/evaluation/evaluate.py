@@ -174,7 +174,8 @@ def _log(
     for name, identity in identities.items():
         tracker.set_tags({f"eval.judge.{name}.{key}": str(value) for key, value in identity.items()})
     for path in (result.samples_path, result.summary_path):
-        tracker.log_artifact(path, f"eval/{folder.name}")
+        if path is not None:  # _write sets both
+            tracker.log_artifact(path, f"eval/{folder.name}")
     tracker.log_table(answers_rows(records), f"eval/{folder.name}/answers.json")
 
 

@@ -188,7 +188,7 @@ def format_probes(probes: Sequence[FirstTokenProbe]) -> str:
     header = f"{'first token = end, %':<{label}}" + "".join(f"{s + ' w_T':>20}{s + ' released':>24}" for s in suites)
     lines = [header, "-" * len(header)]
     for method, members in by_method.items():
-        cells = []
+        cells: list[str] = []
         for suite in suites:
             for values in ([p.unperturbed.get(suite) for p in members], [p.perturbed.get(suite) for p in members]):
                 present = [v for v in values if v is not None]
@@ -200,11 +200,11 @@ def format_probes(probes: Sequence[FirstTokenProbe]) -> str:
         "released = w_T + eps_T where the method adds one, else w_T."
     )
     for method, members in by_method.items():
-        layered = [p for p in members if p.by_layer]
+        layered = [p for p in members if p.by_layer and p.layer_base is not None]
         if not layered:
             continue
         deltas = {
-            layer: statistics.fmean(p.by_layer[layer] - p.layer_base for p in layered if layer in p.by_layer)
+            layer: statistics.fmean(p.by_layer[layer] - (p.layer_base or 0.0) for p in layered if layer in p.by_layer)
             for layer in layered[0].by_layer
         }
         top = sorted(deltas.items(), key=lambda item: -item[1])[:5]

@@ -199,7 +199,8 @@ def _prefill(
     from transformers import DynamicCache
 
     n = len(own_rows)
-    cache = DynamicCache(config=model.config)
+    # Any: transformers types the layers as a union with linear-attention ones, which plain_cache_layers rules out.
+    cache: Any = DynamicCache(config=model.config)
     if prefix is not None:
         for layer, source in zip(cache.layers, prefix.layers):
             layer.update(source.keys.expand(n, -1, -1, -1), source.values.expand(n, -1, -1, -1))
@@ -269,7 +270,7 @@ def _greedy_decode(model: Any, rows: list[list[int]], budgets: list[int], eos_id
         eos = set(eos_ids)
         max_new_tokens = max(budgets)
         with grouped_attention(model) as grouped:
-            cache = DynamicCache(config=model.config)
+            cache: Any = DynamicCache(config=model.config)  # plain layers only (see _prefill)
             cache.layers, mask, logits, first_columns = side_by_side(groups, max_new_tokens, zero_gaps=not grouped)
             present, finished = order, [False] * len(order)
             for step in range(max_new_tokens):

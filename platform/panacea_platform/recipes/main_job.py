@@ -487,7 +487,7 @@ def comparison_blocks(config: RunConfig, rows: list[Row]):
     evaluated = [r for r in rows if r.samples and Path(r.samples).is_file()]
     if not evaluated:
         return None, []
-    answers = [ModelAnswers.read(r.key, r.method, r.seed, r.samples) for r in evaluated]
+    answers = [ModelAnswers.read(r.key, r.method, r.seed, str(r.samples)) for r in evaluated]  # set: filtered above
     suites = {s.name: s.metric for s in config.evaluation.suites}
     comparison = compare(answers, suites, reference="sft")
     blocks = [
@@ -710,7 +710,9 @@ def _reading(comparison) -> list[str]:
     for key in comparison.methods:
         if key in (comparison.reference, ALIGNED):
             continue
-        lower, higher, unclear = [], [], []
+        lower: list[str] = []
+        higher: list[str] = []
+        unclear: list[str] = []
         for suite, metric in comparison.suites.items():
             found = comparison.differences.get((key, suite))
             if found is not None:

@@ -77,7 +77,7 @@ class TrialStatusCallback(tune.Callback):
         return {"plan": self.plan, "scheduler_name": self.scheduler_name}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["plan"], state["scheduler_name"])
+        TrialStatusCallback.__init__(self, state["plan"], state["scheduler_name"])
 
     def _child_run(self, trial):
         from mlflow.tracking import MlflowClient
@@ -147,7 +147,7 @@ class ProgressCallback(tune.Callback):
         return {"plan": self.plan, "scheduler_name": self.scheduler_name, "out": out}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state)
+        ProgressCallback.__init__(self, **state)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         early = "" if (trial.last_result or {}).get(FINAL_KEY) else f" (stopped early by {self.scheduler_name})"

@@ -214,8 +214,11 @@ def plot_pareto(
     (x_metric, x_mode), (y_metric, y_mode) = objectives[0], objectives[1]
     third = objectives[2] if len(objectives) > 2 else None
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    points = [(row, row.metrics.get(x_metric), row.metrics.get(y_metric), flag) for row, flag in zip(trials, front)]
-    points = [p for p in points if p[1] is not None and p[2] is not None]
+    points = [
+        (row, x, y, flag)
+        for row, flag in zip(trials, front)
+        if (x := row.metrics.get(x_metric)) is not None and (y := row.metrics.get(y_metric)) is not None
+    ]
     on_front = sorted((p for p in points if p[3]), key=lambda p: p[1])
     # A trial's evaluation logs each rate's 95% Wilson interval beside it (eval/SUITE/RATE_ci_low/_ci_high).
     for row, x, y, _ in points:

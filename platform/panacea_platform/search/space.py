@@ -14,7 +14,7 @@ import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
@@ -295,7 +295,7 @@ def resolve_field(path: str):
         if index < len(parts) - 1:
             if not is_section:
                 raise SearchSpaceError(f"parameters.{path}: {where!r} is a value, not a section")
-            model = annotation
+            model = cast(type[BaseModel], annotation)  # is_section
         elif is_section:
             raise SearchSpaceError(
                 f"parameters.{path}: is a whole section; name one of its fields, e.g. {path}.<field>"

@@ -276,6 +276,10 @@ def _scheduler(space: SearchSpace, base: RunConfig):
 
     spec = space.scheduler
     max_t = spec.max_t or base.optim.max_steps
+    if max_t is None:
+        raise SweepError(
+            "scheduler.max_t: the base job counts epochs, not steps; set scheduler.max_t or optim.max_steps"
+        )
     # stop_last_trials=False: reaching max_t is the trial's normal end, not a stop by the scheduler.
     return ASHAScheduler(
         time_attr="step",

@@ -69,7 +69,7 @@ class Postgres:
 
     def stop(self) -> None:
         subprocess.run(
-            _as_postgres_user([postgres_bin("pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "stop"]),
+            _as_postgres_user([postgres_bin("pg_ctl") or "pg_ctl", "-D", str(self.data_dir), "-m", "fast", "stop"]),
             capture_output=True,
             timeout=60,
         )

@@ -43,7 +43,8 @@ def serve(
     data = Path(data).resolve()
     artifacts = Path(artifacts or data / "artifacts").resolve()
     # Secrets are read (and a readable one refused) before anything starts.
-    auth_env, admin_source = ({}, None)
+    auth_env: dict[str, str] = {}
+    admin_source: str | None = None
     if auth:
         auth_env, admin_source = auth_server_env(
             data, Postgres(data / "postgres", db_port).uri(AUTH_DB_NAME), admin_password_file

@@ -171,7 +171,7 @@ class Checkpoints:
 
     def restore(self, weights: Any, defence: Any) -> tuple[int, list[dict[str, Any]]] | None:
         """Load this rank's part (weights, optimiser, schedule), the defence's eps and the RNG state."""
-        if self.state is None:
+        if self.state is None or self.directory is None or self.resume_step is None:
             return None
         self.strategy.load_checkpoint(self.directory, weights)
         if self.state.get("has_eps"):

@@ -502,7 +502,8 @@ def _fit(
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             failure_config=FailureConfig(max_failures=max_failures),
             callbacks=list(callbacks or []),
-            worker_runtime_env={"env_vars": console.worker_env()},
+            # Ray Train V2's RunConfig takes it; mypy reads ray.train's V1 export.
+            worker_runtime_env={"env_vars": console.worker_env()},  # type: ignore[call-arg]
         ),
     )
     result = trainer.fit()
@@ -528,7 +529,7 @@ def _fit(
         summary=summary,
         history=history,
         num_workers=scaling.num_workers,
-        zero_stage=scaling.zero_stage,
+        zero_stage=scaling.zero_stage or 0,  # a distributed run always has one (scaling.distributed)
         checkpoint_path=result.checkpoint.path if result.checkpoint is not None else None,
         metrics=result.metrics,
         mlflow_run_id=loop_config["mlflow_run_id"],

@@ -228,7 +228,7 @@ class _Stage:
     optim: Any
     steps: int
     defence: Defence
-    model: torch.nn.Module
+    model: Any  # the Hugging Face causal LM (PEFT-wrapped) the strategy loaded
     weights: TrainableWeights
     stream: BatchStream
     extra_streams: dict[str, BatchStream]  # the streams the defence needs at this stage, by name
@@ -309,7 +309,7 @@ def setup_stage(
     tokenizer = load_tokenizer(config.model)
     template, max_len = config.data.prompt_template, config.data.max_length
 
-    def tokenize(examples: list[Example]) -> list[dict]:
+    def tokenize(examples: list[Example]) -> list[Any]:
         return [tokenize_example(tokenizer, template, e, max_len) for e in examples]
 
     pad = tokenizer.pad_token_id
@@ -456,7 +456,9 @@ def train_stage(
 
 
 def _lr_reader(weights: Any) -> Callable[[], float]:
-    scheduler = getattr(weights, "scheduler", None) or getattr(getattr(weights, "engine", None), "lr_scheduler", None)
+    scheduler: Any = getattr(weights, "scheduler", None) or getattr(
+        getattr(weights, "engine", None), "lr_scheduler", None
+    )
     return lambda: scheduler.get_last_lr()[0]
 
 

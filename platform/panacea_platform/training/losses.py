@@ -23,7 +23,7 @@ def training_loss(config: RunConfig) -> Callable[[torch.nn.Module, dict[str, tor
     if config.model.compute_dtype == "float32":
         return lm_loss
 
-    def autocast_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def autocast_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = model.get_input_embeddings().weight.device
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
             return lm_loss(model, batch)
@@ -31,7 +31,7 @@ def training_loss(config: RunConfig) -> Callable[[torch.nn.Module, dict[str, tor
     return autocast_lm_loss
 
 
-def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token loss over answer tokens (prompt and padding carry label -100).
 
     The vocabulary projection runs only at the positions whose next token is an answer token in
@@ -52,22 +52,23 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     )
 
 
-def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+def _takes_logits_to_keep(model: Any) -> bool:
     """Whether the causal LM under a DeepSpeed engine and a PEFT wrapper accepts `logits_to_keep`."""
     inner = getattr(model, "module", model)  # a DeepSpeed engine holds the model as .module
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return _forward_takes_logits_to_keep(type(base))
+    model_class: Any = type(base)  # mypy reads type[Any] as unhashable; a class is hashable
+    return _forward_takes_logits_to_keep(model_class)
 
 
 @functools.cache
-def _forward_takes_logits_to_keep(model_class: type) -> bool:
+def _forward_takes_logits_to_keep(model_class: Any) -> bool:
     # Read once per model class: lm_loss runs on every pass of every step.
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 @torch.no_grad()
 def mean_loss(
-    model: torch.nn.Module, features: list[dict], batch_size: int, pad_token_id: int, strategy: Any | None = None
+    model: Any, features: list[dict], batch_size: int, pad_token_id: int, strategy: Any | None = None
 ) -> float:
     """Token-weighted mean loss over a held-out set (forward only), each rank scoring its shard.
 
@@ -93,7 +94,7 @@ def mean_loss(
                 total += loss * count
                 tokens += count
     model.train(was_training)
-    if world > 1:
+    if world > 1 and strategy is not None:  # more than one rank means a strategy that reduces
         total, tokens = strategy.all_reduce_sum([total, float(tokens)])
     return total / max(tokens, 1)
 

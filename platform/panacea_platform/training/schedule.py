@@ -13,7 +13,8 @@ from panacea_platform.config import OptimConfig
 def total_steps(optim: OptimConfig, steps_per_epoch: int) -> int:
     if optim.max_steps is not None:
         return optim.max_steps
-    return max(1, math.ceil(optim.epochs * steps_per_epoch))
+    epochs = optim.epochs or 1  # the schema asks for one of max_steps and epochs
+    return max(1, math.ceil(epochs * steps_per_epoch))
 
 
 def lr_factor(schedule: str, warmup_steps: int, total: int) -> Callable[[int], float]:

@@ -333,6 +333,8 @@ class DeepSpeedWeights:
             local_loss += loss * weight
             summed = grads if summed is None else [a.add_(g) for a, g in zip(summed, grads)]
         (global_loss,) = self._all_reduce_sum([local_loss])
+        if summed is None:
+            raise RuntimeError("no micro-batch ran: accumulation must be at least 1")
         if clamp_max is not None and global_loss > clamp_max:
             # d/dw min(h, c) = 0 where h > c (as torch's clamp); the loss returned is h itself.
             summed = [torch.zeros_like(g) for g in summed]
@@ -584,8 +586,8 @@ class DeepSpeedStrategy:
         self.zero_stage = zero_stage
         self.rank, self.world_size = rank, world_size
         self.accumulation, self.base_dtype = accumulation, base_dtype
-        self.engine = None
-        self._hf_ds_config = None
+        self.engine: Any = None  # the DeepSpeed engine, from prepare()
+        self._hf_ds_config: Any = None
         self.local_weight_fraction = 1.0
 
     def load_model(self, config: Any) -> torch.nn.Module:

@@ -139,7 +139,7 @@ class TorchWeights:
         if self.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm).item()
         else:
-            norm = global_norm([p.grad for p in self.params]).item()
+            norm = global_norm([p.grad for p in self.params if p.grad is not None]).item()  # all set above
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
