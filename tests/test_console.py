@@ -51,7 +51,9 @@ def test_workers_lines_are_split_between_terminal_and_log(tmp_path):
     ]
     console._split_lines({"lines": lines, "pid": 7, "actor_name": "RayTrainWorker"}, printed.append, log)
     assert printed == [{"lines": [lines[0], tqdm_line, lines[5]], "pid": 7, "actor_name": "RayTrainWorker"}]
-    assert log.read_text().splitlines() == [f"(RayTrainWorker pid=7) {line}" for line in (lines[1], lines[2], lines[4])]
+    header, *logged = log.read_text().splitlines()
+    assert header.startswith("--- ")  # when, and which command: the log is made at its first line
+    assert logged == [f"(RayTrainWorker pid=7) {line}" for line in (lines[1], lines[2], lines[4])]
 
 
 def _panacea(path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

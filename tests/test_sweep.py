@@ -111,6 +111,7 @@ def test_a_four_trial_sweep_builds_one_parent_with_four_complete_children(ray_se
     # Outside a terminal, one line as each trial ends (Tune's table is for a terminal): its counts and the best.
     ended = [line for line in lines if re.match(r"\[sweep main\] trial \w+ done \| [1-4]/4 done, ", line)]
     assert len(ended) == 4, lines
+    assert sorted(int(re.search(r"\| (\d)/4 done", line).group(1)) for line in ended) == [1, 2, 3, 4], ended
 
     client = client_for(sweep_root)
     parent = client.get_run(outcome.parent_run_id)

@@ -38,6 +38,7 @@ _saved_loggers: dict[str, tuple[list[logging.Handler], bool]] = {}
 _saved_dispatch: Callable[..., None] | None = None
 _in_session = False
 _planned: tuple[Path, str] | None = None
+_started: Path | None = None  # the log that has its folder and header line
 
 
 @contextlib.contextmanager
@@ -110,10 +111,7 @@ def open_run_log(
             return None
         output_dir, run_name = _planned
     path = Path(output_dir) / "logs" / f"{run_name}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as log:
-        log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {' '.join(sys.argv)}\n")
-    _handler = logging.FileHandler(path)
+    _handler = _RunLogHandler(path)
     _handler.setLevel(logging.INFO)
     _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     _log_path = path
@@ -124,9 +122,32 @@ def open_run_log(
     return path
 
 
+class _RunLogHandler(logging.FileHandler):
+    """The run's log, made (its folder, then a line naming the command) at its first record: a command that
+    bad input stops writes nothing, so it leaves no folder behind."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, delay=True)
+
+    def _open(self):
+        _start_log(Path(self.baseFilename))
+        return super()._open()
+
+
+def _start_log(path: Path) -> None:
+    """The folder and, once per command, the line that says which command the records below come from."""
+    global _started
+    if _started == path:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {' '.join(sys.argv)}\n")
+    _started = path
+
+
 def close_run_log() -> None:
     """Undo open_run_log: loggers, warnings and Ray's printer as they were."""
-    global _log_path, _handler, _saved_dispatch
+    global _log_path, _handler, _saved_dispatch, _started
     if _handler is None:
         return
     for name, (handlers, propagate) in _saved_loggers.items():
@@ -144,7 +165,7 @@ def close_run_log() -> None:
         ray_worker.global_worker_stdstream_dispatcher.add_handler("ray_print_logs", _saved_dispatch)
         _saved_dispatch = None
     _handler.close()
-    _handler, _log_path = None, None
+    _handler, _log_path, _started = None, None, None
 
 
 def route_library_loggers() -> None:
@@ -192,6 +213,7 @@ def _split_lines(data: dict[str, Any], print_lines: Callable[[dict[str, Any]], N
     hidden = [line for line, keep in zip(lines, kept) if not keep]
     if hidden:
         where = f"{data.get('actor_name') or data.get('task_name') or ''} pid={data.get('pid')}".strip()
+        _start_log(log)
         with log.open("a") as out:
             out.writelines(f"({where}) {line}\n" for line in hidden)
     if any(kept):

@@ -151,10 +151,10 @@ class ProgressCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         early = "" if (trial.last_result or {}).get(FINAL_KEY) else f" (stopped early by {self.scheduler_name})"
-        self._line(trials, f"trial {trial.trial_id} done{early}")
+        self._line(trials, f"trial {trial.trial_id} done{early}", trial, "TERMINATED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(trials, f"trial {trial.trial_id} FAILED: {trial_error_text(trial)[:300]}")
+        self._line(trials, f"trial {trial.trial_id} FAILED: {trial_error_text(trial)[:300]}", trial, "ERROR")
 
-    def _line(self, trials, event: str) -> None:
-        self.out(progress_line(self.plan, trials, time.monotonic() - self.start, event))
+    def _line(self, trials, event: str, ending: Any, ending_as: str) -> None:
+        self.out(progress_line(self.plan, trials, time.monotonic() - self.start, event, ending, ending_as))

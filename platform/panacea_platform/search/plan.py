@@ -58,12 +58,18 @@ def find_child_run(client, experiment_id: str, parent_run_id: str, trial_id: str
     return runs[0] if runs else None
 
 
-def progress_line(plan: SweepPlan, trials: list, elapsed_s: float, event: str = "") -> str:
-    """`[sweep NAME] EVENT | 2/4 done, 1 running, 1 pending, 0 failed | best score=... (trial) | 63s`."""
+def progress_line(
+    plan: SweepPlan, trials: list, elapsed_s: float, event: str = "", ending: Any = None, ending_as: str = ""
+) -> str:
+    """`[sweep NAME] EVENT | 2/4 done, 1 running, 1 pending, 0 failed | best score=... (trial) | 63s`.
+
+    `ending` is a trial Tune is ending (its callbacks run before its status changes): counted as `ending_as`.
+    """
     space = plan.search_space()
     counts = {"TERMINATED": 0, "RUNNING": 0, "PENDING": 0, "ERROR": 0, "PAUSED": 0}
     for trial in trials:
-        counts[trial.status] = counts.get(trial.status, 0) + 1
+        status = ending_as if ending is not None and trial is ending else trial.status
+        counts[status] = counts.get(status, 0) + 1
     # Tune creates trials lazily (max_concurrent_trials): count the ones not created yet as pending.
     not_created = max(0, expected_trials(space) - len(trials))
     best = None
