@@ -117,3 +117,30 @@ def test_compare_files_pairs_any_two_evaluations_and_a_missing_one_is_one_clear_
     assert "McNemar p=" in expected.text()  # one seed: the exact test beside the interval
     assert main(["compare", str(tmp_path / "sft-s0" / "eval"), str(tmp_path / "nowhere")]) == 2
     assert "nowhere: no samples.jsonl there" in capsys.readouterr().err
+
+
+def test_compare_files_takes_each_arms_seeds_and_pairs_seed_with_seed(tmp_path, capsys):
+    import json
+
+    from panacea_platform.cli import main
+    from panacea_platform.recipes.comparison import compare_files
+
+    arms = {"sft": SFT, "panacea": PANACEA}
+    for arm, per_seed in arms.items():
+        for seed, flags in per_seed.items():
+            folder = tmp_path / f"{arm}-s{seed}" / "eval"
+            folder.mkdir(parents=True)
+            records = [{**r, "metric": "harmful_score"} for r in _records("harmful", flags)]
+            (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    seeds = range(len(SFT))
+
+    def arm(name: str) -> str:
+        return ",".join(str(tmp_path / f"{name}-s{seed}" / "eval") for seed in seeds)
+
+    printed = compare_files(arm("sft"), [arm("panacea")])
+    expected = paired_difference(
+        [PANACEA[s] for s in seeds], [SFT[s] for s in seeds]
+    )  # seeds x prompts, each prompt's seeds kept together
+    assert f"panacea-s0/eval − sft-s0/eval: harmful HS {expected.text()}" in printed
+    assert main(["compare", arm("sft"), str(tmp_path / "panacea-s0" / "eval")]) == 2
+    assert "every arm needs as many seeds" in capsys.readouterr().err

@@ -649,8 +649,13 @@ def _add_compare(sub: Any) -> None:
         "compare",
         help="evaluated models against a reference on the same prompts: rates with 95%% intervals, paired differences",
     )
-    compare.add_argument("reference", help="the reference's samples.jsonl or its folder (e.g. RUN/eval-adapter)")
-    compare.add_argument("others", nargs="+", help="the models compared with it (samples.jsonl or folders)")
+    compare.add_argument(
+        "reference",
+        help="the reference's samples.jsonl or its folder (e.g. RUN/eval-adapter); a comma list: one per seed",
+    )
+    compare.add_argument(
+        "others", nargs="+", help="the models compared with it (samples.jsonl or folders; comma lists of seeds)"
+    )
     compare.set_defaults(func=cmd_compare)
 
 

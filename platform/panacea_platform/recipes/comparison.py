@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from panacea_platform.config_base import ConfigError
 from panacea_platform.evaluation.results import HEADLINES, OUTCOMES, WITHIN, outcomes
 from panacea_platform.evaluation.stats import PairedDifference, Rate, clustered_rate, paired_difference, pooled_rate
 
@@ -288,12 +289,23 @@ def _samples_file(path: str | Path) -> Path:
 
 def compare_files(reference: str | Path, others: Sequence[str | Path]) -> str:
     """Any evaluated models against a reference on the same prompts (e.g. a sweep trial against the main
-    job's SFT of the same seed): each one's rates with intervals, and the paired differences."""
-    files = [_samples_file(p) for p in (reference, *others)]
-    labels = [f"{f.parent.parent.name}/{f.parent.name}" for f in files]
+    job's SFT of the same seed): each one's rates with intervals, and the paired differences.
+
+    An argument may be a comma list: the seeds of one arm, in the same order for every arm. Cells are then
+    the mean over seeds with the interval over prompts (each prompt's seeds kept together), and each
+    difference pairs seed with seed, as the main job's table does."""
+    arms = [[_samples_file(p) for p in str(arm).split(",") if p] for arm in (reference, *others)]
+    seeds = {len(files) for files in arms}
+    if len(seeds) != 1:
+        raise ConfigError(f"compare: every arm needs as many seeds (comma-separated folders); got {sorted(seeds)}")
+    labels = [f"{f[0].parent.parent.name}/{f[0].parent.name}" for f in arms]
     if len(set(labels)) < len(labels):
-        labels = [str(f.parent) for f in files]
-    answers = [ModelAnswers.read(f"m{i}", label, 0, f) for i, (label, f) in enumerate(zip(labels, files))]
+        labels = [str(f[0].parent) for f in arms]
+    answers = [
+        ModelAnswers.read(f"m{i}", label, seed, file)
+        for i, (label, files) in enumerate(zip(labels, arms))
+        for seed, file in enumerate(files)
+    ]
     suites = {r["suite"]: r["metric"] for a in answers for r in a.records}
     comparison = compare(answers, suites, reference="m0")
     blocks = [format_suite_tables(comparison), format_differences(comparison), format_judge_notes(answers, suites)]
