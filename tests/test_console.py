@@ -114,3 +114,16 @@ def test_a_sweeps_table_is_tunes_with_the_searched_values_and_the_metric():
     table = _trial_table(space, 15)
     assert dict(table._parameter_columns) == {f"params/{path}": path for path in space.parameters}
     assert list(table._metric_columns) == [space.metric]
+
+
+def test_native_log_lines_on_stderr_go_to_the_run_log(tmp_path, capfd):
+    """Ray's C++ core worker writes to descriptor 2 itself; its lines go to the log, the rest still shows."""
+    with console.session(quiet=True):
+        console.plan_run_log(tmp_path, "native")
+        log = console.open_run_log(out=lambda line: None)
+        os.write(2, b"[2026-12-07 07:59:24,110 E 19708 19708] core_worker.cc:2465: Actor with class name ...\n")
+        os.write(2, b"an error the user must see\n")
+        os.write(2, b"\r[finetune] 50%|#####     | 3/6")  # a bar's update, no newline
+    assert log is not None and "core_worker.cc:2465" in log.read_text()
+    shown = capfd.readouterr().err
+    assert "an error the user must see" in shown and "[finetune] 50%" in shown and "core_worker" not in shown

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -118,6 +119,7 @@ def open_run_log(
     logging.captureWarnings(True)
     route_library_loggers()
     filter_worker_lines()
+    _filter_native_stderr(path)
     out(f"[log] library warnings and Ray's own lines: {path} (--verbose shows them here)")
     return path
 
@@ -158,6 +160,7 @@ def close_run_log() -> None:
         logger.propagate = propagate
     _saved_loggers.clear()
     logging.captureWarnings(False)
+    _restore_native_stderr()
     if _saved_dispatch is not None:
         from ray._private import worker as ray_worker
 
@@ -218,6 +221,63 @@ def _split_lines(data: dict[str, Any], print_lines: Callable[[dict[str, Any]], N
             out.writelines(f"({where}) {line}\n" for line in hidden)
     if any(kept):
         print_lines({**data, "lines": [line for line, keep in zip(lines, kept) if keep]})
+
+
+# Ray's C++ core worker in this process logs to file descriptor 2 directly, past Python's logging (e.g. an
+# "E ... core_worker.cc" line when Ray Data starts its actors): lines of that shape go to the run's log.
+NATIVE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] ")
+_native: tuple[int, threading.Thread] | None = None  # the saved stderr descriptor and the pump reading the pipe
+
+
+def _filter_native_stderr(log: Path) -> None:
+    """Put a pipe in front of descriptor 2: a thread passes every write on to the real stderr at once, except
+    the native log lines, which it appends to the run's log."""
+    global _native
+    if _native is not None:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    pump = threading.Thread(target=_pump, args=(read_end, saved, log), name="panacea-stderr", daemon=True)
+    pump.start()
+    _native = (saved, pump)
+
+
+def _pump(read_end: int, terminal: int, log: Path) -> None:
+    pending = b""
+    while chunk := os.read(read_end, 65536):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if NATIVE_LOG_LINE.match(line):
+                _start_log(log)
+                with log.open("ab") as out:
+                    out.write(line + b"\n")
+            else:
+                os.write(terminal, line + b"\n")
+        if pending and not pending.startswith(b"["):  # "[" may begin a native line still being written
+            os.write(terminal, pending)  # a progress bar's "\r..." is shown at once, not held for a newline
+            pending = b""
+    if pending:
+        os.write(terminal, pending)
+    os.close(read_end)
+
+
+def _restore_native_stderr() -> None:
+    global _native
+    if _native is None:
+        return
+    saved, pump = _native
+    sys.stderr.flush()
+    os.dup2(saved, 2)  # our write end closes: the pump passes on what is left, then stops
+    pump.join(timeout=1)
+    # A process started meanwhile (a local Ray's raylet) may hold the pipe's write end: then the pump runs
+    # on, passing its lines to the terminal, and keeps the descriptor it writes to.
+    if not pump.is_alive():
+        os.close(saved)
+    _native = None
 
 
 def clock(seconds: float) -> str:
