@@ -590,6 +590,10 @@ def test_bench_eval_runs_both_ways_with_identical_answers(ray_session, tiny_run_
     assert main(["bench", "eval", "-c", str(job), "--prompts", "7"]) == 0
     printed = capsys.readouterr().out
     assert "greedy answers identical: 7/7" in printed
+    # A job that decodes in bfloat16 is checked in float32: batching must change no answer.
+    assert main(["bench", "eval", "-c", str(job), "--prompts", "7", "evaluation.decoder_dtype=bfloat16"]) == 0
+    again = capsys.readouterr().out
+    assert "both sides decode in float32" in again and "greedy answers identical: 7/7" in again
     assert re.search(r"pipeline \(Ray Data\)\s+\d+\.\d+\s+\d+\.\d+", printed)
     assert re.search(r"speed-up: \d+\.\dx after start-up", printed)
 
