@@ -7,9 +7,10 @@ the environment, which Ray's workers inherit:
   worker, the evaluation Ray Data's bars, a sweep Tune's table.
 - progress "lines" (`--quiet`, or output that is not a terminal, like `nohup` or CI): one line
   per stage when it ends.
-- not verbose (the default): Python warnings, the `ray` and `transformers` loggers' records and
-  every line Ray forwards from its workers that is not one of the platform's ("[stage] ...")
-  are appended to the run's log file, OUTPUT_DIR/logs/RUN_NAME.log. Errors still reach the
+- not verbose (the default): Python warnings, the `ray` and `transformers` loggers' records,
+  every line Ray forwards from its workers that is not one of the platform's ("[stage] ...") and
+  the log lines Ray's C++ core worker writes to this process's stderr are appended to the run's
+  log file, OUTPUT_DIR/logs/RUN_NAME.log, made at its first line. Errors still reach the
   terminal: Ray raises a worker's failure in this process, and the CLI prints it.
 """
 
