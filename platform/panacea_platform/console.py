@@ -82,10 +82,6 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV) == "1"
 
 
-def log_path() -> Path | None:
-    return _log_path
-
-
 def worker_env() -> dict[str, str]:
     """The settings a Ray worker reads, for a runtime_env: workers of a Ray this process did not start
     do not inherit its environment."""

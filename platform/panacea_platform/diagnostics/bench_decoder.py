@@ -92,7 +92,7 @@ def bench_decoder_dtypes(
     """Evaluate the same prompts once per decoder dtype (the first is the reference); print and return."""
     from panacea_platform.algorithms.convention import with_convention
     from panacea_platform.config import with_changes
-    from panacea_platform.diagnostics.bench_eval import _bench_prompts
+    from panacea_platform.diagnostics.bench_eval import bench_prompts
     from panacea_platform.evaluation.pipeline import check_adapter, run_pipeline
     from panacea_platform.evaluation.results import sample_record
     from panacea_platform.ray_instance import connect_ray
@@ -100,7 +100,7 @@ def bench_decoder_dtypes(
 
     config = with_convention(config)
     check_adapter(config.model, adapter, None)
-    prompts = _bench_prompts(config, n_prompts)
+    prompts = bench_prompts(config, n_prompts)
     connect_ray()  # outside every timing
     runs = []
     for dtype in dtypes:

@@ -92,7 +92,7 @@ def _loop(config: RunConfig, prompts, adapter: str | Path | None) -> Side:
     return Side(done - loaded, done - start, answers, tokens)
 
 
-def _bench_prompts(config: RunConfig, n_prompts: int | None):
+def bench_prompts(config: RunConfig, n_prompts: int | None):
     """The run's evaluation prompts (harmful first, then task), the first `n_prompts` of them."""
     from panacea_platform.config import ConfigError
     from panacea_platform.evaluation.pipeline import evaluation_prompts
@@ -130,7 +130,7 @@ def bench_eval(
         out(f"[bench eval] evaluation.decoder_dtype {config.evaluation.decoder_dtype}: both sides decode in float32")
         config = with_changes(config, {"evaluation.decoder_dtype": "float32"})
     check_adapter(config.model, adapter, None)
-    prompts = _bench_prompts(config, n_prompts)
+    prompts = bench_prompts(config, n_prompts)
     connect_ray()  # outside both timings
     budgets = sorted({p.budget for p in prompts})
     out(
