@@ -106,14 +106,36 @@ def test_bars_come_from_rays_tqdm_and_verbose_shows_rays_lines(distributed_job):
     assert not (Path(config.output_dir) / "logs" / "bars.log").exists()
 
 
-def test_a_sweeps_table_is_tunes_with_the_searched_values_and_the_metric():
+def test_a_sweeps_table_is_tunes_with_the_searched_values_the_metric_and_the_time_left():
+    from types import SimpleNamespace
+
+    from panacea_platform.search.callbacks import TrialTable
     from panacea_platform.search.space import load_space
-    from panacea_platform.search.sweep import _trial_table
 
     space = load_space(Path(__file__).resolve().parents[1] / "search_spaces" / "offline_default.yaml")
-    table = _trial_table(space, 15)
+    table = TrialTable(space, 15)
     assert dict(table._parameter_columns) == {f"params/{path}": path for path in space.parameters}
     assert list(table._metric_columns) == [space.metric]
+    total = table.expected
+    assert total == 6  # the 3 x 2 grid
+
+    def trials(*statuses: str) -> list:
+        return [SimpleNamespace(status=status) for status in statuses]
+
+    # A resumed sweep: 2 trials had ended before this process started; they set no rate.
+    assert table.ended_line(trials("TERMINATED", "ERROR", "RUNNING"), 5.0) == f"2/{total} trials ended"
+    # 2 more ended in 600 s: 300 s a trial, 2 left -> 600 s, as tqdm estimates from the rate so far.
+    line = table.ended_line(trials("TERMINATED", "ERROR", "TERMINATED", "TERMINATED", "RUNNING"), 600.0)
+    assert line == f"4/{total} trials ended, ETA {console.clock(600.0)}"
+    assert table.ended_line(trials(*["TERMINATED"] * total), 900.0) == f"{total}/{total} trials ended"
+
+
+def test_the_sweeps_lines_say_the_time_left():
+    from panacea_platform.search.plan import time_left
+
+    assert time_left(0, 4, 100.0) == ""  # no trial ended yet: no rate
+    assert time_left(2, 0, 100.0) == ""  # nothing left
+    assert time_left(2, 4, 100.0) == f"ETA {console.clock(200.0)}"
 
 
 def test_native_log_lines_on_stderr_go_to_the_run_log(tmp_path, capfd):

@@ -543,6 +543,23 @@ def test_cli_evaluate_with_a_preset_and_exit_codes(ray_with_test_judge, tiny_run
         assert error.startswith("error: ") and error.count("\n") == 1, error
 
 
+def test_where_ray_data_draws_no_bar_the_evaluation_shows_tqdms(
+    ray_with_test_judge, tiny_run_config, tmp_path, capsys, monkeypatch
+):
+    """Under `ray job submit` stdout is a file, where Ray Data logs a count every 10 s with no rate: tqdm's bar
+    counts the answers, with a rate and the time left (console.answers_bar)."""
+    from panacea_platform.cli import main
+
+    monkeypatch.setenv("PANACEA_PROGRESS", "bars")  # as in a submitted job; pytest's stdout is no terminal
+    job = _job_file(tiny_run_config(), tmp_path / "job.yaml")
+    argv = ["evaluate", "-c", str(job), "--output-dir", str(tmp_path / "out"), f"evaluation.judge={PARITY_JUDGE}"]
+    assert (
+        main([*argv, "evaluation.harmful_prompts=4", "evaluation.task_prompts=3", "evaluation.max_new_tokens=3"]) == 0
+    )
+    shown = capsys.readouterr().err
+    assert re.search(r"\[eval\]: 100%\|.*\| 7/7 \[\d\d:\d\d<00:00, +[\d.]+(answer/s|s/answer)\]", shown), shown[-2000:]
+
+
 def test_a_run_is_evaluated_from_its_mlflow_run_id_alone(
     ray_with_test_judge, tiny_run_config, tmp_path, capsys, monkeypatch
 ):

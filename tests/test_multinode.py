@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -262,6 +263,8 @@ def test_a_submitted_job_survives_the_removal_of_every_node_local_folder(
 
     config, result = submitted
     assert result.returncode == 0 and "succeeded" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    # What `ray job logs` shows: the stage's bar, drawn by the driver from rank 0's Ray tqdm, with its rate.
+    assert re.search(rf"\[finetune \w+\].*{STEPS}(\.0+)?/{STEPS}(\.0+)? .*step/s", result.stdout), result.stdout[-3000:]
 
     scratch = cluster["root"] / "scratch"
     written = sorted(p.parent.parent.name for p in scratch.glob("*/runs/submitted/summary.json"))

@@ -112,6 +112,8 @@ def test_a_four_trial_sweep_builds_one_parent_with_four_complete_children(ray_se
     ended = [line for line in lines if re.match(r"\[sweep main\] trial \w+ done \| [1-4]/4 done, ", line)]
     assert len(ended) == 4, lines
     assert sorted(int(re.search(r"\| (\d)/4 done", line).group(1)) for line in ended) == [1, 2, 3, 4], ended
+    # From the first end on, the time left at the rate so far; none once every trial has ended.
+    assert all((", ETA " in line) == ("| 4/4 done" not in line) for line in ended), ended
 
     client = client_for(sweep_root)
     parent = client.get_run(outcome.parent_run_id)

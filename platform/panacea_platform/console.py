@@ -78,6 +78,17 @@ def bars() -> bool:
     return mode == "bars" if mode else sys.stderr.isatty()
 
 
+def answers_bar(total: int) -> Any:
+    """The evaluation's bar where Ray Data draws none, else None. Ray Data draws its bars only when stdout is
+    a terminal; in a job run by `ray job submit` it logs a count every 10 s, with no rate and no time left
+    (those records go to the run's log). There tqdm's bar counts the answers as they reach this process."""
+    if not bars() or sys.stdout.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc="[eval]", total=total, unit="answer", dynamic_ncols=True)
+
+
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV) == "1"
 

@@ -429,7 +429,6 @@ def run_pipeline(
     context.enable_auto_log_stats = False
     ordered = [prompts[i] for i in work_order(prompts, evaluation.generation_batch_size)]
     dataset = _dataset(config, ordered, adapter, perturbation, judges)
-    rows: list[dict[str, Any]] = []
     start = time.monotonic()
     suites = ", ".join(f"{s} {sum(p.suite == s for p in prompts)}" for s in dict.fromkeys(p.suite for p in prompts))
     out(
@@ -437,8 +436,7 @@ def run_pipeline(
         f"{evaluation.generation_batch_size}, judge(s) {', '.join(judges) or 'none'}"
     )
     try:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            rows.extend(_batch_rows(batch))
+        rows = _collect_rows(dataset, len(prompts))
     except Exception as exc:
         from panacea_platform.user_errors import user_error_in
 
@@ -517,6 +515,22 @@ def work_order(prompts: list[EvalPrompt], batch_size: int) -> list[int]:
         members = [i for i, p in enumerate(prompts) if p.budget == budget]
         order += [members[j] for j in balanced_order([len(prompts[i].rendered) for i in members], batch_size)]
     return order
+
+
+def _collect_rows(dataset: Any, total: int) -> list[dict[str, Any]]:
+    """The answers in the order they arrive; where Ray Data draws no bar, console.answers_bar counts them."""
+    rows: list[dict[str, Any]] = []
+    bar = console.answers_bar(total)
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            answers = _batch_rows(batch)
+            rows.extend(answers)
+            if bar is not None:
+                bar.update(len(answers))
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows
 
 
 def _batch_rows(batch: dict[str, Any]) -> list[dict[str, Any]]:

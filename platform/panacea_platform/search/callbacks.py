@@ -16,7 +16,16 @@ from typing import Any
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from panacea_platform.search.plan import FINAL_KEY, SweepPlan, compute_score, find_child_run, progress_line
+from panacea_platform.search.plan import (
+    FINAL_KEY,
+    SweepPlan,
+    compute_score,
+    expected_trials,
+    find_child_run,
+    progress_line,
+    time_left,
+)
+from panacea_platform.search.space import SearchSpace
 
 
 class ScoredTuneReportCallback(TuneReportCallback):
@@ -139,7 +148,7 @@ class ProgressCallback(tune.Callback):
         self.plan, self.scheduler_name = plan, scheduler_name
         # Some libraries replace builtins.print, which then cannot be pickled: None means print.
         self.out = _print if out is None or _is_print(out) else out
-        self.start = time.monotonic()
+        self.start, self.ended = time.monotonic(), 0  # trials ended in this process: the ETA's rate
 
     def __getstate__(self) -> dict[str, Any]:
         # `out` may be a test's list.append or print; the clock restarts after a restore.
@@ -157,4 +166,32 @@ class ProgressCallback(tune.Callback):
         self._line(trials, f"trial {trial.trial_id} FAILED: {trial_error_text(trial)[:300]}", trial, "ERROR")
 
     def _line(self, trials, event: str, ending: Any, ending_as: str) -> None:
-        self.out(progress_line(self.plan, trials, time.monotonic() - self.start, event, ending, ending_as))
+        self.ended += 1
+        elapsed = time.monotonic() - self.start
+        self.out(progress_line(self.plan, trials, elapsed, event, ending, ending_as, self.ended))
+
+
+class TrialTable(tune.CLIReporter):
+    """Tune's table, with the searched values and the sweep's metric as its columns, and a line above it with
+    the trials ended and the time left (Tune's own header has the time passed only)."""
+
+    def __init__(self, space: SearchSpace, every_s: float) -> None:
+        super().__init__(
+            parameter_columns={f"params/{path}": path for path in space.parameters},
+            metric_columns=[space.metric],
+            max_report_frequency=int(max(1, every_s)),
+        )
+        self.expected = expected_trials(space)
+        self.ended_before: int | None = None  # a resumed sweep's trials that had ended: not this run's rate
+
+    def report(self, trials: list, done: bool, *sys_info: str) -> None:
+        super().report(trials, done, *sys_info, self.ended_line(trials, time.time() - self._start_time))
+
+    def ended_line(self, trials: list, elapsed_s: float) -> str:
+        """ "3/9 trials ended, ETA 12m00s"."""
+        ended = sum(trial.status in ("TERMINATED", "ERROR") for trial in trials)
+        if self.ended_before is None:
+            self.ended_before = ended
+        total = max(len(trials), self.expected)
+        eta = time_left(ended - self.ended_before, total - ended, elapsed_s)
+        return f"{ended}/{total} trials ended" + (f", {eta}" if eta else "")

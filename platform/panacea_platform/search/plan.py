@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from panacea_platform.console import clock
 from panacea_platform.search.report import TRIAL_TAG
 from panacea_platform.search.space import SearchSpace
 
@@ -58,12 +59,27 @@ def find_child_run(client, experiment_id: str, parent_run_id: str, trial_id: str
     return runs[0] if runs else None
 
 
+def time_left(ended_here: int, remaining: int, elapsed_s: float) -> str:
+    """ "ETA 4m10s": the trials left at the rate trials have ended in this process, as tqdm estimates a bar's
+    (a resumed sweep's earlier trials do not count); "" before the first ends and after the last."""
+    if ended_here <= 0 or remaining <= 0:
+        return ""
+    return f"ETA {clock(elapsed_s / ended_here * remaining)}"
+
+
 def progress_line(
-    plan: SweepPlan, trials: list, elapsed_s: float, event: str = "", ending: Any = None, ending_as: str = ""
+    plan: SweepPlan,
+    trials: list,
+    elapsed_s: float,
+    event: str = "",
+    ending: Any = None,
+    ending_as: str = "",
+    ended_here: int = 0,
 ) -> str:
-    """`[sweep NAME] EVENT | 2/4 done, 1 running, 1 pending, 0 failed | best score=... (trial) | 63s`.
+    """`[sweep NAME] EVENT | 2/4 done, 1 running, 1 pending, 0 failed | best score=... (trial) | 63s, ETA 1m03s`.
 
     `ending` is a trial Tune is ending (its callbacks run before its status changes): counted as `ending_as`.
+    `ended_here` trials ended since this process started, over `elapsed_s`: the rate of the time left.
     """
     space = plan.search_space()
     counts = {"TERMINATED": 0, "RUNNING": 0, "PENDING": 0, "ERROR": 0, "PAUSED": 0}
@@ -86,11 +102,12 @@ def progress_line(
         )
         shown = f"best {space.metric}={best[0]:.4g} ({best[1].trial_id}: {searched})"
     total = len(trials) + not_created
+    eta = time_left(ended_here, total - counts["TERMINATED"] - counts["ERROR"], elapsed_s)
     return (
         f"[sweep {plan.name}] {event + ' | ' if event else ''}{counts['TERMINATED']}/{total} done, "
         f"{counts['RUNNING']} running, "
         f"{counts['PENDING'] + counts['PAUSED'] + not_created} pending, {counts['ERROR']} failed | {shown} | "
-        f"{elapsed_s:.0f}s"
+        f"{elapsed_s:.0f}s{', ' + eta if eta else ''}"
     )
 
 

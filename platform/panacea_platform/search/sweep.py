@@ -482,17 +482,6 @@ def _existing_state(storage: Storage, name: str, fingerprint: str, resume: bool)
     return state
 
 
-def _trial_table(space: SearchSpace, every_s: float):
-    """Tune's table, with the searched values and the sweep's metric as its columns."""
-    from ray.tune import CLIReporter
-
-    return CLIReporter(
-        parameter_columns={f"params/{path}": path for path in space.parameters},
-        metric_columns=[space.metric],
-        max_report_frequency=int(max(1, every_s)),
-    )
-
-
 def _tuner(
     plan: SweepPlan,
     space: SearchSpace,
@@ -504,7 +493,7 @@ def _tuner(
 ):
     from ray import tune
 
-    from panacea_platform.search.callbacks import ProgressCallback, TrialStatusCallback
+    from panacea_platform.search.callbacks import ProgressCallback, TrialStatusCallback, TrialTable
 
     resources = space.resources
     trainable = tune.with_resources(
@@ -538,6 +527,6 @@ def _tuner(
             failure_config=tune.FailureConfig(max_failures=0),
             # Tune's own table shows the trials as they run (console.py); in lines mode, one line per trial.
             verbose=1 if console.bars() else 0,
-            progress_reporter=_trial_table(space, progress_every_s) if console.bars() else None,
+            progress_reporter=TrialTable(space, progress_every_s) if console.bars() else None,
         ),
     )
