@@ -56,6 +56,31 @@ def test_workers_lines_are_split_between_terminal_and_log(tmp_path):
     assert logged == [f"(RayTrainWorker pid=7) {line}" for line in (lines[1], lines[2], lines[4])]
 
 
+def test_the_raylets_warnings_go_to_the_log_and_its_errors_still_print(tmp_path):
+    log, printed = tmp_path / "run.log", []
+    warning = "WARNING: 8 PYTHON worker processes have been started on node: abc with address: 1.2.3.4"
+    error = "A worker died or was killed while executing a task by an unexpected system error."
+    data = {"lines": [warning, error], "pid": "raylet", "is_err": False}
+    console._split_raylet(data, False, print_to=lambda d, prefix: printed.append(d), log=log)
+    assert printed == [{"lines": [error], "pid": "raylet", "is_err": False}]
+    assert log.read_text().splitlines()[1:] == [f"(raylet) {warning}"]
+    worker_line = {"lines": ["WARNING: a worker's own line"], "pid": 7, "is_err": False}
+    console._split_raylet(worker_line, False, print_to=lambda d, prefix: printed.append(d), log=log)
+    assert printed[-1] == worker_line  # workers' lines are _split_lines' business
+
+
+def test_a_session_puts_rays_printers_back(ray_session, tmp_path):
+    from ray._private import worker as ray_worker
+
+    before = ray_worker.print_to_stdstream
+    with console.session(quiet=True):
+        console.plan_run_log(tmp_path, "printers")
+        console.open_run_log(out=lambda line: None)
+        console.filter_worker_lines()
+        assert ray_worker.print_to_stdstream is not before
+    assert ray_worker.print_to_stdstream is before
+
+
 def _panacea(path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The command as a user runs it, in its own process and its own Ray (which forwards the workers' lines;
     the tests' shared Ray does not)."""

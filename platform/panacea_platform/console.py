@@ -8,8 +8,8 @@ the environment, which Ray's workers inherit:
 - progress "lines" (`--quiet`, or output that is not a terminal, like `nohup` or CI): one line
   per stage when it ends.
 - not verbose (the default): Python warnings, the `ray` and `transformers` loggers' records,
-  every line Ray forwards from its workers that is not one of the platform's ("[stage] ...") and
-  the log lines Ray's C++ core worker writes to this process's stderr are appended to the run's
+  every line Ray forwards from its workers that is not one of the platform's ("[stage] ..."), the
+  raylet's warnings and the log lines Ray's C++ core worker writes to this process's stderr are appended to the run's
   log file, OUTPUT_DIR/logs/RUN_NAME.log, made at its first line. Errors still reach the
   terminal: Ray raises a worker's failure in this process, and the CLI prints it.
 """
@@ -38,6 +38,7 @@ _log_path: Path | None = None
 _handler: logging.Handler | None = None
 _saved_loggers: dict[str, tuple[list[logging.Handler], bool]] = {}
 _saved_dispatch: Callable[..., None] | None = None
+_saved_raylet_printer: Callable[..., None] | None = None
 _in_session = False
 _planned: tuple[Path, str] | None = None
 _started: Path | None = None  # the log that has its folder and header line
@@ -157,7 +158,7 @@ def _start_log(path: Path) -> None:
 
 def close_run_log() -> None:
     """Undo open_run_log: loggers, warnings and Ray's printer as they were."""
-    global _log_path, _handler, _saved_dispatch, _started
+    global _log_path, _handler, _saved_dispatch, _saved_raylet_printer, _started
     if _handler is None:
         return
     for name, (handlers, propagate) in _saved_loggers.items():
@@ -169,6 +170,11 @@ def close_run_log() -> None:
     _saved_loggers.clear()
     logging.captureWarnings(False)
     _restore_native_stderr()
+    if _saved_raylet_printer is not None:
+        from ray._private import worker as ray_worker
+
+        ray_worker.print_to_stdstream = _saved_raylet_printer
+        _saved_raylet_printer = None
     if _saved_dispatch is not None:
         from ray._private import worker as ray_worker
 
@@ -205,6 +211,7 @@ def filter_worker_lines() -> None:
     import ray
     from ray._private import worker as ray_worker
 
+    _route_raylet_warnings(_log_path)
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
     printer = dict(dispatcher.handlers).get("ray_print_logs")  # absent: Ray started with log_to_driver off
     if not ray.is_initialized() or printer is None:
@@ -214,6 +221,34 @@ def filter_worker_lines() -> None:
     dispatcher.add_handler(
         "ray_print_logs", functools.partial(_split_lines, print_lines=_saved_dispatch, log=_log_path)
     )
+
+
+def _route_raylet_warnings(log: Path) -> None:
+    """The raylet's warnings (e.g. "WARNING: 8 PYTHON worker processes have been started ...", which
+    fractional CPU requests bring) go to the run's log; its errors still print. Ray's driver thread that
+    prints them looks `print_to_stdstream` up in its module at each message, so replacing it there is
+    enough; close_run_log puts it back."""
+    global _saved_raylet_printer
+    from ray._private import worker as ray_worker
+
+    if _saved_raylet_printer is None:
+        _saved_raylet_printer = ray_worker.print_to_stdstream
+        ray_worker.print_to_stdstream = functools.partial(_split_raylet, print_to=_saved_raylet_printer, log=log)
+
+
+def _split_raylet(data: dict[str, Any], ignore_prefix: bool, print_to: Callable[..., None], log: Path) -> None:
+    if data.get("pid") != "raylet":
+        print_to(data, ignore_prefix)
+        return
+    lines = data.get("lines", [])
+    warnings_ = [line for line in lines if line.lstrip().startswith("WARNING")]
+    if warnings_:
+        _start_log(log)
+        with log.open("a") as out:
+            out.writelines(f"(raylet) {line}\n" for line in warnings_)
+    shown = [line for line in lines if line not in warnings_]
+    if shown:
+        print_to({**data, "lines": shown}, ignore_prefix)
 
 
 def _split_lines(data: dict[str, Any], print_lines: Callable[[dict[str, Any]], None], log: Path) -> None:
