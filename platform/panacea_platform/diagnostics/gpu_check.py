@@ -392,28 +392,10 @@ def decoder_prompts(settings: Settings, vocab: int) -> list[list[int]]:
 
 
 def hf_greedy(model, rows: list[list[int]], max_new_tokens: int, eos_ids: list[int], pad_id: int) -> list[list[int]]:
-    """HF's generate(), greedy, on left-padded rows: the reference."""
-    import torch
+    """HF's generate(), greedy, on left-padded rows (the evaluation's own reference path), cut at the end token."""
+    from panacea_platform.evaluation.generation import hf_generate
 
-    width = max(len(row) for row in rows)
-    input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows])
-    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
-    device = model.get_input_embeddings().weight.device
-    with torch.inference_mode():
-        output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            use_cache=True,
-            pad_token_id=pad_id,
-            eos_token_id=eos_ids,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
-    return [cut_at_eos(row, eos_ids) for row in output[:, width:].tolist()]
+    return [cut_at_eos(row, eos_ids) for row in hf_generate(model, rows, max_new_tokens, eos_ids, pad_id)]
 
 
 def cut_at_eos(ids: list[int], eos_ids: list[int]) -> list[int]:

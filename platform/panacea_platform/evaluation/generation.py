@@ -304,7 +304,7 @@ def _greedy_decode(model: Any, rows: list[list[int]], budgets: list[int], eos_id
     return generated
 
 
-def _hf_generate(model: Any, rows: list[list[int]], max_new_tokens: int, eos_ids: list[int], pad_id: int):
+def hf_generate(model: Any, rows: list[list[int]], max_new_tokens: int, eos_ids: list[int], pad_id: int):
     """HF's generate() on left-padded rows: the reference, and the path for non-plain generation configs."""
     import torch
 
@@ -339,7 +339,7 @@ def _generate_batch(
     pad_id = _pad_token_id(tokenizer, eos_ids)
     if use_hf_generate or not plain_greedy(model) or not plain_cache_layers(model):
         # One budget for HF's generate(): the longest; each row is cut at its own afterwards.
-        new = _hf_generate(model, rows, max(budgets), eos_ids, pad_id)
+        new = hf_generate(model, rows, max(budgets), eos_ids, pad_id)
     else:
         new = _greedy_decode(model, rows, budgets, eos_ids, pad_id)
     return [_answer_from_ids(tokenizer, ids, eos_ids, budget) for ids, budget in zip(new, budgets)]
