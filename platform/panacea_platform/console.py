@@ -9,8 +9,8 @@ the environment, which Ray's workers inherit:
   per stage when it ends.
 - not verbose (the default): Python warnings, the `ray` and `transformers` loggers' records,
   every line Ray forwards from its workers that is not one of the platform's ("[stage] ..."), the
-  raylet's warnings and the log lines Ray's C++ core worker writes to this process's stderr are appended to the run's
-  log file, OUTPUT_DIR/logs/RUN_NAME.log, made at its first line. Errors still reach the
+  raylet's warnings and the log lines Ray's C++ core worker writes to this process's stderr are
+  appended to the run's log file, OUTPUT_DIR/logs/RUN_NAME.log, made at its first line. Errors still reach the
   terminal: Ray raises a worker's failure in this process, and the CLI prints it.
 """
 

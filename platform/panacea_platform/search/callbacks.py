@@ -188,7 +188,7 @@ class TrialTable(tune.CLIReporter):
         super().report(trials, done, *sys_info, self.ended_line(trials, time.time() - self._start_time))
 
     def ended_line(self, trials: list, elapsed_s: float) -> str:
-        """ "3/9 trials ended, ETA 12m00s"."""
+        """The line above the table, e.g. "3/9 trials ended, ETA 12m00s"."""
         ended = sum(trial.status in ("TERMINATED", "ERROR") for trial in trials)
         if self.ended_before is None:
             self.ended_before = ended

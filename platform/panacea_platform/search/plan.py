@@ -60,8 +60,8 @@ def find_child_run(client, experiment_id: str, parent_run_id: str, trial_id: str
 
 
 def time_left(ended_here: int, remaining: int, elapsed_s: float) -> str:
-    """ "ETA 4m10s": the trials left at the rate trials have ended in this process, as tqdm estimates a bar's
-    (a resumed sweep's earlier trials do not count); "" before the first ends and after the last."""
+    """E.g. "ETA 4m10s": the trials left at the rate trials have ended in this process, as tqdm estimates a
+    bar's (a resumed sweep's earlier trials do not count); "" before the first ends and after the last."""
     if ended_here <= 0 or remaining <= 0:
         return ""
     return f"ETA {clock(elapsed_s / ended_here * remaining)}"
