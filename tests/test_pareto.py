@@ -127,3 +127,18 @@ def test_the_trials_table_shows_each_rate_with_its_interval():
     line = table.splitlines()[2]
     assert "30.0 [18.1, 45.4]" in line  # the rate with its interval
     assert "98" in line and "98.0 [" not in line  # no interval logged: the value alone
+
+
+def test_a_searched_values_column_is_as_wide_as_its_name_and_values():
+    from panacea_platform.search.report import TrialRow, format_table
+
+    rows = [
+        TrialRow("t0", "r0", "FINISHED", {"defence": "random_perturbation", "data.harmful_ratio": 0.1}, {}, {}),
+        TrialRow("t1", "r1", "FINISHED", {"defence": "sft", "data.harmful_ratio": 0.2}, {}, {}),
+    ]
+    table = format_table(rows, ["defence", "data.harmful_ratio"], [("eval/harmful/harmful_score", "min")], [False] * 2)
+    header, _, first, second = table.splitlines()[:4]
+    assert header.split()[1:3] == ["defence", "harmful_ratio"]  # the names apart, not "defenceharmful_ratio"
+    assert first.split()[1:3] == ["random_perturbation", "0.1"] and second.split()[1:3] == ["sft", "0.2"]
+    # Right-aligned under their names.
+    assert first.index("0.1") + 3 == second.index("0.2") + 3 == header.index("harmful_ratio") + len("harmful_ratio")

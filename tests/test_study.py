@@ -3,6 +3,7 @@ trial at its (row, column), with its interval; the average is the row's mean; ea
 its trials' samples give. The grid run end to end on the tiny model is in test_sweep.py."""
 
 import json
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -90,6 +91,13 @@ def test_every_cell_average_and_paired_difference_is_the_one_its_trials_give(rec
     # Columns in the grid's order, rows in the grid's order.
     header = next(line for line in hs.splitlines() if line.startswith("HS % by"))
     assert header.split()[-3:] == ["0.0", "0.2", "average"]
+    # Each column as wide as its widest cell: no cell runs into the next, and the columns line up.
+    for block in table.split("\n\n"):
+        lines = [line for line in block.splitlines() if line and not set(line) <= {"-"}][:3]
+        if len(lines) > 1 and "cells finished" not in block:
+            assert len({len(line) for line in lines}) == 1, lines
+            ends = [sorted(m.end() for m in re.finditer(r"\S(?=  |$)", line)) for line in lines]
+            assert all(set(ends[0][1:]) <= set(row) for row in ends[1:]), lines  # columns end where headers do
 
 
 def test_a_missing_cell_is_a_dash_and_a_plain_sweep_has_no_table(recorded):

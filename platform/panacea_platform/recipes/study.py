@@ -56,40 +56,43 @@ def format_block(
     """One headline's table, then each row's paired differences to the reference, in the paper's layout."""
     from panacea_platform.evaluation.stats import clustered_rate, paired_difference
 
-    width = 22
-    header = f"{headline.title + ' by ' + study.columns:<28}" + "".join(f"{str(c):>{width}}" for c in columns)
-    lines = [header + f"{'average':>10}", "-" * (len(header) + 10)]
+    rates, averages = [], []
     for row in rows:
-        texts, means = [], []
-        for column in columns:
-            cell = cells.get((row, column))
-            if cell is None:
-                texts.append(f"{'-':>{width}}")
-                continue
-            rate = clustered_rate(cell.outcomes)
-            means.append(rate.percent)
-            texts.append(rate.text().rjust(width))
-        average = f"{statistics.fmean(means):.1f}" if len(means) == len(columns) else "-"
-        lines.append(f"{str(row):<28}" + "".join(texts) + f"{average:>10}")
+        measured = [clustered_rate(cell.outcomes) if cell else None for cell in (cells.get((row, c)) for c in columns)]
+        rates.append((str(row), [rate.text() if rate else "-" for rate in measured]))
+        known = [rate.percent for rate in measured if rate]
+        averages.append(f"{statistics.fmean(known):.1f}" if len(known) == len(columns) else "-")
+    lines = aligned(f"{headline.title} by {study.columns}", columns, rates, ("average", averages))
+    lines.insert(1, "-" * len(lines[0]))
     if study.reference is None:
         return "\n".join(lines)
-    width = 36  # a difference, its interval and McNemar's p (one seed)
-    lines += [
-        "",
-        f"{'Δ' + headline.title.split()[0] + ' vs ' + str(study.reference) + ' (pp)':<28}"
-        + "".join(f"{str(c):>{width}}" for c in columns),
-    ]
+    differences = []
     for row in (r for r in rows if r != study.reference):
         texts = []
         for column in columns:
             mine, theirs = cells.get((row, column)), cells.get((study.reference, column))
             if mine is None or theirs is None or len(mine.outcomes) != len(theirs.outcomes):
-                texts.append(f"{'-':>{width}}")
-                continue
-            difference = paired_difference(mine.outcomes, theirs.outcomes)
-            texts.append(difference.text().rjust(width))
-        lines.append(f"{str(row):<28}" + "".join(texts))
-    return "\n".join(lines)
+                texts.append("-")
+            else:
+                texts.append(paired_difference(mine.outcomes, theirs.outcomes).text())
+        differences.append((str(row), texts))
+    title = f"Δ{headline.title.split()[0]} vs {study.reference} (pp)"
+    return "\n".join([*lines, "", *aligned(title, columns, differences)])
+
+
+def aligned(
+    title: str, columns: list[Any], rows: list[tuple[str, list[str]]], last: tuple[str, list[str]] | None = None
+) -> list[str]:
+    """A header and a line per row: the labels left-aligned, each column right-aligned as wide as its widest
+    text and two spaces from the next, so that no cell runs into its neighbour."""
+    headers = [str(column) for column in columns] + ([last[0]] if last else [])
+    cells = [texts + ([last[1][i]] if last else []) for i, (_, texts) in enumerate(rows)]
+    widths = [max([len(header)] + [len(texts[j]) for texts in cells]) for j, header in enumerate(headers)]
+    label = max([len(title)] + [len(name) for name, _ in rows])
+    lines = [title.ljust(label) + "".join(f"  {header:>{w}}" for header, w in zip(headers, widths))]
+    for (name, _), texts in zip(rows, cells):
+        lines.append(name.ljust(label) + "".join(f"  {text:>{w}}" for text, w in zip(texts, widths)))
+    return lines
 
 
 @dataclass

@@ -181,11 +181,17 @@ def format_table(
         if metric not in [key for _, key in metric_columns]:
             metric_columns.append((metric[-14:], metric))
     widths = [20 if key.startswith("eval/") else 15 for _, key in metric_columns]
-    header = f"{'trial':<14}" + "".join(f"{p.split('.')[-1]:>10}" for p in parameters)
+    # A searched value's column is as wide as its name or its widest value needs, two spaces apart.
+    names = [p.split(".")[-1] for p in parameters]
+    param_widths = [
+        max([10, len(name) + 2] + [len(_cell(row.params.get(p), 0)) + 2 for row in trials])
+        for name, p in zip(names, parameters)
+    ]
+    header = f"{'trial':<14}" + "".join(f"{name:>{w}}" for name, w in zip(names, param_widths))
     header += "".join(f"{name:>{w}}" for (name, _), w in zip(metric_columns, widths)) + f"{'status':>18}{'front':>7}"
     lines = [header, "-" * len(header)]
     for row, on_front in zip(trials, front):
-        line = f"{row.trial_id:<14}" + "".join(_cell(row.params.get(p), 10) for p in parameters)
+        line = f"{row.trial_id:<14}" + "".join(_cell(row.params.get(p), w) for p, w in zip(parameters, param_widths))
         line += "".join(_rate_cell(row.metrics, key, w) for (_, key), w in zip(metric_columns, widths))
         line += f"{row.label:>18}{'*' if on_front else '':>7}"
         lines.append(line)
