@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,21 @@ def test_a_session_puts_rays_printers_back(ray_session, tmp_path):
         console.filter_worker_lines()
         assert ray_worker.print_to_stdstream is not before
     assert ray_worker.print_to_stdstream is before
+
+
+def test_a_quiet_command_hides_the_weights_loading_bar_and_puts_it_back():
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    assert transformers_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+    with console.session(quiet=True), tempfile.TemporaryDirectory() as folder:
+        console.plan_run_log(folder, "bars")
+        console.open_run_log(out=lambda line: None)
+        assert not transformers_logging.is_progress_bar_enabled()  # "Loading weights: 100%|..." is not shown
+        assert not hub_utils.are_progress_bars_disabled()  # a download's bar still is
+    assert transformers_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+    with console.session(verbose=True):
+        assert console.open_run_log("x", "y") is None and transformers_logging.is_progress_bar_enabled()
 
 
 def _panacea(path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

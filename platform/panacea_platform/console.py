@@ -129,8 +129,40 @@ def open_run_log(
     route_library_loggers()
     filter_worker_lines()
     _filter_native_stderr(path)
+    _hide_loading_bars()
     out(f"[log] library warnings and Ray's own lines: {path} (--verbose shows them here)")
     return path
+
+
+_saved_bars: tuple[bool, bool] | None = None  # whether transformers and the hub drew bars before
+
+
+def _hide_loading_bars() -> None:
+    """No "Loading weights: 100%|..." bar from transformers: it is not the run's progress. The hub's download
+    bars stay: fetching a 7B model is long work a person wants to watch."""
+    global _saved_bars
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    _saved_bars = (transformers_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled())
+    transformers_logging.disable_progress_bar()  # the hub's too, so:
+    if _saved_bars[1]:
+        hub_utils.enable_progress_bars()
+
+
+def _show_loading_bars_as_before() -> None:
+    global _saved_bars
+    if _saved_bars is None:
+        return
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    transformers_drew, hub_drew = _saved_bars
+    if transformers_drew:
+        transformers_logging.enable_progress_bar()  # the hub's too, so:
+    if not hub_drew:
+        hub_utils.disable_progress_bars()
+    _saved_bars = None
 
 
 class _RunLogHandler(logging.FileHandler):
@@ -170,6 +202,7 @@ def close_run_log() -> None:
     _saved_loggers.clear()
     logging.captureWarnings(False)
     _restore_native_stderr()
+    _show_loading_bars_as_before()
     if _saved_raylet_printer is not None:
         from ray._private import worker as ray_worker
 
