@@ -276,12 +276,17 @@ def _split_raylet(data: dict[str, Any], ignore_prefix: bool, print_to: Callable[
     lines = data.get("lines", [])
     warnings_ = [line for line in lines if line.lstrip().startswith("WARNING")]
     if warnings_:
-        _start_log(log)
-        with log.open("a") as out:
-            out.writelines(f"(raylet) {line}\n" for line in warnings_)
+        _append_lines(log, "raylet", warnings_)
     shown = [line for line in lines if line not in warnings_]
     if shown:
         print_to({**data, "lines": shown}, ignore_prefix)
+
+
+def _append_lines(log: Path, source: str, lines: list[str]) -> None:
+    """Lines another process printed, each after the name of its source, e.g. "(raylet) WARNING: ..."."""
+    _start_log(log)
+    with log.open("a") as out:
+        out.writelines(f"({source}) {line}\n" for line in lines)
 
 
 def _split_lines(data: dict[str, Any], print_lines: Callable[[dict[str, Any]], None], log: Path) -> None:
@@ -292,9 +297,7 @@ def _split_lines(data: dict[str, Any], print_lines: Callable[[dict[str, Any]], N
     hidden = [line for line, keep in zip(lines, kept) if not keep]
     if hidden:
         where = f"{data.get('actor_name') or data.get('task_name') or ''} pid={data.get('pid')}".strip()
-        _start_log(log)
-        with log.open("a") as out:
-            out.writelines(f"({where}) {line}\n" for line in hidden)
+        _append_lines(log, where, hidden)
     if any(kept):
         print_lines({**data, "lines": [line for line, keep in zip(lines, kept) if keep]})
 
