@@ -1,6 +1,7 @@
 """The training loop on a tiny random Llama: what changes, what is saved, what MLflow records."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -167,6 +168,33 @@ def test_a_new_sqlite_store_is_a_copy_of_one_migrated_template(tmp_path, monkeyp
     third = Tracker(f"sqlite:///{tmp_path / 'c' / 'mlflow.db'}", "exp", "run-c", artifact_root=tmp_path / "art")
     assert schema(tmp_path / "c" / "mlflow.db") == schema(tmp_path / "mlflow-own.db")
     assert third.client.get_run(third.run_id).info.run_name == "run-c"
+
+
+def test_a_long_description_is_cut_at_a_line_with_its_code_block_closed(tmp_path, caplog):
+    from panacea_platform.tracking import DESCRIPTION_LIMIT, DESCRIPTION_TAG, Tracker
+
+    report = "\n".join(f"method {i:04d}   HS 10.0 [4.0, 23.1]   FA 53.0 [43.3, 62.5]" for i in range(200))
+    text = f"**Main job**: placeholder. Command: `panacea demo`\n\n```\n{report}\n```"
+    assert len(text) > DESCRIPTION_LIMIT
+    with Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", "long", artifact_root=tmp_path / "art") as tracker:
+        tracker.describe("short, kept as it is")
+        assert tracker.client.get_run(tracker.run_id).data.tags[DESCRIPTION_TAG] == "short, kept as it is"
+        mlflow_logger = logging.getLogger("mlflow")  # MLflow's records do not reach the root logger
+        mlflow_logger.addHandler(caplog.handler)
+        try:
+            tracker.describe(text, whole_at="demo-summary.txt")
+        finally:
+            mlflow_logger.removeHandler(caplog.handler)
+        stored = tracker.client.get_run(tracker.run_id).data.tags[DESCRIPTION_TAG]
+    assert not [r for r in caplog.records if "truncated" in r.getMessage()], "MLflow cut it itself"
+    assert len(stored) <= DESCRIPTION_LIMIT
+    body, note = stored.rsplit("\n\n", 1)
+    limit = f"cut at MLflow's limit of {DESCRIPTION_LIMIT} characters"
+    assert note == f"({limit}; the whole text is this run's artifact demo-summary.txt)"
+    assert body.endswith("\n```") and body.count("```") == 2  # the report's block closed
+    kept = body.removesuffix("\n```")
+    assert text.startswith(kept + "\n")  # whole lines only, in order
+    assert len(kept) > DESCRIPTION_LIMIT - 200  # and nearly all MLflow can hold
 
 
 def test_bad_data_fails_before_any_run_or_folder_exists(tiny_run_config):

@@ -111,6 +111,23 @@ EXPERIMENT_KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 DESCRIPTION_TAG = "mlflow.note.content"  # the run page's Description (Markdown)
 
 
+DESCRIPTION_LIMIT = 8000  # MLflow's MAX_TAG_VAL_LENGTH
+
+
+def fit_description(text: str, whole_at: str | None = None) -> str:
+    """`text` as a description MLflow keeps whole: unchanged when short enough, else its first lines, with
+    an open code fence closed and a last line saying it was cut and where the whole text is."""
+    if len(text) <= DESCRIPTION_LIMIT:
+        return text
+    where = f"; the whole text is this run's artifact {whole_at}" if whole_at else ""
+    tail = f"\n\n(cut at MLflow's limit of {DESCRIPTION_LIMIT} characters{where})"
+    kept = text[: DESCRIPTION_LIMIT - len(tail) - len("\n```")]
+    kept = kept[: kept.rfind("\n")] if "\n" in kept else kept
+    if kept.count("```") % 2:
+        kept += "\n```"
+    return kept + tail
+
+
 def runs_page(tracking_uri: str, experiment_id: str) -> str:
     """Where a reader sees the experiment's runs. MLflow 3's UI opens an experiment on the GenAI overview
     in a browser that has not chosen "Model training"; this link names the runs page and the workflow."""
@@ -233,9 +250,11 @@ class Tracker:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def describe(self, text: str) -> None:
-        """The run's Description in the MLflow UI (Markdown)."""
-        self.set_tags({DESCRIPTION_TAG: text})
+    def describe(self, text: str, whole_at: str | None = None) -> None:
+        """The run's Description in the MLflow UI (Markdown). Past MLflow's limit on a tag's length it is
+        cut here, at a line's end with its code block closed, and says where the whole text is
+        (`whole_at`, an artifact's name); MLflow would cut it mid-line and warn on the terminal."""
+        self.set_tags({DESCRIPTION_TAG: fit_description(text, whole_at)})
 
     def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
         """Rows of one shape as an MLflow table (`name` ends in .json): the UI shows it as a table."""

@@ -246,7 +246,7 @@ def run_demo(
             _rows_path(config).write_text(json.dumps([r.to_json() for r in rows], indent=2))
             _rows_path(config).with_suffix(".fingerprint").write_text(fingerprint)
         text = _report(config, rows, parent, tracking_uri, started, out)
-        parent.describe(_parent_note(rows, text, command))
+        parent.describe(_parent_note(rows, text, command), whole_at=f"{config.run_name}-summary.txt")
     return rows
 
 
