@@ -44,15 +44,16 @@ def restartable_server():
         )
 
     def stop() -> None:
-        stop_process(live.pop("mlflow"))
-        live.pop("postgres").stop()
+        if "mlflow" in live:
+            stop_process(live.pop("mlflow"))
+        if "postgres" in live:
+            live.pop("postgres").stop()
 
-    start()
     try:
+        start()  # inside: a server that does not start must not leave its PostgreSQL running
         yield f"http://127.0.0.1:{port}", stop, start
     finally:
-        if live:
-            stop()
+        stop()
         shutil.rmtree(root, ignore_errors=True)
 
 

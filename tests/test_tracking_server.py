@@ -51,8 +51,50 @@ def _processes_using(folder: Path) -> list[str]:
     return found
 
 
-def _serve_until(data: Path, stop: int) -> tuple[int, str]:
-    """Run `panacea tracking-server` until it says it serves, send it `stop`, return (exit code, output)."""
+def _live_processes_marked(mark: str) -> list[str]:
+    """Command lines of live (not zombie) processes whose environment holds `mark`: what a process
+    started with it started in turn, MLflow's job runner and huey consumers included, which name no folder."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environment = (entry / "environ").read_bytes()
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError):
+                continue
+            if mark.encode() in environment and state != "Z":
+                found.append(command)
+    return found
+
+
+def test_stopping_a_server_ends_what_it_started_even_what_ignores_sigterm(tmp_path):
+    """MLflow 3's server leaves a job runner and huey consumers (about 230 MB each) that outlive its own
+    exit; stop_process must end the whole group. Here a real leader starts a child that ignores SIGTERM."""
+    import uuid
+
+    from panacea_platform.team_server.mlflow_server import stop_process
+
+    mark, ready = f"PANACEA_TEST_MARK={uuid.uuid4().hex}", tmp_path / "child-ignores-sigterm"
+    child = (
+        "import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"pathlib.Path({str(ready)!r}).touch(); time.sleep(600)"
+    )
+    leader = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(600)"
+    name, value = mark.split("=", 1)
+    process = subprocess.Popen([sys.executable, "-c", leader], start_new_session=True, env={**os.environ, name: value})
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ready.exists() and len(_live_processes_marked(mark)) == 2, "the leader did not start its child"
+    stop_process(process, grace_s=5)
+    time.sleep(0.5)
+    assert not _live_processes_marked(mark)
+
+
+def _serve_until(data: Path, stop: int, mark: str) -> tuple[int, str]:
+    """Run `panacea tracking-server` until it says it serves, send it `stop`, return (exit code, output).
+    Every process it starts carries `mark` (NAME=VALUE) in its environment."""
     port, db_port = free_port(), free_port()
     command = [
         sys.executable,
@@ -66,7 +108,10 @@ def _serve_until(data: Path, stop: int) -> tuple[int, str]:
         "--db-port",
         str(db_port),
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    name, value = mark.split("=", 1)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, name: value}
+    )
     lines = []
     deadline = time.monotonic() + 360
     for line in process.stdout:
@@ -88,22 +133,26 @@ def test_the_command_stops_both_servers_on_sigterm_and_sigint_and_recovers_a_sta
     """`panacea tracking-server` itself, stopped as a service manager stops it (SIGTERM) and as a person does
     (Ctrl-C): both servers gone, no process left; a lock file left by a crash does not stop the next start."""
     import signal
+    import uuid
 
     require_postgres()
     data = Path(tempfile.mkdtemp(prefix="panacea-serve-"))
     data.chmod(0o755)  # PostgreSQL runs as its own user: it must enter every folder above its data
+    mark = f"PANACEA_TEST_MARK={uuid.uuid4().hex}"
     try:
-        code, output = _serve_until(data, signal.SIGTERM)
+        code, output = _serve_until(data, signal.SIGTERM, mark)
         assert code == 0 and "MLflow server and PostgreSQL stopped" in output, output
         assert f"password from {data / 'admin-password'}" in output
         for secret in ("admin-password", "postgres.pgpass", "flask-secret-key", "basic_auth.ini"):
             assert stat.S_IMODE((data / secret).stat().st_mode) == 0o600, secret
         assert _postgres_gone(data / "postgres") and not _processes_using(data)
+        assert not _live_processes_marked(mark)
         # A crash leaves PostgreSQL's lock behind, naming a process that is not PostgreSQL (here: this test).
         (data / "postgres" / "postmaster.pid").write_text(f"{os.getpid()}\n{data / 'postgres'}\n")
-        code, output = _serve_until(data, signal.SIGINT)
+        code, output = _serve_until(data, signal.SIGINT, mark)
         assert code == 0 and "MLflow server and PostgreSQL stopped" in output, output
         assert _postgres_gone(data / "postgres") and not _processes_using(data)
+        assert not _live_processes_marked(mark)
     finally:
         if _processes_using(data):  # never leave a server behind a failed assertion
             subprocess.run(["pkill", "-f", str(data)], check=False)
